@@ -1,0 +1,133 @@
+"""megatron dist checkpoints that count only once complete.
+
+Layout of a save folder:
+    iter_0000040/          one complete dist checkpoint (any TP/PP/DP can load it)
+    latest                 text file naming the newest complete iteration
+A checkpoint is written to ``iter_XXXXXXX.partial`` and renamed when every rank
+has finished, then ``latest`` is replaced atomically. A run killed mid-write
+leaves only a ``.partial`` folder, which loading ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megamft.config import MegamftConfig, to_dict
+
+LATEST = "latest"
+# fully_reshardable optimizer state loads at any TP/PP/DP, not only the saving one.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(save_dir: str | Path) -> int | None:
+    """The newest complete checkpoint's iteration, or None."""
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    if not text.isdigit() or not iteration_dir(save_dir, int(text)).is_dir():
+        raise RuntimeError(f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}")
+    return int(text)
+
+
+def _sharded_state(
+    state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, with_optimizer: bool
+):
+    model = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(state.chunks)}
+    sharded = dict(model)
+    if with_optimizer:
+        # Nested per chunk: the chunks' local keys repeat ("decoder.layers.0...").
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(
+            model, is_loading=loading, metadata=_OPTIMIZER_METADATA
+        )
+        sharded["scheduler"] = state.scheduler.state_dict()
+    sharded["progress"] = {"iteration": iteration, "consumed_samples": consumed_samples}
+    sharded["config"] = json.dumps(to_dict(cfg))
+    return sharded
+
+
+def _create_empty_optimizer_state(optimizer) -> None:
+    """Give every parameter zeroed optimizer state, as after a first step.
+
+    megatron's distributed optimizer describes its state for loading from the
+    state it holds, which torch's Adam creates only on its first step. The
+    loaded checkpoint then overwrites every value created here.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if all(len(inner.state[p]) for p in params):
+            continue
+        opt.init_state_fn(inner, opt.config)
+        for param in params:
+            inner.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(
+    state, save_dir: str | Path, iteration: int, consumed_samples: int, cfg: MegamftConfig,
+    with_optimizer: bool = True,
+) -> Path:
+    """Write a complete checkpoint for `iteration`; every rank must call this.
+
+    with_optimizer=False writes weights only (the optimizer has no state before its first step).
+    """
+    final = iteration_dir(save_dir, iteration)
+    partial = final.with_name(final.name + ".partial")
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    torch.distributed.barrier()
+    sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer)
+    dist_checkpointing.save(sharded, str(partial))
+    torch.distributed.barrier()
+    if rank == 0:
+        (partial / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
+    torch.distributed.barrier()
+    return final
+
+
+def load(
+    state, load_dir: str | Path, cfg: MegamftConfig, load_optimizer: bool = True,
+    iteration: int | None = None,
+) -> dict:
+    """Restore a complete checkpoint (the latest by default); returns its progress dict."""
+    if iteration is None:
+        iteration = latest_iteration(load_dir)
+    if iteration is None:
+        raise FileNotFoundError(f"no complete checkpoint in {load_dir} (no '{LATEST}' file)")
+    path = iteration_dir(load_dir, iteration)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete megatron dist checkpoint")
+    if load_optimizer:
+        _create_empty_optimizer_state(state.optimizer)
+    sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    for i, chunk in enumerate(state.chunks):
+        chunk.module.load_state_dict(loaded[f"model{i}"])
+    if load_optimizer:
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["scheduler"])
+    else:
+        # Mixed precision keeps fp32 master copies; refresh them from the new weights.
+        state.optimizer.reload_model_params()
+    return loaded["progress"]

@@ -1,0 +1,57 @@
+"""The `megamft` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megamft.config import ConfigError, load_config, validate
+from megamft.platform.distributed import world_size_from_env
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megamft", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train (under torchrun for several processes)")
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    check = commands.add_parser("check", help="validate a config for a world size, run nothing")
+    check.add_argument("--config", help="YAML config file")
+    check.add_argument("--world-size", type=int, required=True, help="processes it will run on")
+    check.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser
+
+
+def _print_summary(result) -> None:
+    before, after = result.valid_before, result.valid_after
+    print("\nvalidation loss per task (before -> after fine-tuning):")
+    for task in before.task_loss:
+        print(f"  {task:<20} {before.task_loss[task]:7.3f} -> {after.task_loss[task]:7.3f}")
+    print(f"  {'all tasks':<20} {before.loss:7.3f} -> {after.loss:7.3f}")
+    if result.last_checkpoint:
+        print(f"checkpoint: {result.last_checkpoint}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world_size = args.world_size if args.command == "check" else world_size_from_env()
+        validate(cfg, world_size)
+    except ConfigError as err:
+        print(f"megamft: {err}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(f"{args.config or 'default config'}: valid for world size {world_size}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
+    from megamft.training.loop import run  # heavy imports only once the config is valid
+
+    result = run(cfg)
+    from megamft.platform.distributed import is_rank_zero_after_run
+
+    if is_rank_zero_after_run():
+        _print_summary(result)
+    return 0

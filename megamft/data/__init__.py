@@ -1,0 +1,1 @@
+"""Samples, tokenizers, templates and batches."""

@@ -1,0 +1,1 @@
+"""Losses over per-token cross entropy, masks and task ids."""

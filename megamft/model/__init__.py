@@ -1,0 +1,1 @@
+"""Model families, layer specs and builders for megatron-core GPT models."""

@@ -1,0 +1,100 @@
+"""Build megatron-core GPTModel chunks from a megamft config."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megamft.config import MegamftConfig
+from megamft.model.spec import gpt_layer_spec
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
+    """megamft's model/parallel/train sections plus the `transformer:` pass-through."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dtype = _DTYPES[t.precision]
+    fields = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        init_method_std=m.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        # Loss and gradients are divided by the token count of the whole global
+        # batch, so they do not depend on how it is cut into micro-batches or DP ranks.
+        calculate_per_token_loss=True,
+        # Frees pipeline outputs once sent (as Megatron-LM trains) and makes the
+        # schedule call the C++ autograd engine directly; under the CPU emulation
+        # that keeps device redirection active inside backward (recompute).
+        deallocate_pipeline_outputs=True,
+    )
+    if p.pipeline_model_parallel_size == 2 and p.virtual_pipeline_model_parallel_size:
+        # With two stages the previous and next rank are the same peer. Batched
+        # p2p then posts "send grad, send activation" against "recv activation,
+        # recv grad", and the two same-shaped tensors swap (seen under gloo:
+        # wrong loss, no error). The unbatched path keeps the directions apart.
+        fields["batch_p2p_comm"] = False
+    fields.update(cfg.transformer)
+    return TransformerConfig(**fields)
+
+
+def build_model_chunks(
+    cfg: MegamftConfig, config: TransformerConfig, vocab_size: int, use_transformer_engine: bool
+) -> list[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (one without VPP)."""
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    stages = range(vpp) if vpp else [None]
+    layers_per_chunk = cfg.model.num_layers // (cfg.parallel.pipeline_model_parallel_size * (vpp or 1))
+    chunks = []
+    for stage in stages:
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, use_transformer_engine),
+            vocab_size=vocab_size,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        chunks.append(chunk)
+    return chunks
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
+    """Vocab rounded up to a multiple of `multiple`, the same at every TP size.
+
+    The padding must not depend on TP: padded rows take part in the softmax,
+    so a checkpoint resharded to another TP would otherwise compute another loss.
+    """
+    padded = -(-vocab_size // multiple) * multiple
+    if padded % tensor_parallel:
+        raise ValueError(
+            f"padded vocab {padded} (vocab {vocab_size} rounded up to a multiple of {multiple}) "
+            f"is not divisible by tensor_model_parallel_size={tensor_parallel}"
+        )
+    return padded
+

@@ -1,0 +1,28 @@
+"""An RMSNorm that works with sequence parallelism without TE or apex.
+
+megatron-core's local-spec fallback (``WrappedTorchNorm``) refuses sequence
+parallel. With sequence parallel each TP rank normalises a different slice of
+the sequence, so the norm weight's gradient is partial on every rank; tagging
+the parameter with ``sequence_parallel = True`` makes megatron's
+``finalize_model_grads`` all-reduce it over the TP group, exactly as it does
+for Transformer Engine's norms.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer import TransformerConfig
+
+
+class MegamftRMSNorm(torch.nn.Module):
+    """y = x / rms(x) * weight, computed in fp32, returned in the input dtype."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        normed = torch.nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), eps=self.eps)
+        return (normed * self.weight.float()).to(hidden.dtype)

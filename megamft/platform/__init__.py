@@ -1,0 +1,1 @@
+"""Process-level runtime: device detection, CPU emulation, process groups."""

@@ -1,0 +1,209 @@
+"""Run megatron-core's GPU code paths on a CPU, under the gloo backend.
+
+megatron-core assumes CUDA in a handful of places: ``device='cuda'`` and
+``torch.cuda.current_device()`` as allocation targets, the CUDA RNG tracker
+used for tensor-parallel weight init and dropout, streams and events, and
+type checks such as ``grad.type() == 'torch.cuda.FloatTensor'``. This module
+redirects exactly those touch points to the CPU so that the *real*
+megatron-core code (tensor, pipeline and data parallelism, the distributed
+optimizer, dist checkpointing) runs unchanged on a laptop or a CI box.
+
+Limit: a TorchFunctionMode is suspended while it handles a call, so Python
+code that autograd runs from inside an intercepted ``torch.autograd.backward``
+sees no redirection. megatron's schedules avoid that path when
+``deallocate_pipeline_outputs=True`` (megamft's default): they call the C++
+engine directly. ``current_device()`` answers a CPU device so that the common
+``device=torch.cuda.current_device()`` allocations need no redirection at all.
+
+It switches itself on only when CUDA is absent (``enable_if_no_cuda``) and
+refuses to run on a machine with a GPU, so the GPU path is never altered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_enabled = False
+
+
+def is_enabled() -> bool:
+    """True once the emulation is active in this process."""
+    return _enabled
+
+
+def enable_if_no_cuda() -> bool:
+    """Enable the emulation when this process has no usable CUDA device.
+
+    Returns whether the emulation is active afterwards.
+    """
+    if not torch.cuda.is_available():
+        enable()
+    return _enabled
+
+
+def enable() -> None:
+    """Patch torch.cuda and megatron-core's RNG tracker; redirect CUDA allocations."""
+    global _enabled
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("megamft CPU emulation must not run on a machine with CUDA")
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    # Entered for the life of the process: every later allocation goes through it.
+    _CudaToCpuMode().__enter__()
+    _enabled = True
+    log.info("CUDA not available: megatron-core runs on the CPU through megamft's emulation")
+
+
+def _as_cpu_device(device):
+    """Map a CUDA device spec (index, 'cuda', 'cuda:1', torch.device) to 'cpu'."""
+    if isinstance(device, bool):  # bool is an int subclass; never a device
+        return device
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _cuda_type_name(cpu_name: str) -> str:
+    # 'torch.FloatTensor' -> 'torch.cuda.FloatTensor', as megatron's checks expect.
+    if cpu_name.startswith("torch.") and not cpu_name.startswith("torch.cuda."):
+        return "torch.cuda." + cpu_name[len("torch."):]
+    return cpu_name
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of every torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.record_stream:
+            return None
+        if func is torch.Tensor.type:
+            return self._tensor_type(func, args, kwargs)
+        if "device" in kwargs:
+            kwargs["device"] = _as_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to or func is torch.Tensor.new_empty:
+            args = tuple(_as_cpu_device(a) if not isinstance(a, torch.Tensor) else a for a in args)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _tensor_type(func, args, kwargs):
+        dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
+        if dtype is None:
+            return _cuda_type_name(func(args[0]))
+        if isinstance(dtype, str):
+            dtype = dtype.replace("torch.cuda.", "torch.")
+        return func(args[0], dtype, **{k: v for k, v in kwargs.items() if k != "dtype"})
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NoOpEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _NoOpEvent:
+    """Stands in for torch.cuda.Event; elapsed times are not measured on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _seed_cpu_generator(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    # megatron allocates with device=torch.cuda.current_device() everywhere,
+    # also inside autograd backward functions, where our TorchFunctionMode is
+    # not active (a mode is suspended while it handles the backward call).
+    # Answering a CPU device makes those allocations correct on their own.
+    cuda.current_device = lambda: torch.device("cpu")
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.empty_cache = lambda: None
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpEvent
+    cuda.current_stream = lambda device=None: _NoOpStream()
+    cuda.default_stream = lambda device=None: _NoOpStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.memory_reserved = lambda device=None: 0
+    # One generator backs both "devices": the CPU default generator.
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    cuda.manual_seed = _seed_cpu_generator
+    cuda.manual_seed_all = _seed_cpu_generator
+    cuda.random = types.SimpleNamespace(
+        get_rng_state=cuda.get_rng_state, set_rng_state=cuda.set_rng_state
+    )
+
+
+class _DropRngContextWarning(logging.Filter):
+    # With one generator for CPU and "CUDA", megatron's fork() sees the CPU state
+    # move inside every fork and warns each time; the move is expected here.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mcore_random._get_cuda_rng_state = get_state
+    mcore_random._set_cuda_rng_state = set_state
+    logging.getLogger(mcore_random.__name__).addFilter(_DropRngContextWarning())

@@ -1,0 +1,53 @@
+"""Targeted fixes for megatron-core 0.16.1 bugs that megamft's paths hit.
+
+Each fix wraps one megatron function, names the bug, and is applied on CPU
+and GPU alike (the bugs are not CPU-specific). Remove a fix once the pinned
+megatron-core has it upstream.
+"""
+
+from __future__ import annotations
+
+import functools
+
+_applied = False
+
+
+def apply() -> None:
+    """Install every fix once per process."""
+    global _applied
+    if _applied:
+        return
+    _keep_torch_adam_step_on_reshardable_load()
+    _applied = True
+
+
+def _keep_torch_adam_step_on_reshardable_load() -> None:
+    """Loading 'fully_reshardable' optimizer state with torch's Adam raises KeyError: 'step'.
+
+    Without Transformer Engine or apex, DistributedOptimizer uses torch.optim.Adam,
+    whose per-parameter state holds 'step'. load_state_dict first restores that
+    'step' from the checkpoint's param groups, then copies every state key from
+    the resharded tensors, which never include 'step'. We pass the restored
+    step through so the copy leaves it as it is.
+
+    The restored 'step' is also one tensor object shared by every parameter;
+    torch's Adam increments each parameter's step in place, so the shared
+    counter would advance once per parameter and skew Adam's bias correction
+    after a resume. Each parameter gets its own copy.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if state.get("step") is not None:
+                state["step"] = state["step"].clone()
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states

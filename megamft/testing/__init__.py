@@ -1,0 +1,1 @@
+"""Helpers for testing megamft (and your own megatron code) on a CPU."""

@@ -1,0 +1,110 @@
+"""Launch a function on N real processes (gloo), collect results, never hang.
+
+    results = launch(my_module.my_function, world_size=2, kwargs={...})
+
+Each rank is a fresh Python process with RANK/WORLD_SIZE/MASTER_* set, the
+CPU emulation on, and OMP_NUM_THREADS=1 (so N ranks share a small machine
+fairly). The function runs with the kwargs and its return value (picklable)
+comes back per rank. If a rank raises, the others are killed and
+`DistributedTestError` carries that rank's traceback; if the launch exceeds
+its timeout, all ranks are killed and the error carries their output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+class DistributedTestError(RuntimeError):
+    """A rank failed or the launch timed out."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _kill_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the rank and anything it spawned
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        proc.wait()
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return text[-chars:]
+
+
+def launch(
+    fn: Callable[..., Any], world_size: int, kwargs: dict | None = None, timeout: float = 300.0
+) -> list[Any]:
+    """Run fn(**kwargs) on `world_size` ranks; return the per-rank results."""
+    workdir = Path(tempfile.mkdtemp(prefix="megamft-launch-"))
+    job = {"file": inspect.getfile(fn), "qualname": fn.__qualname__, "kwargs": kwargs or {}}
+    (workdir / "job.pkl").write_bytes(pickle.dumps(job))
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        log = open(workdir / f"rank{rank}.log", "wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "megamft.testing._worker", str(workdir)],
+            env=_rank_env(rank, world_size, port), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        ))
+    try:
+        _wait(procs, workdir, timeout)
+        return [pickle.loads((workdir / f"result{r}.pkl").read_bytes()) for r in range(world_size)]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait(procs: list[subprocess.Popen], workdir: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while any(proc.poll() is None for proc in procs):
+            failed = [r for r, proc in enumerate(procs) if proc.poll() not in (None, 0)]
+            if failed:
+                raise DistributedTestError(_failure_report(failed[0], procs, workdir))
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- rank {r} ---\n{_tail(workdir / f'rank{r}.log', 1500)}"
+                                 for r in range(len(procs)))
+                raise DistributedTestError(f"launch timed out after {timeout:.0f}s\n{logs}")
+            time.sleep(0.05)
+        failed = [r for r, proc in enumerate(procs) if proc.returncode != 0]
+        if failed:
+            raise DistributedTestError(_failure_report(failed[0], procs, workdir))
+    finally:
+        _kill_all(procs)
+
+
+def _failure_report(rank: int, procs: list[subprocess.Popen], workdir: Path) -> str:
+    error_file = workdir / f"error{rank}.txt"
+    detail = error_file.read_text() if error_file.exists() else _tail(workdir / f"rank{rank}.log")
+    return f"rank {rank} of {len(procs)} failed (exit {procs[rank].returncode}):\n{detail}"

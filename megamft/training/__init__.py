@@ -1,0 +1,1 @@
+"""The training recipe: setup, step, evaluation, loop."""

@@ -1,0 +1,97 @@
+"""Model, DDP wrapping, optimizer and LR schedule from one config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+from megamft.config import MegamftConfig
+from megamft.model.builder import build_model_chunks, padded_vocab_size, transformer_config
+from megamft.platform.device import Runtime
+
+_OPTIMIZER_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "use_distributed_optimizer": True}
+
+
+@dataclass
+class TrainingState:
+    """Everything one rank trains with."""
+
+    chunks: list[DistributedDataParallel]
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    config: TransformerConfig
+    vocab_size: int
+
+
+def optimizer_config(cfg: MegamftConfig) -> OptimizerConfig:
+    fields = {**_OPTIMIZER_DEFAULTS, **cfg.optimizer}
+    fields["bf16"] = cfg.train.precision == "bf16"
+    fields["fp16"] = cfg.train.precision == "fp16"
+    fields["params_dtype"] = torch.float32 if cfg.train.precision == "fp32" else (
+        torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    )
+    return OptimizerConfig(**fields)
+
+
+def ddp_config(cfg: MegamftConfig, opt: OptimizerConfig) -> DistributedDataParallelConfig:
+    fields = {"grad_reduce_in_fp32": True, **cfg.ddp}
+    fields["use_distributed_optimizer"] = opt.use_distributed_optimizer
+    return DistributedDataParallelConfig(**fields)
+
+
+def _wire_grad_sync(config: TransformerConfig, chunks: list, ddp: DistributedDataParallelConfig):
+    """Tell megatron's schedule how to delay and finish gradient reduction."""
+    config.finalize_model_grads_func = finalize_model_grads
+    if ddp.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if len(chunks) > 1 and ddp.align_param_gather is not None:
+            config.grad_sync_func = [chunk.start_grad_sync for chunk in chunks]
+
+
+def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int) -> TrainingState:
+    """Build this rank's model chunks, wrap them in megatron DDP, make the optimizer."""
+    if cfg.parallel.context_parallel_size > 1 and not runtime.transformer_engine:
+        raise RuntimeError(
+            "parallel.context_parallel_size > 1 needs Transformer Engine's attention; "
+            "install megamft[gpu] on a GPU machine or set parallel.context_parallel_size=1"
+        )
+    config = transformer_config(cfg)
+    padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
+    modules = build_model_chunks(cfg, config, padded, runtime.transformer_engine)
+    opt_cfg = optimizer_config(cfg)
+    ddp_cfg = ddp_config(cfg, opt_cfg)
+    chunks = [
+        DistributedDataParallel(config, ddp_cfg, module, disable_bucketing=index > 0)
+        for index, module in enumerate(modules)
+    ]
+    _wire_grad_sync(config, chunks, ddp_cfg)
+    optimizer = get_megatron_optimizer(opt_cfg, chunks)
+    return TrainingState(chunks, optimizer, lr_scheduler(cfg, optimizer, opt_cfg), config, padded)
+
+
+def lr_scheduler(cfg: MegamftConfig, optimizer, opt: OptimizerConfig) -> OptimizerParamScheduler:
+    """Warm-up then decay, counted in samples as megatron does."""
+    batch = cfg.train.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr or 0.0,
+        lr_warmup_steps=cfg.train.lr_warmup_steps * batch,
+        lr_decay_steps=cfg.train.train_steps * batch,
+        lr_decay_style=cfg.train.lr_decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=cfg.train.train_steps * batch,
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,37 @@
+"""megamft: multitask fine-tuning of code LLMs on megatron-core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torch is pinned exactly: on a CPU machine this pin takes the local CPU build,
+# while an unpinned or newer request would pull several GB of CUDA packages.
+TORCH = "torch==2.13.0"
+
+setup(
+    name="megamft",
+    version="0.1.0",
+    description="Multitask fine-tuning (MFT) of code LLMs on megatron-core",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megamft", "megamft.*"]),
+    install_requires=[
+        TORCH,
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "tensorboard",
+        "pyyaml",
+        "tqdm",
+        "psutil",  # megatron-core's dist checkpoint writer needs it
+    ],
+    extras_require={
+        "test": [TORCH, "pytest", "transformers"],
+        # Transformer Engine for GPU clusters; apex is built from source (see README).
+        "gpu": [TORCH, "transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["megamft=megamft.cli:main"]},
+)

@@ -1,0 +1,93 @@
+"""Functions that tests run on several real processes via megamft.testing.launch.
+
+Kept out of test modules so that each rank imports only this small file.
+"""
+
+from __future__ import annotations
+
+from megamft.config import load_config, validate
+
+TINY_MODEL = [
+    "model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64",
+    "model.num_attention_heads=4", "model.num_query_groups=2",
+    "data.seq_length=192", "data.max_samples_per_task=48", "data.valid_samples_per_task=8",
+    "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr_warmup_steps=1",
+    "train.log_interval=1", "optimizer.lr=1e-3",
+]
+
+
+def tiny_config(*overrides: str):
+    """The test model and data, with layout and run overrides."""
+    return load_config(None, [*TINY_MODEL, *overrides])
+
+
+def save_initial_weights(save_dir: str, overrides: tuple[str, ...] = ()) -> None:
+    """Build a model from the seed and save it untrained, as iteration 0."""
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.platform import distributed
+    from megamft.platform.device import detect
+    from megamft.training.setup import build_training_state
+    from megamft.data.tokenizer import ByteTokenizer
+
+    cfg = tiny_config(*overrides)
+    runtime = distributed.initialize(cfg)
+    try:
+        state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
+        dist_checkpoint.save(state, save_dir, 0, 0, cfg, with_optimizer=False)
+    finally:
+        distributed.shutdown()
+
+
+def train(overrides: tuple[str, ...]) -> dict:
+    """Run the real training recipe; return what the test compares."""
+    import os
+
+    from megamft.training.loop import run
+
+    cfg = tiny_config(*overrides)
+    validate(cfg, int(os.environ["WORLD_SIZE"]))
+    result = run(cfg)
+    return {
+        "loss": [s.loss for s in result.history],
+        "grad_norm": [s.grad_norm for s in result.history],
+        "task_loss": [s.task_loss for s in result.history],
+        "tokens": [s.tokens for s in result.history],
+        "valid_before": result.valid_before.loss,
+        "valid_after": result.valid_after.loss,
+    }
+
+
+def loss_against_plain_torch() -> dict:
+    """megatron's per-token loss and megamft's reduction vs F.cross_entropy on the logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from megamft.data.dataset import load_data
+    from megamft.data.batches import micro_batches
+    from megamft.loss.token_loss import masked_token_loss
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+
+    cfg = tiny_config()
+    runtime = distributed.initialize(cfg)
+    try:
+        data = load_data(cfg.data)
+        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+        model = state.chunks[0].module
+        batch = micro_batches(data.train, list(range(6)), 6)[0]
+        with torch.no_grad():
+            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            logits = model(batch["tokens"], batch["position_ids"], None)
+        reference = F.cross_entropy(
+            logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none"
+        ).view_as(batch["labels"])
+        loss_sum, count, stats = masked_token_loss(per_token, batch["loss_mask"], batch["task_ids"], 3)
+        mask = batch["loss_mask"]
+        task_of_row = batch["task_ids"][:, 0]
+        return {
+            "per_token": per_token.float(), "reference": reference, "loss_sum": float(loss_sum),
+            "count": int(count), "task_stats": stats["task_stats"], "mask": mask,
+            "task_of_row": task_of_row, "vocab": logits.shape[-1],
+        }
+    finally:
+        distributed.shutdown()

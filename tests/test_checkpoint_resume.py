@@ -1,0 +1,59 @@
+"""A checkpoint saved at TP=2 resumes at TP=1 and at PP=2 without changing the run.
+
+The uninterrupted TP=2 run is the reference: resuming from its step-1
+checkpoint in another layout must reproduce its losses for the steps after,
+which needs weights, optimizer moments, LR schedule and data position back.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from megamft.checkpoint.dist_checkpoint import iteration_dir, latest_iteration
+from megamft.testing.distributed import launch
+
+import jobs
+
+STEPS = 3
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(initial_weights, tmp_path_factory):
+    save_dir = str(tmp_path_factory.mktemp("tp2_run"))
+    overrides = (
+        "parallel.tensor_model_parallel_size=2", f"train.train_steps={STEPS}",
+        f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
+        f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval=1",
+    )
+    result = launch(jobs.train, 2, kwargs={"overrides": overrides}, timeout=240)[0]
+    return save_dir, result
+
+
+def test_checkpoints_are_complete_and_pointed_to(uninterrupted):
+    save_dir, _ = uninterrupted
+    assert latest_iteration(save_dir) == STEPS
+    for step in range(1, STEPS + 1):
+        assert (iteration_dir(save_dir, step) / "metadata.json").is_file()
+    assert not [p for p in Path(save_dir).iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("world_size,layout", [
+    (1, ()),
+    (2, ("parallel.pipeline_model_parallel_size=2",)),
+])
+def test_resume_in_another_layout_continues_the_run(uninterrupted, world_size, layout):
+    save_dir, reference = uninterrupted
+    overrides = layout + (
+        f"train.train_steps={STEPS}", f"checkpoint.load_dir={save_dir}", "checkpoint.load_iteration=1",
+    )
+    resumed = launch(jobs.train, world_size, kwargs={"overrides": overrides}, timeout=240)[0]
+    assert len(resumed["loss"]) == STEPS - 1  # steps 2 and 3 only
+    for got, want in zip(resumed["loss"], reference["loss"][1:]):
+        assert _rel(got, want) <= 1e-5, (resumed["loss"], reference["loss"])
+    for got, want in zip(resumed["grad_norm"], reference["grad_norm"][1:]):
+        assert _rel(got, want) <= 1e-5

@@ -1,0 +1,39 @@
+"""`megamft train` under torchrun: trains, reports, checkpoints, resumes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megamft.checkpoint.dist_checkpoint import latest_iteration
+from megamft.testing.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+         "data.seq_length=192", "data.max_samples_per_task=24", "data.valid_samples_per_task=4",
+         "train.global_batch_size=8", "train.micro_batch_size=2", "train.log_interval=1",
+         "train.lr_warmup_steps=1"]
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), "-m", "megamft", "train",
+           "--config", str(ROOT / "examples" / "quickstart.yaml"), *SMALL, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def test_train_reports_checkpoints_and_resumes(tmp_path):
+    first = _torchrun("train.train_steps=2", f"checkpoint.save_dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "validation loss per task (before -> after fine-tuning):" in first.stdout
+    for task in ("code_completion", "text_to_code", "code_to_docstring"):
+        assert task in first.stdout
+    assert "step 2/2 | loss" in first.stderr  # the log line
+    assert latest_iteration(tmp_path) == 2
+
+    resumed = _torchrun("train.train_steps=3", f"checkpoint.save_dir={tmp_path}",
+                        f"checkpoint.load_dir={tmp_path}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 3/3 | loss" in resumed.stderr and "step 1/3" not in resumed.stderr
+    assert latest_iteration(tmp_path) == 3

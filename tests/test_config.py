@@ -1,0 +1,119 @@
+"""Config loading, overrides and validation: one clear message per mistake."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megamft.config import ConfigError, MegamftConfig, apply_override, load_config, validate
+
+
+def _problems(*overrides, world_size=4):
+    cfg = load_config(None, list(overrides))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size)
+    return err.value.problems
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  num_layers: 8\noptimizer:\n  lr: 3e-4\n")
+    cfg = load_config(path, ["train.train_steps=7", "ddp.overlap_grad_reduce=true", "model.num_query_groups=null"])
+    assert cfg.model.num_layers == 8
+    assert cfg.optimizer["lr"] == pytest.approx(3e-4) and isinstance(cfg.optimizer["lr"], float)
+    assert cfg.train.train_steps == 7
+    assert cfg.ddp == {"overlap_grad_reduce": True}
+    assert cfg.model.num_query_groups is None
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("model.nope=1", "unknown key 'model.nope'"),
+    ("nosection.x=1", "unknown section 'nosection'"),
+    ("model.num_layers=two", "'model.num_layers' must be int"),
+    ("model.num_layers=2.5", "'model.num_layers' must be a whole number"),
+    ("parallel.sequence_parallel=maybe", "'parallel.sequence_parallel' must be true or false"),
+    ("train.precision=int8", "'train.precision' must be one of"),
+    ("optimizer.learning_rate=1", "'optimizer.learning_rate' is not a field of megatron.core.optimizer"),
+    ("ddp.bucket_sizes=1", "'ddp.bucket_sizes' is not a field of megatron.core.distributed"),
+    ("transformer.num_layers=3", "'transformer.num_layers' is derived by megamft"),
+    ("optimizer.bf16=true", "'optimizer.bf16' is derived by megamft; set train.precision"),
+    ("model.num_layers", "must look like section.key=value"),
+])
+def test_bad_override_names_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        apply_override(MegamftConfig(), override)
+    assert fragment in str(err.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  num_layerz: 2\ntrain: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert len(err.value.problems) == 2
+    assert all(str(path) in p for p in err.value.problems)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("overrides,world_size,fragment", [
+    (["parallel.tensor_model_parallel_size=3", "model.num_attention_heads=4"], 3,
+     "model.num_attention_heads (4) must be divisible by parallel.tensor_model_parallel_size (3)"),
+    (["parallel.tensor_model_parallel_size=4", "model.num_query_groups=2"], 4,
+     "model.num_query_groups (2) must be divisible by parallel.tensor_model_parallel_size (4)"),
+    (["model.num_attention_heads=4", "model.num_query_groups=3"], 1,
+     "model.num_attention_heads (4) must be divisible by model.num_query_groups (3)"),
+    (["parallel.pipeline_model_parallel_size=4", "model.num_layers=6"], 4,
+     "model.num_layers (6) must be divisible by parallel.pipeline_model_parallel_size (4)"),
+    (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
+      "model.num_layers=6"], 2, "x virtual_pipeline_model_parallel_size (2)"),
+    (["train.global_batch_size=6", "train.micro_batch_size=2"], 2,
+     "train.global_batch_size (6) must be divisible by train.micro_batch_size (2) x data-parallel size (2)"),
+    (["parallel.tensor_model_parallel_size=2"], 3, "world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1"),
+    (["parallel.data_parallel_size=4"], 2, "world size 2 != TP x PP x CP x DP"),
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1"),
+    (["parallel.virtual_pipeline_model_parallel_size=2"], 1, "needs pipeline_model_parallel_size >= 2"),
+    (["data.seq_length=8192"], 1, "data.seq_length (8192) exceeds model.max_position_embeddings (4096)"),
+])
+def test_validation_names_each_problem(overrides, world_size, fragment):
+    problems = _problems(*overrides, world_size=world_size)
+    assert any(fragment in p for p in problems), problems
+
+
+def test_all_problems_reported_at_once():
+    problems = _problems(
+        "parallel.tensor_model_parallel_size=3", "parallel.sequence_parallel=true",
+        "train.global_batch_size=7", world_size=6,
+    )
+    assert len(problems) >= 4
+
+
+def test_valid_layouts_pass():
+    for world_size, overrides in [(1, []), (4, ["parallel.tensor_model_parallel_size=2",
+                                                "parallel.pipeline_model_parallel_size=2"])]:
+        validate(load_config(None, overrides), world_size)
+
+
+def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "megamft", "train", "parallel.tensor_model_parallel_size=3"],
+        capture_output=True, text=True, timeout=120, env={"WORLD_SIZE": "2", "PATH": ""},
+    )
+    assert proc.returncode == 2
+    assert "world size 2 is not divisible by TP x PP x CP = 3 x 1 x 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_command_validates_examples():
+    proc = subprocess.run(
+        [sys.executable, "-m", "megamft", "check", "--config", "examples/quickstart.yaml", "--world-size", "2"],
+        capture_output=True, text=True, timeout=120, cwd=_repo_root(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "valid for world size 2" in proc.stdout
+
+
+def _repo_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
