@@ -60,7 +60,7 @@ def enable() -> None:
     # Entered for the life of the process: every later allocation goes through it.
     _CudaToCpuMode().__enter__()
     _enabled = True
-    log.info("CUDA not available: megatron-core runs on the CPU through megamft's emulation")
+    log.debug("CUDA not available: megatron-core runs on the CPU through megamft's emulation")
 
 
 def _as_cpu_device(device):
