@@ -14,10 +14,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train (under torchrun for several processes)")
-    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--config", action="append", help="YAML config file (repeat to layer files)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     check = commands.add_parser("check", help="validate a config for a world size, run nothing")
-    check.add_argument("--config", help="YAML config file")
+    check.add_argument("--config", action="append", help="YAML config file (repeat to layer files)")
     check.add_argument("--world-size", type=int, required=True, help="processes it will run on")
     check.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamft: {err}", file=sys.stderr)
         return 2
     if args.command == "check":
-        print(f"{args.config or 'default config'}: valid for world size {world_size}")
+        print(f"{', '.join(args.config or ['default config'])}: valid for world size {world_size}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter

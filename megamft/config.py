@@ -183,28 +183,42 @@ _OWNER_HINT = {
 }
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> MegamftConfig:
-    """Read a YAML file (optional) and apply ``section.key=value`` overrides."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-    cfg = from_dict(raw, origin=str(path) if path else "config")
+def load_config(
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] = ()
+) -> MegamftConfig:
+    """Read YAML files in order (later ones win), then apply ``section.key=value`` overrides."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    cfg = MegamftConfig()
+    for path in map(Path, paths):
+        _apply_dict(cfg, _read_yaml(path), origin=str(path))
     for item in overrides:
         apply_override(cfg, item)
     return cfg
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
 def from_dict(raw: dict, origin: str = "config") -> MegamftConfig:
     """Build a config from nested dicts; every key and type is checked."""
     cfg = MegamftConfig()
+    _apply_dict(cfg, raw, origin)
+    return cfg
+
+
+def _apply_dict(cfg: MegamftConfig, raw: dict, origin: str) -> None:
     problems = []
     for section, values in raw.items():
         if not isinstance(values, dict):
@@ -217,7 +231,6 @@ def from_dict(raw: dict, origin: str = "config") -> MegamftConfig:
                 problems.extend(f"{origin}: {p}" for p in err.problems)
     if problems:
         raise ConfigError(problems)
-    return cfg
 
 
 def apply_override(cfg: MegamftConfig, item: str) -> None:

@@ -45,6 +45,14 @@ def test_bad_override_names_the_key(override, fragment):
     assert fragment in str(err.value)
 
 
+def test_later_config_files_win(tmp_path):
+    base, extra = tmp_path / "base.yaml", tmp_path / "extra.yaml"
+    base.write_text("model:\n  num_layers: 8\n  hidden_size: 256\n")
+    extra.write_text("model:\n  num_layers: 12\n")
+    cfg = load_config([base, extra], ["model.hidden_size=512"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (12, 512)
+
+
 def test_yaml_errors_name_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  num_layerz: 2\ntrain: 3\n")

@@ -51,12 +51,14 @@ def _format_tasks(values: dict[str, float]) -> str:
 
 
 def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: float) -> None:
+    """One line per log interval; `seconds` is the mean step time of the interval."""
     if not distributed.is_logging_rank():
         return
+    eta = int(seconds * (cfg.train.train_steps - iteration))
     log.info(
-        "step %d/%d | loss %.4f | %s | grad-norm %.3f | lr %.2e | %.0f tok/s",
+        "step %d/%d | loss %.4f | %s | grad-norm %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
         iteration, cfg.train.train_steps, stats.loss, _format_tasks(stats.task_loss),
-        stats.grad_norm or 0.0, stats.lr or 0.0, stats.tokens / max(seconds, 1e-9),
+        stats.grad_norm or 0.0, stats.lr or 0.0, stats.tokens / max(seconds, 1e-9), eta // 60, eta % 60,
     )
 
 
