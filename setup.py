@@ -33,5 +33,8 @@ setup(
         # Transformer Engine for GPU clusters; apex is built from source (see README).
         "gpu": [TORCH, "transformer-engine[pytorch]"],
     },
-    entry_points={"console_scripts": ["megamft=megamft.cli:main"]},
+    entry_points={"console_scripts": [
+        "megamft=megamft.cli:main",
+        "megamft-convert=megamft.checkpoint.convert_cli:main",
+    ]},
 )

@@ -54,6 +54,14 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
     """Share input embedding and output projection weights."""
+    add_qkv_bias: bool = False
+    """Bias on the query/key/value projections (Qwen2)."""
+    rope_scaling_factor: Optional[float] = None
+    """Linear RoPE scaling (position interpolation) factor, e.g. 4.0 for DeepSeek-Coder."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary up to a multiple of this (independent of TP, so checkpoints reshard)."""
+    hf_architecture: Optional[str] = None
+    """Hugging Face architecture this model converts to (set by megamft-convert)."""
     init_method_std: float = 0.02
     """Standard deviation of the random initialisation."""
 
@@ -441,9 +449,9 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
                 f"divisible by parallel.pipeline_model_parallel_size "
                 f"({p.pipeline_model_parallel_size})"
             )
-    if t.lr_warmup_steps < 0 or t.lr_warmup_steps > t.train_steps:
+    if t.lr_warmup_steps < 0 or t.lr_warmup_steps >= t.train_steps:
         problems.append(
-            f"train.lr_warmup_steps ({t.lr_warmup_steps}) must be between 0 and "
+            f"train.lr_warmup_steps ({t.lr_warmup_steps}) must be at least 0 and less than "
             f"train.train_steps ({t.train_steps})"
         )
     return problems

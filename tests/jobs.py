@@ -16,9 +16,10 @@ TINY_MODEL = [
 ]
 
 
-def tiny_config(*overrides: str):
-    """The test model and data, with layout and run overrides."""
-    return load_config(None, [*TINY_MODEL, *overrides])
+def tiny_config(*overrides: str, config_files: tuple[str, ...] = ()):
+    """The test model and data, with layout and run overrides (config files win over TINY_MODEL)."""
+    return load_config(list(config_files), [*TINY_MODEL, *overrides]) if not config_files else \
+        load_config(list(config_files), [o for o in TINY_MODEL if not o.startswith("model.")] + list(overrides))
 
 
 def save_initial_weights(save_dir: str, overrides: tuple[str, ...] = ()) -> None:
@@ -38,13 +39,13 @@ def save_initial_weights(save_dir: str, overrides: tuple[str, ...] = ()) -> None
         distributed.shutdown()
 
 
-def train(overrides: tuple[str, ...]) -> dict:
+def train(overrides: tuple[str, ...], config_files: tuple[str, ...] = ()) -> dict:
     """Run the real training recipe; return what the test compares."""
     import os
 
     from megamft.training.loop import run
 
-    cfg = tiny_config(*overrides)
+    cfg = tiny_config(*overrides, config_files=config_files)
     validate(cfg, int(os.environ["WORLD_SIZE"]))
     result = run(cfg)
     return {
@@ -89,5 +90,45 @@ def loss_against_plain_torch() -> dict:
             "count": int(count), "task_stats": stats["task_stats"], "mask": mask,
             "task_of_row": task_of_row, "vocab": logits.shape[-1],
         }
+    finally:
+        distributed.shutdown()
+
+
+def _load_converted(checkpoint: str, model_yaml: str, overrides: tuple[str, ...]):
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.config import load_config
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+
+    cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
+    runtime = distributed.initialize(cfg)
+    state = build_training_state(cfg, runtime, cfg.model.vocab_size)
+    dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
+    return cfg, state
+
+
+def converted_logits(checkpoint: str, model_yaml: str, overrides: tuple[str, ...], tokens):
+    """Logits of a converted checkpoint at a layout (from the rank that has them)."""
+    from megatron.core import parallel_state
+
+    from megamft.model.inference import full_logits
+    from megamft.platform import distributed
+
+    try:
+        _, state = _load_converted(checkpoint, model_yaml, overrides)
+        logits = full_logits(state.chunks, tokens)
+        return logits if parallel_state.get_tensor_model_parallel_rank() == 0 else None
+    finally:
+        distributed.shutdown()
+
+
+def resave(checkpoint: str, model_yaml: str, overrides: tuple[str, ...], out_dir: str) -> None:
+    """Load a checkpoint at a layout and save it again from that layout."""
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.platform import distributed
+
+    try:
+        cfg, state = _load_converted(checkpoint, model_yaml, overrides)
+        dist_checkpoint.save(state, out_dir, 0, 0, cfg, with_optimizer=False)
     finally:
         distributed.shutdown()

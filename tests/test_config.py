@@ -81,6 +81,8 @@ def test_yaml_errors_name_the_file(tmp_path):
     (["parallel.data_parallel_size=4"], 2, "world size 2 != TP x PP x CP x DP"),
     (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1"),
     (["parallel.virtual_pipeline_model_parallel_size=2"], 1, "needs pipeline_model_parallel_size >= 2"),
+    (["train.lr_warmup_steps=5", "train.train_steps=5"], 1,
+     "train.lr_warmup_steps (5) must be at least 0 and less than train.train_steps (5)"),
     (["data.seq_length=8192"], 1, "data.seq_length (8192) exceeds model.max_position_embeddings (4096)"),
 ])
 def test_validation_names_each_problem(overrides, world_size, fragment):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megamft.config import MegamftConfig, to_dict
 
@@ -56,6 +57,18 @@ def _sharded_state(
     return sharded
 
 
+def _check_nothing_needed_is_absent(path: Path, keys) -> None:
+    # Transformer Engine keeps layer metadata in `_extra_state`; checkpoints
+    # converted from Hugging Face (or saved without TE) legitimately lack it.
+    needed = sorted(k for k in keys if not k.endswith("_extra_state") and "_extra_state/" not in k)
+    if needed:
+        raise RuntimeError(
+            f"{path} does not match this model: {len(needed)} tensor(s) absent or unexpected, "
+            f"e.g. {needed[:4]}; check the model section of the config against the checkpoint's "
+            "megamft_config.json"
+        )
+
+
 def _create_empty_optimizer_state(optimizer) -> None:
     """Give every parameter zeroed optimizer state, as after a first step.
 
@@ -73,7 +86,7 @@ def _create_empty_optimizer_state(optimizer) -> None:
             inner.state[param].setdefault("step", torch.tensor(0.0))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -101,7 +114,7 @@ def save(
         (partial / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        _write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
+        write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
     torch.distributed.barrier()
     return final
 
@@ -121,9 +134,11 @@ def load(
     if load_optimizer:
         _create_empty_optimizer_state(state.optimizer)
     sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer)
-    loaded = dist_checkpointing.load(sharded, str(path))
+    loaded, _, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
+    _check_nothing_needed_is_absent(path, absent)
     for i, chunk in enumerate(state.chunks):
-        chunk.module.load_state_dict(loaded[f"model{i}"])
+        result = chunk.module.load_state_dict(loaded[f"model{i}"], strict=False)
+        _check_nothing_needed_is_absent(path, result.missing_keys + result.unexpected_keys)
     if load_optimizer:
         state.optimizer.load_state_dict(loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])

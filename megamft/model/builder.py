@@ -29,6 +29,7 @@ def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
         init_method_std=m.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -78,6 +79,7 @@ def build_model_chunks(
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=cfg.model.rotary_base,
+            seq_len_interpolation_factor=cfg.model.rope_scaling_factor,
             vp_stage=stage,
         )
         chunks.append(chunk)

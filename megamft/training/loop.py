@@ -110,6 +110,11 @@ def run(cfg: MegamftConfig) -> RunResult:
         if distributed.is_logging_rank():
             log.info(describe_runtime(runtime))
         data = load_data(cfg.data)
+        if cfg.model.vocab_size and cfg.model.vocab_size < data.tokenizer.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size is "
+                f"{cfg.model.vocab_size}; tokenize the data with the model's own tokenizer"
+            )
         state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
         iteration, consumed = _resume(state, cfg)
         result = RunResult()

@@ -66,7 +66,10 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int) 
             "install megamft[gpu] on a GPU machine or set parallel.context_parallel_size=1"
         )
     config = transformer_config(cfg)
-    padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
+    padded = padded_vocab_size(
+        cfg.model.vocab_size or vocab_size, cfg.parallel.tensor_model_parallel_size,
+        cfg.model.make_vocab_size_divisible_by,
+    )
     modules = build_model_chunks(cfg, config, padded, runtime.transformer_engine)
     opt_cfg = optimizer_config(cfg)
     ddp_cfg = ddp_config(cfg, opt_cfg)

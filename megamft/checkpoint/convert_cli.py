@@ -1,0 +1,76 @@
+"""`megamft-convert`: argument parsing and progress bars over hf_convert."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megamft.checkpoint import hf_convert
+from megamft.model.families import UnsupportedModel
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megamft-convert", description=__doc__)
+    commands = parser.add_subparsers(dest="direction", required=True)
+    to_megatron = commands.add_parser("hf-to-megatron", help="Hugging Face folder -> megamft checkpoint")
+    to_megatron.add_argument("--hf", required=True, type=Path, help="folder with config.json and safetensors")
+    to_megatron.add_argument("--out", required=True, type=Path, help="megamft checkpoint folder to create")
+    to_megatron.add_argument("--target-tp", type=int, default=1, help="check the model splits over this TP")
+    to_megatron.add_argument("--target-pp", type=int, default=1, help="check the layers split over this PP")
+    to_megatron.add_argument("--dtype", choices=sorted(_DTYPES), help="store as (default: as in the source)")
+    to_megatron.add_argument("--dry-run", action="store_true", help="print the planned mapping, write nothing")
+    to_hf = commands.add_parser("megatron-to-hf", help="megamft checkpoint -> Hugging Face folder")
+    to_hf.add_argument("--checkpoint", required=True, type=Path, help="save folder (uses 'latest') or iter_* folder")
+    to_hf.add_argument("--out", required=True, type=Path, help="Hugging Face folder to create")
+    to_hf.add_argument("--hf-template", type=Path, help="original HF folder: tokenizer files and extra config keys")
+    to_hf.add_argument("--dtype", choices=sorted(_DTYPES), help="save as (default: as stored)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
+    return parser
+
+
+def _print_plan(model, chunks) -> None:
+    print(f"model: {model}")
+    for chunk in chunks:
+        if chunk.offsets[0] == 0:  # one line per megatron tensor, not per layer
+            print(f"  {chunk.key:<60} {tuple(chunk.global_shape)} {str(chunk.dtype).removeprefix('torch.')}")
+
+
+def _hf_to_megatron(args) -> None:
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    model, _, chunks, _ = hf_convert.plan_hf_to_megatron(args.hf, dtype)
+    hf_convert.check_target_layout(model, args.target_tp, args.target_pp)
+    if args.dry_run:
+        _print_plan(model, chunks)
+        return
+    with tqdm(total=len(chunks), desc="hf-to-megatron", unit="tensor") as bar:
+        path = hf_convert.hf_to_megatron(args.hf, args.out, dtype, progress=lambda chunk: bar.update())
+    print(f"wrote {path}\nmodel section: {args.out / 'megamft_model.yaml'}")
+
+
+def _megatron_to_hf(args) -> None:
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    with tqdm(desc="megatron-to-hf", unit="layer") as bar:
+        out = hf_convert.megatron_to_hf(
+            args.checkpoint, args.out, args.hf_template, dtype, int(args.max_shard_gb * 2**30),
+            progress=lambda layer: bar.update(),
+        )
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.direction == "hf-to-megatron":
+            _hf_to_megatron(args)
+        else:
+            _megatron_to_hf(args)
+    except (hf_convert.ConversionError, UnsupportedModel, FileNotFoundError, KeyError) as err:
+        print(f"megamft-convert: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,429 @@
+"""Hugging Face <-> megatron dist checkpoints, one engine for every family.
+
+Both directions work on megatron's layout-free global view (see global_view):
+a converted checkpoint loads at any TP/PP (megatron reshards on load), and an
+export reads any trained checkpoint whatever layout wrote it. Tensors stream
+one layer at a time, so memory stays near one layer plus one output shard.
+
+The parameter map is a table; what differs between parameters is a *kind*:
+copy, vocab (padding rows), qkv (megatron fuses q/k/v per query group) and
+gate_up (megatron's fc1 is [gate; up]).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megamft.checkpoint import global_view
+from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
+from megamft.model.builder import padded_vocab_size
+from megamft.model.families import Family, FAMILIES, hf_config_from_model, model_config_from_hf
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+)
+HF_LAYER = "model.layers.{i}."
+# Buffers some transformers versions store; derived from the config, never learned.
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One megatron parameter and the Hugging Face tensors it is made of."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str
+    per_layer: bool
+    needed: Callable[[ModelConfig], bool] = lambda model: True
+
+
+MAPPINGS = (
+    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", False),
+    Mapping("output_layer.weight", ("lm_head.weight",), "vocab", False, lambda m: not m.tie_embeddings),
+    Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", False),
+    Mapping("decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            ("input_layernorm.weight",), "copy", True),
+    Mapping("decoder.layers.self_attention.linear_qkv.weight",
+            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv", True),
+    Mapping("decoder.layers.self_attention.linear_qkv.bias",
+            ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", True,
+            lambda m: m.add_qkv_bias),
+    Mapping("decoder.layers.self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy", True),
+    Mapping("decoder.layers.mlp.linear_fc1.layer_norm_weight",
+            ("post_attention_layernorm.weight",), "copy", True),
+    Mapping("decoder.layers.mlp.linear_fc1.weight",
+            ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True),
+    Mapping("decoder.layers.mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True),
+)
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message says which tensor and why."""
+
+
+# ---------------------------------------------------------------- shapes and kinds
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    ffn: int
+    heads: int
+    groups: int
+    head_dim: int
+    vocab: int
+    padded_vocab: int
+
+    @staticmethod
+    def of(model: ModelConfig) -> "Dims":
+        groups = model.num_query_groups or model.num_attention_heads
+        padded = padded_vocab_size(model.vocab_size, 1, model.make_vocab_size_divisible_by)
+        return Dims(model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, groups,
+                    model.hidden_size // model.num_attention_heads, model.vocab_size, padded)
+
+
+def hf_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
+    """Expected shape of each Hugging Face tensor of a mapping."""
+    q, kv = d.heads * d.head_dim, d.groups * d.head_dim
+    name = mapping.megatron
+    if mapping.kind == "vocab":
+        return [(d.vocab, d.hidden)]
+    if mapping.kind == "qkv":
+        return [(q, d.hidden), (kv, d.hidden), (kv, d.hidden)] if name.endswith("weight") else [(q,), (kv,), (kv,)]
+    if mapping.kind == "gate_up":
+        return [(d.ffn, d.hidden), (d.ffn, d.hidden)]
+    if "layer_norm" in name or "final_layernorm" in name:
+        return [(d.hidden,)]
+    return [(d.hidden, q)] if "linear_proj" in name else [(d.hidden, d.ffn)]
+
+
+def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
+    """Shape of one layer's (or the whole) megatron tensor."""
+    shapes = hf_shapes(mapping, d)
+    if mapping.kind == "vocab":
+        return (d.padded_vocab, d.hidden)
+    if mapping.kind in ("qkv", "gate_up"):
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return shapes[0]
+
+
+def to_megatron(mapping: Mapping, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
+    if mapping.kind == "copy":
+        return tensors[0]
+    if mapping.kind == "vocab":
+        padding = tensors[0].new_zeros(d.padded_vocab - d.vocab, d.hidden)
+        return torch.cat([tensors[0], padding])
+    if mapping.kind == "gate_up":
+        return torch.cat(tensors)
+    # qkv: megatron interleaves per query group: [q of group g, k of g, v of g] for each g.
+    q, k, v = tensors
+    per_group = d.heads // d.groups
+    rest = q.shape[1:]
+    q = q.reshape(d.groups, per_group * d.head_dim, *rest)
+    k = k.reshape(d.groups, d.head_dim, *rest)
+    v = v.reshape(d.groups, d.head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def to_hf(mapping: Mapping, tensor: torch.Tensor, d: Dims) -> list[torch.Tensor]:
+    if mapping.kind == "copy":
+        return [tensor]
+    if mapping.kind == "vocab":
+        return [tensor[: d.vocab]]
+    if mapping.kind == "gate_up":
+        return list(tensor.chunk(2))
+    per_group = d.heads // d.groups
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(d.groups, (per_group + 2) * d.head_dim, *rest)
+    q, k, v = grouped.split([per_group * d.head_dim, d.head_dim, d.head_dim], dim=1)
+    return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+
+
+def hf_names(mapping: Mapping, layer: int | None) -> list[str]:
+    return [HF_LAYER.format(i=layer) + n if mapping.per_layer else n for n in mapping.hf]
+
+
+# ---------------------------------------------------------------- Hugging Face side
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class SafetensorsFolder:
+    """Lazy access to a (possibly sharded) safetensors checkpoint; tracks what was read."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", "pt") as handle:
+                weight_map = {name: "model.safetensors" for name in handle.keys()}
+        else:
+            raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        self.weight_map = weight_map
+        self.consumed: set[str] = set()
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, name: str):
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.folder / file, "pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+
+    def get(self, name: str) -> torch.Tensor:
+        self.consumed.add(name)
+        return self._handle(name).get_tensor(name)
+
+    def unconsumed(self) -> list[str]:
+        return sorted(n for n in set(self.weight_map) - self.consumed if not n.endswith(_IGNORED_HF_SUFFIXES))
+
+
+def _check_hf_shapes(source: SafetensorsFolder, mappings, d: Dims, num_layers: int) -> None:
+    for mapping in mappings:
+        for layer in range(num_layers) if mapping.per_layer else [None]:
+            for name, expected in zip(hf_names(mapping, layer), hf_shapes(mapping, d)):
+                if name not in source.weight_map:
+                    raise ConversionError(f"{source.folder}: tensor {name} is missing")
+                if source.shape(name) != expected:
+                    raise ConversionError(
+                        f"{source.folder}: {name} has shape {source.shape(name)}, "
+                        f"config.json implies {expected}"
+                    )
+
+
+# ---------------------------------------------------------------- Hugging Face -> megatron
+
+
+def check_target_layout(model: ModelConfig, tp: int, pp: int) -> None:
+    """Raise if the model cannot be split as asked."""
+    d = Dims.of(model)
+    problems = [
+        f"{what} ({value}) is not divisible by {name} ({size})"
+        for what, value, name, size in (
+            ("attention heads", d.heads, "TP", tp), ("query groups", d.groups, "TP", tp),
+            ("ffn hidden size", d.ffn, "TP", tp), ("padded vocab", d.padded_vocab, "TP", tp),
+            ("layers", model.num_layers, "PP", pp),
+        )
+        if value % size
+    ]
+    if problems:
+        raise ConversionError("the model does not fit the target layout: " + "; ".join(problems))
+
+
+def needed_mappings(model: ModelConfig) -> list[Mapping]:
+    return [m for m in MAPPINGS if m.needed(model)]
+
+
+def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None):
+    """(model config, family, chunks, source) for converting `hf_dir`; reads no tensor data."""
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json")
+    hf_config = json.loads(config_path.read_text())
+    model = model_config_from_hf(hf_config, str(config_path))
+    model.hf_architecture = hf_config["architectures"][0]
+    family = FAMILIES[model.hf_architecture]
+    source = SafetensorsFolder(hf_dir)
+    d = Dims.of(model)
+    mappings = needed_mappings(model)
+    _check_hf_shapes(source, mappings, d, model.num_layers)
+    chunks = []
+    for mapping in mappings:
+        shape = megatron_shape(mapping, d)
+        for layer in range(model.num_layers) if mapping.per_layer else [None]:
+            names = hf_names(mapping, layer)
+            stored = dtype or source.dtype(names[0])
+            chunks.append(_chunk(mapping, layer, model.num_layers, shape, stored, names, source, d))
+    return model, family, chunks, source
+
+
+def _chunk(mapping, layer, num_layers, shape, dtype, names, source, d) -> global_view.Chunk:
+    def produce() -> torch.Tensor:
+        tensor = to_megatron(mapping, [source.get(n) for n in names], d)
+        return tensor.unsqueeze(0) if layer is not None else tensor
+
+    if layer is None:
+        return global_view.Chunk(mapping.megatron, (0,) * len(shape), shape, shape, dtype, produce)
+    return global_view.Chunk(
+        mapping.megatron, (layer,) + (0,) * len(shape), (1, *shape), (num_layers, *shape), dtype, produce
+    )
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                   progress: Callable[[global_view.Chunk], None] = lambda c: None) -> Path:
+    """Convert a Hugging Face folder into a megamft checkpoint folder (iteration 0)."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    model, _, chunks, source = plan_hf_to_megatron(hf_dir, dtype)
+    cfg = MegamftConfig(model=model)
+    common = {"progress": {"iteration": 0, "consumed_samples": 0}, "config": json.dumps(to_dict(cfg))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer(hf_dir, out_dir / "hf")
+    shutil.copy2(hf_dir / "config.json", out_dir / "hf" / "config.json")
+    path = global_view.write_checkpoint(out_dir, 0, chunks, common, on_written=progress)
+    unread = source.unconsumed()
+    if unread:
+        shutil.rmtree(path)
+        raise ConversionError(f"{hf_dir}: {len(unread)} tensor(s) have no megatron counterpart: {unread[:5]}")
+    (path / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    (out_dir / "megamft_model.yaml").write_text(
+        "# model section of the converted checkpoint; pass it to `megamft train --config`\n"
+        + yaml.safe_dump({"model": asdict(model)}, sort_keys=False)
+    )
+    return path
+
+
+# ---------------------------------------------------------------- megatron -> Hugging Face
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """An iteration folder, or a save folder resolved through its `latest` pointer."""
+    from megamft.checkpoint.dist_checkpoint import iteration_dir, latest_iteration
+
+    if (path / "metadata.json").is_file():
+        return path
+    iteration = latest_iteration(path)
+    if iteration is None:
+        raise ConversionError(f"{path}: neither a checkpoint nor a folder with a 'latest' checkpoint")
+    return iteration_dir(path, iteration)
+
+
+def _model_of_checkpoint(ckpt: Path) -> ModelConfig:
+    common = global_view.read_common(ckpt)
+    cfg = from_dict(json.loads(common["config"]), origin=str(ckpt / "common.pt"))
+    return cfg.model
+
+
+def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
+                   dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
+                   progress: Callable[[int], None] = lambda layer: None) -> Path:
+    """Export a megamft checkpoint (any TP/PP it was trained with) as a Hugging Face folder."""
+    ckpt = _checkpoint_dir(Path(checkpoint))
+    model = _model_of_checkpoint(ckpt)
+    family = _family_for_export(model)
+    d = Dims.of(model)
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    writer = _ShardWriter(partial, max_shard_bytes)
+    stored_dtype = None
+    mappings = needed_mappings(model)
+    for layer in [None, *range(model.num_layers)]:
+        group = [m for m in mappings if m.per_layer == (layer is not None)]
+        regions = [_region(m, layer, d) for m in group]
+        for mapping, tensor in zip(group, global_view.read_regions(ckpt, regions)):
+            tensor = tensor[0] if layer is not None else tensor
+            stored_dtype = stored_dtype or tensor.dtype
+            for name, value in zip(hf_names(mapping, layer), to_hf(mapping, tensor, d)):
+                writer.add(name, value.to(dtype or value.dtype).contiguous())
+        if layer is not None:
+            progress(layer)
+    writer.finish()
+    dtype_name = str(dtype or stored_dtype).removeprefix("torch.")
+    config = hf_config_from_model(model, family, dtype_name)
+    template = Path(hf_template) if hf_template else _default_template(Path(checkpoint))
+    if template and (template / "config.json").is_file():
+        config = {**json.loads((template / "config.json").read_text()), **config}
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    if template:
+        _copy_tokenizer(template, partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    return out_dir
+
+
+def _default_template(checkpoint: Path) -> Path | None:
+    """The hf/ folder a conversion left beside the checkpoint, if any."""
+    for folder in (checkpoint / "hf", checkpoint.parent / "hf"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _family_for_export(model: ModelConfig) -> Family:
+    if model.hf_architecture in FAMILIES:
+        return FAMILIES[model.hf_architecture]
+    return FAMILIES["Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"]
+
+
+def _region(mapping: Mapping, layer: int | None, d: Dims) -> global_view.Region:
+    shape = megatron_shape(mapping, d)
+    if layer is None:
+        return global_view.Region(mapping.megatron, (0,) * len(shape), shape)
+    return global_view.Region(mapping.megatron, (layer,) + (0,) * len(shape), (1, *shape))
+
+
+class _ShardWriter:
+    """Collects tensors into safetensors shards of bounded size, then writes the index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder = folder
+        self.max_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, torch.Tensor]] = []
+        self.weight_map: dict[str, int] = {}
+        self.total_bytes = 0
+        self.files: list[str] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        index = len(self.files)
+        file = f"model-{index + 1:05d}.safetensors"
+        save_file(self.pending, self.folder / file, metadata={"format": "pt"})
+        self.files.append(file)
+        for name in self.pending:
+            self.weight_map[name] = index
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+        total = len(self.files)
+        names = {}
+        for index, file in enumerate(self.files):
+            final = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(self.folder / file, self.folder / final)
+            names[index] = final
+        index_json = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": {name: names[i] for name, i in sorted(self.weight_map.items())},
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
