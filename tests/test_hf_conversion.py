@@ -47,7 +47,9 @@ def _save_tiny_hf_model(name: str, folder: Path) -> Path:
         for pname, param in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 param.copy_(torch.randn_like(param) * 0.1 + ("norm" in pname))
-    model.save_pretrained(folder)
+    # Mistral is saved in several shards with an index; the others as one file.
+    model.save_pretrained(folder, max_shard_size="60KB" if name == "mistral" else "1GB")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256, "case": name}))
     return folder
 
 
@@ -88,6 +90,12 @@ def test_megamft_logits_match_transformers(converted, name, layout):
     torch.testing.assert_close(ours[..., :vocab], theirs, rtol=0, atol=1e-4)
 
 
+def test_sharded_source_was_read_from_its_index(converted):
+    hf_dir, _ = converted["mistral"]
+    assert len(list(hf_dir.glob("model-*.safetensors"))) > 1
+    assert (hf_dir / "model.safetensors.index.json").is_file()
+
+
 def test_round_trip_through_tp2_pp2_is_bit_identical(converted, tmp_path):
     hf_dir, megatron_dir = converted["qwen2-bias-tied"]
     resaved = tmp_path / "tp2pp2"
@@ -114,6 +122,7 @@ def test_export_loads_in_transformers_without_key_warnings(converted, name, tmp_
     exported = hf_convert.megatron_to_hf(megatron_dir, tmp_path / "export", hf_template=hf_dir)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
     assert not any(info.values()), info
+    assert json.loads((exported / "tokenizer_config.json").read_text())["case"] == name
     vocab = model.config.vocab_size
     tokens = _tokens(vocab)
     torch.testing.assert_close(_hf_logits(exported, tokens), _hf_logits(hf_dir, tokens), rtol=0, atol=0)

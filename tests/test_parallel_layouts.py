@@ -62,3 +62,10 @@ def test_training_moves_the_loss(reference):
     assert reference["loss"][0] > 4.0  # ~ln(vocab) for an untrained model
     assert reference["grad_norm"][0] > 0
     assert reference["loss"][1] != reference["loss"][0]
+
+
+def test_bf16_with_fp32_master_weights_tracks_fp32(reference, initial_weights):
+    got = _run(2, ["parallel.tensor_model_parallel_size=2", "train.precision=bf16"], initial_weights)[0]
+    for step in range(STEPS):
+        assert _rel(got["loss"][step], reference["loss"][step]) <= 2e-2, (got["loss"], reference["loss"])
+        assert got["loss"][step] != reference["loss"][step]  # it really ran in bf16

@@ -26,6 +26,13 @@ LATEST = "latest"
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DDP and Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
@@ -44,7 +51,7 @@ def latest_iteration(save_dir: str | Path) -> int | None:
 def _sharded_state(
     state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, with_optimizer: bool
 ):
-    model = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(state.chunks)}
+    model = {f"model{i}": bare_model(chunk).sharded_state_dict() for i, chunk in enumerate(state.chunks)}
     sharded = dict(model)
     if with_optimizer:
         # Nested per chunk: the chunks' local keys repeat ("decoder.layers.0...").
@@ -137,7 +144,7 @@ def load(
     loaded, _, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
     _check_nothing_needed_is_absent(path, absent)
     for i, chunk in enumerate(state.chunks):
-        result = chunk.module.load_state_dict(loaded[f"model{i}"], strict=False)
+        result = bare_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
         _check_nothing_needed_is_absent(path, result.missing_keys + result.unexpected_keys)
     if load_optimizer:
         state.optimizer.load_state_dict(loaded["optimizer"])

@@ -176,23 +176,24 @@ class SafetensorsFolder:
             raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json")
         self.weight_map = weight_map
         self.consumed: set[str] = set()
-        self._handles: dict[str, object] = {}
 
-    def _handle(self, name: str):
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.folder / file, "pt")
-        return self._handles[file]
+    # Each access opens and closes its file: an open file stays memory-mapped,
+    # and every tensor read from it would stay resident until the end.
+    def _open(self, name: str):
+        return safe_open(self.folder / self.weight_map[name], "pt")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        with self._open(name) as handle:
+            return tuple(handle.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+        with self._open(name) as handle:
+            return _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
         self.consumed.add(name)
-        return self._handle(name).get_tensor(name)
+        with self._open(name) as handle:
+            return handle.get_tensor(name)
 
     def unconsumed(self) -> list[str]:
         return sorted(n for n in set(self.weight_map) - self.consumed if not n.endswith(_IGNORED_HF_SUFFIXES))

@@ -13,6 +13,7 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 
 from megamft.config import MegamftConfig
 from megamft.model.builder import build_model_chunks, padded_vocab_size, transformer_config
@@ -71,6 +72,9 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int) 
         cfg.model.make_vocab_size_divisible_by,
     )
     modules = build_model_chunks(cfg, config, padded, runtime.transformer_engine)
+    if cfg.train.precision != "fp32":
+        # Runs the chunk in bf16/fp16 and hands fp32 logits and losses to the loss function.
+        modules = [Float16Module(config, module) for module in modules]
     opt_cfg = optimizer_config(cfg)
     ddp_cfg = ddp_config(cfg, opt_cfg)
     chunks = [
