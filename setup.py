@@ -15,7 +15,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["megamft", "megamft.*"]),
+    packages=find_packages(include=["megamft", "megamft.*"]) + ["megamft._csrc"],
+    # The CUDA sources ship inside the package for the just-in-time build.
+    package_dir={"megamft._csrc": "csrc"},
+    package_data={"megamft._csrc": ["*.cu", "*.cpp"]},
     install_requires=[
         TORCH,
         "megatron-core==0.16.1",

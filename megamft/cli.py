@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_summary(result) -> None:
     before, after = result.valid_before, result.valid_after
+    if before is None or after is None:
+        print("\nno validation set (data.valid_samples_per_task=0)")
+        return
     print("\nvalidation loss per task (before -> after fine-tuning):")
     for task in before.task_loss:
         print(f"  {task:<20} {before.task_loss[task]:7.3f} -> {after.task_loss[task]:7.3f}")

@@ -62,6 +62,8 @@ class ModelConfig:
     """Pad the vocabulary up to a multiple of this (independent of TP, so checkpoints reshard)."""
     hf_architecture: Optional[str] = None
     """Hugging Face architecture this model converts to (set by megamft-convert)."""
+    sliding_window: Optional[int] = None
+    """Attention window of the original model (Mistral); sequences may not exceed it (no windowed kernel)."""
     init_method_std: float = 0.02
     """Standard deviation of the random initialisation."""
 
@@ -122,6 +124,36 @@ class TrainConfig:
     """Steps between log lines."""
     eval_interval: int = 0
     """Steps between validations (0 = only before and after training)."""
+    tensorboard_dir: Optional[str] = None
+    """Where tensorboard event files go (None: <checkpoint.save_dir>/tensorboard, or nowhere)."""
+
+
+@dataclass
+class LossConfig:
+    """How per-token losses of many tasks become one loss (see megamft.loss.multitask)."""
+
+    mode: Literal["token", "sample", "task_token", "task_sample", "focal", "coba", "famo"] = "task_token"
+    """token/sample/task_token/task_sample: MFTCoder cases 1-4; focal, coba, famo: dynamic task weights."""
+    normalization: Literal["global_batch", "per_microbatch"] = "global_batch"
+    """Count tokens and samples over the whole global batch (exact), or per micro-batch as MFTCoder does."""
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Static weight per task name (others weigh 1.0); combines with every mode."""
+    focal_gamma: float = 2.0
+    """Focusing exponent of the focal mode."""
+    coba_update_interval: int = 5
+    """Steps between CoBa's validation measurements."""
+    coba_history: int = 20
+    """Measurements in CoBa's slope-fitting window."""
+    coba_warmup: int = 3
+    """Measurements before CoBa moves away from uniform weights."""
+    coba_temperature: float = 5.0
+    """CoBa's divergence-factor temperature."""
+    coba_min_weight: Optional[float] = None
+    """Floor of every CoBa weight (None = 1 / (10 x tasks))."""
+    famo_lr: float = 0.025
+    """Step size of FAMO's task logits."""
+    famo_decay: float = 1e-3
+    """Weight decay of FAMO's task logits."""
 
 
 @dataclass
@@ -148,6 +180,7 @@ class MegamftConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     optimizer: dict = field(default_factory=lambda: {"lr": 1e-3, "min_lr": 1e-4, "clip_grad": 1.0})
     """Fields of megatron.core.optimizer.OptimizerConfig."""
@@ -304,11 +337,17 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"'{dotted}' must be a whole number, got {value!r}")
         return converted
     if annotation is str:
-        if isinstance(value, (dict, list)) or value is None:
+        if isinstance(value, (dict, list, bool)) or value is None:
             raise ConfigError(f"'{dotted}' must be a string, got {value!r}")
         return str(value)
     if origin in (tuple, list) and isinstance(value, (list, tuple)):
         return origin(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{dotted}' must be a mapping like {{name: value}}, got {value!r}")
+        key_type, value_type = args
+        return {_coerce(f"{dotted}.{k}", k, key_type): _coerce(f"{dotted}.{k}", v, value_type)
+                for k, v in value.items()}
     raise ConfigError(f"'{dotted}' has type {annotation} and cannot be set from a config file")
 
 
@@ -327,6 +366,8 @@ def data_parallel_size(cfg: MegamftConfig, world_size: int) -> int:
 
 def validate(cfg: MegamftConfig, world_size: int) -> None:
     """Check cross-section rules; raise one ConfigError listing every problem."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
     problems = _model_problems(cfg) + _parallel_problems(cfg, world_size)
     problems += _batch_problems(cfg, world_size)
     if problems:
@@ -366,6 +407,20 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
             f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp})"
         )
+    positive = {"data.seq_length": cfg.data.seq_length, "train.log_interval": cfg.train.log_interval,
+                "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by}
+    if m.num_query_groups is not None:
+        positive["model.num_query_groups"] = m.num_query_groups
+    problems += [f"{k} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
+    non_negative = {"data.valid_samples_per_task": cfg.data.valid_samples_per_task,
+                    "train.eval_interval": cfg.train.eval_interval,
+                    "checkpoint.save_interval": cfg.checkpoint.save_interval}
+    problems += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    if m.sliding_window and cfg.data.seq_length > m.sliding_window:
+        problems.append(
+            f"data.seq_length ({cfg.data.seq_length}) exceeds model.sliding_window ({m.sliding_window}); "
+            "megamft has no windowed attention, so sequences must fit in the window"
+        )
     if cfg.data.seq_length > m.max_position_embeddings:
         problems.append(
             f"data.seq_length ({cfg.data.seq_length}) exceeds "
@@ -404,10 +459,10 @@ def _parallel_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
             f"data.seq_length ({cfg.data.seq_length}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp}) with sequence parallel"
         )
-    if cp > 1 and cfg.data.seq_length % (2 * cp):
+    if cp > 1:
         problems.append(
-            f"data.seq_length ({cfg.data.seq_length}) must be divisible by 2 x "
-            f"parallel.context_parallel_size ({2 * cp})"
+            "parallel.context_parallel_size > 1 is not supported yet: megamft does not split "
+            "sequences across CP ranks; use tensor/sequence parallelism for long sequences"
         )
     model_parallel = tp * pp * cp
     if world_size % model_parallel:
@@ -440,6 +495,11 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
             f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
             f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
         )
+    if 0 < cfg.data.valid_samples_per_task < t.micro_batch_size * dp:
+        problems.append(
+            f"data.valid_samples_per_task ({cfg.data.valid_samples_per_task}) must be at least "
+            f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) to validate"
+        )
     vpp = p.virtual_pipeline_model_parallel_size
     if vpp and not problems:
         microbatches = t.global_batch_size // (t.micro_batch_size * dp)
@@ -449,6 +509,11 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
                 f"divisible by parallel.pipeline_model_parallel_size "
                 f"({p.pipeline_model_parallel_size})"
             )
+    bad_weights = {k: v for k, v in cfg.loss.task_weights.items() if v < 0}
+    if bad_weights:
+        problems.append(f"loss.task_weights must be >= 0, got {bad_weights}")
+    if cfg.loss.coba_update_interval < 1 or cfg.loss.coba_history < 2:
+        problems.append("loss.coba_update_interval must be >= 1 and loss.coba_history >= 2")
     if t.lr_warmup_steps < 0 or t.lr_warmup_steps >= t.train_steps:
         problems.append(
             f"train.lr_warmup_steps ({t.lr_warmup_steps}) must be at least 0 and less than "

@@ -17,7 +17,10 @@ TINY_MODEL = [
 
 
 def tiny_config(*overrides: str, config_files: tuple[str, ...] = ()):
-    """The test model and data, with layout and run overrides (config files win over TINY_MODEL)."""
+    """The test model and data, with layout and run overrides.
+
+    With config files, their model section replaces TINY_MODEL's; data/train overrides still apply.
+    """
     return load_config(list(config_files), [*TINY_MODEL, *overrides]) if not config_files else \
         load_config(list(config_files), [o for o in TINY_MODEL if not o.startswith("model.")] + list(overrides))
 
@@ -52,6 +55,7 @@ def train(overrides: tuple[str, ...], config_files: tuple[str, ...] = ()) -> dic
         "loss": [s.loss for s in result.history],
         "grad_norm": [s.grad_norm for s in result.history],
         "task_loss": [s.task_loss for s in result.history],
+        "task_weights": [s.task_weights for s in result.history],
         "tokens": [s.tokens for s in result.history],
         "valid_before": result.valid_before.loss,
         "valid_after": result.valid_after.loss,
@@ -65,7 +69,7 @@ def loss_against_plain_torch() -> dict:
 
     from megamft.data.dataset import load_data
     from megamft.data.batches import micro_batches
-    from megamft.loss.token_loss import masked_token_loss
+    from megamft.loss.multitask import task_sums
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
 
@@ -82,8 +86,10 @@ def loss_against_plain_torch() -> dict:
         reference = F.cross_entropy(
             logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none"
         ).view_as(batch["labels"])
-        loss_sum, count, stats = masked_token_loss(per_token, batch["loss_mask"], batch["task_ids"], 3)
         mask = batch["loss_mask"]
+        loss_sum, count = float((per_token * mask).sum()), int(mask.sum())
+        stats = {"task_stats": torch.cat([task_sums(per_token * mask, batch["task_ids"], 3),
+                                          task_sums(mask, batch["task_ids"], 3)])}
         task_of_row = batch["task_ids"][:, 0]
         return {
             "per_token": per_token.float(), "reference": reference, "loss_sum": float(loss_sum),
@@ -130,5 +136,71 @@ def resave(checkpoint: str, model_yaml: str, overrides: tuple[str, ...], out_dir
     try:
         cfg, state = _load_converted(checkpoint, model_yaml, overrides)
         dist_checkpoint.save(state, out_dir, 0, 0, cfg, with_optimizer=False)
+    finally:
+        distributed.shutdown()
+
+
+def packed_global_batch(rows: int = 8, seq: int = 32, vocab: int = 262, num_tasks: int = 3, seed: int = 0):
+    """Rows packing 2-3 documents of different tasks, with block-diagonal causal attention."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (rows, seq), generator=g)
+    labels = torch.randint(0, vocab, (rows, seq), generator=g)
+    task_ids = torch.zeros(rows, seq, dtype=torch.long)
+    sample_ids = torch.zeros(rows, seq, dtype=torch.long)
+    positions = torch.zeros(rows, seq, dtype=torch.long)
+    for r in range(rows):
+        cuts = sorted(torch.randperm(seq - 2, generator=g)[: 1 + r % 2].add(1).tolist())
+        for doc, (a, b) in enumerate(zip([0, *cuts], [*cuts, seq])):
+            sample_ids[r, a:b] = doc
+            task_ids[r, a:b] = int(torch.randint(0, num_tasks, (1,), generator=g))
+            positions[r, a:b] = torch.arange(b - a)
+    loss_mask = (torch.rand(rows, seq, generator=g) > 0.4).float()
+    same_doc = sample_ids.unsqueeze(2) == sample_ids.unsqueeze(1)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    attention_mask = ~(same_doc & causal).unsqueeze(1)  # True = masked out
+    return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, task_ids=task_ids,
+                sample_ids=sample_ids, position_ids=positions, attention_mask=attention_mask)
+
+
+def loss_modes_step(weights_dir: str, micro_batch_size: int, modes: tuple[str, ...],
+                    normalization: str = "global_batch") -> dict:
+    """One training step per loss mode on the same packed global batch; loss and full gradients."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.data.tokenizer import ByteTokenizer
+    from megamft.loss.balancers import CoBa, FAMO, FocalTaskWeights
+    from megamft.loss.multitask import effective_task_weights
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+    from megamft.training.step import LossSetup, train_step
+
+    world = int(__import__("os").environ["WORLD_SIZE"])
+    cfg = tiny_config(f"train.micro_batch_size={micro_batch_size}", "optimizer.use_distributed_optimizer=false")
+    runtime = distributed.initialize(cfg)
+    try:
+        batch = packed_global_batch()
+        rank, share = parallel_state.get_data_parallel_rank(), 8 // world
+        mine = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+        micro = [{k: v[i:i + micro_batch_size] for k, v in mine.items()} for i in range(0, share, micro_batch_size)]
+        out = {}
+        for mode in modes:
+            state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
+            dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
+            balancer = {"focal": FocalTaskWeights(3, 2.0), "coba": CoBa(3, warmup=2), "famo": FAMO(3)}.get(mode)
+            for step, losses in enumerate(([1.0, 2.0, 3.0], [0.5, 1.9, 2.0], [0.3, 1.8, 1.2])):
+                if balancer is not None:
+                    balancer.after_train_step(step, torch.tensor(losses))
+                    balancer.observe_validation(step, torch.tensor(losses))
+            weights = effective_task_weights(mode, 3, torch.tensor([1.0, 2.0, 0.5]), balancer)
+            stats = train_step(state, micro, ("a", "b", "c"), LossSetup(mode, normalization, weights, 2.0))
+            grads = torch.cat([p.main_grad.detach().flatten().clone()
+                               for _, p in sorted(state.chunks[0].module.named_parameters())])
+            out[mode] = {"loss": stats.loss, "grad_norm": stats.grad_norm, "grads": grads,
+                         "weights": weights, "per_token": None}
+        return out
     finally:
         distributed.shutdown()

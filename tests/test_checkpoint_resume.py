@@ -57,3 +57,11 @@ def test_resume_in_another_layout_continues_the_run(uninterrupted, world_size, l
         assert _rel(got, want) <= 1e-5, (resumed["loss"], reference["loss"])
     for got, want in zip(resumed["grad_norm"], reference["grad_norm"][1:]):
         assert _rel(got, want) <= 1e-5
+
+
+def test_weights_only_checkpoint_needs_load_optimizer_false(initial_weights):
+    from megamft.testing.distributed import DistributedTestError
+
+    with pytest.raises(DistributedTestError, match="holds weights only .* set checkpoint.load_optimizer=false"):
+        launch(jobs.train, 1, timeout=120, kwargs={"overrides": (
+            "train.train_steps=2", f"checkpoint.load_dir={initial_weights}")})

@@ -31,9 +31,20 @@ def test_train_reports_checkpoints_and_resumes(tmp_path):
         assert task in first.stdout
     assert "step 2/2 | loss" in first.stderr  # the log line
     assert latest_iteration(tmp_path) == 2
+    tags = _tensorboard_tags(tmp_path / "tensorboard")
+    for task in ("code_completion", "text_to_code", "code_to_docstring"):
+        assert {f"train/loss/{task}", f"valid/loss/{task}", f"train/weight/{task}", f"valid/ppl/{task}"} <= tags
 
     resumed = _torchrun("train.train_steps=3", f"checkpoint.save_dir={tmp_path}",
                         f"checkpoint.load_dir={tmp_path}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step 3/3 | loss" in resumed.stderr and "step 1/3" not in resumed.stderr
     assert latest_iteration(tmp_path) == 3
+
+
+def _tensorboard_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])

@@ -83,11 +83,28 @@ def test_yaml_errors_name_the_file(tmp_path):
     (["parallel.virtual_pipeline_model_parallel_size=2"], 1, "needs pipeline_model_parallel_size >= 2"),
     (["train.lr_warmup_steps=5", "train.train_steps=5"], 1,
      "train.lr_warmup_steps (5) must be at least 0 and less than train.train_steps (5)"),
+    (["parallel.context_parallel_size=2"], 2, "parallel.context_parallel_size > 1 is not supported yet"),
+    (["train.log_interval=0"], 1, "train.log_interval must be >= 1, got 0"),
+    (["data.seq_length=0"], 1, "data.seq_length must be >= 1, got 0"),
+    (["model.num_query_groups=0"], 1, "model.num_query_groups must be >= 1, got 0"),
+    (["data.valid_samples_per_task=3", "train.micro_batch_size=2"], 2,
+     "data.valid_samples_per_task (3) must be at least train.micro_batch_size (2) x data-parallel size (2)"),
+    (["loss.task_weights={a: -1}"], 1, "loss.task_weights must be >= 0"),
     (["data.seq_length=8192"], 1, "data.seq_length (8192) exceeds model.max_position_embeddings (4096)"),
 ])
 def test_validation_names_each_problem(overrides, world_size, fragment):
     problems = _problems(*overrides, world_size=world_size)
     assert any(fragment in p for p in problems), problems
+
+
+def test_world_size_must_be_positive():
+    with pytest.raises(ConfigError, match="world size must be >= 1, got 0"):
+        validate(load_config(None), 0)
+
+
+def test_strings_do_not_take_booleans():
+    with pytest.raises(ConfigError, match="'checkpoint.save_dir' must be a string"):
+        load_config(None, ["checkpoint.save_dir=off"])
 
 
 def test_all_problems_reported_at_once():

@@ -28,6 +28,7 @@ def test_cuda_requests_land_on_the_cpu():
         a = torch.zeros(3, device="cuda")
         b = torch.ones(2, device=torch.cuda.current_device())
         c = torch.empty(2, device=torch.device("cuda", 0), pin_memory=True)
+        assert a.new_empty(3, 4).shape == (3, 4) and a.new_empty(2, device="cuda").device.type == "cpu"
         d = a.cuda()
         e = a.to("cuda:0")
         print(a.device, b.device, c.device, d is a, e.device)

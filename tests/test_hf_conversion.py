@@ -90,10 +90,27 @@ def test_megamft_logits_match_transformers(converted, name, layout):
     torch.testing.assert_close(ours[..., :vocab], theirs, rtol=0, atol=1e-4)
 
 
-def test_sharded_source_was_read_from_its_index(converted):
-    hf_dir, _ = converted["mistral"]
-    assert len(list(hf_dir.glob("model-*.safetensors"))) > 1
-    assert (hf_dir / "model.safetensors.index.json").is_file()
+def test_sharded_source_is_read_through_its_index(converted):
+    hf_dir, _ = converted["mistral"]  # its logits test passes only if every shard was read
+    source = hf_convert.SafetensorsFolder(hf_dir)
+    assert len(set(source.weight_map.values())) > 1
+
+
+def test_unsupported_bias_and_sliding_window_are_handled(converted, tmp_path):
+    from megamft.config import validate
+    from megamft.model.families import UnsupportedModel, model_config_from_hf
+
+    hf_dir, _ = converted["llama"]
+    config = json.loads((hf_dir / "config.json").read_text())
+    with pytest.raises(UnsupportedModel, match="attention_bias"):
+        model_config_from_hf({**config, "attention_bias": True})
+    mistral = {**config, "architectures": ["MistralForCausalLM"], "sliding_window": 128}
+    model = model_config_from_hf(mistral)
+    assert model.sliding_window == 128
+    from megamft.config import MegamftConfig, ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.seq_length \(256\) exceeds model.sliding_window \(128\)"):
+        validate(MegamftConfig(model=model), 1)
 
 
 def test_round_trip_through_tp2_pp2_is_bit_identical(converted, tmp_path):

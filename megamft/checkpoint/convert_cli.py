@@ -10,7 +10,6 @@ import torch
 from tqdm import tqdm
 
 from megamft.checkpoint import hf_convert
-from megamft.model.families import UnsupportedModel
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,12 +64,15 @@ def _megatron_to_hf(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.direction == "hf-to-megatron" and min(args.target_tp, args.target_pp) < 1:
+        print("megamft-convert: --target-tp and --target-pp must be >= 1", file=sys.stderr)
+        return 2
     try:
         if args.direction == "hf-to-megatron":
             _hf_to_megatron(args)
         else:
             _megatron_to_hf(args)
-    except (hf_convert.ConversionError, UnsupportedModel, FileNotFoundError, KeyError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
         print(f"megamft-convert: {err}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
 
 LATEST = "latest"
@@ -37,19 +38,41 @@ def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
 
+def complete_dir(save_dir: str | Path, iteration: int) -> Path:
+    """The folder of a complete checkpoint, also mid-way through replacing it (see publish)."""
+    final = iteration_dir(save_dir, iteration)
+    aside = final.with_name(final.name + ".old")
+    return aside if not final.is_dir() and aside.is_dir() else final
+
+
 def latest_iteration(save_dir: str | Path) -> int | None:
     """The newest complete checkpoint's iteration, or None."""
     pointer = Path(save_dir) / LATEST
     if not pointer.is_file():
         return None
     text = pointer.read_text().strip()
-    if not text.isdigit() or not iteration_dir(save_dir, int(text)).is_dir():
+    if not text.isdigit() or not complete_dir(save_dir, int(text)).is_dir():
         raise RuntimeError(f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}")
     return int(text)
 
 
+def publish(partial: Path, final: Path) -> None:
+    """Move a finished `.partial` folder into place; an older copy is kept aside until then.
+
+    A kill at any point leaves a loadable checkpoint: the old one (as `.old`,
+    which complete_dir finds) or the new one.
+    """
+    aside = final.with_name(final.name + ".old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.is_dir():
+        os.replace(final, aside)
+    os.replace(partial, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _sharded_state(
-    state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, with_optimizer: bool
+    state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, with_optimizer: bool,
+    extra: dict | None = None,
 ):
     model = {f"model{i}": bare_model(chunk).sharded_state_dict() for i, chunk in enumerate(state.chunks)}
     sharded = dict(model)
@@ -59,6 +82,7 @@ def _sharded_state(
             model, is_loading=loading, metadata=_OPTIMIZER_METADATA
         )
         sharded["scheduler"] = state.scheduler.state_dict()
+    sharded.update(extra or {})
     sharded["progress"] = {"iteration": iteration, "consumed_samples": consumed_samples}
     sharded["config"] = json.dumps(to_dict(cfg))
     return sharded
@@ -68,6 +92,12 @@ def _check_nothing_needed_is_absent(path: Path, keys) -> None:
     # Transformer Engine keeps layer metadata in `_extra_state`; checkpoints
     # converted from Hugging Face (or saved without TE) legitimately lack it.
     needed = sorted(k for k in keys if not k.endswith("_extra_state") and "_extra_state/" not in k)
+    # Ranks see different keys (only the last stage owns output_layer): agree before
+    # raising, so that no rank waits forever in the next collective.
+    failed = torch.tensor([1 if needed else 0])
+    torch.distributed.all_reduce(failed)
+    if failed.item() and not needed:
+        raise RuntimeError(f"{path} does not match this model (reported on another rank)")
     if needed:
         raise RuntimeError(
             f"{path} does not match this model: {len(needed)} tensor(s) absent or unexpected, "
@@ -86,8 +116,8 @@ def _create_empty_optimizer_state(optimizer) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
         params = [p for group in inner.param_groups for p in group["params"]]
-        if all(len(inner.state[p]) for p in params):
-            continue
+        if opt.init_state_fn is None or all(len(inner.state[p]) for p in params):
+            continue  # (SGD without momentum state has nothing to create)
         opt.init_state_fn(inner, opt.config)
         for param in params:
             inner.state[param].setdefault("step", torch.tensor(0.0))
@@ -101,11 +131,12 @@ def write_atomically(path: Path, text: str) -> None:
 
 def save(
     state, save_dir: str | Path, iteration: int, consumed_samples: int, cfg: MegamftConfig,
-    with_optimizer: bool = True,
+    with_optimizer: bool = True, extra: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint for `iteration`; every rank must call this.
 
     with_optimizer=False writes weights only (the optimizer has no state before its first step).
+    `extra` holds small replicated state (e.g. the loss balancer), saved by rank 0.
     """
     final = iteration_dir(save_dir, iteration)
     partial = final.with_name(final.name + ".partial")
@@ -114,13 +145,12 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     torch.distributed.barrier()
-    sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer)
+    sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer, extra)
     dist_checkpointing.save(sharded, str(partial))
     torch.distributed.barrier()
     if rank == 0:
         (partial / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        publish(partial, final)
         write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
     torch.distributed.barrier()
     return final
@@ -130,14 +160,22 @@ def load(
     state, load_dir: str | Path, cfg: MegamftConfig, load_optimizer: bool = True,
     iteration: int | None = None,
 ) -> dict:
-    """Restore a complete checkpoint (the latest by default); returns its progress dict."""
+    """Restore a complete checkpoint (the latest by default).
+
+    Returns the checkpoint's replicated state: "progress", "config" and any `extra` saved with it.
+    """
     if iteration is None:
         iteration = latest_iteration(load_dir)
     if iteration is None:
         raise FileNotFoundError(f"no complete checkpoint in {load_dir} (no '{LATEST}' file)")
-    path = iteration_dir(load_dir, iteration)
+    path = complete_dir(load_dir, iteration)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete megatron dist checkpoint")
+    if load_optimizer and not any(k.startswith("optimizer.") for k in tensor_index(path)):
+        raise ValueError(
+            f"{path} holds weights only (e.g. converted from Hugging Face), no optimizer state; "
+            "set checkpoint.load_optimizer=false to fine-tune from it"
+        )
     if load_optimizer:
         _create_empty_optimizer_state(state.optimizer)
     sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer)
@@ -152,4 +190,4 @@ def load(
     else:
         # Mixed precision keeps fp32 master copies; refresh them from the new weights.
         state.optimizer.reload_model_params()
-    return loaded["progress"]
+    return loaded

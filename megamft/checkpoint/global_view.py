@@ -98,7 +98,7 @@ def write_checkpoint(
     on_written: Callable[[Chunk], None] = lambda chunk: None,
 ) -> Path:
     """Write a megatron dist checkpoint (complete only once renamed) and point `latest` at it."""
-    from megamft.checkpoint.dist_checkpoint import LATEST, iteration_dir, write_atomically
+    from megamft.checkpoint.dist_checkpoint import LATEST, iteration_dir, publish, write_atomically
 
     final = iteration_dir(save_dir, iteration)
     partial = final.with_name(final.name + ".partial")
@@ -108,8 +108,7 @@ def write_checkpoint(
     dcp_save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, on_written), no_dist=True)
     torch.save(common, partial / "common.pt")
     (partial / "metadata.json").write_text(json.dumps(_MEGATRON_METADATA))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+    publish(partial, final)
     write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
     return final
 
@@ -170,6 +169,10 @@ def read_regions(checkpoint_dir: str | Path, regions: Iterable[Region]) -> list[
     missing = [r.key for r in regions if r.key not in index]
     if missing:
         raise KeyError(f"{checkpoint_dir} has no tensor {missing[0]!r}")
+    for r in regions:
+        stored = tuple(index[r.key].size)
+        if len(stored) != len(r.shape) or any(o + n > s for o, n, s in zip(r.offsets, r.shape, stored)):
+            raise ValueError(f"{checkpoint_dir}: region {r.offsets}+{r.shape} lies outside {r.key} {stored}")
     destinations = [torch.empty(r.shape, dtype=index[r.key].properties.dtype) for r in regions]
     reader = FileSystemReader(str(checkpoint_dir))
     dcp_load({}, storage_reader=reader, planner=_RegionLoadPlanner(regions, destinations), no_dist=True)

@@ -248,6 +248,11 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None):
     d = Dims.of(model)
     mappings = needed_mappings(model)
     _check_hf_shapes(source, mappings, d, model.num_layers)
+    planned = {n for m in mappings for layer in (range(model.num_layers) if m.per_layer else [None])
+               for n in hf_names(m, layer)}
+    unplanned = sorted(n for n in set(source.weight_map) - planned if not n.endswith(_IGNORED_HF_SUFFIXES))
+    if unplanned:
+        raise ConversionError(f"{hf_dir}: {len(unplanned)} tensor(s) have no megatron counterpart: {unplanned[:5]}")
     chunks = []
     for mapping in mappings:
         shape = megatron_shape(mapping, d)
@@ -291,10 +296,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
     _copy_tokenizer(hf_dir, out_dir / "hf")
     shutil.copy2(hf_dir / "config.json", out_dir / "hf" / "config.json")
     path = global_view.write_checkpoint(out_dir, 0, chunks, common, on_written=progress)
-    unread = source.unconsumed()
-    if unread:
-        shutil.rmtree(path)
-        raise ConversionError(f"{hf_dir}: {len(unread)} tensor(s) have no megatron counterpart: {unread[:5]}")
+    assert not source.unconsumed(), source.unconsumed()  # planned above: every source tensor is written
     (path / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     (out_dir / "megamft_model.yaml").write_text(
         "# model section of the converted checkpoint; pass it to `megamft train --config`\n"
@@ -308,14 +310,14 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
 
 def _checkpoint_dir(path: Path) -> Path:
     """An iteration folder, or a save folder resolved through its `latest` pointer."""
-    from megamft.checkpoint.dist_checkpoint import iteration_dir, latest_iteration
+    from megamft.checkpoint.dist_checkpoint import complete_dir, latest_iteration
 
     if (path / "metadata.json").is_file():
         return path
     iteration = latest_iteration(path)
     if iteration is None:
         raise ConversionError(f"{path}: neither a checkpoint nor a folder with a 'latest' checkpoint")
-    return iteration_dir(path, iteration)
+    return complete_dir(path, iteration)
 
 
 def _model_of_checkpoint(ckpt: Path) -> ModelConfig:

@@ -32,7 +32,9 @@ def load_data(cfg: DataConfig) -> MultitaskData:
     train: list[TokenizedSample] = []
     valid: dict[str, SampleTable] = {}
     for task_id, task in enumerate(TASKS):
-        samples = [render(turns, tokenizer, task_id) for turns in corpus[task]]
+        rendered = (render(turns, tokenizer, task_id) for turns in corpus[task])
+        # Characters were counted; non-ASCII text has more bytes: drop what does not fit whole.
+        samples = [s for s in rendered if len(s.ids) <= cfg.seq_length + 1]
         if len(samples) <= cfg.valid_samples_per_task:
             raise ValueError(
                 f"task {task}: only {len(samples)} samples fit data.seq_length={cfg.seq_length}; "

@@ -83,6 +83,12 @@ def _rope(hf_config: dict, source: str) -> tuple[float, float | None]:
 def model_config_from_hf(hf_config: dict, source: str = "config.json") -> ModelConfig:
     """megamft's model section for a Hugging Face config.json."""
     family = family_of(hf_config, source)
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                           "vocab_size") if k not in hf_config]
+    if missing:
+        raise UnsupportedModel(f"{source}: missing required key(s) {missing}")
+    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
+        raise UnsupportedModel(f"{source}: attention_bias/mlp_bias on every projection is not supported")
     if hf_config.get("hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"{source}: hidden_act {hf_config['hidden_act']!r}; only SwiGLU (silu) is supported")
     values = {ours: hf_config[theirs] for theirs, ours in CONFIG_KEYS if theirs in hf_config}
@@ -92,7 +98,11 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json") -> ModelC
         raise UnsupportedModel(f"{source}: head_dim {head_dim} x heads != hidden_size is not supported")
     theta, scaling = _rope(hf_config, source)
     vocab = values["vocab_size"]
+    window = hf_config.get("sliding_window")
+    if family.name == "qwen2" and not hf_config.get("use_sliding_window", False):
+        window = None  # Qwen2 configs carry a window size that is off unless use_sliding_window
     return ModelConfig(
+        sliding_window=window,
         **values,
         rotary_base=theta,
         rope_scaling_factor=scaling,
@@ -122,5 +132,10 @@ def hf_config_from_model(model: ModelConfig, family: Family, dtype: str) -> dict
     }
     for theirs, ours in CONFIG_KEYS:
         config[theirs] = getattr(model, ours)
+    config["dtype"] = dtype  # transformers 5 reads "dtype", older versions "torch_dtype"
+    if model.sliding_window:
+        config["sliding_window"] = model.sliding_window
+        if family.name == "qwen2":
+            config["use_sliding_window"] = True
     config["num_key_value_heads"] = model.num_query_groups or model.num_attention_heads
     return config

@@ -98,7 +98,7 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _as_cpu_device(kwargs["device"])
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if func is torch.Tensor.to or func is torch.Tensor.new_empty:
+        if func is torch.Tensor.to:  # t.to(device), t.to("cuda"), t.to(0): device given positionally
             args = tuple(_as_cpu_device(a) if not isinstance(a, torch.Tensor) else a for a in args)
         return func(*args, **kwargs)
 

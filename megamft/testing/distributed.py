@@ -70,18 +70,21 @@ def launch(
     job = {"file": inspect.getfile(fn), "qualname": fn.__qualname__, "kwargs": kwargs or {}}
     (workdir / "job.pkl").write_bytes(pickle.dumps(job))
     port = free_port()
-    procs = []
-    for rank in range(world_size):
-        log = open(workdir / f"rank{rank}.log", "wb")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "megamft.testing._worker", str(workdir)],
-            env=_rank_env(rank, world_size, port), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ))
+    procs, logs = [], []
     try:
+        for rank in range(world_size):
+            logs.append(open(workdir / f"rank{rank}.log", "wb"))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "megamft.testing._worker", str(workdir)],
+                env=_rank_env(rank, world_size, port), stdout=logs[-1], stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ))
         _wait(procs, workdir, timeout)
         return [pickle.loads((workdir / f"result{r}.pkl").read_bytes()) for r in range(world_size)]
     finally:
+        _kill_all(procs)
+        for log in logs:
+            log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -105,6 +108,14 @@ def _wait(procs: list[subprocess.Popen], workdir: Path, timeout: float) -> None:
 
 
 def _failure_report(rank: int, procs: list[subprocess.Popen], workdir: Path) -> str:
+    # Once one rank dies, the others fail with gloo connection errors; report the
+    # failed rank whose traceback is not one of those, if any.
+    failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+    for candidate in failed:
+        text = (workdir / f"error{candidate}.txt")
+        if text.exists() and "Connection closed by peer" not in text.read_text():
+            rank = candidate
+            break
     error_file = workdir / f"error{rank}.txt"
     detail = error_file.read_text() if error_file.exists() else _tail(workdir / f"rank{rank}.log")
     return f"rank {rank} of {len(procs)} failed (exit {procs[rank].returncode}):\n{detail}"

@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from megatron.core import parallel_state
 
 from megamft.checkpoint import dist_checkpoint
 from megamft.config import MegamftConfig
 from megamft.data.batches import GlobalBatchSampler, SampleTable, micro_batches
 from megamft.data.dataset import MultitaskData, load_data
+from megamft.loss.balancers import make_balancer
+from megamft.loss.multitask import effective_task_weights
 from megamft.platform import distributed
 from megamft.platform.device import describe_runtime
+from megamft.training.metrics import MetricsWriter
 from megamft.training.setup import TrainingState, build_training_state
-from megamft.training.step import StepStats, evaluate, train_step
+from megamft.training.step import LossSetup, StepStats, evaluate, train_step
 
 log = logging.getLogger("megamft")
 
@@ -28,6 +33,21 @@ class RunResult:
     valid_before: StepStats | None = None
     valid_after: StepStats | None = None
     last_checkpoint: str | None = None
+
+
+@dataclass
+class Run:
+    """Everything the loop carries from step to step."""
+
+    cfg: MegamftConfig
+    state: TrainingState
+    data: MultitaskData
+    balancer: object
+    static_weights: torch.Tensor
+    metrics: MetricsWriter
+    result: RunResult = field(default_factory=RunResult)
+    iteration: int = 0
+    consumed: int = 0
 
 
 def _dp() -> tuple[int, int]:
@@ -46,6 +66,13 @@ def validation_batches(valid: dict[str, SampleTable], micro_batch_size: int) -> 
     return batches
 
 
+def static_task_weights(cfg: MegamftConfig, task_names: tuple[str, ...]) -> torch.Tensor:
+    unknown = sorted(set(cfg.loss.task_weights) - set(task_names))
+    if unknown:
+        raise ValueError(f"loss.task_weights names unknown task(s) {unknown}; tasks are {list(task_names)}")
+    return torch.tensor([cfg.loss.task_weights.get(name, 1.0) for name in task_names], dtype=torch.float64)
+
+
 def _format_tasks(values: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.3f}" for name, value in values.items())
 
@@ -62,71 +89,126 @@ def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: flo
     )
 
 
-def _resume(state: TrainingState, cfg: MegamftConfig) -> tuple[int, int]:
-    """(iteration, consumed samples) to start from."""
-    ckpt = cfg.checkpoint
-    if not ckpt.load_dir:
-        return 0, 0
-    progress = dist_checkpoint.load(
-        state, ckpt.load_dir, cfg, load_optimizer=ckpt.load_optimizer, iteration=ckpt.load_iteration
-    )
-    if not ckpt.load_optimizer:
-        return 0, 0  # weights only: a fresh fine-tune from these weights
-    return progress["iteration"], progress["consumed_samples"]
-
-
-def _train_loop(cfg, state, data: MultitaskData, result: RunResult, iteration: int, consumed: int):
-    sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.data.seed)
-    dp_rank, dp_size = _dp()
-    window_start, window_stats = time.perf_counter(), []
-    while iteration < cfg.train.train_steps:
-        rows = sampler.rank_indices(consumed, dp_rank, dp_size)
-        stats = train_step(state, micro_batches(data.train, rows, cfg.train.micro_batch_size), data.task_names)
-        iteration += 1
-        consumed += cfg.train.global_batch_size
-        result.history.append(stats)
-        window_stats.append(stats)
-        if iteration % cfg.train.log_interval == 0 or iteration == cfg.train.train_steps:
-            elapsed = time.perf_counter() - window_start
-            _log_step(cfg, iteration, stats, elapsed / len(window_stats))
-            window_start, window_stats = time.perf_counter(), []
-        if cfg.train.eval_interval and iteration % cfg.train.eval_interval == 0:
-            _log_validation("valid", evaluate(state, validation_batches(data.valid, cfg.train.micro_batch_size), data.task_names))
-        ckpt = cfg.checkpoint
-        if ckpt.save_dir and ckpt.save_interval and iteration % ckpt.save_interval == 0:
-            result.last_checkpoint = str(dist_checkpoint.save(state, ckpt.save_dir, iteration, consumed, cfg))
-    return iteration, consumed
-
-
-def _log_validation(label: str, stats: StepStats) -> None:
+def _validate(run: Run, label: str) -> StepStats | None:
+    batches = validation_batches(run.data.valid, run.cfg.train.micro_batch_size)
+    if not batches:
+        return None  # data.valid_samples_per_task=0: no validation set
+    stats = evaluate(run.state, batches, run.data.task_names)
     if distributed.is_logging_rank():
         log.info("%s loss %.4f | %s", label, stats.loss, _format_tasks(stats.task_loss))
+        run.metrics.valid(run.iteration, stats)
+    return stats
+
+
+def _task_loss_tensor(stats: StepStats) -> torch.Tensor:
+    return torch.tensor(list(stats.task_loss.values()), dtype=torch.float64)
+
+
+def _loss_setup(run: Run) -> LossSetup:
+    loss = run.cfg.loss
+    weights = effective_task_weights(loss.mode, len(run.data.task_names), run.static_weights, run.balancer)
+    return LossSetup(loss.mode, loss.normalization, weights, loss.focal_gamma)
+
+
+def _save(run: Run) -> None:
+    extra = {"balancer": run.balancer.state_dict()} if run.balancer else {}
+    path = dist_checkpoint.save(run.state, run.cfg.checkpoint.save_dir, run.iteration, run.consumed,
+                                run.cfg, extra=extra)
+    run.result.last_checkpoint = str(path)
+
+
+def _after_step(run: Run, stats: StepStats) -> None:
+    if run.balancer is None:
+        return
+    run.balancer.after_train_step(run.iteration, _task_loss_tensor(stats))
+    if run.cfg.loss.mode == "coba" and run.iteration % run.cfg.loss.coba_update_interval == 0:
+        valid = _validate(run, "coba valid")
+        if valid is None:
+            raise ValueError("loss.mode=coba needs validation data: set data.valid_samples_per_task > 0")
+        run.balancer.observe_validation(run.iteration, _task_loss_tensor(valid))
+
+
+def _train_loop(run: Run) -> None:
+    cfg = run.cfg
+    sampler = GlobalBatchSampler(len(run.data.train), cfg.train.global_batch_size, cfg.data.seed)
+    dp_rank, dp_size = _dp()
+    window_start, window_steps = time.perf_counter(), 0
+    while run.iteration < cfg.train.train_steps:
+        rows = sampler.rank_indices(run.consumed, dp_rank, dp_size)
+        batches = micro_batches(run.data.train, rows, cfg.train.micro_batch_size)
+        stats = train_step(run.state, batches, run.data.task_names, _loss_setup(run))
+        run.iteration += 1
+        run.consumed += cfg.train.global_batch_size
+        run.result.history.append(stats)
+        _after_step(run, stats)
+        window_steps += 1
+        if run.iteration % cfg.train.log_interval == 0 or run.iteration == cfg.train.train_steps:
+            seconds = (time.perf_counter() - window_start) / window_steps
+            _log_step(cfg, run.iteration, stats, seconds)
+            if distributed.is_logging_rank():
+                run.metrics.train(run.iteration, stats, stats.tokens / max(seconds, 1e-9))
+            window_start, window_steps = time.perf_counter(), 0
+        if cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0:
+            _validate(run, "valid")
+        ckpt = cfg.checkpoint
+        if ckpt.save_dir and ckpt.save_interval and run.iteration % ckpt.save_interval == 0:
+            _save(run)
+
+
+def _resume(run: Run) -> None:
+    """Restore iteration, consumed samples and balancer state from the configured checkpoint."""
+    ckpt = run.cfg.checkpoint
+    if not ckpt.load_dir:
+        return
+    loaded = dist_checkpoint.load(run.state, ckpt.load_dir, run.cfg, load_optimizer=ckpt.load_optimizer,
+                                  iteration=ckpt.load_iteration)
+    if not ckpt.load_optimizer:
+        return  # weights only: a fresh fine-tune from these weights
+    run.iteration, run.consumed = loaded["progress"]["iteration"], loaded["progress"]["consumed_samples"]
+    if run.balancer is not None and "balancer" in loaded:
+        run.balancer.load_state_dict(loaded["balancer"])
+
+
+def _tensorboard_dir(cfg: MegamftConfig) -> str | None:
+    if cfg.train.tensorboard_dir:
+        return cfg.train.tensorboard_dir
+    return str(Path(cfg.checkpoint.save_dir) / "tensorboard") if cfg.checkpoint.save_dir else None
+
+
+def _build(cfg: MegamftConfig) -> Run:
+    runtime = distributed.initialize(cfg)
+    if distributed.is_logging_rank():
+        log.info(describe_runtime(runtime))
+    data = load_data(cfg.data)
+    if cfg.model.vocab_size and cfg.model.vocab_size < data.tokenizer.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size is "
+            f"{cfg.model.vocab_size}; tokenize the data with the model's own tokenizer"
+        )
+    # Saved with every checkpoint, so an export knows the vocabulary without the tokenizer.
+    cfg.model.vocab_size = cfg.model.vocab_size or data.tokenizer.vocab_size
+    state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+    return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)),
+               static_task_weights(cfg, data.task_names),
+               MetricsWriter(_tensorboard_dir(cfg), distributed.is_logging_rank()))
 
 
 def run(cfg: MegamftConfig) -> RunResult:
     """Train as configured; the process group is created and destroyed here."""
-    runtime = distributed.initialize(cfg)
     try:
-        if distributed.is_logging_rank():
-            log.info(describe_runtime(runtime))
-        data = load_data(cfg.data)
-        if cfg.model.vocab_size and cfg.model.vocab_size < data.tokenizer.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size is "
-                f"{cfg.model.vocab_size}; tokenize the data with the model's own tokenizer"
-            )
-        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
-        iteration, consumed = _resume(state, cfg)
-        result = RunResult()
-        valid = validation_batches(data.valid, cfg.train.micro_batch_size)
-        result.valid_before = evaluate(state, valid, data.task_names)
-        _log_validation("valid (before)", result.valid_before)
-        iteration, consumed = _train_loop(cfg, state, data, result, iteration, consumed)
-        result.valid_after = evaluate(state, valid, data.task_names)
-        _log_validation("valid (after)", result.valid_after)
-        ckpt = cfg.checkpoint
-        if ckpt.save_dir and (result.last_checkpoint is None or not result.last_checkpoint.endswith(f"{iteration:07d}")):
-            result.last_checkpoint = str(dist_checkpoint.save(state, ckpt.save_dir, iteration, consumed, cfg))
-        return result
+        current = _build(cfg)
+        _resume(current)
+        start = current.iteration
+        if start >= cfg.train.train_steps and distributed.is_logging_rank():
+            log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
+        current.result.valid_before = _validate(current, "valid (before)")
+        _train_loop(current)
+        current.result.valid_after = _validate(current, "valid (after)")
+        last = current.result.last_checkpoint
+        trained = current.iteration > start
+        if cfg.checkpoint.save_dir and trained and (last is None or not last.endswith(f"{current.iteration:07d}")):
+            _save(current)
+        current.metrics.close()
+        return current.result
     finally:
         distributed.shutdown()

@@ -55,17 +55,10 @@ def _wire_grad_sync(config: TransformerConfig, chunks: list, ddp: DistributedDat
     if ddp.overlap_grad_reduce:
         no_sync = [chunk.no_sync for chunk in chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        if len(chunks) > 1 and ddp.align_param_gather is not None:
-            config.grad_sync_func = [chunk.start_grad_sync for chunk in chunks]
 
 
 def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int) -> TrainingState:
     """Build this rank's model chunks, wrap them in megatron DDP, make the optimizer."""
-    if cfg.parallel.context_parallel_size > 1 and not runtime.transformer_engine:
-        raise RuntimeError(
-            "parallel.context_parallel_size > 1 needs Transformer Engine's attention; "
-            "install megamft[gpu] on a GPU machine or set parallel.context_parallel_size=1"
-        )
     config = transformer_config(cfg)
     padded = padded_vocab_size(
         cfg.model.vocab_size or vocab_size, cfg.parallel.tensor_model_parallel_size,
@@ -101,4 +94,8 @@ def lr_scheduler(cfg: MegamftConfig, optimizer, opt: OptimizerConfig) -> Optimiz
         end_wd=opt.weight_decay,
         wd_incr_steps=cfg.train.train_steps * batch,
         wd_incr_style="constant",
+        # The config is the source of truth: a resumed run may change steps or LRs;
+        # only the step count comes back from the checkpoint.
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )

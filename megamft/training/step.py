@@ -9,42 +9,103 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megamft.loss.token_loss import masked_token_loss
+from megamft.loss.multitask import (
+    BatchCounts,
+    count,
+    focal_sample_factor,
+    structural_mode,
+    task_sums,
+    token_weights,
+)
+
+
+@dataclass
+class LossSetup:
+    """What every micro-batch of one step needs to weigh its tokens."""
+
+    mode: str = "token"
+    normalization: str = "global_batch"
+    task_weights: torch.Tensor | None = None  # effective weights for this step (static x dynamic)
+    focal_gamma: float = 2.0
 
 
 @dataclass
 class StepStats:
     """Global-batch metrics, identical on every rank after `reduce_stats`."""
 
-    loss: float
+    loss: float                       # the objective: sum over the global batch of w_i * l_i
     tokens: int
-    task_loss: dict[str, float]
+    task_loss: dict[str, float]       # mean token loss per task
     task_tokens: dict[str, int]
+    task_weights: dict[str, float] = field(default_factory=dict)
     grad_norm: float | None = None
     lr: float | None = None
     skipped: bool = False
-    extra: dict = field(default_factory=dict)
 
 
-def _forward_step(num_tasks: int, data_iterator, model):
+def _dp_group():
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def global_counts(micro_batches: list[dict], num_tasks: int) -> BatchCounts:
+    """Token and sample counts of the whole global batch (all micro-batches, all DP ranks)."""
+    local = BatchCounts.zeros(num_tasks)
+    for batch in micro_batches:
+        local = local + count(batch["loss_mask"], batch["task_ids"], batch.get("sample_ids"), num_tasks)
+    flat = local.as_tensor()
+    torch.distributed.all_reduce(flat, group=_dp_group())
+    return BatchCounts.from_tensor(flat)
+
+
+def _loss_func(setup: LossSetup, counts: BatchCounts, divisor: float, num_tasks: int, batch: dict,
+               per_token_loss: torch.Tensor):
+    """megatron's loss_func: (K x this micro-batch's share of the objective, learned tokens, stats).
+
+    megatron divides the gradients by the sum of the returned token counts, K,
+    over all micro-batches and DP ranks, so multiplying by K leaves exactly the
+    objective's gradient.
+    """
+    mask, tasks, samples = batch["loss_mask"], batch["task_ids"], batch.get("sample_ids")
+    if setup.normalization == "per_microbatch":
+        counts_here = count(mask, tasks, samples, num_tasks)
+    else:
+        counts_here = counts
+    factor = None
+    if setup.mode == "focal":
+        factor = focal_sample_factor(per_token_loss, mask, samples, setup.focal_gamma)
+    weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
+    w = token_weights(structural_mode(setup.mode), mask, tasks, samples, counts_here, weights, factor)
+    objective = (per_token_loss.float() * w.to(device=per_token_loss.device, dtype=torch.float32)).sum()
+    objective = objective / divisor
+    total_tokens = float(counts.task_tokens.sum())
+    masked = per_token_loss.detach().float() * mask.float()
+    stats = torch.cat([objective.detach().double().reshape(1).cpu(),
+                       task_sums(masked, tasks, num_tasks), task_sums(mask.detach(), tasks, num_tasks)])
+    return objective * total_tokens, mask.sum().to(torch.int), {"task_stats": stats}
+
+
+def _forward_step(make_loss_func, data_iterator, model):
     """megatron's forward_step_func: run one micro-batch, return output and loss_func."""
     batch = next(data_iterator)
     per_token_loss = model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"]
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
     )
-    return per_token_loss, partial(
-        masked_token_loss,
-        loss_mask=batch["loss_mask"],
-        task_ids=batch["task_ids"],
-        num_tasks=num_tasks,
-    )
+    return per_token_loss, make_loss_func(batch)
 
 
-def _run_schedule(chunks, micro_batches: list[dict], num_tasks: int, forward_only: bool):
+def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks: int, forward_only: bool):
+    counts = global_counts(micro_batches, num_tasks)
+    divisor = 1.0
+    if setup.normalization == "per_microbatch":  # MFTCoder: mean over micro-batches and DP ranks
+        divisor = float(len(micro_batches) * parallel_state.get_data_parallel_world_size(with_context_parallel=True))
+
+    def make_loss_func(batch):
+        return partial(_loss_func, setup, counts, divisor, num_tasks, batch)
+
     micro_batch_size, seq_length = micro_batches[0]["tokens"].shape
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, num_tasks),
+        forward_step_func=partial(_forward_step, make_loss_func),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
         num_microbatches=len(micro_batches),
@@ -57,37 +118,39 @@ def _run_schedule(chunks, micro_batches: list[dict], num_tasks: int, forward_onl
 def reduce_stats(outputs: list[dict], task_names: tuple[str, ...]) -> StepStats:
     """Sum micro-batch stats, add over DP, and share the last stage's result with all ranks."""
     num_tasks = len(task_names)
-    stats = torch.zeros(2 * num_tasks, dtype=torch.float64)
+    stats = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64)
     for out in outputs:
         stats += out["task_stats"]
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    torch.distributed.all_reduce(stats, group=group)
+    torch.distributed.all_reduce(stats, group=_dp_group())
     torch.distributed.broadcast(
         stats,
         src=parallel_state.get_pipeline_model_parallel_last_rank(),
         group=parallel_state.get_pipeline_model_parallel_group(),
     )
-    loss_sums, counts = stats[:num_tasks], stats[num_tasks:]
-    total = float(counts.sum())
+    objective, loss_sums, counts = stats[0], stats[1 : 1 + num_tasks], stats[1 + num_tasks :]
     return StepStats(
-        loss=float(loss_sums.sum()) / max(total, 1.0),
-        tokens=int(total),
+        loss=float(objective),
+        tokens=int(counts.sum()),
         task_loss={n: float(s / c) if c else float("nan") for n, s, c in zip(task_names, loss_sums, counts)},
         task_tokens={n: int(c) for n, c in zip(task_names, counts)},
     )
 
 
-def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...]) -> StepStats:
+def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...],
+               setup: LossSetup | None = None) -> StepStats:
     """Forward and backward over this rank's micro-batches, then one optimizer step."""
+    setup = setup or LossSetup()
     for chunk in state.chunks:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    outputs = _run_schedule(state.chunks, micro_batches, len(task_names), forward_only=False)
+    outputs = _run_schedule(state.chunks, micro_batches, setup, len(task_names), forward_only=False)
     succeeded, grad_norm, _ = state.optimizer.step()
     stats = reduce_stats(outputs, task_names)
     stats.grad_norm = None if grad_norm is None else float(grad_norm)
     stats.skipped = not succeeded
     stats.lr = state.optimizer.param_groups[0]["lr"]
+    if setup.task_weights is not None:
+        stats.task_weights = {n: float(w) for n, w in zip(task_names, setup.task_weights)}
     if succeeded:
         global_batch = len(micro_batches) * micro_batches[0]["tokens"].shape[0]
         global_batch *= parallel_state.get_data_parallel_world_size()
@@ -97,10 +160,10 @@ def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...]) ->
 
 @torch.no_grad()
 def evaluate(state, micro_batches: list[dict], task_names: tuple[str, ...]) -> StepStats:
-    """Forward only: the loss of the given micro-batches, per task."""
+    """Forward only: the mean token loss of the given micro-batches, overall and per task."""
     for chunk in state.chunks:
         chunk.eval()
-    outputs = _run_schedule(state.chunks, micro_batches, len(task_names), forward_only=True)
+    outputs = _run_schedule(state.chunks, micro_batches, LossSetup(mode="token"), len(task_names), True)
     for chunk in state.chunks:
         chunk.train()
     return reduce_stats(outputs, task_names)

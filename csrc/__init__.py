@@ -1,0 +1,1 @@
+"""CUDA sources, installed as megamft._csrc so the just-in-time build finds them."""

@@ -1,0 +1,52 @@
+"""Tensorboard scalars, written by the logging rank only."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from megamft.training.step import StepStats
+
+
+class MetricsWriter:
+    """train/... every step, valid/... at every validation; no-op when disabled."""
+
+    def __init__(self, log_dir: str | Path | None, enabled: bool):
+        self._writer = None
+        if log_dir and enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def train(self, step: int, stats: StepStats, tokens_per_second: float) -> None:
+        if self._writer is None:
+            return
+        scalars = {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
+                   "train/tokens_per_second": tokens_per_second}
+        for task, loss in stats.task_loss.items():
+            if math.isfinite(loss):
+                scalars[f"train/loss/{task}"] = loss
+            scalars[f"train/tokens/{task}"] = stats.task_tokens[task]
+        for task, weight in stats.task_weights.items():
+            scalars[f"train/weight/{task}"] = weight
+        self._write(step, scalars)
+
+    def valid(self, step: int, stats: StepStats) -> None:
+        if self._writer is None:
+            return
+        scalars = {"valid/loss": stats.loss}
+        for task, loss in stats.task_loss.items():
+            if math.isfinite(loss):
+                scalars[f"valid/loss/{task}"] = loss
+                scalars[f"valid/ppl/{task}"] = math.exp(min(loss, 50.0))
+        self._write(step, scalars)
+
+    def _write(self, step: int, scalars: dict) -> None:
+        for name, value in scalars.items():
+            if value is not None:
+                self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
