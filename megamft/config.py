@@ -140,6 +140,8 @@ class LossConfig:
     """Static weight per task name (others weigh 1.0); combines with every mode."""
     focal_gamma: float = 2.0
     """Focusing exponent of the focal mode."""
+    fused_cross_entropy: bool = False
+    """Compute the loss with megamft's fused kernels (csrc/) instead of megatron's cross entropy."""
     coba_update_interval: int = 5
     """Steps between CoBa's validation measurements."""
     coba_history: int = 20
@@ -509,6 +511,9 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
                 f"divisible by parallel.pipeline_model_parallel_size "
                 f"({p.pipeline_model_parallel_size})"
             )
+    if cfg.loss.fused_cross_entropy and cfg.loss.mode == "focal":
+        problems.append("loss.fused_cross_entropy does not support loss.mode=focal (its weights need the "
+                        "per-token losses first); use the default cross entropy for focal")
     bad_weights = {k: v for k, v in cfg.loss.task_weights.items() if v < 0}
     if bad_weights:
         problems.append(f"loss.task_weights must be >= 0, got {bad_weights}")

@@ -90,6 +90,7 @@ def test_yaml_errors_name_the_file(tmp_path):
     (["data.valid_samples_per_task=3", "train.micro_batch_size=2"], 2,
      "data.valid_samples_per_task (3) must be at least train.micro_batch_size (2) x data-parallel size (2)"),
     (["loss.task_weights={a: -1}"], 1, "loss.task_weights must be >= 0"),
+    (["loss.fused_cross_entropy=true", "loss.mode=focal"], 1, "loss.fused_cross_entropy does not support"),
     (["data.seq_length=8192"], 1, "data.seq_length (8192) exceeds model.max_position_embeddings (4096)"),
 ])
 def test_validation_names_each_problem(overrides, world_size, fragment):

@@ -21,6 +21,7 @@ LAYOUTS = {
     "dp2": (2, []),
     "tp2-pp2": (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
     "tp2-sequence-parallel": (2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
+    "tp2-fused-cross-entropy": (2, ["parallel.tensor_model_parallel_size=2", "loss.fused_cross_entropy=true"]),
     "pp2-interleaved": (2, ["parallel.pipeline_model_parallel_size=2",
                             "parallel.virtual_pipeline_model_parallel_size=2"]),
     "tp2-dp2-overlap-recompute": (4, ["parallel.tensor_model_parallel_size=2", "ddp.overlap_grad_reduce=true",

@@ -107,7 +107,7 @@ def _task_loss_tensor(stats: StepStats) -> torch.Tensor:
 def _loss_setup(run: Run) -> LossSetup:
     loss = run.cfg.loss
     weights = effective_task_weights(loss.mode, len(run.data.task_names), run.static_weights, run.balancer)
-    return LossSetup(loss.mode, loss.normalization, weights, loss.focal_gamma)
+    return LossSetup(loss.mode, loss.normalization, weights, loss.focal_gamma, loss.fused_cross_entropy)
 
 
 def _save(run: Run) -> None:

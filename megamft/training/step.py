@@ -9,10 +9,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megamft.loss.fused_ce import fused_multitask_cross_entropy
 from megamft.loss.multitask import (
     BatchCounts,
     count,
     focal_sample_factor,
+    sample_keys,
     structural_mode,
     task_sums,
     token_weights,
@@ -27,6 +29,7 @@ class LossSetup:
     normalization: str = "global_batch"
     task_weights: torch.Tensor | None = None  # effective weights for this step (static x dynamic)
     focal_gamma: float = 2.0
+    fused: bool = False  # megamft's fused cross entropy on the model's vocab-parallel logits
 
 
 @dataclass
@@ -57,8 +60,22 @@ def global_counts(micro_batches: list[dict], num_tasks: int) -> BatchCounts:
     return BatchCounts.from_tensor(flat)
 
 
+def _fused_objective(logits: torch.Tensor, batch: dict, w: torch.Tensor, num_tasks: int):
+    """(sum of w x loss, per-token loss) from this TP rank's vocab shard of the logits."""
+    mask, samples = batch["loss_mask"], batch.get("sample_ids")
+    vocab_local = logits.shape[-1]
+    _, sample_index = torch.unique(sample_keys(samples, mask.shape), return_inverse=True)
+    out = fused_multitask_cross_entropy(
+        logits.reshape(-1, vocab_local), batch["labels"].reshape(-1), w.reshape(-1).float().to(logits.device),
+        mask.reshape(-1), batch["task_ids"].reshape(-1), sample_index, num_tasks, int(sample_index.max()) + 1,
+        vocab_start=parallel_state.get_tensor_model_parallel_rank() * vocab_local,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+    )
+    return out.total, out.per_token_loss.view_as(mask)
+
+
 def _loss_func(setup: LossSetup, counts: BatchCounts, divisor: float, num_tasks: int, batch: dict,
-               per_token_loss: torch.Tensor):
+               output: torch.Tensor):
     """megatron's loss_func: (K x this micro-batch's share of the objective, learned tokens, stats).
 
     megatron divides the gradients by the sum of the returned token counts, K,
@@ -70,12 +87,17 @@ def _loss_func(setup: LossSetup, counts: BatchCounts, divisor: float, num_tasks:
         counts_here = count(mask, tasks, samples, num_tasks)
     else:
         counts_here = counts
-    factor = None
-    if setup.mode == "focal":
-        factor = focal_sample_factor(per_token_loss, mask, samples, setup.focal_gamma)
     weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
-    w = token_weights(structural_mode(setup.mode), mask, tasks, samples, counts_here, weights, factor)
-    objective = (per_token_loss.float() * w.to(device=per_token_loss.device, dtype=torch.float32)).sum()
+    if setup.fused:  # output: vocab-parallel logits
+        w = token_weights(structural_mode(setup.mode), mask, tasks, samples, counts_here, weights)
+        objective, per_token_loss = _fused_objective(output, batch, w, num_tasks)
+    else:  # output: megatron's per-token cross entropy
+        per_token_loss = output
+        factor = None
+        if setup.mode == "focal":
+            factor = focal_sample_factor(per_token_loss, mask, samples, setup.focal_gamma)
+        w = token_weights(structural_mode(setup.mode), mask, tasks, samples, counts_here, weights, factor)
+        objective = (per_token_loss.float() * w.to(device=per_token_loss.device, dtype=torch.float32)).sum()
     objective = objective / divisor
     total_tokens = float(counts.task_tokens.sum())
     masked = per_token_loss.detach().float() * mask.float()
@@ -84,13 +106,12 @@ def _loss_func(setup: LossSetup, counts: BatchCounts, divisor: float, num_tasks:
     return objective * total_tokens, mask.sum().to(torch.int), {"task_stats": stats}
 
 
-def _forward_step(make_loss_func, data_iterator, model):
+def _forward_step(make_loss_func, fused: bool, data_iterator, model):
     """megatron's forward_step_func: run one micro-batch, return output and loss_func."""
     batch = next(data_iterator)
-    per_token_loss = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
-    )
-    return per_token_loss, make_loss_func(batch)
+    labels = None if fused else batch["labels"]  # without labels the last stage returns logits
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels)
+    return output, make_loss_func(batch)
 
 
 def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks: int, forward_only: bool):
@@ -105,7 +126,7 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
     micro_batch_size, seq_length = micro_batches[0]["tokens"].shape
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, make_loss_func),
+        forward_step_func=partial(_forward_step, make_loss_func, setup.fused),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
         num_microbatches=len(micro_batches),
