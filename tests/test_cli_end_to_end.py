@@ -31,9 +31,11 @@ def test_train_reports_checkpoints_and_resumes(tmp_path):
         assert task in first.stdout
     assert "step 2/2 | loss" in first.stderr  # the log line
     assert latest_iteration(tmp_path) == 2
-    tags = _tensorboard_tags(tmp_path / "tensorboard")
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
     for task in ("code_completion", "text_to_code", "code_to_docstring"):
-        assert {f"train/loss/{task}", f"valid/loss/{task}", f"train/weight/{task}", f"valid/ppl/{task}"} <= tags
+        assert {f"train/loss/{task}", f"train/ppl/{task}", f"train/tokens/{task}", f"train/weight/{task}",
+                f"valid/loss/{task}", f"valid/ppl/{task}"} <= set(scalars)
+        assert [e.step for e in scalars[f"train/tokens/{task}"]] == [1, 2]  # every step
 
     resumed = _torchrun("train.train_steps=3", f"checkpoint.save_dir={tmp_path}",
                         f"checkpoint.load_dir={tmp_path}")
@@ -42,9 +44,9 @@ def test_train_reports_checkpoints_and_resumes(tmp_path):
     assert latest_iteration(tmp_path) == 3
 
 
-def _tensorboard_tags(folder: Path) -> set[str]:
+def _tensorboard_scalars(folder: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(folder))
     accumulator.Reload()
-    return set(accumulator.Tags()["scalars"])
+    return {tag: accumulator.Scalars(tag) for tag in accumulator.Tags()["scalars"]}

@@ -142,11 +142,11 @@ def _train_loop(run: Run) -> None:
         run.result.history.append(stats)
         _after_step(run, stats)
         window_steps += 1
+        seconds = (time.perf_counter() - window_start) / window_steps
+        if distributed.is_logging_rank():
+            run.metrics.train(run.iteration, stats, stats.tokens / max(seconds, 1e-9))
         if run.iteration % cfg.train.log_interval == 0 or run.iteration == cfg.train.train_steps:
-            seconds = (time.perf_counter() - window_start) / window_steps
             _log_step(cfg, run.iteration, stats, seconds)
-            if distributed.is_logging_rank():
-                run.metrics.train(run.iteration, stats, stats.tokens / max(seconds, 1e-9))
             window_start, window_steps = time.perf_counter(), 0
         if cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0:
             _validate(run, "valid")

@@ -26,6 +26,7 @@ class MetricsWriter:
         for task, loss in stats.task_loss.items():
             if math.isfinite(loss):
                 scalars[f"train/loss/{task}"] = loss
+                scalars[f"train/ppl/{task}"] = math.exp(min(loss, 50.0))
             scalars[f"train/tokens/{task}"] = stats.task_tokens[task]
         for task, weight in stats.task_weights.items():
             scalars[f"train/weight/{task}"] = weight
