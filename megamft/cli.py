@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(result) -> None:
+    if result.preempted:
+        print(f"\npreempted: saved {result.last_checkpoint}; resume with checkpoint.load_dir=<save_dir>")
+        return
     before, after = result.valid_before, result.valid_after
     if before is None or after is None:
         print("\nno validation set (data.valid_samples_per_task=0)")

@@ -124,6 +124,8 @@ class TrainConfig:
     """Steps between log lines."""
     eval_interval: int = 0
     """Steps between validations (0 = only before and after training)."""
+    max_skipped_steps: int = 3
+    """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     tensorboard_dir: Optional[str] = None
     """Where tensorboard event files go (None: <checkpoint.save_dir>/tensorboard, or nowhere)."""
 
@@ -172,6 +174,10 @@ class CheckpointConfig:
     """Resume from this iteration instead of the latest one (to roll back)."""
     load_optimizer: bool = True
     """Restore optimizer, scheduler and progress with the weights (False: weights only, a new fine-tune)."""
+    keep_last: int = 0
+    """Keep only the newest N checkpoints in save_dir (0 = keep all)."""
+    save_on_signal: bool = True
+    """On SIGTERM or SIGUSR1 (preemption), save after the current step and exit cleanly."""
 
 
 @dataclass

@@ -65,3 +65,12 @@ def test_weights_only_checkpoint_needs_load_optimizer_false(initial_weights):
     with pytest.raises(DistributedTestError, match="holds weights only .* set checkpoint.load_optimizer=false"):
         launch(jobs.train, 1, timeout=120, kwargs={"overrides": (
             "train.train_steps=2", f"checkpoint.load_dir={initial_weights}")})
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(initial_weights):
+    from megamft.testing.distributed import DistributedTestError
+
+    with pytest.raises(DistributedTestError, match=r"steps in a row had a non-finite loss or gradient"):
+        launch(jobs.train, 1, timeout=180, kwargs={"overrides": (
+            "train.train_steps=30", "train.max_skipped_steps=1", "optimizer.lr=1e30", "optimizer.clip_grad=0",
+            "train.lr_warmup_steps=0", f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false")})

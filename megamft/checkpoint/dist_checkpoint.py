@@ -88,6 +88,18 @@ def _sharded_state(
     return sharded
 
 
+def prune(save_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (never the one `latest` names)."""
+    latest = latest_iteration(save_dir)
+    complete = sorted(
+        int(p.name[len("iter_"):]) for p in Path(save_dir).glob("iter_*")
+        if p.is_dir() and p.name[len("iter_"):].isdigit()
+    )
+    for iteration in complete[:-keep_last]:
+        if iteration != latest:
+            shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
+
+
 def _check_nothing_needed_is_absent(path: Path, keys) -> None:
     # Transformer Engine keeps layer metadata in `_extra_state`; checkpoints
     # converted from Hugging Face (or saved without TE) legitimately lack it.
@@ -152,6 +164,8 @@ def save(
         (partial / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         publish(partial, final)
         write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
+        if cfg.checkpoint.keep_last:
+            prune(save_dir, cfg.checkpoint.keep_last)
     torch.distributed.barrier()
     return final
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
+from tqdm import tqdm
 
 from megamft.checkpoint import dist_checkpoint
 from megamft.config import MegamftConfig
@@ -19,6 +21,7 @@ from megamft.loss.multitask import effective_task_weights
 from megamft.platform import distributed
 from megamft.platform.device import describe_runtime
 from megamft.training.metrics import MetricsWriter
+from megamft.training.preemption import PreemptionWatch
 from megamft.training.setup import TrainingState, build_training_state
 from megamft.training.step import LossSetup, StepStats, evaluate, train_step
 
@@ -33,6 +36,8 @@ class RunResult:
     valid_before: StepStats | None = None
     valid_after: StepStats | None = None
     last_checkpoint: str | None = None
+    preempted: bool = False
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Run:
     result: RunResult = field(default_factory=RunResult)
     iteration: int = 0
     consumed: int = 0
+    skipped_in_a_row: int = 0
 
 
 def _dp() -> tuple[int, int]:
@@ -128,10 +134,43 @@ def _after_step(run: Run, stats: StepStats) -> None:
         run.balancer.observe_validation(run.iteration, _task_loss_tensor(valid))
 
 
+def _check_skipped(run: Run, stats: StepStats) -> None:
+    """Count steps skipped for a non-finite loss or gradient; stop after too many in a row."""
+    if not stats.skipped:
+        run.skipped_in_a_row = 0
+        return
+    run.skipped_in_a_row += 1
+    run.result.skipped_steps += 1
+    if distributed.is_logging_rank():
+        log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", run.iteration, run.skipped_in_a_row)
+    if run.skipped_in_a_row > run.cfg.train.max_skipped_steps:
+        raise RuntimeError(
+            f"{run.skipped_in_a_row} steps in a row had a non-finite loss or gradient (limit "
+            f"train.max_skipped_steps={run.cfg.train.max_skipped_steps}); lower optimizer.lr or check the data "
+            "around this step, then resume from the last checkpoint"
+        )
+
+
+def _progress_bar(run: Run):
+    interactive = distributed.is_logging_rank() and sys.stderr.isatty()
+    return tqdm(total=run.cfg.train.train_steps, initial=run.iteration, disable=not interactive,
+                desc="train", unit="step", dynamic_ncols=True)
+
+
 def _train_loop(run: Run) -> None:
     cfg = run.cfg
     sampler = GlobalBatchSampler(len(run.data.train), cfg.train.global_batch_size, cfg.data.seed)
     dp_rank, dp_size = _dp()
+    watch = PreemptionWatch(cfg.checkpoint.save_on_signal)
+    try:
+        with _progress_bar(run) as bar:
+            _steps(run, sampler, dp_rank, dp_size, watch, bar)
+    finally:
+        watch.close()
+
+
+def _steps(run: Run, sampler, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) -> None:
+    cfg = run.cfg
     window_start, window_steps = time.perf_counter(), 0
     while run.iteration < cfg.train.train_steps:
         rows = sampler.rank_indices(run.consumed, dp_rank, dp_size)
@@ -140,6 +179,8 @@ def _train_loop(run: Run) -> None:
         run.iteration += 1
         run.consumed += cfg.train.global_batch_size
         run.result.history.append(stats)
+        bar.update()
+        _check_skipped(run, stats)
         _after_step(run, stats)
         window_steps += 1
         seconds = (time.perf_counter() - window_start) / window_steps
@@ -153,6 +194,14 @@ def _train_loop(run: Run) -> None:
         ckpt = cfg.checkpoint
         if ckpt.save_dir and ckpt.save_interval and run.iteration % ckpt.save_interval == 0:
             _save(run)
+        if watch.requested():
+            run.result.preempted = True
+            if ckpt.save_dir and not (run.result.last_checkpoint or "").endswith(f"{run.iteration:07d}"):
+                _save(run)
+            if distributed.is_logging_rank():
+                log.warning("preemption signal: stopped after step %d, checkpoint %s",
+                            run.iteration, run.result.last_checkpoint)
+            return
 
 
 def _resume(run: Run) -> None:
@@ -203,6 +252,8 @@ def run(cfg: MegamftConfig) -> RunResult:
             log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
         current.result.valid_before = _validate(current, "valid (before)")
         _train_loop(current)
+        if current.result.preempted:
+            return current.result
         current.result.valid_after = _validate(current, "valid (after)")
         last = current.result.last_checkpoint
         trained = current.iteration > start

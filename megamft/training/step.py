@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -165,10 +166,13 @@ def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...],
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     outputs = _run_schedule(state.chunks, micro_batches, setup, len(task_names), forward_only=False)
+    stats = reduce_stats(outputs, task_names)  # the same on every rank, so all skip together
+    if not math.isfinite(stats.loss):
+        stats.skipped = True
+        return stats
     succeeded, grad_norm, _ = state.optimizer.step()
-    stats = reduce_stats(outputs, task_names)
     stats.grad_norm = None if grad_norm is None else float(grad_norm)
-    stats.skipped = not succeeded
+    stats.skipped = not succeeded or not math.isfinite(stats.grad_norm or 0.0)
     stats.lr = state.optimizer.param_groups[0]["lr"]
     if setup.task_weights is not None:
         stats.task_weights = {n: float(w) for n, w in zip(task_names, setup.task_weights)}
