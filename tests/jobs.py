@@ -204,3 +204,30 @@ def loss_modes_step(weights_dir: str, micro_batch_size: int, modes: tuple[str, .
         return out
     finally:
         distributed.shutdown()
+
+
+def counted_training_flops() -> dict:
+    """FLOPs that torch counts for one forward + backward of the tiny model, and the formula's."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megamft.data.batches import micro_batches
+    from megamft.data.dataset import load_data
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+    from megamft.training.throughput import flops_per_token
+
+    cfg = tiny_config("data.seq_length=128")
+    runtime = distributed.initialize(cfg)
+    try:
+        data = load_data(cfg.data)
+        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+        model = state.chunks[0].module
+        batch = micro_batches(data.train, list(range(4)), 4)[0]
+        with FlopCounterMode(display=False) as counter:
+            loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
+            loss.backward()
+        return {"counted": counter.get_total_flops() / batch["tokens"].numel(),
+                "formula": flops_per_token(cfg, state.vocab_size)}
+    finally:
+        distributed.shutdown()

@@ -22,6 +22,7 @@ from megamft.platform import distributed
 from megamft.platform.device import describe_runtime
 from megamft.training.metrics import MetricsWriter
 from megamft.training.preemption import PreemptionWatch
+from megamft.training.throughput import memory_gb, tflops_per_device
 from megamft.training.setup import TrainingState, build_training_state
 from megamft.training.step import LossSetup, StepStats, evaluate, train_step
 
@@ -83,15 +84,30 @@ def _format_tasks(values: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.3f}" for name, value in values.items())
 
 
-def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: float) -> None:
+def _throughput(run: Run, stats: StepStats, seconds: float) -> dict:
+    """tokens/s, TFLOP/s per device, MFU (when a peak is configured) and memory."""
+    tokens_per_second = stats.tokens / max(seconds, 1e-9)
+    # Model FLOPs count every token position computed, learned or not.
+    positions = run.cfg.train.global_batch_size * run.cfg.data.seq_length / max(seconds, 1e-9)
+    tflops = tflops_per_device(run.cfg, run.state.vocab_size, positions, torch.distributed.get_world_size())
+    values = {"tokens_per_second": tokens_per_second, "tflops_per_device": tflops, "memory_gb": memory_gb()}
+    if run.cfg.train.peak_tflops_per_device:
+        values["mfu"] = tflops / run.cfg.train.peak_tflops_per_device
+    return values
+
+
+def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: float, measured: dict) -> None:
     """One line per log interval; `seconds` is the mean step time of the interval."""
     if not distributed.is_logging_rank():
         return
     eta = int(seconds * (cfg.train.train_steps - iteration))
+    mfu = f" | MFU {measured['mfu']:.1%}" if "mfu" in measured else ""
     log.info(
-        "step %d/%d | loss %.4f | %s | grad-norm %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
-        iteration, cfg.train.train_steps, stats.loss, _format_tasks(stats.task_loss),
-        stats.grad_norm or 0.0, stats.lr or 0.0, stats.tokens / max(seconds, 1e-9), eta // 60, eta % 60,
+        "step %d/%d | loss %.4f | %s | grad-norm %.3f | lr %.2e | %.0f tok/s | %.2f TFLOP/s/dev%s | "
+        "mem %.1f GB | eta %d:%02d",
+        iteration, cfg.train.train_steps, stats.loss, _format_tasks(stats.task_loss), stats.grad_norm or 0.0,
+        stats.lr or 0.0, measured["tokens_per_second"], measured["tflops_per_device"], mfu,
+        measured["memory_gb"], eta // 60, eta % 60,
     )
 
 
@@ -184,10 +200,13 @@ def _steps(run: Run, sampler, dp_rank: int, dp_size: int, watch: PreemptionWatch
         _after_step(run, stats)
         window_steps += 1
         seconds = (time.perf_counter() - window_start) / window_steps
+        measured = _throughput(run, stats, seconds)
         if distributed.is_logging_rank():
-            run.metrics.train(run.iteration, stats, stats.tokens / max(seconds, 1e-9))
+            tokens_per_second = measured.pop("tokens_per_second")
+            run.metrics.train(run.iteration, stats, tokens_per_second, measured)
+            measured["tokens_per_second"] = tokens_per_second
         if run.iteration % cfg.train.log_interval == 0 or run.iteration == cfg.train.train_steps:
-            _log_step(cfg, run.iteration, stats, seconds)
+            _log_step(cfg, run.iteration, stats, seconds, measured)
             window_start, window_steps = time.perf_counter(), 0
         if cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0:
             _validate(run, "valid")

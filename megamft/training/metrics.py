@@ -18,11 +18,12 @@ class MetricsWriter:
 
             self._writer = SummaryWriter(log_dir=str(log_dir))
 
-    def train(self, step: int, stats: StepStats, tokens_per_second: float) -> None:
+    def train(self, step: int, stats: StepStats, tokens_per_second: float, extra: dict | None = None) -> None:
         if self._writer is None:
             return
         scalars = {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
-                   "train/tokens_per_second": tokens_per_second}
+                   "train/tokens_per_second": tokens_per_second, "train/skipped": float(stats.skipped)}
+        scalars.update({f"train/{k}": v for k, v in (extra or {}).items()})
         for task, loss in stats.task_loss.items():
             if math.isfinite(loss):
                 scalars[f"train/loss/{task}"] = loss

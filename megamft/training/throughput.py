@@ -1,0 +1,35 @@
+"""Model FLOPs, TFLOP/s per device and MFU for a Llama-style decoder."""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+from megamft.config import MegamftConfig
+
+
+def flops_per_token(cfg: MegamftConfig, vocab_size: int) -> float:
+    """Training FLOPs per token: 2 per multiply-add, x3 for forward + backward.
+
+    Matmuls: QKV (with grouped KV), attention output, SwiGLU's three matrices,
+    the output layer; attention scores and values add 2 x 2 x seq x hidden per
+    layer. Full activation recompute runs the forward pass once more (x4 / 3).
+    """
+    m = cfg.model
+    h, f, s = m.hidden_size, m.ffn_hidden_size, cfg.data.seq_length
+    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
+    per_layer = 2 * (h * (h + 2 * kv) + h * h + 3 * h * f) + 2 * 2 * s * h
+    forward = m.num_layers * per_layer + 2 * h * vocab_size
+    factor = 4 if cfg.transformer.get("recompute_granularity") == "full" else 3
+    return float(forward * factor)
+
+
+def tflops_per_device(cfg: MegamftConfig, vocab_size: int, tokens_per_second: float, world_size: int) -> float:
+    return flops_per_token(cfg, vocab_size) * tokens_per_second / world_size / 1e12
+
+
+def memory_gb() -> float:
+    """Peak device memory on GPUs (since the last reset); resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30
