@@ -74,3 +74,15 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(initial_weights):
         launch(jobs.train, 1, timeout=180, kwargs={"overrides": (
             "train.train_steps=30", "train.max_skipped_steps=1", "optimizer.lr=1e30", "optimizer.clip_grad=0",
             "train.lr_warmup_steps=0", f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false")})
+
+
+def test_resume_with_dropout_is_exact_because_rng_state_is_restored(initial_weights, tmp_path):
+    common = ("train.train_steps=4", "transformer.hidden_dropout=0.2", "transformer.attention_dropout=0.1",
+              "parallel.tensor_model_parallel_size=2")
+    reference = launch(jobs.train, 2, timeout=240, kwargs={"overrides": common + (
+        f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
+        f"checkpoint.save_dir={tmp_path}", "checkpoint.save_interval=1")})[0]
+    resumed = launch(jobs.train, 2, timeout=240, kwargs={"overrides": common + (
+        f"checkpoint.load_dir={tmp_path}", "checkpoint.load_iteration=2")})[0]
+    for got, want in zip(resumed["loss"], reference["loss"][2:]):
+        assert abs(got - want) <= 1e-6 * abs(want), (resumed["loss"], reference["loss"])

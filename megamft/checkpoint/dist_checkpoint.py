@@ -17,8 +17,12 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megamft.checkpoint import global_view
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
 
@@ -70,12 +74,39 @@ def publish(partial: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _layout() -> list[int]:
+    return [parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size()]
+
+
+def _rng_state() -> ShardedObject:
+    """This rank's RNG streams (CPU, CUDA, megatron's tracker), one object per (PP, TP) position."""
+    state = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    position = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank())
+    return ShardedObject("rng_state", state, tuple(_layout()), position,
+                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
 def _sharded_state(
     state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, with_optimizer: bool,
-    extra: dict | None = None,
+    extra: dict | None = None, with_rng: bool = False,
 ):
     model = {f"model{i}": bare_model(chunk).sharded_state_dict() for i, chunk in enumerate(state.chunks)}
     sharded = dict(model)
+    if with_rng:
+        sharded["rng_state"] = _rng_state()
+        sharded["rng_layout"] = _layout()
     if with_optimizer:
         # Nested per chunk: the chunks' local keys repeat ("decoder.layers.0...").
         sharded["optimizer"] = state.optimizer.sharded_state_dict(
@@ -157,7 +188,8 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     torch.distributed.barrier()
-    sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer, extra)
+    sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer, extra,
+                             with_rng=with_optimizer)
     dist_checkpointing.save(sharded, str(partial))
     torch.distributed.barrier()
     if rank == 0:
@@ -192,7 +224,10 @@ def load(
         )
     if load_optimizer:
         _create_empty_optimizer_state(state.optimizer)
-    sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer)
+    # RNG streams come back only into the layout that saved them (they are per TP/PP rank).
+    saved_layout = global_view.read_common(path).get("rng_layout")
+    same_layout = load_optimizer and saved_layout == _layout()
+    sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer, with_rng=same_layout)
     loaded, _, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
     _check_nothing_needed_is_absent(path, absent)
     for i, chunk in enumerate(state.chunks):
@@ -201,6 +236,8 @@ def load(
     if load_optimizer:
         state.optimizer.load_state_dict(loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])
+        if same_layout:
+            _restore_rng(loaded["rng_state"])
     else:
         # Mixed precision keeps fp32 master copies; refresh them from the new weights.
         state.optimizer.reload_model_params()
