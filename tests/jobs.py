@@ -231,3 +231,47 @@ def counted_training_flops() -> dict:
                 "formula": flops_per_token(cfg, state.vocab_size)}
     finally:
         distributed.shutdown()
+
+
+def measured_memory(overrides: tuple[str, ...]) -> dict:
+    """Bytes this rank really holds (weights, grad buffers, Adam state) and saves for backward."""
+    import torch
+
+    from megamft.data.batches import micro_batches
+    from megamft.data.dataset import load_data
+    from megamft.platform import distributed
+    from megamft.training.memory_estimate import activation_bytes, estimate
+    from megamft.training.setup import build_training_state
+    from megamft.training.step import train_step
+
+    cfg = tiny_config("data.seq_length=128", *overrides)
+    runtime = distributed.initialize(cfg)
+    try:
+        data = load_data(cfg.data)
+        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+        batches = micro_batches(data.train, list(range(8)), cfg.train.micro_batch_size)
+        train_step(state, batches, data.task_names)
+        params = [p for chunk in state.chunks for p in chunk.module.parameters()]
+        weights = sum(p.numel() * p.element_size() for p in params)
+        grads = sum(p.main_grad.numel() * p.main_grad.element_size() for p in params)
+        inner = [opt.optimizer for opt in state.optimizer.chained_optimizers]
+        optimizer = sum(t.numel() * t.element_size() for o in inner for s in o.state.values()
+                        for k, t in s.items() if torch.is_tensor(t) and k != "step")
+        param_storages = {p.untyped_storage().data_ptr() for p in params}
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in param_storages:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        batch = batches[0]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            state.chunks[0].module(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        world = torch.distributed.get_world_size()
+        want = estimate(cfg, world, data.tokenizer.vocab_size)
+        return {"weights": (weights, want.weights), "gradients": (grads, want.gradients),
+                "optimizer": (optimizer, want.optimizer), "activations": (sum(saved.values()), want.activations)}
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,104 @@
+"""Estimate memory per device from a config: weights, gradients, optimizer state, activations.
+
+Static memory is counted exactly from the parameter shapes a rank holds (its
+pipeline stage's layers, its TP shard). Activations follow what megatron's
+local spec with megamft's RMSNorm keeps for backward, per layer and token
+position (measured with autograd's saved-tensor hooks): about 10 x hidden +
+4 x ffn values (norm inputs and outputs in fp32, q/k/v, attention context,
+the inputs of every linear layer, SwiGLU's two halves), plus the attention
+probabilities (heads x seq per position); the last stage keeps the logits
+twice for the loss. Tensor parallelism divides the per-layer values (sequence
+parallelism also the hidden-sized ones); selective recompute drops the
+attention probabilities, full recompute keeps only each layer's input. 1F1B pipelining keeps up to PP micro-batches in flight on the
+first stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megamft.config import MegamftConfig, data_parallel_size
+from megamft.model.builder import padded_vocab_size
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on the busiest device."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        gb = 2**30
+        return (f"weights {self.weights / gb:.1f} GB + gradients {self.gradients / gb:.1f} GB + optimizer "
+                f"{self.optimizer / gb:.1f} GB + activations {self.activations / gb:.1f} GB = "
+                f"{self.total / gb:.1f} GB per device")
+
+
+def layer_parameters(cfg: MegamftConfig) -> int:
+    m = cfg.model
+    kv = (m.num_query_groups or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
+    qkv_bias = (m.hidden_size + 2 * kv) if m.add_qkv_bias else 0
+    return (m.hidden_size * (m.hidden_size + 2 * kv) + qkv_bias + m.hidden_size * m.hidden_size
+            + 3 * m.hidden_size * m.ffn_hidden_size + 2 * m.hidden_size)
+
+
+def stage_parameters(cfg: MegamftConfig, vocab_size: int, first: bool, last: bool) -> float:
+    """Parameters one rank of a pipeline stage holds (its TP shard)."""
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    vocab = padded_vocab_size(vocab_size, tp, m.make_vocab_size_divisible_by)
+    total = m.num_layers // pp * layer_parameters(cfg) / tp
+    if first:
+        total += vocab * m.hidden_size / tp
+    if last:
+        total += m.hidden_size + (0 if m.tie_embeddings and first else vocab * m.hidden_size / tp)
+    return total
+
+
+def activation_bytes(cfg: MegamftConfig, vocab_size: int, first: bool, last: bool) -> float:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    positions = t.micro_batch_size * cfg.data.seq_length
+    value = _BYTES[t.precision]
+    recompute = cfg.transformer.get("recompute_granularity")
+    if recompute == "full":
+        per_layer = positions * m.hidden_size * value / (tp if p.sequence_parallel else 1)
+    else:
+        hidden_sized = 10 * m.hidden_size / (tp if p.sequence_parallel else 1)
+        # Selective recompute redoes core attention in backward: its probabilities are not kept.
+        attention = 0 if recompute == "selective" else m.num_attention_heads / tp * cfg.data.seq_length
+        per_layer = positions * value * (hidden_sized + 4 * m.ffn_hidden_size / tp + attention)
+    in_flight = pp if first else 1  # 1F1B: the first stage holds PP micro-batches
+    total = per_layer * (m.num_layers // pp) * in_flight
+    if last:
+        vocab = padded_vocab_size(vocab_size, tp, m.make_vocab_size_divisible_by)
+        total += 2 * positions * vocab / tp * 4  # logits and their softmax, fp32 in the loss
+    return total
+
+
+def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEstimate:
+    """The estimate for the busiest stage (first or last) of this layout."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    dp = data_parallel_size(cfg, world_size)
+    distributed = cfg.optimizer.get("use_distributed_optimizer", True)
+    value = _BYTES[cfg.train.precision]
+    stages = [(True, pp == 1), (False, True)] if pp > 1 else [(True, True)]
+    best = None
+    for first, last in stages:
+        params = stage_parameters(cfg, vocab_size, first, last)
+        # Adam: two fp32 moments, plus an fp32 master copy when training in 16 bits.
+        optimizer_bytes = params * (8 + (4 if value == 2 else 0)) / (dp if distributed else 1)
+        candidate = MemoryEstimate(params * value, params * 4, optimizer_bytes,
+                                   activation_bytes(cfg, vocab_size, first, last))
+        if best is None or candidate.total > best.total:
+            best = candidate
+    return best

@@ -1,0 +1,31 @@
+"""The memory estimator agrees with memory measured on the real model (CPU, within 20%)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamft.testing.distributed import launch
+
+import jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("world_size,overrides", [
+    (1, ()),
+    (2, ("parallel.tensor_model_parallel_size=2",)),
+])
+def test_estimate_matches_measured_memory(world_size, overrides):
+    measured = launch(jobs.measured_memory, world_size, timeout=180, kwargs={"overrides": overrides})[0]
+    for part, (real, estimated) in measured.items():
+        assert abs(estimated - real) <= 0.2 * real, (part, real, estimated)
+
+
+def test_cli_prints_an_estimate_for_an_example():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "estimate_memory.py"), "--config",
+                           str(ROOT / "examples" / "quickstart.yaml"), "--world-size", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "GB per device" in proc.stdout
