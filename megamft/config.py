@@ -162,6 +162,25 @@ class LossConfig:
     """Weight decay of FAMO's task logits."""
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the attention and MLP projections (TP-aware, base frozen)."""
+
+    enabled: bool = False
+    """Train adapters only; the optimizer holds adapter parameters alone."""
+    rank: int = 8
+    """Adapter rank r."""
+    alpha: float = 16.0
+    """Scale alpha: the adapter output is multiplied by alpha / r."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Which projections get adapters (of linear_qkv, linear_proj, linear_fc1, linear_fc2)."""
+    seed: int = 1234
+    """Seed of A's initialization (B starts at zero, so training starts from the base model)."""
+
+
 @dataclass
 class CheckpointConfig:
     """Saving and resuming megatron dist checkpoints."""
@@ -191,6 +210,7 @@ class MegamftConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     optimizer: dict = field(default_factory=lambda: {"lr": 1e-3, "min_lr": 1e-4, "clip_grad": 1.0})
     """Fields of megatron.core.optimizer.OptimizerConfig."""
@@ -519,6 +539,10 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
                 f"divisible by parallel.pipeline_model_parallel_size "
                 f"({p.pipeline_model_parallel_size})"
             )
+    unknown_targets = sorted(set(cfg.lora.targets) - set(LORA_TARGETS))
+    if unknown_targets or cfg.lora.rank < 1:
+        problems.append(f"lora.rank must be >= 1 and lora.targets a subset of {list(LORA_TARGETS)} "
+                        f"(got rank {cfg.lora.rank}, unknown targets {unknown_targets})")
     if cfg.loss.fused_cross_entropy and cfg.loss.mode == "focal":
         problems.append("loss.fused_cross_entropy does not support loss.mode=focal (its weights need the "
                         "per-token losses first); use the default cross entropy for focal")

@@ -101,6 +101,7 @@ def loss_against_plain_torch() -> dict:
 
 
 def _load_converted(checkpoint: str, model_yaml: str, overrides: tuple[str, ...]):
+    """Weights (and any LoRA adapters) of a checkpoint, at the layout the overrides ask for."""
     from megamft.checkpoint import dist_checkpoint
     from megamft.config import load_config
     from megamft.platform import distributed
@@ -273,5 +274,43 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
         want = estimate(cfg, world, data.tokenizer.vocab_size)
         return {"weights": (weights, want.weights), "gradients": (grads, want.gradients),
                 "optimizer": (optimizer, want.optimizer), "activations": (sum(saved.values()), want.activations)}
+    finally:
+        distributed.shutdown()
+
+
+def lora_checks(overrides: tuple[str, ...], weights_dir: str) -> dict:
+    """Adapter model vs merged model logits; what a LoRA training step changes; optimizer contents."""
+    import torch
+
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.data.batches import micro_batches
+    from megamft.data.dataset import load_data
+    from megamft.model.inference import full_logits
+    from megamft.model.lora import merge_lora
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+    from megamft.training.step import train_step
+
+    cfg = tiny_config("lora.enabled=true", "lora.rank=4", *overrides)
+    runtime = distributed.initialize(cfg)
+    try:
+        data = load_data(cfg.data)
+        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+        dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
+        model = state.chunks[0].module
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        optimizer_params = sum(p.numel() for o in state.optimizer.chained_optimizers
+                               for g in o.optimizer.param_groups for p in g["params"])
+        for _ in range(2):
+            train_step(state, micro_batches(data.train, list(range(8)), 2), data.task_names)
+        changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n]))
+        tokens = data.train.tokens[:2, :64]
+        with_adapters = full_logits(state.chunks, tokens)
+        merge_lora(model)
+        merged = full_logits(state.chunks, tokens)
+        return {"trainable": trainable, "changed": changed, "optimizer_params": optimizer_params,
+                "adapter_params": sum(p.numel() for n, p in before.items() if "lora_" in n),
+                "with_adapters": with_adapters, "merged": merged}
     finally:
         distributed.shutdown()

@@ -131,10 +131,12 @@ def prune(save_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
 
 
-def _check_nothing_needed_is_absent(path: Path, keys) -> None:
+def _check_nothing_needed_is_absent(path: Path, keys, adapters_may_be_absent: bool) -> None:
     # Transformer Engine keeps layer metadata in `_extra_state`; checkpoints
     # converted from Hugging Face (or saved without TE) legitimately lack it.
-    needed = sorted(k for k in keys if not k.endswith("_extra_state") and "_extra_state/" not in k)
+    # A base checkpoint has no LoRA adapters when a LoRA fine-tune starts from it.
+    needed = sorted(k for k in keys if not k.endswith("_extra_state") and "_extra_state/" not in k
+                    and not (adapters_may_be_absent and ".lora_" in k))
     # Ranks see different keys (only the last stage owns output_layer): agree before
     # raising, so that no rank waits forever in the next collective.
     failed = torch.tensor([1 if needed else 0])
@@ -217,7 +219,8 @@ def load(
     path = complete_dir(load_dir, iteration)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete megatron dist checkpoint")
-    if load_optimizer and not any(k.startswith("optimizer.") for k in tensor_index(path)):
+    stored = tensor_index(path)
+    if load_optimizer and not any(k.startswith("optimizer.") for k in stored):
         raise ValueError(
             f"{path} holds weights only (e.g. converted from Hugging Face), no optimizer state; "
             "set checkpoint.load_optimizer=false to fine-tune from it"
@@ -228,11 +231,14 @@ def load(
     saved_layout = global_view.read_common(path).get("rng_layout")
     same_layout = load_optimizer and saved_layout == _layout()
     sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer, with_rng=same_layout)
+    if not any(".lora_" in key for key in stored):  # a base model for a new LoRA fine-tune
+        for name in [k for k in sharded if k.startswith("model")]:
+            sharded[name] = {k: v for k, v in sharded[name].items() if ".lora_" not in k}
     loaded, _, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
-    _check_nothing_needed_is_absent(path, absent)
+    _check_nothing_needed_is_absent(path, absent, not load_optimizer)
     for i, chunk in enumerate(state.chunks):
         result = bare_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
-        _check_nothing_needed_is_absent(path, result.missing_keys + result.unexpected_keys)
+        _check_nothing_needed_is_absent(path, result.missing_keys + result.unexpected_keys, not load_optimizer)
     if load_optimizer:
         state.optimizer.load_state_dict(loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])

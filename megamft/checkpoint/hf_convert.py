@@ -320,10 +320,26 @@ def _checkpoint_dir(path: Path) -> Path:
     return complete_dir(path, iteration)
 
 
-def _model_of_checkpoint(ckpt: Path) -> ModelConfig:
+def _config_of_checkpoint(ckpt: Path) -> MegamftConfig:
     common = global_view.read_common(ckpt)
-    cfg = from_dict(json.loads(common["config"]), origin=str(ckpt / "common.pt"))
-    return cfg.model
+    return from_dict(json.loads(common["config"]), origin=str(ckpt / "common.pt"))
+
+
+def _with_adapters_merged(ckpt: Path, index: dict, regions: list, tensors: list, scale: float) -> list:
+    """W + scale * B A for every region whose layer has LoRA adapters in the checkpoint."""
+    merged = list(tensors)
+    for i, region in enumerate(regions):
+        stem = region.key.removesuffix(".weight")
+        if not region.key.endswith(".weight") or f"{stem}.lora_A" not in index:
+            continue
+        layer = region.offsets[0]
+        a_shape, b_shape = tuple(index[f"{stem}.lora_A"].size), tuple(index[f"{stem}.lora_B"].size)
+        a, b = global_view.read_regions(ckpt, [
+            global_view.Region(f"{stem}.lora_A", (layer, 0, 0), (1, *a_shape[1:])),
+            global_view.Region(f"{stem}.lora_B", (layer, 0, 0), (1, *b_shape[1:]))])
+        delta = scale * (b[0].float() @ a[0].float())
+        merged[i] = (tensors[i].float() + delta.unsqueeze(0)).to(tensors[i].dtype)
+    return merged
 
 
 def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
@@ -331,7 +347,10 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
                    progress: Callable[[int], None] = lambda layer: None) -> Path:
     """Export a megamft checkpoint (any TP/PP it was trained with) as a Hugging Face folder."""
     ckpt = _checkpoint_dir(Path(checkpoint))
-    model = _model_of_checkpoint(ckpt)
+    cfg = _config_of_checkpoint(ckpt)
+    model = cfg.model
+    index = global_view.tensor_index(ckpt)
+    lora_scale = cfg.lora.alpha / cfg.lora.rank
     family = _family_for_export(model)
     d = Dims.of(model)
     out_dir = Path(out_dir)
@@ -344,7 +363,10 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     for layer in [None, *range(model.num_layers)]:
         group = [m for m in mappings if m.per_layer == (layer is not None)]
         regions = [_region(m, layer, d) for m in group]
-        for mapping, tensor in zip(group, global_view.read_regions(ckpt, regions)):
+        tensors = global_view.read_regions(ckpt, regions)
+        if layer is not None:
+            tensors = _with_adapters_merged(ckpt, index, regions, tensors, lora_scale)
+        for mapping, tensor in zip(group, tensors):
             tensor = tensor[0] if layer is not None else tensor
             stored_dtype = stored_dtype or tensor.dtype
             for name, value in zip(hf_names(mapping, layer), to_hf(mapping, tensor, d)):

@@ -16,6 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megamft.config import MegamftConfig
+from megamft.model.lora import apply_lora
 from megamft.model.builder import build_model_chunks, padded_vocab_size, transformer_config
 from megamft.platform.device import Runtime
 
@@ -65,6 +66,9 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int) 
         cfg.model.make_vocab_size_divisible_by,
     )
     modules = build_model_chunks(cfg, config, padded, runtime.transformer_engine)
+    if cfg.lora.enabled:
+        for module in modules:
+            apply_lora(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.seed)
     if cfg.train.precision != "fp32":
         # Runs the chunk in bf16/fp16 and hands fp32 logits and losses to the loss function.
         modules = [Float16Module(config, module) for module in modules]
