@@ -254,7 +254,7 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
         train_step(state, batches, data.task_names)
         params = [p for chunk in state.chunks for p in chunk.module.parameters()]
         weights = sum(p.numel() * p.element_size() for p in params)
-        grads = sum(p.main_grad.numel() * p.main_grad.element_size() for p in params)
+        grads = sum(p.main_grad.numel() * p.main_grad.element_size() for p in params if hasattr(p, "main_grad"))
         inner = [opt.optimizer for opt in state.optimizer.chained_optimizers]
         optimizer = sum(t.numel() * t.element_size() for o in inner for s in o.state.values()
                         for k, t in s.items() if torch.is_tensor(t) and k != "step")

@@ -93,6 +93,8 @@ def _throughput(run: Run, stats: StepStats, seconds: float) -> dict:
     values = {"tokens_per_second": tokens_per_second, "tflops_per_device": tflops, "memory_gb": memory_gb()}
     if run.cfg.train.peak_tflops_per_device:
         values["mfu"] = tflops / run.cfg.train.peak_tflops_per_device
+    if run.cfg.train.precision == "fp16":
+        values["loss_scale"] = float(run.state.optimizer.get_loss_scale())
     return values
 
 

@@ -85,6 +85,23 @@ def activation_bytes(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
     return total
 
 
+def adapter_parameters(cfg: MegamftConfig) -> float:
+    """LoRA parameters one rank holds: r x (in + out) per targeted projection, TP-split where sharded."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
+    shapes = {  # (in, out, sharded side): column layers shard out, row layers shard in
+        "linear_qkv": (h, h + 2 * kv, "out"), "linear_fc1": (h, 2 * f, "out"),
+        "linear_proj": (h, h, "in"), "linear_fc2": (f, h, "in"),
+    }
+    per_layer = 0.0
+    for name in cfg.lora.targets:
+        fan_in, fan_out, sharded = shapes[name]
+        per_layer += cfg.lora.rank * ((fan_in if sharded == "out" else fan_in / tp)
+                                      + (fan_out / tp if sharded == "out" else fan_out))
+    return per_layer * m.num_layers / cfg.parallel.pipeline_model_parallel_size
+
+
 def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEstimate:
     """The estimate for the busiest stage (first or last) of this layout."""
     pp = cfg.parallel.pipeline_model_parallel_size
@@ -95,9 +112,13 @@ def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEsti
     best = None
     for first, last in stages:
         params = stage_parameters(cfg, vocab_size, first, last)
+        trained = params
+        if cfg.lora.enabled:  # the base is frozen: gradients and Adam state for adapters only
+            trained = adapter_parameters(cfg)
+            params += trained
         # Adam: two fp32 moments, plus an fp32 master copy when training in 16 bits.
-        optimizer_bytes = params * (8 + (4 if value == 2 else 0)) / (dp if distributed else 1)
-        candidate = MemoryEstimate(params * value, params * 4, optimizer_bytes,
+        optimizer_bytes = trained * (8 + (4 if value == 2 else 0)) / (dp if distributed else 1)
+        candidate = MemoryEstimate(params * value, trained * 4, optimizer_bytes,
                                    activation_bytes(cfg, vocab_size, first, last))
         if best is None or candidate.total > best.total:
             best = candidate
