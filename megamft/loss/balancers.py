@@ -8,7 +8,6 @@ weights multiply the static per-task weights of the config.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -182,7 +181,3 @@ def make_balancer(loss_cfg, num_tasks: int):
     if loss_cfg.mode == "famo":
         return FAMO(num_tasks, loss_cfg.famo_lr, loss_cfg.famo_decay)
     return None
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

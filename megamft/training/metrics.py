@@ -8,6 +8,11 @@ from pathlib import Path
 from megamft.training.step import StepStats
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged task logs a large number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
 class MetricsWriter:
     """train/... every step, valid/... at every validation; no-op when disabled."""
 
@@ -27,7 +32,7 @@ class MetricsWriter:
         for task, loss in stats.task_loss.items():
             if math.isfinite(loss):
                 scalars[f"train/loss/{task}"] = loss
-                scalars[f"train/ppl/{task}"] = math.exp(min(loss, 50.0))
+                scalars[f"train/ppl/{task}"] = perplexity(loss)
             scalars[f"train/tokens/{task}"] = stats.task_tokens[task]
         for task, weight in stats.task_weights.items():
             scalars[f"train/weight/{task}"] = weight
@@ -40,7 +45,7 @@ class MetricsWriter:
         for task, loss in stats.task_loss.items():
             if math.isfinite(loss):
                 scalars[f"valid/loss/{task}"] = loss
-                scalars[f"valid/ppl/{task}"] = math.exp(min(loss, 50.0))
+                scalars[f"valid/ppl/{task}"] = perplexity(loss)
         self._write(step, scalars)
 
     def _write(self, step: int, scalars: dict) -> None:
