@@ -5,6 +5,8 @@ Kept out of test modules so that each rank imports only this small file.
 
 from __future__ import annotations
 
+import contextlib
+
 from megamft.config import load_config, validate
 
 TINY_MODEL = [
@@ -25,11 +27,26 @@ def tiny_config(*overrides: str, config_files: tuple[str, ...] = ()):
         load_config(list(config_files), [o for o in TINY_MODEL if not o.startswith("model.")] + list(overrides))
 
 
+@contextlib.contextmanager
+def tiny_model(*overrides: str):
+    """(cfg, data, training state) of the test model on this rank's process group; torn down after."""
+    from megamft.data.dataset import load_data
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+
+    cfg = tiny_config(*overrides)
+    runtime = distributed.initialize(cfg)
+    try:
+        data = load_data(cfg.data)
+        yield cfg, data, build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+    finally:
+        distributed.shutdown()
+
+
 def save_initial_weights(save_dir: str, overrides: tuple[str, ...] = ()) -> None:
     """Build a model from the seed and save it untrained, as iteration 0."""
     from megamft.checkpoint import dist_checkpoint
     from megamft.platform import distributed
-    from megamft.platform.device import detect
     from megamft.training.setup import build_training_state
     from megamft.data.tokenizer import ByteTokenizer
 
@@ -67,17 +84,10 @@ def loss_against_plain_torch() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from megamft.data.dataset import load_data
     from megamft.data.batches import micro_batches
     from megamft.loss.multitask import task_sums
-    from megamft.platform import distributed
-    from megamft.training.setup import build_training_state
 
-    cfg = tiny_config()
-    runtime = distributed.initialize(cfg)
-    try:
-        data = load_data(cfg.data)
-        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+    with tiny_model() as (cfg, data, state):
         model = state.chunks[0].module
         batch = micro_batches(data.train, list(range(6)), 6)[0]
         with torch.no_grad():
@@ -92,13 +102,10 @@ def loss_against_plain_torch() -> dict:
                                           task_sums(mask, batch["task_ids"], 3)])}
         task_of_row = batch["task_ids"][:, 0]
         return {
-            "per_token": per_token.float(), "reference": reference, "loss_sum": float(loss_sum),
-            "count": int(count), "task_stats": stats["task_stats"], "mask": mask,
+            "per_token": per_token.float(), "reference": reference, "loss_sum": loss_sum,
+            "count": count, "task_stats": stats["task_stats"], "mask": mask,
             "task_of_row": task_of_row, "vocab": logits.shape[-1],
         }
-    finally:
-        distributed.shutdown()
-
 
 def _load_converted(checkpoint: str, model_yaml: str, overrides: tuple[str, ...]):
     """Weights (and any LoRA adapters) of a checkpoint, at the layout the overrides ask for."""
@@ -209,20 +216,12 @@ def loss_modes_step(weights_dir: str, micro_batch_size: int, modes: tuple[str, .
 
 def counted_training_flops() -> dict:
     """FLOPs that torch counts for one forward + backward of the tiny model, and the formula's."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from megamft.data.batches import micro_batches
-    from megamft.data.dataset import load_data
-    from megamft.platform import distributed
-    from megamft.training.setup import build_training_state
     from megamft.training.throughput import flops_per_token
 
-    cfg = tiny_config("data.seq_length=128")
-    runtime = distributed.initialize(cfg)
-    try:
-        data = load_data(cfg.data)
-        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+    with tiny_model("data.seq_length=128") as (cfg, data, state):
         model = state.chunks[0].module
         batch = micro_batches(data.train, list(range(4)), 4)[0]
         with FlopCounterMode(display=False) as counter:
@@ -230,26 +229,16 @@ def counted_training_flops() -> dict:
             loss.backward()
         return {"counted": counter.get_total_flops() / batch["tokens"].numel(),
                 "formula": flops_per_token(cfg, state.vocab_size)}
-    finally:
-        distributed.shutdown()
-
 
 def measured_memory(overrides: tuple[str, ...]) -> dict:
     """Bytes this rank really holds (weights, grad buffers, Adam state) and saves for backward."""
     import torch
 
     from megamft.data.batches import micro_batches
-    from megamft.data.dataset import load_data
-    from megamft.platform import distributed
-    from megamft.training.memory_estimate import activation_bytes, estimate
-    from megamft.training.setup import build_training_state
+    from megamft.training.memory_estimate import estimate
     from megamft.training.step import train_step
 
-    cfg = tiny_config("data.seq_length=128", *overrides)
-    runtime = distributed.initialize(cfg)
-    try:
-        data = load_data(cfg.data)
-        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+    with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
         batches = micro_batches(data.train, list(range(8)), cfg.train.micro_batch_size)
         train_step(state, batches, data.task_names)
         params = [p for chunk in state.chunks for p in chunk.module.parameters()]
@@ -274,8 +263,6 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
         want = estimate(cfg, world, data.tokenizer.vocab_size)
         return {"weights": (weights, want.weights), "gradients": (grads, want.gradients),
                 "optimizer": (optimizer, want.optimizer), "activations": (sum(saved.values()), want.activations)}
-    finally:
-        distributed.shutdown()
 
 
 def lora_checks(overrides: tuple[str, ...], weights_dir: str) -> dict:
@@ -284,18 +271,11 @@ def lora_checks(overrides: tuple[str, ...], weights_dir: str) -> dict:
 
     from megamft.checkpoint import dist_checkpoint
     from megamft.data.batches import micro_batches
-    from megamft.data.dataset import load_data
     from megamft.model.inference import full_logits
     from megamft.model.lora import merge_lora
-    from megamft.platform import distributed
-    from megamft.training.setup import build_training_state
     from megamft.training.step import train_step
 
-    cfg = tiny_config("lora.enabled=true", "lora.rank=4", *overrides)
-    runtime = distributed.initialize(cfg)
-    try:
-        data = load_data(cfg.data)
-        state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+    with tiny_model("lora.enabled=true", "lora.rank=4", *overrides) as (cfg, data, state):
         dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
         model = state.chunks[0].module
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -312,5 +292,3 @@ def lora_checks(overrides: tuple[str, ...], weights_dir: str) -> dict:
         return {"trainable": trainable, "changed": changed, "optimizer_params": optimizer_params,
                 "adapter_params": sum(p.numel() for n, p in before.items() if "lora_" in n),
                 "with_adapters": with_adapters, "merged": merged}
-    finally:
-        distributed.shutdown()

@@ -5,7 +5,6 @@ checkpoint in another layout must reproduce its losses for the steps after,
 which needs weights, optimizer moments, LR schedule and data position back.
 """
 
-import os
 from pathlib import Path
 
 import pytest

@@ -11,7 +11,6 @@ and reads any region back, so memory stays at one chunk, not one model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
