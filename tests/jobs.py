@@ -38,7 +38,7 @@ def tiny_model(*overrides: str):
     runtime = distributed.initialize(cfg)
     try:
         data = load_data(cfg.data)
-        yield cfg, data, build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+        yield cfg, data, build_training_state(cfg, runtime, data.vocab_size)
     finally:
         distributed.shutdown()
 
@@ -260,7 +260,7 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             state.chunks[0].module(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         world = torch.distributed.get_world_size()
-        want = estimate(cfg, world, data.tokenizer.vocab_size)
+        want = estimate(cfg, world, data.vocab_size)
         return {"weights": (weights, want.weights), "gradients": (grads, want.gradients),
                 "optimizer": (optimizer, want.optimizer), "activations": (sum(saved.values()), want.activations)}
 

@@ -209,21 +209,19 @@ def test_missing_or_misshapen_tensors_are_named(converted, tmp_path):
 
 def test_warm_start_first_step_loss_equals_transformers(converted):
     """The first training step's loss of a converted model is the HF model's loss on that batch."""
-    from megamft.data.batches import GlobalBatchSampler, micro_batches
     from megamft.data.dataset import load_data
 
     hf_dir, megatron_dir = converted["llama"]
     overrides = ("train.train_steps=2", "train.lr_warmup_steps=1", "train.micro_batch_size=2",
                  "train.global_batch_size=4", "data.seq_length=128", "data.max_samples_per_task=16",
-                 "data.valid_samples_per_task=2", "loss.mode=token", f"checkpoint.load_dir={megatron_dir}",
+                 "data.valid_samples_per_task=2", "data.mode=pad", "loss.mode=token", f"checkpoint.load_dir={megatron_dir}",
                  "checkpoint.load_optimizer=false")
     ours = launch(jobs.train, 1, timeout=240, kwargs=dict(
         overrides=overrides, config_files=(str(megatron_dir / "megamft_model.yaml"),)))[0]["loss"][0]
 
     cfg = jobs.tiny_config(*overrides, config_files=(str(megatron_dir / "megamft_model.yaml"),))
     data = load_data(cfg.data)
-    rows = GlobalBatchSampler(len(data.train), 4, cfg.data.seed).global_indices(0)
-    batch = micro_batches(data.train, rows, 4)[0]
+    batch = data.batches(data.train_rows(0, 4, 0, 1), 4)[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
         logits = model(batch["tokens"]).logits

@@ -1,50 +1,184 @@
-"""The training and validation data of a run, per task."""
+"""The training and validation data of a run: documents per task, mixed, cut into sequences.
+
+Sources:
+  stdlib   the embedded corpus, built from Python's own library and encoded in memory
+           with data.tokenizer and data.template
+  indexed  a megamft-preprocess output folder (data.path), read with megatron-core's IndexedDataset
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from megamft.config import DataConfig
-from megamft.data.batches import SampleTable, pad_samples
-from megamft.data.stdlib_corpus import TASKS, build_corpus
-from megamft.data.template import TokenizedSample, render
-from megamft.data.tokenizer import ByteTokenizer
+from megamft.data.conversation import ROLE_NAMES
+from megamft.data.encoding import SegmentEncoder
+from megamft.data.indexed import open_indexed
+from megamft.data.mixing import TaskMixture, sampling_weights, split_train_valid
+from megamft.data.sequences import Rows, batch_length, build_rows, collate
+from megamft.data.templates import get_template
+from megamft.data.tokenizer import load_tokenizer
+
+
+class InMemoryDocuments:
+    """Encoded documents held in lists."""
+
+    def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray]):
+        self._ids, self._masks = ids, masks
+        self.lengths = np.asarray([len(i) for i in ids], dtype=np.int64)
+
+    def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._ids[doc], self._masks[doc]
+
+
+class IndexedDocuments:
+    """One task of a megamft-preprocess folder, through megatron-core's IndexedDataset."""
+
+    def __init__(self, folder: Path, entry: dict):
+        self.tokens = open_indexed(folder / entry["prefix"])
+        self.masks = open_indexed(folder / entry["loss_mask_prefix"])
+        self.lengths = self.tokens.sequence_lengths.astype(np.int64)
+        if not np.array_equal(self.lengths, self.masks.sequence_lengths):
+            raise ValueError(f"{folder}: {entry['prefix']} and its loss mask disagree on document lengths; "
+                             "re-run megamft-preprocess")
+
+    def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens[doc], self.masks[doc]
+
+
+@dataclass
+class TrainSequences:
+    """Training sequences of every data epoch, built when first needed, addressed by a global count."""
+
+    mixture: TaskMixture
+    stores: list
+    cfg: DataConfig
+
+    def __post_init__(self):
+        self._epoch_rows: list[Rows] = []
+        self._starts = [0]
+
+    def _epoch(self, epoch: int) -> Rows:
+        while len(self._epoch_rows) <= epoch:
+            e = len(self._epoch_rows)
+            tasks, docs = self.mixture.epoch(e)
+            lengths = np.fromiter((self.stores[t].lengths[d] for t, d in zip(tasks.tolist(), docs.tolist())),
+                                  dtype=np.int64, count=len(tasks))
+            rows = build_rows(tasks, docs, lengths, self.cfg.mode, self.cfg.seq_length, self.cfg.pack_window,
+                              seed=self.cfg.seed + e)
+            if len(rows) == 0:
+                raise ValueError("a data epoch has no sequence: check data.epoch_samples and the task weights")
+            self._epoch_rows.append(rows)
+            self._starts.append(self._starts[-1] + len(rows))
+        return self._epoch_rows[epoch]
+
+    def row(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sequence at a global position (a count of sequences consumed since the start)."""
+        epoch = 0
+        while True:
+            rows = self._epoch(epoch)
+            if position < self._starts[epoch + 1]:
+                return rows.row(position - self._starts[epoch])
+            epoch += 1
+
+    def sequences_per_epoch(self) -> int:
+        return len(self._epoch(0))
 
 
 @dataclass
 class MultitaskData:
-    """Padded training samples of all tasks, and validation samples per task."""
+    """What training reads: per-task documents, training sequences, validation sequences per task."""
 
     task_names: tuple[str, ...]
-    train: SampleTable
-    valid: dict[str, SampleTable]
-    tokenizer: ByteTokenizer
+    stores: list
+    train: TrainSequences
+    valid: dict[str, Rows]
+    vocab_size: int
+    pad_id: int
+    cfg: DataConfig
+
+    def batches(self, rows: list[tuple[np.ndarray, np.ndarray]], micro_batch_size: int,
+                same_length: bool = False) -> list[dict]:
+        """Micro-batches of the rows, in order. same_length: one length for all (pipeline parallel)."""
+        cut = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+        if self.cfg.mode != "dynamic":
+            lengths = [self.cfg.seq_length] * len(cut)
+        else:
+            lengths = [batch_length(c, self.stores, self.cfg.seq_length, self.cfg.pad_to_multiple_of) for c in cut]
+            if same_length:
+                lengths = [max(lengths)] * len(cut)
+        return [collate(c, self.stores, self.cfg.mode, n, self.pad_id) for c, n in zip(cut, lengths)]
+
+    def train_rows(self, consumed: int, global_batch_size: int, dp_rank: int, dp_size: int) -> list:
+        """This DP rank's contiguous share of the global batch after `consumed` sequences."""
+        share = global_batch_size // dp_size
+        start = consumed + dp_rank * share
+        return [self.train.row(p) for p in range(start, start + share)]
 
 
 def load_data(cfg: DataConfig) -> MultitaskData:
-    """Build the configured source into training and per-task validation tables."""
-    tokenizer = ByteTokenizer()
-    per_task = cfg.max_samples_per_task or 10**9
-    # Characters ~ byte tokens; leave room for role tokens and </s>.
-    corpus = build_corpus(cfg.seq_length - 8, per_task + cfg.valid_samples_per_task, cfg.seed)
-    train: list[TokenizedSample] = []
-    valid: dict[str, SampleTable] = {}
-    for task_id, task in enumerate(TASKS):
-        rendered = (render(turns, tokenizer, task_id) for turns in corpus[task])
-        # Characters were counted; non-ASCII text has more bytes: drop what does not fit whole.
-        samples = [s for s in rendered if len(s.ids) <= cfg.seq_length + 1]
-        if len(samples) <= cfg.valid_samples_per_task:
-            raise ValueError(
-                f"task {task}: only {len(samples)} samples fit data.seq_length={cfg.seq_length}; "
-                "raise data.seq_length or lower data.valid_samples_per_task"
-            )
-        valid[task] = pad_samples(samples[: cfg.valid_samples_per_task], cfg.seq_length, tokenizer.pad_id)
-        train.extend(samples[cfg.valid_samples_per_task :])
-    return MultitaskData(TASKS, pad_samples(train, cfg.seq_length, tokenizer.pad_id), valid, tokenizer)
+    """The configured source as training and per-task validation sequences."""
+    if cfg.source == "indexed":
+        names, stores, vocab_size, pad_id = _indexed_source(cfg)
+    else:
+        names, stores, vocab_size, pad_id = _stdlib_source(cfg)
+    train_docs, valid = [], {}
+    for task, (name, store) in enumerate(zip(names, stores)):
+        if len(store.lengths) <= cfg.valid_samples_per_task:
+            raise ValueError(f"task {name}: only {len(store.lengths)} samples; "
+                             "lower data.valid_samples_per_task or add data")
+        train, held_out = split_train_valid(len(store.lengths), cfg.valid_samples_per_task,
+                                            cfg.max_samples_per_task, cfg.seed, task)
+        train_docs.append(train)
+        valid[name] = build_rows(np.full(len(held_out), task), held_out, store.lengths[held_out], cfg.mode,
+                                 cfg.seq_length, cfg.pack_window, cfg.seed)
+    weights = sampling_weights(cfg.task_sampling, [len(d) for d in train_docs], cfg.task_sampling_weights, list(names))
+    epoch_samples = cfg.epoch_samples or sum(len(d) for d in train_docs)
+    mixture = TaskMixture(train_docs, weights, epoch_samples, cfg.seed)
+    return MultitaskData(tuple(names), stores, TrainSequences(mixture, stores, cfg), valid, vocab_size, pad_id, cfg)
 
 
-def tokens_in(table: SampleTable) -> int:
-    """Learned (loss-mask) tokens in a table."""
-    return int(torch.count_nonzero(table.loss_mask))
+def _indexed_source(cfg: DataConfig):
+    folder = Path(cfg.path)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"data.path={cfg.path}: no manifest.json (not a finished megamft-preprocess "
+                                "output; run megamft-preprocess --out there)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    entries = sorted(manifest["tasks"], key=lambda e: e["id"])
+    stores = [IndexedDocuments(folder, e) for e in entries]
+    return [e["name"] for e in entries], stores, int(manifest["tokenizer"]["vocab_size"]), 0
+
+
+@lru_cache(maxsize=4)
+def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_spec: str, template_name: str):
+    from megamft.data.stdlib_corpus import TASKS, build_corpus
+
+    tokenizer = load_tokenizer(tokenizer_spec)
+    template, _ = get_template(template_name, tokenizer)
+    encoder = SegmentEncoder(tokenizer)
+    # Characters ~ tokens at most; leave room for the template's markup.
+    corpus = build_corpus(seq_length - 8, per_task, seed)
+    stores = []
+    for task in TASKS:
+        conversations = [[(ROLE_NAMES[t["role"]], t["content"]) for t in turns] for turns in corpus[task]]
+        encoded = [s for s in encoder.encode([template(c, tokenizer) for c in conversations])
+                   if len(s.ids) <= seq_length + 1]
+        stores.append(InMemoryDocuments([s.ids for s in encoded], [s.mask for s in encoded]))
+    return list(TASKS), stores, tokenizer.vocab_size, tokenizer.pad_id
+
+
+def _stdlib_source(cfg: DataConfig):
+    per_task = (cfg.max_samples_per_task or 10**9) + cfg.valid_samples_per_task
+    return _stdlib_source_cached(cfg.seq_length, per_task, cfg.seed, cfg.tokenizer, cfg.template)
+
+
+def tokens_in(batches: list[dict]) -> int:
+    """Learned (loss-mask) tokens in micro-batches."""
+    return int(sum(torch.count_nonzero(b["loss_mask"]) for b in batches))

@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from megamft.checkpoint import dist_checkpoint
 from megamft.config import MegamftConfig
-from megamft.data.batches import GlobalBatchSampler, SampleTable, micro_batches
 from megamft.data.dataset import MultitaskData, load_data
 from megamft.loss.balancers import make_balancer
 from megamft.loss.multitask import effective_task_weights
@@ -61,16 +60,20 @@ def _dp() -> tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
 
-def validation_batches(valid: dict[str, SampleTable], micro_batch_size: int) -> list[dict]:
-    """Every task's validation rows, sharded over DP in whole micro-batches."""
+def validation_batches(data: MultitaskData, micro_batch_size: int) -> list[dict]:
+    """Every task's validation sequences, sharded over DP in whole micro-batches."""
     dp_rank, dp_size = _dp()
-    batches = []
-    for table in valid.values():
-        usable = len(table) // (micro_batch_size * dp_size) * micro_batch_size * dp_size
+    rows = []
+    for task_rows in data.valid.values():
+        usable = len(task_rows) // (micro_batch_size * dp_size) * micro_batch_size * dp_size
         share = usable // dp_size
-        rows = list(range(dp_rank * share, (dp_rank + 1) * share))
-        batches += micro_batches(table, rows, micro_batch_size)
-    return batches
+        rows += [task_rows.row(r) for r in range(dp_rank * share, (dp_rank + 1) * share)]
+    return data.batches(rows, micro_batch_size, same_length=_pipelined())
+
+
+def _pipelined() -> bool:
+    """Pipeline schedules need one sequence length for all micro-batches of a step."""
+    return parallel_state.get_pipeline_model_parallel_world_size() > 1
 
 
 def static_task_weights(cfg: MegamftConfig, task_names: tuple[str, ...]) -> torch.Tensor:
@@ -114,7 +117,7 @@ def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: flo
 
 
 def _validate(run: Run, label: str) -> StepStats | None:
-    batches = validation_batches(run.data.valid, run.cfg.train.micro_batch_size)
+    batches = validation_batches(run.data, run.cfg.train.micro_batch_size)
     if not batches:
         return None  # data.valid_samples_per_task=0: no validation set
     stats = evaluate(run.state, batches, run.data.task_names)
@@ -177,22 +180,21 @@ def _progress_bar(run: Run):
 
 def _train_loop(run: Run) -> None:
     cfg = run.cfg
-    sampler = GlobalBatchSampler(len(run.data.train), cfg.train.global_batch_size, cfg.data.seed)
     dp_rank, dp_size = _dp()
     watch = PreemptionWatch(cfg.checkpoint.save_on_signal)
     try:
         with _progress_bar(run) as bar:
-            _steps(run, sampler, dp_rank, dp_size, watch, bar)
+            _steps(run, dp_rank, dp_size, watch, bar)
     finally:
         watch.close()
 
 
-def _steps(run: Run, sampler, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) -> None:
+def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) -> None:
     cfg = run.cfg
     window_start, window_steps = time.perf_counter(), 0
     while run.iteration < cfg.train.train_steps:
-        rows = sampler.rank_indices(run.consumed, dp_rank, dp_size)
-        batches = micro_batches(run.data.train, rows, cfg.train.micro_batch_size)
+        rows = run.data.train_rows(run.consumed, cfg.train.global_batch_size, dp_rank, dp_size)
+        batches = run.data.batches(rows, cfg.train.micro_batch_size, same_length=_pipelined())
         stats = train_step(run.state, batches, run.data.task_names, _loss_setup(run))
         run.iteration += 1
         run.consumed += cfg.train.global_batch_size
@@ -250,14 +252,14 @@ def _build(cfg: MegamftConfig) -> Run:
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
     data = load_data(cfg.data)
-    if cfg.model.vocab_size and cfg.model.vocab_size < data.tokenizer.vocab_size:
+    if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
         raise ValueError(
-            f"the tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size is "
+            f"the tokenizer has {data.vocab_size} ids but model.vocab_size is "
             f"{cfg.model.vocab_size}; tokenize the data with the model's own tokenizer"
         )
     # Saved with every checkpoint, so an export knows the vocabulary without the tokenizer.
-    cfg.model.vocab_size = cfg.model.vocab_size or data.tokenizer.vocab_size
-    state = build_training_state(cfg, runtime, data.tokenizer.vocab_size)
+    cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
+    state = build_training_state(cfg, runtime, data.vocab_size)
     return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)),
                static_task_weights(cfg, data.task_names),
                MetricsWriter(_tensorboard_dir(cfg), distributed.is_logging_rank()))

@@ -1,0 +1,79 @@
+"""Segments of many conversations -> token ids and loss masks, with one batch encode call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
+
+from megamft.data.templates import CONTENT, MARKUP, Segment
+from megamft.data.tokenizer import special_splitter
+
+
+@dataclass
+class EncodedSample:
+    ids: np.ndarray   # int32
+    mask: np.ndarray  # uint8: 1 where the token is learned
+
+
+@dataclass
+class SegmentEncoder:
+    """Encodes template segments with a tokenizer; template markup is encoded once and cached."""
+
+    tokenizer: object
+    _cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._split = special_splitter(self.tokenizer.specials)
+
+    def encode(self, conversations: list[list[Segment]]) -> list[EncodedSample]:
+        texts: list[str] = []
+        plans = [self._plan(segments, texts) for segments in conversations]
+        encoded = self.tokenizer.encode_batch(texts) if texts else []
+        return [self._assemble(plan, encoded) for plan in plans]
+
+    def _plan(self, segments: list[Segment], texts: list[str]) -> list[tuple[list, bool]]:
+        """Each segment as (parts, learned); a part is an id list or an index into `texts`."""
+        plan = []
+        for piece, learned, kind in segments:
+            if isinstance(piece, int):
+                plan.append(([[piece]], learned))
+            elif kind == MARKUP:
+                plan.append(([self._markup_ids(piece)], learned))
+            elif kind == CONTENT:
+                texts.append(piece)
+                plan.append(([len(texts) - 1], learned))
+            else:
+                parts = []
+                for part in self._split(piece):
+                    if isinstance(part, int):
+                        parts.append([part])
+                    else:
+                        texts.append(part)
+                        parts.append(len(texts) - 1)
+                plan.append((parts, learned))
+        return plan
+
+    def _markup_ids(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            pieces = self._split(text)
+            plain = [p for p in pieces if isinstance(p, str)]
+            encoded = iter(self.tokenizer.encode_batch(plain))
+            ids = list(chain.from_iterable([p] if isinstance(p, int) else next(encoded) for p in pieces))
+            self._cache[text] = ids
+        return ids
+
+    @staticmethod
+    def _assemble(plan, encoded) -> EncodedSample:
+        chunks, flags = [], []
+        for parts, learned in plan:
+            for part in parts:
+                ids = encoded[part] if isinstance(part, int) else part
+                chunks.append(ids)
+                flags.append(learned)
+        lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
+        ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int32, count=int(lengths.sum()))
+        mask = np.repeat(np.asarray(flags, dtype=np.uint8), lengths)
+        return EncodedSample(ids, mask)

@@ -1,0 +1,94 @@
+"""Task mixing: which documents of which task make up each data epoch, in which order.
+
+Every task's training documents form an endless stream of seeded
+permutations (one per pass over the task). A data epoch takes `quota[t]`
+documents from the stream of task t, where the quotas split
+`epoch_samples` by the sampling weights; so a task whose quota exceeds its
+size is upsampled (it repeats, every document before any twice) and a task
+with a smaller quota is downsampled (the next epoch continues where this one
+stopped). The epoch's documents are then shuffled together. Everything is a
+function of the seed, so every rank computes the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_SPLIT_SALT = 7919  # separate seed streams: train/valid split, task passes, epoch shuffles
+_PASS_SALT = 104729
+_EPOCH_SALT = 1299709
+
+
+def split_train_valid(num_documents: int, valid: int, max_train: int | None, seed: int,
+                      task_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) document indices of one task: a seeded split, the same on every rank."""
+    order = np.random.default_rng([seed, _SPLIT_SALT, task_id]).permutation(num_documents)
+    valid_docs = np.sort(order[:valid])
+    train_docs = order[valid:]
+    if max_train is not None:
+        train_docs = train_docs[:max_train]
+    return np.sort(train_docs), valid_docs
+
+
+def sampling_weights(kind: str, sizes: list[int], explicit: dict[str, float], names: list[str]) -> np.ndarray:
+    """Normalised per-task probabilities: 'proportional' to size, 'uniform', or explicit 'weights'."""
+    if kind == "proportional":
+        weights = np.asarray(sizes, dtype=np.float64)
+    elif kind == "uniform":
+        weights = np.ones(len(sizes))
+    else:
+        unknown = sorted(set(explicit) - set(names))
+        if unknown:
+            raise ValueError(f"data.task_sampling_weights names unknown task(s) {unknown}; tasks are {names}")
+        weights = np.asarray([float(explicit.get(name, 0.0)) for name in names])
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError("data.task_sampling_weights must be non-negative with a positive sum")
+    return weights / weights.sum()
+
+
+def quotas(weights: np.ndarray, epoch_samples: int) -> np.ndarray:
+    """Documents per task in one data epoch: epoch_samples split by weight (largest remainder)."""
+    exact = weights * epoch_samples
+    counts = np.floor(exact).astype(np.int64)
+    remainder = epoch_samples - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:remainder]] += 1
+    return counts
+
+
+@dataclass
+class TaskMixture:
+    """The document order of every data epoch."""
+
+    train_docs: list[np.ndarray]  # per task: its training document indices
+    weights: np.ndarray
+    epoch_samples: int
+    seed: int
+
+    def __post_init__(self):
+        self.quota = quotas(self.weights, self.epoch_samples)
+        for task, (docs, quota) in enumerate(zip(self.train_docs, self.quota)):
+            if quota > 0 and len(docs) == 0:
+                raise ValueError(f"task {task} has a sampling weight but no training documents")
+
+    def _task_stream(self, task: int, start: int, stop: int) -> np.ndarray:
+        """Positions [start, stop) of the endless stream of permutations of a task's documents."""
+        docs = self.train_docs[task]
+        n = len(docs)
+        passes = range(start // n, (stop - 1) // n + 1) if stop > start else range(0)
+        stream = np.concatenate(
+            [docs[np.random.default_rng([self.seed, _PASS_SALT, task, p]).permutation(n)] for p in passes]
+        ) if passes else np.zeros(0, dtype=np.int64)
+        offset = (start // n) * n if passes else 0
+        return stream[start - offset : stop - offset]
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(task, document) of every document of data epoch `epoch`, shuffled."""
+        tasks, docs = [], []
+        for task, quota in enumerate(self.quota):
+            docs.append(self._task_stream(task, epoch * int(quota), (epoch + 1) * int(quota)))
+            tasks.append(np.full(int(quota), task, dtype=np.int64))
+        tasks, docs = np.concatenate(tasks), np.concatenate(docs).astype(np.int64)
+        order = np.random.default_rng([self.seed, _EPOCH_SALT, epoch]).permutation(len(tasks))
+        return tasks[order], docs[order]

@@ -1,0 +1,376 @@
+"""Offline preprocessing: JSON Lines conversations -> per-task megatron indexed datasets.
+
+Per task, three indexed datasets share one document order:
+  <task>.bin/.idx            token ids
+  <task>_loss_mask.bin/.idx  1 where the token is learned (uint8)
+  <task>_task_id.bin/.idx    the task id of each document (one value each)
+and `manifest.json` describes them all. Lines are read in chunks and encoded
+by worker processes; results come back in input order, so the output is
+byte-identical for the same input whatever the number of workers. Nothing
+gets its final name before the whole run has succeeded, and manifest.json,
+written last, is what marks an output folder complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import numpy as np
+
+from megamft.data.conversation import BadSample, parse_line
+from megamft.data.encoding import SegmentEncoder
+from megamft.data.indexed import PARTIAL_SUFFIX, IndexedWriter, token_dtype
+from megamft.data.templates import get_template
+from megamft.data.tokenizer import file_sha256, load_tokenizer
+
+MANIFEST = "manifest.json"
+FORMAT = "megamft-indexed/1"
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class PreprocessOptions:
+    tasks: dict[str, list[str]]
+    """Task name -> JSON Lines files or folders (.jsonl, .jsonl.gz), in task-id order."""
+    out_dir: str
+    tokenizer: str = "byte"
+    """'byte', a sentencepiece .model, or a Hugging Face tokenizer.json (or its folder)."""
+    template: str = "mftcoder"
+    """mftcoder | chatml | llama2 | hf (the tokenizer_config.json chat_template)."""
+    workers: int = 1
+    max_seq_length: Optional[int] = None
+    """Longest sample in tokens; longer ones are bad lines unless `overlong` says otherwise."""
+    overlong: Optional[Literal["truncate", "drop"]] = None
+    on_bad_line: Literal["error", "skip"] = "error"
+    train_on_all: bool = False
+    """Learn every token, prompts included."""
+    decontaminate: list[str] = field(default_factory=list)
+    """Benchmarks whose n-grams drop a training sample: 'humaneval'."""
+    ngram: int = 13
+    dedup: bool = True
+    """Drop exact duplicates (same token ids) within a task."""
+    chunk_lines: int = 256
+    progress: bool = True
+
+
+class PreprocessError(RuntimeError):
+    """Bad input or options; the message names the file, line and what to do."""
+
+
+@dataclass
+class TaskReport:
+    name: str
+    id: int
+    documents: int = 0
+    tokens: int = 0
+    learned_tokens: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    inputs: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def input_files(task: str, paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for spec in paths:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
+            if not found:
+                raise PreprocessError(f"task {task}: folder {path} has no .jsonl or .jsonl.gz files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PreprocessError(f"task {task}: input {path} does not exist")
+    return files
+
+
+def _read_chunks(files: list[Path], chunk_lines: int) -> Iterator[tuple[str, int, list[bytes]]]:
+    """(file, number of the chunk's first line, raw lines) without blank lines' content."""
+    for path in files:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            lines: list[bytes] = []
+            first = 1
+            for number, line in enumerate(f, start=1):
+                lines.append(line)
+                if len(lines) == chunk_lines:
+                    yield str(path), first, lines
+                    lines, first = [], number + 1
+            if lines:
+                yield str(path), first, lines
+
+
+# ---------------------------------------------------------------- workers
+
+
+@dataclass
+class ChunkResult:
+    file: str
+    lines: int
+    ids: np.ndarray               # kept samples, concatenated
+    mask: np.ndarray
+    lengths: np.ndarray
+    digests: list[bytes]
+    bad: list[tuple[int, str, str]]  # (line, kind, reason): errors unless --on-bad-line skip
+    truncated: int
+    dropped: Counter                 # by policy: --overlong drop, --decontaminate
+
+
+class _Encoder:
+    """What a worker needs, built once per process from picklable options."""
+
+    def __init__(self, options: PreprocessOptions):
+        from megamft.data.decontaminate import ContaminationGuard
+
+        self.options = options
+        self.tokenizer = load_tokenizer(options.tokenizer)
+        self.template, _ = get_template(options.template, self.tokenizer)
+        self.segments = SegmentEncoder(self.tokenizer)
+        self.guard = ContaminationGuard(options.decontaminate, options.ngram) if options.decontaminate else None
+
+    def chunk(self, file: str, first: int, raw_lines: list[bytes]) -> ChunkResult:
+        bad, numbers, conversations, dropped = [], [], [], Counter()
+        for number, raw in enumerate(raw_lines, start=first):
+            if not raw.strip():
+                continue
+            try:
+                turns = parse_line(raw)
+                if self.guard and self.guard.contaminated(content for _, content in turns):
+                    dropped["contaminated"] += 1
+                    continue
+                conversations.append(self.template(turns, self.tokenizer))
+                numbers.append(number)
+            except BadSample as err:
+                bad.append((number, err.kind, str(err)))
+        samples = self.segments.encode(conversations)
+        return self._finish(file, len(raw_lines), numbers, samples, bad, dropped)
+
+    def _finish(self, file, line_count, numbers, samples, bad, dropped) -> ChunkResult:
+        limit, kept, truncated = self.options.max_seq_length, [], 0
+        for number, sample in zip(numbers, samples):
+            if self.options.train_on_all:
+                sample.mask[:] = 1
+            if limit and len(sample.ids) > limit:
+                if self.options.overlong == "truncate":
+                    sample.ids, sample.mask = sample.ids[:limit], sample.mask[:limit]
+                    truncated += 1
+                    if not sample.mask.any():
+                        dropped["no_answer_left_after_truncation"] += 1
+                        continue
+                elif self.options.overlong == "drop":
+                    dropped["overlong"] += 1
+                    continue
+                else:
+                    bad.append((number, "overlong", f"{len(sample.ids)} tokens, longer than --max-seq-length "
+                                f"{limit}; or set --overlong truncate|drop"))
+                    continue
+            kept.append(sample)
+        bad.sort()
+        return ChunkResult(
+            file=file, lines=line_count,
+            ids=np.concatenate([s.ids for s in kept]) if kept else np.zeros(0, np.int32),
+            mask=np.concatenate([s.mask for s in kept]) if kept else np.zeros(0, np.uint8),
+            lengths=np.fromiter((len(s.ids) for s in kept), dtype=np.int64, count=len(kept)),
+            digests=[hashlib.blake2b(s.ids.tobytes() + s.mask.tobytes(), digest_size=12).digest() for s in kept],
+            bad=bad, truncated=truncated, dropped=dropped,
+        )
+
+
+_WORKER: _Encoder | None = None
+
+
+def _init_worker(options: PreprocessOptions) -> None:
+    global _WORKER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+    _WORKER = _Encoder(options)
+
+
+def _run_chunk(item) -> ChunkResult:
+    return _WORKER.chunk(*item)
+
+
+def _ordered_results(options: PreprocessOptions, chunks: Iterator, pool) -> Iterator[ChunkResult]:
+    """Chunk results in input order, with a bounded number in flight (constant memory)."""
+    if pool is None:
+        for item in chunks:
+            yield _WORKER.chunk(*item)
+        return
+    pending: deque = deque()
+    for item in chunks:
+        pending.append(pool.apply_async(_run_chunk, (item,)))
+        if len(pending) >= 4 * options.workers:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _check_options(options: PreprocessOptions) -> None:
+    if not options.tasks:
+        raise PreprocessError("no task given: use --task NAME=PATH[,PATH...] (repeatable) or 'tasks:' in --config")
+    for name in options.tasks:
+        if not _TASK_NAME.match(name):
+            raise PreprocessError(f"task name {name!r}: use letters, digits, '_', '-', '.' (it names the output files)")
+    if options.workers < 1:
+        raise PreprocessError("--workers must be at least 1")
+    if options.overlong and not options.max_seq_length:
+        raise PreprocessError("--overlong needs --max-seq-length")
+    if options.max_seq_length is not None and options.max_seq_length < 2:
+        raise PreprocessError("--max-seq-length must be at least 2")
+
+
+def preprocess(options: PreprocessOptions) -> dict:
+    """Run the whole preprocessing; returns the manifest written to `out_dir/manifest.json`."""
+    _check_options(options)
+    try:
+        tokenizer = load_tokenizer(options.tokenizer)
+        _, template_identity = get_template(options.template, tokenizer)
+    except (OSError, ValueError) as err:
+        raise PreprocessError(str(err)) from None
+    files = {name: input_files(name, paths) for name, paths in options.tasks.items()}
+    out = Path(options.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writers: list[IndexedWriter] = []
+    pool = None
+    if options.workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, (options,))
+    else:
+        _init_worker(options)
+    bar = _progress_bar(options)
+    try:
+        reports = [
+            _process_task(task_id, name, files[name], options, pool, token_dtype(tokenizer.vocab_size), writers, bar)
+            for task_id, name in enumerate(options.tasks)
+        ]
+        for writer in writers:
+            writer.finish()
+    except BaseException:
+        for writer in writers:
+            writer.discard()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": tokenizer.identity(),
+        "template": template_identity,
+        "token_dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
+        "options": {k: v for k, v in asdict(options).items()
+                    if k in ("max_seq_length", "overlong", "on_bad_line", "train_on_all", "decontaminate",
+                             "ngram", "dedup")},
+        "tasks": [asdict(r) | {"prefix": r.name, "loss_mask_prefix": f"{r.name}_loss_mask",
+                               "task_id_prefix": f"{r.name}_task_id"} for r in reports],
+    }
+    _publish(out, writers, manifest)
+    return manifest
+
+
+def _publish(out: Path, writers: list[IndexedWriter], manifest: dict) -> None:
+    """Old manifest out first, data in, new manifest last: a folder with a manifest is complete."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for writer in writers:
+        writer.publish()
+    partial = out / (MANIFEST + PARTIAL_SUFFIX)
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, out / MANIFEST)
+
+
+def _process_task(task_id: int, name: str, files: list[Path], options: PreprocessOptions, pool, dtype,
+                  writers: list[IndexedWriter], bar) -> TaskReport:
+    out = Path(options.out_dir)
+    report = TaskReport(name, task_id, inputs=[{"path": str(p), "sha256": file_sha256(p)} for p in files])
+    tokens = IndexedWriter(out / name, dtype)
+    masks = IndexedWriter(out / f"{name}_loss_mask", np.uint8)
+    task_ids = IndexedWriter(out / f"{name}_task_id", np.uint16)
+    writers += [tokens, masks, task_ids]
+    seen: set[bytes] = set()
+    dropped: Counter = Counter()
+    bar.set_description(name)
+    for result in _ordered_results(options, _read_chunks(files, options.chunk_lines), pool):
+        for line, kind, reason in result.bad:
+            if options.on_bad_line == "error":
+                raise PreprocessError(f"{result.file}:{line}: {reason} "
+                                      "(fix the line, or pass --on-bad-line skip to drop and count such lines)")
+            dropped[kind] += 1
+        dropped.update(result.dropped)
+        keep = _unseen(result.digests, seen) if options.dedup else list(range(len(result.digests)))
+        dropped["duplicate"] += len(result.digests) - len(keep)
+        ids, mask, lengths = _select(result, keep)
+        tokens.add(ids, lengths)
+        masks.add(mask, lengths)
+        task_ids.add(np.full(len(lengths), task_id), np.ones(len(lengths)))
+        report.documents += len(lengths)
+        report.tokens += int(lengths.sum())
+        report.learned_tokens += int(mask.sum(dtype=np.int64))
+        report.truncated += result.truncated
+        bar.advance(result.lines, int(lengths.sum()))
+    report.dropped = {k: v for k, v in sorted(dropped.items()) if v}
+    if report.documents == 0:
+        raise PreprocessError(f"task {name}: no sample left from {', '.join(map(str, files))} "
+                              f"(dropped: {report.dropped or 'none'})")
+    return report
+
+
+def _unseen(digests: list[bytes], seen: set[bytes]) -> list[int]:
+    keep = []
+    for index, digest in enumerate(digests):
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(index)
+    return keep
+
+
+def _select(result: ChunkResult, keep: list[int]):
+    if len(keep) == len(result.lengths):
+        return result.ids, result.mask, result.lengths
+    starts = np.concatenate([[0], np.cumsum(result.lengths)])
+    parts = [slice(starts[i], starts[i + 1]) for i in keep]
+    ids = np.concatenate([result.ids[s] for s in parts]) if parts else result.ids[:0]
+    mask = np.concatenate([result.mask[s] for s in parts]) if parts else result.mask[:0]
+    return ids, mask, result.lengths[keep]
+
+
+class _Progress:
+    """A tqdm bar of samples with tokens/s beside it (silent when progress is off)."""
+
+    def __init__(self, enabled: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(unit=" lines", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+        self._tokens = 0
+        self._start = time.perf_counter()
+
+    def set_description(self, text: str) -> None:
+        self._bar.set_description_str(text)
+
+    def advance(self, lines: int, tokens: int) -> None:
+        self._tokens += tokens
+        rate = self._tokens / max(time.perf_counter() - self._start, 1e-9)
+        self._bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+        self._bar.update(lines)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(options: PreprocessOptions) -> _Progress:
+    return _Progress(options.progress)

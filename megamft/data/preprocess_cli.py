@@ -1,0 +1,93 @@
+"""megamft-preprocess: JSON Lines conversations -> megatron indexed datasets per task.
+
+    megamft-preprocess --task code_completion=data/cc.jsonl --task text_to_code=data/t2c/ \\
+        --tokenizer tokenizer.model --template mftcoder --out data/indexed --workers 8
+    megamft-preprocess --config preprocess.yaml workers=16      # YAML keys are the long options
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from megamft.data.decontaminate import BENCHMARKS
+from megamft.data.preprocess import MANIFEST, PreprocessError, PreprocessOptions, preprocess
+from megamft.data.templates import TEMPLATE_NAMES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megamft-preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file with the options below (tasks: {name: [paths]})")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=PATH[,PATH...]",
+                   help="a task and its .jsonl/.jsonl.gz files or folders (repeatable; order gives task ids)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--tokenizer", help="'byte', a sentencepiece .model, or a tokenizer.json (default: byte)")
+    p.add_argument("--template", choices=TEMPLATE_NAMES, help="chat template (default: mftcoder)")
+    p.add_argument("--workers", type=int, help="encoding processes (default: 1)")
+    p.add_argument("--max-seq-length", type=int, help="longest sample in tokens")
+    p.add_argument("--overlong", choices=("truncate", "drop"), help="what to do with longer samples")
+    p.add_argument("--on-bad-line", choices=("error", "skip"), help="stop at a bad line (default) or drop it")
+    p.add_argument("--train-on-all", action="store_true", default=None, help="learn prompt tokens too")
+    p.add_argument("--decontaminate", action="append", choices=BENCHMARKS,
+                   help="drop samples sharing an n-gram with this benchmark")
+    p.add_argument("--ngram", type=int, help="n-gram length in words for --decontaminate (default: 13)")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,
+                   help="keep exact duplicates within a task")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _options(args: argparse.Namespace) -> PreprocessOptions:
+    values: dict = {}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise PreprocessError(f"{args.config}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise PreprocessError(f"{args.config}: expected a mapping of options")
+        known = set(PreprocessOptions.__dataclass_fields__) | {"out"}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise PreprocessError(f"{args.config}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {("out_dir" if k == "out" else k): v for k, v in loaded.items()}
+        values["tasks"] = {k: [v] if isinstance(v, str) else list(v) for k, v in (values.get("tasks") or {}).items()}
+    for spec in args.task:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or not paths:
+            raise PreprocessError(f"--task {spec!r}: expected NAME=PATH[,PATH...]")
+        values.setdefault("tasks", {})[name] = paths.split(",")
+    for key in ("tokenizer", "template", "workers", "max_seq_length", "overlong", "on_bad_line",
+                "train_on_all", "decontaminate", "ngram", "dedup"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.out:
+        values["out_dir"] = args.out
+    if "out_dir" not in values:
+        raise PreprocessError("no output folder: pass --out DIR")
+    values["progress"] = not args.quiet
+    return PreprocessOptions(**{"tasks": {}, **values})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        options = _options(args)
+        manifest = preprocess(options)
+    except PreprocessError as err:
+        print(f"megamft-preprocess: error: {err}", file=sys.stderr)
+        return 2
+    for task in manifest["tasks"]:
+        dropped = ", ".join(f"{k} {v}" for k, v in task["dropped"].items()) or "none"
+        print(f"{task['name']} (id {task['id']}): {task['documents']} samples, {task['tokens']} tokens "
+              f"({task['learned_tokens']} learned), truncated {task['truncated']}, dropped: {dropped}")
+    print(f"wrote {Path(options.out_dir) / MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

