@@ -27,6 +27,11 @@ def tiny_config(*overrides: str, config_files: tuple[str, ...] = ()):
         load_config(list(config_files), [o for o in TINY_MODEL if not o.startswith("model.")] + list(overrides))
 
 
+def first_batches(data, rows: int, micro_batch_size: int) -> list[dict]:
+    """The first `rows` training sequences as micro-batches (one DP rank)."""
+    return data.batches(data.train_rows(0, rows, 0, 1), micro_batch_size)
+
+
 @contextlib.contextmanager
 def tiny_model(*overrides: str):
     """(cfg, data, training state) of the test model on this rank's process group; torn down after."""
@@ -84,12 +89,11 @@ def loss_against_plain_torch() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from megamft.data.batches import micro_batches
     from megamft.loss.multitask import task_sums
 
-    with tiny_model() as (cfg, data, state):
+    with tiny_model("data.mode=pad") as (cfg, data, state):  # one task per row
         model = state.chunks[0].module
-        batch = micro_batches(data.train, list(range(6)), 6)[0]
+        batch = first_batches(data, 6, 6)[0]
         with torch.no_grad():
             per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
             logits = model(batch["tokens"], batch["position_ids"], None)
@@ -218,12 +222,11 @@ def counted_training_flops() -> dict:
     """FLOPs that torch counts for one forward + backward of the tiny model, and the formula's."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megamft.data.batches import micro_batches
     from megamft.training.throughput import flops_per_token
 
     with tiny_model("data.seq_length=128") as (cfg, data, state):
         model = state.chunks[0].module
-        batch = micro_batches(data.train, list(range(4)), 4)[0]
+        batch = first_batches(data, 4, 4)[0]
         with FlopCounterMode(display=False) as counter:
             loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
             loss.backward()
@@ -234,12 +237,11 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
     """Bytes this rank really holds (weights, grad buffers, Adam state) and saves for backward."""
     import torch
 
-    from megamft.data.batches import micro_batches
     from megamft.training.memory_estimate import estimate
     from megamft.training.step import train_step
 
     with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
-        batches = micro_batches(data.train, list(range(8)), cfg.train.micro_batch_size)
+        batches = first_batches(data, 8, cfg.train.micro_batch_size)
         train_step(state, batches, data.task_names)
         params = [p for chunk in state.chunks for p in chunk.module.parameters()]
         weights = sum(p.numel() * p.element_size() for p in params)
@@ -270,7 +272,6 @@ def lora_checks(overrides: tuple[str, ...], weights_dir: str) -> dict:
     import torch
 
     from megamft.checkpoint import dist_checkpoint
-    from megamft.data.batches import micro_batches
     from megamft.model.inference import full_logits
     from megamft.model.lora import merge_lora
     from megamft.training.step import train_step
@@ -283,12 +284,42 @@ def lora_checks(overrides: tuple[str, ...], weights_dir: str) -> dict:
         optimizer_params = sum(p.numel() for o in state.optimizer.chained_optimizers
                                for g in o.optimizer.param_groups for p in g["params"])
         for _ in range(2):
-            train_step(state, micro_batches(data.train, list(range(8)), 2), data.task_names)
+            train_step(state, first_batches(data, 8, 2), data.task_names)
         changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n]))
-        tokens = data.train.tokens[:2, :64]
+        tokens = first_batches(data, 2, 2)[0]["tokens"][:, :64]
         with_adapters = full_logits(state.chunks, tokens)
         merge_lora(model)
         merged = full_logits(state.chunks, tokens)
         return {"trainable": trainable, "changed": changed, "optimizer_params": optimizer_params,
                 "adapter_params": sum(p.numel() for n, p in before.items() if "lora_" in n),
                 "with_adapters": with_adapters, "merged": merged}
+
+
+def packed_isolation() -> dict:
+    """Per-token losses of packed sequences vs each of their documents run alone (and vs no mask)."""
+    import torch
+
+    from megamft.data.sequences import collate
+
+    with tiny_model("data.mode=pack", "data.seq_length=512") as (cfg, data, state):
+        model = state.chunks[0].module
+        model.eval()
+        rows = [row for row in data.train_rows(0, 16, 0, 1) if len(row[0]) >= 2][:3]
+        packed = collate(rows, data.stores, "pack", cfg.data.seq_length, data.pad_id)
+        diffs, unmasked_diffs, documents = [], [], 0
+        with torch.no_grad():
+            together = model(packed["tokens"], packed["position_ids"], packed["attention_mask"],
+                             labels=packed["labels"])
+            plain = model(packed["tokens"], torch.arange(cfg.data.seq_length).expand_as(packed["tokens"]), None,
+                          labels=packed["labels"])
+            for r, (tasks, docs) in enumerate(rows):
+                at = 0
+                for k in range(len(docs)):
+                    n = int(data.stores[tasks[k]].lengths[docs[k]]) - 1
+                    alone = collate([(tasks[k : k + 1], docs[k : k + 1])], data.stores, "pad", n, data.pad_id)
+                    loss = model(alone["tokens"], alone["position_ids"], None, labels=alone["labels"])[0]
+                    diffs.append(float((together[r, at : at + n] - loss).abs().max()))
+                    unmasked_diffs.append(float((plain[r, at : at + n] - loss).abs().max()))
+                    at += n
+                    documents += 1
+        return {"max_diff": max(diffs), "unmasked_max_diff": max(unmasked_diffs), "documents": documents}

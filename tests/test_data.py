@@ -1,77 +1,164 @@
-"""Embedded corpus, template masks, padding and the DP-sharded sampler."""
+"""Training-time data: embedded corpus, task mixing, the four sequence modes, packed-attention isolation."""
+
+from collections import Counter
 
 import numpy as np
 import pytest
 
+import jobs
 from megamft.config import DataConfig
-from megamft.data.batches import GlobalBatchSampler, micro_batches, pad_samples
 from megamft.data.dataset import load_data
+from megamft.data.mixing import TaskMixture, quotas, sampling_weights
+from megamft.data.sequences import MODES, build_rows, collate
 from megamft.data.stdlib_corpus import TASKS, build_corpus
-from megamft.data.template import render
-from megamft.data.tokenizer import ByteTokenizer
+from megamft.testing.distributed import launch
 
 
-@pytest.fixture(scope="module")
-def data():
-    return load_data(DataConfig(seq_length=192, max_samples_per_task=24, valid_samples_per_task=4))
+def _data(**fields):
+    return load_data(DataConfig(**{"seq_length": 192, "max_samples_per_task": 40, "valid_samples_per_task": 4,
+                                   **fields}))
 
 
-def test_corpus_has_every_task_and_fits(data):
+def test_corpus_has_every_task_and_is_deterministic():
     corpus = build_corpus(max_chars=400, samples_per_task=10, seed=3)
     assert set(corpus) == set(TASKS)
-    for task, samples in corpus.items():
-        assert len(samples) == 10, task
+    for samples in corpus.values():
+        assert len(samples) == 10
         for turns in samples:
             assert [t["role"] for t in turns] == ["human", "bot"]
             assert sum(len(t["content"]) for t in turns) <= 400
-    assert len(data.train) == 3 * 24 and all(len(v) == 4 for v in data.valid.values())
+    assert build_corpus(300, 5, seed=1) == build_corpus(300, 5, seed=1) != build_corpus(300, 5, seed=2)
 
 
-def test_corpus_is_deterministic_for_a_seed():
-    assert build_corpus(300, 5, seed=1) == build_corpus(300, 5, seed=1)
-    assert build_corpus(300, 5, seed=1) != build_corpus(300, 5, seed=2)
+def _epoch_documents(data) -> list[tuple[int, int]]:
+    """(task, doc) of every document of data epoch 0, read back through the sequences."""
+    rows = [data.train.row(p) for p in range(data.train.sequences_per_epoch())]
+    return [(int(t), int(d)) for tasks, docs in rows for t, d in zip(tasks, docs)]
 
 
-def test_only_answer_tokens_are_learned():
-    tok = ByteTokenizer()
-    turns = [{"role": "system", "content": "sys"}, {"role": "human", "content": "ask"},
-             {"role": "bot", "content": "yes"}, {"role": "human", "content": "more"},
-             {"role": "bot", "content": "ok"}]
-    sample = render(turns, tok, task_id=2)
-    learned = [i for i, m in zip(sample.ids, sample.loss_mask) if m]
-    assert learned == tok.encode("yes") + [tok.eos_id] + tok.encode("ok") + [tok.eos_id]
-    assert sample.ids[0] == tok.bos_id and sample.task_id == 2
+@pytest.mark.parametrize("mode", MODES)
+def test_an_epoch_holds_every_training_sample_once_and_no_validation_sample(mode):
+    data = _data(mode=mode)
+    seen = _epoch_documents(data)
+    train = {(task, int(d)) for task, docs in enumerate(data.train.mixture.train_docs) for d in docs}
+    assert len(seen) == len(set(seen)) and set(seen) == train and len(train) > 100
+    valid = {(task, int(d)) for task, rows in enumerate(data.valid.values()) for r in range(len(rows))
+             for d in rows.row(r)[1]}
+    assert len(valid) == 3 * 4 and not valid & set(seen)
 
 
-def test_padding_shifts_labels_and_masks_padding():
-    tok = ByteTokenizer()
-    sample = render([{"role": "human", "content": "a"}, {"role": "bot", "content": "bc"}], tok, 1)
-    table = pad_samples([sample], seq_length=10, pad_id=tok.pad_id)
-    n = len(sample.ids) - 1
-    assert table.tokens[0, :n].tolist() == list(sample.ids[:-1])
-    assert table.labels[0, :n].tolist() == list(sample.ids[1:])
-    assert table.loss_mask[0, :n].tolist() == list(sample.loss_mask[1:])
-    assert table.loss_mask[0, n:].sum() == 0 and (table.tokens[0, n:] == tok.pad_id).all()
-    assert (table.task_ids == 1).all()
+@pytest.mark.parametrize("mode", MODES)
+def test_batches_keep_every_learned_token_shifted_onto_its_label(mode):
+    data = _data(mode=mode)
+    rows = data.train_rows(0, 8, 0, 1)
+    expected_learned = sum(int(data.stores[t].get(d)[1][1:].sum()) for tasks, docs in rows for t, d in zip(tasks, docs))
+    batches = data.batches(rows, 4)
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == expected_learned
+    for b in batches:
+        assert (b["labels"][:, :-1][b["loss_mask"][:, 1:] > 0] == b["tokens"][:, 1:][b["loss_mask"][:, 1:] > 0]).all()
+    tasks, docs = rows[0]
+    ids, _ = data.stores[tasks[0]].get(docs[0])
+    n = min(len(ids) - 1, 192)
+    assert batches[0]["tokens"][0, :n].tolist() == ids[:n].tolist()
+    assert batches[0]["labels"][0, :n].tolist() == ids[1 : n + 1].tolist()
+    if mode == "dynamic":
+        longest = max(int(data.stores[t].lengths[d]) - 1 for tasks, docs in rows[:4] for t, d in zip(tasks, docs))
+        assert batches[0]["tokens"].shape[1] == -(-longest // 8) * 8
+    else:
+        assert batches[0]["tokens"].shape[1] == 192
 
 
-def test_sampler_is_deterministic_disjoint_and_resumable():
-    sampler = GlobalBatchSampler(num_samples=50, global_batch_size=8, seed=7)
-    again = GlobalBatchSampler(num_samples=50, global_batch_size=8, seed=7)
-    first = sampler.global_indices(0)
-    assert np.array_equal(first, again.global_indices(0))
-    shards = [sampler.rank_indices(0, r, 4) for r in range(4)]
-    assert np.array_equal(np.concatenate(shards), first)  # disjoint, and together the batch
-    stream = np.concatenate([sampler.global_indices(8 * k) for k in range(13)])
-    # (Resuming mid-run is proven end to end by the checkpoint resume tests.)
-    assert sorted(stream[:50].tolist()) == list(range(50))  # one epoch = every sample once
-    assert sorted(stream[50:100].tolist()) == list(range(50))
-    assert not np.array_equal(stream[:50], stream[50:100])  # reshuffled per epoch
+def test_packed_rows_restart_positions_and_block_attention_across_documents():
+    data = _data(mode="pack")
+    row = next(r for r in data.train_rows(0, 16, 0, 1) if len(r[0]) >= 2)
+    batch = collate([row], data.stores, "pack", 192, data.pad_id)
+    first = int(data.stores[row[0][0]].lengths[row[1][0]]) - 1
+    assert batch["position_ids"][0, first].item() == 0 and batch["position_ids"][0, first - 1].item() == first - 1
+    mask = batch["attention_mask"][0, 0]
+    assert mask[first, first - 1].item() and not mask[first - 1, 0].item() and mask[0, 1].item()
+    assert batch["sample_ids"][0, first].item() == 1 and batch["sample_ids"][0, 0].item() == 0
 
 
-def test_micro_batches_cut_a_share_in_order(data):
-    batches = micro_batches(data.train, np.array([5, 1, 7, 3]), micro_batch_size=2)
-    assert len(batches) == 2
-    assert batches[0]["tokens"].shape == (2, 192)
-    assert (batches[1]["tokens"][0] == data.train.tokens[7]).all()
-    assert batches[0]["position_ids"][1].tolist() == list(range(192))
+def test_packed_documents_give_the_same_losses_as_alone():
+    """A packed sequence's per-token losses equal each document run alone; without the mask they do not."""
+    out = launch(jobs.packed_isolation, 1, timeout=240)[0]
+    assert out["documents"] >= 6
+    assert out["max_diff"] < 1e-5, out
+    assert out["unmasked_max_diff"] > 1e-2, out
+
+
+def test_order_is_deterministic_disjoint_across_dp_and_resumable():
+    data, again = _data(), _data()
+    global_rows = data.train_rows(16, 8, 0, 1)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(global_rows, again.train_rows(16, 8, 0, 1)))
+    shards = [r for rank in range(4) for r in data.train_rows(16, 8, rank, 4)]
+    assert [tuple(r[1]) for r in shards] == [tuple(r[1]) for r in global_rows]  # disjoint, and the whole batch
+    stream = [tuple(zip(*data.train_rows(8 * step, 8, 0, 1)[i])) for step in range(12) for i in range(8)]
+    resumed = _data()  # a fresh process resuming at 40 sequences consumed
+    assert [tuple(zip(*r)) for step in range(5, 12) for r in resumed.train_rows(8 * step, 8, 0, 1)] == stream[40:]
+
+
+def test_sampling_weights_and_quotas():
+    names = ["big", "mid", "small"]
+    assert sampling_weights("proportional", [600, 300, 100], {}, names).tolist() == [0.6, 0.3, 0.1]
+    assert np.allclose(sampling_weights("uniform", [600, 300, 100], {}, names), 1 / 3)
+    assert sampling_weights("weights", [600, 300, 100], {"big": 1, "small": 3}, names).tolist() == [0.25, 0, 0.75]
+    with pytest.raises(ValueError, match="unknown task"):
+        sampling_weights("weights", [1, 1, 1], {"other": 1}, names)
+    assert quotas(np.array([1 / 3] * 3), 1000).tolist() == [334, 333, 333]
+
+
+def test_mixing_honours_weights_within_sampling_error_and_upsamples_whole_passes():
+    sizes = [1000, 100, 10]
+    mixture = TaskMixture([np.arange(n) for n in sizes], np.array([0.5, 0.3, 0.2]), epoch_samples=2000, seed=5)
+    tasks, docs = mixture.epoch(0)
+    assert Counter(tasks.tolist()) == {0: 1000, 1: 600, 2: 400}
+    head = Counter(tasks[:500].tolist())  # any window is a random sample of the mixture
+    for task, p in enumerate([0.5, 0.3, 0.2]):
+        assert abs(head[task] - 500 * p) < 4 * np.sqrt(500 * p * (1 - p)), head
+    small = docs[tasks == 2]
+    for start in range(0, 400, 10):  # 40 passes over the 10 small documents, each a permutation
+        assert sorted(small[start : start + 10].tolist()) == list(range(10))
+    big_next = mixture.epoch(1)[1][mixture.epoch(1)[0] == 0]
+    assert sorted(np.concatenate([docs[tasks == 0], big_next]).tolist()) == sorted(list(range(1000)) * 2)
+
+
+def test_downsampled_task_continues_where_the_last_epoch_stopped():
+    mixture = TaskMixture([np.arange(100), np.arange(30)], np.array([0.5, 0.5]), epoch_samples=40, seed=1)
+    taken = np.concatenate([d[t == 0] for t, d in (mixture.epoch(e) for e in range(5))])
+    assert sorted(taken.tolist()) == list(range(100))  # 20 per epoch: every document once in 5 epochs
+
+
+def test_packing_keeps_padding_small_and_order_random():
+    data = _data(mode="pad", seq_length=1024, max_samples_per_task=300)
+    tasks, docs = data.train.mixture.epoch(0)
+    lengths = np.array([data.stores[t].lengths[d] for t, d in zip(tasks, docs)])
+    useful = np.clip(lengths - 1, 0, 1024).sum()
+    packed = build_rows(tasks, docs, lengths, "pack", 1024, window=1000, seed=0)
+    concat = build_rows(tasks, docs, lengths, "concat", 1024, window=1000, seed=0)
+    assert useful / (len(packed) * 1024) > 0.97
+    assert len(packed) <= len(concat)
+    first_docs = [packed.row(r)[1][0] for r in range(len(packed))]
+    assert first_docs != sorted(first_docs)
+
+
+def test_indexed_source_trains_the_same_data_as_preprocessed(tmp_path):
+    """megamft-preprocess output of the embedded corpus, read through megatron's reader, gives the same sequences."""
+    import json
+
+    from megamft.data.preprocess import PreprocessOptions, preprocess
+
+    corpus = build_corpus(184, 44, seed=1234)
+    paths = {}
+    for task, samples in corpus.items():
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text("".join(json.dumps({"chat_rounds": turns}) + "\n" for turns in samples))
+        paths[task] = [str(path)]
+    preprocess(PreprocessOptions(tasks=paths, out_dir=str(tmp_path / "out"), progress=False, dedup=False,
+                                 max_seq_length=193, overlong="drop"))
+    memory = _data()
+    indexed = _data(source="indexed", path=str(tmp_path / "out"))
+    assert indexed.task_names == memory.task_names and indexed.vocab_size == memory.vocab_size
+    for a, b in zip(memory.batches(memory.train_rows(0, 8, 0, 1), 4), indexed.batches(indexed.train_rows(0, 8, 0, 1), 4)):
+        for key in ("tokens", "labels", "loss_mask", "task_ids", "position_ids"):
+            assert (a[key] == b[key]).all(), key

@@ -153,7 +153,8 @@ def _indexed_source(cfg: DataConfig):
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     entries = sorted(manifest["tasks"], key=lambda e: e["id"])
     stores = [IndexedDocuments(folder, e) for e in entries]
-    return [e["name"] for e in entries], stores, int(manifest["tokenizer"]["vocab_size"]), 0
+    tokenizer = manifest["tokenizer"]
+    return [e["name"] for e in entries], stores, int(tokenizer["vocab_size"]), int(tokenizer.get("pad_id", 0))
 
 
 @lru_cache(maxsize=4)

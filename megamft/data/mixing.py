@@ -6,7 +6,7 @@ documents from the stream of task t, where the quotas split
 `epoch_samples` by the sampling weights; so a task whose quota exceeds its
 size is upsampled (it repeats, every document before any twice) and a task
 with a smaller quota is downsampled (the next epoch continues where this one
-stopped). The epoch's documents are then shuffled together. Everything is a
+stopped). Tasks are then interleaved at random. Everything is a
 function of the seed, so every rank computes the same order.
 """
 
@@ -84,11 +84,14 @@ class TaskMixture:
         return stream[start - offset : stop - offset]
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(task, document) of every document of data epoch `epoch`, shuffled."""
-        tasks, docs = [], []
+        """(task, document) of every document of data epoch `epoch`.
+
+        Tasks are interleaved at random; each task's documents keep their
+        stream order, so an upsampled task shows every document before any twice.
+        """
+        rng = np.random.default_rng([self.seed, _EPOCH_SALT, epoch])
+        tasks = rng.permutation(np.repeat(np.arange(len(self.quota)), self.quota))
+        docs = np.empty(len(tasks), dtype=np.int64)
         for task, quota in enumerate(self.quota):
-            docs.append(self._task_stream(task, epoch * int(quota), (epoch + 1) * int(quota)))
-            tasks.append(np.full(int(quota), task, dtype=np.int64))
-        tasks, docs = np.concatenate(tasks), np.concatenate(docs).astype(np.int64)
-        order = np.random.default_rng([self.seed, _EPOCH_SALT, epoch]).permutation(len(tasks))
-        return tasks[order], docs[order]
+            docs[tasks == task] = self._task_stream(task, epoch * int(quota), (epoch + 1) * int(quota))
+        return tasks, docs

@@ -51,7 +51,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def identity(self) -> dict:
-        return {"kind": "byte", "vocab_size": self.vocab_size}
+        return {"kind": "byte", "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
 def file_sha256(path: Path) -> str:
@@ -103,7 +103,7 @@ class SentencePieceTokenizer:
 
     def identity(self) -> dict:
         return {"kind": "sentencepiece", "file": self.path.name, "sha256": file_sha256(self.path),
-                "vocab_size": self.vocab_size}
+                "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
 class HFTokenizer:
@@ -157,7 +157,7 @@ class HFTokenizer:
 
     def identity(self) -> dict:
         out = {"kind": "huggingface", "file": self.path.name, "sha256": file_sha256(self.path),
-               "vocab_size": self.vocab_size}
+               "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id}
         config_path = self.path.parent / "tokenizer_config.json"
         if config_path.exists():
             out["config_sha256"] = file_sha256(config_path)
