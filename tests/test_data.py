@@ -77,6 +77,10 @@ def test_packed_rows_restart_positions_and_block_attention_across_documents():
     mask = batch["attention_mask"][0, 0]
     assert mask[first, first - 1].item() and not mask[first - 1, 0].item() and mask[0, 1].item()
     assert batch["sample_ids"][0, first].item() == 1 and batch["sample_ids"][0, 0].item() == 0
+    lengths = [int(data.stores[t].lengths[d]) - 1 for t, d in zip(*row)]
+    boundaries = np.cumsum([0, *lengths]).tolist()
+    expected = boundaries + ([192] if boundaries[-1] < 192 else [])  # the padding block, if any
+    assert batch["cu_seqlens"].tolist() == expected
 
 
 def test_packed_documents_give_the_same_losses_as_alone():

@@ -9,7 +9,30 @@ from megamft.config import load_config, validate
 from megamft.training.memory_estimate import estimate
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-CONFIGS = sorted(EXAMPLES.rglob("*.yaml"))
+CONFIGS = sorted(p for p in EXAMPLES.rglob("*.yaml") if p.parent.name != "data")  # data/: preprocess configs
+
+
+@pytest.fixture(scope="module")
+def indexed_folder(tmp_path_factory):
+    """A small megamft-preprocess output, standing in for the datasets the examples name."""
+    import json
+
+    from megamft.data.preprocess import PreprocessOptions, preprocess
+    from megamft.data.stdlib_corpus import build_corpus
+
+    folder = tmp_path_factory.mktemp("indexed")
+    tasks = {}
+    for task, samples in build_corpus(400, 30, seed=1).items():
+        path = folder / f"{task}.jsonl"
+        path.write_text("".join(json.dumps({"chat_rounds": turns}) + "\n" for turns in samples))
+        tasks[task] = [str(path)]
+    preprocess(PreprocessOptions(tasks=tasks, out_dir=str(folder / "out"), progress=False))
+    return folder / "out"
+
+
+def _load(path: Path, indexed_folder: Path):
+    overrides = [f"data.path={indexed_folder}"] if "source: indexed" in path.read_text() else []
+    return load_config(path, overrides)
 
 
 def _world_size(path: Path) -> int:
@@ -20,14 +43,14 @@ def _world_size(path: Path) -> int:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXAMPLES)))
-def test_example_config_validates(path):
-    validate(load_config(path), _world_size(path))
+def test_example_config_validates(path, indexed_folder):
+    validate(_load(path, indexed_folder), _world_size(path))
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "Expected memory" in p.read_text()],
                          ids=lambda p: p.name)
-def test_stated_memory_is_the_estimate(path):
-    cfg = load_config(path)
+def test_stated_memory_is_the_estimate(path, indexed_folder):
+    cfg = _load(path, indexed_folder)
     stated = float(re.search(r"= ([\d.]+) GB", path.read_text()).group(1))
     computed = estimate(cfg, _world_size(path), cfg.model.vocab_size).total / 2**30
     assert abs(stated - computed) < 0.1, (stated, computed)

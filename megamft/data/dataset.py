@@ -21,7 +21,7 @@ from megamft.data.conversation import ROLE_NAMES
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import open_indexed
 from megamft.data.mixing import TaskMixture, sampling_weights, split_train_valid
-from megamft.data.sequences import Rows, batch_length, build_rows, collate
+from megamft.data.sequences import Rows, batch_length, build_rows, collate, packed_seq_params
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import load_tokenizer
 
@@ -102,6 +102,8 @@ class MultitaskData:
     vocab_size: int
     pad_id: int
     cfg: DataConfig
+    thd_packing: bool = False
+    """Give packed batches megatron's PackedSeqParams (Transformer Engine ignores dense masks)."""
 
     def batches(self, rows: list[tuple[np.ndarray, np.ndarray]], micro_batch_size: int,
                 same_length: bool = False) -> list[dict]:
@@ -113,7 +115,11 @@ class MultitaskData:
             lengths = [batch_length(c, self.stores, self.cfg.seq_length, self.cfg.pad_to_multiple_of) for c in cut]
             if same_length:
                 lengths = [max(lengths)] * len(cut)
-        return [collate(c, self.stores, self.cfg.mode, n, self.pad_id) for c, n in zip(cut, lengths)]
+        batches = [collate(c, self.stores, self.cfg.mode, n, self.pad_id) for c, n in zip(cut, lengths)]
+        if self.thd_packing and self.cfg.mode == "pack":
+            for batch in batches:
+                batch["packed_seq_params"] = packed_seq_params(batch)
+        return batches
 
     def train_rows(self, consumed: int, global_batch_size: int, dp_rank: int, dp_size: int) -> list:
         """This DP rank's contiguous share of the global batch after `consumed` sequences."""

@@ -155,7 +155,29 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length
         ("sample_ids", sample_ids), ("position_ids", position_ids))}
     if mode == "pack":
         batch["attention_mask"] = document_attention_mask(torch.from_numpy(segment))
+        batch["cu_seqlens"] = document_boundaries(segment)
     return batch
+
+
+def document_boundaries(segment: np.ndarray) -> torch.Tensor:
+    """Cumulative lengths of the documents (padding blocks included) of the flattened batch."""
+    flat = segment.reshape(-1)
+    row_starts = np.zeros(flat.shape, dtype=bool)
+    row_starts[:: segment.shape[1]] = True
+    starts = np.flatnonzero(row_starts | np.concatenate([[True], flat[1:] != flat[:-1]]))
+    return torch.from_numpy(np.append(starts, len(flat)).astype(np.int32))
+
+
+def packed_seq_params(batch: dict):
+    """megatron-core PackedSeqParams ("thd") from a packed micro-batch of one row, for Transformer Engine."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if batch["tokens"].shape[0] != 1:
+        raise ValueError("packed sequences with Transformer Engine need train.micro_batch_size=1")
+    cu = batch["cu_seqlens"]
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
 
 
 def document_attention_mask(segment: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from megatron.core import parallel_state
 from tqdm import tqdm
@@ -61,13 +62,23 @@ def _dp() -> tuple[int, int]:
 
 
 def validation_batches(data: MultitaskData, micro_batch_size: int) -> list[dict]:
-    """Every task's validation sequences, sharded over DP in whole micro-batches."""
+    """Every task's validation sequences, sharded over DP in whole micro-batches.
+
+    Each task's rows are topped up with empty (all-padding, unlearned) rows to a
+    multiple of micro-batch x DP, so every layout measures the same tokens.
+    Empty rows are masked out entirely, so they change no loss.
+    """
     dp_rank, dp_size = _dp()
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     rows = []
     for task_rows in data.valid.values():
-        usable = len(task_rows) // (micro_batch_size * dp_size) * micro_batch_size * dp_size
-        share = usable // dp_size
-        rows += [task_rows.row(r) for r in range(dp_rank * share, (dp_rank + 1) * share)]
+        padded = -(-len(task_rows) // (micro_batch_size * dp_size)) * micro_batch_size * dp_size
+        share = padded // dp_size
+        rows += [task_rows.row(r) if r < len(task_rows) else empty
+                 for r in range(dp_rank * share, (dp_rank + 1) * share)]
+    # The interleaved schedule wants a multiple of PP micro-batches.
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    rows += [empty] * ((-(len(rows) // micro_batch_size) % pp) * micro_batch_size)
     return data.batches(rows, micro_batch_size, same_length=_pipelined())
 
 
@@ -251,7 +262,11 @@ def _build(cfg: MegamftConfig) -> Run:
     runtime = distributed.initialize(cfg)
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
+    if runtime.transformer_engine and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
+        raise ValueError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
+                         "go to TE as one 'thd' sequence); or use data.mode=pad|dynamic")
     data = load_data(cfg.data)
+    data.thd_packing = runtime.transformer_engine
     if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
         raise ValueError(
             f"the tokenizer has {data.vocab_size} ids but model.vocab_size is "

@@ -111,7 +111,8 @@ def _forward_step(make_loss_func, fused: bool, data_iterator, model):
     """megatron's forward_step_func: run one micro-batch, return output and loss_func."""
     batch = next(data_iterator)
     labels = None if fused else batch["labels"]  # without labels the last stage returns logits
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels,
+                   packed_seq_params=batch.get("packed_seq_params"))
     return output, make_loss_func(batch)
 
 
