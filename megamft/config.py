@@ -199,6 +199,9 @@ class LoraConfig:
     """Which projections get adapters (of linear_qkv, linear_proj, linear_fc1, linear_fc2)."""
     seed: int = 1234
     """Seed of A's initialization (B starts at zero, so training starts from the base model)."""
+    save_adapters_only: bool = False
+    """Checkpoints hold adapters and their optimizer state only; they name the base checkpoint
+    (checkpoint.load_dir of the first run), which resuming and export read."""
 
 
 @dataclass
@@ -219,6 +222,8 @@ class CheckpointConfig:
     """Keep only the newest N checkpoints in save_dir (0 = keep all)."""
     save_on_signal: bool = True
     """On SIGTERM or SIGUSR1 (preemption), save after the current step and exit cleanly."""
+    async_save: bool = False
+    """Write checkpoints from background processes while training goes on (megatron's async save)."""
 
 
 @dataclass
@@ -419,9 +424,16 @@ def validate(cfg: MegamftConfig, world_size: int) -> None:
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     problems = _model_problems(cfg) + _parallel_problems(cfg, world_size)
-    problems += _batch_problems(cfg, world_size) + _data_problems(cfg)
+    problems += _batch_problems(cfg, world_size) + _data_problems(cfg) + _lora_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def _lora_problems(cfg: MegamftConfig) -> list[str]:
+    if cfg.lora.save_adapters_only and not (cfg.lora.enabled and cfg.checkpoint.load_dir):
+        return ["lora.save_adapters_only needs lora.enabled=true and checkpoint.load_dir (the base weights, "
+                "or an earlier LoRA checkpoint of this run)"]
+    return []
 
 
 def _data_problems(cfg: MegamftConfig) -> list[str]:

@@ -81,6 +81,7 @@ def train(overrides: tuple[str, ...], config_files: tuple[str, ...] = ()) -> dic
         "tokens": [s.tokens for s in result.history],
         "valid_before": result.valid_before.loss,
         "valid_after": result.valid_after.loss,
+        "task_samples": result.task_samples,
     }
 
 

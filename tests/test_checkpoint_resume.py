@@ -3,6 +3,8 @@
 The uninterrupted TP=2 run is the reference: resuming from its step-1
 checkpoint in another layout must reproduce its losses for the steps after,
 which needs weights, optimizer moments, LR schedule and data position back.
+The reference saves asynchronously (megatron's background writer, then
+megamft's publish); test_preemption covers synchronous saves.
 """
 
 from pathlib import Path
@@ -27,7 +29,7 @@ def uninterrupted(initial_weights, tmp_path_factory):
     overrides = (
         "parallel.tensor_model_parallel_size=2", f"train.train_steps={STEPS}",
         f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
-        f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval=1",
+        f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval=1", "checkpoint.async_save=true",
     )
     result = launch(jobs.train, 2, kwargs={"overrides": overrides}, timeout=240)[0]
     return save_dir, result
@@ -56,6 +58,8 @@ def test_resume_in_another_layout_continues_the_run(uninterrupted, world_size, l
         assert _rel(got, want) <= 1e-5, (resumed["loss"], reference["loss"])
     for got, want in zip(resumed["grad_norm"], reference["grad_norm"][1:]):
         assert _rel(got, want) <= 1e-5
+    assert resumed["task_samples"] == reference["task_samples"]  # samples per task restored and continued
+    assert sum(reference["task_samples"].values()) > 3 * 8  # packed: more samples than sequences
 
 
 def test_weights_only_checkpoint_needs_load_optimizer_false(initial_weights):

@@ -31,3 +31,43 @@ def test_lora_at_tp2_matches_tp1(initial_weights):
     assert one["loss"][2] != one["loss"][0]
     for a, b in zip(one["loss"] + one["grad_norm"], two["loss"] + two["grad_norm"]):
         assert abs(a - b) <= 1e-5 * abs(a), (one, two)
+
+
+def test_adapter_only_checkpoints_resume_exactly_and_export_merged(initial_weights, tmp_path):
+    """Adapter-only saves hold adapters and their optimizer state; resume and export read the base."""
+    from megamft.checkpoint import hf_convert
+    from megamft.checkpoint.dist_checkpoint import iteration_dir
+    from megamft.checkpoint.global_view import tensor_index
+    from safetensors.torch import load_file
+
+    common = LORA + ("train.train_steps=3", "checkpoint.save_interval=1", "parallel.tensor_model_parallel_size=2",
+                     f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false")
+    full = launch(jobs.train, 2, timeout=240, kwargs={"overrides": common + (f"checkpoint.save_dir={tmp_path / 'full'}",)})[0]
+    adapters = launch(jobs.train, 2, timeout=240, kwargs={"overrides": common + (
+        f"checkpoint.save_dir={tmp_path / 'adapters'}", "lora.save_adapters_only=true")})[0]
+    assert adapters["loss"] == full["loss"]
+    def weights(name):
+        return [k for k in tensor_index(iteration_dir(tmp_path / name, 3)) if not k.startswith("optimizer.")]
+
+    assert weights("adapters") and all(".lora_" in k for k in weights("adapters")), weights("adapters")[:5]
+    assert any(".lora_" not in k for k in weights("full"))  # the full checkpoint has the base too
+
+    def numel(name):
+        index = tensor_index(iteration_dir(tmp_path / name, 3))
+        return sum(torch.Size(index[k].size).numel() for k in weights(name))
+
+    assert numel("adapters") < 0.3 * numel("full")
+
+    resumed = launch(jobs.train, 1, timeout=240, kwargs={"overrides": LORA + (
+        "train.train_steps=3", f"checkpoint.load_dir={tmp_path / 'adapters'}", "checkpoint.load_iteration=1")})[0]
+    for got, want in zip(resumed["loss"] + resumed["grad_norm"], full["loss"][1:] + full["grad_norm"][1:]):
+        assert abs(got - want) <= 1e-5 * abs(want), (resumed, full)
+
+    exported = [hf_convert.megatron_to_hf(iteration_dir(tmp_path / name, 3), tmp_path / f"hf_{name}")
+                for name in ("full", "adapters")]
+    full_tensors, adapter_tensors = ({k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+                                     for p in exported)
+    assert full_tensors
+    assert full_tensors.keys() == adapter_tensors.keys()
+    for name, tensor in full_tensors.items():
+        assert torch.equal(tensor, adapter_tensors[name]), name

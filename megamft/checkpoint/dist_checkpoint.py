@@ -27,6 +27,7 @@ from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
 
 LATEST = "latest"
+LORA_BASE = "lora_base"  # in an adapter-only checkpoint: where its base weights are
 # fully_reshardable optimizer state loads at any TP/PP/DP, not only the saving one.
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -98,11 +99,17 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _adapters(model_state: dict) -> dict:
+    return {k: v for k, v in model_state.items() if ".lora_" in k}
+
+
 def _sharded_state(
     state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, with_optimizer: bool,
-    extra: dict | None = None, with_rng: bool = False,
+    extra: dict | None = None, with_rng: bool = False, adapters_only: bool = False,
 ):
     model = {f"model{i}": bare_model(chunk).sharded_state_dict() for i, chunk in enumerate(state.chunks)}
+    if adapters_only:  # the frozen base stays in its own checkpoint (`lora_base`)
+        model = {name: _adapters(chunk_state) for name, chunk_state in model.items()}
     sharded = dict(model)
     if with_rng:
         sharded["rng_state"] = _rng_state()
@@ -131,12 +138,15 @@ def prune(save_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
 
 
-def _check_nothing_needed_is_absent(path: Path, keys, adapters_may_be_absent: bool) -> None:
+def _check_nothing_needed_is_absent(path: Path, keys, adapters_may_be_absent: bool,
+                                    base_may_be_absent: bool = False) -> None:
     # Transformer Engine keeps layer metadata in `_extra_state`; checkpoints
     # converted from Hugging Face (or saved without TE) legitimately lack it.
-    # A base checkpoint has no LoRA adapters when a LoRA fine-tune starts from it.
+    # A base checkpoint has no LoRA adapters when a LoRA fine-tune starts from it;
+    # an adapter-only checkpoint has no base weights (they were loaded from the base).
     needed = sorted(k for k in keys if not k.endswith("_extra_state") and "_extra_state/" not in k
-                    and not (adapters_may_be_absent and ".lora_" in k))
+                    and not (adapters_may_be_absent and ".lora_" in k)
+                    and not (base_may_be_absent and ".lora_" not in k))
     # Ranks see different keys (only the last stage owns output_layer): agree before
     # raising, so that no rank waits forever in the next collective.
     failed = torch.tensor([1 if needed else 0])
@@ -174,14 +184,42 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class AsyncSaves:
+    """Checkpoints written by background processes (megatron's async save), published when all finished.
+
+    `poll` after every step publishes the saves that every rank has completed;
+    `wait` blocks until all are published. A save still in flight when the run
+    dies stays a `.partial` folder, which loading ignores.
+    """
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue()
+
+    def schedule(self, request) -> None:
+        self._queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        self._queue.maybe_finalize_async_calls(blocking=True)
+
+
 def save(
     state, save_dir: str | Path, iteration: int, consumed_samples: int, cfg: MegamftConfig,
-    with_optimizer: bool = True, extra: dict | None = None,
+    with_optimizer: bool = True, extra: dict | None = None, async_saves: AsyncSaves | None = None,
+    lora_base: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint for `iteration`; every rank must call this.
 
     with_optimizer=False writes weights only (the optimizer has no state before its first step).
     `extra` holds small replicated state (e.g. the loss balancer), saved by rank 0.
+    With `async_saves`, tensors are written in the background and the checkpoint
+    is published (renamed, `latest` moved) by a later `poll` or `wait`.
+    With `lora_base` ({"dir", "iteration"} of the base weights), only adapters are
+    saved (with their optimizer state); loading and export read the base from there.
     """
     final = iteration_dir(save_dir, iteration)
     partial = final.with_name(final.name + ".partial")
@@ -190,16 +228,27 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     torch.distributed.barrier()
+    if lora_base is not None:
+        extra = {**(extra or {}), LORA_BASE: lora_base}
     sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer, extra,
-                             with_rng=with_optimizer)
+                             with_rng=with_optimizer, adapters_only=lora_base is not None)
+
+    def finish() -> None:
+        if rank == 0:
+            (partial / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            publish(partial, final)
+            write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
+            if cfg.checkpoint.keep_last:
+                prune(save_dir, cfg.checkpoint.keep_last)
+
+    if async_saves is not None:
+        request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
+        request.add_finalize_fn(finish)
+        async_saves.schedule(request)
+        return final
     dist_checkpointing.save(sharded, str(partial))
     torch.distributed.barrier()
-    if rank == 0:
-        (partial / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        publish(partial, final)
-        write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
-        if cfg.checkpoint.keep_last:
-            prune(save_dir, cfg.checkpoint.keep_last)
+    finish()
     torch.distributed.barrier()
     return final
 
@@ -210,7 +259,8 @@ def load(
 ) -> dict:
     """Restore a complete checkpoint (the latest by default).
 
-    Returns the checkpoint's replicated state: "progress", "config" and any `extra` saved with it.
+    Returns the checkpoint's replicated state: "progress", "config" and any `extra` saved with it,
+    and "checkpoint": the folder and iteration loaded.
     """
     if iteration is None:
         iteration = latest_iteration(load_dir)
@@ -220,6 +270,9 @@ def load(
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete megatron dist checkpoint")
     stored = tensor_index(path)
+    base = global_view.read_common(path).get(LORA_BASE)
+    if base is not None:  # adapter-only: the frozen weights come from the base checkpoint first
+        load(state, base["dir"], cfg, load_optimizer=False, iteration=base["iteration"])
     if load_optimizer and not any(k.startswith("optimizer.") for k in stored):
         raise ValueError(
             f"{path} holds weights only (e.g. converted from Hugging Face), no optimizer state; "
@@ -230,7 +283,8 @@ def load(
     # RNG streams come back only into the layout that saved them (they are per TP/PP rank).
     saved_layout = global_view.read_common(path).get("rng_layout")
     same_layout = load_optimizer and saved_layout == _layout()
-    sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer, with_rng=same_layout)
+    sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer, with_rng=same_layout,
+                             adapters_only=base is not None)
     if not any(".lora_" in key for key in stored):  # a base model for a new LoRA fine-tune
         for name in [k for k in sharded if k.startswith("model")]:
             sharded[name] = {k: v for k, v in sharded[name].items() if ".lora_" not in k}
@@ -238,7 +292,8 @@ def load(
     _check_nothing_needed_is_absent(path, absent, not load_optimizer)
     for i, chunk in enumerate(state.chunks):
         result = bare_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
-        _check_nothing_needed_is_absent(path, result.missing_keys + result.unexpected_keys, not load_optimizer)
+        _check_nothing_needed_is_absent(path, result.missing_keys + result.unexpected_keys, not load_optimizer,
+                                        base_may_be_absent=base is not None)
     if load_optimizer:
         state.optimizer.load_state_dict(loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])
@@ -247,4 +302,5 @@ def load(
     else:
         # Mixed precision keeps fp32 master copies; refresh them from the new weights.
         state.optimizer.reload_model_params()
+    loaded["checkpoint"] = {"dir": str(Path(load_dir).resolve()), "iteration": iteration}
     return loaded

@@ -320,6 +320,19 @@ def _checkpoint_dir(path: Path) -> Path:
     return complete_dir(path, iteration)
 
 
+def _base_weights(ckpt: Path) -> Path:
+    """Where the non-adapter weights are: the checkpoint itself, or the base an adapter-only one names."""
+    from megamft.checkpoint.dist_checkpoint import LORA_BASE, complete_dir
+
+    base = global_view.read_common(ckpt).get(LORA_BASE)
+    if base is None:
+        return ckpt
+    path = complete_dir(base["dir"], base["iteration"])
+    if not (path / "metadata.json").is_file():
+        raise ConversionError(f"{ckpt} holds LoRA adapters only; its base checkpoint {path} is missing")
+    return path
+
+
 def _config_of_checkpoint(ckpt: Path) -> MegamftConfig:
     common = global_view.read_common(ckpt)
     return from_dict(json.loads(common["config"]), origin=str(ckpt / "common.pt"))
@@ -360,10 +373,11 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     writer = _ShardWriter(partial, max_shard_bytes)
     stored_dtype = None
     mappings = needed_mappings(model)
+    weights = _base_weights(ckpt)
     for layer in [None, *range(model.num_layers)]:
         group = [m for m in mappings if m.per_layer == (layer is not None)]
         regions = [_region(m, layer, d) for m in group]
-        tensors = global_view.read_regions(ckpt, regions)
+        tensors = global_view.read_regions(weights, regions)
         if layer is not None:
             tensors = _with_adapters_merged(ckpt, index, regions, tensors, lora_scale)
         for mapping, tensor in zip(group, tensors):

@@ -39,6 +39,7 @@ class RunResult:
     last_checkpoint: str | None = None
     preempted: bool = False
     skipped_steps: int = 0
+    task_samples: dict[str, int] = field(default_factory=dict)  # training samples consumed per task
 
 
 @dataclass
@@ -55,6 +56,12 @@ class Run:
     iteration: int = 0
     consumed: int = 0
     skipped_in_a_row: int = 0
+    async_saves: dist_checkpoint.AsyncSaves | None = None
+    lora_base: dict | None = None  # base weights of adapter-only checkpoints
+
+    def finish_saves(self) -> None:
+        if self.async_saves is not None:
+            self.async_saves.wait()
 
 
 def _dp() -> tuple[int, int]:
@@ -150,8 +157,10 @@ def _loss_setup(run: Run) -> LossSetup:
 
 def _save(run: Run) -> None:
     extra = {"balancer": run.balancer.state_dict()} if run.balancer else {}
+    extra["task_samples"] = dict(run.result.task_samples)
     path = dist_checkpoint.save(run.state, run.cfg.checkpoint.save_dir, run.iteration, run.consumed,
-                                run.cfg, extra=extra)
+                                run.cfg, extra=extra, async_saves=run.async_saves,
+                                lora_base=run.lora_base if run.cfg.lora.save_adapters_only else None)
     run.result.last_checkpoint = str(path)
 
 
@@ -207,6 +216,9 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
         rows = run.data.train_rows(run.consumed, cfg.train.global_batch_size, dp_rank, dp_size)
         batches = run.data.batches(rows, cfg.train.micro_batch_size, same_length=_pipelined())
         stats = train_step(run.state, batches, run.data.task_names, _loss_setup(run))
+        if run.async_saves is not None:
+            run.async_saves.poll()
+        _count_task_samples(run)
         run.iteration += 1
         run.consumed += cfg.train.global_batch_size
         run.result.history.append(stats)
@@ -238,6 +250,15 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
             return
 
 
+def _count_task_samples(run: Run) -> None:
+    """Add the samples of the global batch about to be consumed, per task (same on every rank)."""
+    counts = run.result.task_samples
+    for tasks, _ in run.data.train_rows(run.consumed, run.cfg.train.global_batch_size, 0, 1):
+        for task in tasks.tolist():
+            name = run.data.task_names[task]
+            counts[name] = counts.get(name, 0) + 1
+
+
 def _resume(run: Run) -> None:
     """Restore iteration, consumed samples and balancer state from the configured checkpoint."""
     ckpt = run.cfg.checkpoint
@@ -245,9 +266,13 @@ def _resume(run: Run) -> None:
         return
     loaded = dist_checkpoint.load(run.state, ckpt.load_dir, run.cfg, load_optimizer=ckpt.load_optimizer,
                                   iteration=ckpt.load_iteration)
+    # Adapter-only saves point at the weights under the adapters: the loaded checkpoint,
+    # or, if that was adapter-only itself, its own base.
+    run.lora_base = loaded.get(dist_checkpoint.LORA_BASE) or loaded["checkpoint"]
     if not ckpt.load_optimizer:
         return  # weights only: a fresh fine-tune from these weights
     run.iteration, run.consumed = loaded["progress"]["iteration"], loaded["progress"]["consumed_samples"]
+    run.result.task_samples = dict(loaded.get("task_samples", {}))
     if run.balancer is not None and "balancer" in loaded:
         run.balancer.load_state_dict(loaded["balancer"])
 
@@ -277,7 +302,8 @@ def _build(cfg: MegamftConfig) -> Run:
     state = build_training_state(cfg, runtime, data.vocab_size)
     return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)),
                static_task_weights(cfg, data.task_names),
-               MetricsWriter(_tensorboard_dir(cfg), distributed.is_logging_rank()))
+               MetricsWriter(_tensorboard_dir(cfg), distributed.is_logging_rank()),
+               async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None)
 
 
 def run(cfg: MegamftConfig) -> RunResult:
@@ -291,12 +317,14 @@ def run(cfg: MegamftConfig) -> RunResult:
         current.result.valid_before = _validate(current, "valid (before)")
         _train_loop(current)
         if current.result.preempted:
+            current.finish_saves()
             return current.result
         current.result.valid_after = _validate(current, "valid (after)")
         last = current.result.last_checkpoint
         trained = current.iteration > start
         if cfg.checkpoint.save_dir and trained and (last is None or not last.endswith(f"{current.iteration:07d}")):
             _save(current)
+        current.finish_saves()
         current.metrics.close()
         return current.result
     finally:
