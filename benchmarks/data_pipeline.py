@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from megamft.data.dataset import IndexedDocuments
+# Light imports only at module level: preprocessing workers are spawned and
+# re-import this file, and torch (behind the training-time modules) would
+# cost each of them seconds of start-up.
 from megamft.data.preprocess import PreprocessOptions, preprocess
-from megamft.data.sequences import batch_length, build_rows, positions_of
 from megamft.data.stdlib_corpus import build_corpus
 from megamft.data.tokenizer import load_tokenizer
 from megamft.data.train_tokenizer import train_sentencepiece
@@ -99,6 +100,9 @@ def throughput(tasks, tokenizer_path: str, work: Path) -> dict[str, float]:
 
 
 def padding_table(folder: Path, micro_batch_size: int = 4) -> list[str]:
+    from megamft.data.dataset import IndexedDocuments
+    from megamft.data.sequences import batch_length, build_rows, positions_of
+
     manifest = json.loads((folder / "manifest.json").read_text())
     stores = [IndexedDocuments(folder, e) for e in manifest["tasks"]]
     tasks = np.concatenate([np.full(len(s.lengths), i) for i, s in enumerate(stores)])

@@ -175,7 +175,7 @@ def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_s
     stores = []
     for task in TASKS:
         conversations = [[(ROLE_NAMES[t["role"]], t["content"]) for t in turns] for turns in corpus[task]]
-        encoded = [s for s in encoder.encode([template(c, tokenizer) for c in conversations])
+        encoded = [s for s in encoder.encode([template(c, tokenizer) for c in conversations]).samples()
                    if len(s.ids) <= seq_length + 1]
         stores.append(InMemoryDocuments([s.ids for s in encoded], [s.mask for s in encoded]))
     return list(TASKS), stores, tokenizer.vocab_size, tokenizer.pad_id

@@ -18,6 +18,23 @@ class EncodedSample:
 
 
 @dataclass
+class EncodedBatch:
+    """Many samples as one array of ids and one of mask values; sample i is offsets[i]:offsets[i+1]."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def samples(self) -> list[EncodedSample]:
+        o = self.offsets
+        return [EncodedSample(self.ids[o[i] : o[i + 1]], self.mask[o[i] : o[i + 1]]) for i in range(len(o) - 1)]
+
+
+@dataclass
 class SegmentEncoder:
     """Encodes template segments with a tokenizer; template markup is encoded once and cached."""
 
@@ -27,11 +44,24 @@ class SegmentEncoder:
     def __post_init__(self):
         self._split = special_splitter(self.tokenizer.specials)
 
-    def encode(self, conversations: list[list[Segment]]) -> list[EncodedSample]:
+    def encode(self, conversations: list[list[Segment]]) -> EncodedBatch:
         texts: list[str] = []
         plans = [self._plan(segments, texts) for segments in conversations]
         encoded = self.tokenizer.encode_batch(texts) if texts else []
-        return [self._assemble(plan, encoded) for plan in plans]
+        chunks, flags, pieces = [], [], []
+        for plan in plans:
+            pieces.append(0)
+            for parts, learned in plan:
+                for part in parts:
+                    chunks.append(encoded[part] if isinstance(part, int) else part)
+                    flags.append(learned)
+                    pieces[-1] += 1
+        lengths = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
+        ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int32, count=int(lengths.sum()))
+        mask = np.repeat(np.asarray(flags, dtype=np.uint8), lengths)
+        piece_ends = np.cumsum(pieces)
+        token_ends = np.concatenate([[0], np.cumsum(lengths)])[piece_ends]
+        return EncodedBatch(ids, mask, np.concatenate([[0], token_ends]).astype(np.int64))
 
     def _plan(self, segments: list[Segment], texts: list[str]) -> list[tuple[list, bool]]:
         """Each segment as (parts, learned); a part is an id list or an index into `texts`."""
@@ -64,16 +94,3 @@ class SegmentEncoder:
             ids = list(chain.from_iterable([p] if isinstance(p, int) else next(encoded) for p in pieces))
             self._cache[text] = ids
         return ids
-
-    @staticmethod
-    def _assemble(plan, encoded) -> EncodedSample:
-        chunks, flags = [], []
-        for parts, learned in plan:
-            for part in parts:
-                ids = encoded[part] if isinstance(part, int) else part
-                chunks.append(ids)
-                flags.append(learned)
-        lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
-        ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int32, count=int(lengths.sum()))
-        mask = np.repeat(np.asarray(flags, dtype=np.uint8), lengths)
-        return EncodedSample(ids, mask)

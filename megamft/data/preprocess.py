@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -156,38 +157,46 @@ class _Encoder:
                 numbers.append(number)
             except BadSample as err:
                 bad.append((number, err.kind, str(err)))
-        samples = self.segments.encode(conversations)
-        return self._finish(file, len(raw_lines), numbers, samples, bad, dropped)
+        batch = self.segments.encode(conversations)
+        return self._finish(file, len(raw_lines), np.asarray(numbers, dtype=np.int64), batch, bad, dropped)
 
-    def _finish(self, file, line_count, numbers, samples, bad, dropped) -> ChunkResult:
-        limit, kept, truncated = self.options.max_seq_length, [], 0
-        for number, sample in zip(numbers, samples):
-            if self.options.train_on_all:
-                sample.mask[:] = 1
-            if limit and len(sample.ids) > limit:
-                if self.options.overlong == "truncate":
-                    sample.ids, sample.mask = sample.ids[:limit], sample.mask[:limit]
-                    truncated += 1
-                    if not sample.mask.any():
-                        dropped["no_answer_left_after_truncation"] += 1
-                        continue
-                elif self.options.overlong == "drop":
-                    dropped["overlong"] += 1
-                    continue
-                else:
-                    bad.append((number, "overlong", f"{len(sample.ids)} tokens, longer than --max-seq-length "
-                                f"{limit}; or set --overlong truncate|drop"))
-                    continue
-            kept.append(sample)
+    def _finish(self, file, line_count, numbers, batch, bad, dropped) -> ChunkResult:
+        """Apply --train-on-all and --max-seq-length/--overlong to a chunk's samples."""
+        if self.options.train_on_all:
+            batch.mask[:] = 1
+        lengths, limit, truncated = batch.lengths, self.options.max_seq_length, 0
+        keep = np.ones(len(lengths), dtype=bool)
+        if limit and (lengths > limit).any():
+            over = lengths > limit
+            if self.options.overlong == "truncate":
+                truncated = int(over.sum())
+                lengths = np.minimum(lengths, limit)
+                # A sample whose answers all lie past the cut teaches nothing.
+                keep[over] = [batch.mask[o : o + limit].any() for o in batch.offsets[:-1][over]]
+                dropped["no_answer_left_after_truncation"] += int((~keep).sum())
+            elif self.options.overlong == "drop":
+                keep &= ~over
+                dropped["overlong"] += int(over.sum())
+            else:
+                keep &= ~over
+                bad += [(int(n), "overlong", f"{int(length)} tokens, longer than --max-seq-length {limit}; "
+                         "or set --overlong truncate|drop") for n, length in zip(numbers[over], lengths[over])]
+        ids, mask, lengths = _gather(batch, keep, lengths)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        digests = [hashlib.blake2b(ids[a:b].tobytes() + mask[a:b].tobytes(), digest_size=12).digest()
+                   for a, b in zip(starts[:-1], starts[1:])]
         bad.sort()
-        return ChunkResult(
-            file=file, lines=line_count,
-            ids=np.concatenate([s.ids for s in kept]) if kept else np.zeros(0, np.int32),
-            mask=np.concatenate([s.mask for s in kept]) if kept else np.zeros(0, np.uint8),
-            lengths=np.fromiter((len(s.ids) for s in kept), dtype=np.int64, count=len(kept)),
-            digests=[hashlib.blake2b(s.ids.tobytes() + s.mask.tobytes(), digest_size=12).digest() for s in kept],
-            bad=bad, truncated=truncated, dropped=dropped,
-        )
+        return ChunkResult(file=file, lines=line_count, ids=ids, mask=mask, lengths=lengths, digests=digests,
+                           bad=bad, truncated=truncated, dropped=dropped)
+
+
+def _gather(batch, keep: np.ndarray, lengths: np.ndarray):
+    """The first `lengths[i]` tokens of each kept sample, concatenated."""
+    if keep.all() and np.array_equal(lengths, batch.lengths):
+        return batch.ids, batch.mask, lengths
+    starts, lengths = batch.offsets[:-1][keep], lengths[keep]
+    index = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+    return batch.ids[index], batch.mask[index], lengths
 
 
 _WORKER: _Encoder | None = None
@@ -211,11 +220,11 @@ def _ordered_results(options: PreprocessOptions, chunks: Iterator, pool) -> Iter
         return
     pending: deque = deque()
     for item in chunks:
-        pending.append(pool.apply_async(_run_chunk, (item,)))
+        pending.append(pool.submit(_run_chunk, item))
         if len(pending) >= 4 * options.workers:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 # ---------------------------------------------------------------- driver
@@ -248,8 +257,8 @@ def preprocess(options: PreprocessOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     writers: list[IndexedWriter] = []
     pool = None
-    if options.workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, (options,))
+    if options.workers > 1:  # a dead worker raises BrokenProcessPool here rather than hanging
+        pool = ProcessPoolExecutor(options.workers, multiprocessing.get_context("spawn"), _init_worker, (options,))
     else:
         _init_worker(options)
     bar = _progress_bar(options)
@@ -267,8 +276,7 @@ def preprocess(options: PreprocessOptions) -> dict:
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     manifest = {
         "format": FORMAT,
         "tokenizer": tokenizer.identity(),
