@@ -1,6 +1,7 @@
 """`megamft train` under torchrun: trains, reports, checkpoints, resumes."""
 
 import os
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,21 @@ def _tensorboard_scalars(folder: Path) -> dict:
     accumulator = EventAccumulator(str(folder))
     accumulator.Reload()
     return {tag: accumulator.Scalars(tag) for tag in accumulator.Tags()["scalars"]}
+
+
+def test_embedded_dataset_script_builds_indexed_data_that_trains(tmp_path):
+    """examples/data/build_embedded_dataset.sh: JSONL export, tokenizer training, preprocessing; then train on it."""
+    built = subprocess.run(["bash", str(ROOT / "examples" / "data" / "build_embedded_dataset.sh"), str(tmp_path)],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert built.returncode == 0, built.stderr[-3000:]
+    manifest = json.loads((tmp_path / "indexed" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["code_completion", "text_to_code", "code_to_docstring"]
+    assert manifest["tokenizer"]["kind"] == "sentencepiece" and manifest["options"]["decontaminate"] == ["humaneval"]
+    assert all(t["documents"] > 1000 for t in manifest["tasks"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "megamft", "train", "--config", str(ROOT / "examples" / "quickstart_indexed.yaml"),
+           *SMALL, f"data.path={tmp_path / 'indexed'}", "train.train_steps=2", "checkpoint.save_dir=null"]
+    trained = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "step 2/2 | loss" in trained.stderr

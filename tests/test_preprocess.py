@@ -232,3 +232,25 @@ def test_cli_reads_tasks_from_yaml(tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["template"]["name"] == "chatml" and manifest["tasks"][0]["documents"] == 3
+
+
+def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path):
+    """SIGKILL mid-run: only *.partial files remain (and the folder has no manifest.json)."""
+    import os
+    import signal
+    import time
+
+    lines = [as_line([("user", f"question {i}"), ("assistant", "an answer " * 50 + str(i))], "messages")
+             for i in range(60_000)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", "--task", f"a={path}", "--task", f"b={path}",
+                             "--out", str(out), "--quiet", "--no-dedup"], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 60
+    while not (out.exists() and any(p.name.endswith(".partial") for p in out.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    names = sorted(p.name for p in out.iterdir())
+    assert names and all(n.endswith(".partial") for n in names), names
