@@ -429,6 +429,22 @@ def validate(cfg: MegamftConfig, world_size: int) -> None:
         raise ConfigError(problems)
 
 
+def _context_parallel_problems(cfg: MegamftConfig, cp: int, tp: int) -> list[str]:
+    """CP splits every sequence into 2 x CP chunks inside Transformer Engine's attention."""
+    problems = []
+    multiple = 2 * cp * (tp if cfg.parallel.sequence_parallel else 1)
+    if cfg.data.seq_length % multiple:
+        problems.append(f"data.seq_length ({cfg.data.seq_length}) must be divisible by {multiple} "
+                        "(2 x CP, x TP with sequence parallel) with context parallelism")
+    if cfg.data.mode == "dynamic" and cfg.data.pad_to_multiple_of % multiple:
+        problems.append(f"data.pad_to_multiple_of must be a multiple of {multiple} with context parallelism")
+    if cfg.data.mode == "pack":
+        problems.append("data.mode=pack is not supported with context parallelism yet; use pad, dynamic or concat")
+    if cfg.loss.mode == "focal":
+        problems.append("loss.mode=focal needs whole samples' losses on one rank; not with context parallelism")
+    return problems
+
+
 def _lora_problems(cfg: MegamftConfig) -> list[str]:
     if cfg.lora.save_adapters_only and not (cfg.lora.enabled and cfg.checkpoint.load_dir):
         return ["lora.save_adapters_only needs lora.enabled=true and checkpoint.load_dir (the base weights, "
@@ -544,10 +560,7 @@ def _parallel_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
             f"parallel.tensor_model_parallel_size ({tp}) with sequence parallel"
         )
     if cp > 1:
-        problems.append(
-            "parallel.context_parallel_size > 1 is not supported yet: megamft does not split "
-            "sequences across CP ranks; use tensor/sequence parallelism for long sequences"
-        )
+        problems += _context_parallel_problems(cfg, cp, tp)
     model_parallel = tp * pp * cp
     if world_size % model_parallel:
         problems.append(

@@ -324,3 +324,38 @@ def packed_isolation() -> dict:
                     at += n
                     documents += 1
         return {"max_diff": max(diffs), "unmasked_max_diff": max(unmasked_diffs), "documents": documents}
+
+
+def context_parallel_objective(context_parallel: int, modes: tuple[str, ...]) -> dict:
+    """Σ w·l of the first global batch per loss mode, each CP rank summing only its share of the tokens.
+
+    l is a fixed function of token and position (no model: megatron's CP attention needs
+    Transformer Engine); what is checked is megamft's weighting and megatron's split.
+    """
+    import torch
+    from megatron.core import parallel_state
+
+    from megamft.data.dataset import load_data
+    from megamft.platform import distributed
+    from megamft.training.step import LossSetup, _token_weights, global_counts, split_for_context_parallel
+
+    cfg = tiny_config("data.mode=pad", f"parallel.context_parallel_size={context_parallel}")
+    distributed.initialize(cfg)
+    try:
+        data = load_data(cfg.data)
+        batches = first_batches(data, 8, 2)
+        out = {}
+        for mode in modes:
+            setup = LossSetup(mode=mode, task_weights=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+            counts = global_counts(batches, 3)
+            total = torch.zeros((), dtype=torch.float64)
+            for batch in split_for_context_parallel(batches, setup, counts, 3):
+                fake_loss = ((batch["tokens"] * 31 + batch["position_ids"] * 7) % 97).double() / 97
+                total += (fake_loss * _token_weights(setup, counts, batch, 3).view_as(fake_loss)).sum()
+            torch.distributed.all_reduce(total, group=parallel_state.get_context_parallel_group())
+            out[mode] = float(total)
+        out["local_tokens"] = sum(b["tokens"].numel() for b in split_for_context_parallel(
+            batches, LossSetup(), global_counts(batches, 3), 3))
+        return out
+    finally:
+        distributed.shutdown()

@@ -1,10 +1,14 @@
 """`megamft train` under torchrun: trains, reports, checkpoints, resumes."""
 
 import os
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from megamft.checkpoint.dist_checkpoint import latest_iteration
 from megamft.testing.distributed import free_port
@@ -69,3 +73,22 @@ def test_embedded_dataset_script_builds_indexed_data_that_trains(tmp_path):
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "step 2/2 | loss" in trained.stderr
+
+
+@pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and importlib.util.find_spec("transformer_engine")),
+                    reason="context parallelism runs in Transformer Engine's attention: needs 2 GPUs and TE")
+def test_context_parallel_trains_like_one_rank(tmp_path):
+    """GPU only: CP=2 gives the losses of CP=1 (same data, same initial weights from the seed)."""
+    import re
+
+    def losses(cp: int) -> list[float]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp), "--master-port",
+               str(free_port()), "-m", "megamft", "train", "--config", str(ROOT / "examples" / "quickstart.yaml"),
+               *SMALL, "parallel.tensor_model_parallel_size=1", f"parallel.context_parallel_size={cp}",
+               "data.mode=pad", "train.train_steps=3", "checkpoint.save_dir=null"]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return [float(x) for x in re.findall(r"step \d+/3 \| loss ([\d.]+)", run.stderr)]
+
+    one, two = losses(1), losses(2)
+    assert len(one) == 3 and all(abs(a - b) <= 2e-3 * a for a, b in zip(one, two)), (one, two)

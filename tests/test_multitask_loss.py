@@ -157,3 +157,17 @@ def test_counts_add_up_over_parts():
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="unknown loss mode 'case5'"):
         weigh_token_losses(LOSSES, MASK, TASKS, 2, "case5")
+
+
+def test_context_parallel_split_keeps_every_mode_exact():
+    """CP=2: weights computed on whole sequences, each rank keeping half the tokens, sum to the CP=1 objective."""
+    import jobs
+    from megamft.testing.distributed import launch
+
+    modes = ("token", "sample", "task_token", "task_sample")
+    whole = launch(jobs.context_parallel_objective, 1, timeout=240, kwargs={"context_parallel": 1, "modes": modes})[0]
+    split = launch(jobs.context_parallel_objective, 2, timeout=240, kwargs={"context_parallel": 2, "modes": modes})
+    for rank in split:
+        assert rank["local_tokens"] * 2 == whole["local_tokens"]
+        for mode in modes:
+            assert abs(rank[mode] - whole[mode]) <= 1e-12 * abs(whole[mode]), (mode, rank, whole)

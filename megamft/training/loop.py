@@ -287,6 +287,9 @@ def _build(cfg: MegamftConfig) -> Run:
     runtime = distributed.initialize(cfg)
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
+    if cfg.parallel.context_parallel_size > 1 and not runtime.transformer_engine:
+        raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine: megatron-core's local "
+                         "attention has no context parallelism (pip install '.[gpu]' on a CUDA machine)")
     if runtime.transformer_engine and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
         raise ValueError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
                          "go to TE as one 'thd' sequence); or use data.mode=pad|dynamic")

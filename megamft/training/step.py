@@ -48,17 +48,54 @@ class StepStats:
 
 
 def _dp_group():
+    """Ranks whose token sums add up to the global batch's: DP x CP (CP ranks hold sequence parts)."""
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 def global_counts(micro_batches: list[dict], num_tasks: int) -> BatchCounts:
-    """Token and sample counts of the whole global batch (all micro-batches, all DP ranks)."""
+    """Token and sample counts of the whole global batch (all micro-batches, all DP ranks).
+
+    Counted on whole sequences, before any context-parallel split, so over DP ranks only.
+    """
     local = BatchCounts.zeros(num_tasks)
     for batch in micro_batches:
         local = local + count(batch["loss_mask"], batch["task_ids"], batch.get("sample_ids"), num_tasks)
     flat = local.as_tensor()
-    torch.distributed.all_reduce(flat, group=_dp_group())
+    torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
     return BatchCounts.from_tensor(flat)
+
+
+_CP_SPLIT_KEYS = ("tokens", "labels", "loss_mask", "task_ids", "sample_ids", "position_ids", "token_weights")
+
+
+def split_for_context_parallel(micro_batches: list[dict], setup: LossSetup, counts: BatchCounts,
+                               num_tasks: int) -> list[dict]:
+    """CP > 1: weigh every token on the whole sequence, then keep this CP rank's share.
+
+    Token weights need whole samples (sample and task counts), so they are
+    computed before megatron's load-balanced split (chunks r and 2CP-1-r).
+    """
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return micro_batches
+    split = []
+    for batch in micro_batches:
+        whole = {**batch, "token_weights": _token_weights(setup, counts, batch, num_tasks).view_as(batch["loss_mask"])}
+        split.append(get_batch_on_this_cp_rank({k: whole[k] for k in _CP_SPLIT_KEYS if k in whole}))
+    return split
+
+
+def _token_weights(setup: LossSetup, counts: BatchCounts, batch: dict, num_tasks: int,
+                   factor: torch.Tensor | None = None) -> torch.Tensor:
+    """w_i of every token of a micro-batch, for the structural part of the loss mode."""
+    if "token_weights" in batch:  # computed before a context-parallel split
+        return batch["token_weights"]
+    mask, tasks, samples = batch["loss_mask"], batch["task_ids"], batch.get("sample_ids")
+    if setup.normalization == "per_microbatch":
+        counts = count(mask, tasks, samples, num_tasks)
+    weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
+    return token_weights(structural_mode(setup.mode), mask, tasks, samples, counts, weights, factor)
 
 
 def _fused_objective(logits: torch.Tensor, batch: dict, w: torch.Tensor, num_tasks: int):
@@ -84,20 +121,15 @@ def _loss_func(setup: LossSetup, counts: BatchCounts, divisor: float, num_tasks:
     objective's gradient.
     """
     mask, tasks, samples = batch["loss_mask"], batch["task_ids"], batch.get("sample_ids")
-    if setup.normalization == "per_microbatch":
-        counts_here = count(mask, tasks, samples, num_tasks)
-    else:
-        counts_here = counts
-    weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
     if setup.fused:  # output: vocab-parallel logits
-        w = token_weights(structural_mode(setup.mode), mask, tasks, samples, counts_here, weights)
+        w = _token_weights(setup, counts, batch, num_tasks)
         objective, per_token_loss = _fused_objective(output, batch, w, num_tasks)
     else:  # output: megatron's per-token cross entropy
         per_token_loss = output
         factor = None
         if setup.mode == "focal":
             factor = focal_sample_factor(per_token_loss, mask, samples, setup.focal_gamma)
-        w = token_weights(structural_mode(setup.mode), mask, tasks, samples, counts_here, weights, factor)
+        w = _token_weights(setup, counts, batch, num_tasks, factor)
         objective = (per_token_loss.float() * w.to(device=per_token_loss.device, dtype=torch.float32)).sum()
     objective = objective / divisor
     total_tokens = float(counts.task_tokens.sum())
@@ -120,12 +152,13 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
     counts = global_counts(micro_batches, num_tasks)
     divisor = 1.0
     if setup.normalization == "per_microbatch":  # MFTCoder: mean over micro-batches and DP ranks
-        divisor = float(len(micro_batches) * parallel_state.get_data_parallel_world_size(with_context_parallel=True))
+        divisor = float(len(micro_batches) * parallel_state.get_data_parallel_world_size())
+    micro_batch_size, seq_length = micro_batches[0]["tokens"].shape  # whole sequences, also under CP
+    micro_batches = split_for_context_parallel(micro_batches, setup, counts, num_tasks)
 
     def make_loss_func(batch):
         return partial(_loss_func, setup, counts, divisor, num_tasks, batch)
 
-    micro_batch_size, seq_length = micro_batches[0]["tokens"].shape
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, make_loss_func, setup.fused),
