@@ -126,15 +126,16 @@ def _sharded_state(
     return sharded
 
 
-def prune(save_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (never the one `latest` names)."""
+def prune(save_dir: str | Path, keep_last: int, protected: set[int] = frozenset()) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (never the one `latest` names,
+    nor `protected` ones, such as the base that adapter-only checkpoints read)."""
     latest = latest_iteration(save_dir)
     complete = sorted(
         int(p.name[len("iter_"):]) for p in Path(save_dir).glob("iter_*")
         if p.is_dir() and p.name[len("iter_"):].isdigit()
     )
     for iteration in complete[:-keep_last]:
-        if iteration != latest:
+        if iteration != latest and iteration not in protected:
             shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
 
 
@@ -239,7 +240,8 @@ def save(
             publish(partial, final)
             write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
             if cfg.checkpoint.keep_last:
-                prune(save_dir, cfg.checkpoint.keep_last)
+                same_dir = lora_base and Path(lora_base["dir"]).resolve() == Path(save_dir).resolve()
+                prune(save_dir, cfg.checkpoint.keep_last, {lora_base["iteration"]} if same_dir else set())
 
     if async_saves is not None:
         request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
