@@ -114,7 +114,7 @@ class DataConfig:
     """data.task_sampling=weights: relative sampling weight per task name (absent tasks: 0)."""
     epoch_samples: Optional[int] = None
     """Samples per data epoch, split over tasks by weight (None: every training sample once)."""
-    max_samples_per_task: Optional[int] = 2000
+    max_samples_per_task: Optional[int] = None
     """Cap on training samples taken from each task (None = all)."""
     valid_samples_per_task: int = 32
     """Samples of each task held out for validation."""

@@ -254,3 +254,18 @@ def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path):
     proc.wait()
     names = sorted(p.name for p in out.iterdir())
     assert names and all(n.endswith(".partial") for n in names), names
+
+
+@pytest.mark.parametrize("on_bad_line", ["skip", "error"])
+def test_chunks_without_any_sample_are_fine(tmp_path, on_bad_line):
+    """A chunk of only blank or bad lines: counted (skip) or reported by file and line (error)."""
+    good = as_line(CONVERSATIONS[2], "messages")
+    path = _write_raw(tmp_path / "in.jsonl", [good, "", "", '{"messages": 3}', '{"messages": 4}', good.replace("hi", "yo")])
+    options = PreprocessOptions(tasks={"t": [str(path)]}, out_dir=str(tmp_path / "out"), chunk_lines=2,
+                                on_bad_line=on_bad_line, progress=False)
+    if on_bad_line == "error":
+        with pytest.raises(PreprocessError, match=f"{path}:4: "):
+            preprocess(options)
+    else:
+        task = preprocess(options)["tasks"][0]
+        assert task["documents"] == 2 and task["dropped"] == {"empty_field": 2}

@@ -185,6 +185,10 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _same_checkpoint(base: dict, folder: str | Path, iteration: int) -> bool:
+    return Path(base["dir"]).resolve() == Path(folder).resolve() and base["iteration"] == iteration
+
+
 class AsyncSaves:
     """Checkpoints written by background processes (megatron's async save), published when all finished.
 
@@ -230,6 +234,9 @@ def save(
         partial.mkdir(parents=True)
     torch.distributed.barrier()
     if lora_base is not None:
+        if _same_checkpoint(lora_base, save_dir, iteration):
+            raise ValueError(f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
+                             "base checkpoint; use another checkpoint.save_dir")
         extra = {**(extra or {}), LORA_BASE: lora_base}
     sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer, extra,
                              with_rng=with_optimizer, adapters_only=lora_base is not None)
@@ -274,6 +281,8 @@ def load(
     stored = tensor_index(path)
     base = global_view.read_common(path).get(LORA_BASE)
     if base is not None:  # adapter-only: the frozen weights come from the base checkpoint first
+        if _same_checkpoint(base, load_dir, iteration):
+            raise RuntimeError(f"{path} holds adapters only and names itself as its base; its base weights are lost")
         load(state, base["dir"], cfg, load_optimizer=False, iteration=base["iteration"])
     if load_optimizer and not any(k.startswith("optimizer.") for k in stored):
         raise ValueError(

@@ -59,7 +59,7 @@ class SegmentEncoder:
         lengths = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
         ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int32, count=int(lengths.sum()))
         mask = np.repeat(np.asarray(flags, dtype=np.uint8), lengths)
-        piece_ends = np.cumsum(pieces)
+        piece_ends = np.cumsum(pieces, dtype=np.int64)  # (int even for a chunk without samples)
         token_ends = np.concatenate([[0], np.cumsum(lengths)])[piece_ends]
         return EncodedBatch(ids, mask, np.concatenate([[0], token_ends]).astype(np.int64))
 

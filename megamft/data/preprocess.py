@@ -50,7 +50,8 @@ class PreprocessOptions:
     """mftcoder | chatml | llama2 | hf (the tokenizer_config.json chat_template)."""
     workers: int = 1
     max_seq_length: Optional[int] = None
-    """Longest sample in tokens; longer ones are bad lines unless `overlong` says otherwise."""
+    """Longest sample in tokens; longer ones are bad lines unless `overlong` says otherwise.
+    A sample of N tokens fills N-1 training positions: data.seq_length + 1 keeps all that fit."""
     overlong: Optional[Literal["truncate", "drop"]] = None
     on_bad_line: Literal["error", "skip"] = "error"
     train_on_all: bool = False
@@ -169,11 +170,11 @@ class _Encoder:
         if limit and (lengths > limit).any():
             over = lengths > limit
             if self.options.overlong == "truncate":
-                truncated = int(over.sum())
                 lengths = np.minimum(lengths, limit)
                 # A sample whose answers all lie past the cut teaches nothing.
                 keep[over] = [batch.mask[o : o + limit].any() for o in batch.offsets[:-1][over]]
                 dropped["no_answer_left_after_truncation"] += int((~keep).sum())
+                truncated = int((over & keep).sum())
             elif self.options.overlong == "drop":
                 keep &= ~over
                 dropped["overlong"] += int(over.sum())

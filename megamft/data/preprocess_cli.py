@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="'byte', a sentencepiece .model, or a tokenizer.json (default: byte)")
     p.add_argument("--template", choices=TEMPLATE_NAMES, help="chat template (default: mftcoder)")
     p.add_argument("--workers", type=int, help="encoding processes (default: 1)")
-    p.add_argument("--max-seq-length", type=int, help="longest sample in tokens")
+    p.add_argument("--max-seq-length", type=int,
+                   help="longest sample in tokens (data.seq_length + 1 keeps every sample that fits a sequence)")
     p.add_argument("--overlong", choices=("truncate", "drop"), help="what to do with longer samples")
     p.add_argument("--on-bad-line", choices=("error", "skip"), help="stop at a bad line (default) or drop it")
     p.add_argument("--train-on-all", action="store_true", default=None, help="learn prompt tokens too")

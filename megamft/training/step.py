@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -139,9 +140,20 @@ def _loss_func(setup: LossSetup, counts: BatchCounts, divisor: float, num_tasks:
     return objective * total_tokens, mask.sum().to(torch.int), {"task_stats": stats}
 
 
+def _on_device(batch: dict) -> dict:
+    """The micro-batch on the model's device (a no-op under the CPU emulation)."""
+    device = torch.cuda.current_device()
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    packed = batch.get("packed_seq_params")
+    if packed is not None:
+        moved["packed_seq_params"] = dataclasses.replace(
+            packed, cu_seqlens_q=packed.cu_seqlens_q.to(device), cu_seqlens_kv=packed.cu_seqlens_kv.to(device))
+    return moved
+
+
 def _forward_step(make_loss_func, fused: bool, data_iterator, model):
     """megatron's forward_step_func: run one micro-batch, return output and loss_func."""
-    batch = next(data_iterator)
+    batch = _on_device(next(data_iterator))
     labels = None if fused else batch["labels"]  # without labels the last stage returns logits
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels,
                    packed_seq_params=batch.get("packed_seq_params"))
