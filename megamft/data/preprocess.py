@@ -364,7 +364,11 @@ class _Progress:
     def __init__(self, enabled: bool):
         from tqdm import tqdm
 
-        self._bar = tqdm(unit=" lines", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+        import sys
+
+        # In a log file (a batch job) a line every 30 s, not a redraw per chunk.
+        self._bar = tqdm(unit=" lines", disable=not enabled, smoothing=0.1, dynamic_ncols=True,
+                         mininterval=0.1 if sys.stderr.isatty() else 30)
         self._tokens = 0
         self._start = time.perf_counter()
 
