@@ -247,8 +247,8 @@ def save(
             publish(partial, final)
             write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
             if cfg.checkpoint.keep_last:
-                same_dir = lora_base and Path(lora_base["dir"]).resolve() == Path(save_dir).resolve()
-                prune(save_dir, cfg.checkpoint.keep_last, {lora_base["iteration"]} if same_dir else set())
+                base_here = lora_base and _same_checkpoint(lora_base, save_dir, lora_base["iteration"])
+                prune(save_dir, cfg.checkpoint.keep_last, {lora_base["iteration"]} if base_here else set())
 
     if async_saves is not None:
         request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
@@ -279,7 +279,8 @@ def load(
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete megatron dist checkpoint")
     stored = tensor_index(path)
-    base = global_view.read_common(path).get(LORA_BASE)
+    common = global_view.read_common(path)
+    base = common.get(LORA_BASE)
     if base is not None:  # adapter-only: the frozen weights come from the base checkpoint first
         if _same_checkpoint(base, load_dir, iteration):
             raise RuntimeError(f"{path} holds adapters only and names itself as its base; its base weights are lost")
@@ -292,7 +293,7 @@ def load(
     if load_optimizer:
         _create_empty_optimizer_state(state.optimizer)
     # RNG streams come back only into the layout that saved them (they are per TP/PP rank).
-    saved_layout = global_view.read_common(path).get("rng_layout")
+    saved_layout = common.get("rng_layout")
     same_layout = load_optimizer and saved_layout == _layout()
     sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer, with_rng=same_layout,
                              adapters_only=base is not None)

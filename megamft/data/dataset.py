@@ -8,13 +8,13 @@ Sources:
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from megamft.config import DataConfig
 from megamft.data.conversation import ROLE_NAMES
@@ -64,31 +64,29 @@ class TrainSequences:
         self._epoch_rows: list[Rows] = []
         self._starts = [0]
 
-    def _epoch(self, epoch: int) -> Rows:
-        while len(self._epoch_rows) <= epoch:
-            e = len(self._epoch_rows)
-            tasks, docs = self.mixture.epoch(e)
-            lengths = np.fromiter((self.stores[t].lengths[d] for t, d in zip(tasks.tolist(), docs.tolist())),
-                                  dtype=np.int64, count=len(tasks))
-            rows = build_rows(tasks, docs, lengths, self.cfg.mode, self.cfg.seq_length, self.cfg.pack_window,
-                              seed=self.cfg.seed + e)
-            if len(rows) == 0:
-                raise ValueError("a data epoch has no sequence: check data.epoch_samples and the task weights")
-            self._epoch_rows.append(rows)
-            self._starts.append(self._starts[-1] + len(rows))
-        return self._epoch_rows[epoch]
+    def _build_next_epoch(self) -> None:
+        e = len(self._epoch_rows)
+        tasks, docs = self.mixture.epoch(e)
+        lengths = np.fromiter((self.stores[t].lengths[d] for t, d in zip(tasks.tolist(), docs.tolist())),
+                              dtype=np.int64, count=len(tasks))
+        rows = build_rows(tasks, docs, lengths, self.cfg.mode, self.cfg.seq_length, self.cfg.pack_window,
+                          seed=self.cfg.seed + e)
+        if len(rows) == 0:
+            raise ValueError("a data epoch has no sequence: check data.epoch_samples and the task weights")
+        self._epoch_rows.append(rows)
+        self._starts.append(self._starts[-1] + len(rows))
 
     def row(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """The sequence at a global position (a count of sequences consumed since the start)."""
-        epoch = 0
-        while True:
-            rows = self._epoch(epoch)
-            if position < self._starts[epoch + 1]:
-                return rows.row(position - self._starts[epoch])
-            epoch += 1
+        while self._starts[-1] <= position:
+            self._build_next_epoch()
+        epoch = bisect.bisect_right(self._starts, position) - 1
+        return self._epoch_rows[epoch].row(position - self._starts[epoch])
 
     def sequences_per_epoch(self) -> int:
-        return len(self._epoch(0))
+        if not self._epoch_rows:
+            self._build_next_epoch()
+        return len(self._epoch_rows[0])
 
 
 @dataclass
@@ -184,8 +182,3 @@ def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_s
 def _stdlib_source(cfg: DataConfig):
     per_task = (cfg.max_samples_per_task or 10**9) + cfg.valid_samples_per_task
     return _stdlib_source_cached(cfg.seq_length, per_task, cfg.seed, cfg.tokenizer, cfg.template)
-
-
-def tokens_in(batches: list[dict]) -> int:
-    """Learned (loss-mask) tokens in micro-batches."""
-    return int(sum(torch.count_nonzero(b["loss_mask"]) for b in batches))

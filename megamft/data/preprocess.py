@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -195,9 +196,13 @@ def _gather(batch, keep: np.ndarray, lengths: np.ndarray):
     """The first `lengths[i]` tokens of each kept sample, concatenated."""
     if keep.all() and np.array_equal(lengths, batch.lengths):
         return batch.ids, batch.mask, lengths
-    starts, lengths = batch.offsets[:-1][keep], lengths[keep]
+    return _take(batch.ids, batch.mask, batch.offsets[:-1][keep], lengths[keep])
+
+
+def _take(ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+    """ids and mask of the spans [starts[i], starts[i] + lengths[i]), concatenated; and the lengths."""
     index = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
-    return batch.ids[index], batch.mask[index], lengths
+    return ids[index], mask[index], lengths
 
 
 _WORKER: _Encoder | None = None
@@ -262,7 +267,7 @@ def preprocess(options: PreprocessOptions) -> dict:
         pool = ProcessPoolExecutor(options.workers, multiprocessing.get_context("spawn"), _init_worker, (options,))
     else:
         _init_worker(options)
-    bar = _progress_bar(options)
+    bar = _Progress(options.progress)
     try:
         reports = [
             _process_task(task_id, name, files[name], options, pool, token_dtype(tokenizer.vocab_size), writers, bar)
@@ -351,11 +356,8 @@ def _unseen(digests: list[bytes], seen: set[bytes]) -> list[int]:
 def _select(result: ChunkResult, keep: list[int]):
     if len(keep) == len(result.lengths):
         return result.ids, result.mask, result.lengths
-    starts = np.concatenate([[0], np.cumsum(result.lengths)])
-    parts = [slice(starts[i], starts[i + 1]) for i in keep]
-    ids = np.concatenate([result.ids[s] for s in parts]) if parts else result.ids[:0]
-    mask = np.concatenate([result.mask[s] for s in parts]) if parts else result.mask[:0]
-    return ids, mask, result.lengths[keep]
+    starts = np.concatenate([[0], np.cumsum(result.lengths)[:-1]])
+    return _take(result.ids, result.mask, starts[keep], result.lengths[keep])
 
 
 class _Progress:
@@ -363,8 +365,6 @@ class _Progress:
 
     def __init__(self, enabled: bool):
         from tqdm import tqdm
-
-        import sys
 
         # In a log file (a batch job) a line every 30 s, not a redraw per chunk.
         self._bar = tqdm(unit=" lines", disable=not enabled, smoothing=0.1, dynamic_ncols=True,
@@ -383,7 +383,3 @@ class _Progress:
 
     def close(self) -> None:
         self._bar.close()
-
-
-def _progress_bar(options: PreprocessOptions) -> _Progress:
-    return _Progress(options.progress)

@@ -131,7 +131,6 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length
     task_ids = np.zeros((b, length), dtype=np.int64)
     sample_ids = np.zeros((b, length), dtype=np.int64)
     position_ids = np.tile(np.arange(length, dtype=np.int64), (b, 1))
-    segment = np.full((b, length), -1, dtype=np.int64)  # document of each position; -1 = padding
     for r, (row_tasks, row_docs) in enumerate(rows):
         at = 0
         for k, (task, doc) in enumerate(zip(row_tasks.tolist(), row_docs.tolist())):
@@ -142,20 +141,19 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length
             loss_mask[r, at : at + n] = mask[1 : n + 1]
             task_ids[r, at : at + n] = task
             sample_ids[r, at : at + n] = k
-            segment[r, at : at + n] = k
             if mode == "pack":
                 position_ids[r, at : at + n] = np.arange(n)
             at += n
         if mode == "pack":  # padding: its own block, so no row of the mask is empty
             position_ids[r, at:] = np.arange(length - at)
         task_ids[r, at:] = row_tasks[-1] if len(row_tasks) else 0
-        sample_ids[r, at:] = len(row_tasks)
+        sample_ids[r, at:] = len(row_tasks)  # padding: a block of its own
     batch = {name: torch.from_numpy(value) for name, value in (
         ("tokens", tokens), ("labels", labels), ("loss_mask", loss_mask), ("task_ids", task_ids),
         ("sample_ids", sample_ids), ("position_ids", position_ids))}
     if mode == "pack":
-        batch["attention_mask"] = document_attention_mask(torch.from_numpy(segment))
-        batch["cu_seqlens"] = document_boundaries(segment)
+        batch["attention_mask"] = document_attention_mask(batch["sample_ids"])
+        batch["cu_seqlens"] = document_boundaries(sample_ids)
     return batch
 
 

@@ -41,9 +41,6 @@ class ByteTokenizer:
         self.eos_id = self.specials["</s>"]
         self.prefix_ids = (self.bos_id,)
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(t.encode("utf-8")) for t in texts]
 
