@@ -36,7 +36,9 @@ setup(
     extras_require={
         "test": [TORCH, "pytest", "transformers"],
         # Transformer Engine for GPU clusters; apex is built from source (see README).
-        "gpu": [TORCH, "transformer-engine[pytorch]"],
+        # TE 2.17.1 (released 2026-08-04, after torch 2.13) has been built against torch 2.13 / CUDA 13;
+        # ninja for the just-in-time build of the fused cross-entropy kernels (megamft/loss/fused_ce.py).
+        "gpu": [TORCH, "ninja", "transformer-engine[pytorch]==2.17.1"],
     },
     entry_points={"console_scripts": [
         "megamft=megamft.cli:main",

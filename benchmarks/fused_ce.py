@@ -5,7 +5,8 @@
 On a GPU: the csrc kernels against plain torch (fp32 upcast, F.cross_entropy,
 per-task index_add), both timed with CUDA events after warm-up, with peak
 memory from torch.cuda.max_memory_allocated. On a CPU the torch fallback runs
-instead of the kernels (timing only; the memory claim is a GPU claim).
+instead of the kernels under the strict device emulation, which measures device
+memory and counts device-to-host synchronizations per call (timing is the CPU's).
 Targets (issue 4): >= 1.5x faster and <= 0.5x peak memory of unfused.
 """
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megamft.loss.fused_ce import fused_multitask_cross_entropy
+from megamft.platform import cpu_emulation
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -42,18 +44,22 @@ def unfused(logits, labels, weights, mask, task_ids, sample_index, tasks, sample
 
 
 def fused(logits, *rest):
-    out = fused_multitask_cross_entropy(logits * 1, *rest)
+    out = fused_multitask_cross_entropy(logits * 1, *rest, check_ids=False)  # as training calls it
     out.total.backward()
     return out.task_sums
 
 
-def measure(fn, inputs, repeats: int, cuda: bool) -> tuple[float, float]:
-    """(milliseconds per call, peak MB above the inputs)."""
+def measure(fn, inputs, repeats: int, cuda: bool) -> tuple[float, float, float]:
+    """(milliseconds per call, peak MB above the inputs, device-to-host syncs per call).
+
+    Without CUDA the strict emulation measures device memory and counts syncs (no timing by events).
+    """
     def call():
         leaf = inputs[0].detach().clone().requires_grad_()
         fn(leaf, *inputs[1:])
 
     call()  # warm-up (and the just-in-time build)
+    syncs_before = cpu_emulation.sync_count()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -64,11 +70,15 @@ def measure(fn, inputs, repeats: int, cuda: bool) -> tuple[float, float]:
             call()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats, (torch.cuda.max_memory_allocated() - base) / 2**20
+        return start.elapsed_time(end) / repeats, (torch.cuda.max_memory_allocated() - base) / 2**20, float("nan")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     began = time.perf_counter()
     for _ in range(repeats):
         call()
-    return (time.perf_counter() - began) * 1000 / repeats, float("nan")
+    milliseconds = (time.perf_counter() - began) * 1000 / repeats
+    syncs = (cpu_emulation.sync_count() - syncs_before) / repeats
+    return milliseconds, (torch.cuda.max_memory_allocated() - base) / 2**20, syncs
 
 
 def main() -> None:
@@ -79,19 +89,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    if not cuda:  # strict emulation: "cuda" tensors, measured device memory, counted syncs
+        cpu_emulation.enable()
+    device = "cuda"
     tokens = args.tokens if cuda else min(args.tokens, 1024)  # keep a CPU smoke run short
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'CPU (torch fallback, timing only)'}; "
-          f"tokens {tokens}")
+    where = torch.cuda.get_device_name() if cuda else "CPU (torch fallback under the strict emulation)"
+    print(f"device: {where}; tokens {tokens}")
     print(f"{'dtype':<6}{'vocab':>8}{'unfused ms':>12}{'fused ms':>10}{'speed-up':>10}"
-          f"{'unfused MB':>12}{'fused MB':>10}{'memory':>8}")
+          f"{'unfused MB':>12}{'fused MB':>10}{'memory':>8}" + ("" if cuda else f"{'syncs/call':>12}"))
     for dtype_name in args.dtype:
         for vocab in args.vocab:
             inputs = make_inputs(tokens, vocab, DTYPES[dtype_name], device)
-            base_ms, base_mb = measure(unfused, inputs, args.repeats, cuda)
-            ours_ms, ours_mb = measure(fused, inputs, args.repeats, cuda)
+            base_ms, base_mb, _ = measure(unfused, inputs, args.repeats, cuda)
+            ours_ms, ours_mb, ours_syncs = measure(fused, inputs, args.repeats, cuda)
             print(f"{dtype_name:<6}{vocab:>8}{base_ms:>12.2f}{ours_ms:>10.2f}{base_ms / ours_ms:>9.2f}x"
-                  f"{base_mb:>12.0f}{ours_mb:>10.0f}{ours_mb / base_mb:>7.2f}x")
+                  f"{base_mb:>12.0f}{ours_mb:>10.0f}{ours_mb / base_mb:>7.2f}x"
+                  + ("" if cuda else f"{ours_syncs:>12.1f}"))
 
 
 if __name__ == "__main__":

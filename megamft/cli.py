@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from megamft.config import ConfigError, load_config, validate
@@ -51,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"{', '.join(args.config or ['default config'])}: valid for world size {world_size}")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # MEGAMFT_LOG_LEVEL=DEBUG adds per-step detail (e.g. device synchronizations under the emulation).
+    level = os.environ.get("MEGAMFT_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     from megamft.training.loop import run  # heavy imports only once the config is valid
 

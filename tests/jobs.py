@@ -82,6 +82,7 @@ def train(overrides: tuple[str, ...], config_files: tuple[str, ...] = ()) -> dic
         "valid_before": result.valid_before.loss,
         "valid_after": result.valid_after.loss,
         "task_samples": result.task_samples,
+        "stats": result.history,
     }
 
 
@@ -91,10 +92,11 @@ def loss_against_plain_torch() -> dict:
     import torch.nn.functional as F
 
     from megamft.loss.multitask import task_sums
+    from megamft.training.step import to_device
 
     with tiny_model("data.mode=pad") as (cfg, data, state):  # one task per row
         model = state.chunks[0].module
-        batch = first_batches(data, 6, 6)[0]
+        batch = to_device(first_batches(data, 6, 6)[0])
         with torch.no_grad():
             per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
             logits = model(batch["tokens"], batch["position_ids"], None)
@@ -107,9 +109,9 @@ def loss_against_plain_torch() -> dict:
                                           task_sums(mask, batch["task_ids"], 3)])}
         task_of_row = batch["task_ids"][:, 0]
         return {
-            "per_token": per_token.float(), "reference": reference, "loss_sum": loss_sum,
-            "count": count, "task_stats": stats["task_stats"], "mask": mask,
-            "task_of_row": task_of_row, "vocab": logits.shape[-1],
+            "per_token": per_token.float().cpu(), "reference": reference.cpu(), "loss_sum": loss_sum,
+            "count": count, "task_stats": stats["task_stats"].cpu(), "mask": mask.cpu(),
+            "task_of_row": task_of_row.cpu(), "vocab": logits.shape[-1],
         }
 
 def _load_converted(checkpoint: str, model_yaml: str, overrides: tuple[str, ...]):
@@ -223,11 +225,12 @@ def counted_training_flops() -> dict:
     """FLOPs that torch counts for one forward + backward of the tiny model, and the formula's."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from megamft.training.step import to_device
     from megamft.training.throughput import flops_per_token
 
     with tiny_model("data.seq_length=128") as (cfg, data, state):
         model = state.chunks[0].module
-        batch = first_batches(data, 4, 4)[0]
+        batch = to_device(first_batches(data, 4, 4)[0])
         with FlopCounterMode(display=False) as counter:
             loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
             loss.backward()
@@ -239,7 +242,7 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
     import torch
 
     from megamft.training.memory_estimate import estimate
-    from megamft.training.step import train_step
+    from megamft.training.step import to_device, train_step
 
     with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
         batches = first_batches(data, 8, cfg.train.micro_batch_size)
@@ -259,7 +262,7 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
                 saved[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        batch = batches[0]
+        batch = to_device(batches[0])
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             state.chunks[0].module(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         world = torch.distributed.get_world_size()
@@ -301,23 +304,26 @@ def packed_isolation() -> dict:
     import torch
 
     from megamft.data.sequences import collate
+    from megamft.training.step import to_device
 
     with tiny_model("data.mode=pack", "data.seq_length=512") as (cfg, data, state):
         model = state.chunks[0].module
         model.eval()
         rows = [row for row in data.train_rows(0, 16, 0, 1) if len(row[0]) >= 2][:3]
-        packed = collate(rows, data.stores, "pack", cfg.data.seq_length, data.pad_id)
+        packed = to_device(collate(rows, data.stores, "pack", cfg.data.seq_length, data.pad_id))
         diffs, unmasked_diffs, documents = [], [], 0
         with torch.no_grad():
             together = model(packed["tokens"], packed["position_ids"], packed["attention_mask"],
                              labels=packed["labels"])
-            plain = model(packed["tokens"], torch.arange(cfg.data.seq_length).expand_as(packed["tokens"]), None,
+            positions = torch.arange(cfg.data.seq_length, device="cuda").expand_as(packed["tokens"])
+            plain = model(packed["tokens"], positions, None,
                           labels=packed["labels"])
             for r, (tasks, docs) in enumerate(rows):
                 at = 0
                 for k in range(len(docs)):
                     n = int(data.stores[tasks[k]].lengths[docs[k]]) - 1
-                    alone = collate([(tasks[k : k + 1], docs[k : k + 1])], data.stores, "pad", n, data.pad_id)
+                    alone = to_device(collate([(tasks[k : k + 1], docs[k : k + 1])], data.stores, "pad", n,
+                                              data.pad_id))
                     loss = model(alone["tokens"], alone["position_ids"], None, labels=alone["labels"])[0]
                     diffs.append(float((together[r, at : at + n] - loss).abs().max()))
                     unmasked_diffs.append(float((plain[r, at : at + n] - loss).abs().max()))
@@ -337,7 +343,7 @@ def context_parallel_objective(context_parallel: int, modes: tuple[str, ...]) ->
 
     from megamft.data.dataset import load_data
     from megamft.platform import distributed
-    from megamft.training.step import LossSetup, _token_weights, global_counts, split_for_context_parallel
+    from megamft.training.step import LossSetup, prepare
 
     cfg = tiny_config("data.mode=pad", f"parallel.context_parallel_size={context_parallel}")
     distributed.initialize(cfg)
@@ -347,15 +353,44 @@ def context_parallel_objective(context_parallel: int, modes: tuple[str, ...]) ->
         out = {}
         for mode in modes:
             setup = LossSetup(mode=mode, task_weights=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
-            counts = global_counts(batches, 3)
-            total = torch.zeros((), dtype=torch.float64)
-            for batch in split_for_context_parallel(batches, setup, counts, 3):
+            total = torch.zeros((), dtype=torch.float64, device="cuda")
+            for batch in prepare(batches, setup, 3)[0]:
                 fake_loss = ((batch["tokens"] * 31 + batch["position_ids"] * 7) % 97).double() / 97
-                total += (fake_loss * _token_weights(setup, counts, batch, 3).view_as(fake_loss)).sum()
+                total += (fake_loss * batch["token_weights"]).sum().cuda()
             torch.distributed.all_reduce(total, group=parallel_state.get_context_parallel_group())
             out[mode] = float(total)
-        out["local_tokens"] = sum(b["tokens"].numel() for b in split_for_context_parallel(
-            batches, LossSetup(), global_counts(batches, 3), 3))
+        out["local_tokens"] = sum(b["tokens"].numel() for b in prepare(batches, LossSetup(), 3)[0])
         return out
     finally:
         distributed.shutdown()
+
+
+def loss_step_memory(fused: bool, upcast_logits: bool, vocab: int, tokens_per_micro_batch: int) -> dict:
+    """Emulated device memory that one bf16 training step adds above what the model already holds.
+
+    upcast_logits=True plants the old behaviour: Float16Module's fp32 copy of the logits.
+    """
+    import torch
+
+    from megamft.training import step as step_module
+    from megamft.training.step import LossSetup, train_step
+
+    if upcast_logits:  # the isinstance check then never matches: fp32_output keeps its default, True
+        step_module.Float16Module = type("NotFloat16Module", (), {})
+    seq = 128
+    overrides = ("train.precision=bf16", f"model.vocab_size={vocab}", f"data.seq_length={seq}",
+                 "data.mode=pad", f"train.micro_batch_size={tokens_per_micro_batch // seq}")
+    with tiny_model(*overrides) as (cfg, data, state):
+        batches = first_batches(data, tokens_per_micro_batch // seq, tokens_per_micro_batch // seq)
+        setup = LossSetup(mode="token", fused=fused)
+        train_step(state, batches, data.task_names, setup)  # optimizer state exists from here on
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        stats = train_step(state, batches, data.task_names, setup)
+        return {"added": torch.cuda.max_memory_allocated() - before, "loss": stats.loss,
+                "padded_vocab": state.vocab_size}
+
+
+def device_syncs_per_step(overrides: tuple[str, ...]) -> list[int]:
+    """Device-to-host synchronizations the strict emulation counted in each training step."""
+    return [s.device_syncs for s in train(("train.train_steps=3", "train.eval_interval=0", *overrides))["stats"]]

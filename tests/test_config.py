@@ -45,6 +45,19 @@ def test_bad_override_names_the_key(override, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize("text, key, line", [
+    ("model:\n  num_layers: 2\ntrain:\n  train_steps: 3\nmodel:\n  hidden_size: 64\n", "model", 5),
+    ("train:\n  train_steps: 3\n  micro_batch_size: 2\n  train_steps: 5\n", "train_steps", 4),
+], ids=["section", "key"])
+def test_a_key_given_twice_is_an_error_naming_file_and_line(tmp_path, text, key, line):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"'{key}' is given twice" in message and str(path) in message and f"line {line}," in message
+
+
 def test_later_config_files_win(tmp_path):
     base, extra = tmp_path / "base.yaml", tmp_path / "extra.yaml"
     base.write_text("model:\n  num_layers: 8\n  hidden_size: 256\n")

@@ -71,3 +71,21 @@ def test_adapter_only_checkpoints_resume_exactly_and_export_merged(initial_weigh
     assert full_tensors.keys() == adapter_tensors.keys()
     for name, tensor in full_tensors.items():
         assert torch.equal(tensor, adapter_tensors[name]), name
+
+
+def test_lora_refuses_a_linear_whose_norm_is_fused_in():
+    """Transformer Engine's LayerNorm+linear reads un-normalized input: an adapter there would be wrong."""
+    from megamft.model.lora import attach
+
+    norm_fused = torch.nn.Linear(8, 8)  # the one thing that matters: it owns its input norm's weight
+    norm_fused.layer_norm_weight = torch.nn.Parameter(torch.ones(8))
+    with pytest.raises(ValueError, match="un-normalized"):
+        attach(norm_fused, "column", "1.linear_qkv", rank=2, alpha=4.0, seed=0)
+
+
+def test_lora_builds_on_the_local_spec_where_transformer_engine_is_installed():
+    from megamft.model.spec import use_transformer_engine
+
+    assert use_transformer_engine(installed=True, lora_enabled=False)
+    assert not use_transformer_engine(installed=True, lora_enabled=True)
+    assert not use_transformer_engine(installed=False, lora_enabled=False)

@@ -135,9 +135,10 @@ def test_split_invariance_with_packed_multitask_rows(mode):
             rows = slice(start, start + size)
             factor = None
             if mode == "focal":
-                from megamft.loss.multitask import focal_sample_factor
+                from megamft.loss.multitask import focal_sample_factor, sample_index
 
-                factor = focal_sample_factor(per_token[rows], mask[rows], sample_ids[rows], 2.0)
+                factor = focal_sample_factor(per_token[rows], mask[rows],
+                                             *sample_index(sample_ids[rows], mask[rows].shape), 2.0)
             w = token_weights(structural_mode(mode), mask[rows], task_ids[rows], sample_ids[rows], counts,
                               weights, factor)
             parts = parts + (per_token[rows] * w.float()).sum()

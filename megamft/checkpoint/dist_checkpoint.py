@@ -25,6 +25,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megamft.checkpoint import global_view
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
+from megamft.platform import distributed
 
 LATEST = "latest"
 LORA_BASE = "lora_base"  # in an adapter-only checkpoint: where its base weights are
@@ -151,7 +152,7 @@ def _check_nothing_needed_is_absent(path: Path, keys, adapters_may_be_absent: bo
     # Ranks see different keys (only the last stage owns output_layer): agree before
     # raising, so that no rank waits forever in the next collective.
     failed = torch.tensor([1 if needed else 0])
-    torch.distributed.all_reduce(failed)
+    torch.distributed.all_reduce(failed, group=distributed.host_group())
     if failed.item() and not needed:
         raise RuntimeError(f"{path} does not match this model (reported on another rank)")
     if needed:

@@ -2,54 +2,181 @@
 
     out = fused_multitask_cross_entropy(logits, labels, token_weights, loss_mask,
                                         task_ids, sample_index, num_tasks, num_samples,
-                                        vocab_start=rank * shard, tp_group=group)
+                                        vocab_start=rank * shard, tp_group=group,
+                                        check_ids=False)   # ids validated on the host
     out.total.backward()      # gradient written over `logits` (pass logits you own)
 
-logits is this TP rank's [tokens, vocab shard] slice, bf16 or fp32. On CUDA the
-kernels of csrc/fused_ce.cu run (built just in time with ninja on first use and
-cached by torch); elsewhere the same scheme runs in torch, vocab chunk by vocab
-chunk. Either way no fp32 copy of the whole [tokens, vocab] logits is made, and
-the backward pass overwrites the logits with their gradient.
+logits is this TP rank's [tokens, vocab shard] slice, fp32, bf16 or fp16. On CUDA
+the kernels of csrc/fused_ce.cu run (built just in time with ninja on first use
+and cached by torch); elsewhere the same scheme runs in torch, vocab chunk by
+vocab chunk. Either way no fp32 copy of the whole [tokens, vocab] logits is
+made, and the backward pass overwrites the logits with their gradient.
 
 The scheme is megatron's: per shard, each token's max logit, sum of
 exp(logit - max) and target logit (when the label is in the shard); across TP,
 all-reduce the max, the sum-exp rescaled to that max, and the target; then
 loss = log(sum-exp) + max - target.
+
+Checks. Every tensor argument is validated before anything reaches a kernel or
+the torch path, raising ValueError naming the argument: on ``logits.device``;
+logits float32/bfloat16/float16, 2-D with contiguous rows; labels, task_ids and
+sample_index integer, token_weights and loss_mask floating, each 1-D with one
+entry per token and contiguous. With ``check_ids=True`` (the default) task_ids
+must lie in [0, num_tasks) and sample_index in [0, num_samples); that check
+costs one device-to-host sync, so training passes ``check_ids=False`` after
+validating the ids on the host. Nothing else in forward or backward syncs. The
+kernels bounds-check every id anyway (an out-of-range task or sample id counts
+in no sum, a label outside the shard has no target here), and the torch path
+does the same, so a wrong id can never touch memory out of range.
+
+Special values. A row whose logits are all -inf gets max -inf, sum-exp 0 and
+loss +inf (no NaN); a token with weight 0 (mask 0) contributes exactly 0 to
+the total (to its task and sample sums) whatever its loss, and its gradient row
+is exactly 0.
+
+Determinism. Same inputs give bitwise the same loss, per-task sums, per-sample
+sums and gradient, run after run: the kernels use no floating-point atomics
+(fixed-order block reductions; per-task and per-sample sums over a stable sort
+of the ids, see csrc/fused_ce.cu), and the torch path is deterministic on the
+CPU. Across TP ranks the all-reduces are as deterministic as the backend.
+
+Build fallback. ``kernels()`` builds the extension (``build_extension``: the
+two csrc sources, the binding's own torch headers, no extra include paths) on
+first use. Without a CUDA toolkit (nvcc / CUDA_HOME), without ninja, with a
+toolkit whose major version differs from ``torch.version.cuda``, or on any build
+error it logs and warns once per process, saying what is missing, and the torch
+path runs instead.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
+import warnings
 from dataclasses import dataclass
-from importlib.resources import files
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
 _VOCAB_CHUNK = 8192
+EXTENSION_NAME = "megamft_fused_ce"
+SOURCES = ("fused_ce.cu", "fused_ce_binding.cpp")
 _kernels = None
+_build_failed = False
 _notice_shown = False
+_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def source_dir() -> Path:
+    """The folder holding the CUDA sources: the installed package data, else the repo's csrc/."""
+    try:
+        from importlib.resources import files
+
+        installed = Path(str(files("megamft._csrc")))
+        if all((installed / name).is_file() for name in SOURCES):
+            return installed
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def toolkit_problem() -> str | None:
+    """Why the extension cannot be built here (None when nvcc, CUDA_HOME and ninja look right)."""
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build; install a CUDA build of torch"
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = Path(cuda_home, "bin", "nvcc") if cuda_home else None
+    if nvcc is None or not nvcc.exists():
+        return (f"no CUDA toolkit found (nvcc / CUDA_HOME; CUDA_HOME={cuda_home!r}): install the CUDA "
+                f"{torch.version.cuda.split('.')[0]}.x toolkit (nvcc) matching torch.version.cuda="
+                f"{torch.version.cuda} and set CUDA_HOME to it")
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed: pip install ninja"
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not run {nvcc} --version: {exc}"
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None:
+        return f"could not read the CUDA version from {nvcc} --version"
+    if found.group(1) != torch.version.cuda.split(".")[0]:
+        return (f"the CUDA toolkit at {cuda_home} is {found.group(1)}.{found.group(2)} but torch was built "
+                f"with CUDA {torch.version.cuda}: install a CUDA {torch.version.cuda.split('.')[0]}.x toolkit "
+                f"(or a torch built for CUDA {found.group(1)}) and point CUDA_HOME at it")
+    return None
+
+
+class ToolkitMissing(RuntimeError):
+    """The CUDA toolkit, ninja or a matching CUDA version is missing (the message says which)."""
+
+
+def build_extension(verbose: bool = False, build_directory: str | None = None, sources: Path | None = None):
+    """Build (or load from torch's cache) and import the extension; raises on any problem.
+
+    The one build call: kernels() uses it, and so does .ci/build_cuda_extension.sh.
+    """
+    problem = toolkit_problem()
+    if problem is not None:
+        raise ToolkitMissing(problem)
+    from torch.utils.cpp_extension import load
+
+    folder = Path(sources) if sources is not None else source_dir()
+    kwargs = {"build_directory": build_directory} if build_directory is not None else {}
+    return load(
+        name=EXTENSION_NAME,
+        sources=[str(folder / name) for name in SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3"],
+        verbose=verbose,
+        **kwargs,
+    )
+
+
+def _first_lines(error: BaseException, count: int = 12) -> str:
+    """The head of a build error: its first line and the compiler's error lines."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    errors = [line for line in lines[1:] if re.search(r"error|undefined|fatal|no such file", line, re.I)]
+    picked = [lines[0]] + (errors or lines[1:])[:count - 1]
+    return "\n".join(line[:300] for line in picked)
+
+
+def _warn_fallback(reason: str) -> None:
+    message = (f"fused cross entropy: the CUDA extension is not available ({reason}); "
+               "using the torch path (same results, slower, more memory)")
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def kernels():
-    """The compiled extension where CUDA is available (None elsewhere, with a one-line notice)."""
-    global _kernels, _notice_shown
+    """The compiled extension where CUDA is available; None elsewhere (torch path).
+
+    A missing toolkit, ninja or a build error warns once per process and falls back.
+    """
+    global _kernels, _build_failed, _notice_shown
     if _kernels is not None:
         return _kernels
+    if _build_failed:
+        return None
     if not torch.cuda.is_available():
         if not _notice_shown:
             log.info("fused cross entropy: CUDA not available, using the torch path")
             _notice_shown = True
         return None
-    from torch.utils.cpp_extension import load
-
-    sources = files("megamft._csrc")
-    _kernels = load(
-        name="megamft_fused_ce",
-        sources=[str(sources / "fused_ce.cu"), str(sources / "fused_ce_binding.cpp")],
-        extra_cuda_cflags=["-O3"],
-    )
+    try:
+        _kernels = build_extension()
+    except ToolkitMissing as exc:
+        _build_failed = True
+        _warn_fallback(str(exc))
+    except Exception as exc:  # noqa: BLE001 - any build failure falls back to torch
+        _build_failed = True
+        _warn_fallback(f"the build failed:\n{_first_lines(exc)}")
     return _kernels
 
 
@@ -62,6 +189,11 @@ class RowStats:
     row_target: torch.Tensor
 
 
+def _finite_or_zero(row_max: torch.Tensor) -> torch.Tensor:
+    """row_max with -inf replaced by 0: the shift for exp() of a row of only -inf (exp(-inf) = 0, not NaN)."""
+    return torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+
+
 def shard_stats_torch(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int) -> RowStats:
     """RowStats of one vocab shard, reading it in chunks (no full-size fp32 copy)."""
     tokens, vocab = logits.shape
@@ -70,7 +202,8 @@ def shard_stats_torch(logits: torch.Tensor, labels: torch.Tensor, vocab_start: i
     for start in range(0, vocab, _VOCAB_CHUNK):
         chunk = logits[:, start:start + _VOCAB_CHUNK].float()
         new_max = torch.maximum(row_max, chunk.max(dim=1).values)
-        row_sumexp = row_sumexp * torch.exp(row_max - new_max) + torch.exp(chunk - new_max[:, None]).sum(dim=1)
+        shift = _finite_or_zero(new_max)
+        row_sumexp = row_sumexp * torch.exp(row_max - shift) + torch.exp(chunk - shift[:, None]).sum(dim=1)
         row_max = new_max
     local = labels - vocab_start
     inside = (local >= 0) & (local < vocab)
@@ -84,7 +217,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 def combine(stats: RowStats, reduce_max: Reduce, reduce_sum: Reduce) -> RowStats:
     """Merge shard statistics across TP ranks (the reducers all-reduce, or fold a list in tests)."""
     global_max = reduce_max(stats.row_max.clone())
-    sumexp = reduce_sum(stats.row_sumexp * torch.exp(stats.row_max - global_max))
+    sumexp = reduce_sum(stats.row_sumexp * torch.exp(stats.row_max - _finite_or_zero(global_max)))
     return RowStats(global_max, sumexp, reduce_sum(stats.row_target.clone()))
 
 
@@ -102,34 +235,58 @@ def tp_reducers(group) -> tuple[Reduce, Reduce]:
     return reducer(torch.distributed.ReduceOp.MAX), reducer(torch.distributed.ReduceOp.SUM)
 
 
+def _segment_sums(values: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """sum of values per id in [0, count); ids out of range count nowhere (no sync, no bad index)."""
+    sums = torch.zeros(count, dtype=torch.float64, device=values.device)
+    if count == 0:
+        return sums
+    inside = (ids >= 0) & (ids < count)
+    return sums.index_add_(0, torch.where(inside, ids, torch.zeros_like(ids)),
+                           torch.where(inside, values, torch.zeros_like(values)))
+
+
 def finalize_torch(stats: RowStats, weights, mask, task_ids, sample_index, num_tasks, num_samples):
     """(per-token loss, per-task masked sums, per-sample masked sums, weighted total)."""
     per_token = torch.log(stats.row_sumexp) + stats.row_max - stats.row_target
-    masked = (per_token * mask).double()
-    task_sums = torch.zeros(num_tasks, dtype=torch.float64, device=per_token.device).index_add_(0, task_ids, masked)
-    sample_sums = torch.zeros(num_samples, dtype=torch.float64, device=per_token.device).index_add_(
-        0, sample_index, masked)
-    return per_token, task_sums, sample_sums, (per_token.double() * weights.double()).sum()
+    per_token = torch.where(torch.isneginf(stats.row_max), torch.full_like(per_token, float("inf")), per_token)
+    # weight 0 / mask 0 contributes exactly 0, even where the loss is inf or NaN
+    masked = torch.where(mask != 0, per_token * mask, torch.zeros_like(per_token)).double()
+    weighted = per_token.double() * weights.double()
+    weighted = torch.where(weights != 0, weighted, torch.zeros_like(weighted))
+    return (per_token, _segment_sums(masked, task_ids, num_tasks), _segment_sums(masked, sample_index, num_samples),
+            weighted.sum())
 
 
 def backward_inplace_torch(logits, labels, vocab_start: int, stats: RowStats, scaled_weights) -> None:
-    """Overwrite logits with (softmax - onehot) * weight, chunk by chunk."""
+    """Overwrite logits with (softmax - onehot) * weight, chunk by chunk, without a host sync."""
     vocab = logits.shape[1]
     local = labels - vocab_start
+    shift = _finite_or_zero(stats.row_max)[:, None]
+    sumexp = stats.row_sumexp
+    sumexp = torch.where(sumexp > 0, sumexp, torch.ones_like(sumexp))[:, None]  # a row of only -inf: p = 0
+    weight = scaled_weights[:, None]
+    ignored = (scaled_weights == 0)[:, None]
     for start in range(0, vocab, _VOCAB_CHUNK):
         chunk = logits[:, start:start + _VOCAB_CHUNK]
-        grad = torch.exp(chunk.float() - stats.row_max[:, None]) / stats.row_sumexp[:, None]
-        hit = (local >= start) & (local < start + chunk.shape[1])
-        rows = hit.nonzero().squeeze(1)
-        grad[rows, local[rows] - start] -= 1.0
-        chunk.copy_(grad * scaled_weights[:, None])
+        width = chunk.shape[1]
+        grad = torch.exp(chunk.float() - shift) / sumexp
+        hit = ((local >= start) & (local < start + width))[:, None]
+        column = (local - start).clamp(0, width - 1)[:, None]
+        picked = grad.gather(1, column)
+        grad.scatter_(1, column, torch.where(hit, picked - 1.0, picked))  # one column per row: deterministic
+        grad.mul_(weight).masked_fill_(ignored, 0.0)  # weight 0: an exact 0 row
+        chunk.copy_(grad)
+
+
+def _use_kernels(logits: torch.Tensor):
+    return kernels() if logits.device.type == "cuda" and torch.cuda.is_available() else None
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, weights, mask, task_ids, sample_index, num_tasks, num_samples,
                 vocab_start, group):
-        impl = kernels() if logits.is_cuda else None
+        impl = _use_kernels(logits)
         if impl is not None:
             stats = RowStats(*impl.shard_stats(logits, labels, vocab_start))
         else:
@@ -149,8 +306,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *unused):
         logits, labels, row_max, row_sumexp, weights = ctx.saved_tensors
-        scaled = weights * grad_total.float()  # on device: no host sync
-        impl = kernels() if logits.is_cuda else None
+        scaled = (weights * grad_total.float()).contiguous()  # on device: no host sync
+        impl = _use_kernels(logits)
         if impl is not None:
             impl.backward_inplace(logits, labels, ctx.vocab_start, row_max, row_sumexp, scaled)
         else:
@@ -166,14 +323,70 @@ class FusedOutput:
     sample_sums: torch.Tensor      # [num_samples] sum of mask * loss
 
 
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def _validate(logits, labels, token_weights, loss_mask, task_ids, sample_index, num_tasks, num_samples,
+              vocab_start, check_ids: bool) -> None:
+    """Raise ValueError naming the first bad argument (see the module docstring)."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a tensor, got {type(logits).__name__}")
+    if logits.dtype not in _LOGITS_DTYPES:
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be [tokens, vocab shard] with vocab >= 1, got shape {tuple(logits.shape)}")
+    tokens, vocab = logits.shape
+    if (vocab > 1 and logits.stride(1) != 1) or (tokens > 1 and logits.stride(0) < vocab):
+        raise ValueError(f"logits must have contiguous, non-overlapping rows, got strides {logits.stride()}")
+    device = logits.device
+    for name, tensor, kind in (("labels", labels, "integer"), ("token_weights", token_weights, "floating"),
+                               ("loss_mask", loss_mask, "floating"), ("task_ids", task_ids, "integer"),
+                               ("sample_index", sample_index, "integer")):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on the logits' device {device}, got {tensor.device}")
+        if kind == "integer" and not _is_integer(tensor.dtype):
+            raise ValueError(f"{name} must have an integer dtype, got {tensor.dtype}")
+        if kind == "floating" and not tensor.dtype.is_floating_point:
+            raise ValueError(f"{name} must have a floating dtype, got {tensor.dtype}")
+        if tensor.dim() != 1 or tensor.shape[0] != tokens:
+            raise ValueError(f"{name} must be 1-D with one entry per token ({tokens}), got shape {tuple(tensor.shape)}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    _check_count("num_tasks", num_tasks)
+    _check_count("num_samples", num_samples)
+    _check_count("vocab_start", vocab_start)
+    if check_ids and tokens > 0:
+        # one device-to-host sync for both ranges
+        lo_task, hi_task, lo_sample, hi_sample = torch.stack(
+            [task_ids.min().long(), task_ids.max().long(), sample_index.min().long(), sample_index.max().long()]
+        ).tolist()
+        if lo_task < 0 or hi_task >= num_tasks:
+            raise ValueError(f"task_ids must lie in [0, num_tasks={num_tasks}), got values in [{lo_task}, {hi_task}]")
+        if lo_sample < 0 or hi_sample >= num_samples:
+            raise ValueError(f"sample_index must lie in [0, num_samples={num_samples}), "
+                             f"got values in [{lo_sample}, {hi_sample}]")
+
+
 def fused_multitask_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor, loss_mask: torch.Tensor,
     task_ids: torch.Tensor, sample_index: torch.Tensor, num_tasks: int, num_samples: int,
-    vocab_start: int = 0, tp_group=None,
+    vocab_start: int = 0, tp_group=None, check_ids: bool = True,
 ) -> FusedOutput:
-    """Cross entropy over a [tokens, vocab shard] slice with weighted total and segmented sums."""
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError("logits must be [tokens, vocab shard] with contiguous rows")
+    """Cross entropy over a [tokens, vocab shard] slice with weighted total and segmented sums.
+
+    All tensors must be on ``logits.device`` (ValueError otherwise, see the module docstring).
+    ``check_ids=False`` skips the one-sync range check of task_ids / sample_index.
+    """
+    _validate(logits, labels, token_weights, loss_mask, task_ids, sample_index, num_tasks, num_samples,
+              vocab_start, check_ids)
     total, per_token, task_sums, sample_sums = _FusedCrossEntropy.apply(
         logits, labels.long(), token_weights, loss_mask, task_ids.long(), sample_index.long(),
         num_tasks, num_samples, vocab_start, tp_group)

@@ -57,80 +57,91 @@ class BatchCounts:
 
 
 def task_sums(values: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Sum of `values` per task id: float64 [num_tasks]."""
-    out = torch.zeros(num_tasks, dtype=torch.float64)
-    return out.index_add_(0, task_ids.reshape(-1).cpu(), values.reshape(-1).double().cpu())
+    """Sum of `values` per task id: float64 [num_tasks], on the values' device."""
+    out = torch.zeros(num_tasks, dtype=torch.float64, device=values.device)
+    return out.index_add_(0, task_ids.reshape(-1), values.reshape(-1).double())
 
 
 def sample_keys(sample_ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
     """A key per token, equal exactly for tokens of the same sample (row-local ids made global)."""
-    rows = torch.arange(shape[0]).unsqueeze(1).expand(shape)
+    device = sample_ids.device if sample_ids is not None else None
+    rows = torch.arange(shape[0], device=device).unsqueeze(1).expand(shape)
     if sample_ids is None:
         return rows.reshape(-1)
     width = int(sample_ids.max()) + 1 if sample_ids.numel() else 1
     return (rows * width + sample_ids.long()).reshape(-1)
 
 
-def _per_sample(values: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unique sample index of each token, per-sample sums of values)."""
-    unique, index = torch.unique(keys, return_inverse=True)
-    sums = torch.zeros(unique.numel(), dtype=values.dtype).index_add_(0, index, values)
-    return index, sums
+def sample_index(sample_ids: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor, int]:
+    """(index of each token's sample among the batch's samples, [tokens]; number of samples).
+
+    Data-dependent (unique): compute it on the host, where the ids come from.
+    """
+    unique, index = torch.unique(sample_keys(sample_ids, shape), return_inverse=True)
+    return index, unique.numel()
+
+
+def _per_sample(values: torch.Tensor, index: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Per-sample sums of per-token values."""
+    return torch.zeros(num_samples, dtype=values.dtype, device=values.device).index_add_(0, index, values)
 
 
 def count(loss_mask: torch.Tensor, task_ids: torch.Tensor, sample_ids: torch.Tensor | None,
           num_tasks: int) -> BatchCounts:
     """Counts of one micro-batch (add them up, and all-reduce over DP, for a global batch)."""
-    mask = loss_mask.reshape(-1).double().cpu()
-    tasks = task_ids.reshape(-1).cpu()
-    index, per_sample_tokens = _per_sample(mask, sample_keys(sample_ids, loss_mask.shape))
-    sample_task = torch.zeros(per_sample_tokens.numel(), dtype=torch.long).scatter_(0, index, tasks)
+    mask = loss_mask.reshape(-1).double()
+    tasks = task_ids.reshape(-1)
+    index, num_samples = sample_index(sample_ids, loss_mask.shape)
+    per_sample_tokens = _per_sample(mask, index, num_samples)
+    sample_task = torch.zeros(num_samples, dtype=torch.long, device=tasks.device).scatter_(0, index, tasks)
     has_tokens = (per_sample_tokens > 0).double()
-    counts = BatchCounts.zeros(num_tasks)
-    counts.task_tokens.index_add_(0, tasks, mask)
-    counts.task_samples.index_add_(0, sample_task, has_tokens)
-    return counts
+    zeros = torch.zeros(num_tasks, dtype=torch.float64, device=mask.device)
+    return BatchCounts(zeros.index_add(0, tasks, mask), zeros.index_add(0, sample_task, has_tokens))
 
 
 def token_weights(
     mode: str, loss_mask: torch.Tensor, task_ids: torch.Tensor, sample_ids: torch.Tensor | None,
     counts: BatchCounts, task_weights: torch.Tensor, sample_factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """w_i for every token of a micro-batch, given the normalizing counts."""
-    mask = loss_mask.reshape(-1).double().cpu()
-    tasks = task_ids.reshape(-1).cpu()
-    present = counts.task_tokens > 0
+    """w_i for every token of a micro-batch, given the normalizing counts (float64, on the mask's device)."""
+    mask = loss_mask.reshape(-1).double()
+    tasks = task_ids.reshape(-1)
+    token_counts, sample_counts = counts.task_tokens.to(mask.device), counts.task_samples.to(mask.device)
+    present = token_counts > 0
     if mode == "token":
-        weights = mask / counts.task_tokens.sum().clamp(min=1)
+        weights = mask / token_counts.sum().clamp(min=1)
     elif mode == "sample":
-        weights = mask / (counts.task_samples.sum().clamp(min=1) * _sample_tokens(mask, sample_ids, loss_mask.shape))
+        weights = mask / (sample_counts.sum().clamp(min=1) * _sample_tokens(mask, sample_ids, loss_mask.shape))
     else:
-        a = task_weights.double() * present
+        a = task_weights.to(mask.device).double() * present
         total = a.sum().clamp(min=1e-30)
         if mode == "task_token":
-            weights = mask * a[tasks] / (total * counts.task_tokens.clamp(min=1)[tasks])
+            weights = mask * a[tasks] / (total * token_counts.clamp(min=1)[tasks])
         else:  # task_sample and focal: per-task sample means
             n_s = _sample_tokens(mask, sample_ids, loss_mask.shape)
-            weights = mask * a[tasks] / (total * counts.task_samples.clamp(min=1)[tasks] * n_s)
+            weights = mask * a[tasks] / (total * sample_counts.clamp(min=1)[tasks] * n_s)
     if sample_factor is not None:
-        weights = weights * sample_factor.reshape(-1).double().cpu()
+        weights = weights * sample_factor.reshape(-1).double()
     return weights.reshape(loss_mask.shape)
 
 
 def _sample_tokens(mask: torch.Tensor, sample_ids, shape) -> torch.Tensor:
     """n_s of each token's sample (1 where the sample has no learned token)."""
-    index, per_sample = _per_sample(mask, sample_keys(sample_ids, shape))
-    return per_sample.clamp(min=1)[index]
+    index, num_samples = sample_index(sample_ids, shape)
+    return _per_sample(mask, index, num_samples).clamp(min=1)[index]
 
 
-def focal_sample_factor(per_token_loss: torch.Tensor, loss_mask: torch.Tensor,
-                        sample_ids: torch.Tensor | None, gamma: float) -> torch.Tensor:
-    """(1 - p_s)^gamma per token, p_s = exp(-mean loss of its sample); no gradient."""
-    mask = loss_mask.reshape(-1).double().cpu()
-    losses = per_token_loss.detach().reshape(-1).double().cpu() * mask
-    keys = sample_keys(sample_ids, loss_mask.shape)
-    index, sums = _per_sample(losses, keys)
-    _, tokens = _per_sample(mask, keys)
+def focal_sample_factor(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, index: torch.Tensor,
+                        num_samples: int, gamma: float) -> torch.Tensor:
+    """(1 - p_s)^gamma per token, p_s = exp(-mean loss of its sample); no gradient.
+
+    `index`, `num_samples`: from `sample_index`, computed where the ids are (no sync on the device).
+    """
+    mask = loss_mask.reshape(-1).double()
+    losses = per_token_loss.detach().reshape(-1).double() * mask
+    index = index.reshape(-1)
+    sums = _per_sample(losses, index, num_samples)
+    tokens = _per_sample(mask, index, num_samples)
     p = torch.exp(-sums / tokens.clamp(min=1))
     return ((1 - p) ** gamma)[index].reshape(loss_mask.shape)
 
@@ -171,7 +182,9 @@ def weigh_token_losses(
         raise ValueError(f"unknown loss mode {mode!r}; choose from {MODES}")
     counts = count(loss_mask, task_ids, sample_ids, num_tasks)
     weights = effective_task_weights(mode, num_tasks, task_weights, balancer)
-    factor = focal_sample_factor(per_token, loss_mask, sample_ids, focal_gamma) if mode == "focal" else None
+    factor = None
+    if mode == "focal":
+        factor = focal_sample_factor(per_token, loss_mask, *sample_index(sample_ids, loss_mask.shape), focal_gamma)
     w = token_weights(structural_mode(mode), loss_mask, task_ids, sample_ids, counts, weights, factor)
     loss = (per_token * w.to(per_token.dtype)).sum()
     sums = task_sums(per_token.detach() * loss_mask, task_ids, num_tasks)

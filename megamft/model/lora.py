@@ -82,21 +82,25 @@ def _sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
 
 def attach(linear: torch.nn.Module, kind: str, name: str, rank: int, alpha: float, seed: int) -> None:
     """Give a megatron ColumnParallelLinear / RowParallelLinear a LoRA branch."""
+    if hasattr(linear, "layer_norm_weight"):  # Transformer Engine's LayerNorm + linear in one module
+        raise ValueError(f"LoRA cannot wrap {name}: its norm is fused into the linear, so the adapter would read "
+                         "the un-normalized input; build the model with the local spec (see model/spec.py)")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     out_local, in_local = linear.weight.shape
-    dtype = linear.weight.dtype
+    # Adapters live beside their base weight (the GPU), created there.
+    like = {"dtype": linear.weight.dtype, "device": linear.weight.device}
     if kind == "column":
         a = _full_init(rank, in_local, seed, name)
-        linear.lora_A = torch.nn.Parameter(a.to(dtype))
-        linear.lora_B = _shard(torch.nn.Parameter(torch.zeros(out_local, rank, dtype=dtype)), 0)
+        linear.lora_A = torch.nn.Parameter(a.to(**like))
+        linear.lora_B = _shard(torch.nn.Parameter(torch.zeros(out_local, rank, **like)), 0)
         if linear.config.sequence_parallel:
             linear.lora_A.sequence_parallel = True  # its gradient comes from sequence shards
         linear.forward = types.MethodType(_column_forward, linear)
     else:
         a = _full_init(rank, in_local * tp, seed, name)[:, tp_rank * in_local:(tp_rank + 1) * in_local]
-        linear.lora_A = _shard(torch.nn.Parameter(a.contiguous().to(dtype)), 1)
-        linear.lora_B = torch.nn.Parameter(torch.zeros(out_local, rank, dtype=dtype))
+        linear.lora_A = _shard(torch.nn.Parameter(a.contiguous().to(**like)), 1)
+        linear.lora_B = torch.nn.Parameter(torch.zeros(out_local, rank, **like))
         if linear.config.sequence_parallel:
             linear.lora_B.sequence_parallel = True
         linear.forward = types.MethodType(_row_forward, linear)

@@ -29,6 +29,19 @@ def transformer_engine_layer_spec() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
+def use_transformer_engine(installed: bool, lora_enabled: bool) -> bool:
+    """Transformer Engine's spec where it is installed, except for LoRA.
+
+    TE's spec fuses the input norm into linear_qkv and linear_fc1
+    (TELayerNormColumnParallelLinear): an adapter around those modules would
+    read the un-normalized hidden state, so training and the merged export
+    would silently differ from the model. The local spec keeps the norm
+    apart, and its LoRA is tested against transformers; a TE spec with
+    separate norms has not run anywhere yet, so it is not offered.
+    """
+    return installed and not lora_enabled
+
+
 def gpt_layer_spec(num_layers_in_chunk: int, use_transformer_engine: bool):
     """The spec handed to GPTModel for one model chunk."""
     if use_transformer_engine:

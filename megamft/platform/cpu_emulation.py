@@ -28,9 +28,12 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megamft.platform import strict_device
+
 log = logging.getLogger(__name__)
 
 _enabled = False
+_strict = False
 
 
 def is_enabled() -> bool:
@@ -48,32 +51,62 @@ def enable_if_no_cuda() -> bool:
     return _enabled
 
 
-def enable() -> None:
-    """Patch torch.cuda and megatron-core's RNG tracker; redirect CUDA allocations."""
-    global _enabled
+def enable(strict: bool | None = None) -> None:
+    """Patch torch.cuda and megatron-core's RNG tracker; redirect CUDA allocations.
+
+    `strict` (default: on unless MEGAMFT_STRICT_DEVICE=0) keeps emulated GPU
+    tensors apart from host tensors as a real GPU would (see strict_device).
+    """
+    global _enabled, _strict
     if _enabled:
         return
     if torch.cuda.is_available():
         raise RuntimeError("megamft CPU emulation must not run on a machine with CUDA")
+    _strict = strict_device.requested() if strict is None else strict
     _patch_torch_cuda()
     _patch_megatron_rng()
-    # Entered for the life of the process: every later allocation goes through it.
+    # Entered for the life of the process: every later allocation goes through them.
     _CudaToCpuMode().__enter__()
+    if _strict:
+        strict_device.patch_collectives()
+        strict_device.StrictDeviceMode().__enter__()
     _enabled = True
-    log.debug("CUDA not available: megatron-core runs on the CPU through megamft's emulation")
+    log.debug("CUDA not available: megatron-core runs on the CPU through megamft's emulation (strict=%s)", _strict)
+
+
+def is_strict() -> bool:
+    """True when emulated GPU tensors are kept apart from host tensors."""
+    return _enabled and _strict
+
+
+def sync_count() -> int:
+    """Device-to-host synchronizations so far (strict mode; 0 otherwise)."""
+    return strict_device.sync_count() if is_strict() else 0
+
+
+def emulated_device() -> torch.device:
+    """What a CUDA device spec becomes: the tagged stand-in under strict mode, else the CPU."""
+    return strict_device.EMULATED_GPU if _strict else torch.device("cpu")
 
 
 def _as_cpu_device(device):
-    """Map a CUDA device spec (index, 'cuda', 'cuda:1', torch.device) to 'cpu'."""
+    """Map a CUDA device spec (index, 'cuda', 'cuda:1', torch.device) to the emulated device."""
     if isinstance(device, bool):  # bool is an int subclass; never a device
         return device
     if isinstance(device, int):
-        return torch.device("cpu")
+        return emulated_device()
     if isinstance(device, str) and device.startswith("cuda"):
-        return torch.device("cpu")
+        return emulated_device()
     if isinstance(device, torch.device) and device.type == "cuda":
-        return torch.device("cpu")
+        return emulated_device()
     return device
+
+
+def _plain_cpu(device):
+    """The device argument for the actual call: moves are done by strict_device.move."""
+    if isinstance(device, bool) or not strict_device.is_gpu_device(device):
+        return device
+    return torch.device("cpu")
 
 
 def _cuda_type_name(cpu_name: str) -> str:
@@ -83,17 +116,62 @@ def _cuda_type_name(cpu_name: str) -> str:
     return cpu_name
 
 
+_NEW_METHODS = {torch.Tensor.new_tensor, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty,
+                torch.Tensor.new_full}
+_DEVICE_GETTER = torch.Tensor.device
+_IS_CUDA_GETTER = torch.Tensor.is_cuda
+
+
+def _call(func, args, kwargs):
+    return func(*args, **kwargs)
+
+
+def _getter(func):
+    return getattr(func, "__self__", None) if getattr(func, "__name__", "") == "__get__" else None
+
+
+def _backward_with(mode, func, args, kwargs) -> None:
+    """Tensor.backward / autograd.backward with the mode kept on for the Python code backward runs.
+
+    A mode is off while it handles a call; here the engine is called directly
+    inside the mode instead, as megatron's schedules do.
+    """
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
+    if func is torch.Tensor.backward:
+        names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs")
+        kwargs = {"grad_tensors" if k == "gradient" else k: v for k, v in kwargs.items()}
+    bound = {**dict(zip(names, args)), **kwargs}
+    tensors = bound["tensors"]
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(bound.get("grad_tensors"), len(tensors)),
+                        is_grads_batched=False)
+    create_graph = bool(bound.get("create_graph"))
+    retain_graph = bound.get("retain_graph")
+    inputs = bound.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    with mode:
+        _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph,
+                             create_graph, inputs, allow_unreachable=True, accumulate_grad=True)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments of every torch call to the CPU."""
+    """Rewrites CUDA device arguments of every torch call; under strict mode, moves and tags."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+        if func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.record_stream:
             return None
         if func is torch.Tensor.type:
             return self._tensor_type(func, args, kwargs)
+        if _strict:
+            return self._strict(func, args, kwargs)
+        if func is torch.Tensor.cuda:
+            return args[0]
         if "device" in kwargs:
             kwargs["device"] = _as_cpu_device(kwargs["device"])
         if kwargs.get("pin_memory"):
@@ -101,6 +179,42 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to:  # t.to(device), t.to("cuda"), t.to(0): device given positionally
             args = tuple(_as_cpu_device(a) if not isinstance(a, torch.Tensor) else a for a in args)
         return func(*args, **kwargs)
+
+    def _strict(self, func, args, kwargs):
+        getter = _getter(func)
+        if getter is _DEVICE_GETTER:
+            return strict_device.REPORTED_GPU if strict_device.on_gpu(args[0]) else func(*args)
+        if getter is _IS_CUDA_GETTER:
+            return strict_device.on_gpu(args[0])
+        if func is torch.Tensor.get_device:
+            return 0 if strict_device.on_gpu(args[0]) else -1
+        if func is torch.Tensor.cuda:
+            return strict_device.move(func, args, {"non_blocking": kwargs.get("non_blocking", False)}, "gpu",
+                                      lambda f, a, k: a[0])
+        if func is torch.Tensor.cpu:
+            return strict_device.move(func, args, kwargs, "host", _call)
+        if func is torch.Tensor.to:
+            target = strict_device._target_of_to(args, kwargs)
+            kwargs = {k: _plain_cpu(v) if k == "device" else v for k, v in kwargs.items()}
+            args = tuple(_plain_cpu(a) if not isinstance(a, torch.Tensor) else a for a in args)
+            return strict_device.move(func, args, kwargs, target, _call)
+        if strict_device.is_read(func):
+            return strict_device.read(func, args, kwargs, _call)
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            return _backward_with(self, func, args, kwargs)
+        on_gpu = None  # the side the caller named, if any
+        if kwargs.get("device") is not None:
+            on_gpu = strict_device.is_gpu_device(kwargs["device"])
+            kwargs["device"] = strict_device.EMULATED_GPU if on_gpu else kwargs["device"]
+        elif func in _NEW_METHODS:
+            on_gpu = strict_device.on_gpu(args[0])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        out = func(*args, **kwargs)
+        if on_gpu is not None and isinstance(out, torch.Tensor):
+            # e.g. torch.tensor(data, device="cuda"), torch.empty_like(gpu_tensor, device="cpu")
+            strict_device.set_on_gpu(out, on_gpu)
+        return out
 
     @staticmethod
     def _tensor_type(func, args, kwargs):
@@ -166,7 +280,7 @@ def _patch_torch_cuda() -> None:
     # also inside autograd backward functions, where our TorchFunctionMode is
     # not active (a mode is suspended while it handles the backward call).
     # Answering a CPU device makes those allocations correct on their own.
-    cuda.current_device = lambda: torch.device("cpu")
+    cuda.current_device = emulated_device
     cuda.set_device = lambda device: None
     cuda.synchronize = lambda device=None: None
     cuda.empty_cache = lambda: None
@@ -175,9 +289,15 @@ def _patch_torch_cuda() -> None:
     cuda.current_stream = lambda device=None: _NoOpStream()
     cuda.default_stream = lambda device=None: _NoOpStream()
     cuda.stream = lambda stream=None: contextlib.nullcontext()
-    cuda.memory_allocated = lambda device=None: 0
-    cuda.max_memory_allocated = lambda device=None: 0
-    cuda.memory_reserved = lambda device=None: 0
+    if _strict:  # bytes held by emulated GPU tensors
+        cuda.memory_allocated = strict_device.memory_allocated
+        cuda.max_memory_allocated = strict_device.max_memory_allocated
+        cuda.memory_reserved = strict_device.memory_allocated
+        cuda.reset_peak_memory_stats = strict_device.reset_peak_memory_stats
+    else:
+        cuda.memory_allocated = lambda device=None: 0
+        cuda.max_memory_allocated = lambda device=None: 0
+        cuda.memory_reserved = lambda device=None: 0
     # One generator backs both "devices": the CPU default generator.
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)

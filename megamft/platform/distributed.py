@@ -47,13 +47,32 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
         context_parallel_size=p.context_parallel_size,
     )
     model_parallel_cuda_manual_seed(cfg.train.seed)
+    global _host_group
+    _host_group = torch.distributed.new_group(backend="gloo")
     return runtime
+
+
+_host_group = None
+
+
+def host_group():
+    """A gloo group of every rank, for small host-side agreements (a flag, a count).
+
+    NCCL takes device tensors only; agreeing on a host value over it would need a
+    copy to the GPU and a synchronizing read back. Over gloo the value stays on
+    the host and the GPU's queue of work is not waited for.
+    """
+    if _host_group is None:
+        raise RuntimeError("megamft.platform.distributed.initialize() has not run in this process")
+    return _host_group
 
 
 def shutdown() -> None:
     """Tear down megatron's groups and the process group (safe to call twice)."""
     from megatron.core import parallel_state
 
+    global _host_group
+    _host_group = None
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -18,7 +18,8 @@ from megamft.config import MegamftConfig
 from megamft.data.dataset import MultitaskData, load_data
 from megamft.loss.balancers import make_balancer
 from megamft.loss.multitask import effective_task_weights
-from megamft.platform import distributed
+from megamft.platform import cpu_emulation, distributed
+from megamft.model.spec import use_transformer_engine
 from megamft.platform.device import describe_runtime
 from megamft.training.metrics import MetricsWriter
 from megamft.training.preemption import PreemptionWatch
@@ -215,7 +216,11 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
     while run.iteration < cfg.train.train_steps:
         rows = run.data.train_rows(run.consumed, cfg.train.global_batch_size, dp_rank, dp_size)
         batches = run.data.batches(rows, cfg.train.micro_batch_size, same_length=_pipelined())
+        syncs_before = cpu_emulation.sync_count()
         stats = train_step(run.state, batches, run.data.task_names, _loss_setup(run))
+        if cpu_emulation.is_strict():  # each one would stall a GPU's queue of work
+            stats.device_syncs = cpu_emulation.sync_count() - syncs_before
+            log.debug("step %d: %d device-to-host synchronizations", run.iteration + 1, stats.device_syncs)
         if run.async_saves is not None:
             run.async_saves.poll()
         _count_task_samples(run)
@@ -287,14 +292,19 @@ def _build(cfg: MegamftConfig) -> Run:
     runtime = distributed.initialize(cfg)
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
-    if cfg.parallel.context_parallel_size > 1 and not runtime.transformer_engine:
-        raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine: megatron-core's local "
-                         "attention has no context parallelism (pip install '.[gpu]' on a CUDA machine)")
-    if runtime.transformer_engine and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
+    te_spec = use_transformer_engine(runtime.transformer_engine, cfg.lora.enabled)
+    if runtime.transformer_engine and not te_spec and distributed.is_logging_rank():
+        log.info("LoRA: megatron's local layer spec instead of Transformer Engine's, whose norm-fused linears "
+                 "would hand the adapters un-normalized inputs")
+    if cfg.parallel.context_parallel_size > 1 and not te_spec:
+        raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without LoRA: "
+                         "megatron-core's local attention has no context parallelism "
+                         "(pip install '.[gpu]' on a CUDA machine)")
+    if te_spec and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
         raise ValueError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
                          "go to TE as one 'thd' sequence); or use data.mode=pad|dynamic")
     data = load_data(cfg.data)
-    data.thd_packing = runtime.transformer_engine
+    data.thd_packing = te_spec
     if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
         raise ValueError(
             f"the tokenizer has {data.vocab_size} ids but model.vocab_size is "

@@ -6,6 +6,8 @@ import signal
 
 import torch
 
+from megamft.platform import distributed
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -14,7 +16,8 @@ class PreemptionWatch:
 
     The handler only sets a flag: the step in flight finishes, then the loop
     saves a checkpoint and returns. Ranks receive signals at different moments,
-    so the flag is all-reduced (one scalar per step) to make them stop together.
+    so the flag is all-reduced (one scalar per step) to make them stop together,
+    over a gloo group: a host flag needs no GPU and must not wait for its queue.
     """
 
     def __init__(self, enabled: bool):
@@ -29,7 +32,7 @@ class PreemptionWatch:
 
     def requested(self) -> bool:
         flag = torch.tensor([1 if self._received is not None else 0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=distributed.host_group())
         return bool(flag.item())
 
     def close(self) -> None:

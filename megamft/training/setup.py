@@ -18,6 +18,7 @@ from megatron.core.transformer.module import Float16Module
 from megamft.config import MegamftConfig
 from megamft.model.lora import apply_lora
 from megamft.model.builder import build_model_chunks, padded_vocab_size, transformer_config
+from megamft.model.spec import use_transformer_engine
 from megamft.platform.device import Runtime
 
 _OPTIMIZER_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "use_distributed_optimizer": True}
@@ -65,10 +66,15 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int) 
         cfg.model.vocab_size or vocab_size, cfg.parallel.tensor_model_parallel_size,
         cfg.model.make_vocab_size_divisible_by,
     )
-    modules = build_model_chunks(cfg, config, padded, runtime.transformer_engine)
+    modules = build_model_chunks(cfg, config, padded, use_transformer_engine(runtime.transformer_engine,
+                                                                             cfg.lora.enabled))
     if cfg.lora.enabled:
         for module in modules:
             apply_lora(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.seed)
+    for module in modules:
+        # Every parameter and buffer on this rank's GPU, frozen ones included: megatron's
+        # DDP moves only trainable parameters (into its gradient buffers).
+        module.cuda(torch.cuda.current_device())
     if cfg.train.precision != "fp32":
         # Runs the chunk in bf16/fp16 and hands fp32 logits and losses to the loss function.
         modules = [Float16Module(config, module) for module in modules]

@@ -10,13 +10,14 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from megamft.loss.fused_ce import fused_multitask_cross_entropy
 from megamft.loss.multitask import (
     BatchCounts,
     count,
     focal_sample_factor,
-    sample_keys,
+    sample_index,
     structural_mode,
     task_sums,
     token_weights,
@@ -46,6 +47,7 @@ class StepStats:
     grad_norm: float | None = None
     lr: float | None = None
     skipped: bool = False
+    device_syncs: int | None = None   # device-to-host synchronizations in the step (strict emulation only)
 
 
 def _dp_group():
@@ -56,92 +58,90 @@ def _dp_group():
 def global_counts(micro_batches: list[dict], num_tasks: int) -> BatchCounts:
     """Token and sample counts of the whole global batch (all micro-batches, all DP ranks).
 
-    Counted on whole sequences, before any context-parallel split, so over DP ranks only.
+    Counted on the host, from the data loader's tensors, before anything reaches
+    the device, and summed over megatron's gloo DP group: no device work and no
+    GPU stall. Counted on whole sequences, before any context-parallel split, so
+    over DP ranks only.
     """
     local = BatchCounts.zeros(num_tasks)
     for batch in micro_batches:
         local = local + count(batch["loss_mask"], batch["task_ids"], batch.get("sample_ids"), num_tasks)
     flat = local.as_tensor()
-    torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group_gloo())
     return BatchCounts.from_tensor(flat)
 
 
-_CP_SPLIT_KEYS = ("tokens", "labels", "loss_mask", "task_ids", "sample_ids", "position_ids", "token_weights")
+def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tuple[list[dict], BatchCounts]:
+    """Host-side loss bookkeeping of one step: every token's weight and sample index.
 
-
-def split_for_context_parallel(micro_batches: list[dict], setup: LossSetup, counts: BatchCounts,
-                               num_tasks: int) -> list[dict]:
-    """CP > 1: weigh every token on the whole sequence, then keep this CP rank's share.
-
-    Token weights need whole samples (sample and task counts), so they are
-    computed before megatron's load-balanced split (chunks r and 2CP-1-r).
+    Everything here depends only on masks, task ids and sample ids, which the
+    host has before the forward pass; doing it here keeps it off the GPU's
+    critical path and free of device-to-host synchronizations. Under context
+    parallelism the weights are computed on whole sequences, then megatron's
+    load-balanced split (chunks r and 2CP-1-r) keeps this rank's share.
     """
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    if parallel_state.get_context_parallel_world_size() == 1:
-        return micro_batches
-    split = []
+    counts = global_counts(micro_batches, num_tasks)
+    prepared = []
     for batch in micro_batches:
-        whole = {**batch, "token_weights": _token_weights(setup, counts, batch, num_tasks).view_as(batch["loss_mask"])}
-        split.append(get_batch_on_this_cp_rank({k: whole[k] for k in _CP_SPLIT_KEYS if k in whole}))
-    return split
+        mask, tasks, samples = batch["loss_mask"], batch["task_ids"], batch.get("sample_ids")
+        batch_counts = count(mask, tasks, samples, num_tasks) if setup.normalization == "per_microbatch" else counts
+        index, num_samples = sample_index(samples, mask.shape)
+        weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
+        w = token_weights(structural_mode(setup.mode), mask, tasks, samples, batch_counts, weights)
+        ready = {k: v for k, v in batch.items() if k != "sample_ids"}
+        ready.update(token_weights=w.float(), sample_index=index.view(mask.shape))
+        if parallel_state.get_context_parallel_world_size() > 1:
+            ready = get_batch_on_this_cp_rank({k: ready[k] for k in _CP_SPLIT_KEYS})
+        ready["num_samples"] = num_samples
+        prepared.append(ready)
+    return prepared, counts
 
 
-def _token_weights(setup: LossSetup, counts: BatchCounts, batch: dict, num_tasks: int,
-                   factor: torch.Tensor | None = None) -> torch.Tensor:
-    """w_i of every token of a micro-batch, for the structural part of the loss mode."""
-    if "token_weights" in batch:  # computed before a context-parallel split
-        return batch["token_weights"]
-    mask, tasks, samples = batch["loss_mask"], batch["task_ids"], batch.get("sample_ids")
-    if setup.normalization == "per_microbatch":
-        counts = count(mask, tasks, samples, num_tasks)
-    weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
-    return token_weights(structural_mode(setup.mode), mask, tasks, samples, counts, weights, factor)
+_CP_SPLIT_KEYS = ("tokens", "labels", "loss_mask", "task_ids", "sample_index", "position_ids", "token_weights")
 
 
 def _fused_objective(logits: torch.Tensor, batch: dict, w: torch.Tensor, num_tasks: int):
     """(sum of w x loss, per-token loss) from this TP rank's vocab shard of the logits."""
-    mask, samples = batch["loss_mask"], batch.get("sample_ids")
+    mask = batch["loss_mask"]
     vocab_local = logits.shape[-1]
-    _, sample_index = torch.unique(sample_keys(samples, mask.shape), return_inverse=True)
     out = fused_multitask_cross_entropy(
-        logits.reshape(-1, vocab_local), batch["labels"].reshape(-1), w.reshape(-1).float().to(logits.device),
-        mask.reshape(-1), batch["task_ids"].reshape(-1), sample_index, num_tasks, int(sample_index.max()) + 1,
+        logits.reshape(-1, vocab_local), batch["labels"].reshape(-1), w.reshape(-1), mask.reshape(-1),
+        batch["task_ids"].reshape(-1), batch["sample_index"].reshape(-1), num_tasks, batch["num_samples"],
         vocab_start=parallel_state.get_tensor_model_parallel_rank() * vocab_local,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
+        check_ids=False,  # ids were checked on the host; a device check would stall every micro-batch
     )
     return out.total, out.per_token_loss.view_as(mask)
 
 
-def _loss_func(setup: LossSetup, counts: BatchCounts, divisor: float, num_tasks: int, batch: dict,
+def _loss_func(setup: LossSetup, divisor: float, total_tokens: float, num_tasks: int, batch: dict,
                output: torch.Tensor):
     """megatron's loss_func: (K x this micro-batch's share of the objective, learned tokens, stats).
 
     megatron divides the gradients by the sum of the returned token counts, K,
     over all micro-batches and DP ranks, so multiplying by K leaves exactly the
-    objective's gradient.
+    objective's gradient. Everything here stays on the device.
     """
-    mask, tasks, samples = batch["loss_mask"], batch["task_ids"], batch.get("sample_ids")
+    mask, tasks, w = batch["loss_mask"], batch["task_ids"], batch["token_weights"]
     if setup.fused:  # output: vocab-parallel logits
-        w = _token_weights(setup, counts, batch, num_tasks)
         objective, per_token_loss = _fused_objective(output, batch, w, num_tasks)
     else:  # output: megatron's per-token cross entropy
         per_token_loss = output
-        factor = None
         if setup.mode == "focal":
-            factor = focal_sample_factor(per_token_loss, mask, samples, setup.focal_gamma)
-        w = _token_weights(setup, counts, batch, num_tasks, factor)
-        objective = (per_token_loss.float() * w.to(device=per_token_loss.device, dtype=torch.float32)).sum()
+            w = w * focal_sample_factor(per_token_loss, mask, batch["sample_index"], batch["num_samples"],
+                                        setup.focal_gamma).float()
+        objective = (per_token_loss.float() * w).sum()
     objective = objective / divisor
-    total_tokens = float(counts.task_tokens.sum())
-    masked = per_token_loss.detach().float() * mask.float()
-    stats = torch.cat([objective.detach().double().reshape(1).cpu(),
-                       task_sums(masked, tasks, num_tasks), task_sums(mask.detach(), tasks, num_tasks)])
+    masked = per_token_loss.detach().float() * mask
+    stats = torch.cat([objective.detach().double().reshape(1), task_sums(masked, tasks, num_tasks),
+                       task_sums(mask, tasks, num_tasks)])
     return objective * total_tokens, mask.sum().to(torch.int), {"task_stats": stats}
 
 
-def _on_device(batch: dict) -> dict:
-    """The micro-batch on the model's device (a no-op under the CPU emulation)."""
+def to_device(batch: dict) -> dict:
+    """The micro-batch on the model's device; the copies overlap with compute (pinned host memory)."""
     device = torch.cuda.current_device()
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     packed = batch.get("packed_seq_params")
@@ -153,23 +153,26 @@ def _on_device(batch: dict) -> dict:
 
 def _forward_step(make_loss_func, fused: bool, data_iterator, model):
     """megatron's forward_step_func: run one micro-batch, return output and loss_func."""
-    batch = _on_device(next(data_iterator))
+    batch = to_device(next(data_iterator))
     labels = None if fused else batch["labels"]  # without labels the last stage returns logits
+    # The fused loss reads bf16/fp16 logits as they are: Float16Module's default
+    # upcast would make an fp32 copy of [tokens, vocab] first.
+    half = {"fp32_output": False} if fused and isinstance(model.module, Float16Module) else {}
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels,
-                   packed_seq_params=batch.get("packed_seq_params"))
+                   packed_seq_params=batch.get("packed_seq_params"), **half)
     return output, make_loss_func(batch)
 
 
 def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks: int, forward_only: bool):
-    counts = global_counts(micro_batches, num_tasks)
     divisor = 1.0
     if setup.normalization == "per_microbatch":  # MFTCoder: mean over micro-batches and DP ranks
         divisor = float(len(micro_batches) * parallel_state.get_data_parallel_world_size())
     micro_batch_size, seq_length = micro_batches[0]["tokens"].shape  # whole sequences, also under CP
-    micro_batches = split_for_context_parallel(micro_batches, setup, counts, num_tasks)
+    micro_batches, counts = prepare(micro_batches, setup, num_tasks)
+    total_tokens = float(counts.task_tokens.sum())
 
     def make_loss_func(batch):
-        return partial(_loss_func, setup, counts, divisor, num_tasks, batch)
+        return partial(_loss_func, setup, divisor, total_tokens, num_tasks, batch)
 
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
@@ -186,7 +189,7 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
 def reduce_stats(outputs: list[dict], task_names: tuple[str, ...]) -> StepStats:
     """Sum micro-batch stats, add over DP, and share the last stage's result with all ranks."""
     num_tasks = len(task_names)
-    stats = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64)
+    stats = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64, device=torch.cuda.current_device())
     for out in outputs:
         stats += out["task_stats"]
     torch.distributed.all_reduce(stats, group=_dp_group())
@@ -195,10 +198,12 @@ def reduce_stats(outputs: list[dict], task_names: tuple[str, ...]) -> StepStats:
         src=parallel_state.get_pipeline_model_parallel_last_rank(),
         group=parallel_state.get_pipeline_model_parallel_group(),
     )
-    objective, loss_sums, counts = stats[0], stats[1 : 1 + num_tasks], stats[1 + num_tasks :]
+    # The step's one read of device results: every rank needs them to decide on skipping.
+    values = stats.tolist()
+    objective, loss_sums, counts = values[0], values[1 : 1 + num_tasks], values[1 + num_tasks :]
     return StepStats(
         loss=float(objective),
-        tokens=int(counts.sum()),
+        tokens=int(sum(counts)),
         task_loss={n: float(s / c) if c else float("nan") for n, s, c in zip(task_names, loss_sums, counts)},
         task_tokens={n: int(c) for n, c in zip(task_names, counts)},
     )
