@@ -103,7 +103,7 @@ def main() -> None:
             base_ms, base_mb, _ = measure(unfused, inputs, args.repeats, cuda)
             ours_ms, ours_mb, ours_syncs = measure(fused, inputs, args.repeats, cuda)
             print(f"{dtype_name:<6}{vocab:>8}{base_ms:>12.2f}{ours_ms:>10.2f}{base_ms / ours_ms:>9.2f}x"
-                  f"{base_mb:>12.0f}{ours_mb:>10.0f}{ours_mb / base_mb:>7.2f}x"
+                  f"{base_mb:>12.0f}{ours_mb:>10.0f}{ours_mb / base_mb if base_mb else float('nan'):>7.2f}x"
                   + ("" if cuda else f"{ours_syncs:>12.1f}"))
 
 

@@ -298,6 +298,7 @@ def _patch_torch_cuda() -> None:
         cuda.memory_allocated = lambda device=None: 0
         cuda.max_memory_allocated = lambda device=None: 0
         cuda.memory_reserved = lambda device=None: 0
+        cuda.reset_peak_memory_stats = lambda device=None: None
     # One generator backs both "devices": the CPU default generator.
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
