@@ -123,3 +123,17 @@ def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEsti
         if best is None or candidate.total > best.total:
             best = candidate
     return best
+
+
+def checkpoint_bytes(cfg: MegamftConfig, vocab_size: int) -> float:
+    """Bytes one checkpoint of this run takes on disk, all ranks together (weights + optimizer state).
+
+    Adapter-only LoRA checkpoints hold the adapters and their state; other LoRA checkpoints
+    the frozen base weights too.
+    """
+    whole = MegamftConfig(model=cfg.model, lora=cfg.lora, train=cfg.train)  # TP = PP = 1: the whole model
+    weights = stage_parameters(whole, vocab_size, first=True, last=True)
+    trained = adapter_parameters(whole) if cfg.lora.enabled else weights
+    state = trained * (8 + (4 if _BYTES[cfg.train.precision] == 2 else 0))  # Adam moments (+ fp32 master)
+    stored = trained if cfg.lora.enabled and cfg.lora.save_adapters_only else weights + (trained if cfg.lora.enabled else 0)
+    return stored * _BYTES[cfg.train.precision] + state

@@ -1,0 +1,126 @@
+"""A training run's save folder: which run it belongs to, and where a (re)started run starts from.
+
+`plan_start` decides, before anything is built, what a run loads:
+- ``checkpoint.resume=auto`` (default): the latest complete checkpoint in
+  ``save_dir`` when there is one, so re-running the same command after a kill or
+  a requeue continues the run; otherwise ``checkpoint.load_dir`` as a base
+  (weights only), otherwise nothing.
+- ``checkpoint.resume=never``: ``load_dir`` as configured (``load_optimizer``
+  decides between a base and a resume), and ``save_dir`` must hold no
+  checkpoints of this or another run unless ``checkpoint.overwrite=true``.
+A save folder holding another run's checkpoints (different model, data, loss,
+LoRA, seed or global batch) is refused: resuming it with other settings would
+mix two runs. `check_save_folder` says so, listing the differences.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from megamft.checkpoint.dist_checkpoint import complete_dir, latest_iteration
+from megamft.config import MegamftConfig, to_dict
+from megamft.platform.output_folder import DestinationError, check_destination
+
+TRAINING_OUTPUT = "training"
+# What makes two runs the same run; everything else (steps, layout, intervals, paths) may change on resume.
+_RUN_DEFINING = ("model", "data", "loss", "lora", "train.seed", "train.global_batch_size", "train.precision")
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What this run loads before its first step."""
+
+    load_dir: str | None
+    iteration: int | None
+    load_optimizer: bool
+    reason: str
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and prefix.count(".") < 1:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _defining(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if any(k == d or k.startswith(d + ".") for d in _RUN_DEFINING)}
+
+
+def run_differences(saved: dict, current: MegamftConfig) -> list[str]:
+    """Run-defining fields whose values differ, as 'field: saved -> now'.
+
+    Fields this run leaves unset (None, derived at start such as model.vocab_size) are not compared.
+    """
+    old, new = _defining(_flatten(saved)), _defining(_flatten(to_dict(current)))
+    return [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in sorted(new.items())
+            if value is not None and old.get(key) != value]
+
+
+def saved_config(save_dir: str | Path, iteration: int) -> dict | None:
+    path = complete_dir(save_dir, iteration) / "megamft_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_training_folder(folder: Path) -> bool:
+    return (folder / "latest").is_file() or any(p.is_dir() for p in folder.glob("iter_*"))
+
+
+def check_save_folder(cfg: MegamftConfig) -> int | None:
+    """Refuse a save_dir this run must not write; return its latest complete iteration (None if none)."""
+    ckpt = cfg.checkpoint
+    if not ckpt.save_dir:
+        return None
+    base = ckpt.load_dir if ckpt.load_dir and not _same(ckpt.load_dir, ckpt.save_dir) else None
+    check_destination(ckpt.save_dir, TRAINING_OUTPUT, inputs=[base, cfg.data.path if cfg.data.source == "indexed"
+                                                              else None],
+                      overwrite=ckpt.overwrite, option="checkpoint.save_dir", recognise=_is_training_folder)
+    latest = latest_iteration(ckpt.save_dir) if Path(ckpt.save_dir).is_dir() else None
+    if latest is None:
+        return None
+    saved = saved_config(ckpt.save_dir, latest)
+    differences = run_differences(saved, cfg) if saved is not None else []
+    if differences and not (ckpt.overwrite or ckpt.allow_config_change):
+        raise DestinationError(
+            f"checkpoint.save_dir {ckpt.save_dir} holds another run's checkpoints (latest iteration {latest}), "
+            f"which differs in: {'; '.join(differences)}. Resume it with its settings, or choose another "
+            "checkpoint.save_dir (checkpoint.allow_config_change=true resumes it anyway, "
+            "checkpoint.overwrite=true starts a new run over it)")
+    if ckpt.resume == "never" and not ckpt.overwrite and not _same(ckpt.load_dir, ckpt.save_dir):
+        raise DestinationError(
+            f"checkpoint.save_dir {ckpt.save_dir} already holds this run's checkpoints (latest iteration {latest}) "
+            "and checkpoint.resume=never would start again over them. Use checkpoint.resume=auto to continue "
+            "it, another checkpoint.save_dir, or checkpoint.overwrite=true")
+    return latest
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def plan_start(cfg: MegamftConfig, latest_in_save_dir: int | None) -> StartPlan:
+    """Where this run starts from (see the module docstring)."""
+    ckpt = cfg.checkpoint
+    if ckpt.resume == "auto":
+        if latest_in_save_dir is not None and not ckpt.overwrite:
+            rollback = _same(ckpt.load_dir, ckpt.save_dir) and ckpt.load_iteration is not None
+            iteration = ckpt.load_iteration if rollback else latest_in_save_dir
+            return StartPlan(ckpt.save_dir, iteration, True,
+                             f"resuming {ckpt.save_dir} at iteration {iteration} (checkpoint.resume=auto)")
+        if ckpt.load_dir:
+            return StartPlan(ckpt.load_dir, ckpt.load_iteration, False,
+                             f"starting from the weights of {ckpt.load_dir} (a base: no optimizer state)")
+        return StartPlan(None, None, False, "starting from initial weights")
+    if ckpt.load_dir:
+        return StartPlan(ckpt.load_dir, ckpt.load_iteration, ckpt.load_optimizer,
+                         f"loading {ckpt.load_dir} ({'resume' if ckpt.load_optimizer else 'weights only'})")
+    return StartPlan(None, None, False, "starting from initial weights")
