@@ -224,6 +224,15 @@ class CheckpointConfig:
     """On SIGTERM or SIGUSR1 (preemption), save after the current step and exit cleanly."""
     async_save: bool = False
     """Write checkpoints from background processes while training goes on (megatron's async save)."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the latest checkpoint in save_dir when there is one (so re-running the same
+    command after a kill or requeue continues the run), else start from load_dir's weights; never: load
+    load_dir as configured (load_optimizer decides resume or weights only)."""
+    overwrite: bool = False
+    """Write into a save_dir that holds other files, or start a new run over this run's checkpoints."""
+    allow_config_change: bool = False
+    """Load a checkpoint whose model section, or resume a run whose model/data/loss/LoRA/seed/global
+    batch/precision, differ from this config (each difference is logged instead of refused)."""
 
 
 @dataclass

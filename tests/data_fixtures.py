@@ -68,3 +68,17 @@ def make_hf_tokenizer(folder: Path) -> Path:
               "chat_template": CHATML_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder / "tokenizer.json"
+
+
+def with_special_token_at(source: Path, folder: Path, token: str = "<|big|>", token_id: int = 70000) -> Path:
+    """A copy of a tokenizer.json folder with one more special token at an id far past its vocab size,
+    made its end-of-sequence token (so every answer ends with it), as tokenizer files can do."""
+    data = json.loads((source.parent / "tokenizer.json").read_text())
+    data["model"]["vocab"][token] = token_id
+    data["added_tokens"].append({"id": token_id, "content": token, "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    config = json.loads((source.parent / "tokenizer_config.json").read_text()) | {"eos_token": token}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder / "tokenizer.json"

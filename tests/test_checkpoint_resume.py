@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megamft.checkpoint.dist_checkpoint import iteration_dir, latest_iteration
+from megamft.checkpoint.layout import iteration_dir, latest_iteration
 from megamft.testing.distributed import launch
 
 import jobs
@@ -51,6 +51,7 @@ def test_resume_in_another_layout_continues_the_run(uninterrupted, world_size, l
     save_dir, reference = uninterrupted
     overrides = layout + (
         f"train.train_steps={STEPS}", f"checkpoint.load_dir={save_dir}", "checkpoint.load_iteration=1",
+        "checkpoint.resume=never",
     )
     resumed = launch(jobs.train, world_size, kwargs={"overrides": overrides}, timeout=240)[0]
     assert len(resumed["loss"]) == STEPS - 1  # steps 2 and 3 only
@@ -67,7 +68,7 @@ def test_weights_only_checkpoint_needs_load_optimizer_false(initial_weights):
 
     with pytest.raises(DistributedTestError, match="holds weights only .* set checkpoint.load_optimizer=false"):
         launch(jobs.train, 1, timeout=120, kwargs={"overrides": (
-            "train.train_steps=2", f"checkpoint.load_dir={initial_weights}")})
+            "train.train_steps=2", f"checkpoint.load_dir={initial_weights}", "checkpoint.resume=never")})
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(initial_weights):
@@ -86,6 +87,6 @@ def test_resume_with_dropout_is_exact_because_rng_state_is_restored(initial_weig
         f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
         f"checkpoint.save_dir={tmp_path}", "checkpoint.save_interval=1")})[0]
     resumed = launch(jobs.train, 2, timeout=240, kwargs={"overrides": common + (
-        f"checkpoint.load_dir={tmp_path}", "checkpoint.load_iteration=2")})[0]
+        f"checkpoint.load_dir={tmp_path}", "checkpoint.load_iteration=2", "checkpoint.resume=never")})[0]
     for got, want in zip(resumed["loss"], reference["loss"][2:]):
         assert abs(got - want) <= 1e-6 * abs(want), (resumed["loss"], reference["loss"])

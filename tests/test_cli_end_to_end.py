@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamft.checkpoint.dist_checkpoint import latest_iteration
+from megamft.checkpoint.layout import latest_iteration
 from megamft.testing.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

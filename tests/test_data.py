@@ -166,3 +166,77 @@ def test_indexed_source_trains_the_same_data_as_preprocessed(tmp_path):
     for a, b in zip(memory.batches(memory.train_rows(0, 8, 0, 1), 4), indexed.batches(indexed.train_rows(0, 8, 0, 1), 4)):
         for key in ("tokens", "labels", "loss_mask", "task_ids", "position_ids"):
             assert (a[key] == b[key]).all(), key
+
+
+def _preprocessed_corpus(folder, **options):
+    """The embedded corpus exported as JSON Lines and run through megamft-preprocess into `folder/out`."""
+    import json
+
+    from megamft.data.preprocess import PreprocessOptions, preprocess
+
+    paths = {}
+    for task, samples in build_corpus(184, 44, seed=1234).items():
+        path = folder / f"{task}.jsonl"
+        path.write_text("".join(json.dumps({"chat_rounds": turns}) + "\n" for turns in samples))
+        paths[task] = [str(path)]
+    preprocess(PreprocessOptions(tasks=paths, out_dir=str(folder / "out"), progress=False, dedup=False,
+                                 max_seq_length=193, overlong="drop", **options))
+    return folder / "out"
+
+
+def test_max_token_id_covers_every_sequence_of_both_sources(tmp_path):
+    """The largest id a sequence can hold (padding included), for the trainer to check against the model."""
+    import json
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    memory = _data()
+    in_memory = max(int(store.get(d)[0].max()) for store in memory.stores for d in range(len(store.lengths)))
+    assert memory.max_token_id == max(in_memory, memory.pad_id)
+    out = _preprocessed_corpus(tmp_path)
+    readers = [IndexedDataset(str(out / name)) for name in TASKS]  # megatron's own; kept: arrays live in its map
+    read_back = max(int(reader[d].max()) for reader in readers for d in range(len(reader)))
+    assert _data(source="indexed", path=str(out)).max_token_id == max(read_back, memory.pad_id)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for task in manifest["tasks"]:  # an output written before max_token_id was recorded: read from the files
+        del task["max_token_id"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert _data(source="indexed", path=str(out)).max_token_id == max(read_back, memory.pad_id)
+
+
+def _truncate(path, keep: int = 8):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - keep)
+
+
+DAMAGE = {  # what happens to the folder -> the file the error must name
+    "truncated tokens": (lambda out: _truncate(out / "code_completion.bin"), "code_completion.bin"),
+    "truncated index": (lambda out: _truncate(out / "text_to_code.idx"), "text_to_code.idx"),
+    "missing loss mask": (lambda out: (out / "code_to_docstring_loss_mask.bin").unlink(), "code_to_docstring_loss_mask.bin"),
+    "missing task ids": (lambda out: (out / "code_completion_task_id.idx").unlink(), "code_completion_task_id.idx"),
+    "files of another run": (lambda out: [(out / f"text_to_code.{e}").write_bytes((out / f"code_completion.{e}").read_bytes())
+                                          for e in ("bin", "idx")], "text_to_code.idx"),
+    "garbled manifest": (lambda out: (out / "manifest.json").write_text('{"format": "megamft-indexed/1", "tas'),
+                         "manifest.json"),
+    "no manifest": (lambda out: (out / "manifest.json").unlink(), "manifest.json"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_data_folder_is_named_before_training(tmp_path, damage):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    out = _preprocessed_corpus(tmp_path)
+    if damage == "truncated tokens":  # megatron's reader alone: a numpy error naming no file, at the first bad read
+        _truncate(out / "code_completion.bin")
+        dataset = IndexedDataset(str(out / "code_completion"))
+        with pytest.raises(ValueError) as bare:
+            dataset[len(dataset) - 1]
+        assert "code_completion" not in str(bare.value)
+    spoil, file = DAMAGE[damage]
+    spoil(out)
+    with pytest.raises(ValueError) as err:
+        _data(source="indexed", path=str(out))
+    message = str(err.value)
+    assert str(out / file) in message.replace(f"data.path={out}: no manifest.json", f"{out / 'manifest.json'}")
+    assert f"megamft-preprocess --out {out}" in message

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megamft.checkpoint.dist_checkpoint import iteration_dir, latest_iteration
+from megamft.checkpoint.layout import iteration_dir, latest_iteration
 from megamft.testing.distributed import _rank_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,6 +52,21 @@ def test_a_host_tensor_in_an_nccl_collective_gives_nccls_error(group_name, tenso
                                     tensor_parallel=tensor_parallel)
 
 
+def _host_tensor_through_megatrons_reduce_scatter():
+    """The sequence-parallel path: megatron bound torch's reduce_scatter_tensor at import time."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+
+    torch.distributed.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    reduce_scatter_to_sequence_parallel_region(torch.ones(4, 2, device="cuda"))  # fine
+    reduce_scatter_to_sequence_parallel_region(torch.ones(4, 2))  # the planted host tensor
+
+
+def test_collectives_megatron_bound_at_import_are_checked_too(monkeypatch):
+    _assert_caught_only_when_strict(_host_tensor_through_megatrons_reduce_scatter, 2, NCCL_HOST_TENSOR, monkeypatch)
+
+
 def test_megatrons_gloo_groups_keep_taking_host_tensors(monkeypatch):
     assert _outcome(_host_tensor_into, 2, True, monkeypatch, group_name="dp_gloo", tensor_parallel=1) == "ok"
 
@@ -122,8 +137,16 @@ def _allowed_and_counted():
     assert sd.on_gpu(x) and not sd.on_gpu(torch.ones(2))
     assert x.device.type == "cuda" and x.is_cuda  # code that follows .device allocates on the device
     assert sd.on_gpu(torch.zeros(2, device=x.device)) and sd.on_gpu(x.new_zeros(2))
-    assert sd.on_gpu(x * torch.tensor(2.0))  # a 0-dim host scalar is fine, as on CUDA
+    assert sd.on_gpu(x * torch.tensor(2.0))  # a 0-dim host scalar is fine in elementwise ops, as on CUDA
     assert sd.on_gpu(x[torch.tensor([0, 2])])  # so are host indices
+    try:  # but not as the index of index_select
+        x.index_select(0, torch.tensor(1))
+        raise AssertionError("index_select with a host index passed")
+    except RuntimeError as error:
+        assert "same device" in str(error)
+    assert x.type() == "torch.cuda.FloatTensor" and torch.ones(2).type() == "torch.FloatTensor"
+    assert not x.is_cpu and torch.ones(2).is_cpu
+    assert not sd.on_gpu(torch.as_tensor(x, device="cpu")) and sd.on_gpu(x)  # a copy; x stays on the GPU
     assert sd.on_gpu(torch.nn.Parameter(x)) and sd.on_gpu(x.view(2, 3).t())
     host = x.cpu()
     assert not sd.on_gpu(host) and sd.on_gpu(x) and host.data_ptr() != x.data_ptr()
@@ -131,6 +154,7 @@ def _allowed_and_counted():
     for name, read in [("item", lambda: x.sum().item()), ("bool", lambda: bool(x[1] > 0)),
                        ("tolist", lambda: x.tolist()), ("cpu", lambda: x.cpu()), ("print", lambda: repr(x)),
                        ("nonzero", lambda: x.nonzero()), ("host math", lambda: host.sum().item()),
+                       ("mask select", lambda: x[x > 2]), ("mask fill", lambda: x.__setitem__(x > 4, 0.0)),
                        ("device math", lambda: (x * 2).sum())]:
         before = sd.sync_count()
         read()
@@ -142,7 +166,7 @@ def test_device_to_host_reads_are_counted_once_each(monkeypatch):
     monkeypatch.setenv("MEGAMFT_STRICT_DEVICE", "1")
     (counted,) = launch(_allowed_and_counted, 1, timeout=120)
     assert counted == {"item": 1, "bool": 1, "tolist": 1, "cpu": 1, "print": 1, "nonzero": 1,
-                       "host math": 0, "device math": 0}
+                       "host math": 0, "mask select": 1, "mask fill": 0, "device math": 0}
 
 
 def _device_memory():

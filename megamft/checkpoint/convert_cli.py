@@ -24,12 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     to_megatron.add_argument("--target-pp", type=int, default=1, help="check the layers split over this PP")
     to_megatron.add_argument("--dtype", choices=sorted(_DTYPES), help="store as (default: as in the source)")
     to_megatron.add_argument("--dry-run", action="store_true", help="print the planned mapping, write nothing")
+    to_megatron.add_argument("--overwrite", action="store_true",
+                             help="replace an --out that holds something other than an earlier conversion")
     to_hf = commands.add_parser("megatron-to-hf", help="megamft checkpoint -> Hugging Face folder")
     to_hf.add_argument("--checkpoint", required=True, type=Path, help="save folder (uses 'latest') or iter_* folder")
     to_hf.add_argument("--out", required=True, type=Path, help="Hugging Face folder to create")
     to_hf.add_argument("--hf-template", type=Path, help="original HF folder: tokenizer files and extra config keys")
     to_hf.add_argument("--dtype", choices=sorted(_DTYPES), help="save as (default: as stored)")
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
+    to_hf.add_argument("--overwrite", action="store_true",
+                       help="replace an --out that holds something other than an earlier export")
     return parser
 
 
@@ -48,7 +52,8 @@ def _hf_to_megatron(args) -> None:
         _print_plan(model, chunks)
         return
     with tqdm(total=len(chunks), desc="hf-to-megatron", unit="tensor") as bar:
-        path = hf_convert.hf_to_megatron(args.hf, args.out, dtype, progress=lambda chunk: bar.update())
+        path = hf_convert.hf_to_megatron(args.hf, args.out, dtype, progress=lambda chunk: bar.update(),
+                                         overwrite=args.overwrite)
     print(f"wrote {path}\nmodel section: {args.out / 'megamft_model.yaml'}")
 
 
@@ -57,7 +62,7 @@ def _megatron_to_hf(args) -> None:
     with tqdm(desc="megatron-to-hf", unit="layer") as bar:
         out = hf_convert.megatron_to_hf(
             args.checkpoint, args.out, args.hf_template, dtype, int(args.max_shard_gb * 2**30),
-            progress=lambda layer: bar.update(),
+            progress=lambda layer: bar.update(), overwrite=args.overwrite,
         )
     print(f"wrote {out}")
 

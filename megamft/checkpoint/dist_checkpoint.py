@@ -10,24 +10,31 @@ leaves only a ``.partial`` folder, which loading ignores.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import logging
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megamft.checkpoint import global_view
+from megamft.checkpoint.layout import LATEST, complete_dir, iteration_dir, latest_iteration, write_atomically
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
 from megamft.platform import distributed
+from megamft.platform.output_folder import publish
+from megamft.platform.kill_points import kill_point
 
-LATEST = "latest"
+log = logging.getLogger(__name__)
 LORA_BASE = "lora_base"  # in an adapter-only checkpoint: where its base weights are
 # fully_reshardable optimizer state loads at any TP/PP/DP, not only the saving one.
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -40,45 +47,11 @@ def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
-    return Path(save_dir) / f"iter_{iteration:07d}"
-
-
-def complete_dir(save_dir: str | Path, iteration: int) -> Path:
-    """The folder of a complete checkpoint, also mid-way through replacing it (see publish)."""
-    final = iteration_dir(save_dir, iteration)
-    aside = final.with_name(final.name + ".old")
-    return aside if not final.is_dir() and aside.is_dir() else final
-
-
-def latest_iteration(save_dir: str | Path) -> int | None:
-    """The newest complete checkpoint's iteration, or None."""
-    pointer = Path(save_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    text = pointer.read_text().strip()
-    if not text.isdigit() or not complete_dir(save_dir, int(text)).is_dir():
-        raise RuntimeError(f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}")
-    return int(text)
-
-
-def publish(partial: Path, final: Path) -> None:
-    """Move a finished `.partial` folder into place; an older copy is kept aside until then.
-
-    A kill at any point leaves a loadable checkpoint: the old one (as `.old`,
-    which complete_dir finds) or the new one.
-    """
-    aside = final.with_name(final.name + ".old")
-    shutil.rmtree(aside, ignore_errors=True)
-    if final.is_dir():
-        os.replace(final, aside)
-    os.replace(partial, final)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _layout() -> list[int]:
+def _layout() -> list:
+    """What RNG states depend on: PP and TP sizes, and the platform (CUDA and CPU generator states differ)."""
     return [parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_world_size()]
+            parallel_state.get_tensor_model_parallel_world_size(),
+            "cuda" if torch.cuda.is_available() else "cpu"]
 
 
 def _rng_state() -> ShardedObject:
@@ -89,7 +62,7 @@ def _rng_state() -> ShardedObject:
         "tracker": get_cuda_rng_tracker().get_states(),
     }
     position = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank())
-    return ShardedObject("rng_state", state, tuple(_layout()), position,
+    return ShardedObject("rng_state", state, tuple(_layout()[:2]), position,
                          replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
 
 
@@ -163,6 +136,53 @@ def _check_nothing_needed_is_absent(path: Path, keys, adapters_may_be_absent: bo
         )
 
 
+def model_differences(saved_model: dict, cfg: MegamftConfig) -> list[str]:
+    """Model fields whose saved value differs from this config's (fields unset on either side skipped:
+    they are derived at start, e.g. model.vocab_size from the tokenizer)."""
+    current = to_dict(cfg)["model"]
+    return [f"model.{key}: checkpoint {saved_model.get(key)!r}, config {value!r}"
+            for key, value in sorted(current.items())
+            if value is not None and saved_model.get(key) is not None and saved_model.get(key) != value]
+
+
+def _check_model_matches(path: Path, common: dict, cfg: MegamftConfig) -> None:
+    """Stop before loading weights into a model they were not trained as.
+
+    Tensor shapes catch only some differences: RoPE base or scaling, norm epsilon or
+    a vocabulary within the same padded size load silently and train wrongly.
+    """
+    saved = json.loads(common["config"]).get("model", {}) if "config" in common else None
+    if saved is None:
+        return
+    differences = model_differences(saved, cfg)
+    if not differences:
+        return
+    if cfg.checkpoint.allow_config_change:
+        if distributed.is_rank_zero_after_run():
+            log.warning("%s: loading into a changed model (checkpoint.allow_config_change=true): %s", path,
+                        "; ".join(differences))
+        return
+    raise RuntimeError(
+        f"{path} was saved with another model section; differs in: {'; '.join(differences)}. Use the "
+        "checkpoint's model section (its megamft_config.json, or megamft_model.yaml of a conversion), or set "
+        "checkpoint.allow_config_change=true if the change is deliberate")
+
+
+@contextlib.contextmanager
+def _naming_damage(path: Path):
+    """An unreadable checkpoint: one error naming it and what to do, not a bare EOFError from deep inside."""
+    try:
+        yield
+    except (EOFError, OSError, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, CheckpointException,
+            CheckpointingException) as err:
+        earlier = sorted(p.name for p in path.parent.glob("iter_*") if p.is_dir() and p != path)
+        hint = f" (also here: {', '.join(earlier[-3:])})" if earlier else ""
+        raise RuntimeError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err)[:300]}). If one of its files was cut short "
+            f"or corrupted, load an earlier checkpoint with checkpoint.load_iteration=N{hint} or restore the "
+            "folder from a copy; if it belongs to another model, check the model section") from err
+
+
 def _create_empty_optimizer_state(optimizer) -> None:
     """Give every parameter zeroed optimizer state, as after a first step.
 
@@ -178,12 +198,6 @@ def _create_empty_optimizer_state(optimizer) -> None:
         opt.init_state_fn(inner, opt.config)
         for param in params:
             inner.state[param].setdefault("step", torch.tensor(0.0))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _same_checkpoint(base: dict, folder: str | Path, iteration: int) -> bool:
@@ -234,6 +248,7 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     torch.distributed.barrier()
+    kill_point("save.started", iteration)
     if lora_base is not None:
         if _same_checkpoint(lora_base, save_dir, iteration):
             raise ValueError(f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
@@ -245,8 +260,11 @@ def save(
     def finish() -> None:
         if rank == 0:
             (partial / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            kill_point("save.written", iteration)
             publish(partial, final)
+            kill_point("save.published", iteration)
             write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
+            kill_point("save.pointed", iteration)
             if cfg.checkpoint.keep_last:
                 base_here = lora_base and _same_checkpoint(lora_base, save_dir, lora_base["iteration"])
                 prune(save_dir, cfg.checkpoint.keep_last, {lora_base["iteration"]} if base_here else set())
@@ -279,8 +297,10 @@ def load(
     path = complete_dir(load_dir, iteration)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete megatron dist checkpoint")
-    stored = tensor_index(path)
-    common = global_view.read_common(path)
+    with _naming_damage(path):
+        stored = tensor_index(path)
+        common = global_view.read_common(path)
+    _check_model_matches(path, common, cfg)
     base = common.get(LORA_BASE)
     if base is not None:  # adapter-only: the frozen weights come from the base checkpoint first
         if _same_checkpoint(base, load_dir, iteration):
@@ -295,13 +315,16 @@ def load(
         _create_empty_optimizer_state(state.optimizer)
     # RNG streams come back only into the layout that saved them (they are per TP/PP rank).
     saved_layout = common.get("rng_layout")
+    if saved_layout is not None and len(saved_layout) == 2:  # saved before the platform was recorded: CPU
+        saved_layout = [*saved_layout, "cpu"]
     same_layout = load_optimizer and saved_layout == _layout()
     sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer, with_rng=same_layout,
                              adapters_only=base is not None)
     if not any(".lora_" in key for key in stored):  # a base model for a new LoRA fine-tune
         for name in [k for k in sharded if k.startswith("model")]:
             sharded[name] = {k: v for k, v in sharded[name].items() if ".lora_" not in k}
-    loaded, _, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
+    with _naming_damage(path):
+        loaded, _, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
     _check_nothing_needed_is_absent(path, absent, not load_optimizer)
     for i, chunk in enumerate(state.chunks):
         result = bare_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)

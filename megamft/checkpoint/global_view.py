@@ -36,6 +36,9 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megamft.checkpoint.layout import LATEST, iteration_dir, write_atomically
+from megamft.platform.output_folder import publish
+
 # What megatron's dist_checkpointing.load expects beside the tensor data.
 _MEGATRON_METADATA = {
     "sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -97,8 +100,6 @@ def write_checkpoint(
     on_written: Callable[[Chunk], None] = lambda chunk: None,
 ) -> Path:
     """Write a megatron dist checkpoint (complete only once renamed) and point `latest` at it."""
-    from megamft.checkpoint.dist_checkpoint import LATEST, iteration_dir, publish, write_atomically
-
     final = iteration_dir(save_dir, iteration)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -122,8 +123,12 @@ def tensor_index(checkpoint_dir: str | Path) -> dict[str, TensorStorageMetadata]
 
 
 def read_common(checkpoint_dir: str | Path) -> dict:
-    """The non-tensor state (progress, config) that rank 0 saved."""
-    return torch.load(Path(checkpoint_dir) / "common.pt", weights_only=False)
+    """The non-tensor state (progress, config) that rank 0 saved.
+
+    Read onto the host: it may hold CUDA tensors (fp16's loss scale), which would
+    otherwise open a CUDA context on GPU 0 in every rank, or fail without a GPU.
+    """
+    return torch.load(Path(checkpoint_dir) / "common.pt", weights_only=False, map_location="cpu")
 
 
 @dataclass(frozen=True)

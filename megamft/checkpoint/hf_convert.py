@@ -28,6 +28,10 @@ from megamft.checkpoint import global_view
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.model.builder import padded_vocab_size
 from megamft.model.families import Family, FAMILIES, hf_config_from_model, model_config_from_hf
+from megamft.platform.output_folder import check_destination, mark_output, publish, temporary_sibling
+
+CONVERTED_OUTPUT = "hf-to-megatron"   # kinds of output folder (see output_folder)
+HF_EXPORT_OUTPUT = "megatron-to-hf"
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -286,23 +290,30 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-                   progress: Callable[[global_view.Chunk], None] = lambda c: None) -> Path:
-    """Convert a Hugging Face folder into a megamft checkpoint folder (iteration 0)."""
+                   progress: Callable[[global_view.Chunk], None] = lambda c: None, overwrite: bool = False) -> Path:
+    """Convert a Hugging Face folder into a megamft checkpoint folder (iteration 0).
+
+    The folder is written beside `out_dir` and renamed into place when complete; an
+    `out_dir` holding anything but an earlier conversion is refused unless `overwrite`.
+    """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_destination(out_dir, CONVERTED_OUTPUT, inputs=[hf_dir], overwrite=overwrite)
     model, _, chunks, source = plan_hf_to_megatron(hf_dir, dtype)
     cfg = MegamftConfig(model=model)
     common = {"progress": {"iteration": 0, "consumed_samples": 0}, "config": json.dumps(to_dict(cfg))}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(hf_dir, out_dir / "hf")
-    shutil.copy2(hf_dir / "config.json", out_dir / "hf" / "config.json")
-    path = global_view.write_checkpoint(out_dir, 0, chunks, common, on_written=progress)
+    partial = temporary_sibling(out_dir)
+    _copy_tokenizer(hf_dir, partial / "hf")
+    shutil.copy2(hf_dir / "config.json", partial / "hf" / "config.json")
+    path = global_view.write_checkpoint(partial, 0, chunks, common, on_written=progress)
     assert not source.unconsumed(), source.unconsumed()  # planned above: every source tensor is written
     (path / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    (out_dir / "megamft_model.yaml").write_text(
+    (partial / "megamft_model.yaml").write_text(
         "# model section of the converted checkpoint; pass it to `megamft train --config`\n"
         + yaml.safe_dump({"model": asdict(model)}, sort_keys=False)
     )
-    return path
+    mark_output(partial, CONVERTED_OUTPUT, source=str(hf_dir.resolve()))
+    publish(partial, out_dir)
+    return out_dir / path.name
 
 
 # ---------------------------------------------------------------- megatron -> Hugging Face
@@ -310,7 +321,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
 
 def _checkpoint_dir(path: Path) -> Path:
     """An iteration folder, or a save folder resolved through its `latest` pointer."""
-    from megamft.checkpoint.dist_checkpoint import complete_dir, latest_iteration
+    from megamft.checkpoint.layout import complete_dir, latest_iteration
 
     if (path / "metadata.json").is_file():
         return path
@@ -357,9 +368,17 @@ def _with_adapters_merged(ckpt: Path, index: dict, regions: list, tensors: list,
 
 def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
                    dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
-                   progress: Callable[[int], None] = lambda layer: None) -> Path:
-    """Export a megamft checkpoint (any TP/PP it was trained with) as a Hugging Face folder."""
+                   progress: Callable[[int], None] = lambda layer: None, overwrite: bool = False) -> Path:
+    """Export a megamft checkpoint (any TP/PP it was trained with) as a Hugging Face folder.
+
+    Never writes over the checkpoint, its base or the template; an `out_dir` holding anything
+    but an earlier export is refused unless `overwrite`. Renamed into place when complete.
+    """
     ckpt = _checkpoint_dir(Path(checkpoint))
+    template = Path(hf_template) if hf_template else _default_template(Path(checkpoint))
+    base = global_view.read_common(ckpt).get("lora_base")
+    check_destination(out_dir, HF_EXPORT_OUTPUT, inputs=[checkpoint, ckpt, template, base and base["dir"]],
+                      overwrite=overwrite)
     cfg = _config_of_checkpoint(ckpt)
     model = cfg.model
     index = global_view.tensor_index(ckpt)
@@ -367,9 +386,7 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     family = _family_for_export(model)
     d = Dims.of(model)
     out_dir = Path(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    partial = temporary_sibling(out_dir)
     writer = _ShardWriter(partial, max_shard_bytes)
     stored_dtype = None
     mappings = needed_mappings(model)
@@ -390,14 +407,13 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     writer.finish()
     dtype_name = str(dtype or stored_dtype).removeprefix("torch.")
     config = hf_config_from_model(model, family, dtype_name)
-    template = Path(hf_template) if hf_template else _default_template(Path(checkpoint))
     if template and (template / "config.json").is_file():
         config = {**json.loads((template / "config.json").read_text()), **config}
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     if template:
         _copy_tokenizer(template, partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
+    mark_output(partial, HF_EXPORT_OUTPUT, checkpoint=str(ckpt.resolve()))
+    publish(partial, out_dir)
     return out_dir
 
 

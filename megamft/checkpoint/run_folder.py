@@ -16,14 +16,20 @@ mix two runs. `check_save_folder` says so, listing the differences.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from megamft.checkpoint.dist_checkpoint import complete_dir, latest_iteration
+from megamft.checkpoint.layout import complete_dir, latest_iteration
 from megamft.config import MegamftConfig, to_dict
-from megamft.platform.output_folder import DestinationError, check_destination
-
-TRAINING_OUTPUT = "training"
+from megamft.platform.output_folder import (
+    TRAINING_OUTPUT,
+    DestinationError,
+    FolderLock,
+    check_destination,
+    mark_output,
+)
+from megamft.training.memory_estimate import checkpoint_bytes
 # What makes two runs the same run; everything else (steps, layout, intervals, paths) may change on resume.
 _RUN_DEFINING = ("model", "data", "loss", "lora", "train.seed", "train.global_batch_size", "train.precision")
 
@@ -56,11 +62,11 @@ def _defining(flat: dict) -> dict:
 def run_differences(saved: dict, current: MegamftConfig) -> list[str]:
     """Run-defining fields whose values differ, as 'field: saved -> now'.
 
-    Fields this run leaves unset (None, derived at start such as model.vocab_size) are not compared.
+    Fields unset on either side (None, derived at start such as model.vocab_size) are not compared.
     """
     old, new = _defining(_flatten(saved)), _defining(_flatten(to_dict(current)))
     return [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in sorted(new.items())
-            if value is not None and old.get(key) != value]
+            if value is not None and old.get(key) is not None and old.get(key) != value]
 
 
 def saved_config(save_dir: str | Path, iteration: int) -> dict | None:
@@ -84,6 +90,7 @@ def check_save_folder(cfg: MegamftConfig) -> int | None:
     check_destination(ckpt.save_dir, TRAINING_OUTPUT, inputs=[base, cfg.data.path if cfg.data.source == "indexed"
                                                               else None],
                       overwrite=ckpt.overwrite, option="checkpoint.save_dir", recognise=_is_training_folder)
+    _check_writable_with_room(cfg)
     latest = latest_iteration(ckpt.save_dir) if Path(ckpt.save_dir).is_dir() else None
     if latest is None:
         return None
@@ -101,6 +108,26 @@ def check_save_folder(cfg: MegamftConfig) -> int | None:
             "and checkpoint.resume=never would start again over them. Use checkpoint.resume=auto to continue "
             "it, another checkpoint.save_dir, or checkpoint.overwrite=true")
     return latest
+
+
+def _check_writable_with_room(cfg: MegamftConfig) -> None:
+    """Find an unwritable or too-full save_dir now, not at the first save hours later."""
+    folder = Path(cfg.checkpoint.save_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".megamft-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise DestinationError(f"checkpoint.save_dir {folder} cannot be written ({err.strerror}); choose a "
+                               "folder this user can write, on a file system with room for checkpoints") from None
+    # The vocabulary may be known only once the data is read; an unknown one adds little here.
+    needed = checkpoint_bytes(cfg, cfg.model.vocab_size or 256)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DestinationError(
+            f"checkpoint.save_dir {folder} has {free / 2**30:.1f} GiB free, less than one checkpoint of this "
+            f"model (about {needed / 2**30:.1f} GiB); free space or choose another folder")
 
 
 def _same(a: str | None, b: str | None) -> bool:
@@ -124,3 +151,16 @@ def plan_start(cfg: MegamftConfig, latest_in_save_dir: int | None) -> StartPlan:
         return StartPlan(ckpt.load_dir, ckpt.load_iteration, ckpt.load_optimizer,
                          f"loading {ckpt.load_dir} ({'resume' if ckpt.load_optimizer else 'weights only'})")
     return StartPlan(None, None, False, "starting from initial weights")
+
+
+def claim(cfg: MegamftConfig) -> tuple[FolderLock | None, StartPlan]:
+    """Check save_dir, lock it for this run, mark it as a training folder, and plan the start.
+
+    Raises DestinationError (nothing written) when the folder must not be used.
+    """
+    latest = check_save_folder(cfg)
+    lock = None
+    if cfg.checkpoint.save_dir:
+        lock = FolderLock(cfg.checkpoint.save_dir, "training run").acquire()
+        mark_output(cfg.checkpoint.save_dir, TRAINING_OUTPUT)
+    return lock, plan_start(cfg, latest)

@@ -3,7 +3,9 @@
 Two schemas are read, and normalised to the roles system/user/assistant:
   MFTCoder:  {"chat_rounds": [{"role": "system"|"human"|"bot", "content": ...}, ...]}
   OpenAI:    {"messages":    [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
-Every way a line can be unusable raises BadSample with a short reason that
+Roles must come in order: an optional system turn first, then user and
+assistant turns alternating, ending with an answer. Every way a line can be
+unusable raises BadSample with a short reason that
 the caller prefixes with the file and line number.
 """
 
@@ -19,6 +21,8 @@ ROLE_NAMES = {
     "assistant": "assistant",
 }
 SCHEMA_KEYS = ("chat_rounds", "messages")
+_SCHEMA_ROLES = {"chat_rounds": {"user": "human", "assistant": "bot"},
+                 "messages": {"user": "user", "assistant": "assistant"}}
 
 Turn = tuple[str, str]  # (role, content)
 
@@ -55,11 +59,27 @@ def conversation_turns(sample) -> list[Turn]:
     if not isinstance(rounds, list) or not rounds:
         raise BadSample("empty_field", f"'{key}' must be a non-empty list")
     turns = [_turn(key, i, r) for i, r in enumerate(rounds)]
-    if any(role == "system" for role, _ in turns[1:]):
-        raise BadSample("bad_conversation", f"'{key}': a system turn may only come first")
-    if turns[-1][0] != "assistant":
-        raise BadSample("no_answer", f"'{key}': the conversation does not end with an answer")
+    _check_role_order(key, [role for role, _ in turns])
     return turns
+
+
+def _check_role_order(key: str, roles: list[str]) -> None:
+    """System first if any, then user and assistant strictly alternating, ending with an answer.
+
+    Every template relies on it: two user turns in a row would be trained as one
+    prompt by some templates and refused by others (MFTCoder raises).
+    """
+    names = _SCHEMA_ROLES[key]
+    start = 1 if roles[0] == "system" else 0
+    for index in range(start, len(roles)):
+        expected = "user" if (index - start) % 2 == 0 else "assistant"
+        if roles[index] != expected:
+            found = "system" if roles[index] == "system" else names[roles[index]]
+            raise BadSample("bad_role_order", f"'{key}'[{index}]: role {found!r} where {names[expected]!r} must "
+                            f"come (after an optional first system turn, {names['user']!r} and "
+                            f"{names['assistant']!r} turns alternate, starting with {names['user']!r})")
+    if roles[-1] != "assistant":
+        raise BadSample("no_answer", f"'{key}': the conversation does not end with an answer")
 
 
 def _turn(key: str, index: int, item) -> Turn:
@@ -76,4 +96,9 @@ def _turn(key: str, index: int, item) -> Turn:
         raise BadSample("malformed_json", f"{where}: 'content' must be a string")
     if not content.strip():
         raise BadSample("empty_field", f"{where}: empty 'content'")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as err:  # a JSON escape such as "\ud800" decodes to a lone surrogate
+        raise BadSample("invalid_utf8", f"{where}: 'content' holds an unpaired surrogate "
+                        f"\\u{ord(content[err.start]):04x}, which is not text") from None
     return ROLE_NAMES[role], content

@@ -9,7 +9,6 @@ Sources:
 from __future__ import annotations
 
 import bisect
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +19,8 @@ from megamft.config import DataConfig
 from megamft.data.conversation import ROLE_NAMES
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import open_indexed
+from megamft.data.integrity import check_task, largest_token_id
+from megamft.data.manifest import load_manifest
 from megamft.data.mixing import TaskMixture, sampling_weights, split_train_valid
 from megamft.data.sequences import Rows, batch_length, build_rows, collate, packed_seq_params
 from megamft.data.templates import get_template
@@ -32,21 +33,25 @@ class InMemoryDocuments:
     def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray]):
         self._ids, self._masks = ids, masks
         self.lengths = np.asarray([len(i) for i in ids], dtype=np.int64)
+        self.max_token_id = max((int(i.max()) for i in ids if len(i)), default=-1)
 
     def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         return self._ids[doc], self._masks[doc]
 
 
 class IndexedDocuments:
-    """One task of a megamft-preprocess folder, through megatron-core's IndexedDataset."""
+    """One task of a megamft-preprocess folder, through megatron-core's IndexedDataset.
 
-    def __init__(self, folder: Path, entry: dict):
+    Its files are checked against the manifest first (integrity.check_task), so a
+    damaged one is named now rather than failing a batch hours into training.
+    """
+
+    def __init__(self, folder: Path, entry: dict, token_dtype: str):
+        check_task(folder, entry, token_dtype)
         self.tokens = open_indexed(folder / entry["prefix"])
         self.masks = open_indexed(folder / entry["loss_mask_prefix"])
         self.lengths = self.tokens.sequence_lengths.astype(np.int64)
-        if not np.array_equal(self.lengths, self.masks.sequence_lengths):
-            raise ValueError(f"{folder}: {entry['prefix']} and its loss mask disagree on document lengths; "
-                             "re-run megamft-preprocess")
+        self.max_token_id = largest_token_id(folder, entry, token_dtype)
 
     def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens[doc], self.masks[doc]
@@ -102,6 +107,9 @@ class MultitaskData:
     cfg: DataConfig
     thd_packing: bool = False
     """Give packed batches megatron's PackedSeqParams (Transformer Engine ignores dense masks)."""
+    max_token_id: int = -1
+    """The largest id a training or validation sequence can hold (padding included): the model's
+    vocabulary must have a row for it."""
 
     def batches(self, rows: list[tuple[np.ndarray, np.ndarray]], micro_batch_size: int,
                 same_length: bool = False) -> list[dict]:
@@ -132,6 +140,7 @@ def load_data(cfg: DataConfig) -> MultitaskData:
         names, stores, vocab_size, pad_id = _indexed_source(cfg)
     else:
         names, stores, vocab_size, pad_id = _stdlib_source(cfg)
+    max_token_id = max([pad_id, *(store.max_token_id for store in stores)])
     train_docs, valid = [], {}
     for task, (name, store) in enumerate(zip(names, stores)):
         if len(store.lengths) <= cfg.valid_samples_per_task:
@@ -145,20 +154,23 @@ def load_data(cfg: DataConfig) -> MultitaskData:
     weights = sampling_weights(cfg.task_sampling, [len(d) for d in train_docs], cfg.task_sampling_weights, list(names))
     epoch_samples = cfg.epoch_samples or sum(len(d) for d in train_docs)
     mixture = TaskMixture(train_docs, weights, epoch_samples, cfg.seed)
-    return MultitaskData(tuple(names), stores, TrainSequences(mixture, stores, cfg), valid, vocab_size, pad_id, cfg)
+    return MultitaskData(tuple(names), stores, TrainSequences(mixture, stores, cfg), valid, vocab_size, pad_id, cfg,
+                         max_token_id=max_token_id)
 
 
 def _indexed_source(cfg: DataConfig):
     folder = Path(cfg.path)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"data.path={cfg.path}: no manifest.json (not a finished megamft-preprocess "
-                                "output; run megamft-preprocess --out there)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = load_manifest(folder)
     entries = sorted(manifest["tasks"], key=lambda e: e["id"])
-    stores = [IndexedDocuments(folder, e) for e in entries]
+    stores = [IndexedDocuments(folder, e, manifest["token_dtype"]) for e in entries]
     tokenizer = manifest["tokenizer"]
-    return [e["name"] for e in entries], stores, int(tokenizer["vocab_size"]), int(tokenizer.get("pad_id", 0))
+    vocab_size = _vocabulary(tokenizer["vocab_size"], tokenizer.get("max_token_id"))
+    return [e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0))
+
+
+def _vocabulary(vocab_size: int, max_token_id) -> int:
+    """Rows a model needs for every id the tokenizer can emit (a tokenizer.json may place ids past its size)."""
+    return max(int(vocab_size), int(max_token_id) + 1) if max_token_id is not None else int(vocab_size)
 
 
 @lru_cache(maxsize=4)
@@ -176,7 +188,7 @@ def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_s
         encoded = [s for s in encoder.encode([template(c, tokenizer) for c in conversations]).samples()
                    if len(s.ids) <= seq_length + 1]
         stores.append(InMemoryDocuments([s.ids for s in encoded], [s.mask for s in encoded]))
-    return list(TASKS), stores, tokenizer.vocab_size, tokenizer.pad_id
+    return list(TASKS), stores, _vocabulary(tokenizer.vocab_size, tokenizer.max_token_id), tokenizer.pad_id
 
 
 def _stdlib_source(cfg: DataConfig):

@@ -2,7 +2,9 @@
 
 Writing is ours (streamed, atomic, byte-identical on reruns); reading goes
 through `megatron.core.datasets.indexed_dataset.IndexedDataset`, so what
-training sees is exactly what megatron-core would.
+training sees is exactly what megatron-core would. `read_index` parses an
+.idx header without megatron, so a damaged file can be named before
+megatron's reader fails on it with a bare numpy error.
 
 .idx layout (little endian): b"MMIDIDX\\x00\\x00", u64 version 1, u8 dtype code,
 u64 sequence count, u64 document count (+1), i32 lengths, i64 byte pointers,
@@ -13,19 +15,22 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 _HEADER = b"MMIDIDX\x00\x00"
+_FIELDS = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
 _DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
                 np.float32: 7, np.uint16: 8}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 PARTIAL_SUFFIX = ".partial"
 
 
-def token_dtype(vocab_size: int):
-    """The smallest dtype holding every id, as megatron-core chooses it."""
-    return np.uint16 if vocab_size < 65500 else np.int32
+def token_dtype(cardinality: int):
+    """The smallest dtype holding ids 0..cardinality-1, as megatron-core chooses it."""
+    return np.uint16 if cardinality < 65500 else np.int32
 
 
 class IndexedWriter:
@@ -34,6 +39,7 @@ class IndexedWriter:
     def __init__(self, prefix: Path, dtype):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype).type
+        self._range = np.iinfo(self.dtype)
         self._bin = open(self._partial(".bin"), "wb")
         self._lengths: list[np.ndarray] = []
 
@@ -41,7 +47,13 @@ class IndexedWriter:
         return self.prefix.with_name(self.prefix.name + suffix + PARTIAL_SUFFIX)
 
     def add(self, values: np.ndarray, lengths: np.ndarray) -> None:
-        """Documents given as their concatenation and their lengths."""
+        """Documents given as their concatenation and their lengths; refuses a value the dtype would wrap."""
+        values = np.asarray(values)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if high > self._range.max or low < self._range.min:
+            bad = high if high > self._range.max else low
+            raise ValueError(f"{self.prefix.name}.bin: value {bad} does not fit its dtype "
+                             f"{np.dtype(self.dtype).name} (it would be stored wrapped); nothing was written")
         self._bin.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
 
@@ -53,8 +65,7 @@ class IndexedWriter:
         np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(self.dtype).itemsize, out=pointers[1:])
         documents = np.arange(len(lengths) + 1, dtype=np.int64)
         with open(self._partial(".idx"), "wb") as idx:
-            idx.write(_HEADER + struct.pack("<Q", 1) + struct.pack("<B", _DTYPE_CODES[self.dtype]))
-            idx.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(documents)))
+            idx.write(_HEADER + _FIELDS.pack(1, _DTYPE_CODES[self.dtype], len(lengths), len(documents)))
             idx.write(lengths.tobytes() + pointers.tobytes() + documents.tobytes())
             idx.flush()
             os.fsync(idx.fileno())
@@ -64,10 +75,50 @@ class IndexedWriter:
             os.replace(self._partial(suffix), self.prefix.with_name(self.prefix.name + suffix))
 
     def discard(self) -> None:
-        if not self._bin.closed:
-            self._bin.close()
+        """Remove the partial files; never raises (a full disk fails the close, not the clean-up)."""
+        try:
+            self._bin.close()  # flushes what is buffered, which fails again on a full disk
+        except OSError:
+            pass
         for suffix in (".bin", ".idx"):
-            self._partial(suffix).unlink(missing_ok=True)
+            try:
+                self._partial(suffix).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+@dataclass
+class IndexInfo:
+    """What an .idx file says about its .bin."""
+
+    dtype: type
+    lengths: np.ndarray  # int32 token count of each sequence (one sequence per document here)
+
+    @property
+    def bin_bytes(self) -> int:
+        return int(self.lengths.sum(dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+class DamagedIndex(ValueError):
+    """An .idx file that is not a whole megatron index; the message says what is wrong."""
+
+
+def read_index(path: Path) -> IndexInfo:
+    """Parse and size-check an .idx file (raises DamagedIndex with the problem, FileNotFoundError if absent)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(len(_HEADER) + _FIELDS.size)
+    if len(head) < len(_HEADER) + _FIELDS.size or not head.startswith(_HEADER):
+        raise DamagedIndex("not a megatron index file (its header is missing or damaged)")
+    version, code, sequences, documents = _FIELDS.unpack(head[len(_HEADER):])
+    if version != 1 or code not in _CODE_DTYPES:
+        raise DamagedIndex(f"unknown index version {version} or dtype code {code}")
+    expected = len(head) + sequences * (4 + 8) + documents * 8
+    if size != expected:
+        raise DamagedIndex(f"{size} bytes, but its header promises {expected} "
+                          f"({sequences} sequences): the file is truncated or damaged")
+    lengths = np.fromfile(path, dtype=np.int32, count=sequences, offset=len(head))
+    return IndexInfo(_CODE_DTYPES[code], lengths)
 
 
 def open_indexed(prefix: Path):

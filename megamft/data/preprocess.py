@@ -6,19 +6,19 @@ Per task, three indexed datasets share one document order:
   <task>_task_id.bin/.idx    the task id of each document (one value each)
 and `manifest.json` describes them all. Lines are read in chunks and encoded
 by worker processes; results come back in input order, so the output is
-byte-identical for the same input whatever the number of workers. Nothing
-gets its final name before the whole run has succeeded, and manifest.json,
-written last, is what marks an output folder complete.
+byte-identical for the same input whatever the number of workers. Inputs are
+checked before any work (preprocess_inputs.py); the output folder is claimed,
+locked and published by preprocess_output.py: nothing gets its final name
+before the whole run has succeeded, and manifest.json, written last, is what
+marks an output folder complete.
 """
 
 from __future__ import annotations
 
-import gzip
+import errno
 import hashlib
-import json
 import multiprocessing
 import os
-import re
 import sys
 import time
 from collections import Counter, deque
@@ -30,14 +30,16 @@ from typing import Iterator, Literal, Optional
 import numpy as np
 
 from megamft.data.conversation import BadSample, parse_line
+from megamft.data.decontaminate import BENCHMARKS
 from megamft.data.encoding import SegmentEncoder
-from megamft.data.indexed import PARTIAL_SUFFIX, IndexedWriter, token_dtype
+from megamft.data.indexed import token_dtype
+from megamft.data.manifest import FORMAT, MANIFEST
+from megamft.data.preprocess_inputs import PreprocessError, check_task_names, input_files, read_chunks
+from megamft.data.preprocess_output import OutputFolder, report_stale_lock
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import file_sha256, load_tokenizer
 
-MANIFEST = "manifest.json"
-FORMAT = "megamft-indexed/1"
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+__all__ = ["FORMAT", "MANIFEST", "PreprocessError", "PreprocessOptions", "input_files", "preprocess"]
 
 
 @dataclass
@@ -62,12 +64,10 @@ class PreprocessOptions:
     ngram: int = 13
     dedup: bool = True
     """Drop exact duplicates (same token ids) within a task."""
+    overwrite: bool = False
+    """Write into a non-empty out_dir that is not a megamft-preprocess output (its other files are kept)."""
     chunk_lines: int = 256
     progress: bool = True
-
-
-class PreprocessError(RuntimeError):
-    """Bad input or options; the message names the file, line and what to do."""
 
 
 @dataclass
@@ -79,42 +79,9 @@ class TaskReport:
     learned_tokens: int = 0
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    max_token_id: int = -1
+    """The largest token id written for this task."""
     inputs: list[dict] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def input_files(task: str, paths: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for spec in paths:
-        path = Path(spec)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
-            if not found:
-                raise PreprocessError(f"task {task}: folder {path} has no .jsonl or .jsonl.gz files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise PreprocessError(f"task {task}: input {path} does not exist")
-    return files
-
-
-def _read_chunks(files: list[Path], chunk_lines: int) -> Iterator[tuple[str, int, list[bytes]]]:
-    """(file, number of the chunk's first line, raw lines) without blank lines' content."""
-    for path in files:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            lines: list[bytes] = []
-            first = 1
-            for number, line in enumerate(f, start=1):
-                lines.append(line)
-                if len(lines) == chunk_lines:
-                    yield str(path), first, lines
-                    lines, first = [], number + 1
-            if lines:
-                yield str(path), first, lines
 
 
 # ---------------------------------------------------------------- workers
@@ -145,7 +112,7 @@ class _Encoder:
         self.segments = SegmentEncoder(self.tokenizer)
         self.guard = ContaminationGuard(options.decontaminate, options.ngram) if options.decontaminate else None
 
-    def chunk(self, file: str, first: int, raw_lines: list[bytes]) -> ChunkResult:
+    def chunk(self, file: str, first: int, raw_lines: list[bytes], read_error: str | None = None) -> ChunkResult:
         bad, numbers, conversations, dropped = [], [], [], Counter()
         for number, raw in enumerate(raw_lines, start=first):
             if not raw.strip():
@@ -159,6 +126,8 @@ class _Encoder:
                 numbers.append(number)
             except BadSample as err:
                 bad.append((number, err.kind, str(err)))
+        if read_error is not None:  # the line after the last whole one; nothing after it is read
+            bad.append((first + len(raw_lines), "corrupt_gzip", read_error))
         batch = self.segments.encode(conversations)
         return self._finish(file, len(raw_lines), np.asarray(numbers, dtype=np.int64), batch, bad, dropped)
 
@@ -236,32 +205,98 @@ def _ordered_results(options: PreprocessOptions, chunks: Iterator, pool) -> Iter
 # ---------------------------------------------------------------- driver
 
 
+_WHOLE_NUMBERS = ("workers", "ngram", "chunk_lines", "max_seq_length")
+_SWITCHES = ("train_on_all", "dedup", "overwrite", "progress")
+_CHOICES = {"on_bad_line": ("error", "skip"), "overlong": (None, "truncate", "drop")}
+_LINE_HINT = "fix the line, or pass --on-bad-line skip to drop and count such lines"
+_GZIP_HINT = ("re-create the file, or pass --on-bad-line skip to keep the lines before this one "
+              "and count the file as dropped")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def _check_options(options: PreprocessOptions) -> None:
-    if not options.tasks:
+    """Every option checked before any input is read or any folder touched."""
+    if not isinstance(options.tasks, dict) or not options.tasks:
         raise PreprocessError("no task given: use --task NAME=PATH[,PATH...] (repeatable) or 'tasks:' in --config")
-    for name in options.tasks:
-        if not _TASK_NAME.match(name):
-            raise PreprocessError(f"task name {name!r}: use letters, digits, '_', '-', '.' (it names the output files)")
-    if options.workers < 1:
-        raise PreprocessError("--workers must be at least 1")
+    check_task_names(list(options.tasks))
+    if not isinstance(options.out_dir, (str, os.PathLike)) or not str(options.out_dir).strip():
+        raise PreprocessError("no output folder: pass --out DIR")
+    for key in _WHOLE_NUMBERS:
+        value = getattr(options, key)
+        if not (value is None and key == "max_seq_length") and (not isinstance(value, int) or isinstance(value, bool)):
+            raise PreprocessError(f"{_flag(key)}: expected a whole number, got {value!r}")
+    for key in _SWITCHES:
+        if not isinstance(getattr(options, key), bool):
+            raise PreprocessError(f"{_flag(key)}: expected true or false, got {getattr(options, key)!r}")
+    for key, allowed in _CHOICES.items():
+        if getattr(options, key) not in allowed:
+            raise PreprocessError(f"{_flag(key)}: {getattr(options, key)!r} is not one of "
+                                  f"{', '.join(a for a in allowed if a)}")
+    if options.workers < 1 or options.ngram < 1 or options.chunk_lines < 1:
+        raise PreprocessError("--workers, --ngram and the chunk size must be at least 1")
     if options.overlong and not options.max_seq_length:
         raise PreprocessError("--overlong needs --max-seq-length")
     if options.max_seq_length is not None and options.max_seq_length < 2:
         raise PreprocessError("--max-seq-length must be at least 2")
+    if not isinstance(options.decontaminate, list) or any(b not in BENCHMARKS for b in options.decontaminate):
+        raise PreprocessError(f"--decontaminate {options.decontaminate!r}: known benchmarks are {', '.join(BENCHMARKS)}")
 
 
-def preprocess(options: PreprocessOptions) -> dict:
-    """Run the whole preprocessing; returns the manifest written to `out_dir/manifest.json`."""
-    _check_options(options)
+def _load_tokenizer(options: PreprocessOptions):
     try:
         tokenizer = load_tokenizer(options.tokenizer)
         _, template_identity = get_template(options.template, tokenizer)
     except (OSError, ValueError) as err:
         raise PreprocessError(str(err)) from None
+    return tokenizer, template_identity
+
+
+def preprocess(options: PreprocessOptions) -> dict:
+    """Run the whole preprocessing; returns the manifest written to `out_dir/manifest.json`."""
+    _check_options(options)
+    tokenizer, template_identity = _load_tokenizer(options)
     files = {name: input_files(name, paths) for name, paths in options.tasks.items()}
-    out = Path(options.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    writers: list[IndexedWriter] = []
+    inputs = [path for paths in options.tasks.values() for path in paths] + list(tokenizer.files)
+    # Wide enough for every id the tokenizer can emit, not only its vocab_size.
+    dtype = token_dtype(tokenizer.max_token_id + 1)
+    with OutputFolder(options.out_dir, inputs, options.overwrite) as folder:
+        report_stale_lock(folder)
+        try:
+            reports = _process_tasks(options, files, folder, dtype)
+            manifest = _manifest(options, tokenizer, template_identity, dtype, reports)
+            folder.publish(manifest)
+        except OSError as err:
+            raise PreprocessError(_io_failure(err, folder)) from None
+    return manifest
+
+
+def _io_failure(err: OSError, folder: OutputFolder) -> str:
+    advice = ("free space on that file system or choose another --out" if err.errno == errno.ENOSPC
+              else "check the file, its permissions and the file system")
+    kept = ("the previous output there was partly replaced; run again" if folder.replacing
+            else "any previous output there is as it was")
+    return (f"{err.filename or folder.path}: {err.strerror or err}; the run stopped and removed its partial files "
+            f"from {folder.path}; {kept} ({advice})")
+
+
+def _manifest(options: PreprocessOptions, tokenizer, template_identity: dict, dtype, reports) -> dict:
+    return {
+        "format": FORMAT,
+        "tokenizer": tokenizer.identity(),
+        "template": template_identity,
+        "token_dtype": np.dtype(dtype).name,
+        "options": {k: v for k, v in asdict(options).items()
+                    if k in ("max_seq_length", "overlong", "on_bad_line", "train_on_all", "decontaminate",
+                             "ngram", "dedup")},
+        "tasks": [asdict(r) | {"prefix": r.name, "loss_mask_prefix": f"{r.name}_loss_mask",
+                               "task_id_prefix": f"{r.name}_task_id"} for r in reports],
+    }
+
+
+def _process_tasks(options: PreprocessOptions, files: dict, folder: OutputFolder, dtype) -> list[TaskReport]:
     pool = None
     if options.workers > 1:  # a dead worker raises BrokenProcessPool here rather than hanging
         pool = ProcessPoolExecutor(options.workers, multiprocessing.get_context("spawn"), _init_worker, (options,))
@@ -269,79 +304,58 @@ def preprocess(options: PreprocessOptions) -> dict:
         _init_worker(options)
     bar = _Progress(options.progress)
     try:
-        reports = [
-            _process_task(task_id, name, files[name], options, pool, token_dtype(tokenizer.vocab_size), writers, bar)
-            for task_id, name in enumerate(options.tasks)
-        ]
-        for writer in writers:
-            writer.finish()
-    except BaseException:
-        for writer in writers:
-            writer.discard()
-        raise
+        return [_process_task(task_id, name, files[name], options, pool, dtype, folder, bar)
+                for task_id, name in enumerate(options.tasks)]
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    manifest = {
-        "format": FORMAT,
-        "tokenizer": tokenizer.identity(),
-        "template": template_identity,
-        "token_dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
-        "options": {k: v for k, v in asdict(options).items()
-                    if k in ("max_seq_length", "overlong", "on_bad_line", "train_on_all", "decontaminate",
-                             "ngram", "dedup")},
-        "tasks": [asdict(r) | {"prefix": r.name, "loss_mask_prefix": f"{r.name}_loss_mask",
-                               "task_id_prefix": f"{r.name}_task_id"} for r in reports],
-    }
-    _publish(out, writers, manifest)
-    return manifest
-
-
-def _publish(out: Path, writers: list[IndexedWriter], manifest: dict) -> None:
-    """Old manifest out first, data in, new manifest last: a folder with a manifest is complete."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for writer in writers:
-        writer.publish()
-    partial = out / (MANIFEST + PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(partial, out / MANIFEST)
 
 
 def _process_task(task_id: int, name: str, files: list[Path], options: PreprocessOptions, pool, dtype,
-                  writers: list[IndexedWriter], bar) -> TaskReport:
-    out = Path(options.out_dir)
+                  folder: OutputFolder, bar) -> TaskReport:
     report = TaskReport(name, task_id, inputs=[{"path": str(p), "sha256": file_sha256(p)} for p in files])
-    tokens = IndexedWriter(out / name, dtype)
-    masks = IndexedWriter(out / f"{name}_loss_mask", np.uint8)
-    task_ids = IndexedWriter(out / f"{name}_task_id", np.uint16)
-    writers += [tokens, masks, task_ids]
+    tokens = folder.writer(name, dtype)
+    masks = folder.writer(f"{name}_loss_mask", np.uint8)
+    task_ids = folder.writer(f"{name}_task_id", np.uint16)
     seen: set[bytes] = set()
     dropped: Counter = Counter()
     bar.set_description(name)
-    for result in _ordered_results(options, _read_chunks(files, options.chunk_lines), pool):
-        for line, kind, reason in result.bad:
-            if options.on_bad_line == "error":
-                raise PreprocessError(f"{result.file}:{line}: {reason} "
-                                      "(fix the line, or pass --on-bad-line skip to drop and count such lines)")
-            dropped[kind] += 1
+    for result in _ordered_results(options, read_chunks(files, options.chunk_lines), pool):
+        _count_bad_lines(result, options, dropped, report)
         dropped.update(result.dropped)
         keep = _unseen(result.digests, seen) if options.dedup else list(range(len(result.digests)))
         dropped["duplicate"] += len(result.digests) - len(keep)
         ids, mask, lengths = _select(result, keep)
-        tokens.add(ids, lengths)
+        try:
+            tokens.add(ids, lengths)
+        except ValueError as err:  # an id past the tokenizer's own largest: never stored wrapped
+            raise PreprocessError(f"{result.file}: {err}") from None
         masks.add(mask, lengths)
         task_ids.add(np.full(len(lengths), task_id), np.ones(len(lengths)))
         report.documents += len(lengths)
         report.tokens += int(lengths.sum())
         report.learned_tokens += int(mask.sum(dtype=np.int64))
         report.truncated += result.truncated
+        report.max_token_id = max(report.max_token_id, int(ids.max()) if len(ids) else -1)
         bar.advance(result.lines, int(lengths.sum()))
     report.dropped = {k: v for k, v in sorted(dropped.items()) if v}
     if report.documents == 0:
         raise PreprocessError(f"task {name}: no sample left from {', '.join(map(str, files))} "
                               f"(dropped: {report.dropped or 'none'})")
     return report
+
+
+def _count_bad_lines(result: ChunkResult, options: PreprocessOptions, dropped: Counter, report: TaskReport) -> None:
+    """Stop at the first bad line (FILE:LINE: reason), or count each by its kind under --on-bad-line skip."""
+    for line, kind, reason in result.bad:
+        if options.on_bad_line == "error":
+            hint = _GZIP_HINT if kind == "corrupt_gzip" else _LINE_HINT
+            raise PreprocessError(f"{result.file}:{line}: {reason} ({hint})")
+        dropped[kind] += 1
+        if kind == "corrupt_gzip":  # the manifest says which file was cut short, and where
+            entry = next(e for e in report.inputs if e["path"] == result.file)
+            entry["unread_from_line"] = line
 
 
 def _unseen(digests: list[bytes], seen: set[bytes]) -> list[int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from megamft.config import _UniqueKeyLoader
 from megamft.data.decontaminate import BENCHMARKS
 from megamft.data.preprocess import MANIFEST, PreprocessError, PreprocessOptions, preprocess
 from megamft.data.templates import TEMPLATE_NAMES
@@ -24,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML file with the options below (tasks: {name: [paths]})")
     p.add_argument("--task", action="append", default=[], metavar="NAME=PATH[,PATH...]",
                    help="a task and its .jsonl/.jsonl.gz files or folders (repeatable; order gives task ids)")
-    p.add_argument("--out", help="output folder")
+    p.add_argument("--out", help="output folder: new, empty, or a previous megamft-preprocess output")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="write into a non-empty --out that megamft-preprocess did not write (its files are kept)")
     p.add_argument("--tokenizer", help="'byte', a sentencepiece .model, or a tokenizer.json (default: byte)")
     p.add_argument("--template", choices=TEMPLATE_NAMES, help="chat template (default: mftcoder)")
     p.add_argument("--workers", type=int, help="encoding processes (default: 1)")
@@ -42,28 +45,48 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(args: argparse.Namespace) -> PreprocessOptions:
-    values: dict = {}
-    if args.config:
-        try:
-            loaded = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise PreprocessError(f"{args.config}: {err}") from None
-        if not isinstance(loaded, dict):
-            raise PreprocessError(f"{args.config}: expected a mapping of options")
-        known = set(PreprocessOptions.__dataclass_fields__) | {"out"}
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            raise PreprocessError(f"{args.config}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = {("out_dir" if k == "out" else k): v for k, v in loaded.items()}
-        values["tasks"] = {k: [v] if isinstance(v, str) else list(v) for k, v in (values.get("tasks") or {}).items()}
-    for spec in args.task:
+def _read_config(path: Path) -> dict:
+    """The YAML options; a key given twice (in any mapping, `tasks:` included) is an error."""
+    try:
+        with path.open(encoding="utf-8") as stream:
+            loaded = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise PreprocessError(f"{path}: {err}") from None
+    if not isinstance(loaded, dict):
+        raise PreprocessError(f"{path}: expected a mapping of options")
+    known = set(PreprocessOptions.__dataclass_fields__) | {"out"}
+    unknown = sorted(set(loaded) - known)
+    if unknown:
+        raise PreprocessError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "out" in loaded and "out_dir" in loaded:
+        raise PreprocessError(f"{path}: 'out' and 'out_dir' name the same option; keep one")
+    values = {("out_dir" if k == "out" else k): v for k, v in loaded.items()}
+    tasks = values.get("tasks") or {}
+    if not isinstance(tasks, dict):
+        raise PreprocessError(f"{path}: 'tasks' must map each task name to a path or a list of paths")
+    values["tasks"] = {k: [v] if isinstance(v, str) else v for k, v in tasks.items()}
+    return values
+
+
+def _add_task_specs(specs: list[str], tasks: dict, config: Path | None) -> None:
+    """`--task NAME=PATH[,PATH...]` into `tasks`; a name given twice (here or in --config) is an error."""
+    given = {name: f"in {config}" for name in tasks}
+    for spec in specs:
         name, sep, paths = spec.partition("=")
         if not sep or not name or not paths:
             raise PreprocessError(f"--task {spec!r}: expected NAME=PATH[,PATH...]")
-        values.setdefault("tasks", {})[name] = paths.split(",")
+        if name in given:
+            raise PreprocessError(f"task {name!r} is given twice (--task {spec} and {given[name]}); give each "
+                                  f"task once, with all its paths: --task {name}=PATH,PATH")
+        given[name] = f"--task {spec}"
+        tasks[name] = paths.split(",")
+
+
+def _options(args: argparse.Namespace) -> PreprocessOptions:
+    values: dict = _read_config(args.config) if args.config else {}
+    _add_task_specs(args.task, values.setdefault("tasks", {}), args.config)
     for key in ("tokenizer", "template", "workers", "max_seq_length", "overlong", "on_bad_line",
-                "train_on_all", "decontaminate", "ngram", "dedup"):
+                "train_on_all", "decontaminate", "ngram", "dedup", "overwrite"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.out:

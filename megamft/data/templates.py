@@ -95,8 +95,13 @@ class HFChatTemplate:
         self.sha256 = hashlib.sha256(source.encode()).hexdigest()
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self._variables)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self._variables)
+        except BadSample:
+            raise
+        except Exception as err:  # whatever the template raises on this conversation is this line's error
+            raise BadSample("template_error", f"chat_template failed ({type(err).__name__}: {err})") from None
 
     def __call__(self, turns: list[Turn], tokenizer) -> list[Segment]:
         messages = [{"role": role, "content": content} for role, content in turns]

@@ -18,6 +18,8 @@ from typing import Protocol, Sequence
 
 class Tokenizer(Protocol):
     vocab_size: int
+    max_token_id: int  # the largest id it can emit (a tokenizer.json may place ids past vocab_size)
+    files: tuple[Path, ...]  # the files it was read from
     eos_id: int
     pad_id: int
     prefix_ids: tuple[int, ...]
@@ -36,6 +38,8 @@ class ByteTokenizer:
     def __init__(self):
         self.specials = {name: 256 + i for i, name in enumerate(self.SPECIALS)}
         self.vocab_size = 256 + len(self.SPECIALS)
+        self.max_token_id = self.vocab_size - 1
+        self.files: tuple[Path, ...] = ()
         self.pad_id = self.specials["<pad>"]
         self.bos_id = self.specials["<s>"]
         self.eos_id = self.specials["</s>"]
@@ -48,7 +52,8 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def identity(self) -> dict:
-        return {"kind": "byte", "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id}
+        return {"kind": "byte", "vocab_size": self.vocab_size, "max_token_id": self.max_token_id,
+                "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
 def file_sha256(path: Path) -> str:
@@ -79,6 +84,8 @@ class SentencePieceTokenizer:
         proto.normalizer_spec.add_dummy_prefix = False
         self._encoder = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.vocab_size = self._sp.get_piece_size()
+        self.max_token_id = self.vocab_size - 1
+        self.files = (self.path,)
         self.eos_id = self._sp.eos_id()
         bos = self._sp.bos_id()
         self.prefix_ids = (bos,) if bos >= 0 else ()
@@ -100,7 +107,8 @@ class SentencePieceTokenizer:
 
     def identity(self) -> dict:
         return {"kind": "sentencepiece", "file": self.path.name, "sha256": file_sha256(self.path),
-                "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id}
+                "vocab_size": self.vocab_size, "max_token_id": self.max_token_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id}
 
 
 class HFTokenizer:
@@ -114,7 +122,10 @@ class HFTokenizer:
         self._tok = _Tokenizer.from_file(str(self.path))
         config_path = self.path.parent / "tokenizer_config.json"
         self.config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        self.files = (self.path, config_path) if config_path.exists() else (self.path,)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # Not vocab_size - 1: added tokens keep the ids the file gives them, which may lie past the count.
+        self.max_token_id = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
         self.specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self.prefix_ids = tuple(self._added_in_front())
         self.eos_id = self._special_id(self.config.get("eos_token"), ("</s>", "<|endoftext|>", "<|im_end|>"))
@@ -154,7 +165,8 @@ class HFTokenizer:
 
     def identity(self) -> dict:
         out = {"kind": "huggingface", "file": self.path.name, "sha256": file_sha256(self.path),
-               "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id}
+               "vocab_size": self.vocab_size, "max_token_id": self.max_token_id, "eos_id": self.eos_id,
+               "pad_id": self.pad_id}
         config_path = self.path.parent / "tokenizer_config.json"
         if config_path.exists():
             out["config_sha256"] = file_sha256(config_path)

@@ -62,9 +62,9 @@ def task_sums(values: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> t
     return out.index_add_(0, task_ids.reshape(-1), values.reshape(-1).double())
 
 
-def sample_keys(sample_ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+def sample_keys(sample_ids: torch.Tensor | None, shape: torch.Size, device=None) -> torch.Tensor:
     """A key per token, equal exactly for tokens of the same sample (row-local ids made global)."""
-    device = sample_ids.device if sample_ids is not None else None
+    device = sample_ids.device if sample_ids is not None else device
     rows = torch.arange(shape[0], device=device).unsqueeze(1).expand(shape)
     if sample_ids is None:
         return rows.reshape(-1)
@@ -72,12 +72,13 @@ def sample_keys(sample_ids: torch.Tensor | None, shape: torch.Size) -> torch.Ten
     return (rows * width + sample_ids.long()).reshape(-1)
 
 
-def sample_index(sample_ids: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor, int]:
+def sample_index(sample_ids: torch.Tensor | None, shape: torch.Size, device=None) -> tuple[torch.Tensor, int]:
     """(index of each token's sample among the batch's samples, [tokens]; number of samples).
 
-    Data-dependent (unique): compute it on the host, where the ids come from.
+    Without sample ids each row is one sample. Data-dependent (unique): compute it on the
+    host, where the ids come from; `device` places it when there are no ids.
     """
-    unique, index = torch.unique(sample_keys(sample_ids, shape), return_inverse=True)
+    unique, index = torch.unique(sample_keys(sample_ids, shape, device), return_inverse=True)
     return index, unique.numel()
 
 
@@ -87,11 +88,14 @@ def _per_sample(values: torch.Tensor, index: torch.Tensor, num_samples: int) -> 
 
 
 def count(loss_mask: torch.Tensor, task_ids: torch.Tensor, sample_ids: torch.Tensor | None,
-          num_tasks: int) -> BatchCounts:
-    """Counts of one micro-batch (add them up, and all-reduce over DP, for a global batch)."""
+          num_tasks: int, samples: tuple[torch.Tensor, int] | None = None) -> BatchCounts:
+    """Counts of one micro-batch (add them up, and all-reduce over DP, for a global batch).
+
+    `samples`: `sample_index` of this micro-batch, when already computed.
+    """
     mask = loss_mask.reshape(-1).double()
     tasks = task_ids.reshape(-1)
-    index, num_samples = sample_index(sample_ids, loss_mask.shape)
+    index, num_samples = samples or sample_index(sample_ids, loss_mask.shape, loss_mask.device)
     per_sample_tokens = _per_sample(mask, index, num_samples)
     sample_task = torch.zeros(num_samples, dtype=torch.long, device=tasks.device).scatter_(0, index, tasks)
     has_tokens = (per_sample_tokens > 0).double()
@@ -102,8 +106,12 @@ def count(loss_mask: torch.Tensor, task_ids: torch.Tensor, sample_ids: torch.Ten
 def token_weights(
     mode: str, loss_mask: torch.Tensor, task_ids: torch.Tensor, sample_ids: torch.Tensor | None,
     counts: BatchCounts, task_weights: torch.Tensor, sample_factor: torch.Tensor | None = None,
+    samples: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
-    """w_i for every token of a micro-batch, given the normalizing counts (float64, on the mask's device)."""
+    """w_i for every token of a micro-batch, given the normalizing counts (float64, on the mask's device).
+
+    `samples`: `sample_index` of this micro-batch, when already computed.
+    """
     mask = loss_mask.reshape(-1).double()
     tasks = task_ids.reshape(-1)
     token_counts, sample_counts = counts.task_tokens.to(mask.device), counts.task_samples.to(mask.device)
@@ -111,23 +119,24 @@ def token_weights(
     if mode == "token":
         weights = mask / token_counts.sum().clamp(min=1)
     elif mode == "sample":
-        weights = mask / (sample_counts.sum().clamp(min=1) * _sample_tokens(mask, sample_ids, loss_mask.shape))
+        samples = samples or sample_index(sample_ids, loss_mask.shape, loss_mask.device)
+        weights = mask / (sample_counts.sum().clamp(min=1) * _sample_tokens(mask, *samples))
     else:
         a = task_weights.to(mask.device).double() * present
         total = a.sum().clamp(min=1e-30)
         if mode == "task_token":
             weights = mask * a[tasks] / (total * token_counts.clamp(min=1)[tasks])
         else:  # task_sample and focal: per-task sample means
-            n_s = _sample_tokens(mask, sample_ids, loss_mask.shape)
+            samples = samples or sample_index(sample_ids, loss_mask.shape, loss_mask.device)
+            n_s = _sample_tokens(mask, *samples)
             weights = mask * a[tasks] / (total * sample_counts.clamp(min=1)[tasks] * n_s)
     if sample_factor is not None:
         weights = weights * sample_factor.reshape(-1).double()
     return weights.reshape(loss_mask.shape)
 
 
-def _sample_tokens(mask: torch.Tensor, sample_ids, shape) -> torch.Tensor:
+def _sample_tokens(mask: torch.Tensor, index: torch.Tensor, num_samples: int) -> torch.Tensor:
     """n_s of each token's sample (1 where the sample has no learned token)."""
-    index, num_samples = sample_index(sample_ids, shape)
     return _per_sample(mask, index, num_samples).clamp(min=1)[index]
 
 
@@ -184,7 +193,8 @@ def weigh_token_losses(
     weights = effective_task_weights(mode, num_tasks, task_weights, balancer)
     factor = None
     if mode == "focal":
-        factor = focal_sample_factor(per_token, loss_mask, *sample_index(sample_ids, loss_mask.shape), focal_gamma)
+        factor = focal_sample_factor(per_token, loss_mask, *sample_index(sample_ids, loss_mask.shape,
+                                                                          loss_mask.device), focal_gamma)
     w = token_weights(structural_mode(mode), loss_mask, task_ids, sample_ids, counts, weights, factor)
     loss = (per_token * w.to(per_token.dtype)).sum()
     sums = task_sums(per_token.detach() * loss_mask, task_ids, num_tasks)
@@ -195,11 +205,11 @@ def weigh_token_losses(
 
 def effective_task_weights(mode: str, num_tasks: int, static: torch.Tensor | None, balancer) -> torch.Tensor:
     """Static task weights times the balancer's dynamic ones (all ones by default)."""
-    weights = torch.ones(num_tasks, dtype=torch.float64) if static is None else static.double().clone()
+    weights = torch.ones(num_tasks, dtype=torch.float64) if static is None else static.double().cpu()
     if mode in ("coba", "famo", "focal"):
         if balancer is None:
             raise ValueError(f"loss mode {mode!r} needs its balancer state")
-        weights = weights * balancer.weights().double()
+        weights = weights * balancer.weights().double().cpu()  # host-side state, like the balancers
     return weights
 
 

@@ -120,6 +120,7 @@ _NEW_METHODS = {torch.Tensor.new_tensor, torch.Tensor.new_zeros, torch.Tensor.ne
                 torch.Tensor.new_full}
 _DEVICE_GETTER = torch.Tensor.device
 _IS_CUDA_GETTER = torch.Tensor.is_cuda
+_IS_CPU_GETTER = torch.Tensor.is_cpu
 
 
 def _call(func, args, kwargs):
@@ -186,6 +187,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return strict_device.REPORTED_GPU if strict_device.on_gpu(args[0]) else func(*args)
         if getter is _IS_CUDA_GETTER:
             return strict_device.on_gpu(args[0])
+        if getter is _IS_CPU_GETTER:
+            return not strict_device.on_gpu(args[0])
         if func is torch.Tensor.get_device:
             return 0 if strict_device.on_gpu(args[0]) else -1
         if func is torch.Tensor.cuda:
@@ -212,18 +215,29 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["pin_memory"] = False
         out = func(*args, **kwargs)
         if on_gpu is not None and isinstance(out, torch.Tensor):
-            # e.g. torch.tensor(data, device="cuda"), torch.empty_like(gpu_tensor, device="cpu")
+            # e.g. torch.tensor(data, device="cuda"), torch.empty_like(gpu_tensor, device="cpu");
+            # as_tensor(t, device=...) may return t itself: the other side needs a copy, as on a GPU.
+            source = next((a for a in args if isinstance(a, torch.Tensor) and a is out), None)
+            if source is not None and strict_device.on_gpu(source) != on_gpu:
+                return strict_device.move(func, (source,), {}, "gpu" if on_gpu else "host", lambda f, a, k: a[0])
             strict_device.set_on_gpu(out, on_gpu)
         return out
 
     @staticmethod
     def _tensor_type(func, args, kwargs):
+        """t.type(): CUDA names for GPU tensors (megatron checks them); a CUDA type string moves to the GPU."""
         dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
         if dtype is None:
-            return _cuda_type_name(func(args[0]))
-        if isinstance(dtype, str):
-            dtype = dtype.replace("torch.cuda.", "torch.")
-        return func(args[0], dtype, **{k: v for k, v in kwargs.items() if k != "dtype"})
+            name = func(args[0])
+            return _cuda_type_name(name) if not _strict or strict_device.on_gpu(args[0]) else name
+        if not isinstance(dtype, str):
+            return func(args[0], dtype, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        target = "gpu" if dtype.startswith("torch.cuda.") else "host"
+        plain = dtype.replace("torch.cuda.", "torch.")
+        call = lambda f, a, k: func(a[0], plain, **{k2: v for k2, v in k.items() if k2 != "dtype"})  # noqa: E731
+        if not _strict:
+            return call(func, args, kwargs)
+        return strict_device.move(func, args[:1], kwargs, target, call)
 
 
 class _NoOpStream:

@@ -47,9 +47,20 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
         context_parallel_size=p.context_parallel_size,
     )
     model_parallel_cuda_manual_seed(cfg.train.seed)
-    global _host_group
+    global _host_group, _runtime
     _host_group = torch.distributed.new_group(backend="gloo")
+    _runtime = runtime
     return runtime
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """What `initialize` found in this process."""
+    if _runtime is None:
+        raise RuntimeError("megamft.platform.distributed.initialize() has not run in this process")
+    return _runtime
 
 
 _host_group = None

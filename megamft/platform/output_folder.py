@@ -3,8 +3,8 @@
 Every command that writes a folder (training's save_dir, both conversions,
 preprocessing) goes through here, so the same rules protect the user's work:
 
-- ``check_destination`` refuses a destination that holds one of the command's
-  inputs (or lies inside one, or contains one), and a non-empty destination
+- ``check_destination`` refuses a destination that is or holds one of the
+  command's inputs, and a non-empty destination
   that is not this kind of megamft output, unless ``overwrite``;
 - ``FolderLock`` lets one process at a time write a folder, and tells a live
   owner (host, pid, start time) from a stale lock left by a killed run;
@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 OUTPUT_MARKER = ".megamft-output.json"
+TRAINING_OUTPUT = "training"  # a training run's checkpoint.save_dir
 LOCK_NAME = ".megamft.lock"
 
 
@@ -67,11 +68,10 @@ def check_destination(destination: str | Path, kind: str, inputs=(), overwrite: 
     for source in inputs:
         if source is None:
             continue
-        src = _resolved(source)
-        if _inside(src, dest) or _inside(dest, src):
+        if _inside(_resolved(source), dest):
             raise DestinationError(
-                f"{option} {destination} {'holds' if _inside(src, dest) else 'is inside'} the input {source}; "
-                f"writing there would destroy it. Choose a new folder for {option}")
+                f"{option} {destination} holds the input {source}; replacing it would destroy that input. "
+                f"Choose a new folder for {option}")
     if dest.exists() and not dest.is_dir():
         raise DestinationError(f"{option} {destination} is a file, not a folder; choose a folder")
     if not dest.is_dir() or not any(dest.iterdir()):
@@ -83,7 +83,7 @@ def check_destination(destination: str | Path, kind: str, inputs=(), overwrite: 
     what = f"a megamft {found} output" if found else "files that megamft did not write"
     raise DestinationError(
         f"{option} {destination} is not empty and holds {what}, not a {kind} output; nothing was written. "
-        f"Choose an empty or new folder, or pass --overwrite to replace it")
+        f"Choose an empty or new folder, or pass --overwrite to write into it anyway")
 
 
 def publish(partial: Path, final: Path) -> None:
@@ -150,24 +150,31 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         me = LockOwner(socket.gethostname(), os.getpid(), time.time(), self.command)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.owner()
-                if owner is not None and (owner.host != me.host or _alive(owner.pid)):
-                    raise DestinationError(
-                        f"{self.folder} is in use by another megamft {owner.command}: {owner.describe()}. "
-                        f"Wait for it to finish, or use another folder; if that process is gone, "
-                        f"delete {self.path}") from None
-                self.stale_owner = owner
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as lock_file:
-                json.dump(asdict(me), lock_file)
-            self._held = True
-            return self
+        # Written whole under a private name, then linked into place: link fails if the lock
+        # exists, and a reader never sees a half-written lock.
+        mine = self.folder / f"{LOCK_NAME}.{me.host}.{me.pid}"
+        mine.write_text(json.dumps(asdict(me)))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(mine, self.path)
+                except FileExistsError:
+                    self._refuse_or_clear_stale(me)
+                    continue
+                self._held = True
+                return self
+        finally:
+            mine.unlink(missing_ok=True)
         raise DestinationError(f"could not lock {self.folder}: another process keeps taking {self.path}")
+
+    def _refuse_or_clear_stale(self, me: LockOwner) -> None:
+        owner = self.owner()
+        if owner is not None and (owner.host != me.host or _alive(owner.pid)):
+            raise DestinationError(
+                f"{self.folder} is in use by another megamft {owner.command}: {owner.describe()}. "
+                f"Wait for it to finish, or use another folder; if that process is gone, delete {self.path}")
+        self.stale_owner = owner
+        self.path.unlink(missing_ok=True)  # stale: its process is gone (or the lock is unreadable)
 
     def release(self) -> None:
         if self._held:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 import threading
 
 import torch
@@ -105,12 +106,19 @@ def on_gpu(tensor: torch.Tensor) -> bool:
         return _tagged(tensor)
 
 
+def _tag(storage) -> None:
+    if getattr(storage, _TAG, None) is None:
+        setattr(storage, _TAG, _Allocation(storage.nbytes()))
+
+
 def set_on_gpu(tensor: torch.Tensor, value: bool) -> torch.Tensor:
     """Tag (or untag) the tensor's storage; tagged bytes count as device memory."""
     with torch._C.DisableTorchFunction():
         storage = tensor.untyped_storage()
-    if (getattr(storage, _TAG, None) is not None) != value:
-        setattr(storage, _TAG, _Allocation(storage.nbytes()) if value else None)
+    if value:
+        _tag(storage)
+    elif getattr(storage, _TAG, None) is not None:
+        setattr(storage, _TAG, None)
     return tensor
 
 
@@ -125,9 +133,9 @@ class host_outputs:
         _local.host_outputs = self._before
 
 
-def count_sync(n: int = 1) -> None:
+def count_sync() -> None:
     if not getattr(_local, "quiet", False):
-        _Stats.syncs += n
+        _Stats.syncs += 1
 
 
 def sync_count() -> int:
@@ -196,7 +204,7 @@ _INDEXING = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.defau
 # Outputs whose shape depends on the data: the host must wait for the device.
 _DATA_DEPENDENT = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten._unique2.default,
                    _aten.unique_dim.default, _aten.unique_consecutive.default, _aten.masked_select.default,
-                   _aten.repeat_interleave.Tensor, _aten.equal.default}
+                   _aten.repeat_interleave.Tensor, _aten.equal.default, _aten.bincount.default}
 
 
 def _describe(tensor: torch.Tensor) -> str:
@@ -227,19 +235,44 @@ def _check_mixing(func, args, kwargs) -> bool:
         if any(_tagged(v) != self_on_gpu and v.dim() > 0 for v in values):
             raise _mismatch(func, tensors)
         return self_on_gpu
-    if any(not g and t.dim() > 0 and t.device.type == "cpu" for t, g in zip(tensors, tagged)):
+    # CUDA takes 0-dim host tensors as scalars in elementwise ops only.
+    scalars_ok = _pointwise(func)
+    if any(not g and (t.dim() > 0 or not scalars_ok) for t, g in zip(tensors, tagged)):
         raise _mismatch(func, tensors)
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _pointwise(func) -> bool:
+    return torch.Tag.pointwise in func.tags or func in _SCALAR_OK
+
+
+# Not tagged pointwise, yet CUDA takes a host scalar tensor there too.
+_SCALAR_OK = {_aten.where.self, _aten.masked_fill.Tensor, _aten.masked_fill_.Tensor, _aten.fill_.Tensor,
+              _aten.fill.Tensor, _aten.clamp.Tensor, _aten.clamp_.Tensor, _aten.lerp.Tensor, _aten.lerp_.Tensor,
+              _aten._foreach_mul_.Tensor, _aten._foreach_mul.Tensor, _aten._foreach_add_.Tensor,
+              _aten._foreach_div_.Tensor}
 
 
 def _counts_as_sync(func, args, kwargs) -> bool:
     if func in _DATA_DEPENDENT:
         return True
-    if func is _aten.index.Tensor:
-        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    if func in (_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default,
+                _aten._index_put_impl_.default):  # a device mask becomes indices on the host first,
+        masks = [i for i in args[1] if i is not None and i.dtype in (torch.bool, torch.uint8)]
+        if func is not _aten.index.Tensor and _becomes_masked_fill(args):
+            return False  # ... except `t[mask] = scalar`, which CUDA runs as masked_fill_
+        return any(_tagged(m) for m in masks)
     if func is _aten.copy_.default:
         return not _tagged(args[0]) and not (len(args) > 2 and args[2])
     return False
+
+
+def _becomes_masked_fill(args) -> bool:
+    """index_put_(self, [mask], value) with one boolean mask, a one-element value and no accumulation."""
+    indices = [i for i in args[1] if i is not None]
+    accumulate = len(args) > 3 and args[3]
+    return (len(indices) == 1 and indices[0].dtype == torch.bool and args[2].numel() == 1 and not accumulate)
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,9 +301,7 @@ class StrictDeviceMode(TorchDispatchMode):
         target = is_gpu_device(kwargs.get("device")) or inputs_on_gpu
         if target:
             for tensor in _tensors(out, []):
-                storage = tensor.untyped_storage()
-                if getattr(storage, _TAG, None) is None:
-                    setattr(storage, _TAG, _Allocation(storage.nbytes()))
+                _tag(tensor.untyped_storage())
         return out
 
 
@@ -308,18 +339,17 @@ def move(func, args, kwargs, target: str | None, call):
     return set_on_gpu(out, wants_gpu)
 
 
-class _Reads:
-    """Tensor methods that read device memory from the host, or refuse to (numpy)."""
-
-    SYNCING = {torch.Tensor.tolist, torch.Tensor.__repr__, torch.Tensor.__str__, torch.Tensor.__format__}
-    REFUSED = {torch.Tensor.numpy, torch.Tensor.__array__}
+# Tensor methods that read device memory from the host, or refuse to (numpy).
+_SYNCING_READS = frozenset({torch.Tensor.tolist, torch.Tensor.__repr__, torch.Tensor.__str__,
+                            torch.Tensor.__format__})
+_REFUSED_READS = frozenset({torch.Tensor.numpy, torch.Tensor.__array__})
 
 
 def read(func, args, kwargs, call):
     """Count one sync for a host read of a GPU tensor; refuse numpy as CUDA does."""
     if not (args and isinstance(args[0], torch.Tensor) and on_gpu(args[0])):
         return call(func, args, kwargs)
-    if func in _Reads.REFUSED:
+    if func in _REFUSED_READS:
         raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the "
                         "tensor to host memory first.")
     count_sync()
@@ -328,7 +358,7 @@ def read(func, args, kwargs, call):
 
 
 def is_read(func) -> bool:
-    return func in _Reads.SYNCING or func in _Reads.REFUSED
+    return func in _SYNCING_READS or func in _REFUSED_READS
 
 
 # ---- collectives ------------------------------------------------------------------------------------------
@@ -352,9 +382,8 @@ def _check_group(group, tensors) -> None:
     if getattr(_exempt, "active", False) or is_host_group(group):
         return
     with torch._C.DisableTorchFunction():
-        host = [t for t in tensors if t.device.type == "cpu" and not _tagged(t)]
-    if host:
-        raise RuntimeError(NCCL_HOST_TENSOR)
+        if not all(_tagged(t) for t in tensors):
+            raise RuntimeError(NCCL_HOST_TENSOR)
 
 
 def _checked_collective(fn):
@@ -394,10 +423,12 @@ def _exempt_inside(fn):
 
 
 def _recording_new_group(fn):
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def new_group(*args, **kwargs):
         group = fn(*args, **kwargs)
-        backend = inspect.signature(fn).bind_partial(*args, **kwargs).arguments.get("backend")
+        backend = signature.bind_partial(*args, **kwargs).arguments.get("backend")
         if group is not None and isinstance(backend, str) and backend.lower() == "gloo":
             _host_groups[id(group)] = group
         return group
@@ -414,9 +445,18 @@ def patch_collectives() -> None:
     wrappers.update({name: _exempt_inside for name in _OBJECT_COLLECTIVES})
     wrappers["batch_isend_irecv"] = _checked_batch_p2p
     wrappers["new_group"] = _recording_new_group
+    replaced = {}
     for name, wrap in wrappers.items():
         original = getattr(c10d, name)
-        wrapped = wrap(original)
+        replaced[id(original)] = wrapped = wrap(original)
         setattr(c10d, name, wrapped)
         if getattr(dist, name, None) is original:
             setattr(dist, name, wrapped)
+    # megatron binds some at import (`dist_reduce_scatter_func = torch.distributed.reduce_scatter_tensor`):
+    # modules imported before this point get the wrapped function too.
+    for module in list(sys.modules.values()):
+        if module is None or not getattr(module, "__name__", "").startswith("megatron"):
+            continue
+        for attribute, value in list(vars(module).items()):
+            if callable(value) and id(value) in replaced:
+                setattr(module, attribute, replaced[id(value)])

@@ -13,12 +13,14 @@ import torch
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from megamft.checkpoint import dist_checkpoint
+from megamft.checkpoint import dist_checkpoint, run_folder
 from megamft.config import MegamftConfig
 from megamft.data.dataset import MultitaskData, load_data
 from megamft.loss.balancers import make_balancer
 from megamft.loss.multitask import effective_task_weights
 from megamft.platform import cpu_emulation, distributed
+from megamft.platform.kill_points import kill_point
+from megamft.platform.output_folder import DestinationError, FolderLock
 from megamft.model.spec import use_transformer_engine
 from megamft.platform.device import describe_runtime
 from megamft.training.metrics import MetricsWriter
@@ -226,6 +228,7 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
         _count_task_samples(run)
         run.iteration += 1
         run.consumed += cfg.train.global_batch_size
+        kill_point("step.done", run.iteration)
         run.result.history.append(stats)
         bar.update()
         _check_skipped(run, stats)
@@ -264,22 +267,46 @@ def _count_task_samples(run: Run) -> None:
             counts[name] = counts.get(name, 0) + 1
 
 
-def _resume(run: Run) -> None:
-    """Restore iteration, consumed samples and balancer state from the configured checkpoint."""
-    ckpt = run.cfg.checkpoint
-    if not ckpt.load_dir:
+def _resume(run: Run, plan: run_folder.StartPlan) -> None:
+    """Restore weights (and, resuming, iteration, consumed samples and balancer state) as planned."""
+    if plan.load_dir is None:
         return
-    loaded = dist_checkpoint.load(run.state, ckpt.load_dir, run.cfg, load_optimizer=ckpt.load_optimizer,
-                                  iteration=ckpt.load_iteration)
+    loaded = dist_checkpoint.load(run.state, plan.load_dir, run.cfg, load_optimizer=plan.load_optimizer,
+                                  iteration=plan.iteration)
     # Adapter-only saves point at the weights under the adapters: the loaded checkpoint,
     # or, if that was adapter-only itself, its own base.
     run.lora_base = loaded.get(dist_checkpoint.LORA_BASE) or loaded["checkpoint"]
-    if not ckpt.load_optimizer:
+    if not plan.load_optimizer:
         return  # weights only: a fresh fine-tune from these weights
     run.iteration, run.consumed = loaded["progress"]["iteration"], loaded["progress"]["consumed_samples"]
     run.result.task_samples = dict(loaded.get("task_samples", {}))
     if run.balancer is not None and "balancer" in loaded:
         run.balancer.load_state_dict(loaded["balancer"])
+
+
+def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folder.StartPlan]:
+    """Rank 0 checks and locks checkpoint.save_dir and plans the start; every rank gets its answer.
+
+    Done before the model is built, so a wrong folder costs seconds, not a model load.
+    """
+    answer, lock = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            lock, plan = run_folder.claim(cfg)
+            stale = lock.stale_owner.describe() if lock is not None and lock.stale_owner else None
+            answer = ("ok", plan, stale)
+        except (DestinationError, OSError, RuntimeError) as err:
+            answer = ("error", f"{err}", None)
+    shared = [answer]
+    torch.distributed.broadcast_object_list(shared, src=0, group=distributed.host_group())
+    status, detail, stale = shared[0]
+    if status == "error":
+        raise DestinationError(detail)
+    if distributed.is_logging_rank():
+        if stale:
+            log.warning("%s: took over the lock of a run that is gone (%s)", cfg.checkpoint.save_dir, stale)
+        log.info("%s", detail.reason)
+    return lock, detail
 
 
 def _tensorboard_dir(cfg: MegamftConfig) -> str | None:
@@ -289,7 +316,7 @@ def _tensorboard_dir(cfg: MegamftConfig) -> str | None:
 
 
 def _build(cfg: MegamftConfig) -> Run:
-    runtime = distributed.initialize(cfg)
+    runtime = distributed.runtime()
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
     te_spec = use_transformer_engine(runtime.transformer_engine, cfg.lora.enabled)
@@ -312,6 +339,7 @@ def _build(cfg: MegamftConfig) -> Run:
         )
     # Saved with every checkpoint, so an export knows the vocabulary without the tokenizer.
     cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
+    _check_token_ids(cfg, data)
     state = build_training_state(cfg, runtime, data.vocab_size)
     return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)),
                static_task_weights(cfg, data.task_names),
@@ -319,11 +347,26 @@ def _build(cfg: MegamftConfig) -> Run:
                async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None)
 
 
+def _check_token_ids(cfg: MegamftConfig, data: MultitaskData) -> None:
+    """Every id the data holds must be a row of the model's vocabulary, at any TP.
+
+    An id past the vocabulary crashes at TP=1 but, at TP>1, falls into another
+    rank's shard or the padding and trains silently on nothing meaningful.
+    """
+    largest = getattr(data, "max_token_id", None)
+    if largest is not None and largest >= cfg.model.vocab_size:
+        raise ValueError(f"the data holds token id {largest}, but model.vocab_size is {cfg.model.vocab_size}: "
+                         "tokenize the data with the model's own tokenizer (megamft-preprocess --tokenizer)")
+
+
 def run(cfg: MegamftConfig) -> RunResult:
     """Train as configured; the process group is created and destroyed here."""
+    lock = None
     try:
+        distributed.initialize(cfg)
+        lock, plan = _claim_save_folder(cfg)
         current = _build(cfg)
-        _resume(current)
+        _resume(current, plan)
         start = current.iteration
         if start >= cfg.train.train_steps and distributed.is_logging_rank():
             log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
@@ -341,4 +384,6 @@ def run(cfg: MegamftConfig) -> RunResult:
         current.metrics.close()
         return current.result
     finally:
+        if lock is not None:
+            lock.release()
         distributed.shutdown()

@@ -55,20 +55,24 @@ def _dp_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def global_counts(micro_batches: list[dict], num_tasks: int) -> BatchCounts:
+def global_counts(micro_batches: list[dict], num_tasks: int, indices: list | None = None) -> BatchCounts:
     """Token and sample counts of the whole global batch (all micro-batches, all DP ranks).
 
     Counted on the host, from the data loader's tensors, before anything reaches
     the device, and summed over megatron's gloo DP group: no device work and no
     GPU stall. Counted on whole sequences, before any context-parallel split, so
-    over DP ranks only.
+    over DP ranks only. `indices`: each micro-batch's `sample_index`, if computed.
     """
     local = BatchCounts.zeros(num_tasks)
-    for batch in micro_batches:
-        local = local + count(batch["loss_mask"], batch["task_ids"], batch.get("sample_ids"), num_tasks)
+    for batch, samples in zip(micro_batches, indices or [None] * len(micro_batches)):
+        local = local + count(batch["loss_mask"], batch["task_ids"], batch.get("sample_ids"), num_tasks, samples)
     flat = local.as_tensor()
     torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group_gloo())
     return BatchCounts.from_tensor(flat)
+
+
+# Used on the host only: packed_seq_params carries the boundaries to the device.
+_HOST_ONLY_KEYS = ("sample_ids", "cu_seqlens")
 
 
 def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tuple[list[dict], BatchCounts]:
@@ -78,23 +82,31 @@ def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tupl
     host has before the forward pass; doing it here keeps it off the GPU's
     critical path and free of device-to-host synchronizations. Under context
     parallelism the weights are computed on whole sequences, then megatron's
-    load-balanced split (chunks r and 2CP-1-r) keeps this rank's share.
+    load-balanced split (chunks r and 2CP-1-r) keeps this rank's share. On a GPU
+    machine the tensors are pinned, so that their copies overlap with compute.
     """
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    counts = global_counts(micro_batches, num_tasks)
+    indices = [sample_index(b.get("sample_ids"), b["loss_mask"].shape) for b in micro_batches]
+    counts = global_counts(micro_batches, num_tasks, indices)
+    weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
     prepared = []
-    for batch in micro_batches:
-        mask, tasks, samples = batch["loss_mask"], batch["task_ids"], batch.get("sample_ids")
-        batch_counts = count(mask, tasks, samples, num_tasks) if setup.normalization == "per_microbatch" else counts
-        index, num_samples = sample_index(samples, mask.shape)
-        weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
-        w = token_weights(structural_mode(setup.mode), mask, tasks, samples, batch_counts, weights)
-        ready = {k: v for k, v in batch.items() if k != "sample_ids"}
-        ready.update(token_weights=w.float(), sample_index=index.view(mask.shape))
+    for batch, samples in zip(micro_batches, indices):
+        mask, tasks, sample_ids = batch["loss_mask"], batch["task_ids"], batch.get("sample_ids")
+        batch_counts = counts
+        if setup.normalization == "per_microbatch":
+            batch_counts = count(mask, tasks, sample_ids, num_tasks, samples)
+        w = token_weights(structural_mode(setup.mode), mask, tasks, sample_ids, batch_counts, weights,
+                          samples=samples)
+        ready = {k: v for k, v in batch.items() if k not in _HOST_ONLY_KEYS}
+        if "packed_seq_params" in ready:
+            ready.pop("attention_mask", None)  # Transformer Engine's thd attention reads the boundaries
+        ready.update(token_weights=w.float(), sample_index=samples[0].view(mask.shape))
         if parallel_state.get_context_parallel_world_size() > 1:
             ready = get_batch_on_this_cp_rank({k: ready[k] for k in _CP_SPLIT_KEYS})
-        ready["num_samples"] = num_samples
+        if torch.cuda.is_available():
+            ready = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in ready.items()}
+        ready["num_samples"] = samples[1]
         prepared.append(ready)
     return prepared, counts
 
@@ -141,7 +153,7 @@ def _loss_func(setup: LossSetup, divisor: float, total_tokens: float, num_tasks:
 
 
 def to_device(batch: dict) -> dict:
-    """The micro-batch on the model's device; the copies overlap with compute (pinned host memory)."""
+    """The micro-batch on the model's device (asynchronous copies from pinned memory, see `prepare`)."""
     device = torch.cuda.current_device()
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     packed = batch.get("packed_seq_params")

@@ -29,7 +29,9 @@ def tflops_per_device(cfg: MegamftConfig, vocab_size: int, tokens_per_second: fl
 
 
 def memory_gb() -> float:
-    """Peak device memory on GPUs (since the last reset); resident memory on the CPU."""
-    if torch.cuda.is_available():
+    """Peak device memory on GPUs and under the strict emulation (since the last reset); else resident memory."""
+    from megamft.platform import cpu_emulation
+
+    if torch.cuda.is_available() or cpu_emulation.is_strict():
         return torch.cuda.max_memory_allocated() / 2**30
     return psutil.Process().memory_info().rss / 2**30

@@ -1,0 +1,42 @@
+"""The layout of a megamft checkpoint folder, shared by training, conversion and export.
+
+    iter_0000040/          one complete dist checkpoint (any TP/PP/DP can load it)
+    iter_0000040.partial/  one being written (ignored by loading)
+    iter_0000040.old/      the previous copy while a re-save replaces it
+    latest                 text file naming the newest complete iteration
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LATEST = "latest"
+
+
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def complete_dir(save_dir: str | Path, iteration: int) -> Path:
+    """The folder of a complete checkpoint, also mid-way through replacing it (see output_folder.publish)."""
+    final = iteration_dir(save_dir, iteration)
+    aside = final.with_name(final.name + ".old")
+    return aside if not final.is_dir() and aside.is_dir() else final
+
+
+def latest_iteration(save_dir: str | Path) -> int | None:
+    """The newest complete checkpoint's iteration, or None."""
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    if not text.isdigit() or not complete_dir(save_dir, int(text)).is_dir():
+        raise RuntimeError(f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}")
+    return int(text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

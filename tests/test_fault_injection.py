@@ -1,0 +1,86 @@
+"""Kill -9 at seeded moments of training and of saving; re-running the same command always resumes.
+
+One chain of runs: each run is killed (SIGKILL, no clean-up) at the next chosen moment
+(megamft.platform.kill_points), and the same command is run again, until a run finishes.
+Every run must resume from a complete checkpoint (never a damaged one), and the loss of every
+step, whichever run computed it last, must equal the uninterrupted run's.
+"""
+
+import contextlib
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from megamft.checkpoint.layout import latest_iteration
+from megamft.platform.kill_points import ENV, MOMENTS
+
+import jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 22
+COMMAND = [*jobs.TINY_MODEL, "model.num_layers=2", "data.max_samples_per_task=24", "data.valid_samples_per_task=4",
+           "train.eval_interval=0", f"train.train_steps={STEPS}", "checkpoint.save_interval=1",
+           "checkpoint.keep_last=2"]
+STEP_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+)")
+
+
+def _run(save_dir: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """The same command each time; output through a file, since helper processes that megatron's
+    checkpoint writer starts outlive a SIGKILLed parent and would hold a pipe open."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(ENV, None)
+    if kill_at:
+        env[ENV] = kill_at
+    command = [sys.executable, "-m", "megamft", "train", *COMMAND, f"checkpoint.save_dir={save_dir}"]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind
+            proc.wait()
+        log.seek(0)
+        return subprocess.CompletedProcess(command, proc.returncode, "", log.read())
+
+
+def _losses(stderr: str) -> dict[int, str]:
+    return {int(step): loss for step, loss in STEP_LINE.findall(stderr)}
+
+
+def _kill_moments(seed: int) -> list[str]:
+    """10 moments after a step's update and 10 inside saves, at increasing iterations."""
+    rng = random.Random(seed)
+    iterations = sorted(rng.sample(range(1, STEPS), 20))
+    kinds = ["step.done"] * 10 + [rng.choice(MOMENTS[1:]) for _ in range(10)]
+    rng.shuffle(kinds)
+    return [f"{kind}@{iteration}" for kind, iteration in zip(kinds, iterations)]
+
+
+def test_killed_anywhere_the_same_command_resumes_the_same_run(tmp_path):
+    reference = _run(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    want = _losses(reference.stderr)
+    assert sorted(want) == list(range(1, STEPS + 1))
+
+    save_dir, got, killed = tmp_path / "killed", {}, []
+    for moment in _kill_moments(seed=20261126):
+        before = latest_iteration(save_dir) if (save_dir / "latest").exists() else None
+        run = _run(save_dir, kill_at=moment)
+        assert run.returncode == -signal.SIGKILL, (moment, run.returncode, run.stderr[-3000:])
+        killed.append(moment)
+        if before is not None:  # it resumed from the newest complete checkpoint there was
+            assert f"resuming {save_dir} at iteration {before}" in run.stderr, (moment, run.stderr[-2000:])
+        got.update(_losses(run.stderr))
+    final = _run(save_dir)
+    assert final.returncode == 0, final.stderr[-3000:]
+    got.update(_losses(final.stderr))
+    assert len(killed) == 20 and latest_iteration(save_dir) == STEPS
+    assert got == want, {step: (got.get(step), want[step]) for step in want if got.get(step) != want[step]}
+    assert not list(save_dir.glob("*.partial"))  # every interrupted save was redone and completed
