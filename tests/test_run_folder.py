@@ -165,3 +165,20 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
                          "checkpoint.load_iteration=1")
     assert rolled_back.returncode == 0, rolled_back.stderr[-3000:]
     assert f"resuming {tmp_path} at iteration 1" in rolled_back.stderr
+
+
+def test_data_from_another_tokenizer_than_the_models_is_named(tmp_path):
+    from megamft.checkpoint.run_folder import tokenizer_mismatch
+    from megamft.data.tokenizer import file_sha256
+
+    converted = tmp_path / "converted"
+    (converted / "hf").mkdir(parents=True)
+    (converted / "hf" / "tokenizer.json").write_text('{"model": "the model\'s own"}')
+    other = tmp_path / "tokenizer.json"
+    other.write_text('{"model": "another one"}')
+    manifest = {"tokenizer": {"kind": "huggingface", "file": "tokenizer.json", "sha256": file_sha256(other)}}
+    problem = tokenizer_mismatch(manifest, converted)
+    assert problem and str(converted / "hf" / "tokenizer.json") in problem and "--tokenizer" in problem
+    manifest["tokenizer"]["sha256"] = file_sha256(converted / "hf" / "tokenizer.json")
+    assert tokenizer_mismatch(manifest, converted) is None
+    assert tokenizer_mismatch({"tokenizer": {"kind": "byte"}}, converted) is None  # nothing to compare

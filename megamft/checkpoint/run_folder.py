@@ -164,3 +164,24 @@ def claim(cfg: MegamftConfig) -> tuple[FolderLock | None, StartPlan]:
         lock = FolderLock(cfg.checkpoint.save_dir, "training run").acquire()
         mark_output(cfg.checkpoint.save_dir, TRAINING_OUTPUT)
     return lock, plan_start(cfg, latest)
+
+
+def tokenizer_mismatch(data_manifest: dict, checkpoint_dir: str | Path) -> str | None:
+    """Why the data's tokenizer is not the model's, or None (also when it cannot be told).
+
+    A converted checkpoint keeps its model's tokenizer files in `hf/`; a training run's
+    folder keeps none, so its base (if converted) is where the tokenizer is found.
+    """
+    from megamft.data.tokenizer import file_sha256
+
+    used = data_manifest.get("tokenizer", {})
+    if "sha256" not in used or "file" not in used:
+        return None  # e.g. the byte tokenizer: no file to compare
+    model_file = Path(checkpoint_dir) / "hf" / used["file"]
+    if not model_file.is_file():
+        return None
+    if file_sha256(model_file) == used["sha256"]:
+        return None
+    return (f"the data was tokenized with another {used['file']} than the model's ({model_file}); re-run "
+            f"megamft-preprocess with --tokenizer {model_file}, or set checkpoint.allow_config_change=true "
+            "if the change is deliberate")

@@ -271,6 +271,7 @@ def _resume(run: Run, plan: run_folder.StartPlan) -> None:
     """Restore weights (and, resuming, iteration, consumed samples and balancer state) as planned."""
     if plan.load_dir is None:
         return
+    _check_tokenizer(run.cfg, plan.load_dir)
     loaded = dist_checkpoint.load(run.state, plan.load_dir, run.cfg, load_optimizer=plan.load_optimizer,
                                   iteration=plan.iteration)
     # Adapter-only saves point at the weights under the adapters: the loaded checkpoint,
@@ -345,6 +346,17 @@ def _build(cfg: MegamftConfig) -> Run:
                static_task_weights(cfg, data.task_names),
                MetricsWriter(_tensorboard_dir(cfg), distributed.is_logging_rank()),
                async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None)
+
+
+def _check_tokenizer(cfg: MegamftConfig, load_dir: str) -> None:
+    """Preprocessed data must come from the model's own tokenizer (when both are known)."""
+    if cfg.data.source != "indexed" or cfg.checkpoint.allow_config_change:
+        return
+    from megamft.data.manifest import load_manifest
+
+    problem = run_folder.tokenizer_mismatch(load_manifest(Path(cfg.data.path)), load_dir)
+    if problem:
+        raise ValueError(problem)
 
 
 def _check_token_ids(cfg: MegamftConfig, data: MultitaskData) -> None:
