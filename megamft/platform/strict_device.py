@@ -32,6 +32,7 @@ which unwraps or rebuilds plain tensors; tags on storages need none of that.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -122,15 +123,19 @@ def set_on_gpu(tensor: torch.Tensor, value: bool) -> torch.Tensor:
     return tensor
 
 
-class host_outputs:
+@contextlib.contextmanager
+def _thread_flag(name: str):
+    before = getattr(_local, name, False)
+    setattr(_local, name, True)
+    try:
+        yield
+    finally:
+        setattr(_local, name, before)
+
+
+def host_outputs():
     """Inside: op outputs are not tagged (a copy being made for the host)."""
-
-    def __enter__(self):
-        self._before = getattr(_local, "host_outputs", False)
-        _local.host_outputs = True
-
-    def __exit__(self, *exc):
-        _local.host_outputs = self._before
+    return _thread_flag("host_outputs")
 
 
 def count_sync() -> None:
@@ -155,15 +160,9 @@ def reset_peak_memory_stats(device=None) -> None:
     _Stats.peak_bytes = _Stats.live_bytes
 
 
-class quiet_syncs:
+def quiet_syncs():
     """Inside: synchronizations are not counted (one print is one sync, not one per element)."""
-
-    def __enter__(self):
-        self._before = getattr(_local, "quiet", False)
-        _local.quiet = True
-
-    def __exit__(self, *exc):
-        _local.quiet = self._before
+    return _thread_flag("quiet")
 
 
 def is_gpu_device(device) -> bool:
