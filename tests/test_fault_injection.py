@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from megamft.checkpoint.layout import latest_iteration
 from megamft.platform.kill_points import ENV, MOMENTS
 
@@ -63,6 +65,7 @@ def _kill_moments(seed: int) -> list[str]:
     return [f"{kind}@{iteration}" for kind, iteration in zip(kinds, iterations)]
 
 
+@pytest.mark.slow
 def test_killed_anywhere_the_same_command_resumes_the_same_run(tmp_path):
     reference = _run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +23,7 @@ def _gpu_check_module():
     return module
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_check_and_writes_the_report(tmp_path):
     gpu_check = _gpu_check_module()
     out = tmp_path / "report"
