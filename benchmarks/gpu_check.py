@@ -693,8 +693,11 @@ def check_resume(ctx: Context, rec: dict) -> list:
     else:
         return problems + [f"no complete checkpoint at step {steps} in {full} (latest: {_latest(full)})"]
     _say(f"  resume from step {half}")
+    # Continue the run from another folder: an explicit resume (checkpoint.resume=auto would take
+    # load_dir as a base, weights only).
     res = train(ctx, "resume_continued", [f"checkpoint.load_dir={full}", f"checkpoint.load_iteration={half}",
-                                          f"checkpoint.save_dir={resumed}"], _steps(ctx, half + 1))
+                                          "checkpoint.resume=never", f"checkpoint.save_dir={resumed}"],
+                _steps(ctx, half + 1))
     details["resumed"] = res
     problems += res["problems"]
     if res["rc"] == 0 and _latest(resumed) != steps:
