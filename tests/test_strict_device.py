@@ -37,13 +37,17 @@ def _host_tensor_into(group_name: str, tensor_parallel: int):
     from megatron.core import parallel_state
 
     torch.distributed.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
-    group = {"tp": parallel_state.get_tensor_model_parallel_group,
-             "dp": parallel_state.get_data_parallel_group,
-             "dp_gloo": parallel_state.get_data_parallel_group_gloo}[group_name]()
-    on_device = torch.ones(4, device="cuda")
-    torch.distributed.all_reduce(on_device, group=group)  # always fine
-    torch.distributed.all_reduce(torch.ones(4), group=group)  # the planted host tensor
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        group = {"tp": parallel_state.get_tensor_model_parallel_group,
+                 "dp": parallel_state.get_data_parallel_group,
+                 "dp_gloo": parallel_state.get_data_parallel_group_gloo}[group_name]()
+        on_device = torch.ones(4, device="cuda")
+        torch.distributed.all_reduce(on_device, group=group)  # always fine
+        torch.distributed.all_reduce(torch.ones(4), group=group)  # the planted host tensor
+    finally:  # a process group left open can abort the interpreter at exit
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("group_name, tensor_parallel", [("tp", 2), ("dp", 1)])
@@ -58,9 +62,13 @@ def _host_tensor_through_megatrons_reduce_scatter():
     from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
 
     torch.distributed.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    reduce_scatter_to_sequence_parallel_region(torch.ones(4, 2, device="cuda"))  # fine
-    reduce_scatter_to_sequence_parallel_region(torch.ones(4, 2))  # the planted host tensor
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+        reduce_scatter_to_sequence_parallel_region(torch.ones(4, 2, device="cuda"))  # fine
+        reduce_scatter_to_sequence_parallel_region(torch.ones(4, 2))  # the planted host tensor
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
 
 
 def test_collectives_megatron_bound_at_import_are_checked_too(monkeypatch):
