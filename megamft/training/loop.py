@@ -130,7 +130,7 @@ def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: flo
     mfu = f" | MFU {measured['mfu']:.1%}" if "mfu" in measured else ""
     log.info(
         "step %d/%d | loss %.4f | %s | grad-norm %.3f | lr %.2e | %.0f tok/s | %.2f TFLOP/s/dev%s | "
-        "mem %.1f GB | eta %d:%02d",
+        "mem %.3g GB | eta %d:%02d",
         iteration, cfg.train.train_steps, stats.loss, _format_tasks(stats.task_loss), stats.grad_norm or 0.0,
         stats.lr or 0.0, measured["tokens_per_second"], measured["tflops_per_device"], mfu,
         measured["memory_gb"], eta // 60, eta % 60,
