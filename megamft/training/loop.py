@@ -365,8 +365,8 @@ def _check_token_ids(cfg: MegamftConfig, data: MultitaskData) -> None:
     An id past the vocabulary crashes at TP=1 but, at TP>1, falls into another
     rank's shard or the padding and trains silently on nothing meaningful.
     """
-    largest = getattr(data, "max_token_id", None)
-    if largest is not None and largest >= cfg.model.vocab_size:
+    largest = data.max_token_id
+    if largest >= cfg.model.vocab_size:
         raise ValueError(f"the data holds token id {largest}, but model.vocab_size is {cfg.model.vocab_size}: "
                          "tokenize the data with the model's own tokenizer (megamft-preprocess --tokenizer)")
 
