@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from megamft.config import _UniqueKeyLoader
+from megamft.config.loading import UniqueKeyLoader
 from megamft.data.decontaminate import BENCHMARKS
 from megamft.data.preprocess import MANIFEST, PreprocessError, PreprocessOptions, preprocess
 from megamft.data.templates import TEMPLATE_NAMES
@@ -49,7 +49,7 @@ def _read_config(path: Path) -> dict:
     """The YAML options; a key given twice (in any mapping, `tasks:` included) is an error."""
     try:
         with path.open(encoding="utf-8") as stream:
-            loaded = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+            loaded = yaml.load(stream, Loader=UniqueKeyLoader) or {}
     except (OSError, yaml.YAMLError) as err:
         raise PreprocessError(f"{path}: {err}") from None
     if not isinstance(loaded, dict):

@@ -1,0 +1,240 @@
+"""The typed sections of megamft's config tree, one dataclass each, with a docstring per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names each offending key."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid megamft config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    num_layers: int = 2
+    """Transformer layers in the whole model (split across pipeline stages)."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    ffn_hidden_size: int = 176
+    """Inner width of the SwiGLU MLP."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means one per query head."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; None takes it from the tokenizer."""
+    max_position_embeddings: int = 4096
+    """Longest sequence RoPE is prepared for."""
+    rotary_base: float = 10000.0
+    """RoPE theta (CodeLlama uses 1e6)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share input embedding and output projection weights."""
+    add_qkv_bias: bool = False
+    """Bias on the query/key/value projections (Qwen2)."""
+    rope_scaling_factor: Optional[float] = None
+    """Linear RoPE scaling (position interpolation) factor, e.g. 4.0 for DeepSeek-Coder."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary up to a multiple of this (independent of TP, so checkpoints reshard)."""
+    hf_architecture: Optional[str] = None
+    """Hugging Face architecture this model converts to (set by megamft-convert)."""
+    sliding_window: Optional[int] = None
+    """Attention window of the original model (Mistral); sequences may not exceed it (no windowed kernel)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the random initialisation."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over processes."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: each layer's matrices are split over this many ranks."""
+    pipeline_model_parallel_size: int = 1
+    """PP: layers are split into this many stages."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline stage for the interleaved schedule (None = off)."""
+    context_parallel_size: int = 1
+    """CP: the sequence is split over this many ranks inside attention."""
+    data_parallel_size: Optional[int] = None
+    """DP: replicas; None derives it as world_size / (TP * PP * CP)."""
+    sequence_parallel: bool = False
+    """Split norms and dropout along the sequence across TP ranks (needs TP > 1)."""
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from and how they become sequences."""
+
+    source: Literal["stdlib", "indexed"] = "stdlib"
+    """'stdlib': the embedded multitask corpus built from Python's own library, encoded in memory.
+    'indexed': a megamft-preprocess output folder, given as data.path."""
+    path: Optional[str] = None
+    """data.source=indexed: the folder holding manifest.json and the .bin/.idx files."""
+    tokenizer: str = "byte"
+    """data.source=stdlib: 'byte', a sentencepiece .model or a tokenizer.json (tools/train_tokenizer.py)."""
+    template: str = "mftcoder"
+    """data.source=stdlib: chat template (mftcoder, chatml, llama2, hf)."""
+    seq_length: int = 256
+    """Tokens per training sequence."""
+    mode: Literal["pad", "dynamic", "pack", "concat"] = "pack"
+    """pad: one sample per sequence padded to seq_length; dynamic: padded to the micro-batch's longest;
+    pack: whole samples packed best-fit, attention kept inside each sample; concat: MFTCoder's next-fit."""
+    pack_window: int = 1000
+    """pack: samples considered together when choosing sequences (larger: less padding, coarser shuffle)."""
+    pad_to_multiple_of: int = 8
+    """dynamic: round each micro-batch's length up to this multiple."""
+    task_sampling: Literal["proportional", "uniform", "weights"] = "proportional"
+    """How tasks are mixed: in proportion to their sizes, equally, or by data.task_sampling_weights."""
+    task_sampling_weights: dict[str, float] = field(default_factory=dict)
+    """data.task_sampling=weights: relative sampling weight per task name (absent tasks: 0)."""
+    epoch_samples: Optional[int] = None
+    """Samples per data epoch, split over tasks by weight (None: every training sample once)."""
+    max_samples_per_task: Optional[int] = None
+    """Cap on training samples taken from each task (None = all)."""
+    valid_samples_per_task: int = 32
+    """Samples of each task held out for validation."""
+    seed: int = 1234
+    """Split, mixing and shuffling seed; the same seed gives the same batches on every layout."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    micro_batch_size: int = 2
+    """Sequences per forward pass on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    train_steps: int = 40
+    """Optimizer steps to run."""
+    seed: int = 1234
+    """Seed for weight init and dropout."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision; bf16/fp16 keep fp32 master weights in the optimizer."""
+    lr_warmup_steps: int = 4
+    """Linear warm-up steps of the learning rate."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, down to optimizer.min_lr."""
+    log_interval: int = 5
+    """Steps between log lines."""
+    eval_interval: int = 0
+    """Steps between validations (0 = only before and after training)."""
+    peak_tflops_per_device: Optional[float] = None
+    """Peak dense TFLOP/s of one device for MFU (H100 SXM bf16: 989); None = do not report MFU."""
+    max_skipped_steps: int = 3
+    """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
+    tensorboard_dir: Optional[str] = None
+    """Where tensorboard event files go (None: <checkpoint.save_dir>/tensorboard, or nowhere)."""
+
+
+@dataclass
+class LossConfig:
+    """How per-token losses of many tasks become one loss (see megamft.loss.multitask)."""
+
+    mode: Literal["token", "sample", "task_token", "task_sample", "focal", "coba", "famo"] = "task_token"
+    """token/sample/task_token/task_sample: MFTCoder cases 1-4; focal, coba, famo: dynamic task weights."""
+    normalization: Literal["global_batch", "per_microbatch"] = "global_batch"
+    """Count tokens and samples over the whole global batch (exact), or per micro-batch as MFTCoder does."""
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Static weight per task name (others weigh 1.0); combines with every mode."""
+    focal_gamma: float = 2.0
+    """Focusing exponent of the focal mode."""
+    fused_cross_entropy: bool = False
+    """Compute the loss with megamft's fused kernels (csrc/) instead of megatron's cross entropy."""
+    coba_update_interval: int = 5
+    """Steps between CoBa's validation measurements."""
+    coba_history: int = 20
+    """Measurements in CoBa's slope-fitting window."""
+    coba_warmup: int = 3
+    """Measurements before CoBa moves away from uniform weights."""
+    coba_temperature: float = 5.0
+    """CoBa's divergence-factor temperature."""
+    coba_min_weight: Optional[float] = None
+    """Floor of every CoBa weight (None = 1 / (10 x tasks))."""
+    famo_lr: float = 0.025
+    """Step size of FAMO's task logits."""
+    famo_decay: float = 1e-3
+    """Weight decay of FAMO's task logits."""
+
+
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the attention and MLP projections (TP-aware, base frozen)."""
+
+    enabled: bool = False
+    """Train adapters only; the optimizer holds adapter parameters alone."""
+    rank: int = 8
+    """Adapter rank r."""
+    alpha: float = 16.0
+    """Scale alpha: the adapter output is multiplied by alpha / r."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Which projections get adapters (of linear_qkv, linear_proj, linear_fc1, linear_fc2)."""
+    seed: int = 1234
+    """Seed of A's initialization (B starts at zero, so training starts from the base model)."""
+    save_adapters_only: bool = False
+    """Checkpoints hold adapters and their optimizer state only; they name the base checkpoint
+    (checkpoint.load_dir of the first run), which resuming and export read."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming megatron dist checkpoints."""
+
+    save_dir: Optional[str] = None
+    """Folder for checkpoints (None = never save)."""
+    save_interval: int = 0
+    """Steps between saves (0 = only at the end)."""
+    load_dir: Optional[str] = None
+    """Resume from the latest complete checkpoint in this folder."""
+    load_iteration: Optional[int] = None
+    """Resume from this iteration instead of the latest one (to roll back)."""
+    load_optimizer: bool = True
+    """Restore optimizer, scheduler and progress with the weights (False: weights only, a new fine-tune)."""
+    keep_last: int = 0
+    """Keep only the newest N checkpoints in save_dir (0 = keep all)."""
+    save_on_signal: bool = True
+    """On SIGTERM or SIGUSR1 (preemption), save after the current step and exit cleanly."""
+    async_save: bool = False
+    """Write checkpoints from background processes while training goes on (megatron's async save)."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the latest checkpoint in save_dir when there is one (so re-running the same
+    command after a kill or requeue continues the run), else start from load_dir's weights; never: load
+    load_dir as configured (load_optimizer decides resume or weights only)."""
+    overwrite: bool = False
+    """Write into a save_dir that holds other files, or start a new run over this run's checkpoints."""
+    allow_config_change: bool = False
+    """Load a checkpoint whose model section, or resume a run whose model/data/loss/LoRA/seed/global
+    batch/precision, differ from this config (each difference is logged instead of refused)."""
+
+
+@dataclass
+class MegamftConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    optimizer: dict = field(default_factory=lambda: {"lr": 1e-3, "min_lr": 1e-4, "clip_grad": 1.0})
+    """Fields of megatron.core.optimizer.OptimizerConfig."""
+    ddp: dict = field(default_factory=dict)
+    """Fields of megatron.core.distributed.DistributedDataParallelConfig."""
+    transformer: dict = field(default_factory=dict)
+    """Extra fields of megatron.core.transformer.TransformerConfig (e.g. recompute_granularity)."""
+
