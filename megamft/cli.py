@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", action="append", help="YAML config file (repeat to layer files)")
     check.add_argument("--world-size", type=int, required=True, help="processes it will run on")
     check.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    commands.add_parser(
+        "launch", help="torchrun (same arguments) that turns SIGTERM/SIGUSR1 into a save and a clean exit",
+        description="megamft launch [torchrun options] -m megamft train --config CONFIG.yaml ...")
     return parser
 
 
@@ -41,6 +44,11 @@ def _print_summary(result) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"] and not {"-h", "--help"} & set(argv[1:2]):
+        from megamft.platform.launcher import main as launch  # torchrun's options pass through unparsed
+
+        return launch(argv[1:])
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -57,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
+    from megamft.training.preemption import PreemptionWatch
+
+    watch = PreemptionWatch(cfg.checkpoint.save_on_signal)  # before the slow imports: no signal is lost
     from megamft.training.loop import run  # heavy imports only once the config is valid
 
-    result = run(cfg)
+    result = run(cfg, watch)
     from megamft.platform.distributed import is_rank_zero_after_run
 
     if is_rank_zero_after_run():

@@ -3,6 +3,7 @@ import pytest
 from megamft.testing.distributed import launch
 
 import jobs
+import training_runs
 
 
 @pytest.fixture(scope="session")
@@ -11,3 +12,14 @@ def initial_weights(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("initial_weights"))
     launch(jobs.save_initial_weights, world_size=1, kwargs={"save_dir": path})
     return path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    """The loss of every step of a run of training_runs' settings that nothing interrupts."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    ranks = training_runs.start_ranks(tmp, "run", f"checkpoint.save_dir={tmp / 'ckpt'}")
+    assert training_runs.wait_all(ranks) == [0, 0]
+    losses = training_runs.losses([tmp / "run" / "tb"])
+    assert sorted(losses) == list(range(1, training_runs.STEPS + 1))
+    return losses

@@ -7,77 +7,16 @@ stitched interrupted curve must equal the uninterrupted one step by step.
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pytest
-
 from megamft.checkpoint.layout import iteration_dir, latest_iteration
-from megamft.testing.distributed import _rank_env, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
-COMMON = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
-          "data.seq_length=192", "data.max_samples_per_task=24", "data.valid_samples_per_task=4",
-          "train.global_batch_size=8", "train.micro_batch_size=2", "train.log_interval=1",
-          "train.lr_warmup_steps=1", f"train.train_steps={STEPS}", "parallel.tensor_model_parallel_size=2"]
-
-
-def _start(tmp: Path, name: str, *overrides: str) -> list[subprocess.Popen]:
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        log = open(tmp / f"{name}-rank{rank}.log", "w")
-        cmd = [sys.executable, "-m", "megamft", "train", *COMMON, f"train.tensorboard_dir={tmp / name / 'tb'}",
-               *overrides]
-        procs.append(subprocess.Popen(cmd, env=_rank_env(rank, 2, port), stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True, cwd=ROOT))
-    return procs
-
-
-def _wait(procs, timeout=240) -> list[int]:
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.wait(timeout=max(1, deadline - time.monotonic()))
-    return [p.returncode for p in procs]
-
-
-def _losses(tb_dirs: list[Path]) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    losses = {}
-    for folder in tb_dirs:
-        accumulator = EventAccumulator(str(folder))
-        accumulator.Reload()
-        losses.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
-    return losses
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    assert _wait(_start(tmp, "run", f"checkpoint.save_dir={tmp / 'ckpt'}")) == [0, 0]
-    losses = _losses([tmp / "run" / "tb"])
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    return losses
+from training_runs import assert_same_curve, losses as _losses, start_ranks as _start, wait_all as _wait
+from training_runs import STEPS, wait_for as _wait_for
 
 
 def _resume_and_compare(tmp: Path, save_dir: Path, first_tb: Path, uninterrupted: dict) -> None:
     assert _wait(_start(tmp, "resumed", f"checkpoint.save_dir={save_dir}", f"checkpoint.load_dir={save_dir}")) == [0, 0]
-    stitched = _losses([first_tb, tmp / "resumed" / "tb"])
-    assert sorted(stitched) == list(range(1, STEPS + 1))
-    for step, loss in uninterrupted.items():
-        assert abs(stitched[step] - loss) <= 1e-5 * abs(loss), (step, stitched, uninterrupted)
-
-
-def _wait_for(predicate, timeout=180):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.01)
+    assert_same_curve(_losses([first_tb, tmp / "resumed" / "tb"]), uninterrupted)
 
 
 def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, uninterrupted):
@@ -109,9 +48,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_pat
     assert sorted(kept) == list(range(1, latest + 1))
     assert _wait(_start(tmp_path, "resumed", f"checkpoint.save_dir={save_dir}",
                         f"checkpoint.load_dir={save_dir}")) == [0, 0]
-    stitched = {**kept, **_losses([tmp_path / "resumed" / "tb"])}
-    for step, loss in uninterrupted.items():
-        assert abs(stitched[step] - loss) <= 1e-5 * abs(loss), (step, stitched, uninterrupted)
+    assert_same_curve({**kept, **_losses([tmp_path / "resumed" / "tb"])}, uninterrupted)
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):

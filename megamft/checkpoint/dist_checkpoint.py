@@ -11,6 +11,7 @@ leaves only a ``.partial`` folder, which loading ignores.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import pickle
@@ -33,6 +34,7 @@ from megamft.config import MegamftConfig, to_dict
 from megamft.platform import distributed
 from megamft.platform.output_folder import publish
 from megamft.platform.kill_points import kill_point
+from megamft.platform.signals import preemption_signals_deferred
 
 log = logging.getLogger(__name__)
 LORA_BASE = "lora_base"  # in an adapter-only checkpoint: where its base weights are
@@ -204,6 +206,11 @@ def _same_checkpoint(base: dict, folder: str | Path, iteration: int) -> bool:
     return Path(base["dir"]).resolve() == Path(folder).resolve() and base["iteration"] == iteration
 
 
+def _write_in_background(iteration: int, write, *args, **kwargs):
+    kill_point("save.writing", iteration)  # runs in the background writer process
+    return write(*args, **kwargs)
+
+
 class AsyncSaves:
     """Checkpoints written by background processes (megatron's async save), published when all finished.
 
@@ -227,6 +234,9 @@ class AsyncSaves:
         self._queue.maybe_finalize_async_calls(blocking=True)
 
 
+# Helper processes this starts (writers, megatron's result-queue manager, async workers) inherit the
+# block: a launcher that signals whole process groups cannot kill them mid-save.
+@preemption_signals_deferred()
 def save(
     state, save_dir: str | Path, iteration: int, consumed_samples: int, cfg: MegamftConfig,
     with_optimizer: bool = True, extra: dict | None = None, async_saves: AsyncSaves | None = None,
@@ -271,6 +281,8 @@ def save(
 
     if async_saves is not None:
         request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
+        if request.async_fn is not None:
+            request = request._replace(async_fn=functools.partial(_write_in_background, iteration, request.async_fn))
         request.add_finalize_fn(finish)
         async_saves.schedule(request)
         return final

@@ -38,6 +38,7 @@ from megamft.data.preprocess_inputs import PreprocessError, check_task_names, in
 from megamft.data.preprocess_output import OutputFolder, report_stale_lock
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import file_sha256, load_tokenizer
+from megamft.platform.signals import become_helper_process
 
 __all__ = ["FORMAT", "MANIFEST", "PreprocessError", "PreprocessOptions", "input_files", "preprocess"]
 
@@ -183,6 +184,11 @@ def _init_worker(options: PreprocessOptions) -> None:
     _WORKER = _Encoder(options)
 
 
+def _init_pool_worker(options: PreprocessOptions) -> None:
+    become_helper_process()  # a signal stops the main process, which removes its partial output
+    _init_worker(options)
+
+
 def _run_chunk(item) -> ChunkResult:
     return _WORKER.chunk(*item)
 
@@ -299,7 +305,8 @@ def _manifest(options: PreprocessOptions, tokenizer, template_identity: dict, dt
 def _process_tasks(options: PreprocessOptions, files: dict, folder: OutputFolder, dtype) -> list[TaskReport]:
     pool = None
     if options.workers > 1:  # a dead worker raises BrokenProcessPool here rather than hanging
-        pool = ProcessPoolExecutor(options.workers, multiprocessing.get_context("spawn"), _init_worker, (options,))
+        pool = ProcessPoolExecutor(options.workers, multiprocessing.get_context("spawn"), _init_pool_worker,
+                                  (options,))
     else:
         _init_worker(options)
     bar = _Progress(options.progress)

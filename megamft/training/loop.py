@@ -201,15 +201,10 @@ def _progress_bar(run: Run):
                 desc="train", unit="step", dynamic_ncols=True)
 
 
-def _train_loop(run: Run) -> None:
-    cfg = run.cfg
+def _train_loop(run: Run, watch: PreemptionWatch) -> None:
     dp_rank, dp_size = _dp()
-    watch = PreemptionWatch(cfg.checkpoint.save_on_signal)
-    try:
-        with _progress_bar(run) as bar:
-            _steps(run, dp_rank, dp_size, watch, bar)
-    finally:
-        watch.close()
+    with _progress_bar(run) as bar:
+        _steps(run, dp_rank, dp_size, watch, bar)
 
 
 def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) -> None:
@@ -371,9 +366,14 @@ def _check_token_ids(cfg: MegamftConfig, data: MultitaskData) -> None:
                          "tokenize the data with the model's own tokenizer (megamft-preprocess --tokenizer)")
 
 
-def run(cfg: MegamftConfig) -> RunResult:
-    """Train as configured; the process group is created and destroyed here."""
+def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
+    """Train as configured; the process group is created and destroyed here.
+
+    `watch` records preemption signals from start-up on (one is made here if not given);
+    training stops at the first step boundary after one arrived.
+    """
     lock = None
+    watch = watch or PreemptionWatch(cfg.checkpoint.save_on_signal)
     try:
         distributed.initialize(cfg)
         lock, plan = _claim_save_folder(cfg)
@@ -383,7 +383,7 @@ def run(cfg: MegamftConfig) -> RunResult:
         if start >= cfg.train.train_steps and distributed.is_logging_rank():
             log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
         current.result.valid_before = _validate(current, "valid (before)")
-        _train_loop(current)
+        _train_loop(current, watch)
         if current.result.preempted:
             current.finish_saves()
             return current.result
@@ -396,6 +396,7 @@ def run(cfg: MegamftConfig) -> RunResult:
         current.metrics.close()
         return current.result
     finally:
+        watch.close()
         if lock is not None:
             lock.release()
         distributed.shutdown()

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-
-from megamft.platform import distributed
-
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from megamft.platform.signals import PREEMPTION_SIGNALS
 
 
 class PreemptionWatch:
@@ -24,13 +20,17 @@ class PreemptionWatch:
         self._received: int | None = None
         self._previous = {}
         if enabled:
-            for sig in SIGNALS:
+            for sig in PREEMPTION_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self._received = signum
 
     def requested(self) -> bool:
+        import torch  # this module is imported before torch, to catch signals during start-up
+
+        from megamft.platform import distributed
+
         flag = torch.tensor([1 if self._received is not None else 0])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=distributed.host_group())
         return bool(flag.item())

@@ -1,0 +1,55 @@
+"""Preemption signals reach the training processes, never the helper processes they start.
+
+Launchers signal more than one process: torchrun forwards a signal to each
+worker's whole process group, and SLURM signals every process of a job step.
+Both reach the helper processes of a worker too (megatron's checkpoint writers,
+the multiprocessing manager that collects their results, asynchronous save
+workers). A helper killed mid-save breaks the very checkpoint the signal asked
+for, so helpers are made deaf to these signals:
+
+- ``preemption_signals_deferred`` blocks them in the worker while it saves. A
+  child process inherits the signal mask, through fork and exec alike, so every
+  helper created inside the block never receives them; the worker gets any that
+  arrived as soon as the block ends, and stops at the next step boundary.
+- ``become_helper_process`` is for helpers megamft starts itself (preprocessing
+  workers): they ignore the signals for good, and the kernel kills them when their
+  parent dies, so the parent alone decides what a signal does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import signal
+from multiprocessing import resource_tracker
+from typing import Iterator
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""What schedulers send before they stop a job: SIGTERM (torchrun, Kubernetes), SIGUSR1 (SLURM's --signal)."""
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+@contextlib.contextmanager
+def preemption_signals_deferred() -> Iterator[None]:
+    """Hold the preemption signals back from this process and every process it starts meanwhile."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    # multiprocessing's resource tracker, started with the first helper, unblocks SIGTERM (and SIGINT)
+    # when it has started, whatever the mask was: start it now, inside the block, and block again.
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def become_helper_process() -> None:
+    """Ignore the preemption signals and die with the parent (Linux); for helper processes only."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # ignored now: blocking adds nothing
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
