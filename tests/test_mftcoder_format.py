@@ -13,7 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -293,7 +292,8 @@ def test_an_export_of_a_trained_checkpoint_carries_the_training_chat_template(tm
 
     base = tmp_path / "base"  # the base model's tokenizer, with a chat template of its own (ChatML)
     shutil.copytree(folders["metaspace-always"], base)
-    chatml = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}")
     (base / CHAT_TEMPLATE_FILE).write_text(chatml)
     config = json.loads((base / "tokenizer_config.json").read_text()) | {"chat_template": chatml}
     (base / "tokenizer_config.json").write_text(json.dumps(config))

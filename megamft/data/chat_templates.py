@@ -14,6 +14,7 @@ its segments encoded one by one (see README, "Chat templates of exports").
 from __future__ import annotations
 
 import json
+import re
 
 # MFTCoder's published template (mftcoder_accelerate/src/tokenizer/chat_template.py), same strings,
 # plus the no-break-space cleaning its preprocessing applies to every content.
@@ -76,8 +77,8 @@ def builtin_chat_template(name: str, tokenizer) -> str | None:
     prefix = [token_string(tokenizer, i) for i in tokenizer.prefix_ids]
     if eos is None or None in prefix:
         return None
-    return (_SOURCES[name].replace("PREFIX", _literal("".join(prefix)))
-            .replace("EOS", _literal(eos)))
+    values = {"PREFIX": _literal("".join(prefix)), "EOS": _literal(eos)}
+    return re.sub(r"\b(PREFIX|EOS)\b", lambda m: values[m.group(1)], _SOURCES[name])  # one pass
 
 
 def token_string(tokenizer, token_id: int) -> str | None:
