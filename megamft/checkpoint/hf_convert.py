@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megamft.checkpoint import global_view
+from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.model.builder import padded_vocab_size
 from megamft.model.families import Family, FAMILIES, hf_config_from_model, model_config_from_hf
@@ -33,10 +34,6 @@ from megamft.platform.output_folder import check_destination, mark_output, publi
 CONVERTED_OUTPUT = "hf-to-megatron"   # kinds of output folder (see output_folder)
 HF_EXPORT_OUTPUT = "megatron-to-hf"
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-)
 HF_LAYER = "model.layers.{i}."
 # Buffers some transformers versions store; derived from the config, never learned.
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -279,16 +276,6 @@ def _chunk(mapping, layer, num_layers, shape, dtype, names, source, d) -> global
     )
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
                    progress: Callable[[global_view.Chunk], None] = lambda c: None, overwrite: bool = False) -> Path:
     """Convert a Hugging Face folder into a megamft checkpoint folder (iteration 0).
@@ -302,7 +289,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
     cfg = MegamftConfig(model=model)
     common = {"progress": {"iteration": 0, "consumed_samples": 0}, "config": json.dumps(to_dict(cfg))}
     partial = temporary_sibling(out_dir)
-    _copy_tokenizer(hf_dir, partial / "hf")
+    copy_tokenizer(hf_dir, partial / "hf")
     shutil.copy2(hf_dir / "config.json", partial / "hf" / "config.json")
     path = global_view.write_checkpoint(partial, 0, chunks, common, on_written=progress)
     assert not source.unconsumed(), source.unconsumed()  # planned above: every source tensor is written
@@ -373,6 +360,8 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
 
     Never writes over the checkpoint, its base or the template; an `out_dir` holding anything
     but an earlier export is refused unless `overwrite`. Renamed into place when complete.
+    The tokenizer files come from `hf_template`; their chat template is the one the training
+    data was rendered with, when the checkpoint recorded it.
     """
     ckpt = _checkpoint_dir(Path(checkpoint))
     template = Path(hf_template) if hf_template else _default_template(Path(checkpoint))
@@ -411,7 +400,10 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
         config = {**json.loads((template / "config.json").read_text()), **config}
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     if template:
-        _copy_tokenizer(template, partial)
+        copy_tokenizer(template, partial)
+    chat_template = training_chat_template(global_view.read_common(ckpt))
+    if chat_template is not None:  # prompts formatted as in training, not as the base model's template says
+        write_chat_template(partial, chat_template)
     mark_output(partial, HF_EXPORT_OUTPUT, checkpoint=str(ckpt.resolve()))
     publish(partial, out_dir)
     return out_dir

@@ -1,30 +1,62 @@
-"""Sample schemas: one JSON line -> a validated list of (role, content) turns.
+"""Record formats: one JSON line -> a validated Sample.
 
-Two schemas are read, and normalised to the roles system/user/assistant:
+Conversations, normalised to the roles system/user/assistant:
   MFTCoder:  {"chat_rounds": [{"role": "system"|"human"|"bot", "content": ...}, ...]}
   OpenAI:    {"messages":    [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
 Roles must come in order: an optional system turn first, then user and
-assistant turns alternating, ending with an answer. Every way a line can be
-unusable raises BadSample with a short reason that
-the caller prefixes with the file and line number.
+assistant turns alternating, ending with an answer.
+MFTCoder's two-field records, {PROMPT: ..., ANSWER: ..., "system": optional}
+(PAIR_FIELDS), are one question and its answer; {"text": ...} is a document
+learned whole. A record matching several formats is refused rather than read
+one way silently. Every way a line can be unusable raises BadSample with a
+short reason that the caller prefixes with the file and line number.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 ROLE_NAMES = {
     "system": "system",
     "human": "user",
     "user": "user",
     "bot": "assistant",
+    "gpt": "assistant",  # MFTCoder's reader takes it for a bot turn
     "assistant": "assistant",
 }
 SCHEMA_KEYS = ("chat_rounds", "messages")
 _SCHEMA_ROLES = {"chat_rounds": {"user": "human", "assistant": "bot"},
                  "messages": {"user": "user", "assistant": "assistant"}}
 
+# MFTCoder's two-field records (prompt field, answer field), in the order MFTCoder tries them.
+PAIR_FIELDS = (("prompt", "answer"), ("prompt", "response"), ("input", "output"), ("instruction", "output"),
+               ("instruction", "response"), ("question", "response"), ("question", "answer"), ("query", "answer"))
+TEXT_KEY = "text"
+
 Turn = tuple[str, str]  # (role, content)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One record: a conversation, or (form "text") one document learned whole.
+
+    form is "chat" (chat_rounds or messages), "pair" (a two-field record, its
+    system, prompt and answer as turns) or "text" (`text` holds the document).
+    """
+
+    turns: tuple[Turn, ...] = ()
+    form: str = "chat"
+    text: str | None = None
+
+    def contents(self) -> list[str]:
+        """Every text of the record (what decontamination looks at)."""
+        return [self.text] if self.form == "text" else [content for _, content in self.turns]
+
+
+def as_sample(sample) -> Sample:
+    """A Sample, or a plain list of turns taken as a conversation."""
+    return sample if isinstance(sample, Sample) else Sample(tuple(sample))
 
 
 class BadSample(ValueError):
@@ -35,8 +67,8 @@ class BadSample(ValueError):
         self.kind = kind
 
 
-def parse_line(raw: bytes) -> list[Turn]:
-    """Decode, parse and validate one JSON line."""
+def parse_line(raw: bytes) -> Sample:
+    """Decode, parse and validate one JSON line of any record format."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -45,7 +77,47 @@ def parse_line(raw: bytes) -> list[Turn]:
         sample = json.loads(text)
     except json.JSONDecodeError as err:
         raise BadSample("malformed_json", f"malformed JSON ({err.msg} at column {err.colno})") from None
-    return conversation_turns(sample)
+    return parse_record(sample)
+
+
+def record_formats(sample: dict) -> list[str]:
+    """The formats whose fields a record has: 'chat_rounds', 'messages', 'prompt/answer', ..., 'text'."""
+    found = [key for key in SCHEMA_KEYS if key in sample]
+    found += [f"{p}/{a}" for p, a in PAIR_FIELDS if p in sample and a in sample]
+    return found + ([TEXT_KEY] if TEXT_KEY in sample else [])
+
+
+def parse_record(sample) -> Sample:
+    """The Sample of a parsed JSON record of any format."""
+    if not isinstance(sample, dict):
+        raise BadSample("malformed_json", "a sample must be a JSON object")
+    formats = record_formats(sample)
+    if not formats:
+        raise BadSample("missing_field", "no 'chat_rounds', 'messages' or 'text' field and no two-field pair ("
+                        + ", ".join(f"{p}/{a}" for p, a in PAIR_FIELDS) + ")")
+    if len(formats) > 1:
+        raise BadSample("ambiguous_record", f"fields of {len(formats)} formats ({', '.join(formats)}); keep the "
+                        f"fields of one (MFTCoder would silently read {_mftcoder_choice(formats)})")
+    form = formats[0]
+    if "/" not in form and sample.get("system") not in (None, ""):
+        raise BadSample("misplaced_field", f"a top-level 'system' applies to two-field records only; in a "
+                        f"'{form}' record it would be ignored (give it as the first turn of a conversation)")
+    if form == TEXT_KEY:
+        return Sample(form="text", text=_text(sample[TEXT_KEY], TEXT_KEY))
+    if "/" in form:
+        prompt, answer = form.split("/")
+        system = sample.get("system")
+        turns = [("system", _text(system, "system"))] if system not in (None, "") else []
+        turns += [("user", _text(sample[prompt], prompt)), ("assistant", _text(sample[answer], answer))]
+        return Sample(tuple(turns), form="pair")
+    return Sample(tuple(conversation_turns(sample)))
+
+
+def _mftcoder_choice(formats: list[str]) -> str:
+    """The format MFTCoder's reader takes for a record with several: pairs, then chat_rounds, then text."""
+    order = [f"{p}/{a}" for p, a in PAIR_FIELDS] + ["chat_rounds", TEXT_KEY]
+    known = [f for f in order if f in formats]
+    return known[0] if known else "none of them"
 
 
 def conversation_turns(sample) -> list[Turn]:
@@ -89,16 +161,22 @@ def _turn(key: str, index: int, item) -> Turn:
     for field in ("role", "content"):
         if field not in item:
             raise BadSample("missing_field", f"{where} has no '{field}'")
-    role, content = item["role"], item["content"]
+    role = item["role"]
     if not isinstance(role, str) or role not in ROLE_NAMES:
         raise BadSample("unknown_role", f"{where}: unknown role {role!r} (expected one of {sorted(ROLE_NAMES)})")
-    if not isinstance(content, str):
-        raise BadSample("malformed_json", f"{where}: 'content' must be a string")
-    if not content.strip():
-        raise BadSample("empty_field", f"{where}: empty 'content'")
+    return ROLE_NAMES[role], _text(item["content"], "content", where)
+
+
+def _text(value, field: str, where: str = "") -> str:
+    """A field's text: a non-blank string of real characters."""
+    where = f"{where}: " if where else ""
+    if not isinstance(value, str):
+        raise BadSample("malformed_json", f"{where}'{field}' must be a string")
+    if not value.strip():
+        raise BadSample("empty_field", f"{where}empty '{field}'")
     try:
-        content.encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError as err:  # a JSON escape such as "\ud800" decodes to a lone surrogate
-        raise BadSample("invalid_utf8", f"{where}: 'content' holds an unpaired surrogate "
-                        f"\\u{ord(content[err.start]):04x}, which is not text") from None
-    return ROLE_NAMES[role], content
+        raise BadSample("invalid_utf8", f"{where}'{field}' holds an unpaired surrogate "
+                        f"\\u{ord(value[err.start]):04x}, which is not text") from None
+    return value

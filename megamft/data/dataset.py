@@ -108,6 +108,9 @@ class MultitaskData:
     thd_packing: bool = False
     """Give packed batches megatron's PackedSeqParams (Transformer Engine ignores dense masks)."""
     max_token_id: int = -1
+    template: dict | None = None
+    """The chat template the samples were rendered with (name, Jinja source): saved with every
+    checkpoint so that an export carries it."""
     """The largest id a training or validation sequence can hold (padding included): the model's
     vocabulary must have a row for it."""
 
@@ -137,9 +140,9 @@ class MultitaskData:
 def load_data(cfg: DataConfig) -> MultitaskData:
     """The configured source as training and per-task validation sequences."""
     if cfg.source == "indexed":
-        names, stores, vocab_size, pad_id = _indexed_source(cfg)
+        names, stores, vocab_size, pad_id, template = _indexed_source(cfg)
     else:
-        names, stores, vocab_size, pad_id = _stdlib_source(cfg)
+        names, stores, vocab_size, pad_id, template = _stdlib_source(cfg)
     max_token_id = max([pad_id, *(store.max_token_id for store in stores)])
     train_docs, valid = [], {}
     for task, (name, store) in enumerate(zip(names, stores)):
@@ -155,7 +158,7 @@ def load_data(cfg: DataConfig) -> MultitaskData:
     epoch_samples = cfg.epoch_samples or sum(len(d) for d in train_docs)
     mixture = TaskMixture(train_docs, weights, epoch_samples, cfg.seed)
     return MultitaskData(tuple(names), stores, TrainSequences(mixture, stores, cfg), valid, vocab_size, pad_id, cfg,
-                         max_token_id=max_token_id)
+                         max_token_id=max_token_id, template=template)
 
 
 def _indexed_source(cfg: DataConfig):
@@ -165,7 +168,7 @@ def _indexed_source(cfg: DataConfig):
     stores = [IndexedDocuments(folder, e, manifest["token_dtype"]) for e in entries]
     tokenizer = manifest["tokenizer"]
     vocab_size = _vocabulary(tokenizer["vocab_size"], tokenizer.get("max_token_id"))
-    return [e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0))
+    return [e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0)), manifest.get("template")
 
 
 def _vocabulary(vocab_size: int, max_token_id) -> int:
@@ -178,7 +181,7 @@ def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_s
     from megamft.data.stdlib_corpus import TASKS, build_corpus
 
     tokenizer = load_tokenizer(tokenizer_spec)
-    template, _ = get_template(template_name, tokenizer)
+    template, identity = get_template(template_name, tokenizer)
     encoder = SegmentEncoder(tokenizer)
     # Characters ~ tokens at most; leave room for the template's markup.
     corpus = build_corpus(seq_length - 8, per_task, seed)
@@ -188,7 +191,8 @@ def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_s
         encoded = [s for s in encoder.encode([template(c, tokenizer) for c in conversations]).samples()
                    if len(s.ids) <= seq_length + 1]
         stores.append(InMemoryDocuments([s.ids for s in encoded], [s.mask for s in encoded]))
-    return list(TASKS), stores, _vocabulary(tokenizer.vocab_size, tokenizer.max_token_id), tokenizer.pad_id
+    return (list(TASKS), stores, _vocabulary(tokenizer.vocab_size, tokenizer.max_token_id), tokenizer.pad_id,
+            identity)
 
 
 def _stdlib_source(cfg: DataConfig):

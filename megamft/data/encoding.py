@@ -7,7 +7,7 @@ from itertools import chain
 
 import numpy as np
 
-from megamft.data.templates import CONTENT, MARKUP, Segment
+from megamft.data.templates import CONTENT, MARKUP, WHOLE, Segment
 from megamft.data.tokenizer import special_splitter
 
 
@@ -43,6 +43,7 @@ class SegmentEncoder:
 
     def __post_init__(self):
         self._split = special_splitter(self.tokenizer.specials)
+        self._whole = self.tokenizer.parses_specials
 
     def encode(self, conversations: list[list[Segment]]) -> EncodedBatch:
         texts: list[str] = []
@@ -71,7 +72,7 @@ class SegmentEncoder:
                 plan.append(([[piece]], learned))
             elif kind == MARKUP:
                 plan.append(([self._markup_ids(piece)], learned))
-            elif kind == CONTENT:
+            elif kind == CONTENT or (kind == WHOLE and self._whole):
                 texts.append(piece)
                 plan.append(([len(texts) - 1], learned))
             else:

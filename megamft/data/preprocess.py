@@ -1,4 +1,4 @@
-"""Offline preprocessing: JSON Lines conversations -> per-task megatron indexed datasets.
+"""Offline preprocessing: JSON Lines records -> per-task megatron indexed datasets.
 
 Per task, three indexed datasets share one document order:
   <task>.bin/.idx            token ids
@@ -119,11 +119,11 @@ class _Encoder:
             if not raw.strip():
                 continue
             try:
-                turns = parse_line(raw)
-                if self.guard and self.guard.contaminated(content for _, content in turns):
+                sample = parse_line(raw)
+                if self.guard and self.guard.contaminated(sample.contents()):
                     dropped["contaminated"] += 1
                     continue
-                conversations.append(self.template(turns, self.tokenizer))
+                conversations.append(self.template(sample, self.tokenizer))
                 numbers.append(number)
             except BadSample as err:
                 bad.append((number, err.kind, str(err)))

@@ -1,4 +1,4 @@
-"""megamft-preprocess: JSON Lines conversations -> megatron indexed datasets per task.
+"""megamft-preprocess: JSON Lines records (any format in the README table) -> megatron indexed datasets per task.
 
     megamft-preprocess --task code_completion=data/cc.jsonl --task text_to_code=data/t2c/ \\
         --tokenizer tokenizer.model --template mftcoder --out data/indexed --workers 8

@@ -1,11 +1,14 @@
-"""Chat templates: a conversation -> segments of text, each learned or not.
+"""Chat templates: a sample -> segments of text, each learned or not.
 
 A segment is (piece, learned, kind). `piece` is text or a token id; kind says
 how text becomes ids: CONTENT is a turn's own text, encoded as is; MARKUP is
 the template's fixed text (special-token strings in it become their ids, and
 its encoding is cached); RENDERED is template output mixed with content
-(special-token strings become ids, no cache). Only assistant content and the
-end-of-turn token are learned.
+(special-token strings become ids, no cache); WHOLE is a string encoded by one
+tokenizer call, as MFTCoder encodes (a Hugging Face tokenizer finds the
+special-token strings in it itself; others have them split out first). Only
+assistant content and the end-of-turn token are learned; a `text` record is
+learned whole.
 """
 
 from __future__ import annotations
@@ -13,35 +16,65 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
-from megamft.data.conversation import BadSample, Turn
+from megamft.data.chat_templates import builtin_chat_template
+from megamft.data.conversation import BadSample, Sample, Turn, as_sample
 
-CONTENT, MARKUP, RENDERED = 0, 1, 2
+CONTENT, MARKUP, RENDERED, WHOLE = 0, 1, 2, 3
 Segment = tuple  # (str | int, bool, int)
-TemplateFn = Callable[[list[Turn], "object"], list[Segment]]
+TemplateFn = Callable[["Sample | list[Turn]", "object"], list[Segment]]
+MFTCODER_TAGS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
 
 
-def mftcoder(turns: list[Turn], tokenizer) -> list[Segment]:
-    """MFTCoder's role tags: "<s>system\\n", "<s>human\\n", "<s>bot\\n"; EOS closes each answer.
+def mftcoder_content(text: str) -> str:
+    """A content as MFTCoder encodes it: no-break spaces made plain, a newline appended."""
+    return text.replace("\u202f", " ").replace("\xa0", " ") + "\n"
 
-    The tags' "<s>" is the BOS token where the tokenizer has one, so no other BOS is added.
+
+def mftcoder(sample: Sample | list[Turn], tokenizer) -> list[Segment]:
+    """MFTCoder's preprocessing (mftcoder_accelerate/src/data/preprocess_data.py), string for string.
+
+    Encoded separately, as MFTCoder does: a conversation's system turn
+    "<s>system\\n{s}\\n"; each question with the tags around it,
+    "<s>human\\n{q}\\n<s>bot\\n"; each answer "{a}\\n" and EOS (learned); then "\\n".
+    A two-field record encodes its system with its question and has no "\\n"
+    after the EOS; a text record is "{t}\\n" and EOS, all learned. The tags'
+    "<s>" is the BOS token where the tokenizer has one; no other BOS is added.
     """
-    tags = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
+    sample = as_sample(sample)
+    end = (tokenizer.eos_id, True, MARKUP)
+    if sample.form == "text":
+        return [(mftcoder_content(sample.text), True, WHOLE), end]
+    turns = list(sample.turns)
+    system = MFTCODER_TAGS["system"] + mftcoder_content(turns.pop(0)[1]) if turns[0][0] == "system" else ""
     segments: list[Segment] = []
-    for index, (role, content) in enumerate(turns):
-        segments.append((tags[role], False, MARKUP))
-        if role == "assistant":
-            segments += [(content, True, CONTENT), (tokenizer.eos_id, True, MARKUP)]
+    if system and sample.form == "chat":
+        segments.append((system, False, WHOLE))
+        system = ""
+    for role, content in turns:
+        if role == "user":
+            question = system + MFTCODER_TAGS["user"] + mftcoder_content(content) + MFTCODER_TAGS["assistant"]
+            segments.append((question, False, WHOLE))
+            system = ""
         else:
-            segments.append((content, False, CONTENT))
-        if index < len(turns) - 1:
-            segments.append(("\n", False, MARKUP))
+            segments += [(mftcoder_content(content), True, WHOLE), end]
+            if sample.form == "chat":
+                segments.append(("\n", False, MARKUP))
     return segments
 
 
-def chatml(turns: list[Turn], tokenizer) -> list[Segment]:
+def document(sample: Sample, tokenizer) -> list[Segment]:
+    """A text record under any template but mftcoder: the model's own prefix (BOS), the text, EOS; all learned."""
+    return [(i, True, MARKUP) for i in tokenizer.prefix_ids] + [(sample.text, True, CONTENT),
+                                                                (tokenizer.eos_id, True, MARKUP)]
+
+
+def chatml(sample: Sample | list[Turn], tokenizer) -> list[Segment]:
     """ChatML: <|im_start|>role\\n ... <|im_end|>\\n; the answer's <|im_end|> is learned."""
+    sample = as_sample(sample)
+    if sample.form == "text":
+        return document(sample, tokenizer)
     segments: list[Segment] = [(i, False, MARKUP) for i in tokenizer.prefix_ids]
-    for role, content in turns:
+    for role, content in sample.turns:
         learned = role == "assistant"
         segments += [
             (f"<|im_start|>{role}\n", False, MARKUP),
@@ -52,8 +85,12 @@ def chatml(turns: list[Turn], tokenizer) -> list[Segment]:
     return segments
 
 
-def llama2(turns: list[Turn], tokenizer) -> list[Segment]:
+def llama2(sample: Sample | list[Turn], tokenizer) -> list[Segment]:
     """Llama 2 chat: <s>[INST] <<SYS>>..<</SYS>> user [/INST] answer </s> per round."""
+    sample = as_sample(sample)
+    if sample.form == "text":
+        return document(sample, tokenizer)
+    turns = sample.turns
     system = turns[0][1] if turns[0][0] == "system" else None
     rounds = turns[1:] if system is not None else turns
     roles = [role for role, _ in rounds]
@@ -103,7 +140,11 @@ class HFChatTemplate:
         except Exception as err:  # whatever the template raises on this conversation is this line's error
             raise BadSample("template_error", f"chat_template failed ({type(err).__name__}: {err})") from None
 
-    def __call__(self, turns: list[Turn], tokenizer) -> list[Segment]:
+    def __call__(self, sample: Sample | list[Turn], tokenizer) -> list[Segment]:
+        sample = as_sample(sample)
+        if sample.form == "text":
+            return document(sample, tokenizer)
+        turns = sample.turns
         messages = [{"role": role, "content": content} for role, content in turns]
         full = self.render(messages, add_generation_prompt=False)
         segments: list[Segment] = []
@@ -131,9 +172,13 @@ TEMPLATE_NAMES = (*BUILTIN_TEMPLATES, "hf")
 
 
 def get_template(name: str, tokenizer) -> tuple[TemplateFn, dict]:
-    """The template function and its identity for the manifest."""
+    """The template function and its identity for the manifest (with the Jinja an export writes)."""
     if name in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[name], {"name": name}
+        identity = {"name": name}
+        jinja = builtin_chat_template(name, tokenizer)
+        if jinja is not None:  # what an export writes as its chat template
+            identity["chat_template"] = jinja
+        return BUILTIN_TEMPLATES[name], identity
     if name == "hf":
         config = getattr(tokenizer, "config", None) or {}
         source = config.get("chat_template")
@@ -143,5 +188,5 @@ def get_template(name: str, tokenizer) -> tuple[TemplateFn, dict]:
             raise ValueError("--template hf needs a Hugging Face tokenizer whose tokenizer_config.json "
                              "has a chat_template")
         template = HFChatTemplate(source, config)
-        return template, {"name": "hf", "chat_template_sha256": template.sha256}
+        return template, {"name": "hf", "chat_template_sha256": template.sha256, "chat_template": source}
     raise ValueError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")

@@ -24,6 +24,7 @@ class Tokenizer(Protocol):
     pad_id: int
     prefix_ids: tuple[int, ...]
     specials: dict[str, int]  # special token string -> id
+    parses_specials: bool  # encode_batch itself turns special-token strings in a text into their ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -34,6 +35,7 @@ class ByteTokenizer:
     """UTF-8 bytes are ids 0-255; control tokens follow. Needs no training."""
 
     SPECIALS = ("<pad>", "<s>", "</s>", "<system>", "<human>", "<bot>")
+    parses_specials = False
 
     def __init__(self):
         self.specials = {name: 256 + i for i, name in enumerate(self.SPECIALS)}
@@ -72,6 +74,8 @@ class SentencePieceTokenizer:
     segment would start with a spurious space (as transformers' non-legacy
     Llama tokenizer also avoids). Decoding uses the model unchanged.
     """
+
+    parses_specials = False  # "<s>" in a text is three characters to sentencepiece
 
     def __init__(self, path: str | Path):
         import sentencepiece
@@ -113,6 +117,8 @@ class SentencePieceTokenizer:
 
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` (Qwen, DeepSeek style), with its `tokenizer_config.json` if beside it."""
+
+    parses_specials = True  # its added tokens are found in any text, as transformers' encode finds them
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer

@@ -14,20 +14,20 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from megamft.data.conversation import conversation_turns
+from megamft.data.conversation import parse_record
 
 
 def conversation_texts(files: Iterable[Path]) -> Iterator[str]:
-    """Every turn's content of every line of the files (bad lines are skipped)."""
+    """Every text of every record of the files (bad lines are skipped)."""
     for path in files:
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             for line in f:
                 try:
-                    turns = conversation_turns(json.loads(line))
+                    sample = parse_record(json.loads(line))
                 except ValueError:
                     continue
-                yield from (content for _, content in turns)
+                yield from sample.contents()
 
 
 def train_sentencepiece(files: list[Path], out: Path, vocab_size: int, specials: list[str] = (),

@@ -161,6 +161,8 @@ def _loss_setup(run: Run) -> LossSetup:
 def _save(run: Run) -> None:
     extra = {"balancer": run.balancer.state_dict()} if run.balancer else {}
     extra["task_samples"] = dict(run.result.task_samples)
+    if run.data.template is not None:  # what an export writes as its chat template
+        extra["data_template"] = run.data.template
     path = dist_checkpoint.save(run.state, run.cfg.checkpoint.save_dir, run.iteration, run.consumed,
                                 run.cfg, extra=extra, async_saves=run.async_saves,
                                 lora_base=run.lora_base if run.cfg.lora.save_adapters_only else None)
