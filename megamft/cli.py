@@ -21,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", action="append", help="YAML config file (repeat to layer files)")
     check.add_argument("--world-size", type=int, required=True, help="processes it will run on")
     check.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    evaluation = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="benchmark",
+                                                                                    required=True)
+    from megamft.eval.cli import add_humaneval_arguments
+
+    add_humaneval_arguments(evaluation.add_parser("humaneval", help="HumanEval pass@k, sandboxed execution"))
     return parser
 
 
@@ -42,6 +47,10 @@ def _print_summary(result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        from megamft.eval.cli import run_humaneval
+
+        return run_humaneval(args)
     try:
         cfg = load_config(args.config, args.overrides)
         world_size = args.world_size if args.command == "check" else world_size_from_env()
