@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "launch", help="torchrun (same arguments) that turns SIGTERM/SIGUSR1 into a save and a clean exit",
         description="megamft launch [torchrun options] -m megamft train --config CONFIG.yaml ...")
+    evaluation = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="benchmark",
+                                                                                    required=True)
+    from megamft.eval.cli import add_humaneval_arguments
+
+    add_humaneval_arguments(evaluation.add_parser("humaneval", help="HumanEval pass@k, sandboxed execution"))
     return parser
 
 
@@ -50,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return launch(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        from megamft.eval.cli import run_humaneval
+
+        return run_humaneval(args)
     try:
         cfg = load_config(args.config, args.overrides)
         world_size = args.world_size if args.command == "check" else world_size_from_env()

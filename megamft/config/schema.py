@@ -151,16 +151,33 @@ class LossConfig:
     """Focusing exponent of the focal mode."""
     fused_cross_entropy: bool = False
     """Compute the loss with megamft's fused kernels (csrc/) instead of megatron's cross entropy."""
-    coba_update_interval: int = 5
-    """Steps between CoBa's validation measurements."""
-    coba_history: int = 20
-    """Measurements in CoBa's slope-fitting window."""
-    coba_warmup: int = 3
-    """Measurements before CoBa moves away from uniform weights."""
+    coba_update_interval: int = 1
+    """Steps between CoBa's validation measurements and weight updates (MFTCoder: 1)."""
+    coba_history: int = 200
+    """Steps (in update intervals) of validation measurements each CoBa slope is fitted over (MFTCoder: 200)."""
+    coba_warmup: int = 100
+    """Steps before CoBa's first update; until then the static task weights apply (MFTCoder: 100)."""
     coba_temperature: float = 5.0
-    """CoBa's divergence-factor temperature."""
+    """CoBa's divergence-factor temperature tau (MFTCoder: 5)."""
     coba_min_weight: Optional[float] = None
-    """Floor of every CoBa weight (None = 1 / (10 x tasks))."""
+    """Floor of every CoBa weight (None = 1 / (10 x tasks), as MFTCoder)."""
+    coba_validation: Literal["sampled_batch", "full"] = "sampled_batch"
+    """What CoBa measures after each update interval: 'sampled_batch' (MFTCoder): the next
+    coba_valid_micro_batches micro-batches per DP rank of the validation set, cycled, tasks mixed;
+    'full': the whole validation set (costly, but free of sampling noise)."""
+    coba_valid_micro_batches: int = 1
+    """coba_validation=sampled_batch: micro-batches per DP rank in each measurement (MFTCoder: 1)."""
+    coba_valid_reduction: Literal["rank_mean", "token_mean"] = "rank_mean"
+    """How a sampled measurement's per-task losses combine over DP ranks: 'rank_mean' (MFTCoder): the mean
+    of each rank's task mean over the ranks holding the task; 'token_mean': the token mean of all ranks'
+    tokens, the same number whatever the DP size for the same rows."""
+    coba_divergence_history: Literal["all", "window"] = "all"
+    """Worst-loss slopes CoBa's divergence factor compares: 'all' since warm-up (MFTCoder) or the last
+    coba_history ('window': late in a run, the latest slope is judged against recent ones, not the steep start)."""
+    coba_clamp_divergence: bool = False
+    """Clamp the divergence factor to <= 1 so the RCS/ACS mix stays convex (MFTCoder: unclamped)."""
+    coba_static_weights: Literal["replace", "multiply"] = "replace"
+    """After warm-up, CoBa's weights 'replace' the static loss.task_weights (MFTCoder) or 'multiply' them."""
     famo_lr: float = 0.025
     """Step size of FAMO's task logits."""
     famo_decay: float = 1e-3

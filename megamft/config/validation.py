@@ -212,8 +212,16 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
     bad_weights = {k: v for k, v in cfg.loss.task_weights.items() if v < 0}
     if bad_weights:
         problems.append(f"loss.task_weights must be >= 0, got {bad_weights}")
-    if cfg.loss.coba_update_interval < 1 or cfg.loss.coba_history < 2:
-        problems.append("loss.coba_update_interval must be >= 1 and loss.coba_history >= 2")
+    loss = cfg.loss
+    if loss.coba_update_interval < 1 or loss.coba_history < 1 or loss.coba_valid_micro_batches < 1:
+        problems.append("loss.coba_update_interval, loss.coba_history and loss.coba_valid_micro_batches must be >= 1")
+    if loss.coba_warmup <= loss.coba_update_interval:
+        problems.append(f"loss.coba_warmup ({loss.coba_warmup}) must exceed loss.coba_update_interval "
+                        f"({loss.coba_update_interval}): CoBa's first update needs a measurement")
+    if loss.mode == "coba" and p.virtual_pipeline_model_parallel_size and \
+            loss.coba_valid_micro_batches % p.pipeline_model_parallel_size:
+        problems.append("the interleaved schedule needs loss.coba_valid_micro_batches divisible by "
+                        f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
     if t.lr_warmup_steps < 0 or t.lr_warmup_steps >= t.train_steps:
         problems.append(
             f"train.lr_warmup_steps ({t.lr_warmup_steps}) must be at least 0 and less than "

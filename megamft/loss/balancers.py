@@ -1,9 +1,11 @@
 """Dynamic task weights: focal (task level), CoBa and FAMO.
 
-A balancer hands out task weights before a step (`weights()`), learns from
-what the step or a validation showed (`after_train_step`, `observe_validation`),
-and round-trips through checkpoints (`state_dict` / `load_state_dict`). Its
-weights multiply the static per-task weights of the config.
+A balancer hands out task weights before a step (`before_step`, `weights()`),
+learns from what the step or a validation showed (`after_train_step`,
+`observe_validation`), and round-trips through checkpoints (`state_dict` /
+`load_state_dict`). `combine` turns the config's static per-task weights into
+the step's effective weights (by default static x dynamic). Steps passed to
+`before_step` and `observe_validation` are 0-based step indices.
 """
 
 from __future__ import annotations
@@ -12,7 +14,27 @@ from __future__ import annotations
 import torch
 
 
-class FocalTaskWeights:
+class TaskBalancer:
+    """Defaults shared by the balancers."""
+
+    def before_step(self, step: int) -> None:
+        """Called before step `step` runs (0-based)."""
+
+    def after_train_step(self, step: int, task_loss: torch.Tensor) -> None:
+        """The per-task training losses of the step just done."""
+
+    def observe_validation(self, step: int, task_loss: torch.Tensor) -> None:
+        """A validation measurement taken after step `step`."""
+
+    def weights(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine(self, static: torch.Tensor) -> torch.Tensor:
+        """The step's task weights from the static ones: their product."""
+        return static * self.weights().double().cpu()
+
+
+class FocalTaskWeights(TaskBalancer):
     """(1 - p_t)^gamma per task, p_t = exp(-task loss of the previous step)."""
 
     def __init__(self, num_tasks: int, gamma: float):
@@ -27,9 +49,6 @@ class FocalTaskWeights:
     def after_train_step(self, step: int, task_loss: torch.Tensor) -> None:
         present = torch.isfinite(task_loss)
         self.last_loss = torch.where(present, task_loss.double(), self.last_loss)
-
-    def observe_validation(self, step: int, task_loss: torch.Tensor) -> None:
-        pass
 
     def state_dict(self) -> dict:
         return {"last_loss": self.last_loss.clone()}
@@ -47,79 +66,153 @@ def window_slope(values: torch.Tensor) -> float:
     return float((x * (values.double() - values.double().mean())).sum() / (x * x).sum())
 
 
-class CoBa:
+def nonzero_slope(values: torch.Tensor) -> float:
+    """Slope of the non-zero values against 0, 1, 2, ... (a zero marks a task absent from the batch)."""
+    return window_slope(values[values != 0])
+
+
+_TINY = 1e-300  # guards 0/0 when every slope in a window is exactly zero (MFTCoder gives NaN there)
+
+
+class CoBa(TaskBalancer):
     """Convergence balancer (CoBa, EMNLP 2024) from per-task validation-loss slopes.
 
-    Validation losses are divided by each task's first observation; slopes are
-    fitted over the last `history` observations. Relative convergence (RCS):
-    a task whose loss falls faster than the others' gets less weight. Absolute
-    convergence (ACS): a task whose slope turns upward relative to its own
-    history gets more weight. A divergence factor, from how the slope of the
-    worst task's loss compares with its history, mixes the two. Weights start
-    uniform, change only after `warmup` observations, and never drop below
-    `min_weight` (default 1 / (10 * tasks)).
+    Follows MFTCoder's CoBa (mftcoder_accelerate) by default; steps are 0-based
+    counts of completed optimizer steps. The normalizer is the per-task loss of an
+    evaluation before step 0 (`set_normalizer`). After step s, for s >= 1 and
+    s % update_interval == 0, one validation measurement is recorded (a task
+    absent from it reads 0 and is left out of slope fits). Before step s, for
+    s >= warmup and s % update_interval == 0, the weights are recomputed:
+
+    - each task's slope, and the slope of the worst (max over tasks) loss, are
+      least-squares fits over the last s - max(0, s // interval - history)
+      measurements, zeros dropped;
+    - RCS = softmax(K * slope / sum|slope|): a task converging faster gets less;
+    - ACS = softmax(-n * slope / sum over its slope history of |slope|), the
+      history being the per-task slopes since warm-up from index
+      max(0, s // interval - history) on: a task whose loss turns upward gets less;
+    - divergence factor DF = N * softmax(-tau * N * w / sum|w|)[-1] over the N
+      worst-loss slopes since warm-up;
+    - weights = softmax(K * (DF * RCS + (1 - DF) * ACS)), floored at min_weight.
+
+    Before the first update the static task weights apply; afterwards CoBa's
+    weights replace them (`static_weights="replace"`).
+
+    megamft's options (off by default): `divergence_history="window"` fits DF
+    over the last `history` worst-loss slopes instead of all since warm-up, and
+    `clamp_divergence` keeps DF <= 1 so the mix stays a convex combination;
+    `static_weights="multiply"` keeps the static weights as a factor.
     """
 
-    def __init__(self, num_tasks: int, history: int = 20, warmup: int = 5, temperature: float = 5.0,
-                 min_weight: float | None = None):
+    def __init__(self, num_tasks: int, warmup: int = 100, history: int = 200, temperature: float = 5.0,
+                 update_interval: int = 1, min_weight: float | None = None,
+                 divergence_history: str = "all", clamp_divergence: bool = False,
+                 static_weights: str = "replace"):
         self.num_tasks = num_tasks
-        self.history = history
         self.warmup = warmup
+        self.history = history
         self.temperature = temperature
+        self.update_interval = update_interval
         self.min_weight = 1 / (10 * num_tasks) if min_weight is None else min_weight
-        self.first = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
-        self.losses: list[torch.Tensor] = []        # normalized validation losses
-        self.task_slopes: list[torch.Tensor] = []   # per-task slope at each update
-        self.worst_slopes: list[float] = []         # slope of the max-over-tasks loss
-        self._weights = torch.full((num_tasks,), 1 / num_tasks, dtype=torch.float64)
+        self.divergence_history = divergence_history
+        self.clamp_divergence = clamp_divergence
+        self.static_weights = static_weights
+        self.normalizer: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] = []     # raw measurements not yet read to the host
+        self.losses: list[torch.Tensor] = []       # normalized measurements, host float64
+        self.task_slopes: list[torch.Tensor] = []  # per-task slopes, one per update since warm-up
+        self.worst_slopes: list[float] = []        # slope of the worst task's loss, one per update
+        self._weights: torch.Tensor | None = None  # None until the first update
+        self.divergence: float | None = None       # the last update's divergence factor (for logs)
 
-    def weights(self) -> torch.Tensor:
-        return self._weights.clone()
+    # --- schedule -----------------------------------------------------------------------------
+    def wants_validation(self, step: int) -> bool:
+        """Whether a measurement is taken after step `step` (0-based, the step just completed)."""
+        return step >= 1 and step % self.update_interval == 0
 
-    def after_train_step(self, step: int, task_loss: torch.Tensor) -> None:
-        pass
+    def before_step(self, step: int) -> None:
+        if step >= self.warmup and step % self.update_interval == 0:
+            self._update(step)
+
+    def set_normalizer(self, task_loss: torch.Tensor) -> None:
+        """Per-task loss of the evaluation before step 0 (kept when already set, e.g. on resume)."""
+        if self.normalizer is None:
+            self.normalizer = task_loss.detach().double().cpu()
 
     def observe_validation(self, step: int, task_loss: torch.Tensor) -> None:
-        loss = task_loss.double()
-        self.first = torch.where(torch.isnan(self.first), loss, self.first)
-        self.losses.append(loss / self.first.clamp(min=1e-12))
-        window = torch.stack(self.losses[-self.history:])
-        self.task_slopes.append(
-            torch.tensor([window_slope(window[:, t]) for t in range(self.num_tasks)], dtype=torch.float64))
-        self.worst_slopes.append(window_slope(window.max(dim=1).values))
-        if len(self.losses) >= self.warmup:
-            self._weights = self._compute()
+        """Record the measurement after step `step`; it may stay on the device until an update needs it."""
+        self._pending.append(task_loss.detach())
 
-    def _compute(self) -> torch.Tensor:
+    # --- weights ------------------------------------------------------------------------------
+    def weights(self) -> torch.Tensor:
+        if self._weights is None:
+            return torch.full((self.num_tasks,), 1 / self.num_tasks, dtype=torch.float64)
+        return self._weights.clone()
+
+    def combine(self, static: torch.Tensor) -> torch.Tensor:
+        if self.static_weights == "multiply":
+            return static * self.weights()
+        return static.clone() if self._weights is None else self.weights()
+
+    def _read_pending(self) -> None:
+        """One device-to-host read for every measurement taken since the last update."""
+        if not self._pending:
+            return
+        if self.normalizer is None:
+            raise RuntimeError("CoBa needs the per-task loss before step 0 (set_normalizer) before measurements")
+        raw = torch.stack(self._pending).double().cpu()
+        self._pending = []
+        self.losses += list(raw / self.normalizer.clamp(min=_TINY))
+
+    def _update(self, step: int) -> None:
+        self._read_pending()
+        if not self.losses:
+            return  # nothing measured yet (warm-up shorter than the first measurement)
+        start = max(0, step // self.update_interval - self.history)
+        window = torch.stack(self.losses[-(step - start):])              # [measurements, tasks]
+        slopes = torch.tensor([nonzero_slope(window[:, t]) for t in range(self.num_tasks)], dtype=torch.float64)
+        self.task_slopes.append(slopes)
+        self.worst_slopes.append(nonzero_slope(window.max(dim=1).values))
         k = self.num_tasks
-        slopes = self.task_slopes[-1]
-        rcs = torch.softmax(k * slopes / slopes.abs().sum().clamp(min=1e-12), dim=0)
-        own_history = torch.stack(self.task_slopes[-self.history:])          # [steps, tasks]
-        steps = own_history.shape[0]
-        acs = torch.softmax(-steps * slopes / own_history.abs().sum(dim=0).clamp(min=1e-12), dim=0)
-        worst = torch.tensor(self.worst_slopes[-self.history:], dtype=torch.float64)
-        scaled = -len(worst) * worst / worst.abs().sum().clamp(min=1e-12)
-        divergence = float(torch.softmax(self.temperature * scaled, dim=0)[-1] * len(worst))
-        divergence = min(max(divergence, 0.0), 1.0)
+        rcs = torch.softmax(k * slopes / slopes.abs().sum().clamp(min=_TINY), dim=0)
+        # MFTCoder indexes the slope list (which starts at warm-up) by `start`; it fails where that
+        # runs past the list (history < warmup / interval), so keep at least the latest slopes.
+        own = torch.stack(self.task_slopes[min(start, len(self.task_slopes) - 1):])  # [updates, tasks]
+        acs = torch.softmax(-own.shape[0] * slopes / own.abs().sum(dim=0).clamp(min=_TINY), dim=0)
+        divergence = self.divergence = self._divergence()
         weights = torch.softmax(k * (divergence * rcs + (1 - divergence) * acs), dim=0)
         if (weights < self.min_weight).any():
             weights = weights * (1 - self.min_weight * k) + self.min_weight
-        return weights
+        self._weights = weights
 
+    def _divergence(self) -> float:
+        worst = self.worst_slopes if self.divergence_history == "all" else self.worst_slopes[-self.history:]
+        worst = torch.tensor(worst, dtype=torch.float64)
+        n = len(worst)
+        scaled = -n * worst / worst.abs().sum().clamp(min=_TINY)
+        divergence = float(torch.softmax(self.temperature * scaled, dim=0)[-1] * n)
+        return min(divergence, 1.0) if self.clamp_divergence else divergence
+
+    # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"first": self.first.clone(), "losses": [t.clone() for t in self.losses],
+        self._read_pending()
+        return {"normalizer": self.normalizer, "losses": [t.clone() for t in self.losses],
                 "task_slopes": [t.clone() for t in self.task_slopes], "worst_slopes": list(self.worst_slopes),
-                "weights": self._weights.clone()}
+                "weights": None if self._weights is None else self._weights.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.first = state["first"].clone()
+        if "normalizer" not in state:
+            raise ValueError("this checkpoint's CoBa state comes from an older megamft whose CoBa measured "
+                             "differently; resume with checkpoint.load_optimizer=false or loss.mode other than coba")
+        self.normalizer = state["normalizer"]
+        self._pending = []
         self.losses = [t.clone() for t in state["losses"]]
         self.task_slopes = [t.clone() for t in state["task_slopes"]]
         self.worst_slopes = list(state["worst_slopes"])
-        self._weights = state["weights"].clone()
+        self._weights = None if state["weights"] is None else state["weights"].clone()
 
 
-class FAMO:
+class FAMO(TaskBalancer):
     """Fast adaptive multitask optimization (Liu et al., NeurIPS 2023).
 
     Keeps logits xi; z = softmax(xi). The step minimizes sum_t z_t * log(l_t),
@@ -160,9 +253,6 @@ class FAMO:
             self.logits = self.logits - self.lr * (grad + self.decay * self.logits)
         self.last_loss = torch.where(torch.isfinite(loss), loss, self.last_loss)
 
-    def observe_validation(self, step: int, task_loss: torch.Tensor) -> None:
-        pass
-
     def state_dict(self) -> dict:
         return {"logits": self.logits.clone(), "last_loss": self.last_loss.clone()}
 
@@ -176,8 +266,10 @@ def make_balancer(loss_cfg, num_tasks: int):
     if loss_cfg.mode == "focal":
         return FocalTaskWeights(num_tasks, loss_cfg.focal_gamma)
     if loss_cfg.mode == "coba":
-        return CoBa(num_tasks, loss_cfg.coba_history, loss_cfg.coba_warmup, loss_cfg.coba_temperature,
-                    loss_cfg.coba_min_weight)
+        return CoBa(num_tasks, warmup=loss_cfg.coba_warmup, history=loss_cfg.coba_history,
+                    temperature=loss_cfg.coba_temperature, update_interval=loss_cfg.coba_update_interval,
+                    min_weight=loss_cfg.coba_min_weight, divergence_history=loss_cfg.coba_divergence_history,
+                    clamp_divergence=loss_cfg.coba_clamp_divergence, static_weights=loss_cfg.coba_static_weights)
     if loss_cfg.mode == "famo":
         return FAMO(num_tasks, loss_cfg.famo_lr, loss_cfg.famo_decay)
     return None

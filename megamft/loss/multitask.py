@@ -204,12 +204,13 @@ def weigh_token_losses(
 
 
 def effective_task_weights(mode: str, num_tasks: int, static: torch.Tensor | None, balancer) -> torch.Tensor:
-    """Static task weights times the balancer's dynamic ones (all ones by default)."""
+    """Static task weights combined with the balancer's dynamic ones (static x dynamic, except CoBa's
+    default, whose weights replace the static ones once it starts updating); all ones by default."""
     weights = torch.ones(num_tasks, dtype=torch.float64) if static is None else static.double().cpu()
     if mode in ("coba", "famo", "focal"):
         if balancer is None:
             raise ValueError(f"loss mode {mode!r} needs its balancer state")
-        weights = weights * balancer.weights().double().cpu()  # host-side state, like the balancers
+        weights = balancer.combine(weights)  # host-side state, like the balancers
     return weights
 
 

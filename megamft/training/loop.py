@@ -27,7 +27,7 @@ from megamft.training.metrics import MetricsWriter
 from megamft.training.preemption import PreemptionWatch
 from megamft.training.throughput import memory_gb, tflops_per_device
 from megamft.training.setup import TrainingState, build_training_state
-from megamft.training.step import LossSetup, StepStats, evaluate, train_step
+from megamft.training.step import LossSetup, StepStats, evaluate, evaluate_task_loss, train_step
 
 log = logging.getLogger("megamft")
 
@@ -61,6 +61,7 @@ class Run:
     skipped_in_a_row: int = 0
     async_saves: dist_checkpoint.AsyncSaves | None = None
     lora_base: dict | None = None  # base weights of adapter-only checkpoints
+    coba_stream: list | None = None  # CoBa's sampled validation micro-batches on this rank, built once
 
     def finish_saves(self) -> None:
         if self.async_saves is not None:
@@ -90,6 +91,20 @@ def validation_batches(data: MultitaskData, micro_batch_size: int) -> list[dict]
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     rows += [empty] * ((-(len(rows) // micro_batch_size) % pp) * micro_batch_size)
     return data.batches(rows, micro_batch_size, same_length=_pipelined())
+
+
+def mixed_validation_batches(data: MultitaskData, micro_batch_size: int) -> list[dict]:
+    """All tasks' validation sequences in one seeded, task-mixed order, sharded over DP in whole
+    micro-batches (every rank gets as many; the last ones topped up with empty rows): the stream
+    CoBa samples from, like MFTCoder's shuffled validation loader."""
+    dp_rank, dp_size = _dp()
+    rows = [task_rows.row(r) for task_rows in data.valid.values() for r in range(len(task_rows))]
+    order = np.random.default_rng(data.cfg.seed).permutation(len(rows))
+    per_rank = -(-len(rows) // (micro_batch_size * dp_size)) * micro_batch_size
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    mine = [rows[order[i]] if i < len(rows) else empty
+            for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
+    return data.batches(mine, micro_batch_size, same_length=_pipelined())
 
 
 def _pipelined() -> bool:
@@ -173,11 +188,37 @@ def _after_step(run: Run, stats: StepStats) -> None:
     if run.balancer is None:
         return
     run.balancer.after_train_step(run.iteration, _task_loss_tensor(stats))
-    if run.cfg.loss.mode == "coba" and run.iteration % run.cfg.loss.coba_update_interval == 0:
-        valid = _validate(run, "coba valid")
-        if valid is None:
-            raise ValueError("loss.mode=coba needs validation data: set data.valid_samples_per_task > 0")
-        run.balancer.observe_validation(run.iteration, _task_loss_tensor(valid))
+    step = run.iteration - 1  # the 0-based index of the step just done
+    if run.cfg.loss.mode == "coba" and run.balancer.wants_validation(step):
+        run.balancer.observe_validation(step, _coba_measurement(run, step))
+
+
+def _coba_measurement(run: Run, step: int) -> torch.Tensor:
+    """CoBa's per-task validation loss after `step`.
+
+    sampled_batch: a few micro-batches, forward only; the result stays on the
+    device (CoBa reads it at its next update: one device-to-host read per update,
+    none during warm-up). full: the whole validation set, read at once.
+    """
+    loss = run.cfg.loss
+    if loss.coba_validation == "full":
+        return _task_loss_tensor(_validate(run, "coba valid"))
+    if run.coba_stream is None:
+        run.coba_stream = mixed_validation_batches(run.data, run.cfg.train.micro_batch_size)
+    count, stream = loss.coba_valid_micro_batches, run.coba_stream
+    # MFTCoder's cursor: sample i of the measurement after step s reads batch (count * s // interval + i).
+    first = count * step // loss.coba_update_interval
+    batches = [stream[(first + i) % len(stream)] for i in range(count)]
+    return evaluate_task_loss(run.state, batches, len(run.data.task_names), loss.coba_valid_reduction)
+
+
+def _start_coba(run: Run, valid_before: StepStats | None) -> None:
+    """CoBa's normalizer: the per-task loss of the evaluation before step 0 (kept on resume)."""
+    if run.cfg.loss.mode != "coba":
+        return
+    if valid_before is None:
+        raise ValueError("loss.mode=coba needs validation data: set data.valid_samples_per_task > 0")
+    run.balancer.set_normalizer(_task_loss_tensor(valid_before))
 
 
 def _check_skipped(run: Run, stats: StepStats) -> None:
@@ -215,6 +256,8 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
     while run.iteration < cfg.train.train_steps:
         rows = run.data.train_rows(run.consumed, cfg.train.global_batch_size, dp_rank, dp_size)
         batches = run.data.batches(rows, cfg.train.micro_batch_size, same_length=_pipelined())
+        if run.balancer is not None:
+            run.balancer.before_step(run.iteration)
         syncs_before = cpu_emulation.sync_count()
         stats = train_step(run.state, batches, run.data.task_names, _loss_setup(run))
         if cpu_emulation.is_strict():  # each one would stall a GPU's queue of work
@@ -385,6 +428,7 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
         if start >= cfg.train.train_steps and distributed.is_logging_rank():
             log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
         current.result.valid_before = _validate(current, "valid (before)")
+        _start_coba(current, current.result.valid_before)
         _train_loop(current, watch)
         if current.result.preempted:
             current.finish_saves()

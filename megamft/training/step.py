@@ -255,3 +255,38 @@ def evaluate(state, micro_batches: list[dict], task_names: tuple[str, ...]) -> S
     for chunk in state.chunks:
         chunk.train()
     return reduce_stats(outputs, task_names)
+
+
+@torch.no_grad()
+def evaluate_task_loss(state, micro_batches: list[dict], num_tasks: int, reduction: str) -> torch.Tensor:
+    """Forward only: per-task mean token loss of these micro-batches, as a device tensor (no host read).
+
+    Each DP rank brings its own micro-batches. reduction 'rank_mean': each rank's
+    task mean, averaged over the ranks holding the task (MFTCoder's CoBa);
+    'token_mean': the token mean of all ranks' tokens. A task absent everywhere
+    reads 0. The result is on every rank; reading it is left to the caller.
+    """
+    for chunk in state.chunks:
+        chunk.eval()
+    outputs = _run_schedule(state.chunks, micro_batches, LossSetup(mode="token"), num_tasks, True)
+    for chunk in state.chunks:
+        chunk.train()
+    stats = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64, device=torch.cuda.current_device())
+    for out in outputs:
+        stats += out["task_stats"]
+    sums_counts = stats[1:]
+    if parallel_state.get_context_parallel_world_size() > 1:  # CP ranks hold parts of the same sequences
+        torch.distributed.all_reduce(sums_counts, group=parallel_state.get_context_parallel_group())
+    sums, counts = sums_counts[:num_tasks], sums_counts[num_tasks:]
+    if reduction == "rank_mean":
+        pair = torch.cat([sums / counts.clamp(min=1), (counts > 0).double()])
+    else:
+        pair = torch.cat([sums, counts])
+    torch.distributed.all_reduce(pair, group=parallel_state.get_data_parallel_group())
+    loss = pair[:num_tasks] / pair[num_tasks:].clamp(min=1)
+    torch.distributed.broadcast(
+        loss,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return loss

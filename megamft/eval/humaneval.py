@@ -1,0 +1,167 @@
+"""HumanEval pass@k: prompts -> completions -> sandboxed tests -> results.jsonl and summary.json.
+
+results.jsonl holds one line per finished problem, appended and fsynced as each one
+finishes; a rerun with the same settings skips the problems it holds (a half-written last
+line, from a kill mid-write, is cut off) and generates only the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megamft.eval.completions import code_from_answer, truncate_completion
+from megamft.eval.passk import mean_pass_at_k
+from megamft.eval.problems import Problem
+from megamft.eval.prompts import PromptBuilder
+from megamft.eval.sandbox import Limits, Sandbox
+
+RESULTS, SUMMARY, SETTINGS = "results.jsonl", "summary.json", "settings.json"
+
+
+@dataclass
+class EvalSettings:
+    """What decides the results; a resumed evaluation must use the same."""
+
+    model: str
+    prompt_format: str = "chat"       # chat | completion
+    template: str = "hf"              # chat: mftcoder | chatml | llama2 | hf (the tokenizer's chat template)
+    n: int = 1                        # samples per problem
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    seed: int = 1234
+    timeout_s: float = 10.0
+    memory_mb: int = 2048
+    ks: list[int] = field(default_factory=lambda: [1, 10, 100])
+
+    def check(self) -> None:
+        if self.n < 1:
+            raise ValueError("--n must be >= 1")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("greedy decoding (--temperature 0) gives n identical samples: use --n 1, "
+                             "or sample with --temperature > 0")
+
+
+def completion_text(settings: EvalSettings, problem: Problem, generated: str) -> str:
+    """The code put after the prompt for one generated text."""
+    if settings.prompt_format == "completion":
+        return truncate_completion(generated)
+    return code_from_answer(generated)
+
+
+def run_completions(sandbox: Sandbox, problem: Problem, completions: list[str], workers: int) -> list:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda c: sandbox.run(problem.program(c)), completions))
+
+
+def check_problems(sandbox: Sandbox, pairs: list[tuple[Problem, str]], workers: int) -> list:
+    """Outcomes of (problem, completion) pairs, run `workers` at a time."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda pair: sandbox.run(pair[0].program(pair[1])), pairs))
+
+
+def read_done(path: Path) -> dict[str, dict]:
+    """Finished problems of a results file; a last line without its newline is cut off."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    done = {}
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{number}: not a JSON line; move the file away to start over") from None
+        done[record["task_id"]] = record
+    return done
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _claim_settings(out_dir: Path, settings: EvalSettings) -> None:
+    path = out_dir / SETTINGS
+    wanted = asdict(settings)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        if changed:
+            raise ValueError(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); "
+                             "use the same settings to resume, or another --output folder")
+        return
+    _write_atomic(path, json.dumps(wanted, indent=2))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _progress(total: int, done: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=done, desc="humaneval", unit="problem", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def evaluate(settings: EvalSettings, problems: list[Problem], tokenizer, generator, out_dir: str | Path,
+             workers: int = 4, sandbox: Sandbox | None = None, progress: bool | None = None) -> dict:
+    """Generate, execute and score every problem not already in `out_dir`; returns the summary."""
+    settings.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_settings(out_dir, settings)
+    results = out_dir / RESULTS
+    done = read_done(results)
+    builder = PromptBuilder(tokenizer, settings.prompt_format, settings.template)
+    sandbox = sandbox or Sandbox(Limits(settings.timeout_s, settings.memory_mb * 2**20))
+    bar = _progress(len(problems), sum(p.task_id in done for p in problems),
+                    sys.stderr.isatty() if progress is None else progress)
+    for index, problem in enumerate(problems):
+        if problem.task_id in done:
+            continue
+        done[problem.task_id] = _solve(settings, problem, index, builder, tokenizer, generator, sandbox, workers)
+        _append(results, done[problem.task_id])
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    summary = summarize(settings, [done[p.task_id] for p in problems], sandbox.isolation)
+    _write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=2))
+    return summary
+
+
+def _solve(settings, problem, index, builder, tokenizer, generator, sandbox, workers) -> dict:
+    ids = builder.ids(problem.prompt)
+    samples = generator.generate(ids, settings.n, settings.temperature, settings.top_p, settings.max_new_tokens,
+                                 tokenizer.eos_id, tokenizer.pad_id, settings.seed + index)
+    completions = [completion_text(settings, problem, tokenizer.decode(s)) for s in samples]
+    outcomes = run_completions(sandbox, problem, completions, workers)
+    return {"task_id": problem.task_id, "prompt_tokens": len(ids), "n": len(outcomes),
+            "correct": sum(o.status == "passed" for o in outcomes),
+            "samples": [{"completion": c, "status": o.status, "seconds": round(o.seconds, 3),
+                         "error": o.stderr_tail[-500:] if o.status != "passed" else ""}
+                        for c, o in zip(completions, outcomes)]}
+
+
+def summarize(settings: EvalSettings, records: list[dict], isolation: list[str]) -> dict:
+    counts = [(r["n"], r["correct"]) for r in records]
+    n = min(c[0] for c in counts)
+    return {"problems": len(records), "samples_per_problem": n,
+            "pass_at_k": {f"pass@{k}": mean_pass_at_k(counts, k) for k in settings.ks if k <= n},
+            "settings": asdict(settings), "sandbox": isolation}
