@@ -7,10 +7,12 @@ the multiprocessing manager that collects their results, asynchronous save
 workers). A helper killed mid-save breaks the very checkpoint the signal asked
 for, so helpers are made deaf to these signals:
 
-- ``preemption_signals_deferred`` blocks them in the worker while it saves. A
-  child process inherits the signal mask, through fork and exec alike, so every
-  helper created inside the block never receives them; the worker gets any that
-  arrived as soon as the block ends, and stops at the next step boundary.
+- ``preemption_signals_deferred`` blocks them in the saving thread while it saves.
+  A child process inherits its creator's signal mask, through fork and exec
+  alike, so every helper created inside the block never receives them. The
+  worker itself still records the signal (when the block ends, or at once if
+  another of its threads takes it: the handler only sets a flag) and stops at
+  the next step boundary.
 - ``become_helper_process`` is for helpers megamft starts itself (preprocessing
   workers): they ignore the signals for good, and the kernel kills them when their
   parent dies, so the parent alone decides what a signal does.
