@@ -394,3 +394,47 @@ def loss_step_memory(fused: bool, upcast_logits: bool, vocab: int, tokens_per_mi
 def device_syncs_per_step(overrides: tuple[str, ...]) -> list[int]:
     """Device-to-host synchronizations the strict emulation counted in each training step."""
     return [s.device_syncs for s in train(("train.train_steps=3", "train.eval_interval=0", *overrides))["stats"]]
+
+
+def converted_logits_of_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], tokens: list):
+    """converted_logits for several checkpoints in one launch (one process group, one layout)."""
+    from megatron.core import parallel_state
+
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.config import load_config
+    from megamft.model.inference import full_logits
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+
+    results, runtime = [], None
+    try:
+        for (checkpoint, model_yaml), case_tokens in zip(checkpoints, tokens):
+            cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
+            runtime = runtime or distributed.initialize(cfg)
+            state = build_training_state(cfg, runtime, cfg.model.vocab_size)
+            dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
+            logits = full_logits(state.chunks, case_tokens)
+            keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+            results.append(logits.cpu() if keep else None)
+    finally:
+        distributed.shutdown()
+    return results if any(r is not None for r in results) else None
+
+
+def resave_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], out_dirs: list[str]) -> None:
+    """resave for several checkpoints in one launch."""
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.config import load_config
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+
+    runtime = None
+    try:
+        for (checkpoint, model_yaml), out_dir in zip(checkpoints, out_dirs):
+            cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
+            runtime = runtime or distributed.initialize(cfg)
+            state = build_training_state(cfg, runtime, cfg.model.vocab_size)
+            dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
+            dist_checkpoint.save(state, out_dir, 0, 0, cfg, with_optimizer=False)
+    finally:
+        distributed.shutdown()
