@@ -221,14 +221,14 @@ def loss_modes_step(weights_dir: str, micro_batch_size: int, modes: tuple[str, .
         distributed.shutdown()
 
 
-def counted_training_flops() -> dict:
+def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
     """FLOPs that torch counts for one forward + backward of the tiny model, and the formula's."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from megamft.training.step import to_device
     from megamft.training.throughput import flops_per_token
 
-    with tiny_model("data.seq_length=128") as (cfg, data, state):
+    with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
         model = state.chunks[0].module
         batch = to_device(first_batches(data, 4, 4)[0])
         with FlopCounterMode(display=False) as counter:
