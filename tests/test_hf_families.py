@@ -43,7 +43,9 @@ CASES = {
         max_window_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 LAYOUTS = {"tp1": (1, ()), "tp2": (2, ("parallel.tensor_model_parallel_size=2",)),
-           "pp2": (2, ("parallel.pipeline_model_parallel_size=2",))}
+           "pp2": (2, ("parallel.pipeline_model_parallel_size=2",)),
+           # megamft's LayerNorm (with bias) and q/k norms under sequence parallel
+           "tp2-sp": (2, ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"))}
 
 
 def _save_tiny_hf_model(name: str, folder: Path) -> Path:
