@@ -221,14 +221,14 @@ def loss_modes_step(weights_dir: str, micro_batch_size: int, modes: tuple[str, .
         distributed.shutdown()
 
 
-def counted_training_flops() -> dict:
+def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
     """FLOPs that torch counts for one forward + backward of the tiny model, and the formula's."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from megamft.training.step import to_device
     from megamft.training.throughput import flops_per_token
 
-    with tiny_model("data.seq_length=128") as (cfg, data, state):
+    with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
         model = state.chunks[0].module
         batch = to_device(first_batches(data, 4, 4)[0])
         with FlopCounterMode(display=False) as counter:
@@ -394,3 +394,54 @@ def loss_step_memory(fused: bool, upcast_logits: bool, vocab: int, tokens_per_mi
 def device_syncs_per_step(overrides: tuple[str, ...]) -> list[int]:
     """Device-to-host synchronizations the strict emulation counted in each training step."""
     return [s.device_syncs for s in train(("train.train_steps=3", "train.eval_interval=0", *overrides))["stats"]]
+
+
+def converted_logits_of_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], tokens: list):
+    """converted_logits for several checkpoints in one launch (one process group, one layout)."""
+    from megatron.core import parallel_state
+
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.config import load_config
+    from megamft.model.inference import full_logits
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+
+    results, runtime = [], None
+    try:
+        for (checkpoint, model_yaml), case_tokens in zip(checkpoints, tokens):
+            cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
+            runtime = runtime or distributed.initialize(cfg)
+            state = build_training_state(cfg, runtime, cfg.model.vocab_size)
+            dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
+            logits = full_logits(state.chunks, case_tokens)
+            keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+            results.append(logits.cpu() if keep else None)
+    finally:
+        distributed.shutdown()
+    return results if any(r is not None for r in results) else None
+
+
+def resave_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], out_dirs: list[str], tokens: list):
+    """resave for several checkpoints in one launch; also returns each one's logits at that layout."""
+    from megatron.core import parallel_state
+
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.config import load_config
+    from megamft.model.inference import full_logits
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+
+    runtime, results = None, []
+    try:
+        for (checkpoint, model_yaml), out_dir, case_tokens in zip(checkpoints, out_dirs, tokens):
+            cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
+            runtime = runtime or distributed.initialize(cfg)
+            state = build_training_state(cfg, runtime, cfg.model.vocab_size)
+            dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
+            logits = full_logits(state.chunks, case_tokens)
+            keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+            results.append(logits.cpu() if keep else None)
+            dist_checkpoint.save(state, out_dir, 0, 0, cfg, with_optimizer=False)
+    finally:
+        distributed.shutdown()
+    return results if any(r is not None for r in results) else None

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
     (1, ()),
     (2, ("parallel.tensor_model_parallel_size=2",)),
     (2, ("parallel.tensor_model_parallel_size=2", "lora.enabled=true", "lora.rank=4")),
+    # StarCoder2's LayerNorm, biases and GELU MLP with Qwen3's wide heads and q/k norms, in one model.
+    (1, ("model.normalization=LayerNorm", "model.add_bias_linear=true", "model.mlp_activation=gelu_tanh",
+         "model.kv_channels=16", "model.qk_layernorm=true")),
 ])
 def test_estimate_matches_measured_memory(world_size, overrides):
     measured = launch(jobs.measured_memory, world_size, timeout=180, kwargs={"overrides": overrides})[0]

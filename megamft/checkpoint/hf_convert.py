@@ -5,9 +5,9 @@ a converted checkpoint loads at any TP/PP (megatron reshards on load), and an
 export reads any trained checkpoint whatever layout wrote it. Tensors stream
 one layer at a time, so memory stays near one layer plus one output shard.
 
-The parameter map is a table; what differs between parameters is a *kind*:
-copy, vocab (padding rows), qkv (megatron fuses q/k/v per query group) and
-gate_up (megatron's fc1 is [gate; up]).
+The parameter map is a table (hf_mappings); what differs between parameters
+is a *kind*: copy, vocab (padding rows), qkv (megatron fuses q/k/v per query
+group) and gate_up (megatron's SwiGLU fc1 is [gate; up]).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -27,47 +27,15 @@ from safetensors.torch import save_file
 from megamft.checkpoint import global_view
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
-from megamft.model.builder import padded_vocab_size
+from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
 from megamft.model.families import Family, FAMILIES, hf_config_from_model, model_config_from_hf
 from megamft.platform.output_folder import check_destination, mark_output, publish, temporary_sibling
 
 CONVERTED_OUTPUT = "hf-to-megatron"   # kinds of output folder (see output_folder)
 HF_EXPORT_OUTPUT = "megatron-to-hf"
 
-HF_LAYER = "model.layers.{i}."
 # Buffers some transformers versions store; derived from the config, never learned.
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """One megatron parameter and the Hugging Face tensors it is made of."""
-
-    megatron: str
-    hf: tuple[str, ...]
-    kind: str
-    per_layer: bool
-    needed: Callable[[ModelConfig], bool] = lambda model: True
-
-
-MAPPINGS = (
-    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", False),
-    Mapping("output_layer.weight", ("lm_head.weight",), "vocab", False, lambda m: not m.tie_embeddings),
-    Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", False),
-    Mapping("decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-            ("input_layernorm.weight",), "copy", True),
-    Mapping("decoder.layers.self_attention.linear_qkv.weight",
-            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv", True),
-    Mapping("decoder.layers.self_attention.linear_qkv.bias",
-            ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", True,
-            lambda m: m.add_qkv_bias),
-    Mapping("decoder.layers.self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy", True),
-    Mapping("decoder.layers.mlp.linear_fc1.layer_norm_weight",
-            ("post_attention_layernorm.weight",), "copy", True),
-    Mapping("decoder.layers.mlp.linear_fc1.weight",
-            ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True),
-    Mapping("decoder.layers.mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True),
-)
 
 
 class ConversionError(ValueError):
@@ -75,39 +43,6 @@ class ConversionError(ValueError):
 
 
 # ---------------------------------------------------------------- shapes and kinds
-
-
-@dataclass(frozen=True)
-class Dims:
-    hidden: int
-    ffn: int
-    heads: int
-    groups: int
-    head_dim: int
-    vocab: int
-    padded_vocab: int
-
-    @staticmethod
-    def of(model: ModelConfig) -> "Dims":
-        groups = model.num_query_groups or model.num_attention_heads
-        padded = padded_vocab_size(model.vocab_size, 1, model.make_vocab_size_divisible_by)
-        return Dims(model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, groups,
-                    model.hidden_size // model.num_attention_heads, model.vocab_size, padded)
-
-
-def hf_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
-    """Expected shape of each Hugging Face tensor of a mapping."""
-    q, kv = d.heads * d.head_dim, d.groups * d.head_dim
-    name = mapping.megatron
-    if mapping.kind == "vocab":
-        return [(d.vocab, d.hidden)]
-    if mapping.kind == "qkv":
-        return [(q, d.hidden), (kv, d.hidden), (kv, d.hidden)] if name.endswith("weight") else [(q,), (kv,), (kv,)]
-    if mapping.kind == "gate_up":
-        return [(d.ffn, d.hidden), (d.ffn, d.hidden)]
-    if "layer_norm" in name or "final_layernorm" in name:
-        return [(d.hidden,)]
-    return [(d.hidden, q)] if "linear_proj" in name else [(d.hidden, d.ffn)]
 
 
 def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
@@ -150,10 +85,6 @@ def to_hf(mapping: Mapping, tensor: torch.Tensor, d: Dims) -> list[torch.Tensor]
     grouped = tensor.reshape(d.groups, (per_group + 2) * d.head_dim, *rest)
     q, k, v = grouped.split([per_group * d.head_dim, d.head_dim, d.head_dim], dim=1)
     return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
-
-
-def hf_names(mapping: Mapping, layer: int | None) -> list[str]:
-    return [HF_LAYER.format(i=layer) + n if mapping.per_layer else n for n in mapping.hf]
 
 
 # ---------------------------------------------------------------- Hugging Face side
@@ -230,10 +161,6 @@ def check_target_layout(model: ModelConfig, tp: int, pp: int) -> None:
     ]
     if problems:
         raise ConversionError("the model does not fit the target layout: " + "; ".join(problems))
-
-
-def needed_mappings(model: ModelConfig) -> list[Mapping]:
-    return [m for m in MAPPINGS if m.needed(model)]
 
 
 def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None):

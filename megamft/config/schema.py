@@ -17,14 +17,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+    """Architecture of a RoPE decoder: Llama-style (RMSNorm, SwiGLU, GQA) and its variants (see families)."""
 
     num_layers: int = 2
     """Transformer layers in the whole model (split across pipeline stages)."""
     hidden_size: int = 64
     """Width of the residual stream."""
     ffn_hidden_size: int = 176
-    """Inner width of the SwiGLU MLP."""
+    """Inner width of the MLP."""
     num_attention_heads: int = 4
     """Query heads."""
     num_query_groups: Optional[int] = None
@@ -36,7 +36,7 @@ class ModelConfig:
     rotary_base: float = 10000.0
     """RoPE theta (CodeLlama uses 1e6)."""
     norm_epsilon: float = 1e-5
-    """RMSNorm epsilon."""
+    """Epsilon of every norm."""
     tie_embeddings: bool = False
     """Share input embedding and output projection weights."""
     add_qkv_bias: bool = False
@@ -48,9 +48,29 @@ class ModelConfig:
     hf_architecture: Optional[str] = None
     """Hugging Face architecture this model converts to (set by megamft-convert)."""
     sliding_window: Optional[int] = None
-    """Attention window of the original model (Mistral); sequences may not exceed it (no windowed kernel)."""
+    """Attention window of the original model in tokens, the current one included (Mistral, StarCoder2);
+    applied when shorter than data.seq_length (see megamft.model.attention_window)."""
     init_method_std: float = 0.02
     """Standard deviation of the random initialisation."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Norm of every layer and the final one: RMSNorm (Llama, Qwen) or LayerNorm with bias (StarCoder2)."""
+    mlp_activation: Literal["swiglu", "gelu_tanh"] = "swiglu"
+    """MLP: gated SiLU with gate/up/down matrices (Llama), or up, GELU (tanh approximation), down (StarCoder2)."""
+    add_bias_linear: bool = False
+    """Bias on every linear layer of attention and MLP (StarCoder2); the output layer never has one."""
+    kv_channels: Optional[int] = None
+    """Width of one attention head; None means hidden_size / num_attention_heads (Qwen3 sets its own)."""
+    qk_layernorm: bool = False
+    """RMSNorm on each query and key head before RoPE (Qwen3)."""
+    rope_scaling_type: Literal["linear", "llama3"] = "linear"
+    """How rope_scaling_factor applies: linear position interpolation, or Llama 3.1's per-frequency scaling
+    (which also needs the three rope_llama3_* values)."""
+    rope_llama3_low_freq_factor: Optional[float] = None
+    """llama3 RoPE scaling: rope_parameters.low_freq_factor of the model's config.json (Llama 3.1: 1.0)."""
+    rope_llama3_high_freq_factor: Optional[float] = None
+    """llama3 RoPE scaling: rope_parameters.high_freq_factor (Llama 3.1: 4.0)."""
+    rope_llama3_original_max_position_embeddings: Optional[int] = None
+    """llama3 RoPE scaling: rope_parameters.original_max_position_embeddings (Llama 3.1: 8192)."""
 
 
 @dataclass

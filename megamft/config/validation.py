@@ -78,7 +78,7 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
         if getattr(m, name) < 1:
             problems.append(f"model.{name} must be positive, got {getattr(m, name)}")
-    if m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
+    if m.kv_channels is None and m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
         problems.append(
             f"model.hidden_size ({m.hidden_size}) must be divisible by "
             f"model.num_attention_heads ({m.num_attention_heads})"
@@ -112,17 +112,38 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
                     "train.eval_interval": cfg.train.eval_interval,
                     "checkpoint.save_interval": cfg.checkpoint.save_interval}
     problems += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
-    if m.sliding_window and cfg.data.seq_length > m.sliding_window:
+    if m.sliding_window is not None and m.sliding_window < 1:
+        problems.append(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
+    elif m.sliding_window and cfg.data.seq_length > m.sliding_window and p.context_parallel_size > 1:
         problems.append(
-            f"data.seq_length ({cfg.data.seq_length}) exceeds model.sliding_window ({m.sliding_window}); "
-            "megamft has no windowed attention, so sequences must fit in the window"
+            f"model.sliding_window ({m.sliding_window}) is shorter than data.seq_length ({cfg.data.seq_length}) "
+            f"with parallel.context_parallel_size={p.context_parallel_size}: windowed attention under context "
+            "parallelism is untested in megamft; use context_parallel_size=1 or sequences up to the window"
         )
+    if m.kv_channels is not None and m.kv_channels < 1:
+        problems.append(f"model.kv_channels must be >= 1 or null, got {m.kv_channels}")
+    problems += _rope_problems(m)
     if cfg.data.seq_length > m.max_position_embeddings:
         problems.append(
             f"data.seq_length ({cfg.data.seq_length}) exceeds "
             f"model.max_position_embeddings ({m.max_position_embeddings})"
         )
     return problems
+
+
+def _rope_problems(m) -> list[str]:
+    if m.rope_scaling_type != "llama3" or not m.rope_scaling_factor:
+        return []
+    keys = ("rope_llama3_low_freq_factor", "rope_llama3_high_freq_factor",
+            "rope_llama3_original_max_position_embeddings")
+    missing = [f"model.{k}" for k in keys if getattr(m, k) is None]
+    if missing:
+        return [f"model.rope_scaling_type=llama3 needs {', '.join(missing)} (from the model's config.json "
+                "rope_parameters; megamft does not assume Llama 3.1's values)"]
+    if m.rope_llama3_high_freq_factor <= m.rope_llama3_low_freq_factor:
+        return [f"model.rope_llama3_high_freq_factor ({m.rope_llama3_high_freq_factor}) must exceed "
+                f"model.rope_llama3_low_freq_factor ({m.rope_llama3_low_freq_factor})"]
+    return []
 
 
 def _parallel_problems(cfg: MegamftConfig, world_size: int) -> list[str]:

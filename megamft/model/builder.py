@@ -9,9 +9,16 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megamft.config import MegamftConfig
+from megamft.model.attention_window import window_size
+from megamft.model.rope import apply_llama3_scaling, linear_interpolation_factor
 from megamft.model.spec import gpt_layer_spec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (transformers' gelu_pytorch_tanh, StarCoder2's MLP)."""
+    return F.gelu(x, approximate="tanh")
 
 
 def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
@@ -24,12 +31,15 @@ def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
         ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups or m.num_attention_heads,
-        normalization="RMSNorm",
+        normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+        gated_linear_unit=m.mlp_activation == "swiglu",
+        activation_func=F.silu if m.mlp_activation == "swiglu" else gelu_tanh,
+        add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
+        kv_channels=m.kv_channels,
+        qk_layernorm=m.qk_layernorm,
+        window_size=window_size(cfg),
         init_method_std=m.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -71,7 +81,7 @@ def build_model_chunks(
     for stage in stages:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, use_transformer_engine),
+            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, use_transformer_engine, cfg.model),
             vocab_size=vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -79,9 +89,10 @@ def build_model_chunks(
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=cfg.model.rotary_base,
-            seq_len_interpolation_factor=cfg.model.rope_scaling_factor,
+            seq_len_interpolation_factor=linear_interpolation_factor(cfg.model),
             vp_stage=stage,
         )
+        apply_llama3_scaling(chunk, cfg.model)
         chunks.append(chunk)
     return chunks
 

@@ -9,24 +9,31 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megamft.model.norm import MegamftRMSNorm
+from megamft.config import ModelConfig
+from megamft.model.norm import MegamftRMSNorm, norm_class
 
 
-def local_block_spec(num_layers: int) -> TransformerBlockSubmodules:
-    """megatron-core's local Llama layer (torch attention, SwiGLU) with our RMSNorm.
+def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layernorm: bool = False
+                     ) -> TransformerBlockSubmodules:
+    """megatron-core's local layer (torch attention, SwiGLU or GELU MLP) with megamft's norms.
 
-    Every norm, the final one included, is MegamftRMSNorm so that sequence
-    parallel works without TE or apex.
+    Every norm, the final one and Qwen3's per-head query/key norms included, is
+    megamft's (RMSNorm or LayerNorm) so that sequence parallel works without
+    TE or apex.
     """
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    layer.submodules.input_layernorm = MegamftRMSNorm
-    layer.submodules.pre_mlp_layernorm = MegamftRMSNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=MegamftRMSNorm)
+    norm = norm_class(normalization)
+    layer = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+    layer.submodules.input_layernorm = norm
+    layer.submodules.pre_mlp_layernorm = norm
+    if qk_layernorm:
+        attention = layer.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = MegamftRMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
-def transformer_engine_layer_spec() -> ModuleSpec:
+def transformer_engine_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
     """Transformer Engine's fused layer (norm folded into the linear layers)."""
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
 def use_transformer_engine(installed: bool, lora_enabled: bool) -> bool:
@@ -42,8 +49,9 @@ def use_transformer_engine(installed: bool, lora_enabled: bool) -> bool:
     return installed and not lora_enabled
 
 
-def gpt_layer_spec(num_layers_in_chunk: int, use_transformer_engine: bool):
-    """The spec handed to GPTModel for one model chunk."""
+def gpt_layer_spec(num_layers_in_chunk: int, use_transformer_engine: bool, model: ModelConfig | None = None):
+    """The spec handed to GPTModel for one model chunk (norm kind and q/k norms from `model`)."""
+    model = model or ModelConfig()
     if use_transformer_engine:
-        return transformer_engine_layer_spec()
-    return local_block_spec(num_layers_in_chunk)
+        return transformer_engine_layer_spec(model.qk_layernorm)
+    return local_block_spec(num_layers_in_chunk, model.normalization, model.qk_layernorm)

@@ -21,6 +21,7 @@ from megamft.loss.multitask import effective_task_weights
 from megamft.platform import cpu_emulation, distributed
 from megamft.platform.kill_points import kill_point
 from megamft.platform.output_folder import DestinationError, FolderLock
+from megamft.model.attention_window import check_backend_honours_window
 from megamft.model.spec import use_transformer_engine
 from megamft.platform.device import describe_runtime
 from megamft.training.metrics import MetricsWriter
@@ -368,6 +369,7 @@ def _build(cfg: MegamftConfig) -> Run:
         raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without LoRA: "
                          "megatron-core's local attention has no context parallelism "
                          "(pip install '.[gpu]' on a CUDA machine)")
+    check_backend_honours_window(cfg, te_spec)
     if te_spec and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
         raise ValueError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
                          "go to TE as one 'thd' sequence); or use data.mode=pad|dynamic")

@@ -9,8 +9,11 @@ the inputs of every linear layer, SwiGLU's two halves), plus the attention
 probabilities (heads x seq per position); the last stage keeps the logits
 twice for the loss. Tensor parallelism divides the per-layer values (sequence
 parallelism also the hidden-sized ones); selective recompute drops the
-attention probabilities, full recompute keeps only each layer's input. 1F1B pipelining keeps up to PP micro-batches in flight on the
-first stage.
+attention probabilities, full recompute keeps only each layer's input. 1F1B
+pipelining keeps up to PP micro-batches in flight on the first stage.
+Heads wider than hidden / heads (Qwen3) widen the query and context terms, and
+a GELU MLP (StarCoder2) keeps about 2 x ffn: both follow the same count, not
+a separate measurement.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamft.config import MegamftConfig, data_parallel_size
+from megamft.model.architecture import fc1_width, kv_width, layer_parameters, query_width
 from megamft.model.builder import padded_vocab_size
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -43,24 +47,17 @@ class MemoryEstimate:
                 f"{self.total / gb:.1f} GB per device")
 
 
-def layer_parameters(cfg: MegamftConfig) -> int:
-    m = cfg.model
-    kv = (m.num_query_groups or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
-    qkv_bias = (m.hidden_size + 2 * kv) if m.add_qkv_bias else 0
-    return (m.hidden_size * (m.hidden_size + 2 * kv) + qkv_bias + m.hidden_size * m.hidden_size
-            + 3 * m.hidden_size * m.ffn_hidden_size + 2 * m.hidden_size)
-
-
 def stage_parameters(cfg: MegamftConfig, vocab_size: int, first: bool, last: bool) -> float:
     """Parameters one rank of a pipeline stage holds (its TP shard)."""
     m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     vocab = padded_vocab_size(vocab_size, tp, m.make_vocab_size_divisible_by)
-    total = m.num_layers // pp * layer_parameters(cfg) / tp
+    total = m.num_layers // pp * layer_parameters(m) / tp
     if first:
         total += vocab * m.hidden_size / tp
     if last:
-        total += m.hidden_size + (0 if m.tie_embeddings and first else vocab * m.hidden_size / tp)
+        final_norm = m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
+        total += final_norm + (0 if m.tie_embeddings and first else vocab * m.hidden_size / tp)
     return total
 
 
@@ -74,9 +71,13 @@ def activation_bytes(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
         per_layer = positions * m.hidden_size * value / (tp if p.sequence_parallel else 1)
     else:
         hidden_sized = 10 * m.hidden_size / (tp if p.sequence_parallel else 1)
+        # Queries and the attention context are heads x head_dim wide (Qwen3: wider than hidden).
+        hidden_sized += 2 * (query_width(m) - m.hidden_size) / tp
+        # SwiGLU keeps fc1's [gate; up] output and the product (4 x ffn); GELU fc1's output and its GELU.
+        ffn_sized = (4 if m.mlp_activation == "swiglu" else 2) * m.ffn_hidden_size / tp
         # Selective recompute redoes core attention in backward: its probabilities are not kept.
         attention = 0 if recompute == "selective" else m.num_attention_heads / tp * cfg.data.seq_length
-        per_layer = positions * value * (hidden_sized + 4 * m.ffn_hidden_size / tp + attention)
+        per_layer = positions * value * (hidden_sized + ffn_sized + attention)
     in_flight = pp if first else 1  # 1F1B: the first stage holds PP micro-batches
     total = per_layer * (m.num_layers // pp) * in_flight
     if last:
@@ -89,10 +90,10 @@ def adapter_parameters(cfg: MegamftConfig) -> float:
     """LoRA parameters one rank holds: r x (in + out) per targeted projection, TP-split where sharded."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     h, f = m.hidden_size, m.ffn_hidden_size
-    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
+    q = query_width(m)
     shapes = {  # (in, out, sharded side): column layers shard out, row layers shard in
-        "linear_qkv": (h, h + 2 * kv, "out"), "linear_fc1": (h, 2 * f, "out"),
-        "linear_proj": (h, h, "in"), "linear_fc2": (f, h, "in"),
+        "linear_qkv": (h, q + 2 * kv_width(m), "out"), "linear_fc1": (h, fc1_width(m), "out"),
+        "linear_proj": (q, h, "in"), "linear_fc2": (f, h, "in"),
     }
     per_layer = 0.0
     for name in cfg.lora.targets:

@@ -6,19 +6,20 @@ import psutil
 import torch
 
 from megamft.config import MegamftConfig
+from megamft.model.architecture import kv_width, mlp_matrices, query_width
 
 
 def flops_per_token(cfg: MegamftConfig, vocab_size: int) -> float:
     """Training FLOPs per token: 2 per multiply-add, x3 for forward + backward.
 
-    Matmuls: QKV (with grouped KV), attention output, SwiGLU's three matrices,
-    the output layer; attention scores and values add 2 x 2 x seq x hidden per
-    layer. Full activation recompute runs the forward pass once more (x4 / 3).
+    Matmuls: QKV (with grouped KV), attention output, SwiGLU's three matrices
+    (GELU's two), the output layer; attention scores and values add
+    2 x 2 x seq x heads x head_dim per layer. Full activation recompute runs the forward pass once more (x4 / 3).
     """
     m = cfg.model
     h, f, s = m.hidden_size, m.ffn_hidden_size, cfg.data.seq_length
-    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
-    per_layer = 2 * (h * (h + 2 * kv) + h * h + 3 * h * f) + 2 * 2 * s * h
+    q, kv = query_width(m), kv_width(m)
+    per_layer = 2 * (h * (q + 2 * kv) + q * h + mlp_matrices(m) * h * f) + 2 * 2 * s * q
     forward = m.num_layers * per_layer + 2 * h * vocab_size
     factor = 4 if cfg.transformer.get("recompute_granularity") == "full" else 3
     return float(forward * factor)

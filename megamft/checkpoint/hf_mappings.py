@@ -1,0 +1,136 @@
+"""Which Hugging Face tensors make each megatron parameter, with their shapes.
+
+A mapping's *kind* says how tensors combine: copy, vocab (padding rows), qkv
+(megatron fuses q/k/v per query group) and gate_up (megatron's SwiGLU fc1 is
+[gate; up]). Which mappings a model needs follows from its model section:
+biases on every linear (StarCoder2), LayerNorm biases, a GELU MLP stored as
+``mlp.c_fc``/``mlp.c_proj`` (StarCoder2, the one GELU family), per-head
+query/key norms (Qwen3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from megamft.config import ModelConfig
+from megamft.model.architecture import head_dim
+from megamft.model.builder import padded_vocab_size
+
+HF_LAYER = "model.layers.{i}."
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    ffn: int
+    heads: int
+    groups: int
+    head_dim: int
+    vocab: int
+    padded_vocab: int
+
+    @staticmethod
+    def of(model: ModelConfig) -> "Dims":
+        groups = model.num_query_groups or model.num_attention_heads
+        padded = padded_vocab_size(model.vocab_size, 1, model.make_vocab_size_divisible_by)
+        return Dims(model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, groups,
+                    head_dim(model), model.vocab_size, padded)
+
+
+Shapes = Callable[[Dims], list[tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One megatron parameter and the Hugging Face tensors it is made of."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str
+    per_layer: bool
+    shapes: Shapes
+    """Shape of each Hugging Face tensor."""
+    needed: Callable[[ModelConfig], bool] = lambda model: True
+
+
+def _hidden(d: Dims):
+    return [(d.hidden,)]
+
+
+def _qkv_weights(d: Dims):
+    return [(d.heads * d.head_dim, d.hidden), (d.groups * d.head_dim, d.hidden), (d.groups * d.head_dim, d.hidden)]
+
+
+def _qkv_biases(d: Dims):
+    return [(d.heads * d.head_dim,), (d.groups * d.head_dim,), (d.groups * d.head_dim,)]
+
+
+def _swiglu(m: ModelConfig) -> bool:
+    return m.mlp_activation == "swiglu"
+
+
+def _gelu(m: ModelConfig) -> bool:
+    return m.mlp_activation != "swiglu"
+
+
+def _layer_norm(m: ModelConfig) -> bool:
+    return m.normalization == "LayerNorm"
+
+
+_ATTN, _MLP = "decoder.layers.self_attention.", "decoder.layers.mlp."
+
+MAPPINGS = (
+    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", False,
+            lambda d: [(d.vocab, d.hidden)]),
+    Mapping("output_layer.weight", ("lm_head.weight",), "vocab", False, lambda d: [(d.vocab, d.hidden)],
+            lambda m: not m.tie_embeddings),
+    Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", False, _hidden),
+    Mapping("decoder.final_layernorm.bias", ("model.norm.bias",), "copy", False, _hidden, _layer_norm),
+    # attention
+    Mapping(_ATTN + "linear_qkv.layer_norm_weight", ("input_layernorm.weight",), "copy", True, _hidden),
+    Mapping(_ATTN + "linear_qkv.layer_norm_bias", ("input_layernorm.bias",), "copy", True, _hidden, _layer_norm),
+    Mapping(_ATTN + "linear_qkv.weight",
+            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv", True,
+            _qkv_weights),
+    Mapping(_ATTN + "linear_qkv.bias",
+            ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", True,
+            _qkv_biases, lambda m: m.add_qkv_bias or m.add_bias_linear),
+    Mapping(_ATTN + "q_layernorm.weight", ("self_attn.q_norm.weight",), "copy", True,
+            lambda d: [(d.head_dim,)], lambda m: m.qk_layernorm),
+    Mapping(_ATTN + "k_layernorm.weight", ("self_attn.k_norm.weight",), "copy", True,
+            lambda d: [(d.head_dim,)], lambda m: m.qk_layernorm),
+    Mapping(_ATTN + "linear_proj.weight", ("self_attn.o_proj.weight",), "copy", True,
+            lambda d: [(d.hidden, d.heads * d.head_dim)]),
+    Mapping(_ATTN + "linear_proj.bias", ("self_attn.o_proj.bias",), "copy", True, _hidden,
+            lambda m: m.add_bias_linear),
+    # MLP
+    Mapping(_MLP + "linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",), "copy", True, _hidden),
+    Mapping(_MLP + "linear_fc1.layer_norm_bias", ("post_attention_layernorm.bias",), "copy", True, _hidden,
+            _layer_norm),
+    Mapping(_MLP + "linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True,
+            lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)], _swiglu),
+    Mapping(_MLP + "linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True,
+            lambda d: [(d.hidden, d.ffn)], _swiglu),
+    Mapping(_MLP + "linear_fc1.weight", ("mlp.c_fc.weight",), "copy", True, lambda d: [(d.ffn, d.hidden)], _gelu),
+    Mapping(_MLP + "linear_fc2.weight", ("mlp.c_proj.weight",), "copy", True, lambda d: [(d.hidden, d.ffn)], _gelu),
+    Mapping(_MLP + "linear_fc1.bias", ("mlp.c_fc.bias",), "copy", True, lambda d: [(d.ffn,)],
+            lambda m: m.add_bias_linear and _gelu(m)),
+    Mapping(_MLP + "linear_fc2.bias", ("mlp.c_proj.bias",), "copy", True, _hidden,
+            lambda m: m.add_bias_linear and _gelu(m)),
+)
+
+
+def needed_mappings(model: ModelConfig) -> list[Mapping]:
+    if model.add_bias_linear and _swiglu(model):
+        raise ValueError("biases on a SwiGLU MLP (mlp_bias) have no Hugging Face mapping in megamft")
+    return [m for m in MAPPINGS if m.needed(model)]
+
+
+def hf_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
+    """Expected shape of each Hugging Face tensor of a mapping."""
+    return mapping.shapes(d)
+
+
+def hf_names(mapping: Mapping, layer: int | None) -> list[str]:
+    return [HF_LAYER.format(i=layer) + n if mapping.per_layer else n for n in mapping.hf]

@@ -1,0 +1,45 @@
+"""Widths derived from the model section, in one place for the converter, estimator and FLOP counter."""
+
+from __future__ import annotations
+
+from megamft.config import ModelConfig
+
+
+def head_dim(m: ModelConfig) -> int:
+    """Width of one attention head (megatron's kv_channels)."""
+    return m.kv_channels or m.hidden_size // m.num_attention_heads
+
+
+def query_width(m: ModelConfig) -> int:
+    """Output width of the query projection, input width of the attention output projection."""
+    return m.num_attention_heads * head_dim(m)
+
+
+def kv_width(m: ModelConfig) -> int:
+    """Output width of the key (and of the value) projection."""
+    return (m.num_query_groups or m.num_attention_heads) * head_dim(m)
+
+
+def mlp_matrices(m: ModelConfig) -> int:
+    """hidden x ffn matrices per MLP: gate, up and down for SwiGLU; up and down for GELU."""
+    return 3 if m.mlp_activation == "swiglu" else 2
+
+
+def fc1_width(m: ModelConfig) -> int:
+    """Output width of megatron's linear_fc1 ([gate; up] for SwiGLU)."""
+    return (2 if m.mlp_activation == "swiglu" else 1) * m.ffn_hidden_size
+
+
+def layer_parameters(m: ModelConfig) -> int:
+    """Parameters of one transformer layer (whole, before any parallel split)."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    qkv_out, q = query_width(m) + 2 * kv_width(m), query_width(m)
+    weights = h * qkv_out + q * h + mlp_matrices(m) * h * f
+    biases = 0
+    if m.add_bias_linear:
+        biases = qkv_out + h + fc1_width(m) + h
+    elif m.add_qkv_bias:
+        biases = qkv_out
+    norms = 2 * h * (2 if m.normalization == "LayerNorm" else 1)
+    qk_norms = 2 * head_dim(m) if m.qk_layernorm else 0
+    return weights + biases + norms + qk_norms

@@ -1,0 +1,41 @@
+"""Sliding-window attention (Mistral, StarCoder2) on megatron-core's attention backends.
+
+Hugging Face's ``sliding_window`` W lets a token see itself and the W - 1 tokens
+before it; megatron's ``window_size=(W - 1, 0)`` means the same for both
+backends. Transformer Engine applies it inside its fused attention, packed
+('thd') sequences included. megatron-core's local attention applies it in its
+torch softmax by building its own windowed causal mask, which replaces the
+mask it was given: packed documents would then see each other, so that
+combination is refused. A window at least as long as the sequence changes
+nothing and is not passed at all.
+"""
+
+from __future__ import annotations
+
+from megamft.config import MegamftConfig
+
+
+def window_size(cfg: MegamftConfig) -> tuple[int, int] | None:
+    """megatron's window_size, or None when the window covers every training sequence."""
+    window = cfg.model.sliding_window
+    if not window or window >= cfg.data.seq_length:
+        return None
+    return (window - 1, 0)
+
+
+def check_backend_honours_window(cfg: MegamftConfig, transformer_engine: bool) -> None:
+    """Raise if the attention backend in use would drop the window or the document mask."""
+    if window_size(cfg) is None or transformer_engine:
+        return
+    if cfg.transformer.get("masked_softmax_fusion"):
+        raise ValueError(
+            f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
+            f"({cfg.data.seq_length}): transformer.masked_softmax_fusion must stay off with megatron-core's local "
+            "attention, whose fused softmax kernel ignores the window")
+    if cfg.data.mode != "pack":
+        return
+    raise ValueError(
+        f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
+        f"({cfg.data.seq_length}) and data.mode=pack: megatron-core's local attention replaces the packed "
+        "documents' mask with its window mask. Use data.mode=pad|dynamic, a data.seq_length up to the "
+        "window, or Transformer Engine (pip install '.[gpu]' on a CUDA machine, without LoRA)")
