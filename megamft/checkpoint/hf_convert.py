@@ -24,7 +24,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megamft.checkpoint import global_view
+from megamft.checkpoint import global_view, hf_moe
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.model.builder import padded_vocab_size
 from megamft.model.families import Family, FAMILIES, hf_config_from_model, model_config_from_hf
@@ -68,8 +68,9 @@ MAPPINGS = (
     Mapping("decoder.layers.mlp.linear_fc1.layer_norm_weight",
             ("post_attention_layernorm.weight",), "copy", True),
     Mapping("decoder.layers.mlp.linear_fc1.weight",
-            ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True),
-    Mapping("decoder.layers.mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True),
+            ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True, lambda m: not m.num_experts),
+    Mapping("decoder.layers.mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True,
+            lambda m: not m.num_experts),
 )
 
 
@@ -102,6 +103,8 @@ def hf_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
     """Expected shape of each Hugging Face tensor of a mapping."""
     q, kv = d.heads * d.head_dim, d.groups * d.head_dim
     name = mapping.megatron
+    if mapping.kind == hf_moe.MOE_KIND:
+        return list(mapping.hf_tensor_shapes)
     if mapping.kind == "vocab":
         return [(d.vocab, d.hidden)]
     if mapping.kind == "qkv":
@@ -115,6 +118,8 @@ def hf_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
 
 def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
     """Shape of one layer's (or the whole) megatron tensor."""
+    if mapping.kind == hf_moe.MOE_KIND:
+        return mapping.megatron_tensor_shape
     shapes = hf_shapes(mapping, d)
     if mapping.kind == "vocab":
         return (d.padded_vocab, d.hidden)
@@ -124,6 +129,8 @@ def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
 
 
 def to_megatron(mapping: Mapping, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
+    if mapping.kind == hf_moe.MOE_KIND:
+        return mapping.join(tensors)
     if mapping.kind == "copy":
         return tensors[0]
     if mapping.kind == "vocab":
@@ -142,6 +149,8 @@ def to_megatron(mapping: Mapping, tensors: list[torch.Tensor], d: Dims) -> torch
 
 
 def to_hf(mapping: Mapping, tensor: torch.Tensor, d: Dims) -> list[torch.Tensor]:
+    if mapping.kind == hf_moe.MOE_KIND:
+        return mapping.split(tensor)
     if mapping.kind == "copy":
         return [tensor]
     if mapping.kind == "vocab":
@@ -235,8 +244,10 @@ def check_target_layout(model: ModelConfig, tp: int, pp: int) -> None:
         raise ConversionError("the model does not fit the target layout: " + "; ".join(problems))
 
 
-def needed_mappings(model: ModelConfig) -> list[Mapping]:
-    return [m for m in MAPPINGS if m.needed(model)]
+def needed_mappings(model: ModelConfig, family: Family | None = None, fused_experts: bool = False) -> list[Mapping]:
+    """The model's mappings; MoE families add their experts' (per-expert or fused layout on disk)."""
+    dense = [m for m in MAPPINGS if m.needed(model)]
+    return dense + (hf_moe.expert_mappings(model, family.name, fused_experts) if family and family.moe else [])
 
 
 def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None):
@@ -250,7 +261,7 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None):
     family = FAMILIES[model.hf_architecture]
     source = SafetensorsFolder(hf_dir)
     d = Dims.of(model)
-    mappings = needed_mappings(model)
+    mappings = needed_mappings(model, family, hf_moe.is_fused(source.weight_map))
     _check_hf_shapes(source, mappings, d, model.num_layers)
     planned = {n for m in mappings for layer in (range(model.num_layers) if m.per_layer else [None])
                for n in hf_names(m, layer)}
@@ -389,7 +400,7 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     partial = temporary_sibling(out_dir)
     writer = _ShardWriter(partial, max_shard_bytes)
     stored_dtype = None
-    mappings = needed_mappings(model)
+    mappings = needed_mappings(model, family)
     weights = _base_weights(ckpt)
     for layer in [None, *range(model.num_layers)]:
         group = [m for m in mappings if m.per_layer == (layer is not None)]

@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megamft.config import MegamftConfig
+from megamft.model.moe import moe_transformer_fields
 from megamft.model.spec import gpt_layer_spec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,6 +51,7 @@ def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
         # that keeps device redirection active inside backward (recompute).
         deallocate_pipeline_outputs=True,
     )
+    fields.update(moe_transformer_fields(m, p))
     if p.pipeline_model_parallel_size == 2 and p.virtual_pipeline_model_parallel_size:
         # With two stages the previous and next rank are the same peer. Batched
         # p2p then posts "send grad, send activation" against "recv activation,
@@ -71,7 +73,7 @@ def build_model_chunks(
     for stage in stages:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, use_transformer_engine),
+            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, use_transformer_engine, cfg.model.num_experts),
             vocab_size=vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megamft.config import ModelConfig
+from megamft.model.moe import MIXTRAL, QWEN2_MOE, MoeFamily, UnsupportedMoE
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class Family:
     """HF checkpoints carry q/k/v projection biases."""
     export_defaults: dict = field(default_factory=dict)
     """Extra keys written to an exported config.json."""
+    moe: MoeFamily | None = None
+    """Mixture-of-experts config keys (None: a dense family)."""
 
 
 FAMILIES = {
@@ -34,6 +37,9 @@ FAMILIES = {
         Family("mistral", "MistralForCausalLM", "mistral", export_defaults={"sliding_window": None}),
         Family("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True,
                export_defaults={"use_sliding_window": False, "sliding_window": None}),
+        Family("mixtral", "MixtralForCausalLM", "mixtral", export_defaults={"sliding_window": None}, moe=MIXTRAL),
+        Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", qkv_bias=True, moe=QWEN2_MOE,
+               export_defaults={"use_sliding_window": False, "sliding_window": None, "qkv_bias": True}),
     )
 }
 
@@ -99,7 +105,12 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json") -> ModelC
     theta, scaling = _rope(hf_config, source)
     vocab = values["vocab_size"]
     window = hf_config.get("sliding_window")
-    if family.name == "qwen2" and not hf_config.get("use_sliding_window", False):
+    if family.moe is not None:
+        try:
+            values.update(family.moe.model_fields(hf_config, source))
+        except UnsupportedMoE as err:
+            raise UnsupportedModel(str(err)) from None
+    if family.name in ("qwen2", "qwen2_moe") and not hf_config.get("use_sliding_window", False):
         window = None  # Qwen2 configs carry a window size that is off unless use_sliding_window
     return ModelConfig(
         sliding_window=window,
@@ -138,4 +149,6 @@ def hf_config_from_model(model: ModelConfig, family: Family, dtype: str) -> dict
         if family.name == "qwen2":
             config["use_sliding_window"] = True
     config["num_key_value_heads"] = model.num_query_groups or model.num_attention_heads
+    if family.moe is not None:
+        config.update(family.moe.hf_fields(model))
     return config

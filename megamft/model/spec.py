@@ -12,21 +12,26 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megamft.model.norm import MegamftRMSNorm
 
 
-def local_block_spec(num_layers: int) -> TransformerBlockSubmodules:
+def local_block_spec(num_layers: int, num_experts: int | None = None) -> TransformerBlockSubmodules:
     """megatron-core's local Llama layer (torch attention, SwiGLU) with our RMSNorm.
 
     Every norm, the final one included, is MegamftRMSNorm so that sequence
-    parallel works without TE or apex.
+    parallel works without TE or apex. With `num_experts`, the MLP is
+    megatron's MoE layer with one SwiGLU MLP per expert (SequentialMLP).
     """
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
     layer.submodules.input_layernorm = MegamftRMSNorm
     layer.submodules.pre_mlp_layernorm = MegamftRMSNorm
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=MegamftRMSNorm)
 
 
-def transformer_engine_layer_spec() -> ModuleSpec:
-    """Transformer Engine's fused layer (norm folded into the linear layers)."""
-    return get_gpt_layer_with_transformer_engine_spec()
+def transformer_engine_layer_spec(num_experts: int | None = None) -> ModuleSpec:
+    """Transformer Engine's fused layer (norm folded into the linear layers).
+
+    MoE layers use TE's grouped GEMM over the local experts; megatron saves its
+    weights under SequentialMLP's keys, so checkpoints move between the two specs.
+    """
+    return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=bool(num_experts))
 
 
 def use_transformer_engine(installed: bool, lora_enabled: bool) -> bool:
@@ -42,8 +47,8 @@ def use_transformer_engine(installed: bool, lora_enabled: bool) -> bool:
     return installed and not lora_enabled
 
 
-def gpt_layer_spec(num_layers_in_chunk: int, use_transformer_engine: bool):
+def gpt_layer_spec(num_layers_in_chunk: int, use_transformer_engine: bool, num_experts: int | None = None):
     """The spec handed to GPTModel for one model chunk."""
     if use_transformer_engine:
-        return transformer_engine_layer_spec()
-    return local_block_spec(num_layers_in_chunk)
+        return transformer_engine_layer_spec(num_experts)
+    return local_block_spec(num_layers_in_chunk, num_experts)
