@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
-from jobs import packed_global_batch, tiny_config
+sys.path.insert(0, str(Path(__file__).parent))  # ranks load this file by path; jobs.py lies beside it
+
+from jobs import packed_global_batch, tiny_config  # noqa: E402
 
 MOE_MODEL = ("model.num_layers=2", "model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
              "optimizer.use_distributed_optimizer=false")
@@ -71,7 +75,8 @@ def aux_gradient(weights_dir: str, micro_batch_size: int, copies: int, coefficie
     from megamft.training.setup import build_training_state
     from megamft.training.step import LossSetup, to_device, train_step
 
-    cfg = tiny_config(*MOE_MODEL, f"train.micro_batch_size={micro_batch_size}", *overrides)
+    # no clipping: it would rescale the two steps' gradients by different factors
+    cfg = tiny_config(*MOE_MODEL, f"train.micro_batch_size={micro_batch_size}", "optimizer.clip_grad=0.0", *overrides)
     runtime = distributed.initialize(cfg)
     try:
         rows = packed_global_batch(rows=2, seq=32)

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from megamft.config import ModelConfig, ParallelConfig
 
 
+# Model fields that weigh training losses only: a checkpoint loads whatever they were.
+ROUTER_LOSS_FIELDS = ("moe_aux_loss_coeff", "moe_z_loss_coeff")
+
+
 class UnsupportedMoE(ValueError):
     """An MoE Hugging Face config megamft cannot represent; the message says why."""
 
