@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (1, ()),
     (2, ("parallel.tensor_model_parallel_size=2",)),
     (2, ("parallel.tensor_model_parallel_size=2", "lora.enabled=true", "lora.rank=4")),
+    (2, ("model.num_experts=4", "model.moe_ffn_hidden_size=48", "parallel.expert_model_parallel_size=2")),
 ])
 def test_estimate_matches_measured_memory(world_size, overrides):
     measured = launch(jobs.measured_memory, world_size, timeout=180, kwargs={"overrides": overrides})[0]
