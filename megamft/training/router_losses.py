@@ -15,8 +15,9 @@ each micro-batch's auxiliary gradient by its n_m, then divides every gradient
 by K, the sum of the token counts the loss function returns: megamft returns
 *learned* tokens (loss-masked), so megatron's auxiliary term would be
 ``(N / K) x c x mean aux``, larger the more prompt and padding a batch holds.
-Before each step the coefficients handed to megatron are set to ``c x K / N``,
-which makes the term exactly the one above. Host arithmetic on counts the host
+Before each step the coefficients handed to megatron are set to ``c x K / N``
+(x TP under sequence parallel, see scale_to_global_batch), which makes the term
+exactly the one above. Host arithmetic on counts the host
 already has: no device work, no synchronization.
 
 Reporting. megatron's tracker (moe_utils.save_to_aux_losses_tracker) adds
@@ -39,6 +40,10 @@ def scale_to_global_batch(config, coefficients: tuple[float, float], learned_tok
                           routed_tokens: float) -> None:
     """Give megatron the coefficients that make its auxiliary gradients `coefficients` x the token-weighted mean."""
     ratio = learned_tokens / routed_tokens if learned_tokens > 0 else 1.0
+    if config.sequence_parallel:
+        # Each TP rank routes 1/TP of the tokens and megatron scales its share by its own
+        # token count, so the ranks' shares add up to 1/TP of the whole term.
+        ratio *= parallel_state.get_tensor_model_parallel_world_size()
     aux, z = coefficients
     config.moe_aux_loss_coeff = aux * ratio
     config.moe_z_loss_coeff = z * ratio if z else None
