@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
     # StarCoder2's LayerNorm, biases and GELU MLP with Qwen3's wide heads and q/k norms, in one model.
     (1, ("model.normalization=LayerNorm", "model.add_bias_linear=true", "model.mlp_activation=gelu_tanh",
          "model.kv_channels=16", "model.qk_layernorm=true")),
+    (2, ("model.num_experts=4", "model.moe_ffn_hidden_size=48", "parallel.expert_model_parallel_size=2")),
 ])
 def test_estimate_matches_measured_memory(world_size, overrides):
     measured = launch(jobs.measured_memory, world_size, timeout=180, kwargs={"overrides": overrides})[0]

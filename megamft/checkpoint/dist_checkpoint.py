@@ -31,6 +31,7 @@ from megamft.checkpoint import global_view
 from megamft.checkpoint.layout import LATEST, complete_dir, iteration_dir, latest_iteration, write_atomically
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
+from megamft.model.moe import ROUTER_LOSS_FIELDS
 from megamft.platform import distributed
 from megamft.platform.output_folder import publish
 from megamft.platform.kill_points import kill_point
@@ -144,7 +145,8 @@ def model_differences(saved_model: dict, cfg: MegamftConfig) -> list[str]:
     current = to_dict(cfg)["model"]
     return [f"model.{key}: checkpoint {saved_model.get(key)!r}, config {value!r}"
             for key, value in sorted(current.items())
-            if value is not None and saved_model.get(key) is not None and saved_model.get(key) != value]
+            if value is not None and saved_model.get(key) is not None and saved_model.get(key) != value
+            and key not in ROUTER_LOSS_FIELDS]  # training coefficients: the weights compute the same
 
 
 def _check_model_matches(path: Path, common: dict, cfg: MegamftConfig) -> None:

@@ -24,7 +24,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megamft.checkpoint import global_view
+from megamft.checkpoint import global_view, hf_moe
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
@@ -47,6 +47,8 @@ class ConversionError(ValueError):
 
 def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
     """Shape of one layer's (or the whole) megatron tensor."""
+    if mapping.kind == hf_moe.MOE_KIND:
+        return mapping.megatron_tensor_shape
     shapes = hf_shapes(mapping, d)
     if mapping.kind == "vocab":
         return (d.padded_vocab, d.hidden)
@@ -56,6 +58,8 @@ def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
 
 
 def to_megatron(mapping: Mapping, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
+    if mapping.kind == hf_moe.MOE_KIND:
+        return mapping.join(tensors)
     if mapping.kind == "copy":
         return tensors[0]
     if mapping.kind == "vocab":
@@ -74,6 +78,8 @@ def to_megatron(mapping: Mapping, tensors: list[torch.Tensor], d: Dims) -> torch
 
 
 def to_hf(mapping: Mapping, tensor: torch.Tensor, d: Dims) -> list[torch.Tensor]:
+    if mapping.kind == hf_moe.MOE_KIND:
+        return mapping.split(tensor)
     if mapping.kind == "copy":
         return [tensor]
     if mapping.kind == "vocab":
@@ -174,7 +180,7 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None):
     family = FAMILIES[model.hf_architecture]
     source = SafetensorsFolder(hf_dir)
     d = Dims.of(model)
-    mappings = needed_mappings(model)
+    mappings = needed_mappings(model, family, hf_moe.is_fused(source.weight_map))
     _check_hf_shapes(source, mappings, d, model.num_layers)
     planned = {n for m in mappings for layer in (range(model.num_layers) if m.per_layer else [None])
                for n in hf_names(m, layer)}
@@ -305,7 +311,7 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     partial = temporary_sibling(out_dir)
     writer = _ShardWriter(partial, max_shard_bytes)
     stored_dtype = None
-    mappings = needed_mappings(model)
+    mappings = needed_mappings(model, family)
     weights = _base_weights(ckpt)
     for layer in [None, *range(model.num_layers)]:
         group = [m for m in mappings if m.per_layer == (layer is not None)]

@@ -11,11 +11,15 @@ query/key norms (Qwen3).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from megamft.checkpoint import hf_moe
 from megamft.config import ModelConfig
 from megamft.model.architecture import head_dim
 from megamft.model.builder import padded_vocab_size
+
+if TYPE_CHECKING:
+    from megamft.model.families import Family
 
 HF_LAYER = "model.layers.{i}."
 
@@ -70,6 +74,10 @@ def _swiglu(m: ModelConfig) -> bool:
     return m.mlp_activation == "swiglu"
 
 
+def _dense_swiglu(m: ModelConfig) -> bool:
+    return _swiglu(m) and not m.num_experts  # an MoE layer's MLPs are the experts' (hf_moe)
+
+
 def _gelu(m: ModelConfig) -> bool:
     return m.mlp_activation != "swiglu"
 
@@ -109,9 +117,9 @@ MAPPINGS = (
     Mapping(_MLP + "linear_fc1.layer_norm_bias", ("post_attention_layernorm.bias",), "copy", True, _hidden,
             _layer_norm),
     Mapping(_MLP + "linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True,
-            lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)], _swiglu),
+            lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)], _dense_swiglu),
     Mapping(_MLP + "linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True,
-            lambda d: [(d.hidden, d.ffn)], _swiglu),
+            lambda d: [(d.hidden, d.ffn)], _dense_swiglu),
     Mapping(_MLP + "linear_fc1.weight", ("mlp.c_fc.weight",), "copy", True, lambda d: [(d.ffn, d.hidden)], _gelu),
     Mapping(_MLP + "linear_fc2.weight", ("mlp.c_proj.weight",), "copy", True, lambda d: [(d.hidden, d.ffn)], _gelu),
     Mapping(_MLP + "linear_fc1.bias", ("mlp.c_fc.bias",), "copy", True, lambda d: [(d.ffn,)],
@@ -121,14 +129,18 @@ MAPPINGS = (
 )
 
 
-def needed_mappings(model: ModelConfig) -> list[Mapping]:
+def needed_mappings(model: ModelConfig, family: Family | None = None, fused_experts: bool = False) -> list[Mapping]:
+    """The model's mappings; MoE families add their experts' (per-expert or fused layout on disk)."""
     if model.add_bias_linear and _swiglu(model):
         raise ValueError("biases on a SwiGLU MLP (mlp_bias) have no Hugging Face mapping in megamft")
-    return [m for m in MAPPINGS if m.needed(model)]
+    dense = [m for m in MAPPINGS if m.needed(model)]
+    return dense + (hf_moe.expert_mappings(model, family.name, fused_experts) if family and family.moe else [])
 
 
 def hf_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
     """Expected shape of each Hugging Face tensor of a mapping."""
+    if mapping.kind == hf_moe.MOE_KIND:
+        return list(mapping.hf_tensor_shapes)
     return mapping.shapes(d)
 
 

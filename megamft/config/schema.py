@@ -71,6 +71,23 @@ class ModelConfig:
     """llama3 RoPE scaling: rope_parameters.high_freq_factor (Llama 3.1: 4.0)."""
     rope_llama3_original_max_position_embeddings: Optional[int] = None
     """llama3 RoPE scaling: rope_parameters.original_max_position_embeddings (Llama 3.1: 8192)."""
+    num_experts: Optional[int] = None
+    """Mixture of experts: routed experts in every layer's MLP (None: a dense model). See megamft.model.moe."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Inner width of each routed expert's SwiGLU MLP (None: ffn_hidden_size)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts, then take the top k (their weights do not sum to 1: Qwen's
+    norm_topk_prob=false); False: top k logits, then softmax over them (Mixtral, norm_topk_prob=true)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Inner width of the shared expert every token also goes through (Qwen2-MoE; None: none)."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(x . w), a learned gate (Qwen2-MoE)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the router's load-balancing loss (0: off); added after the task weighting."""
+    moe_z_loss_coeff: float = 0.0
+    """Coefficient of the router's z-loss on its logits (0: off); added after the task weighting."""
 
 
 @dataclass
@@ -89,6 +106,10 @@ class ParallelConfig:
     """DP: replicas; None derives it as world_size / (TP * PP * CP)."""
     sequence_parallel: bool = False
     """Split norms and dropout along the sequence across TP ranks (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """EP: a mixture-of-experts layer's experts are split over this many ranks (carved out of DP x CP)."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """ETP: each expert's matrices are split over this many ranks (None: the same as TP)."""
 
 
 @dataclass

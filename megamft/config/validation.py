@@ -21,6 +21,7 @@ def validate(cfg: MegamftConfig, world_size: int) -> None:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     problems = _model_problems(cfg) + _parallel_problems(cfg, world_size)
     problems += _batch_problems(cfg, world_size) + _data_problems(cfg) + _lora_problems(cfg)
+    problems += _expert_problems(cfg, world_size)
     if problems:
         raise ConfigError(problems)
 
@@ -189,6 +190,40 @@ def _parallel_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
             f"world size {world_size} != TP x PP x CP x DP = {tp} x {pp} x {cp} x "
             f"{p.data_parallel_size} (parallel.data_parallel_size)"
         )
+    return problems
+
+
+def _expert_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
+    """Mixture of experts: megatron carves EP x ETP out of the ranks of one pipeline stage."""
+    m, p = cfg.model, cfg.parallel
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    if m.num_experts is None:
+        if ep != 1 or p.expert_tensor_parallel_size is not None:
+            return ["parallel.expert_model_parallel_size / expert_tensor_parallel_size need a mixture-of-experts "
+                    "model (model.num_experts)"]
+        return []
+    problems = []
+    if min(m.num_experts, m.moe_router_topk, ep, etp) < 1:
+        return ["model.num_experts, model.moe_router_topk, parallel.expert_model_parallel_size and "
+                "parallel.expert_tensor_parallel_size must be >= 1"]
+    if m.moe_router_topk > m.num_experts:
+        problems.append(f"model.moe_router_topk ({m.moe_router_topk}) exceeds model.num_experts ({m.num_experts})")
+    if m.num_experts % ep:
+        problems.append(f"model.num_experts ({m.num_experts}) must be divisible by "
+                        f"parallel.expert_model_parallel_size ({ep})")
+    expert_ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    if expert_ffn % etp:
+        problems.append(f"model.moe_ffn_hidden_size ({expert_ffn}) must be divisible by the expert tensor "
+                        f"parallel size ({etp})")
+    expert_ranks = etp * ep * p.pipeline_model_parallel_size
+    if world_size % expert_ranks:
+        problems.append(f"world size {world_size} is not divisible by expert TP x EP x PP = {etp} x {ep} x "
+                        f"{p.pipeline_model_parallel_size}; change parallel.expert_model_parallel_size")
+    if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        problems.append("a mixture-of-experts model with parallel.tensor_model_parallel_size > 1 needs "
+                        "parallel.sequence_parallel=true (megatron's MoE layer refuses to train without it)")
+    if m.moe_aux_loss_coeff < 0 or m.moe_z_loss_coeff < 0:
+        problems.append("model.moe_aux_loss_coeff and model.moe_z_loss_coeff must be >= 0")
     return problems
 
 

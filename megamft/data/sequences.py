@@ -130,6 +130,7 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length
     loss_mask = np.zeros((b, length), dtype=np.float32)
     task_ids = np.zeros((b, length), dtype=np.int64)
     sample_ids = np.zeros((b, length), dtype=np.int64)
+    padding = np.zeros((b, length), dtype=bool)
     position_ids = np.tile(np.arange(length, dtype=np.int64), (b, 1))
     for r, (row_tasks, row_docs) in enumerate(rows):
         at = 0
@@ -148,9 +149,10 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length
             position_ids[r, at:] = np.arange(length - at)
         task_ids[r, at:] = row_tasks[-1] if len(row_tasks) else 0
         sample_ids[r, at:] = len(row_tasks)  # padding: a block of its own
+        padding[r, at:] = True
     batch = {name: torch.from_numpy(value) for name, value in (
         ("tokens", tokens), ("labels", labels), ("loss_mask", loss_mask), ("task_ids", task_ids),
-        ("sample_ids", sample_ids), ("position_ids", position_ids))}
+        ("sample_ids", sample_ids), ("position_ids", position_ids), ("padding", padding))}
     if mode == "pack":
         batch["attention_mask"] = document_attention_mask(batch["sample_ids"])
         batch["cu_seqlens"] = document_boundaries(sample_ids)

@@ -31,10 +31,15 @@ def fc1_width(m: ModelConfig) -> int:
 
 
 def layer_parameters(m: ModelConfig) -> int:
-    """Parameters of one transformer layer (whole, before any parallel split)."""
+    """Parameters of one transformer layer outside its routed experts (whole, before any parallel split)."""
     h, f = m.hidden_size, m.ffn_hidden_size
     qkv_out, q = query_width(m) + 2 * kv_width(m), query_width(m)
-    weights = h * qkv_out + q * h + mlp_matrices(m) * h * f
+    if m.num_experts:  # the router, the shared expert and its gate; the experts: expert_layer_parameters
+        mlp = m.num_experts * h + 3 * h * (m.moe_shared_expert_intermediate_size or 0)
+        mlp += h if m.moe_shared_expert_gate else 0
+    else:
+        mlp = mlp_matrices(m) * h * f
+    weights = h * qkv_out + q * h + mlp
     biases = 0
     if m.add_bias_linear:
         biases = qkv_out + h + fc1_width(m) + h
@@ -43,3 +48,8 @@ def layer_parameters(m: ModelConfig) -> int:
     norms = 2 * h * (2 if m.normalization == "LayerNorm" else 1)
     qk_norms = 2 * head_dim(m) if m.qk_layernorm else 0
     return weights + biases + norms + qk_norms
+
+
+def expert_layer_parameters(m: ModelConfig) -> int:
+    """Parameters of one layer's routed experts (0 for a dense model)."""
+    return 3 * m.num_experts * m.hidden_size * (m.moe_ffn_hidden_size or m.ffn_hidden_size) if m.num_experts else 0

@@ -11,6 +11,7 @@ from megatron.core.transformer import TransformerConfig
 from megamft.config import MegamftConfig
 from megamft.model.attention_window import window_size
 from megamft.model.rope import apply_llama3_scaling, linear_interpolation_factor
+from megamft.model.moe import moe_transformer_fields
 from megamft.model.spec import gpt_layer_spec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,6 +61,7 @@ def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
         # that keeps device redirection active inside backward (recompute).
         deallocate_pipeline_outputs=True,
     )
+    fields.update(moe_transformer_fields(m, p))
     if p.pipeline_model_parallel_size == 2 and p.virtual_pipeline_model_parallel_size:
         # With two stages the previous and next rank are the same peer. Batched
         # p2p then posts "send grad, send activation" against "recv activation,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megamft.config import ModelConfig
+from megamft.model.moe import MIXTRAL, QWEN2_MOE, MoeFamily, UnsupportedMoE
 from megamft.model.rope import UnsupportedRope, hf_rope_scaling, rope_fields_from_hf
 
 
@@ -37,6 +38,8 @@ class Family:
     """What transformers assumes for keys a config.json may leave out, where megamft's default differs."""
     window_switch_key: str | None = None
     """Key that must be true for sliding_window to apply (Qwen's use_sliding_window)."""
+    moe: MoeFamily | None = None
+    """Mixture-of-experts config keys (None: a dense family)."""
 
 
 FAMILIES = {
@@ -55,6 +58,10 @@ FAMILIES = {
                normalization="LayerNorm", mlp_activation="gelu_tanh", linear_bias_key="use_bias",
                norm_epsilon_key="norm_epsilon", hf_defaults={"use_bias": True, "tie_word_embeddings": True},
                export_defaults={"residual_dropout": 0.0, "embedding_dropout": 0.0, "sliding_window": None}),
+        Family("mixtral", "MixtralForCausalLM", "mixtral", export_defaults={"sliding_window": None}, moe=MIXTRAL),
+        Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", qkv_bias=True, moe=QWEN2_MOE,
+               window_switch_key="use_sliding_window",
+               export_defaults={"use_sliding_window": False, "sliding_window": None, "qkv_bias": True}),
     )
 }
 
@@ -137,6 +144,11 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json") -> ModelC
     except UnsupportedRope as error:
         raise UnsupportedModel(str(error)) from None
     vocab = values["vocab_size"]
+    if family.moe is not None:
+        try:
+            values.update(family.moe.model_fields(hf_config, source))
+        except UnsupportedMoE as err:
+            raise UnsupportedModel(str(err)) from None
     return ModelConfig(
         sliding_window=_sliding_window(hf_config, family, source),
         **values,
@@ -181,4 +193,6 @@ def hf_config_from_model(model: ModelConfig, family: Family, dtype: str) -> dict
         config["max_window_layers"] = 0
         config["layer_types"] = ["sliding_attention" if model.sliding_window else "full_attention"] * model.num_layers
     config["num_key_value_heads"] = model.num_query_groups or model.num_attention_heads
+    if family.moe is not None:
+        config.update(family.moe.hf_fields(model))
     return config

@@ -13,16 +13,18 @@ from megamft.config import ModelConfig
 from megamft.model.norm import MegamftRMSNorm, norm_class
 
 
-def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layernorm: bool = False
-                     ) -> TransformerBlockSubmodules:
+def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layernorm: bool = False,
+                     num_experts: int | None = None) -> TransformerBlockSubmodules:
     """megatron-core's local layer (torch attention, SwiGLU or GELU MLP) with megamft's norms.
 
     Every norm, the final one and Qwen3's per-head query/key norms included, is
     megamft's (RMSNorm or LayerNorm) so that sequence parallel works without
-    TE or apex.
+    TE or apex. With `num_experts`, the MLP is megatron's MoE layer with one
+    MLP per expert (SequentialMLP).
     """
     norm = norm_class(normalization)
-    layer = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+    layer = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization=normalization,
+                                     qk_layernorm=qk_layernorm)
     layer.submodules.input_layernorm = norm
     layer.submodules.pre_mlp_layernorm = norm
     if qk_layernorm:
@@ -31,9 +33,14 @@ def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layerno
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
-def transformer_engine_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
-    """Transformer Engine's fused layer (norm folded into the linear layers)."""
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+def transformer_engine_layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> ModuleSpec:
+    """Transformer Engine's fused layer (norm folded into the linear layers).
+
+    MoE layers use TE's grouped GEMM over the local experts; megatron saves its
+    weights under SequentialMLP's keys, so checkpoints move between the two specs.
+    """
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, num_experts=num_experts,
+                                                      moe_grouped_gemm=bool(num_experts))
 
 
 def use_transformer_engine(installed: bool, lora_enabled: bool) -> bool:
@@ -50,8 +57,8 @@ def use_transformer_engine(installed: bool, lora_enabled: bool) -> bool:
 
 
 def gpt_layer_spec(num_layers_in_chunk: int, use_transformer_engine: bool, model: ModelConfig | None = None):
-    """The spec handed to GPTModel for one model chunk (norm kind and q/k norms from `model`)."""
+    """The spec handed to GPTModel for one model chunk (norms, q/k norms and experts from `model`)."""
     model = model or ModelConfig()
     if use_transformer_engine:
-        return transformer_engine_layer_spec(model.qk_layernorm)
-    return local_block_spec(num_layers_in_chunk, model.normalization, model.qk_layernorm)
+        return transformer_engine_layer_spec(model.qk_layernorm, model.num_experts)
+    return local_block_spec(num_layers_in_chunk, model.normalization, model.qk_layernorm, model.num_experts)

@@ -303,6 +303,16 @@ def _patch_torch_cuda() -> None:
     cuda.current_stream = lambda device=None: _NoOpStream()
     cuda.default_stream = lambda device=None: _NoOpStream()
     cuda.stream = lambda stream=None: contextlib.nullcontext()
+    # t.record_stream(torch.cuda.current_stream()) (megatron's MoE dispatcher) fails in argument
+    # parsing, before any TorchFunctionMode sees it, when the stream is a stand-in.
+    if not getattr(torch.Tensor.record_stream, "_megamft_emulated", False):
+        record_stream = torch.Tensor.record_stream
+
+        def _record_stream(tensor, stream):
+            return None if isinstance(stream, _NoOpStream) else record_stream(tensor, stream)
+
+        _record_stream._megamft_emulated = True
+        torch.Tensor.record_stream = _record_stream
     if _strict:  # bytes held by emulated GPU tensors
         cuda.memory_allocated = strict_device.memory_allocated
         cuda.max_memory_allocated = strict_device.max_memory_allocated

@@ -45,6 +45,8 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
     )
     model_parallel_cuda_manual_seed(cfg.train.seed)
     global _host_group, _runtime

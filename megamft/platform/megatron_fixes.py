@@ -18,7 +18,21 @@ def apply() -> None:
     if _applied:
         return
     _keep_torch_adam_step_on_reshardable_load()
+    _define_te_general_gemm_without_transformer_engine()
     _applied = True
+
+
+def _define_te_general_gemm_without_transformer_engine() -> None:
+    """The MoE router's fp32 gating raises NameError: name 'te_general_gemm' is not defined.
+
+    moe_utils imports te_general_gemm only when Transformer Engine is installed, but
+    RouterGatingLinearFunction tests `te_general_gemm is not None` either way (any
+    moe_router_dtype). Defining the missing name as None takes megatron's own torch path.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _keep_torch_adam_step_on_reshardable_load() -> None:

@@ -24,6 +24,7 @@ from megamft.platform.output_folder import DestinationError, FolderLock
 from megamft.model.attention_window import check_backend_honours_window
 from megamft.model.spec import use_transformer_engine
 from megamft.platform.device import describe_runtime
+from megamft.training.expert_stats import ExpertStats, expert_shares
 from megamft.training.metrics import MetricsWriter
 from megamft.training.preemption import PreemptionWatch
 from megamft.training.throughput import memory_gb, tflops_per_device
@@ -63,6 +64,7 @@ class Run:
     async_saves: dist_checkpoint.AsyncSaves | None = None
     lora_base: dict | None = None  # base weights of adapter-only checkpoints
     coba_stream: list | None = None  # CoBa's sampled validation micro-batches on this rank, built once
+    expert_stats: ExpertStats | None = None  # MoE: tokens per task and expert over the log interval
 
     def finish_saves(self) -> None:
         if self.async_saves is not None:
@@ -144,6 +146,7 @@ def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: flo
         return
     eta = int(seconds * (cfg.train.train_steps - iteration))
     mfu = f" | MFU {measured['mfu']:.1%}" if "mfu" in measured else ""
+    mfu += "".join(f" | {name} {value:.4g}" for name, value in stats.router_losses.items())
     log.info(
         "step %d/%d | loss %.4f | %s | grad-norm %.3f | lr %.2e | %.0f tok/s | %.2f TFLOP/s/dev%s | "
         "mem %.3g GB | eta %d:%02d",
@@ -171,7 +174,9 @@ def _task_loss_tensor(stats: StepStats) -> torch.Tensor:
 def _loss_setup(run: Run) -> LossSetup:
     loss = run.cfg.loss
     weights = effective_task_weights(loss.mode, len(run.data.task_names), run.static_weights, run.balancer)
-    return LossSetup(loss.mode, loss.normalization, weights, loss.focal_gamma, loss.fused_cross_entropy)
+    m = run.cfg.model
+    router = (m.moe_aux_loss_coeff, m.moe_z_loss_coeff) if m.num_experts else None
+    return LossSetup(loss.mode, loss.normalization, weights, loss.focal_gamma, loss.fused_cross_entropy, router)
 
 
 def _save(run: Run) -> None:
@@ -283,6 +288,7 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
             measured["tokens_per_second"] = tokens_per_second
         if run.iteration % cfg.train.log_interval == 0 or run.iteration == cfg.train.train_steps:
             _log_step(cfg, run.iteration, stats, seconds, measured)
+            _log_experts(run)
             window_start, window_steps = time.perf_counter(), 0
         if cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0:
             _validate(run, "valid")
@@ -297,6 +303,20 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
                 log.warning("preemption signal: stopped after step %d, checkpoint %s",
                             run.iteration, run.result.last_checkpoint)
             return
+
+
+def _log_experts(run: Run) -> None:
+    """Per-task expert statistics of the log interval (the one read of their device counts)."""
+    if run.expert_stats is None:
+        return
+    counts = run.expert_stats.read()
+    if not distributed.is_logging_rank():
+        return
+    shares = expert_shares(counts, run.data.task_names)
+    run.metrics.experts(run.iteration, counts, shares, run.data.task_names)
+    top = " | ".join(f"{task} " + ",".join(str(int(e)) for e in share.argsort(descending=True)[:3])
+                     for task, share in shares.items())
+    log.info("step %d experts (top 3 per task, all layers): %s", run.iteration, top)
 
 
 def _count_task_samples(run: Run) -> None:
@@ -384,10 +404,15 @@ def _build(cfg: MegamftConfig) -> Run:
     cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
     _check_token_ids(cfg, data)
     state = build_training_state(cfg, runtime, data.vocab_size)
+    experts = None
+    if cfg.model.num_experts:
+        experts = ExpertStats(state.chunks, cfg.model.num_layers, len(data.task_names), cfg.model.num_experts,
+                              cfg.parallel.sequence_parallel)
     return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)),
                static_task_weights(cfg, data.task_names),
                MetricsWriter(_tensorboard_dir(cfg), distributed.is_logging_rank()),
-               async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None)
+               async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None,
+               expert_stats=experts)
 
 
 def _check_tokenizer(cfg: MegamftConfig, load_dir: str) -> None:

@@ -14,6 +14,11 @@ pipelining keeps up to PP micro-batches in flight on the first stage.
 Heads wider than hidden / heads (Qwen3) widen the query and context terms, and
 a GELU MLP (StarCoder2) keeps about 2 x ffn: both follow the same count, not
 a separate measurement.
+
+Mixture of experts: routed experts are split over EP x expert-TP ranks and their
+Adam state over the expert data-parallel ranks (world / (ETP x EP x PP)); each
+token's activations go through top-k experts (k x 4 x expert ffn values, plus
+the permuted copies of its hidden state the all-to-all dispatcher keeps).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamft.config import MegamftConfig, data_parallel_size
-from megamft.model.architecture import fc1_width, kv_width, layer_parameters, query_width
+from megamft.model.architecture import (expert_layer_parameters, fc1_width, kv_width, layer_parameters,
+                                        query_width)
 from megamft.model.builder import padded_vocab_size
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -47,12 +53,24 @@ class MemoryEstimate:
                 f"{self.total / gb:.1f} GB per device")
 
 
+def _expert_split(cfg: MegamftConfig) -> int:
+    """Ranks one layer's routed experts are split over: EP x expert TP."""
+    p = cfg.parallel
+    return p.expert_model_parallel_size * (p.expert_tensor_parallel_size or p.tensor_model_parallel_size)
+
+
+def stage_expert_parameters(cfg: MegamftConfig) -> float:
+    """Routed-expert parameters one rank of a pipeline stage holds."""
+    layers = cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size
+    return layers * expert_layer_parameters(cfg.model) / _expert_split(cfg)
+
+
 def stage_parameters(cfg: MegamftConfig, vocab_size: int, first: bool, last: bool) -> float:
     """Parameters one rank of a pipeline stage holds (its TP shard)."""
     m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     vocab = padded_vocab_size(vocab_size, tp, m.make_vocab_size_divisible_by)
-    total = m.num_layers // pp * layer_parameters(m) / tp
+    total = m.num_layers // pp * layer_parameters(m) / tp + stage_expert_parameters(cfg)
     if first:
         total += vocab * m.hidden_size / tp
     if last:
@@ -73,17 +91,27 @@ def activation_bytes(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
         hidden_sized = 10 * m.hidden_size / (tp if p.sequence_parallel else 1)
         # Queries and the attention context are heads x head_dim wide (Qwen3: wider than hidden).
         hidden_sized += 2 * (query_width(m) - m.hidden_size) / tp
-        # SwiGLU keeps fc1's [gate; up] output and the product (4 x ffn); GELU fc1's output and its GELU.
-        ffn_sized = (4 if m.mlp_activation == "swiglu" else 2) * m.ffn_hidden_size / tp
         # Selective recompute redoes core attention in backward: its probabilities are not kept.
         attention = 0 if recompute == "selective" else m.num_attention_heads / tp * cfg.data.seq_length
-        per_layer = positions * value * (hidden_sized + ffn_sized + attention)
+        per_layer = positions * value * (hidden_sized + _mlp_values(cfg) + attention)
     in_flight = pp if first else 1  # 1F1B: the first stage holds PP micro-batches
     total = per_layer * (m.num_layers // pp) * in_flight
     if last:
         vocab = padded_vocab_size(vocab_size, tp, m.make_vocab_size_divisible_by)
         total += 2 * positions * vocab / tp * 4  # logits and their softmax, fp32 in the loss
     return total
+
+
+def _mlp_values(cfg: MegamftConfig) -> float:
+    """Values per position the MLP keeps for backward on one rank."""
+    m, p = cfg.model, cfg.parallel
+    tp = p.tensor_model_parallel_size
+    if not m.num_experts:  # SwiGLU keeps fc1's [gate; up] output and the product; GELU fc1's output and its GELU
+        return (4 if m.mlp_activation == "swiglu" else 2) * m.ffn_hidden_size / tp
+    expert_tp = p.expert_tensor_parallel_size or tp
+    routed = m.moe_router_topk * (4 * (m.moe_ffn_hidden_size or m.ffn_hidden_size) / expert_tp + 2 * m.hidden_size)
+    shared = 4 * (m.moe_shared_expert_intermediate_size or 0) / tp
+    return routed + shared + m.num_experts  # router probabilities
 
 
 def adapter_parameters(cfg: MegamftConfig) -> float:
@@ -114,11 +142,17 @@ def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEsti
     for first, last in stages:
         params = stage_parameters(cfg, vocab_size, first, last)
         trained = params
+        experts = stage_expert_parameters(cfg)
         if cfg.lora.enabled:  # the base is frozen: gradients and Adam state for adapters only
             trained = adapter_parameters(cfg)
             params += trained
-        # Adam: two fp32 moments, plus an fp32 master copy when training in 16 bits.
-        optimizer_bytes = trained * (8 + (4 if value == 2 else 0)) / (dp if distributed else 1)
+            experts = 0.0
+        # Adam: two fp32 moments, plus an fp32 master copy when training in 16 bits. Expert
+        # state shards over the expert data-parallel ranks, the rest over DP.
+        expert_dp = world_size // (_expert_split(cfg) * pp)
+        per_param = 8 + (4 if value == 2 else 0)
+        optimizer_bytes = ((trained - experts) / (dp if distributed else 1)
+                           + experts / (expert_dp if distributed else 1)) * per_param
         candidate = MemoryEstimate(params * value, trained * 4, optimizer_bytes,
                                    activation_bytes(cfg, vocab_size, first, last))
         if best is None or candidate.total > best.total:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from megamft.training.step import StepStats
 
 
@@ -36,7 +38,28 @@ class MetricsWriter:
             scalars[f"train/tokens/{task}"] = stats.task_tokens[task]
         for task, weight in stats.task_weights.items():
             scalars[f"train/weight/{task}"] = weight
+        for name, value in stats.router_losses.items():  # MoE auxiliary losses, apart from the task losses
+            scalars[f"train/router/{name}"] = value
         self._write(step, scalars)
+
+    def experts(self, step: int, counts, shares: dict, task_names: tuple[str, ...]) -> None:
+        """MoE: each task's share of routed tokens per expert (scalars) and per layer (histograms)."""
+        if self._writer is None:
+            return
+        scalars = {f"experts/{task}/expert_{e:03d}": float(v) for task, share in shares.items()
+                   for e, v in enumerate(share)}
+        self._write(step, scalars)
+        for t, task in enumerate(task_names):
+            for layer in range(counts.shape[0]):
+                per_expert = counts[layer, t].double()
+                if per_expert.sum() > 0:  # one bucket per expert, its height the tokens routed there
+                    self._writer.add_histogram_raw(
+                        f"experts/{task}/layer_{layer}", min=0, max=len(per_expert) - 1, num=float(per_expert.sum()),
+                        sum=float((per_expert * torch.arange(len(per_expert))).sum()),
+                        sum_squares=float((per_expert * torch.arange(len(per_expert)) ** 2).sum()),
+                        bucket_limits=[e + 0.5 for e in range(len(per_expert))], bucket_counts=per_expert.tolist(),
+                        global_step=step)
+        self._writer.flush()
 
     def valid(self, step: int, stats: StepStats) -> None:
         if self._writer is None:

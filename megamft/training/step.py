@@ -11,6 +11,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_model_config
 
 from megamft.loss.fused_ce import fused_multitask_cross_entropy
 from megamft.loss.multitask import (
@@ -22,6 +23,7 @@ from megamft.loss.multitask import (
     task_sums,
     token_weights,
 )
+from megamft.training import expert_stats, router_losses
 
 
 @dataclass
@@ -33,6 +35,7 @@ class LossSetup:
     task_weights: torch.Tensor | None = None  # effective weights for this step (static x dynamic)
     focal_gamma: float = 2.0
     fused: bool = False  # megamft's fused cross entropy on the model's vocab-parallel logits
+    router_loss_coeffs: tuple[float, float] | None = None  # MoE: (load balancing, z); see router_losses
 
 
 @dataclass
@@ -48,6 +51,7 @@ class StepStats:
     lr: float | None = None
     skipped: bool = False
     device_syncs: int | None = None   # device-to-host synchronizations in the step (strict emulation only)
+    router_losses: dict[str, float] = field(default_factory=dict)  # MoE auxiliary losses, unscaled
 
 
 def _dp_group():
@@ -72,7 +76,7 @@ def global_counts(micro_batches: list[dict], num_tasks: int, indices: list | Non
 
 
 # Used on the host only: packed_seq_params carries the boundaries to the device.
-_HOST_ONLY_KEYS = ("sample_ids", "cu_seqlens")
+_HOST_ONLY_KEYS = ("sample_ids", "cu_seqlens", "padding")
 
 
 def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tuple[list[dict], BatchCounts]:
@@ -102,13 +106,22 @@ def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tupl
         if "packed_seq_params" in ready:
             ready.pop("attention_mask", None)  # Transformer Engine's thd attention reads the boundaries
         ready.update(token_weights=w.float(), sample_index=samples[0].view(mask.shape))
+        split_keys = _CP_SPLIT_KEYS
+        if setup.router_loss_coeffs is not None:  # MoE: each token's task for the expert statistics
+            ready["routed_task_ids"] = _routed_task_ids(tasks, batch.get("padding"), num_tasks)
+            split_keys += ("routed_task_ids",)
         if parallel_state.get_context_parallel_world_size() > 1:
-            ready = get_batch_on_this_cp_rank({k: ready[k] for k in _CP_SPLIT_KEYS})
+            ready = get_batch_on_this_cp_rank({k: ready[k] for k in split_keys})
         if torch.cuda.is_available():
             ready = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in ready.items()}
         ready["num_samples"] = samples[1]
         prepared.append(ready)
     return prepared, counts
+
+
+def _routed_task_ids(tasks: torch.Tensor, padding: torch.Tensor | None, num_tasks: int) -> torch.Tensor:
+    """Task id per token, num_tasks for padding (it is routed too, but belongs to no task)."""
+    return tasks if padding is None else tasks.masked_fill(padding, num_tasks)
 
 
 _CP_SPLIT_KEYS = ("tokens", "labels", "loss_mask", "task_ids", "sample_index", "position_ids", "token_weights")
@@ -166,6 +179,7 @@ def to_device(batch: dict) -> dict:
 def _forward_step(make_loss_func, fused: bool, data_iterator, model):
     """megatron's forward_step_func: run one micro-batch, return output and loss_func."""
     batch = to_device(next(data_iterator))
+    expert_stats.route_tasks(batch.get("routed_task_ids"))
     labels = None if fused else batch["labels"]  # without labels the last stage returns logits
     # The fused loss reads bf16/fp16 logits as they are: Float16Module's default
     # upcast would make an fp32 copy of [tokens, vocab] first.
@@ -182,6 +196,10 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
     micro_batch_size, seq_length = micro_batches[0]["tokens"].shape  # whole sequences, also under CP
     micro_batches, counts = prepare(micro_batches, setup, num_tasks)
     total_tokens = float(counts.task_tokens.sum())
+    if setup.router_loss_coeffs is not None and not forward_only:
+        positions = len(micro_batches) * micro_batch_size * seq_length * parallel_state.get_data_parallel_world_size()
+        router_losses.scale_to_global_batch(get_model_config(chunks[0]), setup.router_loss_coeffs, total_tokens,
+                                            positions)
 
     def make_loss_func(batch):
         return partial(_loss_func, setup, divisor, total_tokens, num_tasks, batch)
@@ -198,8 +216,11 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
     )
 
 
-def reduce_stats(outputs: list[dict], task_names: tuple[str, ...]) -> StepStats:
-    """Sum micro-batch stats, add over DP, and share the last stage's result with all ranks."""
+def reduce_stats(outputs: list[dict], task_names: tuple[str, ...], router: torch.Tensor | None = None) -> StepStats:
+    """Sum micro-batch stats, add over DP, and share the last stage's result with all ranks.
+
+    `router`: MoE auxiliary losses, already reduced (router_losses.reduced), read in the same read.
+    """
     num_tasks = len(task_names)
     stats = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64, device=torch.cuda.current_device())
     for out in outputs:
@@ -211,13 +232,15 @@ def reduce_stats(outputs: list[dict], task_names: tuple[str, ...]) -> StepStats:
         group=parallel_state.get_pipeline_model_parallel_group(),
     )
     # The step's one read of device results: every rank needs them to decide on skipping.
-    values = stats.tolist()
-    objective, loss_sums, counts = values[0], values[1 : 1 + num_tasks], values[1 + num_tasks :]
+    values = torch.cat([stats, router.to(stats.dtype)]).tolist() if router is not None else stats.tolist()
+    router_values = values[1 + 2 * num_tasks:]
+    objective, loss_sums, counts = values[0], values[1 : 1 + num_tasks], values[1 + num_tasks : 1 + 2 * num_tasks]
     return StepStats(
         loss=float(objective),
         tokens=int(sum(counts)),
         task_loss={n: float(s / c) if c else float("nan") for n, s, c in zip(task_names, loss_sums, counts)},
         task_tokens={n: int(c) for n, c in zip(task_names, counts)},
+        router_losses={name: v for name, v in zip(router_losses.TRACKED.values(), router_values) if math.isfinite(v)},
     )
 
 
@@ -229,7 +252,10 @@ def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...],
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     outputs = _run_schedule(state.chunks, micro_batches, setup, len(task_names), forward_only=False)
-    stats = reduce_stats(outputs, task_names)  # the same on every rank, so all skip together
+    router = None
+    if setup.router_loss_coeffs is not None:
+        router = router_losses.reduced(get_model_config(state.chunks[0]), len(micro_batches))
+    stats = reduce_stats(outputs, task_names, router)  # the same on every rank, so all skip together
     if not math.isfinite(stats.loss):
         stats.skipped = True
         return stats

@@ -1,0 +1,187 @@
+"""Mixture-of-experts conversion (Mixtral, Qwen2-MoE), proven against transformers itself.
+
+Tiny random MoE models are built with transformers, converted, and run by
+megamft at TP=1, TP=2 (with sequence parallel, as MoE training needs), PP=2
+and EP=2: the logits must equal transformers'. Both expert layouts on disk are
+read (one tensor per expert, as transformers writes; the fused 3-D tensors it
+holds in memory). Exports load in transformers with no missing or unexpected
+key and no warning, and a round trip through EP=2 x PP=2 gives back the very
+same tensors.
+"""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+
+from megamft.checkpoint import hf_convert  # noqa: E402
+from megamft.model.families import model_config_from_hf  # noqa: E402
+from megamft.testing.distributed import launch  # noqa: E402
+
+import jobs  # noqa: E402
+
+BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+            max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+QWEN = dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+            num_experts_per_tok=2)
+CASES = {
+    # top-2 of 4, weights renormalized always; saved in several shards
+    "mixtral": (transformers.MixtralConfig, dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                                 sliding_window=None), False),
+    # fine-grained experts, gated shared expert, q/k/v biases, top-k weights NOT renormalized
+    "qwen2-moe": (transformers.Qwen2MoeConfig, dict(QWEN, norm_topk_prob=False), False),
+    # top-3 renormalized (norm_topk_prob), read from transformers' fused 3-D expert tensors
+    "qwen2-moe-fused": (transformers.Qwen2MoeConfig, dict(QWEN, num_experts=6, num_experts_per_tok=3,
+                                                          norm_topk_prob=True), True),
+}
+LAYOUTS = {
+    "tp1": (1, ()),
+    "tp2": (2, ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true")),
+    "pp2": (2, ("parallel.pipeline_model_parallel_size=2",)),
+    "ep2": (2, ("parallel.expert_model_parallel_size=2",)),
+}
+RUNS = [("mixtral", layout) for layout in LAYOUTS] + [("qwen2-moe", "tp1"), ("qwen2-moe", "ep2"),
+                                                       ("qwen2-moe", "tp2"), ("qwen2-moe-fused", "tp1")]
+
+
+def _tiny_hf_model(name: str):
+    config_class, extra, _ = CASES[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**{**BASE, **extra}), dtype=torch.float32)
+    with torch.no_grad():  # norms start at 1, biases at 0, routers near 0: randomize so all are tested
+        for pname, param in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                param.copy_(torch.randn_like(param) * 0.1 + ("norm" in pname))
+            elif pname.endswith("gate.weight"):  # routers (and Qwen's shared-expert gate): clear choices
+                param.copy_(torch.randn_like(param))
+    return model
+
+
+def _save(name: str, folder):
+    model = _tiny_hf_model(name)
+    model.save_pretrained(folder, max_shard_size="200KB" if name == "mixtral" else "1GB")
+    if CASES[name][2]:  # replace the per-expert file by the fused tensors transformers holds in memory
+        for file in folder.glob("*.safetensors"):
+            file.unlink()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+    return folder
+
+
+def _hf_logits(folder, tokens):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def _tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = {}
+    for name in CASES:
+        root = tmp_path_factory.mktemp(name)
+        hf_dir = _save(name, root / "hf")
+        hf_convert.hf_to_megatron(hf_dir, root / "megatron")
+        out[name] = (hf_dir, root / "megatron")
+    return out
+
+
+def test_routing_settings_follow_the_config(converted):
+    """Mixtral always renormalizes the top k; Qwen only with norm_topk_prob (else softmax first)."""
+    expected = {"mixtral": (4, 2, False, None), "qwen2-moe": (8, 2, True, 48), "qwen2-moe-fused": (6, 3, False, 48)}
+    for name, (hf_dir, _) in converted.items():
+        model = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+        assert (model.num_experts, model.moe_router_topk, model.moe_router_pre_softmax,
+                model.moe_shared_expert_intermediate_size) == expected[name]
+    assert hf_convert.hf_moe.is_fused(hf_convert.SafetensorsFolder(converted["qwen2-moe-fused"][0]).weight_map)
+    assert len(set(hf_convert.SafetensorsFolder(converted["mixtral"][0]).weight_map.values())) > 1
+
+
+@pytest.mark.parametrize("name,layout", RUNS)
+def test_moe_logits_match_transformers(converted, name, layout):
+    hf_dir, megatron_dir = converted[name]
+    tokens = _tokens(BASE["vocab_size"])
+    world_size, overrides = LAYOUTS[layout]
+    results = launch(jobs.converted_logits, world_size, timeout=180, kwargs=dict(
+        checkpoint=str(megatron_dir), model_yaml=str(megatron_dir / "megamft_model.yaml"),
+        overrides=overrides, tokens=tokens))
+    ours = next(r for r in results if r is not None)
+    theirs = _hf_logits(hf_dir, tokens)
+    torch.testing.assert_close(ours[..., :BASE["vocab_size"]], theirs, rtol=0, atol=1e-4)
+
+
+def _load_quietly(folder):
+    """Load with transformers, returning (model, loading info, warnings it logged or raised)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    messages += [str(w.message) for w in caught if "transformers" in str(w.filename)]
+    return model, info, messages
+
+
+@pytest.mark.parametrize("name", ["qwen2-moe", "qwen2-moe-fused"])
+def test_export_loads_in_transformers_without_warnings(converted, name, tmp_path):
+    hf_dir, megatron_dir = converted[name]
+    exported = hf_convert.megatron_to_hf(megatron_dir, tmp_path / "export", hf_template=hf_dir)
+    model, info, messages = _load_quietly(exported)
+    assert not any(info.values()), info
+    assert not messages, messages
+    tokens = _tokens(BASE["vocab_size"])
+    torch.testing.assert_close(_hf_logits(exported, tokens), _hf_logits(hf_dir, tokens), rtol=0, atol=0)
+    if name == "qwen2-moe-fused":  # read fused, written per expert: exactly what transformers itself writes
+        _tiny_hf_model(name).save_pretrained(tmp_path / "reference")
+        reference = load_file(tmp_path / "reference" / "model.safetensors")
+        written = load_file(exported / "model-00001-of-00001.safetensors")
+        assert set(written) == set(reference)
+        assert all(torch.equal(written[k], reference[k]) for k in reference)
+
+
+def test_round_trip_through_ep2_pp2_is_bit_identical(converted, tmp_path):
+    hf_dir, megatron_dir = converted["mixtral"]
+    resaved = tmp_path / "ep2pp2"
+    launch(jobs.resave, 4, timeout=240, kwargs=dict(
+        checkpoint=str(megatron_dir), model_yaml=str(megatron_dir / "megamft_model.yaml"),
+        overrides=("parallel.expert_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"),
+        out_dir=str(resaved)))
+    exported = hf_convert.megatron_to_hf(resaved, tmp_path / "hf_out", hf_template=hf_dir)
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    original = {}
+    for shard in set(index["weight_map"].values()):
+        original.update(load_file(hf_dir / shard))
+    back = {}
+    for shard in set(json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"].values()):
+        back.update(load_file(exported / shard))
+    assert set(back) == set(original)
+    for key, tensor in original.items():
+        assert torch.equal(back[key], tensor), key
+    _, info, messages = _load_quietly(exported)
+    assert not any(info.values()) and not messages, (info, messages)
+
+
+def test_unsupported_moe_layouts_are_refused(converted):
+    from megamft.model.families import UnsupportedModel
+
+    config = json.loads((converted["qwen2-moe"][0] / "config.json").read_text())
+    with pytest.raises(UnsupportedModel, match="mlp_only_layers"):
+        model_config_from_hf({**config, "mlp_only_layers": [1]})
+    mixtral = json.loads((converted["mixtral"][0] / "config.json").read_text())
+    with pytest.raises(UnsupportedModel, match="router_jitter_noise"):
+        model_config_from_hf({**mixtral, "router_jitter_noise": 0.1})
