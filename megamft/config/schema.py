@@ -51,6 +51,11 @@ class ModelConfig:
     """Attention window of the original model (Mistral); sequences may not exceed it (no windowed kernel)."""
     init_method_std: float = 0.02
     """Standard deviation of the random initialisation."""
+    attention_backend: Literal["auto", "torch", "te", "local"] = "auto"
+    """Core attention: 'te' (Transformer Engine's layer), 'torch' (torch's fused SDPA / flash varlen
+    kernels in megatron's local layer: no [s, s] scores, packed rows without a dense mask), 'local'
+    (megatron's DotProductAttention: full scores, kept for comparison), 'auto' (te where installed and
+    LoRA is off, else torch)."""
 
 
 @dataclass
