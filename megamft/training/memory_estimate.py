@@ -5,8 +5,12 @@ pipeline stage's layers, its TP shard). Activations follow what megatron's
 local spec with megamft's RMSNorm keeps for backward, per layer and token
 position (measured with autograd's saved-tensor hooks): about 10 x hidden +
 4 x ffn values (norm inputs and outputs in fp32, q/k/v, attention context,
-the inputs of every linear layer, SwiGLU's two halves), plus the attention
-probabilities (heads x seq per position); the last stage keeps the logits
+the inputs of every linear layer, SwiGLU's two halves), plus what core
+attention keeps (``attention_values_per_position``): the local backend its
+probabilities (heads x seq per position, quadratic in seq), the torch and TE
+backends (flash-style kernels) one fp32 log-sum-exp per head (linear). The
+torch backend's CPU/fp32 fallback for packed rows builds an [s, s] mask and is
+not what this estimates (a GPU machine runs varlen_attn). The last stage keeps the logits
 twice for the loss. Tensor parallelism divides the per-layer values (sequence
 parallelism also the hidden-sized ones); selective recompute drops the
 attention probabilities, full recompute keeps only each layer's input. 1F1B pipelining keeps up to PP micro-batches in flight on the
@@ -74,8 +78,13 @@ def activation_bytes(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
         per_layer = positions * m.hidden_size * value / (tp if p.sequence_parallel else 1)
     else:
         hidden_sized = 10 * m.hidden_size / (tp if p.sequence_parallel else 1)
+        if cfg.lora.enabled:
+            # Frozen base linears (megatron's LinearWithFrozenWeight) keep no input: measured, 3 x hidden
+            # fewer values per position; each adapter keeps its rank-r intermediate.
+            hidden_sized -= 3 * m.hidden_size / (tp if p.sequence_parallel else 1)
+            hidden_sized += cfg.lora.rank * len(cfg.lora.targets)
         # Selective recompute redoes core attention in backward: its probabilities are not kept.
-        attention = 0 if recompute == "selective" else m.num_attention_heads / tp * cfg.data.seq_length
+        attention = 0 if recompute == "selective" else attention_values_per_position(cfg) / tp
         per_layer = positions * value * (hidden_sized + 4 * m.ffn_hidden_size / tp + attention)
     in_flight = pp if first else 1  # 1F1B: the first stage holds PP micro-batches
     total = per_layer * (m.num_layers // pp) * in_flight
@@ -83,6 +92,19 @@ def activation_bytes(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
         vocab = padded_vocab_size(vocab_size, tp, m.make_vocab_size_divisible_by)
         total += 2 * positions * vocab / tp * 4  # logits and their softmax, fp32 in the loss
     return total
+
+
+def attention_values_per_position(cfg: MegamftConfig) -> float:
+    """Values (of the compute dtype) core attention keeps per position for backward, all heads, TP=1.
+
+    local: the softmax probabilities, heads x seq. torch/te (and auto, which is one of them):
+    the fused kernels recompute the scores in backward and keep only a log-sum-exp per head,
+    in fp32; q, k, v and the context are counted with the hidden-sized values.
+    """
+    m = cfg.model
+    if m.attention_backend == "local":
+        return m.num_attention_heads * cfg.data.seq_length
+    return m.num_attention_heads * 4 / _BYTES[cfg.train.precision]
 
 
 def adapter_parameters(cfg: MegamftConfig) -> float:
