@@ -34,7 +34,9 @@ setup(
         "psutil",  # megatron-core's dist checkpoint writer needs it
     ],
     extras_require={
-        "test": [TORCH, "pytest", "transformers"],
+        # peft: the LoRA baseline of benchmarks/train_throughput.py, which a test runs
+        "test": [TORCH, "pytest", "transformers", "peft==0.21.2"],
+        "bench": [TORCH, "transformers", "peft==0.21.2"],
         # Transformer Engine for GPU clusters; apex is built from source (see README).
         # TE 2.17.1 (released 2026-08-04, after torch 2.13) has been built against torch 2.13 / CUDA 13;
         # ninja for the just-in-time build of the fused cross-entropy kernels (megamft/loss/fused_ce.py).
