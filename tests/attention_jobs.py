@@ -152,5 +152,8 @@ def packed_documents_alone(micro_batch_size: int) -> dict:
                     diffs.append(float((together[r, at : at + n] - loss).abs().max()))
                     at += n
                     documents += 1
+        from megamft.model.attention import varlen_available
+
+        emulated_bf16 = torch.zeros(2, dtype=torch.bfloat16, device="cuda")  # reports is_cuda, no flash kernel
         return {"max_diff": max(diffs), "documents": documents, "rows": len(rows),
-                "has_dense_mask": "attention_mask" in packed}
+                "has_dense_mask": "attention_mask" in packed, "varlen_on_emulated_gpu": varlen_available(emulated_bf16)}

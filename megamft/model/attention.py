@@ -55,8 +55,12 @@ class RowDocuments(PackedSeqParams):
 
 
 def varlen_available(query: torch.Tensor) -> bool:
-    """Whether torch's flash varlen kernel can run on these tensors."""
-    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+    """Whether torch's flash varlen kernel can run on these tensors.
+
+    torch.cuda.is_available() too: under the CPU emulation, tensors standing for GPU memory
+    report is_cuda, but no flash kernel exists for them.
+    """
+    return torch.cuda.is_available() and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
 
 
 class TorchCoreAttention(MegatronModule):
