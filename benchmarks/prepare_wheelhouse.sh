@@ -41,6 +41,8 @@ RESOLVED=(
     "psutil==7.2.2"
     "pytest==9.2.0"
     "transformers==5.24.0"
+    "peft==0.21.2"         # the LoRA baseline of benchmarks/train_throughput.py
+    "accelerate==1.15.0"   # peft's dependency
 )
 # Installed with --no-deps: torch.utils.tensorboard's SummaryWriter needs only these three
 # (tensorboard's grpcio, pillow, werkzeug, markdown and data server serve its web UI).

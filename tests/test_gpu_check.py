@@ -35,6 +35,7 @@ def test_dry_run_passes_every_check_and_writes_the_report(tmp_path):
     failed = {name: rec.get("problems") for name, rec in report["checks"].items() if rec["status"] != "passed"}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-4000:], proc.stderr[-2000:])
     assert "train_loss_modes: PASSED" in proc.stdout and "7/7 passed" in proc.stdout
+    assert "megamft torch" in (out / "train_throughput.txt").read_text()  # the throughput benchmark ran
 
     assert report["mode"] == "dry-run" and report["status"] == "complete"
     assert list(report["checks"]) == list(gpu_check.CHECKS)

@@ -84,9 +84,13 @@ def test_lora_refuses_a_linear_whose_norm_is_fused_in():
         attach(norm_fused, "column", "1.linear_qkv", rank=2, alpha=4.0, seed=0)
 
 
-def test_lora_builds_on_the_local_spec_where_transformer_engine_is_installed():
-    from megamft.model.spec import use_transformer_engine
+def test_lora_builds_on_the_local_layer_where_transformer_engine_is_installed():
+    from megamft.model.spec import resolve_attention_backend
 
-    assert use_transformer_engine(installed=True, lora_enabled=False)
-    assert not use_transformer_engine(installed=True, lora_enabled=True)
-    assert not use_transformer_engine(installed=False, lora_enabled=False)
+    assert resolve_attention_backend("auto", te_installed=True, lora_enabled=False) == "te"
+    assert resolve_attention_backend("auto", te_installed=True, lora_enabled=True) == "torch"
+    assert resolve_attention_backend("auto", te_installed=False, lora_enabled=False) == "torch"
+    with pytest.raises(ValueError, match="un-normalized"):
+        resolve_attention_backend("te", te_installed=True, lora_enabled=True)
+    with pytest.raises(ValueError, match="needs Transformer Engine"):
+        resolve_attention_backend("te", te_installed=False, lora_enabled=False)

@@ -34,3 +34,28 @@ def test_cli_prints_an_estimate_for_an_example():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "GB per device" in proc.stdout
+
+
+def test_torch_attention_memory_grows_linearly_and_local_quadratically():
+    """benchmarks/attention_memory.py: peak device memory of core attention (forward + backward) at seq 512 and 2048."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_memory.py"), "--seq", "512", "2048",
+                           "--json"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
+    assert growth["torch"] < 5, growth   # x4 the sequence: linear is x4
+    assert growth["local"] > 12, growth  # quadratic is x16
+
+
+def test_estimate_knows_which_backends_keep_the_attention_scores():
+    from megamft.config import load_config
+    from megamft.training.memory_estimate import estimate
+
+    def activations(backend, seq):
+        cfg = load_config([], [f"model.attention_backend={backend}", f"data.seq_length={seq}"])
+        return estimate(cfg, 1, 256).activations
+
+    for backend in ("torch", "te", "auto"):  # linear: doubling the sequence doubles the activations
+        assert activations(backend, 2048) / activations(backend, 1024) < 2.01
+    assert activations("local", 2048) / activations("local", 1024) > 3  # mostly the [s, s] probabilities

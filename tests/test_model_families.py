@@ -7,6 +7,7 @@ import torch
 
 from megamft.config import ConfigError, MegamftConfig, ModelConfig, validate
 from megamft.model.attention_window import check_backend_honours_window, window_size
+from megamft.model.spec import attention_backend_for
 from megamft.model.families import UnsupportedModel, model_config_from_hf
 from megamft.model.rope import apply_llama3_scaling
 
@@ -90,13 +91,18 @@ def test_window_goes_to_megatron_only_when_shorter_than_the_sequence():
 
 
 def test_local_attention_refuses_what_would_drop_the_window_or_document_mask():
-    check_backend_honours_window(_windowed(512, 1024, "pad"), transformer_engine=False)
-    check_backend_honours_window(_windowed(512, 1024, "pack"), transformer_engine=True)
-    check_backend_honours_window(_windowed(2048, 1024, "pack"), transformer_engine=False)
+    check_backend_honours_window(_windowed(512, 1024, "pad"), backend="local")
+    check_backend_honours_window(_windowed(512, 1024, "pack"), backend="te")
+    check_backend_honours_window(_windowed(2048, 1024, "pack"), backend="local")
     with pytest.raises(ValueError, match=r"model.sliding_window \(512\) .* data.mode=pack"):
-        check_backend_honours_window(_windowed(512, 1024, "pack"), transformer_engine=False)
+        check_backend_honours_window(_windowed(512, 1024, "pack"), backend="local")
     with pytest.raises(ValueError, match="transformer.masked_softmax_fusion"):
-        check_backend_honours_window(_windowed(512, 1024, masked_softmax_fusion=True), transformer_engine=False)
+        check_backend_honours_window(_windowed(512, 1024, masked_softmax_fusion=True), backend="local")
+    with pytest.raises(ValueError, match="torch attention backend has no sliding window"):
+        check_backend_honours_window(_windowed(512, 1024, "pad"), backend="torch")
+    # auto picks local for a windowed model without Transformer Engine, torch otherwise
+    assert attention_backend_for(_windowed(512, 1024, "pad"), te_installed=False) == "local"
+    assert attention_backend_for(_windowed(4096, 1024, "pad"), te_installed=False) == "torch"
     cfg = _windowed(512, 1024)
     cfg.parallel.context_parallel_size = 2
     with pytest.raises(ConfigError, match="parallel.context_parallel_size=2"):

@@ -212,13 +212,16 @@ def test_bf16_logits_reach_the_fused_loss_without_an_fp32_copy(monkeypatch):
     assert abs(fixed["loss"] - planted["loss"]) <= 1e-2 * abs(planted["loss"])
 
 
-@pytest.mark.parametrize("overrides", [("loss.mode=token",), ("loss.mode=task_sample",),
+@pytest.mark.parametrize("overrides", [("loss.mode=token",), ("loss.mode=sample",), ("loss.mode=task_token",),
+                                       ("loss.mode=task_sample",),
                                        ("loss.mode=task_token", "loss.fused_cross_entropy=true")],
-                         ids=["token", "task_sample", "fused"])
+                         ids=["token", "sample", "task_token", "task_sample", "fused"])
 def test_a_training_step_synchronizes_only_where_listed(overrides, monkeypatch):
     """Counted per step: megatron's `num_tokens > 0` in finalize_model_grads, megatron's gradient-norm
     `.item()` for clipping, and megamft's one read of the step's statistics (loss, per-task sums)
-    that the non-finite check and the log need. The loss weighting itself adds none."""
+    that the non-finite check and the log need. The loss weighting itself adds none, and neither do
+    packed rows (data.mode=pack, the default) through the torch attention backend: their boundaries
+    reach the device as cu_seqlens computed on the host."""
     import jobs
 
     monkeypatch.setenv("MEGAMFT_STRICT_DEVICE", "1")

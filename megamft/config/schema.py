@@ -88,6 +88,11 @@ class ModelConfig:
     """Coefficient of the router's load-balancing loss (0: off); added after the task weighting."""
     moe_z_loss_coeff: float = 0.0
     """Coefficient of the router's z-loss on its logits (0: off); added after the task weighting."""
+    attention_backend: Literal["auto", "torch", "te", "local"] = "auto"
+    """Core attention: 'te' (Transformer Engine's layer), 'torch' (torch's fused SDPA / flash varlen
+    kernels in megatron's local layer: no [s, s] scores, packed rows without a dense mask), 'local'
+    (megatron's DotProductAttention: full scores, kept for comparison), 'auto' (te where installed and
+    LoRA is off, else torch)."""
 
 
 @dataclass

@@ -113,6 +113,16 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
                     "train.eval_interval": cfg.train.eval_interval,
                     "checkpoint.save_interval": cfg.checkpoint.save_interval}
     problems += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    if m.attention_backend in ("torch", "local") and p.context_parallel_size > 1:
+        problems.append(f"model.attention_backend={m.attention_backend} has no context parallelism; use "
+                        "model.attention_backend=te (Transformer Engine) with parallel.context_parallel_size > 1")
+    if m.attention_backend == "te" and cfg.lora.enabled:
+        problems.append("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
+                        "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
+    if m.sliding_window and cfg.data.seq_length > m.sliding_window and m.attention_backend == "torch":
+        problems.append(f"model.sliding_window ({m.sliding_window}) is shorter than data.seq_length "
+                        f"({cfg.data.seq_length}): the torch attention backend has no sliding window; use "
+                        "model.attention_backend=auto (te where installed, else local) or local")
     if m.sliding_window is not None and m.sliding_window < 1:
         problems.append(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
     elif m.sliding_window and cfg.data.seq_length > m.sliding_window and p.context_parallel_size > 1:

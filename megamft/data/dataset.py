@@ -22,7 +22,7 @@ from megamft.data.indexed import open_indexed
 from megamft.data.integrity import check_task, largest_token_id
 from megamft.data.manifest import load_manifest
 from megamft.data.mixing import TaskMixture, sampling_weights, split_train_valid
-from megamft.data.sequences import Rows, batch_length, build_rows, collate, packed_seq_params
+from megamft.data.sequences import Rows, batch_length, build_rows, collate, packed_seq_params, row_documents
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import load_tokenizer
 
@@ -105,8 +105,10 @@ class MultitaskData:
     vocab_size: int
     pad_id: int
     cfg: DataConfig
-    thd_packing: bool = False
-    """Give packed batches megatron's PackedSeqParams (Transformer Engine ignores dense masks)."""
+    packed_attention: str = "mask"
+    """How packed rows carry their document boundaries (data.sequences.PACKED_ATTENTION): 'mask', a dense
+    [b, 1, s, s] mask (megatron's local attention); 'thd', PackedSeqParams for Transformer Engine (one row
+    per micro-batch); 'rows', RowDocuments for the torch backend (no dense mask, any micro-batch size)."""
     max_token_id: int = -1
     template: dict | None = None
     """The chat template the samples were rendered with (name, Jinja source): saved with every
@@ -124,10 +126,12 @@ class MultitaskData:
             lengths = [batch_length(c, self.stores, self.cfg.seq_length, self.cfg.pad_to_multiple_of) for c in cut]
             if same_length:
                 lengths = [max(lengths)] * len(cut)
-        batches = [collate(c, self.stores, self.cfg.mode, n, self.pad_id) for c, n in zip(cut, lengths)]
-        if self.thd_packing and self.cfg.mode == "pack":
+        dense = self.packed_attention == "mask"
+        batches = [collate(c, self.stores, self.cfg.mode, n, self.pad_id, dense) for c, n in zip(cut, lengths)]
+        if self.cfg.mode == "pack" and not dense:
+            boundaries = packed_seq_params if self.packed_attention == "thd" else row_documents
             for batch in batches:
-                batch["packed_seq_params"] = packed_seq_params(batch)
+                batch["packed_seq_params"] = boundaries(batch)
         return batches
 
     def train_rows(self, consumed: int, global_batch_size: int, dp_rank: int, dp_size: int) -> list:

@@ -122,8 +122,13 @@ def build_rows(tasks: np.ndarray, docs: np.ndarray, lengths: np.ndarray, mode: s
 # ---------------------------------------------------------------- collation
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length: int, pad_id: int) -> dict:
-    """One micro-batch of `length` positions from rows of (tasks, docs); stores[task].get(doc) gives ids, mask."""
+def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length: int, pad_id: int,
+            dense_mask: bool = True) -> dict:
+    """One micro-batch of `length` positions from rows of (tasks, docs); stores[task].get(doc) gives ids, mask.
+
+    pack mode: `cu_seqlens` always; the dense [b, 1, s, s] `attention_mask` only with dense_mask
+    (megatron's local attention needs it; the torch and TE backends read cu_seqlens).
+    """
     b = len(rows)
     tokens = np.full((b, length), pad_id, dtype=np.int64)
     labels = np.full((b, length), pad_id, dtype=np.int64)
@@ -154,7 +159,8 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length
         ("tokens", tokens), ("labels", labels), ("loss_mask", loss_mask), ("task_ids", task_ids),
         ("sample_ids", sample_ids), ("position_ids", position_ids), ("padding", padding))}
     if mode == "pack":
-        batch["attention_mask"] = document_attention_mask(batch["sample_ids"])
+        if dense_mask:
+            batch["attention_mask"] = document_attention_mask(batch["sample_ids"])
         batch["cu_seqlens"] = document_boundaries(sample_ids)
     return batch
 
@@ -178,6 +184,20 @@ def packed_seq_params(batch: dict):
     longest = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                            max_seqlen_kv=longest)
+
+
+def row_documents(batch: dict):
+    """RowDocuments (the torch attention backend's boundaries) of a packed micro-batch of any size."""
+    from megamft.model.attention import RowDocuments
+
+    cu = batch["cu_seqlens"]
+    length = batch["tokens"].shape[1]
+    return RowDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=length,
+                        max_seqlen_kv=length, max_document_length=int((cu[1:] - cu[:-1]).max()))
+
+
+PACKED_ATTENTION = {"local": "mask", "te": "thd", "torch": "rows"}
+"""How packed rows reach each attention backend: a dense mask, TE's thd format, or RowDocuments."""
 
 
 def document_attention_mask(segment: torch.Tensor) -> torch.Tensor:

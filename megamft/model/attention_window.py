@@ -6,7 +6,8 @@ backends. Transformer Engine applies it inside its fused attention, packed
 ('thd') sequences included. megatron-core's local attention applies it in its
 torch softmax by building its own windowed causal mask, which replaces the
 mask it was given: packed documents would then see each other, so that
-combination is refused. A window at least as long as the sequence changes
+combination is refused. The torch backend (SDPA, flash varlen) has no window:
+``model.attention_backend=auto`` picks local for a windowed model without TE. A window at least as long as the sequence changes
 nothing and is not passed at all.
 """
 
@@ -23,10 +24,15 @@ def window_size(cfg: MegamftConfig) -> tuple[int, int] | None:
     return (window - 1, 0)
 
 
-def check_backend_honours_window(cfg: MegamftConfig, transformer_engine: bool) -> None:
-    """Raise if the attention backend in use would drop the window or the document mask."""
-    if window_size(cfg) is None or transformer_engine:
+def check_backend_honours_window(cfg: MegamftConfig, backend: str) -> None:
+    """Raise if the attention backend in use (te, torch or local) would drop the window or the document mask."""
+    if window_size(cfg) is None or backend == "te":
         return
+    if backend == "torch":
+        raise ValueError(
+            f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
+            f"({cfg.data.seq_length}): the torch attention backend has no sliding window; use "
+            "model.attention_backend=auto or local")
     if cfg.transformer.get("masked_softmax_fusion"):
         raise ValueError(
             f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "

@@ -73,7 +73,7 @@ def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
 
 
 def build_model_chunks(
-    cfg: MegamftConfig, config: TransformerConfig, vocab_size: int, use_transformer_engine: bool
+    cfg: MegamftConfig, config: TransformerConfig, vocab_size: int, attention_backend: str
 ) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (one without VPP)."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
@@ -83,7 +83,7 @@ def build_model_chunks(
     for stage in stages:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, use_transformer_engine, cfg.model),
+            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, attention_backend, cfg.model),
             vocab_size=vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

@@ -1,6 +1,8 @@
-"""Layer specs: Transformer Engine's on GPUs that have it, the local spec otherwise."""
+"""Layer specs per attention backend: Transformer Engine's, torch's kernels, or megatron's local one."""
 
 from __future__ import annotations
+
+import copy
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -9,27 +11,34 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megamft.config import ModelConfig
+from megamft.config import MegamftConfig, ModelConfig
+from megamft.model.attention import TorchCoreAttention
+from megamft.model.attention_window import window_size
 from megamft.model.norm import MegamftRMSNorm, norm_class
 
+ATTENTION_BACKENDS = ("auto", "torch", "te", "local")
 
 def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layernorm: bool = False,
-                     num_experts: int | None = None) -> TransformerBlockSubmodules:
-    """megatron-core's local layer (torch attention, SwiGLU or GELU MLP) with megamft's norms.
+                     num_experts: int | None = None, torch_attention: bool = False) -> TransformerBlockSubmodules:
+    """megatron-core's local layer (local linears, SwiGLU or GELU MLP) with megamft's norms.
 
     Every norm, the final one and Qwen3's per-head query/key norms included, is
     megamft's (RMSNorm or LayerNorm) so that sequence parallel works without
     TE or apex. With `num_experts`, the MLP is megatron's MoE layer with one
-    MLP per expert (SequentialMLP).
+    MLP per expert (SequentialMLP). torch_attention: core attention on torch's
+    fused kernels (TorchCoreAttention) instead of megatron's
+    DotProductAttention, which materializes [b, heads, s, s] scores.
     """
     norm = norm_class(normalization)
-    layer = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization=normalization,
-                                     qk_layernorm=qk_layernorm)
+    layer = copy.deepcopy(get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, normalization=normalization, qk_layernorm=qk_layernorm))
     layer.submodules.input_layernorm = norm
     layer.submodules.pre_mlp_layernorm = norm
+    attention = layer.submodules.self_attention.submodules
     if qk_layernorm:
-        attention = layer.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = MegamftRMSNorm
+    if torch_attention:
+        attention.core_attention = TorchCoreAttention
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
@@ -43,22 +52,48 @@ def transformer_engine_layer_spec(qk_layernorm: bool = False, num_experts: int |
                                                       moe_grouped_gemm=bool(num_experts))
 
 
-def use_transformer_engine(installed: bool, lora_enabled: bool) -> bool:
-    """Transformer Engine's spec where it is installed, except for LoRA.
+def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: bool,
+                              window_applies: bool = False) -> str:
+    """The backend `model.attention_backend` names on this machine: te, torch or local.
 
+    auto: Transformer Engine where it is installed, except for LoRA, else torch;
+    local instead of torch when a sliding window shorter than the sequence applies
+    (the torch backend has none; see attention_window for what local honours).
     TE's spec fuses the input norm into linear_qkv and linear_fc1
     (TELayerNormColumnParallelLinear): an adapter around those modules would
     read the un-normalized hidden state, so training and the merged export
-    would silently differ from the model. The local spec keeps the norm
-    apart, and its LoRA is tested against transformers; a TE spec with
-    separate norms has not run anywhere yet, so it is not offered.
+    would silently differ from the model. The local layer keeps the norm
+    apart, and its LoRA is tested against transformers.
     """
-    return installed and not lora_enabled
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={requested!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if requested == "auto":
+        if te_installed and not lora_enabled:
+            return "te"
+        return "local" if window_applies else "torch"
+    if requested == "torch" and window_applies:
+        raise ValueError("model.attention_backend=torch has no sliding window, and model.sliding_window is shorter "
+                         "than data.seq_length; use model.attention_backend=auto or local")
+    if requested == "te" and not te_installed:
+        raise ValueError("model.attention_backend=te needs Transformer Engine on a CUDA machine "
+                         "(pip install '.[gpu]'); or use model.attention_backend=torch")
+    if requested == "te" and lora_enabled:
+        raise ValueError("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
+                         "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
+    return requested
 
 
-def gpt_layer_spec(num_layers_in_chunk: int, use_transformer_engine: bool, model: ModelConfig | None = None):
-    """The spec handed to GPTModel for one model chunk (norms, q/k norms and experts from `model`)."""
+def gpt_layer_spec(num_layers_in_chunk: int, backend: str, model: ModelConfig | None = None):
+    """The spec handed to GPTModel for one model chunk (backend: te, torch or local; norms, q/k norms and
+    experts from `model`)."""
     model = model or ModelConfig()
-    if use_transformer_engine:
+    if backend == "te":
         return transformer_engine_layer_spec(model.qk_layernorm, model.num_experts)
-    return local_block_spec(num_layers_in_chunk, model.normalization, model.qk_layernorm, model.num_experts)
+    return local_block_spec(num_layers_in_chunk, model.normalization, model.qk_layernorm, model.num_experts,
+                            torch_attention=backend == "torch")
+
+
+def attention_backend_for(cfg: MegamftConfig, te_installed: bool) -> str:
+    """The backend this run uses (see resolve_attention_backend)."""
+    return resolve_attention_backend(cfg.model.attention_backend, te_installed, cfg.lora.enabled,
+                                     window_applies=window_size(cfg) is not None)

@@ -16,13 +16,14 @@ from tqdm import tqdm
 from megamft.checkpoint import dist_checkpoint, run_folder
 from megamft.config import MegamftConfig
 from megamft.data.dataset import MultitaskData, load_data
+from megamft.data.sequences import PACKED_ATTENTION
 from megamft.loss.balancers import make_balancer
 from megamft.loss.multitask import effective_task_weights
 from megamft.platform import cpu_emulation, distributed
 from megamft.platform.kill_points import kill_point
 from megamft.platform.output_folder import DestinationError, FolderLock
 from megamft.model.attention_window import check_backend_honours_window
-from megamft.model.spec import use_transformer_engine
+from megamft.model.spec import attention_backend_for
 from megamft.platform.device import describe_runtime
 from megamft.training.expert_stats import ExpertStats, expert_shares
 from megamft.training.metrics import MetricsWriter
@@ -381,20 +382,23 @@ def _build(cfg: MegamftConfig) -> Run:
     runtime = distributed.runtime()
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
-    te_spec = use_transformer_engine(runtime.transformer_engine, cfg.lora.enabled)
-    if runtime.transformer_engine and not te_spec and distributed.is_logging_rank():
-        log.info("LoRA: megatron's local layer spec instead of Transformer Engine's, whose norm-fused linears "
-                 "would hand the adapters un-normalized inputs")
-    if cfg.parallel.context_parallel_size > 1 and not te_spec:
+    backend = attention_backend_for(cfg, runtime.transformer_engine)
+    if distributed.is_logging_rank():
+        log.info("attention backend: %s (model.attention_backend=%s)", backend, cfg.model.attention_backend)
+        if runtime.transformer_engine and backend != "te" and cfg.lora.enabled:
+            log.info("LoRA: megatron's local layer with torch attention instead of Transformer Engine's layer, "
+                     "whose norm-fused linears would hand the adapters un-normalized inputs")
+    if cfg.parallel.context_parallel_size > 1 and backend != "te":
         raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without LoRA: "
-                         "megatron-core's local attention has no context parallelism "
+                         "the torch and local attention backends have no context parallelism "
                          "(pip install '.[gpu]' on a CUDA machine)")
-    check_backend_honours_window(cfg, te_spec)
-    if te_spec and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
+    check_backend_honours_window(cfg, backend)
+    if backend == "te" and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
         raise ValueError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
-                         "go to TE as one 'thd' sequence); or use data.mode=pad|dynamic")
+                         "go to TE as one 'thd' sequence); or use model.attention_backend=torch, or "
+                         "data.mode=pad|dynamic")
     data = load_data(cfg.data)
-    data.thd_packing = te_spec
+    data.packed_attention = PACKED_ATTENTION[backend]
     if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
         raise ValueError(
             f"the tokenizer has {data.vocab_size} ids but model.vocab_size is "

@@ -5,8 +5,12 @@ pipeline stage's layers, its TP shard). Activations follow what megatron's
 local spec with megamft's RMSNorm keeps for backward, per layer and token
 position (measured with autograd's saved-tensor hooks): about 10 x hidden +
 4 x ffn values (norm inputs and outputs in fp32, q/k/v, attention context,
-the inputs of every linear layer, SwiGLU's two halves), plus the attention
-probabilities (heads x seq per position); the last stage keeps the logits
+the inputs of every linear layer, SwiGLU's two halves), plus what core
+attention keeps (``attention_values_per_position``): the local backend its
+probabilities (heads x seq per position, quadratic in seq), the torch and TE
+backends (flash-style kernels) one fp32 log-sum-exp per head (linear). The
+torch backend's CPU/fp32 fallback for packed rows builds an [s, s] mask and is
+not what this estimates (a GPU machine runs varlen_attn). The last stage keeps the logits
 twice for the loss. Tensor parallelism divides the per-layer values (sequence
 parallelism also the hidden-sized ones); selective recompute drops the
 attention probabilities, full recompute keeps only each layer's input. 1F1B
@@ -91,8 +95,13 @@ def activation_bytes(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
         hidden_sized = 10 * m.hidden_size / (tp if p.sequence_parallel else 1)
         # Queries and the attention context are heads x head_dim wide (Qwen3: wider than hidden).
         hidden_sized += 2 * (query_width(m) - m.hidden_size) / tp
+        if cfg.lora.enabled:
+            # Frozen base linears (megatron's LinearWithFrozenWeight) keep no input: measured, 3 x hidden
+            # fewer values per position; each adapter keeps its rank-r intermediate.
+            hidden_sized -= 3 * m.hidden_size / (tp if p.sequence_parallel else 1)
+            hidden_sized += cfg.lora.rank * len(cfg.lora.targets)
         # Selective recompute redoes core attention in backward: its probabilities are not kept.
-        attention = 0 if recompute == "selective" else m.num_attention_heads / tp * cfg.data.seq_length
+        attention = 0 if recompute == "selective" else attention_values_per_position(cfg) / tp
         per_layer = positions * value * (hidden_sized + _mlp_values(cfg) + attention)
     in_flight = pp if first else 1  # 1F1B: the first stage holds PP micro-batches
     total = per_layer * (m.num_layers // pp) * in_flight
@@ -112,6 +121,19 @@ def _mlp_values(cfg: MegamftConfig) -> float:
     routed = m.moe_router_topk * (4 * (m.moe_ffn_hidden_size or m.ffn_hidden_size) / expert_tp + 2 * m.hidden_size)
     shared = 4 * (m.moe_shared_expert_intermediate_size or 0) / tp
     return routed + shared + m.num_experts  # router probabilities
+
+
+def attention_values_per_position(cfg: MegamftConfig) -> float:
+    """Values (of the compute dtype) core attention keeps per position for backward, all heads, TP=1.
+
+    local: the softmax probabilities, heads x seq. torch/te (and auto, which is one of them):
+    the fused kernels recompute the scores in backward and keep only a log-sum-exp per head,
+    in fp32; q, k, v and the context are counted with the hidden-sized values.
+    """
+    m = cfg.model
+    if m.attention_backend == "local":
+        return m.num_attention_heads * cfg.data.seq_length
+    return m.num_attention_heads * 4 / _BYTES[cfg.train.precision]
 
 
 def adapter_parameters(cfg: MegamftConfig) -> float:

@@ -18,7 +18,7 @@ from megatron.core.transformer.module import Float16Module
 from megamft.config import MegamftConfig
 from megamft.model.lora import apply_lora
 from megamft.model.builder import build_model_chunks, padded_vocab_size, transformer_config
-from megamft.model.spec import use_transformer_engine
+from megamft.model.spec import attention_backend_for
 from megamft.platform.device import Runtime
 
 _OPTIMIZER_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "use_distributed_optimizer": True}
@@ -66,8 +66,8 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int) 
         cfg.model.vocab_size or vocab_size, cfg.parallel.tensor_model_parallel_size,
         cfg.model.make_vocab_size_divisible_by,
     )
-    modules = build_model_chunks(cfg, config, padded, use_transformer_engine(runtime.transformer_engine,
-                                                                             cfg.lora.enabled))
+    backend = attention_backend_for(cfg, runtime.transformer_engine)
+    modules = build_model_chunks(cfg, config, padded, backend)
     if cfg.lora.enabled:
         for module in modules:
             apply_lora(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.seed)

@@ -104,7 +104,7 @@ def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tupl
                           samples=samples)
         ready = {k: v for k, v in batch.items() if k not in _HOST_ONLY_KEYS}
         if "packed_seq_params" in ready:
-            ready.pop("attention_mask", None)  # Transformer Engine's thd attention reads the boundaries
+            ready.pop("attention_mask", None)  # the TE and torch backends read the boundaries instead
         ready.update(token_weights=w.float(), sample_index=samples[0].view(mask.shape))
         split_keys = _CP_SPLIT_KEYS
         if setup.router_loss_coeffs is not None:  # MoE: each token's task for the expert statistics
@@ -114,6 +114,8 @@ def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tupl
             ready = get_batch_on_this_cp_rank({k: ready[k] for k in split_keys})
         if torch.cuda.is_available():
             ready = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in ready.items()}
+            if "packed_seq_params" in ready:
+                ready["packed_seq_params"] = _map_boundaries(ready["packed_seq_params"], torch.Tensor.pin_memory)
         ready["num_samples"] = samples[1]
         prepared.append(ready)
     return prepared, counts
@@ -171,9 +173,15 @@ def to_device(batch: dict) -> dict:
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     packed = batch.get("packed_seq_params")
     if packed is not None:
-        moved["packed_seq_params"] = dataclasses.replace(
-            packed, cu_seqlens_q=packed.cu_seqlens_q.to(device), cu_seqlens_kv=packed.cu_seqlens_kv.to(device))
+        moved["packed_seq_params"] = _map_boundaries(packed, lambda t: t.to(device, non_blocking=True))
     return moved
+
+
+def _map_boundaries(packed, fn):
+    """The PackedSeqParams (or RowDocuments) with fn applied to cu_seqlens (once when q and kv share them)."""
+    q = fn(packed.cu_seqlens_q)
+    kv = q if packed.cu_seqlens_kv is packed.cu_seqlens_q else fn(packed.cu_seqlens_kv)
+    return dataclasses.replace(packed, cu_seqlens_q=q, cu_seqlens_kv=kv)
 
 
 def _forward_step(make_loss_func, fused: bool, data_iterator, model):

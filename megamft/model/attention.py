@@ -1,0 +1,161 @@
+"""Core attention on torch's own kernels: the `torch` attention backend.
+
+A drop-in for megatron-core's ``DotProductAttention`` in the layer spec (same
+constructor and forward signature, query/key/value as ``[s, b, heads, dim]``,
+output ``[s, b, heads * dim]``), so megatron's ``SelfAttention`` and
+``TransformerLayer`` stay as they are: QKV projection, RoPE, TP/SP, PP and
+activation recompute all happen outside this module.
+
+- Causal rows: ``scaled_dot_product_attention(is_causal=True)``. No mask is
+  built; on CUDA this picks the flash, cuDNN or memory-efficient kernel, whose
+  memory is linear in the sequence length. GQA/MQA via ``enable_gqa`` (K/V are
+  not repeated).
+- Packed rows (several documents per row) arrive as ``RowDocuments``, whose
+  ``cu_seqlens`` cut the flattened ``[b * s]`` tokens at every document and
+  row start. On CUDA in bf16/fp16 they go to ``varlen_attn`` (flash attention
+  over cu_seqlens, ``window_size=(-1, 0)`` for causal). Elsewhere (the CPU,
+  fp32, attention dropout) SDPA computes the same result with a
+  block-diagonal causal mask built from the same cu_seqlens on the device:
+  exact, but quadratic in memory.
+- An explicit dense mask (``[b, 1, s, s]``, True = blocked, megatron's
+  convention) is honoured as the local spec honours it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass
+class RowDocuments(PackedSeqParams):
+    """Document boundaries of packed ``[b, s]`` rows, for the torch backend.
+
+    ``cu_seqlens_q`` (= ``cu_seqlens_kv``, int32) are the cumulative lengths of
+    the documents of the flattened micro-batch, with a cut at every row start,
+    so micro-batches of several rows work. ``max_seqlen_q``/``_kv`` are the row
+    length: megatron sizes RoPE from them whenever packed_seq_params is given,
+    and RoPE runs over the whole row (``qkv_format`` is "sbhd", not "thd", so
+    megatron keeps the batch dimension). RoPE is relative, so a document's
+    attention does not depend on where in the row it starts.
+    """
+
+    max_document_length: int = None
+    """The longest document (what varlen_attn's kernel grid is sized by)."""
+
+
+def varlen_available(query: torch.Tensor) -> bool:
+    """Whether torch's flash varlen kernel can run on these tensors.
+
+    torch.cuda.is_available() too: under the CPU emulation, tensors standing for GPU memory
+    report is_cuda, but no flash kernel exists for them.
+    """
+    return torch.cuda.is_available() and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+
+
+class TorchCoreAttention(MegatronModule):
+    """softmax(q k^T * scale) v over this TP rank's heads, on torch's fused kernels."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("the torch attention backend has no context parallelism; "
+                             "use model.attention_backend=te (Transformer Engine) for context_parallel_size > 1")
+        if config.window_size is not None:
+            raise ValueError("the torch attention backend has no sliding-window attention (transformer.window_size)")
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"the torch attention backend supports softmax_type='vanilla' only, "
+                             f"not {config.softmax_type!r}")
+        self.attn_mask_type = attn_mask_type
+        head_dim = config.kv_channels
+        # megatron's apply_query_key_layer_scaling divides the scale by the layer number and its
+        # softmax multiplies it back: no net effect on the result, so it is not repeated here.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("the torch attention backend takes no attention_bias")
+        if packed_seq_params is not None and not isinstance(packed_seq_params, RowDocuments):
+            raise ValueError(f"the torch attention backend reads packed rows as RowDocuments, got "
+                             f"{type(packed_seq_params).__name__} (qkv_format={packed_seq_params.qkv_format!r})")
+        s, b, heads, dim = query.shape
+        dropout = self.dropout if self.training else 0.0
+        with self._dropout_rng(dropout):
+            if packed_seq_params is not None and dropout == 0.0 and varlen_available(query):
+                context = _varlen(query, key, value, packed_seq_params, self.softmax_scale)
+            else:
+                allowed = None if attention_mask is None else ~attention_mask
+                if packed_seq_params is not None:
+                    allowed = block_diagonal_causal(packed_seq_params.cu_seqlens_q, b, s)
+                causal = allowed is None and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+                context = _sdpa(query, key, value, allowed, causal, dropout, self.softmax_scale)
+        return context.reshape(s, b, heads * dim)
+
+    def _dropout_rng(self, dropout: float):
+        """megatron's rule: dropout draws from the TP-aware CUDA RNG tracker unless sequence parallel."""
+        if dropout > 0.0 and not self.config.sequence_parallel:
+            return tensor_parallel.get_cuda_rng_tracker().fork()
+        return contextlib.nullcontext()
+
+
+def _sdpa(query, key, value, allowed: Optional[torch.Tensor], causal: bool, dropout: float, scale: float):
+    """[s, b, h, d] in and out; `allowed` in SDPA's convention (True = may attend)."""
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=causal,
+        scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.permute(2, 0, 1, 3)
+
+
+def _varlen(query, key, value, documents: RowDocuments, scale: float):
+    """Flash attention over the documents of the flattened rows; [s, b, h, d] in and out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    s, b = query.shape[:2]
+    q, k, v = (t.transpose(0, 1).reshape(b * s, *t.shape[2:]) for t in (query, key, value))
+    longest = documents.max_document_length or s
+    out = varlen_attn(q, k, v, documents.cu_seqlens_q, documents.cu_seqlens_kv, longest, longest,
+                      scale=scale, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+    return out.view(b, s, *out.shape[1:]).transpose(0, 1)
+
+
+def block_diagonal_causal(cu_seqlens: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """[rows, 1, s, s] boolean, True where a position may attend: same document, not in the future.
+
+    Built on cu_seqlens' device from cu_seqlens alone (searchsorted: no host sync).
+    """
+    index = torch.arange(rows * length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    document = torch.searchsorted(cu_seqlens[1:], index, right=True).view(rows, length)
+    causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return ((document.unsqueeze(2) == document.unsqueeze(1)) & causal).unsqueeze(1)

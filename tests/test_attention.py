@@ -1,0 +1,75 @@
+"""The torch attention backend computes what megatron's local attention computes.
+
+Reference: megatron-core's own DotProductAttention (the `local` backend) with the
+same weights, through megatron's real schedule, in fp32 on the CPU (where the
+torch backend's packed rows take its SDPA + block-diagonal mask path, built from
+the same cu_seqlens that varlen_attn reads on a GPU).
+"""
+
+import pytest
+import torch
+
+from megamft.testing.distributed import launch
+
+import attention_jobs
+
+TOLERANCE = 1e-5
+
+LAYOUTS = {
+    # name: (world size, overrides, head layouts)
+    "tp1": (1, (), ("mha", "gqa", "mqa")),
+    # megamft refuses fewer KV groups than TP ranks (validation), so no MQA at TP=2.
+    "tp2-sequence-parallel-selective-recompute": (2, (
+        "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+        "transformer.recompute_granularity=selective"), ("mha", "gqa")),
+    "pp2-full-recompute": (2, (
+        "parallel.pipeline_model_parallel_size=2", "transformer.recompute_granularity=full",
+        "transformer.recompute_method=uniform", "transformer.recompute_num_layers=1"), ("mha", "gqa", "mqa")),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_torch_backend_matches_local_attention(layout):
+    world_size, overrides, heads = LAYOUTS[layout]
+    results = launch(attention_jobs.torch_vs_local, world_size, timeout=240,
+                     kwargs={"overrides": overrides, "heads": heads})
+    for rank, result in enumerate(results):
+        assert set(result) == {(h, rows) for h in heads for rows in ("unpacked", "packed")}
+        for case, diff in result.items():
+            assert diff["core_attention"] == "TorchCoreAttention"
+            assert diff["same_names"], case
+            assert diff["grad_scale"] > 1e-3, (rank, case)  # gradients that can show a difference
+            assert diff["grads"] <= TOLERANCE, (rank, case, diff)
+            if diff["logits"] is not None:  # the last pipeline stage
+                assert diff["logit_scale"] > 0.1
+                assert diff["logits"] <= TOLERANCE, (rank, case, diff)
+                if case[1] == "packed":
+                    assert diff["packing_effect"] > 1000 * TOLERANCE, (rank, case, diff)
+        if layout.startswith("pp2"):
+            assert (result[(heads[0], "packed")]["logits"] is None) == (rank == 0)
+
+
+def test_packed_documents_equal_each_document_alone():
+    result = launch(attention_jobs.packed_documents_alone, 1, timeout=120, kwargs={"micro_batch_size": 3})[0]
+    assert result["rows"] == 3 and result["documents"] >= 6
+    assert not result["has_dense_mask"]
+    assert not result["varlen_on_emulated_gpu"]  # bf16 runs on the CPU take the mask path
+    assert result["max_diff"] < 1e-4, result
+
+
+def test_block_diagonal_mask_from_cu_seqlens_matches_the_documents():
+    from megamft.data.sequences import document_attention_mask, document_boundaries
+    from megamft.model.attention import block_diagonal_causal
+
+    sample_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 2]])
+    allowed = block_diagonal_causal(document_boundaries(sample_ids.numpy()), 2, 8)
+    assert torch.equal(allowed, ~document_attention_mask(sample_ids))
+
+
+def test_varlen_path_is_chosen_only_where_flash_runs():
+    from megamft.model.attention import varlen_available
+
+    assert not varlen_available(torch.zeros(2, 2, dtype=torch.bfloat16))  # a host tensor
+    if torch.cuda.is_available():
+        assert varlen_available(torch.zeros(2, 2, dtype=torch.bfloat16, device="cuda"))
+        assert not varlen_available(torch.zeros(2, 2, device="cuda"))  # fp32: SDPA with the mask
