@@ -248,17 +248,35 @@ def main() -> None:
             print(f"\n== {name}: {preset['layers']} layers, hidden {preset['hidden']}, seq {preset['seq']}, "
                   f"{preset['rows']} rows/step ({preset['rows'] * preset['seq']} tokens)"
                   + (f", LoRA r={preset['lora']}" if preset["lora"] else ", full fine-tune"))
-            base = report("transformers" + (" + PEFT" if preset["lora"] else ""), preset,
-                          run_transformers(preset, steps, args.precision, args.warmup, device), peak)
-            results = [report(f"megamft {b}", preset, run_megamft(preset, steps, b, args.precision, args.warmup),
-                              peak) for b in backends]
             print(f"{'':<24}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'vs baseline':>13}")
-            for r in [base, *results]:
-                mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
-                print(f"{r.name:<24}{r.tokens_per_s:>12.0f}{r.tflops:>10.3g}{mfu:>8}"
-                      f"{r.tokens_per_s / base.tokens_per_s:>12.2f}x")
+            base = _measure("transformers" + (" + PEFT" if preset["lora"] else ""), preset, peak, None,
+                            lambda: run_transformers(preset, steps, args.precision, args.warmup, device),
+                            baseline=True)
+            for backend in backends:
+                if backend == "te" and preset["lora"]:
+                    print(f"{'megamft te':<24} skipped: LoRA runs on the torch backend (TE's norm-fused linears)")
+                    continue
+                _measure(f"megamft {backend}", preset, peak, base,
+                         lambda b=backend: run_megamft(preset, steps, b, args.precision, args.warmup))
     finally:
         distributed.shutdown()
+
+
+def _measure(name: str, preset: dict, peak, base, run, baseline: bool = False):
+    """Run one contender and print its row at once, so an out-of-memory failure loses nothing else."""
+    try:
+        result = report(name, preset, run(), peak)
+    except torch.cuda.OutOfMemoryError:
+        print(f"{name:<24} out of memory")
+        torch.cuda.empty_cache()
+        return None
+    mfu = f"{100 * result.mfu:.1f}%" if result.mfu is not None else "-"
+    if baseline or base is None:
+        ratio = f"{'1.00x' if baseline else '-':>13}"
+    else:
+        ratio = f"{result.tokens_per_s / base.tokens_per_s:>12.2f}x"
+    print(f"{result.name:<24}{result.tokens_per_s:>12.0f}{result.tflops:>10.3g}{mfu:>8}{ratio}", flush=True)
+    return result
 
 
 def _free_port() -> int:

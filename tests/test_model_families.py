@@ -1,5 +1,6 @@
 """Family data without processes: RoPE variants, sliding windows, refusals (see test_hf_families for logits)."""
 
+import importlib.util
 import types
 
 import pytest
@@ -107,3 +108,13 @@ def test_local_attention_refuses_what_would_drop_the_window_or_document_mask():
     cfg.parallel.context_parallel_size = 2
     with pytest.raises(ConfigError, match="parallel.context_parallel_size=2"):
         validate(cfg, 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
+                    reason="Transformer Engine's layer spec needs Transformer Engine (GPU machines)")
+def test_te_and_local_moe_layers_save_their_mlp_norm_under_one_key():
+    from megamft.model.spec import local_block_spec, transformer_engine_layer_spec
+
+    te = transformer_engine_layer_spec(num_experts=4).submodules.sharded_state_dict_keys_map
+    local = local_block_spec(2, num_experts=4).layer_specs[0].submodules.sharded_state_dict_keys_map
+    assert te["pre_mlp_layernorm."] == local["pre_mlp_layernorm."] == "mlp.linear_fc1.layer_norm_"

@@ -234,6 +234,10 @@ def _expert_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
                         "parallel.sequence_parallel=true (megatron's MoE layer refuses to train without it)")
     if m.moe_aux_loss_coeff < 0 or m.moe_z_loss_coeff < 0:
         problems.append("model.moe_aux_loss_coeff and model.moe_z_loss_coeff must be >= 0")
+    mlp_targets = sorted({"linear_fc1", "linear_fc2"} & set(cfg.lora.targets))
+    if cfg.lora.enabled and mlp_targets:
+        problems.append(f"lora.targets {mlp_targets}: LoRA on the experts of a mixture-of-experts model is not "
+                        "supported; set lora.targets=[linear_qkv, linear_proj]")
     return problems
 
 
@@ -279,6 +283,8 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
     if bad_weights:
         problems.append(f"loss.task_weights must be >= 0, got {bad_weights}")
     loss = cfg.loss
+    if loss.mode == "coba" and cfg.data.valid_samples_per_task == 0:
+        problems.append("loss.mode=coba measures convergence on validation data: set data.valid_samples_per_task > 0")
     if loss.coba_update_interval < 1 or loss.coba_history < 1 or loss.coba_valid_micro_batches < 1:
         problems.append("loss.coba_update_interval, loss.coba_history and loss.coba_valid_micro_batches must be >= 1")
     if loss.coba_warmup <= loss.coba_update_interval:

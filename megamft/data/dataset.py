@@ -110,11 +110,11 @@ class MultitaskData:
     [b, 1, s, s] mask (megatron's local attention); 'thd', PackedSeqParams for Transformer Engine (one row
     per micro-batch); 'rows', RowDocuments for the torch backend (no dense mask, any micro-batch size)."""
     max_token_id: int = -1
+    """The largest id a training or validation sequence can hold (padding included): the model's
+    vocabulary must have a row for it."""
     template: dict | None = None
     """The chat template the samples were rendered with (name, Jinja source): saved with every
     checkpoint so that an export carries it."""
-    """The largest id a training or validation sequence can hold (padding included): the model's
-    vocabulary must have a row for it."""
 
     def batches(self, rows: list[tuple[np.ndarray, np.ndarray]], micro_batch_size: int,
                 same_length: bool = False) -> list[dict]:

@@ -18,6 +18,7 @@ from megamft.model.norm import MegamftRMSNorm, norm_class
 
 ATTENTION_BACKENDS = ("auto", "torch", "te", "local")
 
+
 def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layernorm: bool = False,
                      num_experts: int | None = None, torch_attention: bool = False) -> TransformerBlockSubmodules:
     """megatron-core's local layer (local linears, SwiGLU or GELU MLP) with megamft's norms.
@@ -48,8 +49,15 @@ def transformer_engine_layer_spec(qk_layernorm: bool = False, num_experts: int |
     MoE layers use TE's grouped GEMM over the local experts; megatron saves its
     weights under SequentialMLP's keys, so checkpoints move between the two specs.
     """
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, num_experts=num_experts,
+    spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, num_experts=num_experts,
                                                       moe_grouped_gemm=bool(num_experts))
+    if num_experts:
+        # An MoE layer keeps its MLP norm apart (TENorm), saved as pre_mlp_layernorm.*; the local spec and
+        # the Hugging Face mapping name it mlp.linear_fc1.layer_norm_*, as TE's dense layer does.
+        spec = copy.deepcopy(spec)
+        spec.submodules.sharded_state_dict_keys_map = {
+            **spec.submodules.sharded_state_dict_keys_map, "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    return spec
 
 
 def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: bool,

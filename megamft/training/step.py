@@ -75,6 +75,17 @@ def global_counts(micro_batches: list[dict], num_tasks: int, indices: list | Non
     return BatchCounts.from_tensor(flat)
 
 
+def global_positions(micro_batches: list[dict]) -> int:
+    """Token positions of the global batch (every micro-batch of every DP rank, padding included).
+
+    Counted on the host and summed over the gloo DP group: micro-batches differ in
+    length with data.mode=dynamic, so the first one's shape does not tell.
+    """
+    local = torch.tensor([sum(b["tokens"].numel() for b in micro_batches)], dtype=torch.int64)
+    torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group_gloo())
+    return int(local.item())
+
+
 # Used on the host only: packed_seq_params carries the boundaries to the device.
 _HOST_ONLY_KEYS = ("sample_ids", "cu_seqlens", "padding")
 
@@ -202,10 +213,11 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
     if setup.normalization == "per_microbatch":  # MFTCoder: mean over micro-batches and DP ranks
         divisor = float(len(micro_batches) * parallel_state.get_data_parallel_world_size())
     micro_batch_size, seq_length = micro_batches[0]["tokens"].shape  # whole sequences, also under CP
+    routing = setup.router_loss_coeffs is not None and not forward_only
+    positions = global_positions(micro_batches) if routing else 0  # whole sequences, also under CP
     micro_batches, counts = prepare(micro_batches, setup, num_tasks)
     total_tokens = float(counts.task_tokens.sum())
-    if setup.router_loss_coeffs is not None and not forward_only:
-        positions = len(micro_batches) * micro_batch_size * seq_length * parallel_state.get_data_parallel_world_size()
+    if routing:
         router_losses.scale_to_global_batch(get_model_config(chunks[0]), setup.router_loss_coeffs, total_tokens,
                                             positions)
 

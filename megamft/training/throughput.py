@@ -13,16 +13,27 @@ def flops_per_token(cfg: MegamftConfig, vocab_size: int) -> float:
     """Training FLOPs per token: 2 per multiply-add, x3 for forward + backward.
 
     Matmuls: QKV (with grouped KV), attention output, SwiGLU's three matrices
-    (GELU's two), the output layer; attention scores and values add
+    (GELU's two; for MoE the router, the top-k experts and the shared expert), the output layer; attention scores and values add
     2 x 2 x seq x heads x head_dim per layer. Full activation recompute runs the forward pass once more (x4 / 3).
     """
     m = cfg.model
     h, f, s = m.hidden_size, m.ffn_hidden_size, cfg.data.seq_length
     q, kv = query_width(m), kv_width(m)
-    per_layer = 2 * (h * (q + 2 * kv) + q * h + mlp_matrices(m) * h * f) + 2 * 2 * s * q
+    per_layer = 2 * (h * (q + 2 * kv) + q * h + _mlp_multiply_adds(m)) + 2 * 2 * s * q
     forward = m.num_layers * per_layer + 2 * h * vocab_size
     factor = 4 if cfg.transformer.get("recompute_granularity") == "full" else 3
     return float(forward * factor)
+
+
+def _mlp_multiply_adds(m) -> int:
+    """Multiply-adds of one token through one layer's MLP: the dense MLP, or the router, the top-k
+    routed experts and the shared expert of an MoE layer."""
+    h = m.hidden_size
+    if not m.num_experts:
+        return mlp_matrices(m) * h * m.ffn_hidden_size
+    routed = m.moe_router_topk * 3 * h * (m.moe_ffn_hidden_size or m.ffn_hidden_size)
+    shared = 3 * h * (m.moe_shared_expert_intermediate_size or 0) + (h if m.moe_shared_expert_gate else 0)
+    return h * m.num_experts + routed + shared
 
 
 def tflops_per_device(cfg: MegamftConfig, vocab_size: int, tokens_per_second: float, world_size: int) -> float:
