@@ -238,3 +238,15 @@ def test_unsupported_qwen3_moe_layouts_are_refused():
         model_config_from_hf({**QWEN3_CODER_30B_A3B, "mlp_only_layers": [0, 47]})
     with pytest.raises(UnsupportedModel, match="decoder_sparse_step"):
         model_config_from_hf({**QWEN3_CODER_30B_A3B, "decoder_sparse_step": 2})
+
+
+def test_parameter_count_of_the_estimator_equals_transformers(converted):
+    """The memory estimator's parameter count (experts, router, shared expert, q/k norms) against the model."""
+    from megamft.config import MegamftConfig
+    from megamft.training.memory_estimate import stage_parameters
+
+    for name, (hf_dir, _) in converted.items():
+        model = hf_convert.plan_hf_to_megatron(hf_dir)[0]
+        ours = stage_parameters(MegamftConfig(model=model), model.vocab_size, first=True, last=True)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        assert ours == sum(p.numel() for p in hf_model.parameters()), name
