@@ -2,11 +2,11 @@
 
 Tiny random MoE models are built with transformers, converted, and run by
 megamft at TP=1, TP=2 (with sequence parallel, as MoE training needs), PP=2,
-EP=2 and TP=2 x EP=2 (experts not tensor-parallel) on two ranks: the logits must equal transformers'. Both expert layouts on disk are
-read (one tensor per expert, as transformers writes; the fused 3-D tensors it
-holds in memory). Exports load in transformers with no missing or unexpected
-key and no warning, and a round trip through EP=2 x PP=2 gives back the very
-same tensors.
+EP=2 and TP=2 x EP=2 (experts not tensor-parallel) on two ranks: the logits
+must equal transformers'. Both expert layouts on disk are read (one tensor per
+expert, as transformers writes; the fused 3-D tensors it holds in memory).
+Exports load in transformers with no missing or unexpected key and no warning
+and hold the very tensors converted (a round trip through EP=2 x PP=2 too).
 """
 
 import json
