@@ -8,7 +8,7 @@ megatron keeps one layer's routed experts as stacked tensors: ``linear_fc1``
 Two layouts are found on disk:
 - one tensor per expert, as published checkpoints hold and as transformers 5
   still writes them (it fuses on load through its conversion mapping):
-  Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2``, Qwen ``mlp.experts.{e}.gate_proj/up_proj/down_proj``;
+  Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2``, Qwen2/Qwen3-MoE ``mlp.experts.{e}.gate_proj/up_proj/down_proj``;
 - the fused 3-D tensors of transformers' in-memory experts module:
   ``mlp.experts.gate_up_proj`` [experts, 2 x ffn, hidden] ([gate; up], megatron's own order)
   and ``mlp.experts.down_proj`` [experts, hidden, ffn].
@@ -76,6 +76,7 @@ _ROUTER = "decoder.layers.mlp.router.weight"
 _PUBLISHED = {
     "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
     "qwen2_moe": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megamft.config import ModelConfig
-from megamft.model.moe import MIXTRAL, QWEN2_MOE, MoeFamily, UnsupportedMoE
+from megamft.model.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE, MoeFamily, UnsupportedMoE
 from megamft.model.rope import UnsupportedRope, hf_rope_scaling, rope_fields_from_hf
 
 
@@ -38,6 +38,9 @@ class Family:
     """What transformers assumes for keys a config.json may leave out, where megamft's default differs."""
     window_switch_key: str | None = None
     """Key that must be true for sliding_window to apply (Qwen's use_sliding_window)."""
+    window_layers_key: str | None = None
+    """Key naming the first windowed layer when a config has no layer_types (Qwen's max_window_layers);
+    None: a switched-on window applies to every layer (Qwen3-MoE)."""
     moe: MoeFamily | None = None
     """Mixture-of-experts config keys (None: a dense family)."""
 
@@ -50,9 +53,10 @@ FAMILIES = {
                export_defaults={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}),
         Family("mistral", "MistralForCausalLM", "mistral", export_defaults={"sliding_window": None}),
         Family("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True, window_switch_key="use_sliding_window",
+               window_layers_key="max_window_layers",
                export_defaults={"use_sliding_window": False, "sliding_window": None}),
         Family("qwen3", "Qwen3ForCausalLM", "qwen3", qk_layernorm=True, window_switch_key="use_sliding_window",
-               hf_defaults={"head_dim": 128},
+               window_layers_key="max_window_layers", hf_defaults={"head_dim": 128},
                export_defaults={"attention_bias": False, "use_sliding_window": False, "sliding_window": None}),
         Family("starcoder2", "Starcoder2ForCausalLM", "starcoder2", hidden_act="gelu_pytorch_tanh",
                normalization="LayerNorm", mlp_activation="gelu_tanh", linear_bias_key="use_bias",
@@ -60,8 +64,12 @@ FAMILIES = {
                export_defaults={"residual_dropout": 0.0, "embedding_dropout": 0.0, "sliding_window": None}),
         Family("mixtral", "MixtralForCausalLM", "mixtral", export_defaults={"sliding_window": None}, moe=MIXTRAL),
         Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", qkv_bias=True, moe=QWEN2_MOE,
-               window_switch_key="use_sliding_window",
+               window_switch_key="use_sliding_window", window_layers_key="max_window_layers",
                export_defaults={"use_sliding_window": False, "sliding_window": None, "qkv_bias": True}),
+        # Qwen3-Coder-30B-A3B: Qwen3 attention (q/k norms, head_dim 128), 128 experts, no shared expert.
+        Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", qk_layernorm=True, moe=QWEN3_MOE,
+               window_switch_key="use_sliding_window",
+               export_defaults={"attention_bias": False, "use_sliding_window": False, "sliding_window": None}),
     )
 }
 
@@ -100,9 +108,11 @@ def _sliding_window(hf_config: dict, family: Family, source: str) -> int | None:
     if window is None or (family.window_switch_key and not hf_config.get(family.window_switch_key, False)):
         return None  # Qwen configs carry a window size that is off unless use_sliding_window
     layers = hf_config["num_hidden_layers"]
-    layer_types = hf_config.get("layer_types")
-    if layer_types is None and family.window_switch_key:  # Qwen: windows from layer max_window_layers on
-        first = hf_config.get("max_window_layers", 28)
+    # Qwen3-MoE's transformers model windows every layer, whatever layer_types a config.json carries.
+    windows_every_layer = family.window_switch_key and not family.window_layers_key
+    layer_types = None if windows_every_layer else hf_config.get("layer_types")
+    if layer_types is None and family.window_layers_key:  # Qwen: windows from layer max_window_layers on
+        first = hf_config.get(family.window_layers_key, 28)
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     windowed = {kind == "sliding_attention" for kind in layer_types or ["sliding_attention"]}
     if windowed == {False}:
@@ -190,7 +200,8 @@ def hf_config_from_model(model: ModelConfig, family: Family, dtype: str) -> dict
         config["sliding_window"] = model.sliding_window
     if family.window_switch_key:
         config[family.window_switch_key] = bool(model.sliding_window)
-        config["max_window_layers"] = 0
+    if family.window_layers_key:
+        config[family.window_layers_key] = 0
         config["layer_types"] = ["sliding_attention" if model.sliding_window else "full_attention"] * model.num_layers
     config["num_key_value_heads"] = model.num_query_groups or model.num_attention_heads
     if family.moe is not None:

@@ -9,6 +9,7 @@ Routing, as transformers computes it and as megatron is told to:
   top-k logits, megatron's ``moe_router_pre_softmax=False``.
 - Qwen with ``norm_topk_prob: false``: softmax over all experts, keep the top k
   as they are: megatron's ``moe_router_pre_softmax=True``.
+- Qwen3-MoE (Qwen3-Coder-30B-A3B): Qwen2-MoE's routing without a shared expert.
 - Qwen2-MoE's shared expert (every token) is scaled by ``sigmoid(x . w)``:
   megatron's ``moe_shared_expert_gate``.
 """
@@ -105,3 +106,5 @@ class MoeFamily:
 
 MIXTRAL = MoeFamily(("num_local_experts",), "intermediate_size", always_normalizes_topk=True)
 QWEN2_MOE = MoeFamily(("num_experts",), "moe_intermediate_size", always_normalizes_topk=False, shared_expert=True)
+# Published Qwen3-MoE configs say num_experts; transformers 5 aliases it and saves num_local_experts.
+QWEN3_MOE = MoeFamily(("num_experts", "num_local_experts"), "moe_intermediate_size", always_normalizes_topk=False)
