@@ -206,10 +206,15 @@ def loss_modes_step(weights_dir: str, micro_batch_size: int, modes: tuple[str, .
             state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
             dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
             balancer = {"focal": FocalTaskWeights(3, 2.0), "coba": CoBa(3, warmup=2), "famo": FAMO(3)}.get(mode)
-            for step, losses in enumerate(([1.0, 2.0, 3.0], [0.5, 1.9, 2.0], [0.3, 1.8, 1.2])):
+            if isinstance(balancer, CoBa):
+                balancer.set_normalizer(torch.tensor([1.2, 2.1, 3.3]))  # the evaluation before step 0
+            for step, losses in enumerate(([1.0, 2.0, 3.0], [0.5, 1.9, 2.0], [0.3, 1.8, 1.2]), start=1):
                 if balancer is not None:
+                    balancer.before_step(step)
                     balancer.after_train_step(step, torch.tensor(losses))
                     balancer.observe_validation(step, torch.tensor(losses))
+            if balancer is not None:
+                balancer.before_step(4)  # CoBa: past its warm-up, weights from the three measurements
             weights = effective_task_weights(mode, 3, torch.tensor([1.0, 2.0, 0.5]), balancer)
             stats = train_step(state, micro, ("a", "b", "c"), LossSetup(mode, normalization, weights, 2.0))
             grads = torch.cat([p.main_grad.detach().flatten().clone()

@@ -146,7 +146,12 @@ def model_differences(saved_model: dict, cfg: MegamftConfig) -> list[str]:
     return [f"model.{key}: checkpoint {saved_model.get(key)!r}, config {value!r}"
             for key, value in sorted(current.items())
             if value is not None and saved_model.get(key) is not None and saved_model.get(key) != value
-            and key not in ROUTER_LOSS_FIELDS]  # training coefficients: the weights compute the same
+            and key not in _SAME_WEIGHTS_FIELDS]
+
+
+# Fields that change how the weights are trained or computed, not what they mean: router-loss
+# coefficients, and the attention kernels (every backend computes the same attention).
+_SAME_WEIGHTS_FIELDS = (*ROUTER_LOSS_FIELDS, "attention_backend")
 
 
 def _check_model_matches(path: Path, common: dict, cfg: MegamftConfig) -> None:

@@ -32,6 +32,8 @@ from megamft.platform.output_folder import (
 from megamft.training.memory_estimate import checkpoint_bytes
 # What makes two runs the same run; everything else (steps, layout, intervals, paths) may change on resume.
 _RUN_DEFINING = ("model", "data", "loss", "lora", "train.seed", "train.global_batch_size", "train.precision")
+# Inside those, what may change between a run's restarts: the attention kernels compute the same model.
+_NOT_RUN_DEFINING = ("model.attention_backend",)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _defining(flat: dict) -> dict:
-    return {k: v for k, v in flat.items() if any(k == d or k.startswith(d + ".") for d in _RUN_DEFINING)}
+    return {k: v for k, v in flat.items()
+            if any(k == d or k.startswith(d + ".") for d in _RUN_DEFINING) and k not in _NOT_RUN_DEFINING}
 
 
 def run_differences(saved: dict, current: MegamftConfig) -> list[str]:

@@ -25,10 +25,12 @@ STALL_MARKER_ENV = "MEGAMFT_STALL_MARKER"
 MOMENTS = (
     "step.done",        # the optimizer step is applied, nothing saved yet
     "save.started",     # the .partial folder exists
-    "save.writing",     # an asynchronous save's background writer is about to write
     "save.written",     # every shard is written, not yet renamed
     "save.published",   # renamed into place, `latest` not yet moved
     "save.pointed",     # `latest` names the new checkpoint, old ones not yet pruned
+)
+ASYNC_MOMENTS = (
+    "save.writing",     # an asynchronous save's background writer is about to write (async saves only)
 )
 
 
