@@ -79,7 +79,6 @@ def _forward_backward(state, micro_batches: list[dict], packed_as: str | None) -
 
 def torch_vs_local(overrides: tuple[str, ...], heads: tuple[str, ...]) -> dict:
     """For each head layout: max |torch - local| of logits and gradients, packed and unpacked rows."""
-    import torch
 
     from jobs import tiny_config
     from megamft.data.tokenizer import ByteTokenizer

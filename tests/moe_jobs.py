@@ -66,7 +66,6 @@ def aux_gradient(weights_dir: str, micro_batch_size: int, copies: int, coefficie
     The global batch is `copies` copies of the same two packed rows (40% of tokens learned),
     so every split into micro-batches and DP ranks sees the same router losses.
     """
-    import torch
     from megatron.core import parallel_state
 
     from megamft.checkpoint import dist_checkpoint
@@ -110,10 +109,8 @@ def aux_gradient(weights_dir: str, micro_batch_size: int, copies: int, coefficie
 
 def expert_stats_of_one_step(overrides: tuple[str, ...] = ()) -> dict:
     """Expert statistics of one training step, and each router's routing map recorded independently."""
-    import torch
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megamft.platform import distributed
     from megamft.training.expert_stats import ExpertStats
     from megamft.training.step import LossSetup, train_step
 

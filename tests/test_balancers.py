@@ -5,8 +5,6 @@ CoBa is checked step by step against a plain re-implementation of MFTCoder's CoB
 written here from its formulas; each megamft option is shown doing what it is for.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -13,11 +13,11 @@ def flops_per_token(cfg: MegamftConfig, vocab_size: int) -> float:
     """Training FLOPs per token: 2 per multiply-add, x3 for forward + backward.
 
     Matmuls: QKV (with grouped KV), attention output, SwiGLU's three matrices
-    (GELU's two; for MoE the router, the top-k experts and the shared expert), the output layer; attention scores and values add
-    2 x 2 x seq x heads x head_dim per layer. Full activation recompute runs the forward pass once more (x4 / 3).
+    (GELU's two; for MoE the router, the top-k experts and the shared expert), the
+    output layer; attention scores and values add 2 x 2 x seq x heads x head_dim per layer. Full activation recompute runs the forward pass once more (x4 / 3).
     """
     m = cfg.model
-    h, f, s = m.hidden_size, m.ffn_hidden_size, cfg.data.seq_length
+    h, s = m.hidden_size, cfg.data.seq_length
     q, kv = query_width(m), kv_width(m)
     per_layer = 2 * (h * (q + 2 * kv) + q * h + _mlp_multiply_adds(m)) + 2 * 2 * s * q
     forward = m.num_layers * per_layer + 2 * h * vocab_size
