@@ -403,31 +403,16 @@ def device_syncs_per_step(overrides: tuple[str, ...]) -> list[int]:
 
 def converted_logits_of_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], tokens: list):
     """converted_logits for several checkpoints in one launch (one process group, one layout)."""
-    from megatron.core import parallel_state
-
-    from megamft.checkpoint import dist_checkpoint
-    from megamft.config import load_config
-    from megamft.model.inference import full_logits
-    from megamft.platform import distributed
-    from megamft.training.setup import build_training_state
-
-    results, runtime = [], None
-    try:
-        for (checkpoint, model_yaml), case_tokens in zip(checkpoints, tokens):
-            cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
-            runtime = runtime or distributed.initialize(cfg)
-            state = build_training_state(cfg, runtime, cfg.model.vocab_size)
-            dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
-            logits = full_logits(state.chunks, case_tokens)
-            keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
-            results.append(logits.cpu() if keep else None)
-    finally:
-        distributed.shutdown()
-    return results if any(r is not None for r in results) else None
+    return _logits_of_each(checkpoints, overrides, tokens, out_dirs=None)
 
 
 def resave_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], out_dirs: list[str], tokens: list):
     """resave for several checkpoints in one launch; also returns each one's logits at that layout."""
+    return _logits_of_each(checkpoints, overrides, tokens, out_dirs)
+
+
+def _logits_of_each(checkpoints, overrides, tokens, out_dirs: list[str] | None):
+    """Each checkpoint's logits at this layout (TP rank 0 of the last stage); saved again to out_dirs if given."""
     from megatron.core import parallel_state
 
     from megamft.checkpoint import dist_checkpoint
@@ -438,7 +423,7 @@ def resave_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], 
 
     runtime, results = None, []
     try:
-        for (checkpoint, model_yaml), out_dir, case_tokens in zip(checkpoints, out_dirs, tokens):
+        for i, ((checkpoint, model_yaml), case_tokens) in enumerate(zip(checkpoints, tokens)):
             cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
             runtime = runtime or distributed.initialize(cfg)
             state = build_training_state(cfg, runtime, cfg.model.vocab_size)
@@ -446,7 +431,8 @@ def resave_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], 
             logits = full_logits(state.chunks, case_tokens)
             keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
             results.append(logits.cpu() if keep else None)
-            dist_checkpoint.save(state, out_dir, 0, 0, cfg, with_optimizer=False)
+            if out_dirs is not None:
+                dist_checkpoint.save(state, out_dirs[i], 0, 0, cfg, with_optimizer=False)
     finally:
         distributed.shutdown()
     return results if any(r is not None for r in results) else None

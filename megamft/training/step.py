@@ -59,38 +59,32 @@ def _dp_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def global_counts(micro_batches: list[dict], num_tasks: int, indices: list | None = None) -> BatchCounts:
-    """Token and sample counts of the whole global batch (all micro-batches, all DP ranks).
+def global_counts(micro_batches: list[dict], num_tasks: int, indices: list | None = None
+                  ) -> tuple[BatchCounts, int]:
+    """Token and sample counts of the whole global batch (all micro-batches, all DP ranks), and its
+    token positions (padding included; micro-batches differ in length with data.mode=dynamic).
 
     Counted on the host, from the data loader's tensors, before anything reaches
-    the device, and summed over megatron's gloo DP group: no device work and no
-    GPU stall. Counted on whole sequences, before any context-parallel split, so
-    over DP ranks only. `indices`: each micro-batch's `sample_index`, if computed.
+    the device, and summed over megatron's gloo DP group in one all-reduce: no
+    device work and no GPU stall. Counted on whole sequences, before any
+    context-parallel split, so over DP ranks only. `indices`: each micro-batch's
+    `sample_index`, if computed.
     """
     local = BatchCounts.zeros(num_tasks)
     for batch, samples in zip(micro_batches, indices or [None] * len(micro_batches)):
         local = local + count(batch["loss_mask"], batch["task_ids"], batch.get("sample_ids"), num_tasks, samples)
-    flat = local.as_tensor()
+    positions = torch.tensor([sum(b["tokens"].numel() for b in micro_batches)], dtype=torch.float64)
+    flat = torch.cat([local.as_tensor(), positions])
     torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group_gloo())
-    return BatchCounts.from_tensor(flat)
-
-
-def global_positions(micro_batches: list[dict]) -> int:
-    """Token positions of the global batch (every micro-batch of every DP rank, padding included).
-
-    Counted on the host and summed over the gloo DP group: micro-batches differ in
-    length with data.mode=dynamic, so the first one's shape does not tell.
-    """
-    local = torch.tensor([sum(b["tokens"].numel() for b in micro_batches)], dtype=torch.int64)
-    torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group_gloo())
-    return int(local.item())
+    return BatchCounts.from_tensor(flat[:-1]), int(flat[-1])
 
 
 # Used on the host only: packed_seq_params carries the boundaries to the device.
 _HOST_ONLY_KEYS = ("sample_ids", "cu_seqlens", "padding")
 
 
-def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tuple[list[dict], BatchCounts]:
+def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int
+            ) -> tuple[list[dict], BatchCounts, int]:
     """Host-side loss bookkeeping of one step: every token's weight and sample index.
 
     Everything here depends only on masks, task ids and sample ids, which the
@@ -103,7 +97,7 @@ def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tupl
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     indices = [sample_index(b.get("sample_ids"), b["loss_mask"].shape) for b in micro_batches]
-    counts = global_counts(micro_batches, num_tasks, indices)
+    counts, positions = global_counts(micro_batches, num_tasks, indices)
     weights = setup.task_weights if setup.task_weights is not None else torch.ones(num_tasks)
     prepared = []
     for batch, samples in zip(micro_batches, indices):
@@ -129,7 +123,7 @@ def prepare(micro_batches: list[dict], setup: LossSetup, num_tasks: int) -> tupl
                 ready["packed_seq_params"] = _map_boundaries(ready["packed_seq_params"], torch.Tensor.pin_memory)
         ready["num_samples"] = samples[1]
         prepared.append(ready)
-    return prepared, counts
+    return prepared, counts, positions
 
 
 def _routed_task_ids(tasks: torch.Tensor, padding: torch.Tensor | None, num_tasks: int) -> torch.Tensor:
@@ -213,11 +207,9 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
     if setup.normalization == "per_microbatch":  # MFTCoder: mean over micro-batches and DP ranks
         divisor = float(len(micro_batches) * parallel_state.get_data_parallel_world_size())
     micro_batch_size, seq_length = micro_batches[0]["tokens"].shape  # whole sequences, also under CP
-    routing = setup.router_loss_coeffs is not None and not forward_only
-    positions = global_positions(micro_batches) if routing else 0  # whole sequences, also under CP
-    micro_batches, counts = prepare(micro_batches, setup, num_tasks)
+    micro_batches, counts, positions = prepare(micro_batches, setup, num_tasks)
     total_tokens = float(counts.task_tokens.sum())
-    if routing:
+    if setup.router_loss_coeffs is not None and not forward_only:
         router_losses.scale_to_global_batch(get_model_config(chunks[0]), setup.router_loss_coeffs, total_tokens,
                                             positions)
 
