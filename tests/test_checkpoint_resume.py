@@ -90,3 +90,38 @@ def test_resume_with_dropout_is_exact_because_rng_state_is_restored(initial_weig
         f"checkpoint.load_dir={tmp_path}", "checkpoint.load_iteration=2", "checkpoint.resume=never")})[0]
     for got, want in zip(resumed["loss"], reference["loss"][2:]):
         assert abs(got - want) <= 1e-6 * abs(want), (resumed["loss"], reference["loss"])
+
+
+def _saved_weights(checkpoint: Path, tmp_path: Path) -> dict:
+    """The model tensors of a dist checkpoint, read by torch's own DCP reader."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = tmp_path / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(flat))
+    state = torch.load(flat, weights_only=False)
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and k.startswith(("embedding.", "decoder.", "output"))}
+
+
+def test_overlapped_parameter_gather_saves_the_current_weights(initial_weights, tmp_path):
+    """With ddp.overlap_param_gather the other DP ranks' shards arrive in the next forward pass; a save
+    right after a step must still hold that step's weights (the single-process run's, same step)."""
+    import torch
+
+    saved = {}
+    for name, world_size, layout in [("single", 1, ()),
+                                     ("dp2", 2, ("ddp.overlap_grad_reduce=true", "ddp.overlap_param_gather=true"))]:
+        save_dir = tmp_path / name
+        overrides = layout + (
+            "train.train_steps=3", f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
+            f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval=1")
+        launch(jobs.train, world_size, kwargs={"overrides": overrides}, timeout=240)
+        saved[name] = [_saved_weights(iteration_dir(save_dir, step), tmp_path) for step in (1, 2, 3)]
+    # Step 1 runs at learning rate 0 (one warm-up step): steps 2 and 3 are the ones that move the weights.
+    for step in (2, 3):
+        want, got, before = saved["single"][step - 1], saved["dp2"][step - 1], saved["single"][step - 2]
+        assert sorted(got) == sorted(want) == sorted(before) and len(want) >= 5
+        # A stale shard would hold the step before's values: the step moved them by ~lr (1e-3) ...
+        assert max(float((want[k] - before[k]).abs().max()) for k in want) > 1e-4
+        for key in want:  # ... while another reduction order moves them by ~1e-7
+            assert torch.allclose(got[key], want[key], rtol=0, atol=1e-5), (step, key)

@@ -106,6 +106,9 @@ def test_yaml_errors_name_the_file(tmp_path):
     (["loss.task_weights={a: -1}"], 1, "loss.task_weights must be >= 0"),
     (["loss.fused_cross_entropy=true", "loss.mode=focal"], 1, "loss.fused_cross_entropy does not support"),
     (["data.seq_length=8192"], 1, "data.seq_length (8192) exceeds model.max_position_embeddings (4096)"),
+    (["ddp.overlap_param_gather=true"], 2, "ddp.overlap_param_gather needs ddp.overlap_grad_reduce=true"),
+    (["ddp.overlap_param_gather=true", "ddp.overlap_grad_reduce=true", "optimizer.use_distributed_optimizer=false"],
+     2, "ddp.overlap_param_gather needs optimizer.use_distributed_optimizer=true"),
 ])
 def test_validation_names_each_problem(overrides, world_size, fragment):
     problems = _problems(*overrides, world_size=world_size)

@@ -76,6 +76,21 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def gather_parameters(chunks) -> None:
+    """Make every rank's full copy of the parameters current before they are read outside a forward pass.
+
+    With ``ddp.overlap_param_gather`` the distributed optimizer updates only this
+    rank's shard in ``step()``; the other shards arrive in the next forward pass's
+    pre-hooks. A checkpoint written between the two would hold the previous step's
+    weights for every shard but this rank's, so the gather is forced here (what
+    megatron's forward pre-hook would do, synchronously; the next step gathers again).
+    """
+    for chunk in chunks:
+        ddp = getattr(chunk, "ddp_config", None)
+        if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def _adapters(model_state: dict) -> dict:
     return {k: v for k, v in model_state.items() if ".lora_" in k}
 
@@ -271,6 +286,7 @@ def save(
             raise ValueError(f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
                              "base checkpoint; use another checkpoint.save_dir")
         extra = {**(extra or {}), LORA_BASE: lora_base}
+    gather_parameters(state.chunks)
     sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer, extra,
                              with_rng=with_optimizer, adapters_only=lora_base is not None)
 

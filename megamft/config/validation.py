@@ -21,9 +21,23 @@ def validate(cfg: MegamftConfig, world_size: int) -> None:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     problems = _model_problems(cfg) + _parallel_problems(cfg, world_size)
     problems += _batch_problems(cfg, world_size) + _data_problems(cfg) + _lora_problems(cfg)
-    problems += _expert_problems(cfg, world_size)
+    problems += _expert_problems(cfg, world_size) + _overlap_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def _overlap_problems(cfg: MegamftConfig) -> list[str]:
+    """megatron overlaps the parameter all-gather only for the distributed optimizer's buckets, which
+    overlap_grad_reduce sets up; without either it would silently do nothing."""
+    if not cfg.ddp.get("overlap_param_gather"):
+        return []
+    problems = []
+    if not cfg.optimizer.get("use_distributed_optimizer", True):
+        problems.append("ddp.overlap_param_gather needs optimizer.use_distributed_optimizer=true "
+                        "(it overlaps the distributed optimizer's parameter all-gather)")
+    if not cfg.ddp.get("overlap_grad_reduce"):
+        problems.append("ddp.overlap_param_gather needs ddp.overlap_grad_reduce=true")
+    return problems
 
 
 def _context_parallel_problems(cfg: MegamftConfig, cp: int, tp: int) -> list[str]:
