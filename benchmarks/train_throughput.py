@@ -5,21 +5,30 @@
     python benchmarks/train_throughput.py --preset 1b-full --steps 8 --backends torch te
 
 Same model shape (random weights: throughput does not depend on them), same packed rows of
-random documents, same sequence length, precision and tokens per step on both sides. megamft
-runs its real training step (megatron schedule, DDP, distributed optimizer, clipping) once per
-available attention backend. The baseline is the strongest ordinary transformers setup: SDPA
-attention, padding-free packing (DataCollatorWithFlattening: one flattened row per step,
-positions restarting per document), torch AdamW (fused on CUDA), bf16 autocast over fp32
-weights as transformers' Trainer does, clipping at 1.0, no activation checkpointing on
-either side; LoRA through PEFT with the same rank and target projections. Prints tokens/s,
-TFLOP/s and MFU (against --peak-tflops, default by GPU name) and the ratios megamft/baseline.
-On a CPU the figures only prove that the benchmark runs; compare GPU figures only.
+random documents, same sequence length, precision and tokens per step, one row of seq tokens
+per forward on both sides. megamft runs its real training step (megatron schedule, DDP,
+distributed optimizer, clipping) once per attention backend (te and torch on a GPU; local
+too on the CPU or when named). The baselines are transformers' strongest ordinary setups:
+padding-free packing (DataCollatorWithFlattening, positions restarting per document) with
+(a) SDPA, which transformers gives a dense block-diagonal document mask (a masked kernel),
+and (b) torch's flash `varlen_attn` over the collator's cu_seqlens, registered as a
+transformers attention function: the kernel megamft's torch backend uses (flash-attn's
+package is not needed). torch AdamW (fused on CUDA), bf16 autocast over fp32 weights for full
+fine-tunes as transformers' Trainer does, a bf16 frozen base under PEFT's fp32 adapters for
+LoRA, clipping at 1.0, no activation checkpointing on either side. Prints per contender the
+first step's loss (the transformers rows share their weights, so theirs must agree), median
+step time as tokens/s, model TFLOP/s and MFU (document-causal attention, frozen weights
+without weight gradients; against --peak-tflops, default by GPU name), peak memory, and
+the ratio against the fastest transformers row. On a CPU the figures only prove that the
+benchmark runs; compare GPU figures only.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -35,7 +44,8 @@ PRESETS = {
     "7b-lora": dict(layers=32, hidden=4096, ffn=11008, heads=32, groups=32, vocab=32000, lora=16, seq=4096, rows=2),
 }
 LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+# Dense bf16 peak per device; the first name found in the device name wins (PCIe and NVL H100s are slower).
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 @dataclass
@@ -44,6 +54,8 @@ class Result:
     tokens_per_s: float
     tflops: float
     mfu: float | None
+    first_loss: float
+    peak_gb: float | None
 
 
 def packed_documents(preset: dict, steps: int, seed: int = 0) -> list[list[list[int]]]:
@@ -103,104 +115,175 @@ def _megamft_config(preset: dict, backend: str, precision: str, micro_batch: int
     return load_config([], overrides)
 
 
-def run_megamft(preset: dict, steps: list, backend: str, precision: str, warmup: int) -> float:
-    """Seconds per step (after warm-up) of megamft's training step."""
+def run_megamft(preset: dict, steps: list, backend: str, precision: str, warmup: int) -> tuple[list, float]:
+    """(seconds of each step after warm-up, first step's loss) of megamft's training step."""
     from megamft.data.sequences import PACKED_ATTENTION, packed_seq_params, row_documents
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
-    from megamft.training.step import LossSetup, train_step
+    from megamft.training.step import LossSetup, train_step, to_device
 
     form = PACKED_ATTENTION[backend]
-    micro_batch = 1 if form == "thd" else preset["rows"]
-    cfg = _megamft_config(preset, backend, precision, micro_batch)
-    runtime = distributed.runtime()
-    state = build_training_state(cfg, runtime, preset["vocab"])
+    cfg = _megamft_config(preset, backend, precision, micro_batch=1)
+    state = build_training_state(cfg, distributed.runtime(), preset["vocab"])
     batches = []
     for rows in steps:
-        micro = [_megamft_batch(rows[i : i + micro_batch], preset["seq"]) for i in range(0, len(rows), micro_batch)]
+        micro = [_megamft_batch([row], preset["seq"]) for row in rows]
         for batch in micro:
             if form != "mask":
                 batch["packed_seq_params"] = (packed_seq_params if form == "thd" else row_documents)(batch)
                 del batch["attention_mask"]
         batches.append(micro)
-    seconds = _timed([lambda b=b: train_step(state, b, ("all",), LossSetup(mode="token")) for b in batches], warmup)
-    del state
-    return seconds
+    losses = []
+
+    def step(micro):
+        losses.append(train_step(state, micro, ("all",), LossSetup(mode="token")).loss)
+
+    try:
+        return _timed([lambda m=m: step(m) for m in batches], warmup), losses[0]
+    finally:
+        del state
 
 
 # ---------------------------------------------------------------- transformers (+ PEFT)
 
+HF_VARLEN = "torch_varlen"
 
-def run_transformers(preset: dict, steps: list, precision: str, warmup: int, device: str) -> float:
-    """Seconds per step of a plain transformers training loop on the same rows."""
-    from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
 
+def _hf_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention over one flattened row of documents, [1, heads, T, d] in, [1, T, heads, d] out.
+
+    torch's flash varlen_attn over the collator's cu_seq_lens on a GPU; SDPA with the
+    same documents' block-diagonal causal mask elsewhere (so the CPU run checks the plumbing).
+    """
+    import torch.nn.functional as F
+
+    from megamft.model.attention import _varlen, block_diagonal_causal, varlen_available
+
+    cu_seqlens, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    if varlen_available(query):
+        from megamft.model.attention import RowDocuments
+
+        documents = RowDocuments(cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_document_length=longest)
+        as_sbhd = [t.permute(2, 0, 1, 3) for t in (query, key, value)]  # [T, 1, heads, d]
+        return _varlen(*as_sbhd, documents, scaling, (-1, 0)).transpose(0, 1), None
+    allowed = block_diagonal_causal(cu_seqlens, 1, query.shape[2])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def run_transformers(preset: dict, steps: list, precision: str, warmup: int, device: str,
+                     attention: str) -> tuple[list, float]:
+    """(seconds of each step after warm-up, first step's loss) of a plain transformers training loop."""
+    from transformers import AttentionInterface, DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
+
+    AttentionInterface.register(HF_VARLEN, _hf_varlen_attention)
     p = preset
     config = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["ffn"],
                          num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
                          num_key_value_heads=p["groups"], max_position_embeddings=p["seq"] + 1,
-                         attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).to(device)
+                         attn_implementation=attention,
+                         # No KV cache in training: with one (transformers' default) its mask code skips
+                         # the packed-document detection and SDPA lets documents attend to each other.
+                         use_cache=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # LoRA: a frozen base in bf16, as one fine-tunes with PEFT (autocast would re-cast fp32 frozen
+    # weights at every use); a full fine-tune keeps fp32 master weights under autocast.
+    base_dtype = dtype if p["lora"] and dtype is not None else torch.float32
+    torch.manual_seed(0)  # the same weights for every attention implementation: their first losses must agree
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(base_dtype)
     if p["lora"]:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=p["lora"], lora_alpha=2 * p["lora"],
                                                  target_modules=LORA_TARGETS_HF, lora_dropout=0.0))
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # fp32 adapters and optimizer state
     model.train()
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
-    collator = DataCollatorWithFlattening(return_position_ids=True)
-    autocast = precision != "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    collator = DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True)
+    keep = ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    # One flattened row of seq + 1 tokens per forward, as the collator makes it; built before timing.
+    prepared = [[{k: v.to(device) if torch.is_tensor(v) else v
+                  for k, v in collator([{"input_ids": d} for d in docs]).items() if k in keep}
+                 for docs in rows] for rows in steps]
+    losses = []
 
     def step(rows):
-        for docs in rows:  # one flattened row of seq + 1 tokens per forward, as the collator makes it
-            batch = collator([{"input_ids": d} for d in docs])
-            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
-            with torch.autocast(device, dtype=dtype, enabled=autocast):
+        total = 0.0
+        for batch in rows:
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                 loss = model(**batch).loss / len(rows)
             loss.backward()
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not losses:
+            losses.append(float(total))  # one read, in a warm-up step
 
-    seconds = _timed([lambda r=r: step(r) for r in steps], warmup)
-    del model, optimizer
-    return seconds
+    try:
+        return _timed([lambda r=r: step(r) for r in prepared], warmup), losses[0]
+    finally:
+        del model, optimizer
 
 
 # ---------------------------------------------------------------- timing and report
 
 
-def _timed(calls: list, warmup: int) -> float:
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(calls: list, warmup: int) -> list[float]:
+    """Seconds of each call after `warmup` untimed ones, the device synchronized around each."""
     for call in calls[:warmup]:
         call()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    began = time.perf_counter()
+    seconds = []
     for call in calls[warmup:]:
+        _synchronize()
+        began = time.perf_counter()
         call()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - began) / max(1, len(calls) - warmup)
+        _synchronize()
+        seconds.append(time.perf_counter() - began)
+    return seconds
 
 
-def _flops_per_token(preset: dict) -> float:
-    from megamft.training.throughput import flops_per_token
+def _model_flops_per_step(preset: dict, steps: list) -> float:
+    """Model FLOPs of one step (mean over the steps): document-causal attention, LoRA-aware."""
+    from megamft.training.throughput import model_flops
 
-    return flops_per_token(_megamft_config(preset, "torch", "fp32", 1), preset["vocab"])
+    cfg = _megamft_config(preset, "torch", "fp32", 1)
+    per_step = []
+    for rows in steps:
+        lengths = []
+        for docs in rows:  # the row's first seq tokens, cut where the row ends
+            left = preset["seq"]
+            for doc in docs:
+                lengths.append(min(len(doc), left))
+                left -= lengths[-1]
+        per_step.append(model_flops(cfg, preset["vocab"], [n for n in lengths if n > 0]))
+    return statistics.fmean(per_step)
 
 
-def available_backends() -> list[str]:
+def available_backends(cuda: bool) -> list[str]:
+    """te where installed, torch; local (full s x s scores: out of memory at seq 4096 on a GPU) on the CPU only."""
     from megamft.platform.device import detect
 
-    return (["te"] if detect().transformer_engine else []) + ["torch", "local"]
+    return (["te"] if detect().transformer_engine else []) + ["torch"] + ([] if cuda else ["local"])
 
 
-def report(name: str, preset: dict, seconds: float, peak: float | None) -> Result:
-    tokens = preset["rows"] * preset["seq"]
-    tflops = _flops_per_token(preset) * tokens / seconds / 1e12
-    return Result(name, tokens / seconds, tflops, tflops / peak if peak else None)
+def report(name: str, preset: dict, flops_per_step: float, measured: tuple[list, float], peak: float | None) -> Result:
+    seconds, first_loss = measured
+    step = statistics.median(seconds)
+    tflops = flops_per_step / step / 1e12
+    memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return Result(name, preset["rows"] * preset["seq"] / step, tflops, tflops / peak if peak else None,
+                  first_loss, memory)
 
 
 def _peak(args) -> float | None:
@@ -218,8 +301,8 @@ def main() -> None:
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS),
                         default=["1b-full", "7b-lora"] if cuda else ["tiny", "tiny-lora"])
     parser.add_argument("--backends", nargs="+", choices=("te", "torch", "local"), default=None,
-                        help="megamft attention backends (default: every one available here)")
-    parser.add_argument("--steps", type=int, default=6 if cuda else 3, help="timed steps (after warm-up)")
+                        help="megamft attention backends (default: te where installed, torch; local on a CPU)")
+    parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2 if cuda else 1)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of one device, for MFU")
@@ -233,49 +316,65 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     distributed.initialize(load_config([], []))  # a world of one
     device = "cuda" if cuda else "cpu"
-    backends = args.backends or available_backends()
+    backends = args.backends or available_backends(cuda)
     peak = _peak(args)
     where = torch.cuda.get_device_name() if cuda else "CPU (megatron under the CPU emulation; not comparable)"
     print(f"device: {where}; precision {args.precision}; peak {peak or 'unknown'} TFLOP/s; "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
-    print("baseline: transformers LlamaForCausalLM, attn_implementation=sdpa, DataCollatorWithFlattening "
-          "(padding-free packing), AdamW, autocast over fp32 weights, clip 1.0, no activation checkpointing"
-          " (+ PEFT LoRA for LoRA presets); megamft: the same rows, no activation checkpointing")
+          f"median of {args.steps} timed steps after {args.warmup} warm-up")
+    print("baselines: transformers LlamaForCausalLM, DataCollatorWithFlattening (padding-free packing), one "
+          f"flattened row per forward; attn_implementation=sdpa (dense document mask) and {HF_VARLEN} (torch's "
+          "flash varlen_attn over cu_seqlens; its mask fallback off CUDA); AdamW, clip 1.0, no activation "
+          "checkpointing; full fine-tune: autocast over fp32 weights; LoRA: PEFT, bf16 frozen base, fp32 adapters. "
+          "megamft: the same rows, micro-batch 1, no activation checkpointing. MFU: model FLOPs "
+          "(document-causal attention, no weight gradients for frozen weights)")
     try:
         for name in args.preset:
-            preset = PRESETS[name]
-            steps = packed_documents(preset, args.warmup + args.steps)
-            print(f"\n== {name}: {preset['layers']} layers, hidden {preset['hidden']}, seq {preset['seq']}, "
-                  f"{preset['rows']} rows/step ({preset['rows'] * preset['seq']} tokens)"
-                  + (f", LoRA r={preset['lora']}" if preset["lora"] else ", full fine-tune"))
-            print(f"{'':<24}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'vs baseline':>13}")
-            base = _measure("transformers" + (" + PEFT" if preset["lora"] else ""), preset, peak, None,
-                            lambda: run_transformers(preset, steps, args.precision, args.warmup, device),
-                            baseline=True)
-            for backend in backends:
-                if backend == "te" and preset["lora"]:
-                    print(f"{'megamft te':<24} skipped: LoRA runs on the torch backend (TE's norm-fused linears)")
-                    continue
-                _measure(f"megamft {backend}", preset, peak, base,
-                         lambda b=backend: run_megamft(preset, steps, b, args.precision, args.warmup))
+            _compare(name, PRESETS[name], args, backends, device, peak)
     finally:
         distributed.shutdown()
 
 
-def _measure(name: str, preset: dict, peak, base, run, baseline: bool = False):
+def _compare(name: str, preset: dict, args, backends: list, device: str, peak) -> None:
+    """Every transformers baseline, then every megamft backend, with ratios against the fastest baseline."""
+    steps = packed_documents(preset, args.warmup + args.steps)
+    flops = _model_flops_per_step(preset, steps[args.warmup:])
+    print(f"\n== {name}: {preset['layers']} layers, hidden {preset['hidden']}, seq {preset['seq']}, "
+          f"{preset['rows']} rows/step ({preset['rows'] * preset['seq']} tokens)"
+          + (f", LoRA r={preset['lora']}" if preset["lora"] else ", full fine-tune"))
+    print(f"{'':<34}{'loss@1':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>8}{'peak GB':>9}{'vs fastest transformers':>25}")
+    peft = " + PEFT" if preset["lora"] else ""
+    baselines = [_measure(f"transformers{peft} {attention}", preset, flops, peak, None,
+                          lambda a=attention: run_transformers(preset, steps, args.precision, args.warmup, device, a))
+                 for attention in ("sdpa", HF_VARLEN)]
+    fastest = max((b for b in baselines if b is not None), key=lambda b: b.tokens_per_s, default=None)
+    for backend in backends:
+        if backend == "te" and preset["lora"]:
+            print(f"{'megamft te':<34} skipped: LoRA runs on the torch backend (TE's norm-fused linears)")
+            continue
+        _measure(f"megamft {backend}", preset, flops, peak, fastest,
+                 lambda b=backend: run_megamft(preset, steps, b, args.precision, args.warmup))
+
+
+def _measure(name: str, preset: dict, flops: float, peak, fastest: Result | None, run) -> Result | None:
     """Run one contender and print its row at once, so an out-of-memory failure loses nothing else."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = None
     try:
-        result = report(name, preset, run(), peak)
+        result = report(name, preset, flops, run(), peak)
     except torch.cuda.OutOfMemoryError:
-        print(f"{name:<24} out of memory")
-        torch.cuda.empty_cache()
+        print(f"{name:<34} out of memory", flush=True)
+    finally:
+        gc.collect()  # megatron's DDP hooks hold reference cycles: free the model before the next contender
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if result is None:
         return None
     mfu = f"{100 * result.mfu:.1f}%" if result.mfu is not None else "-"
-    if baseline or base is None:
-        ratio = f"{'1.00x' if baseline else '-':>13}"
-    else:
-        ratio = f"{result.tokens_per_s / base.tokens_per_s:>12.2f}x"
-    print(f"{result.name:<24}{result.tokens_per_s:>12.0f}{result.tflops:>10.3g}{mfu:>8}{ratio}", flush=True)
+    memory = f"{result.peak_gb:.1f}" if result.peak_gb is not None else "-"
+    ratio = f"{result.tokens_per_s / fastest.tokens_per_s:.2f}x" if fastest else "-"
+    print(f"{result.name:<34}{result.first_loss:>9.5f}{result.tokens_per_s:>11.0f}{result.tflops:>9.3g}{mfu:>8}"
+          f"{memory:>9}{ratio:>25}", flush=True)
     return result
 
 

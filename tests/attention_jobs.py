@@ -122,22 +122,67 @@ def torch_vs_local(overrides: tuple[str, ...], heads: tuple[str, ...]) -> dict:
         distributed.shutdown()
 
 
-def packed_documents_alone(micro_batch_size: int) -> dict:
-    """torch backend, RowDocuments: per-token losses of packed rows vs each document run alone."""
+def windowed_torch_vs_local(overrides: tuple[str, ...], heads: tuple[str, ...], window: int) -> dict:
+    """For each head layout, plain causal rows under a sliding window: max |torch - local| of logits
+    and gradients, and how far the window moves local's logits (what ignoring it would miss)."""
+    from jobs import tiny_config
+    from megamft.data.tokenizer import ByteTokenizer
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+
+    base = ("optimizer.use_distributed_optimizer=false", "train.micro_batch_size=2", "model.init_method_std=0.3",
+            *overrides)
+    runtime = distributed.initialize(tiny_config(*base))
+    try:
+        vocab = ByteTokenizer().vocab_size
+        batches = [_packed_rows(2, 48, vocab, seed) for seed in range(2)]
+        out = {}
+        for name in heads:
+            model = (f"model.num_query_groups={HEAD_LAYOUTS[name]}",)
+            full = build_training_state(tiny_config(*base, *model, "model.attention_backend=local"), runtime, vocab)
+            windowed = (f"model.sliding_window={window}",)
+            local = build_training_state(tiny_config(*base, *model, "model.attention_backend=local", *windowed),
+                                         runtime, vocab)
+            fast = build_training_state(tiny_config(*base, *model, "model.attention_backend=torch", *windowed),
+                                        runtime, vocab)
+            for a, b, c in zip(full.chunks, local.chunks, fast.chunks):
+                b.module.load_state_dict(a.module.state_dict())
+                c.module.load_state_dict(a.module.state_dict())
+            full_logits, _ = _forward_backward(full, batches, None)
+            want_logits, want_grads = _forward_backward(local, batches, None)
+            got_logits, got_grads = _forward_backward(fast, batches, None)
+            out[name] = {
+                "logits": max((float((g - w).abs().max()) for g, w in zip(got_logits, want_logits)), default=None),
+                "window_effect": max((float((w - f).abs().max()) for w, f in zip(want_logits, full_logits)),
+                                     default=None),
+                "grads": max(float((got_grads[k] - want_grads[k]).abs().max()) for k in want_grads),
+                "grad_scale": max(float(g.abs().max()) for g in want_grads.values()),
+                "window": fast.chunks[0].module.decoder.layers[0].self_attention.core_attention.window,
+            }
+        return out
+    finally:
+        distributed.shutdown()
+
+
+def packed_documents_alone(micro_batch_size: int, window: int | None = None) -> dict:
+    """torch backend, RowDocuments: per-token losses of packed rows vs each document run alone
+    (with `window`, under that sliding window in both)."""
     import torch
 
     from jobs import tiny_model
     from megamft.data.sequences import collate, row_documents
     from megamft.training.step import to_device
 
-    with tiny_model("data.mode=pack", "data.seq_length=512", "model.attention_backend=torch") as (cfg, data, state):
+    windowed = (f"model.sliding_window={window}",) if window else ()
+    with tiny_model("data.mode=pack", "data.seq_length=512", "model.attention_backend=torch", *windowed) as (
+            cfg, data, state):
         model = state.chunks[0].module
         model.eval()
         rows = [row for row in data.train_rows(0, 16, 0, 1) if len(row[0]) >= 2][:micro_batch_size]
         packed = collate(rows, data.stores, "pack", cfg.data.seq_length, data.pad_id, dense_mask=False)
         packed["packed_seq_params"] = row_documents(packed)
         packed = to_device(packed)
-        diffs, documents = [], 0
+        diffs, documents, longest = [], 0, 0
         with torch.no_grad():
             together = model(packed["tokens"], packed["position_ids"], None, labels=packed["labels"],
                              packed_seq_params=packed["packed_seq_params"])
@@ -149,10 +194,11 @@ def packed_documents_alone(micro_batch_size: int) -> dict:
                                               data.pad_id))
                     loss = model(alone["tokens"], alone["position_ids"], None, labels=alone["labels"])[0]
                     diffs.append(float((together[r, at : at + n] - loss).abs().max()))
+                    longest = max(longest, n)
                     at += n
                     documents += 1
         from megamft.model.attention import varlen_available
 
         emulated_bf16 = torch.zeros(2, dtype=torch.bfloat16, device="cuda")  # reports is_cuda, no flash kernel
-        return {"max_diff": max(diffs), "documents": documents, "rows": len(rows),
+        return {"max_diff": max(diffs), "documents": documents, "rows": len(rows), "longest_document": longest,
                 "has_dense_mask": "attention_mask" in packed, "varlen_on_emulated_gpu": varlen_available(emulated_bf16)}

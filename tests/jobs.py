@@ -231,7 +231,7 @@ def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from megamft.training.step import to_device
-    from megamft.training.throughput import flops_per_token
+    from megamft.training.throughput import flops_per_token, model_flops
 
     with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
         model = state.chunks[0].module
@@ -239,8 +239,13 @@ def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
         with FlopCounterMode(display=False) as counter:
             loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
             loss.backward()
+        rows, seq = batch["tokens"].shape
         return {"counted": counter.get_total_flops() / batch["tokens"].numel(),
-                "formula": flops_per_token(cfg, state.vocab_size)}
+                "formula": flops_per_token(cfg, state.vocab_size),
+                "model_flops": model_flops(cfg, state.vocab_size, [seq] * rows) / (rows * seq),
+                "rows": rows, "seq": seq, "layers": cfg.model.num_layers,
+                "query_width": cfg.model.num_attention_heads * (cfg.model.kv_channels or
+                                                                 cfg.model.hidden_size // cfg.model.num_attention_heads)}
 
 def measured_memory(overrides: tuple[str, ...]) -> dict:
     """Bytes this rank really holds (weights, grad buffers, Adam state) and saves for backward."""

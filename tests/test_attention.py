@@ -57,6 +57,36 @@ def test_packed_documents_equal_each_document_alone():
     assert result["max_diff"] < 1e-4, result
 
 
+WINDOWED = {  # name: (world size, overrides, head layouts)
+    "tp1": (1, (), ("mha", "gqa", "mqa")),
+    "tp2-sequence-parallel": (2, ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"),
+                              ("gqa",)),
+}
+
+
+@pytest.mark.parametrize("layout", list(WINDOWED))
+def test_torch_backend_sliding_window_matches_local_attention(layout):
+    """megatron's local attention applies the window in its softmax; the torch backend as a banded mask
+    here (varlen's window_size on a GPU). Rows of 48 tokens, window 12."""
+    world_size, overrides, heads = WINDOWED[layout]
+    results = launch(attention_jobs.windowed_torch_vs_local, world_size, timeout=240,
+                     kwargs={"overrides": overrides, "heads": heads, "window": 12})
+    for rank, result in enumerate(results):
+        assert sorted(result) == sorted(heads)
+        for name, diff in result.items():
+            assert diff["window"] == (11, 0)  # HF's window counts the token itself
+            assert diff["window_effect"] > 0.1, (rank, name, diff)  # the window changes the logits
+            assert diff["logits"] <= TOLERANCE, (rank, name, diff)
+            assert diff["grad_scale"] > 1e-3 and diff["grads"] <= TOLERANCE, (rank, name, diff)
+
+
+def test_packed_documents_under_a_sliding_window_equal_each_document_alone():
+    result = launch(attention_jobs.packed_documents_alone, 1, timeout=120,
+                    kwargs={"micro_batch_size": 2, "window": 24})[0]
+    assert result["documents"] >= 4 and result["longest_document"] > 2 * 24  # documents the window cuts
+    assert result["max_diff"] < 1e-4, result
+
+
 def test_block_diagonal_mask_from_cu_seqlens_matches_the_documents():
     from megamft.data.sequences import document_attention_mask, document_boundaries
     from megamft.model.attention import block_diagonal_causal

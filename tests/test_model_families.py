@@ -99,11 +99,10 @@ def test_local_attention_refuses_what_would_drop_the_window_or_document_mask():
         check_backend_honours_window(_windowed(512, 1024, "pack"), backend="local")
     with pytest.raises(ValueError, match="transformer.masked_softmax_fusion"):
         check_backend_honours_window(_windowed(512, 1024, masked_softmax_fusion=True), backend="local")
-    with pytest.raises(ValueError, match="torch attention backend has no sliding window"):
-        check_backend_honours_window(_windowed(512, 1024, "pad"), backend="torch")
-    # auto picks local for a windowed model without Transformer Engine, torch otherwise
-    assert attention_backend_for(_windowed(512, 1024, "pad"), te_installed=False) == "local"
-    assert attention_backend_for(_windowed(4096, 1024, "pad"), te_installed=False) == "torch"
+    check_backend_honours_window(_windowed(512, 1024, "pack"), backend="torch")  # varlen's window / banded SDPA
+    # auto picks torch for a windowed model without Transformer Engine, as for any other
+    assert attention_backend_for(_windowed(512, 1024, "pack"), te_installed=False) == "torch"
+    assert attention_backend_for(_windowed(512, 1024, "pack"), te_installed=True) == "te"
     cfg = _windowed(512, 1024)
     cfg.parallel.context_parallel_size = 2
     with pytest.raises(ConfigError, match="parallel.context_parallel_size=2"):

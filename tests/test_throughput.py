@@ -31,3 +31,19 @@ def test_flops_per_token_matches_torch_flop_counter(variant, monkeypatch):
     overrides = ("model.attention_backend=local", *VARIANTS[variant])
     out = launch(jobs.counted_training_flops, 1, timeout=180, kwargs={"overrides": overrides})[0]
     assert abs(out["formula"] - out["counted"]) <= 0.05 * out["counted"], out
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_model_flops_count_causal_pairs_and_frozen_weights(variant):
+    """torch's counter on the local backend sees the full s x s scores of each row, and, with LoRA,
+    no weight-gradient matmul for frozen weights (autograd skips them). Model FLOPs plus the
+    non-causal half of the scores that local computes must equal that count."""
+    lora = ("lora.enabled=true", "lora.rank=4") if variant == "lora" else ()
+    out = launch(jobs.counted_training_flops, 1, timeout=180,
+                 kwargs={"overrides": ("model.attention_backend=local", *lora)})[0]
+    s = out["seq"]
+    future_pairs = s * s - s * (s + 1) // 2  # per row: the masked scores local still multiplies
+    local_extra = 3 * out["layers"] * 2 * 2 * out["query_width"] * future_pairs / s
+    assert abs(out["model_flops"] + local_extra - out["counted"]) <= 0.03 * out["counted"], out
+    if variant == "lora":  # frozen weights: about 2/3 of a full fine-tune's count
+        assert out["model_flops"] < 0.75 * out["formula"], out

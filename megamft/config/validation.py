@@ -133,10 +133,6 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
     if m.attention_backend == "te" and cfg.lora.enabled:
         problems.append("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
                         "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
-    if m.sliding_window and cfg.data.seq_length > m.sliding_window and m.attention_backend == "torch":
-        problems.append(f"model.sliding_window ({m.sliding_window}) is shorter than data.seq_length "
-                        f"({cfg.data.seq_length}): the torch attention backend has no sliding window; use "
-                        "model.attention_backend=auto (te where installed, else local) or local")
     if m.sliding_window is not None and m.sliding_window < 1:
         problems.append(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
     elif m.sliding_window and cfg.data.seq_length > m.sliding_window and p.context_parallel_size > 1:

@@ -19,11 +19,20 @@ activation recompute all happen outside this module.
   exact, but quadratic in memory.
 - An explicit dense mask (``[b, 1, s, s]``, True = blocked, megatron's
   convention) is honoured as the local spec honours it.
+- A sliding window (``config.window_size = (left, 0)``, megatron's and flash
+  attention's convention: a token sees itself and ``left`` tokens before it)
+  goes to ``varlen_attn``'s ``window_size`` on CUDA in bf16/fp16, packed rows
+  and plain rows alike (plain rows as one document each), so its memory stays
+  linear; elsewhere SDPA applies it as a banded mask. Layers that
+  ``window_attn_skip_freq`` leaves global attend without a window, as in
+  megatron's local attention.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +44,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 
 
 @dataclass
@@ -54,13 +64,33 @@ class RowDocuments(PackedSeqParams):
     """The longest document (what varlen_attn's kernel grid is sized by)."""
 
 
+@functools.cache
+def _varlen_keywords() -> frozenset[str]:
+    """The keyword arguments this torch's varlen_attn takes; empty where it has none we can use.
+
+    torch 2.10 has no window_size (is_causal instead), and enable_gqa arrived after
+    window_size (torch 2.12): without window_size the module takes the SDPA path,
+    without enable_gqa the flash kernel still reads grouped K/V heads natively.
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    keywords = frozenset(inspect.signature(varlen_attn).parameters)
+    return keywords if {"scale", "window_size"} <= keywords else frozenset()
+
+
 def varlen_available(query: torch.Tensor) -> bool:
     """Whether torch's flash varlen kernel can run on these tensors.
 
     torch.cuda.is_available() too: under the CPU emulation, tensors standing for GPU memory
-    report is_cuda, but no flash kernel exists for them.
+    report is_cuda, but no flash kernel exists for them. The head dimension must be a
+    multiple of 8 up to 256: varlen_attn calls the flash kernel directly, without the
+    padding SDPA adds.
     """
-    return torch.cuda.is_available() and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+    head_dim = query.shape[-1]
+    return (torch.cuda.is_available() and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and head_dim % 8 == 0 and head_dim <= 256 and bool(_varlen_keywords()))
 
 
 class TorchCoreAttention(MegatronModule):
@@ -81,8 +111,13 @@ class TorchCoreAttention(MegatronModule):
         if config.context_parallel_size != 1:
             raise ValueError("the torch attention backend has no context parallelism; "
                              "use model.attention_backend=te (Transformer Engine) for context_parallel_size > 1")
-        if config.window_size is not None:
-            raise ValueError("the torch attention backend has no sliding-window attention (transformer.window_size)")
+        self.window = None
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+            left, right = config.window_size
+            if right != 0:
+                raise ValueError(f"the torch attention backend takes causal windows only: window_size=(left, 0), "
+                                 f"got {tuple(config.window_size)}")
+            self.window = (left, 0)
         if config.softmax_type != "vanilla":
             raise ValueError(f"the torch attention backend supports softmax_type='vanilla' only, "
                              f"not {config.softmax_type!r}")
@@ -110,13 +145,19 @@ class TorchCoreAttention(MegatronModule):
                              f"{type(packed_seq_params).__name__} (qkv_format={packed_seq_params.qkv_format!r})")
         s, b, heads, dim = query.shape
         dropout = self.dropout if self.training else 0.0
+        documents = packed_seq_params
         with self._dropout_rng(dropout):
-            if packed_seq_params is not None and dropout == 0.0 and varlen_available(query):
-                context = _varlen(query, key, value, packed_seq_params, self.softmax_scale)
+            if documents is None and self.window is not None and attention_mask is None:
+                documents = whole_rows(b, s, query.device)  # varlen's window keeps plain rows linear too
+            if documents is not None and dropout == 0.0 and varlen_available(query):
+                context = _varlen(query, key, value, documents, self.softmax_scale, self.window or (-1, 0))
             else:
                 allowed = None if attention_mask is None else ~attention_mask
                 if packed_seq_params is not None:
                     allowed = block_diagonal_causal(packed_seq_params.cu_seqlens_q, b, s)
+                if self.window is not None:
+                    window = sliding_window_causal(s, self.window[0], query.device)
+                    allowed = window if allowed is None else allowed & window
                 causal = allowed is None and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
                 context = _sdpa(query, key, value, allowed, causal, dropout, self.softmax_scale)
         return context.reshape(s, b, heads * dim)
@@ -138,16 +179,35 @@ def _sdpa(query, key, value, allowed: Optional[torch.Tensor], causal: bool, drop
     return out.permute(2, 0, 1, 3)
 
 
-def _varlen(query, key, value, documents: RowDocuments, scale: float):
-    """Flash attention over the documents of the flattened rows; [s, b, h, d] in and out."""
+def _varlen(query, key, value, documents: RowDocuments, scale: float, window: tuple[int, int]):
+    """Flash attention over the documents of the flattened rows; [s, b, h, d] in and out.
+
+    window: (-1, 0) causal, (left, 0) causal within a sliding window.
+    """
     from torch.nn.attention.varlen import varlen_attn
 
     s, b = query.shape[:2]
     q, k, v = (t.transpose(0, 1).reshape(b * s, *t.shape[2:]) for t in (query, key, value))
     longest = documents.max_document_length or s
+    grouped = {"enable_gqa": True} if q.shape[1] != k.shape[1] and "enable_gqa" in _varlen_keywords() else {}
+    # window_size must be a tuple: varlen_attn takes the causal kernel only for exactly (-1, 0).
     out = varlen_attn(q, k, v, documents.cu_seqlens_q, documents.cu_seqlens_kv, longest, longest,
-                      scale=scale, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
-    return out.view(b, s, *out.shape[1:]).transpose(0, 1)
+                      scale=scale, window_size=tuple(window), **grouped)
+    return out.reshape(b, s, *out.shape[1:]).transpose(0, 1)
+
+
+def whole_rows(rows: int, length: int, device) -> RowDocuments:
+    """Each row one document: cu_seqlens 0, s, 2s, ... made on the device (no host copy, no sync)."""
+    cu_seqlens = torch.arange(0, (rows + 1) * length, length, dtype=torch.int32, device=device)
+    return RowDocuments(cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=length,
+                        max_seqlen_kv=length, qkv_format="sbhd", max_document_length=length)
+
+
+def sliding_window_causal(length: int, left: int, device) -> torch.Tensor:
+    """[s, s] boolean, True where query i may attend key j: i - left <= j <= i."""
+    index = torch.arange(length, device=device)
+    behind = index.view(-1, 1) - index.view(1, -1)
+    return (behind >= 0) & (behind <= left)
 
 
 def block_diagonal_causal(cu_seqlens: torch.Tensor, rows: int, length: int) -> torch.Tensor:

@@ -6,9 +6,10 @@ backends. Transformer Engine applies it inside its fused attention, packed
 ('thd') sequences included. megatron-core's local attention applies it in its
 torch softmax by building its own windowed causal mask, which replaces the
 mask it was given: packed documents would then see each other, so that
-combination is refused. The torch backend (SDPA, flash varlen) has no window:
-``model.attention_backend=auto`` picks local for a windowed model without TE. A window at least as long as the sequence changes
-nothing and is not passed at all.
+combination is refused. The torch backend applies it in flash attention's
+varlen kernel on a GPU (packed or not, memory linear in the sequence) and as
+a banded mask in SDPA elsewhere, with the documents' mask kept. A window at
+least as long as the sequence changes nothing and is not passed at all.
 """
 
 from __future__ import annotations
@@ -26,13 +27,8 @@ def window_size(cfg: MegamftConfig) -> tuple[int, int] | None:
 
 def check_backend_honours_window(cfg: MegamftConfig, backend: str) -> None:
     """Raise if the attention backend in use (te, torch or local) would drop the window or the document mask."""
-    if window_size(cfg) is None or backend == "te":
+    if window_size(cfg) is None or backend in ("te", "torch"):
         return
-    if backend == "torch":
-        raise ValueError(
-            f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
-            f"({cfg.data.seq_length}): the torch attention backend has no sliding window; use "
-            "model.attention_backend=auto or local")
     if cfg.transformer.get("masked_softmax_fusion"):
         raise ValueError(
             f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
@@ -44,4 +40,4 @@ def check_backend_honours_window(cfg: MegamftConfig, backend: str) -> None:
         f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
         f"({cfg.data.seq_length}) and data.mode=pack: megatron-core's local attention replaces the packed "
         "documents' mask with its window mask. Use data.mode=pad|dynamic, a data.seq_length up to the "
-        "window, or Transformer Engine (pip install '.[gpu]' on a CUDA machine, without LoRA)")
+        "window, or model.attention_backend=torch (or auto)")

@@ -13,7 +13,6 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megamft.config import MegamftConfig, ModelConfig
 from megamft.model.attention import TorchCoreAttention
-from megamft.model.attention_window import window_size
 from megamft.model.norm import MegamftRMSNorm, norm_class
 
 ATTENTION_BACKENDS = ("auto", "torch", "te", "local")
@@ -60,13 +59,10 @@ def transformer_engine_layer_spec(qk_layernorm: bool = False, num_experts: int |
     return spec
 
 
-def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: bool,
-                              window_applies: bool = False) -> str:
+def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: bool) -> str:
     """The backend `model.attention_backend` names on this machine: te, torch or local.
 
-    auto: Transformer Engine where it is installed, except for LoRA, else torch;
-    local instead of torch when a sliding window shorter than the sequence applies
-    (the torch backend has none; see attention_window for what local honours).
+    auto: Transformer Engine where it is installed, except for LoRA, else torch.
     TE's spec fuses the input norm into linear_qkv and linear_fc1
     (TELayerNormColumnParallelLinear): an adapter around those modules would
     read the un-normalized hidden state, so training and the merged export
@@ -76,12 +72,7 @@ def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: 
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention_backend={requested!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
     if requested == "auto":
-        if te_installed and not lora_enabled:
-            return "te"
-        return "local" if window_applies else "torch"
-    if requested == "torch" and window_applies:
-        raise ValueError("model.attention_backend=torch has no sliding window, and model.sliding_window is shorter "
-                         "than data.seq_length; use model.attention_backend=auto or local")
+        return "te" if te_installed and not lora_enabled else "torch"
     if requested == "te" and not te_installed:
         raise ValueError("model.attention_backend=te needs Transformer Engine on a CUDA machine "
                          "(pip install '.[gpu]'); or use model.attention_backend=torch")
@@ -103,5 +94,4 @@ def gpt_layer_spec(num_layers_in_chunk: int, backend: str, model: ModelConfig | 
 
 def attention_backend_for(cfg: MegamftConfig, te_installed: bool) -> str:
     """The backend this run uses (see resolve_attention_backend)."""
-    return resolve_attention_backend(cfg.model.attention_backend, te_installed, cfg.lora.enabled,
-                                     window_applies=window_size(cfg) is not None)
+    return resolve_attention_backend(cfg.model.attention_backend, te_installed, cfg.lora.enabled)

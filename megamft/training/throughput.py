@@ -6,7 +6,7 @@ import psutil
 import torch
 
 from megamft.config import MegamftConfig
-from megamft.model.architecture import kv_width, mlp_matrices, query_width
+from megamft.model.architecture import fc1_width, kv_width, mlp_matrices, query_width
 
 
 def flops_per_token(cfg: MegamftConfig, vocab_size: int) -> float:
@@ -23,6 +23,34 @@ def flops_per_token(cfg: MegamftConfig, vocab_size: int) -> float:
     forward = m.num_layers * per_layer + 2 * h * vocab_size
     factor = 4 if cfg.transformer.get("recompute_granularity") == "full" else 3
     return float(forward * factor)
+
+
+def model_flops(cfg: MegamftConfig, vocab_size: int, document_lengths: list[int]) -> float:
+    """Model FLOPs of one training pass over documents of these lengths: MFU's numerator.
+
+    flops_per_token counts what megatron's local attention computes, the full s x s scores of
+    every row. Model FLOPs count only the pairs attention needs, the causal ones inside each
+    document (d (d + 1) / 2 for d tokens), as flash kernels compute them. With LoRA the
+    frozen weights take no weight gradient (forward and input gradient: x2), the adapters
+    x3. Activation recompute is extra hardware work, not model work, and is not counted.
+    """
+    m = cfg.model
+    tokens = sum(document_lengths)
+    h, q, kv = m.hidden_size, query_width(m), kv_width(m)
+    weight_macs = m.num_layers * (h * (q + 2 * kv) + q * h + _mlp_multiply_adds(m)) + h * vocab_size
+    pairs = sum(d * (d + 1) // 2 for d in document_lengths)
+    attention = 3 * m.num_layers * 2 * 2 * q * pairs  # scores and values, forward + backward
+    if not cfg.lora.enabled:
+        return float(3 * 2 * weight_macs * tokens + attention)
+    adapter_macs = m.num_layers * cfg.lora.rank * sum(_adapter_width(m, target) for target in cfg.lora.targets)
+    return float(2 * 2 * weight_macs * tokens + 3 * 2 * adapter_macs * tokens + attention)
+
+
+def _adapter_width(m, target: str) -> int:
+    """in + out of the linear a LoRA adapter wraps: A is [r, in], B is [out, r]."""
+    h, q, kv = m.hidden_size, query_width(m), kv_width(m)
+    return {"linear_qkv": h + q + 2 * kv, "linear_proj": q + h, "linear_fc1": h + fc1_width(m),
+            "linear_fc2": m.ffn_hidden_size + h}[target]
 
 
 def _mlp_multiply_adds(m) -> int:
