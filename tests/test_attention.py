@@ -103,3 +103,20 @@ def test_varlen_path_is_chosen_only_where_flash_runs():
     if torch.cuda.is_available():
         assert varlen_available(torch.zeros(2, 2, dtype=torch.bfloat16, device="cuda"))
         assert not varlen_available(torch.zeros(2, 2, device="cuda"))  # fp32: SDPA with the mask
+
+
+def test_flash_attention_impl_is_checked_and_named_in_its_errors():
+    from megamft.config import ConfigError, load_config
+    from megamft.model.attention import activate_flash_attention
+
+    with pytest.raises(ConfigError, match="flash_attention_impl"):
+        load_config([], ["model.flash_attention_impl=FA2"])
+    assert load_config([], ["model.flash_attention_impl=FA3"]).model.flash_attention_impl == "FA3"
+    assert "ignored: no CUDA" in activate_flash_attention("FA3", cuda=False)
+    assert "FlashAttention-2" in activate_flash_attention(None, cuda=True)
+    if torch.cuda.is_available():
+        try:
+            import flash_attn_interface  # noqa: F401
+        except ImportError:  # without FlashAttention-3's package: one error naming the key and the package
+            with pytest.raises(ValueError, match=r"model.flash_attention_impl=FA3 needs flash_attn_interface"):
+                activate_flash_attention("FA3", cuda=True)

@@ -166,7 +166,7 @@ def model_differences(saved_model: dict, cfg: MegamftConfig) -> list[str]:
 
 # Fields that change how the weights are trained or computed, not what they mean: router-loss
 # coefficients, and the attention kernels (every backend computes the same attention).
-_SAME_WEIGHTS_FIELDS = (*ROUTER_LOSS_FIELDS, "attention_backend")
+_SAME_WEIGHTS_FIELDS = (*ROUTER_LOSS_FIELDS, "attention_backend", "flash_attention_impl")
 
 
 def _check_model_matches(path: Path, common: dict, cfg: MegamftConfig) -> None:

@@ -33,7 +33,7 @@ from megamft.training.memory_estimate import checkpoint_bytes
 # What makes two runs the same run; everything else (steps, layout, intervals, paths) may change on resume.
 _RUN_DEFINING = ("model", "data", "loss", "lora", "train.seed", "train.global_batch_size", "train.precision")
 # Inside those, what may change between a run's restarts: the attention kernels compute the same model.
-_NOT_RUN_DEFINING = ("model.attention_backend",)
+_NOT_RUN_DEFINING = ("model.attention_backend", "model.flash_attention_impl")
 
 
 @dataclass(frozen=True)

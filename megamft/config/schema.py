@@ -93,6 +93,11 @@ class ModelConfig:
     kernels in megatron's local layer: no [s, s] scores, packed rows without a dense mask), 'local'
     (megatron's DotProductAttention: full scores, kept for comparison), 'auto' (te where installed and
     LoRA is off, else torch)."""
+    flash_attention_impl: Optional[Literal["FA3", "FA4"]] = None
+    """A faster flash attention under torch's kernels (SDPA's flash path and varlen_attn, so the torch
+    backend), switched on with torch.nn.attention.activate_flash_attention_impl on CUDA: 'FA3'
+    (FlashAttention-3 for Hopper, its flash_attn_interface package installed), 'FA4' (FlashAttention's
+    CuTe kernels, flash_attn.cute). None: torch's built-in FlashAttention-2. Ignored without CUDA."""
 
 
 @dataclass

@@ -219,3 +219,26 @@ def block_diagonal_causal(cu_seqlens: torch.Tensor, rows: int, length: int) -> t
     document = torch.searchsorted(cu_seqlens[1:], index, right=True).view(rows, length)
     causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()
     return ((document.unsqueeze(2) == document.unsqueeze(1)) & causal).unsqueeze(1)
+
+
+_FLASH_PACKAGES = {"FA3": "flash_attn_interface (FlashAttention-3's hopper/ build)",
+                   "FA4": "flash_attn.cute (FlashAttention's CuTe DSL kernels)"}
+
+
+def activate_flash_attention(impl: str | None, cuda: bool) -> str:
+    """Switch torch's flash kernels to `impl` (model.flash_attention_impl); what runs, for the log."""
+    if impl is None:
+        return "torch's built-in FlashAttention-2"
+    if not cuda:
+        return f"model.flash_attention_impl={impl} ignored: no CUDA"
+    from torch.nn import attention
+
+    if impl not in attention.list_flash_attention_impls():
+        raise ValueError(f"model.flash_attention_impl={impl}: this torch ({torch.__version__}) offers "
+                         f"{attention.list_flash_attention_impls()}; remove the key or upgrade torch")
+    try:
+        attention.activate_flash_attention_impl(impl)
+    except (ImportError, RuntimeError) as error:
+        raise ValueError(f"model.flash_attention_impl={impl} needs {_FLASH_PACKAGES[impl]} installed for this "
+                         f"torch ({error}); install it or remove the key to use torch's FlashAttention-2") from error
+    return f"{impl} (model.flash_attention_impl)"

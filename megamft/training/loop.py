@@ -23,6 +23,7 @@ from megamft.platform import cpu_emulation, distributed
 from megamft.platform.kill_points import kill_point
 from megamft.platform.output_folder import DestinationError, FolderLock
 from megamft.model.attention_window import check_backend_honours_window
+from megamft.model.attention import activate_flash_attention
 from megamft.model.spec import attention_backend_for
 from megamft.platform.device import describe_runtime
 from megamft.training.expert_stats import ExpertStats, expert_shares
@@ -388,6 +389,13 @@ def _build(cfg: MegamftConfig) -> Run:
         if runtime.transformer_engine and backend != "te" and cfg.lora.enabled:
             log.info("LoRA: megatron's local layer with torch attention instead of Transformer Engine's layer, "
                      "whose norm-fused linears would hand the adapters un-normalized inputs")
+    if backend == "torch":
+        flash = activate_flash_attention(cfg.model.flash_attention_impl, runtime.cuda)
+        if distributed.is_logging_rank():
+            log.info("flash attention: %s", flash)
+    elif cfg.model.flash_attention_impl and distributed.is_logging_rank():
+        log.warning("model.flash_attention_impl=%s ignored: the %s backend does not run torch's flash kernels",
+                    cfg.model.flash_attention_impl, backend)
     if cfg.parallel.context_parallel_size > 1 and backend != "te":
         raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without LoRA: "
                          "the torch and local attention backends have no context parallelism "
@@ -407,7 +415,7 @@ def _build(cfg: MegamftConfig) -> Run:
     # Saved with every checkpoint, so an export knows the vocabulary without the tokenizer.
     cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
     _check_token_ids(cfg, data)
-    state = build_training_state(cfg, runtime, data.vocab_size)
+    state = build_training_state(cfg, runtime, data.vocab_size, backend)
     experts = None
     if cfg.model.num_experts:
         experts = ExpertStats(state.chunks, cfg.model.num_layers, len(data.task_names), cfg.model.num_experts,

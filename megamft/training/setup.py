@@ -59,14 +59,18 @@ def _wire_grad_sync(config: TransformerConfig, chunks: list, ddp: DistributedDat
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
 
-def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int) -> TrainingState:
-    """Build this rank's model chunks, wrap them in megatron DDP, make the optimizer."""
+def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int,
+                         backend: str | None = None) -> TrainingState:
+    """Build this rank's model chunks, wrap them in megatron DDP, make the optimizer.
+
+    backend: the attention backend the caller already resolved (attention_backend_for) or None.
+    """
     config = transformer_config(cfg)
     padded = padded_vocab_size(
         cfg.model.vocab_size or vocab_size, cfg.parallel.tensor_model_parallel_size,
         cfg.model.make_vocab_size_divisible_by,
     )
-    backend = attention_backend_for(cfg, runtime.transformer_engine)
+    backend = backend or attention_backend_for(cfg, runtime.transformer_engine)
     modules = build_model_chunks(cfg, config, padded, backend)
     if cfg.lora.enabled:
         for module in modules:
