@@ -157,7 +157,7 @@ def _hf_varlen_attention(module, query, key, value, attention_mask, dropout=0.0,
     """
     import torch.nn.functional as F
 
-    from megamft.model.attention import _varlen, block_diagonal_causal, varlen_available
+    from megamft.model.attention import block_diagonal_causal, flash_varlen_attention, varlen_available
 
     cu_seqlens, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     if varlen_available(query):
@@ -165,7 +165,7 @@ def _hf_varlen_attention(module, query, key, value, attention_mask, dropout=0.0,
 
         documents = RowDocuments(cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_document_length=longest)
         as_sbhd = [t.permute(2, 0, 1, 3) for t in (query, key, value)]  # [T, 1, heads, d]
-        return _varlen(*as_sbhd, documents, scaling, (-1, 0)).transpose(0, 1), None
+        return flash_varlen_attention(*as_sbhd, documents, scaling, (-1, 0)).transpose(0, 1), None
     allowed = block_diagonal_causal(cu_seqlens, 1, query.shape[2])
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])

@@ -146,11 +146,13 @@ class TorchCoreAttention(MegatronModule):
         s, b, heads, dim = query.shape
         dropout = self.dropout if self.training else 0.0
         documents = packed_seq_params
+        flash_varlen = dropout == 0.0 and varlen_available(query)
+        if flash_varlen and documents is None and self.window is not None and attention_mask is None:
+            documents = whole_rows(b, s, query.device)  # varlen's window keeps plain rows linear too
         with self._dropout_rng(dropout):
-            if documents is None and self.window is not None and attention_mask is None:
-                documents = whole_rows(b, s, query.device)  # varlen's window keeps plain rows linear too
-            if documents is not None and dropout == 0.0 and varlen_available(query):
-                context = _varlen(query, key, value, documents, self.softmax_scale, self.window or (-1, 0))
+            if flash_varlen and documents is not None:
+                window = self.window or (-1, 0)
+                context = flash_varlen_attention(query, key, value, documents, self.softmax_scale, window)
             else:
                 allowed = None if attention_mask is None else ~attention_mask
                 if packed_seq_params is not None:
@@ -179,7 +181,8 @@ def _sdpa(query, key, value, allowed: Optional[torch.Tensor], causal: bool, drop
     return out.permute(2, 0, 1, 3)
 
 
-def _varlen(query, key, value, documents: RowDocuments, scale: float, window: tuple[int, int]):
+def flash_varlen_attention(query, key, value, documents: RowDocuments, scale: float,
+                           window: tuple[int, int]) -> torch.Tensor:
     """Flash attention over the documents of the flattened rows; [s, b, h, d] in and out.
 
     window: (-1, 0) causal, (left, 0) causal within a sliding window.
