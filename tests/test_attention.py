@@ -120,3 +120,42 @@ def test_flash_attention_impl_is_checked_and_named_in_its_errors():
         except ImportError:  # without FlashAttention-3's package: one error naming the key and the package
             with pytest.raises(ValueError, match=r"model.flash_attention_impl=FA3 needs flash_attn_interface"):
                 activate_flash_attention("FA3", cuda=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen_attn is CUDA-only (the GPU check runs this)")
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_flash_varlen_matches_the_masked_reference_on_cuda(window, kv_heads):
+    """bf16 flash varlen over documents (and plain rows under a window) vs fp32 SDPA with the same mask."""
+    import numpy as np
+
+    from megamft.data.sequences import document_boundaries
+    from megamft.model.attention import (RowDocuments, block_diagonal_causal, flash_varlen_attention,
+                                         sliding_window_causal, varlen_available, whole_rows)
+
+    rows, s, heads, dim = 2, 256, 8, 64
+    g = torch.Generator().manual_seed(0)
+    segments = np.repeat(np.arange(8), s // 4).reshape(rows, s)  # 4 documents of 64 per row
+    cu = document_boundaries(segments).cuda()
+    packed = RowDocuments(cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s, max_seqlen_kv=s, qkv_format="sbhd",
+                          max_document_length=64)
+    for documents in (packed, whole_rows(rows, s, "cuda")) if window else (packed,):
+        q, k, v = (torch.randn(s, rows, n, dim, generator=g).cuda().requires_grad_()
+                   for n in (heads, kv_heads, kv_heads))
+        assert varlen_available(q.bfloat16())
+        scale = dim ** -0.5
+        out = flash_varlen_attention(*(t.bfloat16() for t in (q, k, v)), documents, scale,
+                                     (window, 0) if window else (-1, 0))
+        out.float().square().sum().backward()
+        got = [out.float()] + [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        allowed = block_diagonal_causal(documents.cu_seqlens_q, rows, s)
+        if window:
+            allowed = allowed & sliding_window_causal(s, window, "cuda")
+        qq, kk, vv = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        want = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed, scale=scale,
+                                                                enable_gqa=heads != kv_heads).permute(2, 0, 1, 3)
+        want.square().sum().backward()
+        for a, b in zip(got, [want] + [t.grad for t in (q, k, v)]):  # bf16 inputs: ~1% of the scale
+            assert float((a - b).abs().max()) <= 2e-2 * float(b.abs().max()), float((a - b).abs().max())
