@@ -169,7 +169,7 @@ def packed_documents_alone(micro_batch_size: int, window: int | None = None) -> 
     (with `window`, under that sliding window in both)."""
     import torch
 
-    from jobs import tiny_model
+    from jobs import max_diffs_to_documents_alone, tiny_model
     from megamft.data.sequences import collate, row_documents
     from megamft.training.step import to_device
 
@@ -182,23 +182,13 @@ def packed_documents_alone(micro_batch_size: int, window: int | None = None) -> 
         packed = collate(rows, data.stores, "pack", cfg.data.seq_length, data.pad_id, dense_mask=False)
         packed["packed_seq_params"] = row_documents(packed)
         packed = to_device(packed)
-        diffs, documents, longest = [], 0, 0
         with torch.no_grad():
             together = model(packed["tokens"], packed["position_ids"], None, labels=packed["labels"],
                              packed_seq_params=packed["packed_seq_params"])
-            for r, (tasks, docs) in enumerate(rows):
-                at = 0
-                for k in range(len(docs)):
-                    n = int(data.stores[tasks[k]].lengths[docs[k]]) - 1
-                    alone = to_device(collate([(tasks[k : k + 1], docs[k : k + 1])], data.stores, "pad", n,
-                                              data.pad_id))
-                    loss = model(alone["tokens"], alone["position_ids"], None, labels=alone["labels"])[0]
-                    diffs.append(float((together[r, at : at + n] - loss).abs().max()))
-                    longest = max(longest, n)
-                    at += n
-                    documents += 1
+        (max_diff,), documents = max_diffs_to_documents_alone(model, data, rows, together)
+        longest = max(int(data.stores[t].lengths[d]) - 1 for tasks, docs in rows for t, d in zip(tasks, docs))
         from megamft.model.attention import varlen_available
 
         emulated_bf16 = torch.zeros(2, dtype=torch.bfloat16, device="cuda")  # reports is_cuda, no flash kernel
-        return {"max_diff": max(diffs), "documents": documents, "rows": len(rows), "longest_document": longest,
+        return {"max_diff": max_diff, "documents": documents, "rows": len(rows), "longest_document": longest,
                 "has_dense_mask": "attention_mask" in packed, "varlen_on_emulated_gpu": varlen_available(emulated_bf16)}

@@ -4,6 +4,7 @@ from megamft.testing.distributed import launch
 
 import jobs
 import training_runs
+from data_fixtures import make_hf_tokenizer, make_sentencepiece
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +24,11 @@ def uninterrupted(tmp_path_factory) -> dict[int, float]:
     losses = training_runs.losses([tmp / "run" / "tb"])
     assert sorted(losses) == list(range(1, training_runs.STEPS + 1))
     return losses
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory) -> dict[str, str]:
+    """The preprocessing tests' tokenizers by kind: byte, sentencepiece (Llama style), huggingface (Qwen style)."""
+    folder = tmp_path_factory.mktemp("tokenizers")
+    return {"byte": "byte", "sentencepiece": str(make_sentencepiece(folder)),
+            "huggingface": str(make_hf_tokenizer(folder / "hf"))}

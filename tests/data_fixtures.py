@@ -36,6 +36,23 @@ def write_jsonl(path: Path, lines: list[str], gz: bool = False) -> Path:
     return path
 
 
+def write_raw(path: Path, lines: list) -> Path:
+    """Lines as given (str or raw bytes, e.g. invalid UTF-8), one per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    return path
+
+
+def run_preprocess(tmp_path: Path, lines_per_task: dict, **options) -> tuple[Path, dict]:
+    """megamft-preprocess of tmp_path/in/TASK.jsonl (one file a task) into tmp_path/out: (out, manifest)."""
+    from megamft.data.preprocess import PreprocessOptions, preprocess
+
+    tasks = {name: [str(write_jsonl(tmp_path / "in" / f"{name}.jsonl", lines))] for name, lines in lines_per_task.items()}
+    out = tmp_path / "out"
+    manifest = preprocess(PreprocessOptions(tasks=tasks, out_dir=str(out), progress=False, **options))
+    return out, manifest
+
+
 def training_text() -> list[str]:
     """Code-ish text for training the test tokenizers."""
     from megamft.data.stdlib_corpus import build_corpus

@@ -321,25 +321,38 @@ def packed_isolation() -> dict:
         model.eval()
         rows = [row for row in data.train_rows(0, 16, 0, 1) if len(row[0]) >= 2][:3]
         packed = to_device(collate(rows, data.stores, "pack", cfg.data.seq_length, data.pad_id))
-        diffs, unmasked_diffs, documents = [], [], 0
         with torch.no_grad():
             together = model(packed["tokens"], packed["position_ids"], packed["attention_mask"],
                              labels=packed["labels"])
             positions = torch.arange(cfg.data.seq_length, device="cuda").expand_as(packed["tokens"])
             plain = model(packed["tokens"], positions, None,
                           labels=packed["labels"])
-            for r, (tasks, docs) in enumerate(rows):
-                at = 0
-                for k in range(len(docs)):
-                    n = int(data.stores[tasks[k]].lengths[docs[k]]) - 1
-                    alone = to_device(collate([(tasks[k : k + 1], docs[k : k + 1])], data.stores, "pad", n,
-                                              data.pad_id))
-                    loss = model(alone["tokens"], alone["position_ids"], None, labels=alone["labels"])[0]
-                    diffs.append(float((together[r, at : at + n] - loss).abs().max()))
-                    unmasked_diffs.append(float((plain[r, at : at + n] - loss).abs().max()))
-                    at += n
-                    documents += 1
-        return {"max_diff": max(diffs), "unmasked_max_diff": max(unmasked_diffs), "documents": documents}
+        (max_diff, unmasked_max_diff), documents = max_diffs_to_documents_alone(model, data, rows, together, plain)
+        return {"max_diff": max_diff, "unmasked_max_diff": unmasked_max_diff, "documents": documents}
+
+
+def max_diffs_to_documents_alone(model, data, rows: list, *packed_losses) -> tuple[list[float], int]:
+    """For each per-token loss tensor of the packed `rows`: the largest |difference| from the losses of
+    each of its documents run alone (padded to its own length); and the number of documents."""
+    import torch
+
+    from megamft.data.sequences import collate
+    from megamft.training.step import to_device
+
+    diffs, documents = [[] for _ in packed_losses], 0
+    with torch.no_grad():
+        for r, (tasks, docs) in enumerate(rows):
+            at = 0
+            for k in range(len(docs)):
+                n = int(data.stores[tasks[k]].lengths[docs[k]]) - 1
+                alone = to_device(collate([(tasks[k : k + 1], docs[k : k + 1])], data.stores, "pad", n,
+                                          data.pad_id))
+                loss = model(alone["tokens"], alone["position_ids"], None, labels=alone["labels"])[0]
+                for found, packed in zip(diffs, packed_losses):
+                    found.append(float((packed[r, at : at + n] - loss).abs().max()))
+                at += n
+                documents += 1
+    return [max(found) for found in diffs], documents
 
 
 def context_parallel_objective(context_parallel: int, modes: tuple[str, ...]) -> dict:

@@ -21,6 +21,8 @@ from megamft.checkpoint import hf_convert  # noqa: E402
 from megamft.testing.distributed import launch  # noqa: E402
 
 import jobs  # noqa: E402
+from hf_models import (convert_each, hf_logits, megamft_logits, random_tokens, resave,  # noqa: E402
+                       sharded_tensors, tiny_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -40,39 +42,17 @@ LAYOUTS = {"tp1": (1, ()), "tp2": (2, ("parallel.tensor_model_parallel_size=2",)
 
 def _save_tiny_hf_model(name: str, folder: Path) -> Path:
     config_class, extra = CASES[name]
-    config = config_class(**{**BASE, **extra})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # norms start at 1.0 and biases at 0: randomize so they are tested too
-        for pname, param in model.named_parameters():
-            if "norm" in pname or pname.endswith("bias"):
-                param.copy_(torch.randn_like(param) * 0.1 + ("norm" in pname))
+    model = tiny_model(config_class(**{**BASE, **extra}))
     # Mistral is saved in several shards with an index; the others as one file.
     model.save_pretrained(folder, max_shard_size="60KB" if name == "mistral" else "1GB")
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256, "case": name}))
     return folder
 
 
-def _hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        return model(tokens).logits
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """name -> (hf folder, megamft folder); converted once per module."""
-    out = {}
-    for name in CASES:
-        root = tmp_path_factory.mktemp(name)
-        hf_dir = _save_tiny_hf_model(name, root / "hf")
-        hf_convert.hf_to_megatron(hf_dir, root / "megatron")
-        out[name] = (hf_dir, root / "megatron")
-    return out
-
-
-def _tokens(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
+    return convert_each(tmp_path_factory, CASES, _save_tiny_hf_model)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -80,13 +60,10 @@ def _tokens(vocab: int) -> torch.Tensor:
 def test_megamft_logits_match_transformers(converted, name, layout):
     hf_dir, megatron_dir = converted[name]
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
-    tokens = _tokens(vocab)
+    tokens = random_tokens(vocab)
     world_size, overrides = LAYOUTS[layout]
-    results = launch(jobs.converted_logits, world_size, timeout=180, kwargs=dict(
-        checkpoint=str(megatron_dir), model_yaml=str(megatron_dir / "megamft_model.yaml"),
-        overrides=overrides, tokens=tokens))
-    ours = next(r for r in results if r is not None)
-    theirs = _hf_logits(hf_dir, tokens)
+    ours = megamft_logits(megatron_dir, tokens, world_size, overrides)
+    theirs = hf_logits(hf_dir, tokens)
     torch.testing.assert_close(ours[..., :vocab], theirs, rtol=0, atol=1e-4)
 
 
@@ -118,18 +95,12 @@ def test_unsupported_bias_and_sliding_window_are_handled(converted, tmp_path):
 def test_round_trip_through_tp2_pp2_is_bit_identical(converted, tmp_path):
     hf_dir, megatron_dir = converted["qwen2-bias-tied"]
     resaved = tmp_path / "tp2pp2"
-    launch(jobs.resave, 4, timeout=180, kwargs=dict(
-        checkpoint=str(megatron_dir), model_yaml=str(megatron_dir / "megamft_model.yaml"),
-        overrides=("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"),
-        out_dir=str(resaved)))
+    resave(megatron_dir, ("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"), resaved)
     exported = hf_convert.megatron_to_hf(resaved, tmp_path / "hf_out", hf_template=hf_dir, max_shard_bytes=40_000)
     original = load_file(hf_dir / "model.safetensors")
     index = json.loads((exported / "model.safetensors.index.json").read_text())
-    shards = {f for f in index["weight_map"].values()}
-    assert len(shards) > 1  # the small shard limit forced several shards
-    back = {}
-    for shard in shards:
-        back.update(load_file(exported / shard))
+    assert len(set(index["weight_map"].values())) > 1  # the small shard limit forced several shards
+    back = sharded_tensors(exported)
     assert set(back) == set(original)
     for key, tensor in original.items():
         assert torch.equal(back[key], tensor), key
@@ -143,8 +114,8 @@ def test_export_loads_in_transformers_without_key_warnings(converted, name, tmp_
     assert not any(info.values()), info
     assert json.loads((exported / "tokenizer_config.json").read_text())["case"] == name
     vocab = model.config.vocab_size
-    tokens = _tokens(vocab)
-    torch.testing.assert_close(_hf_logits(exported, tokens), _hf_logits(hf_dir, tokens), rtol=0, atol=0)
+    tokens = random_tokens(vocab)
+    torch.testing.assert_close(hf_logits(exported, tokens), hf_logits(hf_dir, tokens), rtol=0, atol=0)
 
 
 def test_fine_tuned_model_exports_and_runs_in_transformers(converted, tmp_path):
@@ -162,11 +133,11 @@ def test_fine_tuned_model_exports_and_runs_in_transformers(converted, tmp_path):
     exported = hf_convert.megatron_to_hf(run_dir, tmp_path / "export", hf_template=hf_dir)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
     assert not any(info.values()), info
-    tokens = _tokens(model.config.vocab_size)
+    tokens = random_tokens(model.config.vocab_size)
     with torch.no_grad():
         tuned = model(tokens).logits
     assert torch.isfinite(tuned).all()
-    assert not torch.allclose(tuned, _hf_logits(hf_dir, tokens))  # training changed the weights
+    assert not torch.allclose(tuned, hf_logits(hf_dir, tokens))  # training changed the weights
 
 
 def _convert_cli(*args) -> subprocess.CompletedProcess:
@@ -244,10 +215,9 @@ def test_lora_fine_tune_exports_merged_and_matches_in_transformers(converted, tm
     model_yaml = str(megatron_dir / "megamft_model.yaml")
     launch(jobs.train, 2, timeout=240, kwargs=dict(overrides=overrides, config_files=(model_yaml,)))
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
-    tokens = _tokens(vocab)
-    ours = next(r for r in launch(jobs.converted_logits, 2, timeout=180, kwargs=dict(
-        checkpoint=str(run_dir), model_yaml=model_yaml, overrides=lora, tokens=tokens)) if r is not None)
+    tokens = random_tokens(vocab)
+    ours = megamft_logits(run_dir, tokens, 2, lora, model_yaml=model_yaml)
     exported = hf_convert.megatron_to_hf(run_dir, tmp_path / "export", hf_template=hf_dir)
-    theirs = _hf_logits(exported, tokens)
+    theirs = hf_logits(exported, tokens)
     torch.testing.assert_close(ours[..., :vocab], theirs, rtol=0, atol=1e-4)
-    assert not torch.allclose(theirs, _hf_logits(hf_dir, tokens), atol=1e-4)  # the adapters changed it
+    assert not torch.allclose(theirs, hf_logits(hf_dir, tokens), atol=1e-4)  # the adapters changed it

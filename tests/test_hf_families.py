@@ -19,6 +19,8 @@ from megamft.checkpoint import hf_convert  # noqa: E402
 from megamft.testing.distributed import launch  # noqa: E402
 
 import jobs  # noqa: E402
+from hf_models import (convert_each, hf_logits, parameter_counts, random_tokens, sharded_tensors,  # noqa: E402
+                       tiny_model)
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=320, max_position_embeddings=256)
@@ -48,37 +50,18 @@ LAYOUTS = {"tp1": (1, ()), "tp2": (2, ("parallel.tensor_model_parallel_size=2",)
 
 def _save_tiny_hf_model(name: str, folder: Path) -> Path:
     config_class, extra = CASES[name]
-    config = config_class(**{**SIZES, **extra})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # norms start at 1.0 and biases at 0: randomize so they are tested too
-        for pname, param in model.named_parameters():
-            if "norm" in pname or pname.endswith("bias"):
-                param.copy_(torch.randn_like(param) * 0.1 + ("norm" in pname and pname.endswith("weight")))
-    model.save_pretrained(folder)
+    tiny_model(config_class(**{**SIZES, **extra})).save_pretrained(folder)
     return folder
 
 
-def _hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        return model(tokens).logits
-
-
 def _tokens(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    return random_tokens(vocab, SEQ)
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """name -> (hf folder, megamft folder)."""
-    out = {}
-    for name in CASES:
-        root = tmp_path_factory.mktemp(name)
-        hf_dir = _save_tiny_hf_model(name, root / "hf")
-        hf_convert.hf_to_megatron(hf_dir, root / "megatron")
-        out[name] = (hf_dir, root / "megatron")
-    return out
+    return convert_each(tmp_path_factory, CASES, _save_tiny_hf_model)
 
 
 def _checkpoints(converted) -> list[tuple[str, str]]:
@@ -93,7 +76,7 @@ def test_family_logits_match_transformers(converted, layout):
         checkpoints=_checkpoints(converted), overrides=overrides, tokens=tokens))
     ours = next(r for r in results if r is not None)
     for (name, (hf_dir, _)), mine, case_tokens in zip(converted.items(), ours, tokens):
-        theirs = _hf_logits(hf_dir, case_tokens)
+        theirs = hf_logits(hf_dir, case_tokens)
         torch.testing.assert_close(mine[..., :SIZES["vocab_size"]], theirs, rtol=0, atol=1e-4, msg=name)
 
 
@@ -120,14 +103,11 @@ def test_round_trip_through_tp2_pp2_is_bit_identical(converted, tmp_path):
                    "parallel.sequence_parallel=true")))
     ours = next(r for r in results if r is not None)
     for (name, (hf_dir, _)), resaved, mine, case_tokens in zip(converted.items(), out_dirs, ours, tokens):
-        theirs = _hf_logits(hf_dir, case_tokens)
+        theirs = hf_logits(hf_dir, case_tokens)
         torch.testing.assert_close(mine[..., :SIZES["vocab_size"]], theirs, rtol=0, atol=1e-4, msg=name)
         exported = hf_convert.megatron_to_hf(resaved, tmp_path / f"{name}_hf", hf_template=hf_dir)
         original = load_file(hf_dir / "model.safetensors")
-        index = json.loads((exported / "model.safetensors.index.json").read_text())
-        back = {}
-        for shard in set(index["weight_map"].values()):
-            back.update(load_file(exported / shard))
+        back = sharded_tensors(exported)
         assert set(back) == set(original), name
         for key, tensor in original.items():
             assert torch.equal(back[key], tensor), (name, key)
@@ -141,16 +121,11 @@ def test_export_loads_in_transformers_without_key_warnings(converted, name, tmp_
     assert not any(info.values()), info
     assert type(model).__name__ == json.loads((hf_dir / "config.json").read_text())["architectures"][0]
     tokens = _tokens(SIZES["vocab_size"])
-    torch.testing.assert_close(_hf_logits(exported, tokens), _hf_logits(hf_dir, tokens), rtol=0, atol=0)
+    torch.testing.assert_close(hf_logits(exported, tokens), hf_logits(hf_dir, tokens), rtol=0, atol=0)
 
 
 def test_parameter_count_of_the_estimator_equals_transformers(converted):
     """The memory estimator's parameter count (biases, LayerNorm, q/k norms, wide heads) against the model."""
-    from megamft.config import MegamftConfig
-    from megamft.training.memory_estimate import stage_parameters
-
     for name, (hf_dir, _) in converted.items():
-        model = hf_convert.plan_hf_to_megatron(hf_dir)[0]
-        ours = stage_parameters(MegamftConfig(model=model), model.vocab_size, first=True, last=True)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        assert ours == sum(p.numel() for p in hf_model.parameters()), name
+        ours, theirs = parameter_counts(hf_dir)
+        assert ours == theirs, name

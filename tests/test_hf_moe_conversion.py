@@ -20,9 +20,9 @@ transformers = pytest.importorskip("transformers")
 
 from megamft.checkpoint import hf_convert  # noqa: E402
 from megamft.model.families import model_config_from_hf  # noqa: E402
-from megamft.testing.distributed import launch  # noqa: E402
 
-import jobs  # noqa: E402
+from hf_models import (convert_each, hf_logits, megamft_logits, parameter_counts, random_tokens,  # noqa: E402
+                       resave, sharded_tensors, tiny_model)
 
 BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
             max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -59,15 +59,7 @@ RUNS = [("mixtral", layout) for layout in LAYOUTS] + [("qwen2-moe", "tp1"), ("qw
 
 def _tiny_hf_model(name: str):
     config_class, extra, _ = CASES[name]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config_class(**{**BASE, **extra}), dtype=torch.float32)
-    with torch.no_grad():  # norms start at 1, biases at 0, routers near 0: randomize so all are tested
-        for pname, param in model.named_parameters():
-            if "norm" in pname or pname.endswith("bias"):
-                param.copy_(torch.randn_like(param) * 0.1 + ("norm" in pname))
-            elif pname.endswith("gate.weight"):  # routers (and Qwen's shared-expert gate): clear choices
-                param.copy_(torch.randn_like(param))
-    return model
+    return tiny_model(config_class(**{**BASE, **extra}))
 
 
 def _save(name: str, folder):
@@ -81,25 +73,9 @@ def _save(name: str, folder):
     return folder
 
 
-def _hf_logits(folder, tokens):
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        return model(tokens).logits
-
-
-def _tokens(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    out = {}
-    for name in CASES:
-        root = tmp_path_factory.mktemp(name)
-        hf_dir = _save(name, root / "hf")
-        hf_convert.hf_to_megatron(hf_dir, root / "megatron")
-        out[name] = (hf_dir, root / "megatron")
-    return out
+    return convert_each(tmp_path_factory, CASES, _save)
 
 
 def test_routing_settings_follow_the_config(converted):
@@ -117,13 +93,10 @@ def test_routing_settings_follow_the_config(converted):
 @pytest.mark.parametrize("name,layout", RUNS)
 def test_moe_logits_match_transformers(converted, name, layout):
     hf_dir, megatron_dir = converted[name]
-    tokens = _tokens(BASE["vocab_size"])
+    tokens = random_tokens(BASE["vocab_size"])
     world_size, overrides = LAYOUTS[layout]
-    results = launch(jobs.converted_logits, world_size, timeout=180, kwargs=dict(
-        checkpoint=str(megatron_dir), model_yaml=str(megatron_dir / "megamft_model.yaml"),
-        overrides=overrides, tokens=tokens))
-    ours = next(r for r in results if r is not None)
-    theirs = _hf_logits(hf_dir, tokens)
+    ours = megamft_logits(megatron_dir, tokens, world_size, overrides)
+    theirs = hf_logits(hf_dir, tokens)
     torch.testing.assert_close(ours[..., :BASE["vocab_size"]], theirs, rtol=0, atol=1e-4)
 
 
@@ -154,8 +127,8 @@ def test_export_loads_in_transformers_without_warnings(converted, name, tmp_path
     model, info, messages = _load_quietly(exported)
     assert not any(info.values()), info
     assert not messages, messages
-    tokens = _tokens(BASE["vocab_size"])
-    torch.testing.assert_close(_hf_logits(exported, tokens), _hf_logits(hf_dir, tokens), rtol=0, atol=0)
+    tokens = random_tokens(BASE["vocab_size"])
+    torch.testing.assert_close(hf_logits(exported, tokens), hf_logits(hf_dir, tokens), rtol=0, atol=0)
     # The round trip gives back the very tensors; read fused, written per expert: what transformers itself writes
     if CASES[name][2]:
         _tiny_hf_model(name).save_pretrained(tmp_path / "reference")
@@ -170,18 +143,11 @@ def test_export_loads_in_transformers_without_warnings(converted, name, tmp_path
 def test_round_trip_through_ep2_pp2_is_bit_identical(converted, tmp_path):
     hf_dir, megatron_dir = converted["mixtral"]
     resaved = tmp_path / "ep2pp2"
-    launch(jobs.resave, 4, timeout=240, kwargs=dict(
-        checkpoint=str(megatron_dir), model_yaml=str(megatron_dir / "megamft_model.yaml"),
-        overrides=("parallel.expert_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"),
-        out_dir=str(resaved)))
+    resave(megatron_dir, ("parallel.expert_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"), resaved,
+           timeout=240)
     exported = hf_convert.megatron_to_hf(resaved, tmp_path / "hf_out", hf_template=hf_dir)
-    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
-    original = {}
-    for shard in set(index["weight_map"].values()):
-        original.update(load_file(hf_dir / shard))
-    back = {}
-    for shard in set(json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"].values()):
-        back.update(load_file(exported / shard))
+    original = sharded_tensors(hf_dir)
+    back = sharded_tensors(exported)
     assert set(back) == set(original)
     for key, tensor in original.items():
         assert torch.equal(back[key], tensor), key
@@ -242,11 +208,6 @@ def test_unsupported_qwen3_moe_layouts_are_refused():
 
 def test_parameter_count_of_the_estimator_equals_transformers(converted):
     """The memory estimator's parameter count (experts, router, shared expert, q/k norms) against the model."""
-    from megamft.config import MegamftConfig
-    from megamft.training.memory_estimate import stage_parameters
-
     for name, (hf_dir, _) in converted.items():
-        model = hf_convert.plan_hf_to_megatron(hf_dir)[0]
-        ours = stage_parameters(MegamftConfig(model=model), model.vocab_size, first=True, last=True)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        assert ours == sum(p.numel() for p in hf_model.parameters()), name
+        ours, theirs = parameter_counts(hf_dir)
+        assert ours == theirs, name

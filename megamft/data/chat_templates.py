@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import re
 
-# MFTCoder's published template (mftcoder_accelerate/src/tokenizer/chat_template.py), same strings,
-# plus the no-break-space cleaning its preprocessing applies to every content.
-_MFTCODER = """\
+# An optional leading system message, then turns that must alternate question/answer: opens the loop over
+# `turns` that _MFTCODER and _LLAMA2 close.
+_SYSTEM_AND_ALTERNATING_TURNS = """\
 {%- if messages and messages[0]['role'] == 'system' -%}
 {%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}
 {%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}
@@ -27,6 +27,11 @@ _MFTCODER = """\
 {%- if asks != (loop.index0 % 2 == 0) -%}
 {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
 {%- endif -%}
+"""
+
+# MFTCoder's published template (mftcoder_accelerate/src/tokenizer/chat_template.py), same strings,
+# plus the no-break-space cleaning its preprocessing applies to every content.
+_MFTCODER = _SYSTEM_AND_ALTERNATING_TURNS + """\
 {%- set content = message['content'] | replace('\\u00a0', ' ') | replace('\\u202f', ' ') -%}
 {%- if loop.first and system is not none -%}
 {{ '<s>system\\n' + (system | replace('\\u00a0', ' ') | replace('\\u202f', ' ')) + '\\n' }}
@@ -49,15 +54,7 @@ _CHATML = """\
 """
 
 # A conversation ending with a question renders "[INST] q [/INST]": the generation prompt adds nothing.
-_LLAMA2 = """\
-{%- if messages and messages[0]['role'] == 'system' -%}
-{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}
-{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}
-{%- for message in turns -%}
-{%- set asks = message['role'] in ['user', 'human'] -%}
-{%- if asks != (loop.index0 % 2 == 0) -%}
-{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
-{%- endif -%}
+_LLAMA2 = _SYSTEM_AND_ALTERNATING_TURNS + """\
 {%- if asks -%}{{ PREFIX + '[INST] ' }}
 {%- if loop.first and system is not none -%}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{%- endif -%}
 {{ message['content'] + ' [/INST]' }}
