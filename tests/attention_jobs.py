@@ -5,6 +5,7 @@ Kept out of test modules so that each rank imports only this small file (and job
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -77,9 +78,10 @@ def _forward_backward(state, micro_batches: list[dict], packed_as: str | None) -
     return [out["logits"] for out in outputs], grads
 
 
-def torch_vs_local(overrides: tuple[str, ...], heads: tuple[str, ...]) -> dict:
-    """For each head layout: max |torch - local| of logits and gradients, packed and unpacked rows."""
-
+@contextlib.contextmanager
+def _models_on_rows(overrides: tuple[str, ...]):
+    """(build, batches): build(*overrides) makes the test model on this rank's process group; batches are
+    two micro-batches of two packed rows of 48 tokens."""
     from jobs import tiny_config
     from megamft.data.tokenizer import ByteTokenizer
     from megamft.platform import distributed
@@ -91,77 +93,78 @@ def torch_vs_local(overrides: tuple[str, ...], heads: tuple[str, ...]) -> dict:
     runtime = distributed.initialize(tiny_config(*base))
     try:
         vocab = ByteTokenizer().vocab_size
-        batches = [_packed_rows(2, 48, vocab, seed) for seed in range(2)]
-        out = {}
+
+        def build(*more: str):
+            return build_training_state(tiny_config(*base, *more), runtime, vocab)
+
+        yield build, [_packed_rows(2, 48, vocab, seed) for seed in range(2)]
+    finally:
+        distributed.shutdown()
+
+
+def _same_weights(source, *targets) -> None:
+    for chunks in zip(source.chunks, *(t.chunks for t in targets)):
+        for chunk in chunks[1:]:
+            chunk.module.load_state_dict(chunks[0].module.state_dict())
+
+
+def _largest_difference(got: list, want: list):
+    """max |got - want| over paired tensors (None on a pipeline stage without logits)."""
+    return max((float((g - w).abs().max()) for g, w in zip(got, want)), default=None)
+
+
+def _gradient_differences(got: dict, want: dict) -> dict:
+    return {"grads": max(float((got[k] - want[k]).abs().max()) for k in want),
+            "grad_scale": max(float(g.abs().max()) for g in want.values()), "same_names": sorted(got) == sorted(want)}
+
+
+def torch_vs_local(overrides: tuple[str, ...], heads: tuple[str, ...]) -> dict:
+    """For each head layout: max |torch - local| of logits and gradients, packed and unpacked rows."""
+    out = {}
+    with _models_on_rows(overrides) as (build, batches):
         for name in heads:
             model = (f"model.num_query_groups={HEAD_LAYOUTS[name]}",)
-            local = build_training_state(tiny_config(*base, *model, "model.attention_backend=local"), runtime, vocab)
-            fast = build_training_state(tiny_config(*base, *model, "model.attention_backend=torch"), runtime, vocab)
-            for a, b in zip(local.chunks, fast.chunks):
-                b.module.load_state_dict(a.module.state_dict())
+            local, fast = build(*model, "model.attention_backend=local"), build(*model, "model.attention_backend=torch")
+            _same_weights(local, fast)
             causal_logits = None
             for rows, local_form, torch_form in (("unpacked", None, None), ("packed", "mask", "rows")):
                 want_logits, want_grads = _forward_backward(local, batches, local_form)
                 causal_logits = causal_logits or want_logits
                 got_logits, got_grads = _forward_backward(fast, batches, torch_form)
                 out[(name, rows)] = {
-                    "logits": max((float((g - w).abs().max()) for g, w in zip(got_logits, want_logits)),
-                                  default=None),
+                    "logits": _largest_difference(got_logits, want_logits),
                     "logit_scale": max((float(w.abs().max()) for w in want_logits), default=None),
                     # how far packing moves the logits: what a backend ignoring the boundaries would miss
-                    "packing_effect": max((float((w - c).abs().max()) for w, c in zip(want_logits, causal_logits)),
-                                          default=None),
-                    "grads": max(float((got_grads[k] - want_grads[k]).abs().max()) for k in want_grads),
-                    "grad_scale": max(float(g.abs().max()) for g in want_grads.values()),
-                    "same_names": sorted(got_grads) == sorted(want_grads),
+                    "packing_effect": _largest_difference(want_logits, causal_logits),
+                    **_gradient_differences(got_grads, want_grads),
                     "core_attention": type(fast.chunks[0].module.decoder.layers[0].self_attention
                                            .core_attention).__name__,
                 }
-        return out
-    finally:
-        distributed.shutdown()
+    return out
 
 
 def windowed_torch_vs_local(overrides: tuple[str, ...], heads: tuple[str, ...], window: int) -> dict:
     """For each head layout, plain causal rows under a sliding window: max |torch - local| of logits
     and gradients, and how far the window moves local's logits (what ignoring it would miss)."""
-    from jobs import tiny_config
-    from megamft.data.tokenizer import ByteTokenizer
-    from megamft.platform import distributed
-    from megamft.training.setup import build_training_state
-
-    base = ("optimizer.use_distributed_optimizer=false", "train.micro_batch_size=2", "model.init_method_std=0.3",
-            *overrides)
-    runtime = distributed.initialize(tiny_config(*base))
-    try:
-        vocab = ByteTokenizer().vocab_size
-        batches = [_packed_rows(2, 48, vocab, seed) for seed in range(2)]
-        out = {}
+    out = {}
+    with _models_on_rows(overrides) as (build, batches):
         for name in heads:
             model = (f"model.num_query_groups={HEAD_LAYOUTS[name]}",)
-            full = build_training_state(tiny_config(*base, *model, "model.attention_backend=local"), runtime, vocab)
             windowed = (f"model.sliding_window={window}",)
-            local = build_training_state(tiny_config(*base, *model, "model.attention_backend=local", *windowed),
-                                         runtime, vocab)
-            fast = build_training_state(tiny_config(*base, *model, "model.attention_backend=torch", *windowed),
-                                        runtime, vocab)
-            for a, b, c in zip(full.chunks, local.chunks, fast.chunks):
-                b.module.load_state_dict(a.module.state_dict())
-                c.module.load_state_dict(a.module.state_dict())
+            full = build(*model, "model.attention_backend=local")
+            local = build(*model, "model.attention_backend=local", *windowed)
+            fast = build(*model, "model.attention_backend=torch", *windowed)
+            _same_weights(full, local, fast)
             full_logits, _ = _forward_backward(full, batches, None)
             want_logits, want_grads = _forward_backward(local, batches, None)
             got_logits, got_grads = _forward_backward(fast, batches, None)
             out[name] = {
-                "logits": max((float((g - w).abs().max()) for g, w in zip(got_logits, want_logits)), default=None),
-                "window_effect": max((float((w - f).abs().max()) for w, f in zip(want_logits, full_logits)),
-                                     default=None),
-                "grads": max(float((got_grads[k] - want_grads[k]).abs().max()) for k in want_grads),
-                "grad_scale": max(float(g.abs().max()) for g in want_grads.values()),
+                "logits": _largest_difference(got_logits, want_logits),
+                "window_effect": _largest_difference(want_logits, full_logits),
+                **_gradient_differences(got_grads, want_grads),
                 "window": fast.chunks[0].module.decoder.layers[0].self_attention.core_attention.window,
             }
-        return out
-    finally:
-        distributed.shutdown()
+    return out
 
 
 def packed_documents_alone(micro_batch_size: int, window: int | None = None) -> dict:
