@@ -26,9 +26,11 @@ benchmark runs; compare GPU figures only.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -120,7 +122,7 @@ def run_megamft(preset: dict, steps: list, backend: str, precision: str, warmup:
     from megamft.data.sequences import PACKED_ATTENTION, packed_seq_params, row_documents
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
-    from megamft.training.step import LossSetup, train_step, to_device
+    from megamft.training.step import LossSetup, train_step
 
     form = PACKED_ATTENTION[backend]
     cfg = _megamft_config(preset, backend, precision, micro_batch=1)
@@ -138,10 +140,7 @@ def run_megamft(preset: dict, steps: list, backend: str, precision: str, warmup:
     def step(micro):
         losses.append(train_step(state, micro, ("all",), LossSetup(mode="token")).loss)
 
-    try:
-        return _timed([lambda m=m: step(m) for m in batches], warmup), losses[0]
-    finally:
-        del state
+    return _timed([lambda m=m: step(m) for m in batches], warmup), losses[0]  # the caller frees the model
 
 
 # ---------------------------------------------------------------- transformers (+ PEFT)
@@ -160,6 +159,12 @@ def _hf_varlen_attention(module, query, key, value, attention_mask, dropout=0.0,
     from megamft.model.attention import block_diagonal_causal, flash_varlen_attention, varlen_available
 
     cu_seqlens, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    if torch.is_autocast_enabled(query.device.type):  # RoPE's fp32 cos/sin hand q and k over in fp32
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if query.is_cuda and not varlen_available(query):
+        _warn_once(f"{HF_VARLEN}: flash varlen_attn cannot run here ({query.dtype}, head dim {query.shape[-1]}, "
+                   f"torch {torch.__version__}); this row runs SDPA with a dense document mask")
     if varlen_available(query):
         from megamft.model.attention import RowDocuments
 
@@ -170,6 +175,11 @@ def _hf_varlen_attention(module, query, key, value, attention_mask, dropout=0.0,
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_transformers(preset: dict, steps: list, precision: str, warmup: int, device: str,
@@ -196,11 +206,10 @@ def run_transformers(preset: dict, steps: list, precision: str, warmup: int, dev
     if p["lora"]:
         from peft import LoraConfig, get_peft_model
 
+        # PEFT keeps the adapters in fp32 over a bf16 base (autocast_adapter_dtype); one adapter per
+        # projection (q, k, v, gate, up apart), where megamft fuses qkv and gate/up: the same FLOPs.
         model = get_peft_model(model, LoraConfig(r=p["lora"], lora_alpha=2 * p["lora"],
                                                  target_modules=LORA_TARGETS_HF, lora_dropout=0.0))
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()  # fp32 adapters and optimizer state
     model.train()
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
@@ -225,10 +234,7 @@ def run_transformers(preset: dict, steps: list, precision: str, warmup: int, dev
         if not losses:
             losses.append(float(total))  # one read, in a warm-up step
 
-    try:
-        return _timed([lambda r=r: step(r) for r in prepared], warmup), losses[0]
-    finally:
-        del model, optimizer
+    return _timed([lambda r=r: step(r) for r in prepared], warmup), losses[0]
 
 
 # ---------------------------------------------------------------- timing and report
@@ -364,6 +370,11 @@ def _measure(name: str, preset: dict, flops: float, peak, fastest: Result | None
         result = report(name, preset, flops, run(), peak)
     except torch.cuda.OutOfMemoryError:
         print(f"{name:<34} out of memory", flush=True)
+    except Exception as error:  # one contender's failure (a CUDA allocation, a kernel) must not end the rest
+        if not torch.cuda.is_available():
+            raise  # on the CPU a failure is a bug in the benchmark, which the test must see
+        first_line = (str(error).strip().splitlines() or [""])[0][:160]
+        print(f"{name:<34} failed: {type(error).__name__}: {first_line}", flush=True)
     finally:
         gc.collect()  # megatron's DDP hooks hold reference cycles: free the model before the next contender
         if torch.cuda.is_available():

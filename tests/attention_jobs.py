@@ -195,3 +195,25 @@ def packed_documents_alone(micro_batch_size: int, window: int | None = None) -> 
         emulated_bf16 = torch.zeros(2, dtype=torch.bfloat16, device="cuda")  # reports is_cuda, no flash kernel
         return {"max_diff": max_diff, "documents": documents, "rows": len(rows), "longest_document": longest,
                 "has_dense_mask": "attention_mask" in packed, "varlen_on_emulated_gpu": varlen_available(emulated_bf16)}
+
+
+def core_attention_input_dtypes() -> list:
+    """The dtypes of query, key and value reaching the torch backend's core attention in a bf16 run."""
+    import torch
+
+    from jobs import first_batches, tiny_model
+    from megamft.data.sequences import row_documents
+    from megamft.training.step import to_device
+
+    with tiny_model("train.precision=bf16", "data.mode=pack", "model.attention_backend=torch") as (cfg, data, state):
+        seen = []
+        for layer in state.chunks[0].module.module.decoder.layers:
+            layer.self_attention.core_attention.register_forward_pre_hook(
+                lambda module, args: seen.append(tuple(str(t.dtype) for t in args[:3])))
+        batch = first_batches(data, 2, 2)[0]
+        batch["packed_seq_params"] = row_documents(batch)
+        batch = to_device(batch)
+        with torch.no_grad():
+            state.chunks[0](batch["tokens"], batch["position_ids"], None,
+                            packed_seq_params=batch["packed_seq_params"])
+        return seen

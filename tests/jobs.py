@@ -227,11 +227,12 @@ def loss_modes_step(weights_dir: str, micro_batch_size: int, modes: tuple[str, .
 
 
 def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
-    """FLOPs that torch counts for one forward + backward of the tiny model, and the formula's."""
+    """FLOPs per token that torch counts for one forward + backward of the tiny model, model_flops' figure,
+    and the shapes the test needs to add the scores local attention computes beyond the causal ones."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from megamft.training.step import to_device
-    from megamft.training.throughput import flops_per_token, model_flops
+    from megamft.training.throughput import model_flops
 
     with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
         model = state.chunks[0].module
@@ -241,7 +242,6 @@ def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
             loss.backward()
         rows, seq = batch["tokens"].shape
         return {"counted": counter.get_total_flops() / batch["tokens"].numel(),
-                "formula": flops_per_token(cfg, state.vocab_size),
                 "model_flops": model_flops(cfg, state.vocab_size, [seq] * rows) / (rows * seq),
                 "rows": rows, "seq": seq, "layers": cfg.model.num_layers,
                 "query_width": cfg.model.num_attention_heads * (cfg.model.kv_channels or

@@ -159,3 +159,10 @@ def test_flash_varlen_matches_the_masked_reference_on_cuda(window, kv_heads):
         want.square().sum().backward()
         for a, b in zip(got, [want] + [t.grad for t in (q, k, v)]):  # bf16 inputs: ~1% of the scale
             assert float((a - b).abs().max()) <= 2e-2 * float(b.abs().max()), float((a - b).abs().max())
+
+
+def test_core_attention_gets_bf16_inputs_in_a_bf16_run():
+    """varlen_attn runs only on bf16/fp16 inputs: q and k must stay bf16 through megatron's RoPE (whose
+    cos/sin are fp32), or every packed row on a GPU would silently take the dense-mask path."""
+    seen = launch(attention_jobs.core_attention_input_dtypes, 1, timeout=120)[0]
+    assert len(seen) == 4 and set(seen) == {("torch.bfloat16",) * 3}, seen

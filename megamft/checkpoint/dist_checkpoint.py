@@ -82,8 +82,9 @@ def gather_parameters(chunks) -> None:
     With ``ddp.overlap_param_gather`` the distributed optimizer updates only this
     rank's shard in ``step()``; the other shards arrive in the next forward pass's
     pre-hooks. A checkpoint written between the two would hold the previous step's
-    weights for every shard but this rank's, so the gather is forced here (what
-    megatron's forward pre-hook would do, synchronously; the next step gathers again).
+    weights for every shard but this rank's, so the gather is forced here, synchronously,
+    as megatron's own disable_forward_pre_hook(param_sync=True) does around its saves; the
+    next forward's pre-hooks then find the parameters gathered.
     """
     for chunk in chunks:
         ddp = getattr(chunk, "ddp_config", None)

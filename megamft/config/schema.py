@@ -181,7 +181,9 @@ class TrainConfig:
     eval_interval: int = 0
     """Steps between validations (0 = only before and after training)."""
     peak_tflops_per_device: Optional[float] = None
-    """Peak dense TFLOP/s of one device for MFU (H100 SXM bf16: 989); None = do not report MFU."""
+    """Peak dense TFLOP/s of one device for MFU (H100 SXM bf16: 989); None = do not report MFU. The log's
+    MFU counts model FLOPs (causal attention within each row, no weight gradient for LoRA's frozen
+    weights, activation recompute not counted; megamft/training/throughput.py)."""
     max_skipped_steps: int = 3
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     tensorboard_dir: Optional[str] = None

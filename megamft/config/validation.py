@@ -27,8 +27,9 @@ def validate(cfg: MegamftConfig, world_size: int) -> None:
 
 
 def _overlap_problems(cfg: MegamftConfig) -> list[str]:
-    """megatron overlaps the parameter all-gather only for the distributed optimizer's buckets, which
-    overlap_grad_reduce sets up; without either it would silently do nothing."""
+    """The parameter all-gather exists only with the distributed optimizer (without it the option would
+    silently do nothing); without overlap_grad_reduce megatron keeps one bucket per buffer, so nothing
+    would overlap (Megatron-LM refuses that pairing too)."""
     if not cfg.ddp.get("overlap_param_gather"):
         return []
     problems = []
@@ -36,7 +37,8 @@ def _overlap_problems(cfg: MegamftConfig) -> list[str]:
         problems.append("ddp.overlap_param_gather needs optimizer.use_distributed_optimizer=true "
                         "(it overlaps the distributed optimizer's parameter all-gather)")
     if not cfg.ddp.get("overlap_grad_reduce"):
-        problems.append("ddp.overlap_param_gather needs ddp.overlap_grad_reduce=true")
+        problems.append("ddp.overlap_param_gather needs ddp.overlap_grad_reduce=true (its buckets are what "
+                        "the gather overlaps with the forward pass)")
     return problems
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -45,6 +46,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,10 +77,16 @@ def _varlen_keywords() -> frozenset[str]:
     """
     try:
         from torch.nn.attention.varlen import varlen_attn
+
+        keywords = frozenset(inspect.signature(varlen_attn).parameters)
     except ImportError:
+        keywords = frozenset()
+    if not {"scale", "window_size"} <= keywords:
+        log.warning("torch %s has no usable varlen_attn (scale and window_size): packed rows and windows take "
+                    "SDPA with a dense mask, quadratic in the sequence length; torch 2.13 (megamft's pin) has it",
+                    torch.__version__)
         return frozenset()
-    keywords = frozenset(inspect.signature(varlen_attn).parameters)
-    return keywords if {"scale", "window_size"} <= keywords else frozenset()
+    return keywords
 
 
 def varlen_available(query: torch.Tensor) -> bool:

@@ -132,8 +132,8 @@ def _throughput(run: Run, stats: StepStats, seconds: float) -> dict:
     """tokens/s, TFLOP/s per device, MFU (when a peak is configured) and memory."""
     tokens_per_second = stats.tokens / max(seconds, 1e-9)
     # Model FLOPs count every token position computed, learned or not.
-    positions = run.cfg.train.global_batch_size * run.cfg.data.seq_length / max(seconds, 1e-9)
-    tflops = tflops_per_device(run.cfg, run.state.vocab_size, positions, torch.distributed.get_world_size())
+    rows_per_second = run.cfg.train.global_batch_size / max(seconds, 1e-9)
+    tflops = tflops_per_device(run.cfg, run.state.vocab_size, rows_per_second, torch.distributed.get_world_size())
     values = {"tokens_per_second": tokens_per_second, "tflops_per_device": tflops, "memory_gb": memory_gb()}
     if run.cfg.train.peak_tflops_per_device:
         values["mfu"] = tflops / run.cfg.train.peak_tflops_per_device

@@ -9,28 +9,14 @@ from megamft.config import MegamftConfig
 from megamft.model.architecture import fc1_width, kv_width, mlp_matrices, query_width
 
 
-def flops_per_token(cfg: MegamftConfig, vocab_size: int) -> float:
-    """Training FLOPs per token: 2 per multiply-add, x3 for forward + backward.
-
-    Matmuls: QKV (with grouped KV), attention output, SwiGLU's three matrices
-    (GELU's two; for MoE the router, the top-k experts and the shared expert), the
-    output layer; attention scores and values add 2 x 2 x seq x heads x head_dim per layer. Full activation recompute runs the forward pass once more (x4 / 3).
-    """
-    m = cfg.model
-    h, s = m.hidden_size, cfg.data.seq_length
-    q, kv = query_width(m), kv_width(m)
-    per_layer = 2 * (h * (q + 2 * kv) + q * h + _mlp_multiply_adds(m)) + 2 * 2 * s * q
-    forward = m.num_layers * per_layer + 2 * h * vocab_size
-    factor = 4 if cfg.transformer.get("recompute_granularity") == "full" else 3
-    return float(forward * factor)
-
-
 def model_flops(cfg: MegamftConfig, vocab_size: int, document_lengths: list[int]) -> float:
     """Model FLOPs of one training pass over documents of these lengths: MFU's numerator.
 
-    flops_per_token counts what megatron's local attention computes, the full s x s scores of
-    every row. Model FLOPs count only the pairs attention needs, the causal ones inside each
-    document (d (d + 1) / 2 for d tokens), as flash kernels compute them. With LoRA the
+    2 FLOPs per multiply-add; matmuls: QKV (grouped KV), attention output, the MLP (SwiGLU's
+    three matrices, GELU's two; for MoE the router, the top-k experts and the shared expert),
+    the output layer. Attention counts only the pairs it needs, the causal ones inside each
+    document (d (d + 1) / 2 for d tokens, scores and values), as flash kernels compute them
+    (megatron's local attention computes all s x s scores of a row). With LoRA the
     frozen weights take no weight gradient (forward and input gradient: x2), the adapters
     x3. Activation recompute is extra hardware work, not model work, and is not counted.
     """
@@ -64,8 +50,12 @@ def _mlp_multiply_adds(m) -> int:
     return h * m.num_experts + routed + shared
 
 
-def tflops_per_device(cfg: MegamftConfig, vocab_size: int, tokens_per_second: float, world_size: int) -> float:
-    return flops_per_token(cfg, vocab_size) * tokens_per_second / world_size / 1e12
+def tflops_per_device(cfg: MegamftConfig, vocab_size: int, rows_per_second: float, world_size: int) -> float:
+    """Model TFLOP/s per device (model_flops) with each row of data.seq_length positions counted as one
+    causal sequence: exact for unpacked rows, an upper bound for packed ones (a flash kernel skips the
+    pairs across documents). The logged MFU is this over train.peak_tflops_per_device."""
+    seq = cfg.data.seq_length
+    return model_flops(cfg, vocab_size, [seq]) * rows_per_second / world_size / 1e12
 
 
 def memory_gb() -> float:
