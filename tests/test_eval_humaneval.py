@@ -3,6 +3,7 @@
 import json
 import math
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -228,3 +229,25 @@ def test_the_megamft_command_evaluates_a_model_folder(tmp_path, tiny_model):
                  "--limit", "2", "--max-new-tokens", "8", "--k", "1", "--backend", "transformers"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["problems"] == 2 and "pass@1" in summary["pass_at_k"] and summary["sandbox"]
+
+
+def test_a_megamft_checkpoint_evaluates_as_its_hugging_face_original(tmp_path, tiny_model):
+    """`megamft eval humaneval CHECKPOINT` exports the checkpoint (tokenizer included) and evaluates the export:
+    greedy completions and pass@1 equal those of the Hugging Face folder the checkpoint was converted from."""
+    from megamft.checkpoint.hf_convert import hf_to_megatron
+    from megamft.cli import main
+
+    checkpoint = hf_to_megatron(tiny_model, tmp_path / "ckpt")
+    scratch_before = set(Path(tempfile.gettempdir()).glob("megamft-eval-*"))
+    args = ["--prompt-format", "completion", "--limit", "3", "--max-new-tokens", "12", "--k", "1",
+            "--backend", "transformers"]
+    for model, out in ((tiny_model, "from_hf"), (checkpoint, "from_checkpoint")):
+        assert main(["eval", "humaneval", str(model), "--output", str(tmp_path / out), *args]) == 0
+    results = {out: [{"task_id": r["task_id"], "completions": [s["completion"] for s in r["samples"]]}
+                     for r in map(json.loads, (tmp_path / out / RESULTS).read_text().splitlines())]
+               for out in ("from_hf", "from_checkpoint")}
+    assert len(results["from_hf"]) == 3 and any(c for r in results["from_hf"] for c in r["completions"])
+    assert results["from_checkpoint"] == results["from_hf"]
+    summaries = [json.loads((tmp_path / out / "summary.json").read_text()) for out in ("from_hf", "from_checkpoint")]
+    assert summaries[0]["pass_at_k"] == summaries[1]["pass_at_k"]
+    assert set(Path(tempfile.gettempdir()).glob("megamft-eval-*")) == scratch_before  # the export is gone
