@@ -92,34 +92,52 @@ def test_resume_with_dropout_is_exact_because_rng_state_is_restored(initial_weig
         assert abs(got - want) <= 1e-6 * abs(want), (resumed["loss"], reference["loss"])
 
 
-def _saved_weights(checkpoint: Path, tmp_path: Path) -> dict:
+def _saved_weights(checkpoint: Path, scratch: Path) -> dict:
     """The model tensors of a dist checkpoint, read by torch's own DCP reader."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    flat = tmp_path / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
+    flat = scratch / f"{checkpoint.name}.pt"
     dcp_to_torch_save(str(checkpoint), str(flat))
     state = torch.load(flat, weights_only=False)
     return {k: v for k, v in state.items() if torch.is_tensor(v) and k.startswith(("embedding.", "decoder.", "output"))}
 
 
-def test_overlapped_parameter_gather_saves_the_current_weights(initial_weights, tmp_path):
+OVERLAPPED = {  # name: (world size, layout); both overlap the gradient reduce and the parameter gather
+    "dp2": (2, ()),
+    "pp2-dp2-async-saves": (4, ("parallel.pipeline_model_parallel_size=2", "checkpoint.async_save=true")),
+}
+
+
+def _overlapped_run(initial_weights, save_dir: Path, world_size: int, layout: tuple) -> list[dict]:
+    overrides = layout + (
+        "train.train_steps=3", f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
+        f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval=1")
+    if world_size > 1:
+        overrides += ("ddp.overlap_grad_reduce=true", "ddp.overlap_param_gather=true")
+    launch(jobs.train, world_size, kwargs={"overrides": overrides}, timeout=300)
+    scratch = save_dir.with_name(save_dir.name + "-flat")
+    scratch.mkdir()
+    return [_saved_weights(iteration_dir(save_dir, step), scratch) for step in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def single_process_saves(initial_weights, tmp_path_factory):
+    return _overlapped_run(initial_weights, tmp_path_factory.mktemp("single_saves"), 1, ())
+
+
+@pytest.mark.parametrize("layout", list(OVERLAPPED))
+def test_overlapped_parameter_gather_saves_the_current_weights(layout, initial_weights, single_process_saves,
+                                                               tmp_path):
     """With ddp.overlap_param_gather the other DP ranks' shards arrive in the next forward pass; a save
     right after a step must still hold that step's weights (the single-process run's, same step)."""
     import torch
 
-    saved = {}
-    for name, world_size, layout in [("single", 1, ()),
-                                     ("dp2", 2, ("ddp.overlap_grad_reduce=true", "ddp.overlap_param_gather=true"))]:
-        save_dir = tmp_path / name
-        overrides = layout + (
-            "train.train_steps=3", f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
-            f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval=1")
-        launch(jobs.train, world_size, kwargs={"overrides": overrides}, timeout=240)
-        saved[name] = [_saved_weights(iteration_dir(save_dir, step), tmp_path) for step in (1, 2, 3)]
+    world_size, overrides = OVERLAPPED[layout]
+    saved = _overlapped_run(initial_weights, tmp_path / layout, world_size, overrides)
     # Step 1 runs at learning rate 0 (one warm-up step): steps 2 and 3 are the ones that move the weights.
     for step in (2, 3):
-        want, got, before = saved["single"][step - 1], saved["dp2"][step - 1], saved["single"][step - 2]
+        want, got, before = single_process_saves[step - 1], saved[step - 1], single_process_saves[step - 2]
         assert sorted(got) == sorted(want) == sorted(before) and len(want) >= 5
         # A stale shard would hold the step before's values: the step moved them by ~lr (1e-3) ...
         assert max(float((want[k] - before[k]).abs().max()) for k in want) > 1e-4
