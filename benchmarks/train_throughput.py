@@ -81,10 +81,11 @@ def packed_documents(preset: dict, steps: int, seed: int = 0) -> list[list[list[
 # ---------------------------------------------------------------- megamft
 
 
-def _megamft_batch(rows: list[list[list[int]]], seq: int) -> dict:
+def _megamft_batch(rows: list[list[list[int]]], seq: int, packed_attention: str) -> dict:
+    """A packed micro-batch of these rows, its boundaries as the backend reads them (PACKED_ATTENTION)."""
     import numpy as np
 
-    from megamft.data.sequences import document_attention_mask, document_boundaries
+    from megamft.data.sequences import add_document_boundaries, document_attention_mask, document_boundaries
 
     tokens, labels, positions, samples = [], [], [], []
     for docs in rows:
@@ -94,11 +95,14 @@ def _megamft_batch(rows: list[list[list[int]]], seq: int) -> dict:
         positions.append([i for d in docs for i in range(len(d))][:seq])
         samples.append([k for k, d in enumerate(docs) for _ in d][:seq])
     sample_ids = torch.tensor(samples)
-    return {"tokens": torch.tensor(tokens), "labels": torch.tensor(labels),
-            "loss_mask": torch.ones(len(rows), seq), "task_ids": torch.zeros(len(rows), seq, dtype=torch.long),
-            "sample_ids": sample_ids, "position_ids": torch.tensor(positions),
-            "attention_mask": document_attention_mask(sample_ids),
-            "cu_seqlens": document_boundaries(np.asarray(sample_ids))}
+    batch = {"tokens": torch.tensor(tokens), "labels": torch.tensor(labels),
+             "loss_mask": torch.ones(len(rows), seq), "task_ids": torch.zeros(len(rows), seq, dtype=torch.long),
+             "sample_ids": sample_ids, "position_ids": torch.tensor(positions),
+             "cu_seqlens": document_boundaries(np.asarray(sample_ids))}
+    if packed_attention == "mask":
+        batch["attention_mask"] = document_attention_mask(sample_ids)
+    add_document_boundaries(batch, packed_attention)
+    return batch
 
 
 def _megamft_config(preset: dict, backend: str, precision: str, micro_batch: int):
@@ -119,22 +123,14 @@ def _megamft_config(preset: dict, backend: str, precision: str, micro_batch: int
 
 def run_megamft(preset: dict, steps: list, backend: str, precision: str, warmup: int) -> tuple[list, float]:
     """(seconds of each step after warm-up, first step's loss) of megamft's training step."""
-    from megamft.data.sequences import PACKED_ATTENTION, packed_seq_params, row_documents
+    from megamft.data.sequences import PACKED_ATTENTION
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
     from megamft.training.step import LossSetup, train_step
 
-    form = PACKED_ATTENTION[backend]
     cfg = _megamft_config(preset, backend, precision, micro_batch=1)
     state = build_training_state(cfg, distributed.runtime(), preset["vocab"])
-    batches = []
-    for rows in steps:
-        micro = [_megamft_batch([row], preset["seq"]) for row in rows]
-        for batch in micro:
-            if form != "mask":
-                batch["packed_seq_params"] = (packed_seq_params if form == "thd" else row_documents)(batch)
-                del batch["attention_mask"]
-        batches.append(micro)
+    batches = [[_megamft_batch([row], preset["seq"], PACKED_ATTENTION[backend]) for row in rows] for rows in steps]
     losses = []
 
     def step(micro):

@@ -22,7 +22,7 @@ from megamft.data.indexed import open_indexed
 from megamft.data.integrity import check_task, largest_token_id
 from megamft.data.manifest import load_manifest
 from megamft.data.mixing import TaskMixture, sampling_weights, split_train_valid
-from megamft.data.sequences import Rows, batch_length, build_rows, collate, packed_seq_params, row_documents
+from megamft.data.sequences import Rows, add_document_boundaries, batch_length, build_rows, collate
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import load_tokenizer
 
@@ -128,10 +128,9 @@ class MultitaskData:
                 lengths = [max(lengths)] * len(cut)
         dense = self.packed_attention == "mask"
         batches = [collate(c, self.stores, self.cfg.mode, n, self.pad_id, dense) for c, n in zip(cut, lengths)]
-        if self.cfg.mode == "pack" and not dense:
-            boundaries = packed_seq_params if self.packed_attention == "thd" else row_documents
+        if self.cfg.mode == "pack":
             for batch in batches:
-                batch["packed_seq_params"] = boundaries(batch)
+                add_document_boundaries(batch, self.packed_attention)
         return batches
 
     def train_rows(self, consumed: int, global_batch_size: int, dp_rank: int, dp_size: int) -> list:

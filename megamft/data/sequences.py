@@ -200,6 +200,13 @@ PACKED_ATTENTION = {"local": "mask", "te": "thd", "torch": "rows"}
 """How packed rows reach each attention backend: a dense mask, TE's thd format, or RowDocuments."""
 
 
+def add_document_boundaries(batch: dict, packed_attention: str) -> None:
+    """Give a packed micro-batch the boundaries its backend reads (a PACKED_ATTENTION value): the
+    dense mask collate built ('mask'), or packed_seq_params from its cu_seqlens ('thd', 'rows')."""
+    if packed_attention != "mask":
+        batch["packed_seq_params"] = (packed_seq_params if packed_attention == "thd" else row_documents)(batch)
+
+
 def document_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     """[b, 1, s, s] boolean, True where attention is blocked: across documents, or to the future."""
     s = segment.shape[1]

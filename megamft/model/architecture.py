@@ -30,6 +30,13 @@ def fc1_width(m: ModelConfig) -> int:
     return (2 if m.mlp_activation == "swiglu" else 1) * m.ffn_hidden_size
 
 
+def linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each of a dense layer's linear projections, by megatron's module name (LoRA's targets)."""
+    h, q = m.hidden_size, query_width(m)
+    return {"linear_qkv": (h, q + 2 * kv_width(m)), "linear_proj": (q, h),
+            "linear_fc1": (h, fc1_width(m)), "linear_fc2": (m.ffn_hidden_size, h)}
+
+
 def layer_parameters(m: ModelConfig) -> int:
     """Parameters of one transformer layer outside its routed experts (whole, before any parallel split)."""
     h, f = m.hidden_size, m.ffn_hidden_size

@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamft.config import MegamftConfig, data_parallel_size
-from megamft.model.architecture import (expert_layer_parameters, fc1_width, kv_width, layer_parameters,
-                                        query_width)
+from megamft.model.architecture import expert_layer_parameters, layer_parameters, linear_shapes, query_width
+from megamft.model.lora import COLUMN
 from megamft.model.builder import padded_vocab_size
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -139,17 +139,12 @@ def attention_values_per_position(cfg: MegamftConfig) -> float:
 def adapter_parameters(cfg: MegamftConfig) -> float:
     """LoRA parameters one rank holds: r x (in + out) per targeted projection, TP-split where sharded."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    h, f = m.hidden_size, m.ffn_hidden_size
-    q = query_width(m)
-    shapes = {  # (in, out, sharded side): column layers shard out, row layers shard in
-        "linear_qkv": (h, q + 2 * kv_width(m), "out"), "linear_fc1": (h, fc1_width(m), "out"),
-        "linear_proj": (q, h, "in"), "linear_fc2": (f, h, "in"),
-    }
+    shapes = linear_shapes(m)
     per_layer = 0.0
     for name in cfg.lora.targets:
-        fan_in, fan_out, sharded = shapes[name]
-        per_layer += cfg.lora.rank * ((fan_in if sharded == "out" else fan_in / tp)
-                                      + (fan_out / tp if sharded == "out" else fan_out))
+        fan_in, fan_out = shapes[name]
+        column = name in COLUMN  # column-parallel layers shard out, row-parallel ones in
+        per_layer += cfg.lora.rank * ((fan_in if column else fan_in / tp) + (fan_out / tp if column else fan_out))
     return per_layer * m.num_layers / cfg.parallel.pipeline_model_parallel_size
 
 

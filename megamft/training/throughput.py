@@ -6,7 +6,7 @@ import psutil
 import torch
 
 from megamft.config import MegamftConfig
-from megamft.model.architecture import fc1_width, kv_width, mlp_matrices, query_width
+from megamft.model.architecture import linear_shapes, mlp_matrices, query_width
 
 
 def model_flops(cfg: MegamftConfig, vocab_size: int, document_lengths: list[int]) -> float:
@@ -22,21 +22,16 @@ def model_flops(cfg: MegamftConfig, vocab_size: int, document_lengths: list[int]
     """
     m = cfg.model
     tokens = sum(document_lengths)
-    h, q, kv = m.hidden_size, query_width(m), kv_width(m)
-    weight_macs = m.num_layers * (h * (q + 2 * kv) + q * h + _mlp_multiply_adds(m)) + h * vocab_size
+    shapes = linear_shapes(m)
+    attention_macs = sum(fan_in * fan_out for fan_in, fan_out in (shapes["linear_qkv"], shapes["linear_proj"]))
+    weight_macs = m.num_layers * (attention_macs + _mlp_multiply_adds(m)) + m.hidden_size * vocab_size
     pairs = sum(d * (d + 1) // 2 for d in document_lengths)
-    attention = 3 * m.num_layers * 2 * 2 * q * pairs  # scores and values, forward + backward
+    attention = 3 * m.num_layers * 2 * 2 * query_width(m) * pairs  # scores and values, forward + backward
     if not cfg.lora.enabled:
         return float(3 * 2 * weight_macs * tokens + attention)
-    adapter_macs = m.num_layers * cfg.lora.rank * sum(_adapter_width(m, target) for target in cfg.lora.targets)
+    # An adapter is A [r, in] then B [out, r]: r x (in + out) multiply-adds per token.
+    adapter_macs = m.num_layers * cfg.lora.rank * sum(sum(shapes[target]) for target in cfg.lora.targets)
     return float(2 * 2 * weight_macs * tokens + 3 * 2 * adapter_macs * tokens + attention)
-
-
-def _adapter_width(m, target: str) -> int:
-    """in + out of the linear a LoRA adapter wraps: A is [r, in], B is [out, r]."""
-    h, q, kv = m.hidden_size, query_width(m), kv_width(m)
-    return {"linear_qkv": h + q + 2 * kv, "linear_proj": q + h, "linear_fc1": h + fc1_width(m),
-            "linear_fc2": m.ffn_hidden_size + h}[target]
 
 
 def _mlp_multiply_adds(m) -> int:
