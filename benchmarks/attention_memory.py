@@ -21,6 +21,7 @@ import os
 import torch
 
 from megamft.platform import cpu_emulation
+from megamft.testing.distributed import free_port
 
 
 def _parallel_state_of_one_rank() -> None:
@@ -29,21 +30,13 @@ def _parallel_state_of_one_rank() -> None:
 
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(0)  # the RNG tracker megatron's dropout forks
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def core_attention(backend: str, heads: int, groups: int, head_dim: int, dtype: torch.dtype):

@@ -312,10 +312,11 @@ def main() -> None:
 
     from megamft.config import load_config
     from megamft.platform import distributed
+    from megamft.testing.distributed import free_port
 
     if not cuda:
         os.environ.setdefault("MEGAMFT_STRICT_DEVICE", "0")  # timing, not device checks
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     distributed.initialize(load_config([], []))  # a world of one
     device = "cuda" if cuda else "cpu"
     backends = args.backends or available_backends(cuda)
@@ -383,14 +384,6 @@ def _measure(name: str, preset: dict, flops: float, peak, fastest: Result | None
     print(f"{result.name:<34}{result.first_loss:>9.5f}{result.tokens_per_s:>11.0f}{result.tflops:>9.3g}{mfu:>8}"
           f"{memory:>9}{ratio:>25}", flush=True)
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
     and the shapes the test needs to add the scores local attention computes beyond the causal ones."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from megamft.model.architecture import query_width
     from megamft.training.step import to_device
     from megamft.training.throughput import model_flops
 
@@ -243,9 +244,7 @@ def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
         rows, seq = batch["tokens"].shape
         return {"counted": counter.get_total_flops() / batch["tokens"].numel(),
                 "model_flops": model_flops(cfg, state.vocab_size, [seq] * rows) / (rows * seq),
-                "rows": rows, "seq": seq, "layers": cfg.model.num_layers,
-                "query_width": cfg.model.num_attention_heads * (cfg.model.kv_channels or
-                                                                 cfg.model.hidden_size // cfg.model.num_attention_heads)}
+                "rows": rows, "seq": seq, "layers": cfg.model.num_layers, "query_width": query_width(cfg.model)}
 
 def measured_memory(overrides: tuple[str, ...]) -> dict:
     """Bytes this rank really holds (weights, grad buffers, Adam state) and saves for backward."""
