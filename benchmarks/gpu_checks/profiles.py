@@ -78,7 +78,7 @@ DRY = Profile(
     jobs=1,
     modes=(("task_token", False), ("coba", False), ("task_token", True)),
     # the CPU-runnable tests plus the CUDA ones, which are collected and skipped here
-    pytest_args=("-k", "torch_path or gpu"),
+    pytest_args=("-k", "torch_path or gpu or cuda"),
     bench_args=("--tokens", "256", "--vocab", "1000", "--dtype", "fp32", "--repeats", "2"),
     fused_rel_tol=2e-2,
     resume_rel_tol=0.0,
