@@ -37,6 +37,7 @@ def _print_summary(result) -> None:
         print(f"\npreempted: saved {result.last_checkpoint}; resume with checkpoint.load_dir=<save_dir>")
         return
     before, after = result.valid_before, result.valid_after
+    _print_skips(result)
     if before is None or after is None:
         print("\nno validation set (data.valid_samples_per_task=0)")
         return
@@ -46,6 +47,13 @@ def _print_summary(result) -> None:
     print(f"  {'all tasks':<20} {before.loss:7.3f} -> {after.loss:7.3f}")
     if result.last_checkpoint:
         print(f"checkpoint: {result.last_checkpoint}")
+
+
+def _print_skips(result) -> None:
+    if result.loss_scale_skips:
+        print(f"steps skipped by the fp16 loss scaler: {result.loss_scale_skips}")
+    if result.skipped_steps:
+        print(f"steps skipped for a non-finite loss or gradient: {result.skipped_steps}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 
@@ -15,6 +16,13 @@ from megamft.platform.device import Runtime, detect
 def world_size_from_env() -> int:
     """World size as torchrun (or the test launcher) sets it; 1 when run plainly."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
@@ -30,6 +38,10 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
     if not runtime.cuda:
         cpu_emulation.enable()
     if not torch.distributed.is_initialized():
+        if "MASTER_PORT" not in os.environ and world_size_from_env() == 1:
+            # A plain single-process run: a port of its own, so two runs on one machine never collide.
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")

@@ -17,7 +17,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from megamft.platform.distributed import free_port  # noqa: F401 (tests and benchmarks import it from here)
+
 
 class DistributedTestError(RuntimeError):
     """A rank failed or the launch timed out."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:

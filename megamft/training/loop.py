@@ -46,6 +46,7 @@ class RunResult:
     last_checkpoint: str | None = None
     preempted: bool = False
     skipped_steps: int = 0
+    loss_scale_skips: int = 0  # fp16 steps the loss scaler skipped while calibrating its scale
     task_samples: dict[str, int] = field(default_factory=dict)  # training samples consumed per task
 
 
@@ -137,8 +138,8 @@ def _throughput(run: Run, stats: StepStats, seconds: float) -> dict:
     values = {"tokens_per_second": tokens_per_second, "tflops_per_device": tflops, "memory_gb": memory_gb()}
     if run.cfg.train.peak_tflops_per_device:
         values["mfu"] = tflops / run.cfg.train.peak_tflops_per_device
-    if run.cfg.train.precision == "fp16":
-        values["loss_scale"] = float(run.state.optimizer.get_loss_scale())
+    if stats.loss_scale is not None:
+        values["loss_scale"] = stats.loss_scale
     return values
 
 
@@ -149,10 +150,11 @@ def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: flo
     eta = int(seconds * (cfg.train.train_steps - iteration))
     mfu = f" | MFU {measured['mfu']:.1%}" if "mfu" in measured else ""
     mfu += "".join(f" | {name} {value:.4g}" for name, value in stats.router_losses.items())
+    grad = "skipped" if stats.skipped else f"{stats.grad_norm or 0.0:.3f}"
     log.info(
-        "step %d/%d | loss %.4f | %s | grad-norm %.3f | lr %.2e | %.0f tok/s | %.2f TFLOP/s/dev%s | "
+        "step %d/%d | loss %.4f | %s | grad-norm %s | lr %.2e | %.0f tok/s | %.2f TFLOP/s/dev%s | "
         "mem %.3g GB | eta %d:%02d",
-        iteration, cfg.train.train_steps, stats.loss, _format_tasks(stats.task_loss), stats.grad_norm or 0.0,
+        iteration, cfg.train.train_steps, stats.loss, _format_tasks(stats.task_loss), grad,
         stats.lr or 0.0, measured["tokens_per_second"], measured["tflops_per_device"], mfu,
         measured["memory_gb"], eta // 60, eta % 60,
     )
@@ -230,9 +232,24 @@ def _start_coba(run: Run, valid_before: StepStats | None) -> None:
 
 
 def _check_skipped(run: Run, stats: StepStats) -> None:
-    """Count steps skipped for a non-finite loss or gradient; stop after too many in a row."""
+    """Count skipped steps and say why; stop after too many non-finite ones in a row.
+
+    An fp16 overflow while the dynamic loss scale is above its floor is the scaler
+    calibrating (it halves the scale and the step is skipped, as in Megatron-LM):
+    counted apart and not held against the run. Anything else non-finite counts
+    towards train.max_skipped_steps.
+    """
     if not stats.skipped:
         run.skipped_in_a_row = 0
+        _check_gradient_moved(run, stats)
+        return
+    floor = float(run.cfg.optimizer.get("min_loss_scale", 1.0))
+    if stats.overflow and stats.loss_scale is not None and stats.loss_scale > floor:
+        run.result.loss_scale_skips += 1
+        if distributed.is_logging_rank():
+            log.info("step %d skipped by the fp16 loss scaler: gradients overflowed, loss scale now %g "
+                     "(expected while the scale calibrates; %d such steps so far)", run.iteration,
+                     stats.loss_scale, run.result.loss_scale_skips)
         return
     run.skipped_in_a_row += 1
     run.result.skipped_steps += 1
@@ -244,6 +261,19 @@ def _check_skipped(run: Run, stats: StepStats) -> None:
             f"train.max_skipped_steps={run.cfg.train.max_skipped_steps}); lower optimizer.lr or check the data "
             "around this step, then resume from the last checkpoint"
         )
+
+
+def _check_gradient_moved(run: Run, stats: StepStats) -> None:
+    """A trainable model whose whole gradient is exactly zero learned nothing this step: say so."""
+    if stats.grad_norm != 0.0 or not distributed.is_logging_rank():
+        return
+    if stats.tokens == 0:
+        log.warning("step %d: the global batch holds no learned token (every loss mask is 0); nothing was learned",
+                    run.iteration)
+        return
+    log.warning("step %d: the gradient norm is exactly 0 over %d learned tokens: the weights did not change. "
+                "Check that the parameters are trainable and, with train.precision=fp16, the loss scale "
+                "(optimizer.initial_loss_scale, optimizer.min_loss_scale)", run.iteration, stats.tokens)
 
 
 def _progress_bar(run: Run):

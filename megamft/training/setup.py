@@ -21,7 +21,12 @@ from megamft.model.builder import build_model_chunks, padded_vocab_size, transfo
 from megamft.model.spec import attention_backend_for
 from megamft.platform.device import Runtime
 
-_OPTIMIZER_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "use_distributed_optimizer": True}
+# fp16's first loss scale: megatron's default (2^32) suits a loss averaged over the tokens of a
+# micro-batch; megamft's per-token loss (calculate_per_token_loss) backpropagates sums, whose
+# gradients are larger by about the tokens of a rank's step, so the scale settles far lower and
+# every halving from 2^32 would cost a skipped step. 2^16 is torch.amp's GradScaler default.
+_OPTIMIZER_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "use_distributed_optimizer": True,
+                       "initial_loss_scale": 2.0**16}
 
 
 @dataclass
@@ -90,6 +95,10 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int,
     ]
     _wire_grad_sync(config, chunks, ddp_cfg)
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
+    # megatron's schedule multiplies the loss by this before backward, and the optimizer divides
+    # the gradients by the same scale (fp16's dynamic loss scale, 1 otherwise). Without it fp16
+    # gradients are divided by a scale that was never applied and vanish.
+    config.grad_scale_func = optimizer.scale_loss
     return TrainingState(chunks, optimizer, lr_scheduler(cfg, optimizer, opt_cfg), config, padded)
 
 

@@ -50,6 +50,8 @@ class StepStats:
     grad_norm: float | None = None
     lr: float | None = None
     skipped: bool = False
+    overflow: bool = False            # the optimizer found inf/NaN gradients (fp16: the loss scale overflowed)
+    loss_scale: float | None = None   # fp16's dynamic loss scale after the step
     device_syncs: int | None = None   # device-to-host synchronizations in the step (strict emulation only)
     router_losses: dict[str, float] = field(default_factory=dict)  # MoE auxiliary losses, unscaled
 
@@ -273,7 +275,10 @@ def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...],
         return stats
     succeeded, grad_norm, _ = state.optimizer.step()
     stats.grad_norm = None if grad_norm is None else float(grad_norm)
+    stats.overflow = not succeeded
     stats.skipped = not succeeded or not math.isfinite(stats.grad_norm or 0.0)
+    if state.optimizer.config.fp16:  # the scaler has already reacted to this step's gradients
+        stats.loss_scale = float(state.optimizer.get_loss_scale())
     stats.lr = state.optimizer.param_groups[0]["lr"]
     if setup.task_weights is not None:
         stats.task_weights = {n: float(w) for n, w in zip(task_names, setup.task_weights)}
