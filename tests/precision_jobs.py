@@ -42,3 +42,13 @@ def first_step_main_gradients(weights: str, precision: str, overrides: tuple[str
                 "skipped": stats.skipped}
     finally:
         distributed.shutdown()
+
+
+
+def train_with_fused_adam(kind: str, overrides: tuple[str, ...]) -> dict:
+    """jobs.train with megatron-core using a stand-in of TE's or apex's fused Adam (optimizer_standins)."""
+    import optimizer_standins
+    from jobs import train
+
+    optimizer_standins.install(kind)
+    return train(overrides)

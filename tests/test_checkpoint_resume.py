@@ -143,3 +143,26 @@ def test_overlapped_parameter_gather_saves_the_current_weights(layout, initial_w
         assert max(float((want[k] - before[k]).abs().max()) for k in want) > 1e-4
         for key in want:  # ... while another reduction order moves them by ~1e-7
             assert torch.allclose(got[key], want[key], rtol=0, atol=1e-5), (step, key)
+
+
+@pytest.mark.parametrize("kind", ["te", "apex"])
+def test_resume_with_the_fused_adam_of_transformer_engine_or_apex(kind, initial_weights, tmp_path):
+    """megatron-core uses TE's (else apex's) fused Adam whenever it imports; a requeued run must resume
+    with it. Stand-ins follow each library's contract (tests/optimizer_standins.py cites the sources)."""
+    import precision_jobs
+
+    def train(*overrides):
+        return launch(precision_jobs.train_with_fused_adam, 2, timeout=300,
+                      kwargs={"kind": kind, "overrides": ("train.train_steps=3", "checkpoint.save_interval=1",
+                                                          *overrides)})[0]
+
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    reference = train(f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
+                      f"checkpoint.save_dir={run}")
+    got = train(f"checkpoint.load_dir={run}", "checkpoint.load_iteration=1", "checkpoint.resume=never",
+                f"checkpoint.save_dir={resumed}")
+    assert len(got["loss"]) == 2  # steps 2 and 3
+    for key in ("loss", "grad_norm"):
+        for value, want in zip(got[key], reference[key][1:]):
+            assert _rel(value, want) <= 1e-5, (key, got[key], reference[key])
+    assert reference["loss"][2] != reference["loss"][1]  # it trained

@@ -35,6 +35,7 @@ from megamft.model.moe import ROUTER_LOSS_FIELDS
 from megamft.platform import distributed
 from megamft.platform.output_folder import publish
 from megamft.platform.kill_points import kill_point
+from megamft.platform.megatron_fixes import keeps_step_per_parameter
 from megamft.platform.signals import preemption_signals_deferred
 
 log = logging.getLogger(__name__)
@@ -212,8 +213,11 @@ def _create_empty_optimizer_state(optimizer) -> None:
     """Give every parameter zeroed optimizer state, as after a first step.
 
     megatron's distributed optimizer describes its state for loading from the
-    state it holds, which torch's Adam creates only on its first step. The
-    loaded checkpoint then overwrites every value created here.
+    state it holds, which the optimizer creates only on its first step. The
+    loaded checkpoint then overwrites every value created here. Only torch's
+    Adam keeps its step count per parameter (``state["step"]``); Transformer
+    Engine's and apex's fused Adam keep it per param group, and TE's refuses
+    any state name but its moments and master weights.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
@@ -221,8 +225,9 @@ def _create_empty_optimizer_state(optimizer) -> None:
         if opt.init_state_fn is None or all(len(inner.state[p]) for p in params):
             continue  # (SGD without momentum state has nothing to create)
         opt.init_state_fn(inner, opt.config)
-        for param in params:
-            inner.state[param].setdefault("step", torch.tensor(0.0))
+        if keeps_step_per_parameter(inner):
+            for param in params:
+                inner.state[param].setdefault("step", torch.tensor(0.0))
 
 
 def _same_checkpoint(base: dict, folder: str | Path, iteration: int) -> bool:

@@ -22,6 +22,18 @@ def apply() -> None:
     _applied = True
 
 
+def keeps_step_per_parameter(optimizer) -> bool:
+    """Whether this inner optimizer counts steps in each parameter's state, as torch's Adam/AdamW do.
+
+    Transformer Engine's and apex's fused Adam (which megatron-core uses whenever they import)
+    count them in each param group instead, and TE's FusedAdam.state_dict raises KeyError on a
+    state name outside its table (exp_avg, exp_avg_sq, master_param).
+    """
+    import torch
+
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _define_te_general_gemm_without_transformer_engine() -> None:
     """The MoE router's fp32 gating raises NameError: name 'te_general_gemm' is not defined.
 
@@ -37,6 +49,8 @@ def _define_te_general_gemm_without_transformer_engine() -> None:
 
 def _keep_torch_adam_step_on_reshardable_load() -> None:
     """Loading 'fully_reshardable' optimizer state with torch's Adam raises KeyError: 'step'.
+
+    (Only with torch's Adam: see keeps_step_per_parameter.)
 
     Without Transformer Engine or apex, DistributedOptimizer uses torch.optim.Adam,
     whose per-parameter state holds 'step'. load_state_dict first restores that
@@ -55,7 +69,8 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
 
     @functools.wraps(original)
     def set_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if ("step" not in tensors and keeps_step_per_parameter(self.optimizer)
+                and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8):
             group_index, group_order = self.model_param_group_index_map[model_param]
             main_param = self.optimizer.param_groups[group_index]["params"][group_order]
             state = self.optimizer.state[main_param]
