@@ -271,12 +271,14 @@ def test_combine_of_an_all_neg_inf_shard_row_is_not_nan():
 # --- the just-in-time build's fallback (CPU) -------------------------------------------------------
 
 @pytest.fixture
-def fresh_kernels(monkeypatch):
-    """kernels() as on a CUDA machine that has not tried the build yet."""
+def fresh_kernels(monkeypatch, tmp_path):
+    """kernels() as on a CUDA machine that has not tried the build yet (builds for H100 under tmp_path)."""
     monkeypatch.setattr(fused_ce, "_kernels", None)
     monkeypatch.setattr(fused_ce, "_build_failed", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setenv("MEGAMFT_KERNELS_DIR", str(tmp_path / "kernels"))
     return monkeypatch
 
 
@@ -296,10 +298,12 @@ def _kernels_warning():
     return [str(w.message) for w in caught if "fused cross entropy" in str(w.message)]
 
 
-@pytest.mark.parametrize("problem", ["no toolkit", "no ninja", "other major", "build error"])
+@pytest.mark.parametrize("problem", ["no toolkit", "no ninja", "other major", "build error", "no architecture"])
 def test_kernels_fall_back_to_torch_with_one_clear_warning(fresh_kernels, tmp_path, problem):
     from torch.utils import cpp_extension
 
+    if problem == "no architecture":  # no GPU visible (an image build) and no TORCH_CUDA_ARCH_LIST
+        fresh_kernels.delenv("TORCH_CUDA_ARCH_LIST")
     fresh_kernels.setattr(cpp_extension, "is_ninja_available", lambda: problem != "no ninja")
     home = None if problem == "no toolkit" else _fake_nvcc(tmp_path, "12.4" if problem == "other major" else "13.0")
     fresh_kernels.setattr(cpp_extension, "CUDA_HOME", home)
@@ -311,10 +315,13 @@ def test_kernels_fall_back_to_torch_with_one_clear_warning(fresh_kernels, tmp_pa
     expected = {"no toolkit": "no CUDA toolkit found (nvcc / CUDA_HOME",
                 "no ninja": "pip install ninja",
                 "other major": "is 12.4 but torch was built with CUDA 13.0",
-                "build error": 'error: identifier "oops" is undefined'}[problem]
+                "build error": 'error: identifier "oops" is undefined',
+                "no architecture": "no GPU is visible to pick the CUDA architectures from: set TORCH_CUDA_ARCH_LIST"
+                }[problem]
     first = _kernels_warning()
     assert len(first) == 1 and expected in first[0] and "using the torch path" in first[0], first
     assert _kernels_warning() == []  # once per process
+    assert not list((tmp_path / "kernels").glob("*/megamft-build.json"))  # nothing looks built
 
 
 def test_kernel_sources_compile_with_nvcc(tmp_path):
