@@ -1,7 +1,9 @@
 """Fused cross entropy: the torch path and TP shard logic against plain torch; kernels on GPU."""
 
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -344,6 +346,27 @@ def _kernels_or_fail():
     impl = fused_ce.kernels()
     assert impl is not None, "the CUDA extension did not build (see the warning)"
     return impl
+
+
+@needs_gpu
+def test_build_kernels_prebuilds_what_a_process_without_a_toolkit_loads():
+    """`megamft build-kernels` into the default kernels root (the build the GPU tests below then load)."""
+    from megamft.loss import fused_ce_build, kernel_cache
+
+    root = kernel_cache.default_root()
+    proc = subprocess.run([sys.executable, "-m", "megamft", "build-kernels", "--build-dir", str(root)],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    folder = fused_ce_build.kernel_folder(root)
+    assert f"ready in {folder} (" in proc.stdout and kernel_cache.read_record(folder) is not None
+    # Another process loads it with no CUDA toolkit in sight, and builds nothing.
+    load = ("import sys; from megamft.loss.fused_ce_build import load_extension\n"
+            "m = load_extension(root=sys.argv[1]); print(m.__file__, m.shard_stats, m.finalize, m.backward_inplace)")
+    env = {**os.environ, "CUDA_HOME": "/nonexistent", "PATH": "/usr/bin:/bin"}
+    loaded = subprocess.run([sys.executable, "-c", load, str(root)], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT, env=env)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.startswith(str(folder))
 
 
 @needs_gpu

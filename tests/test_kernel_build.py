@@ -8,6 +8,7 @@ torch/utils/cpp_extension.py _jit_compile as <build_directory>/lock).
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,10 +141,17 @@ def test_only_a_complete_build_of_the_same_sources_is_loaded(tmp_path):
     assert kernel_cache.build_key([source], {"torch": "y"}) != key
     kernel_jobs.write_source(tmp_path / "src", answer=8)
     assert kernel_cache.build_key([source], settings) != key
-    # A library that is not the one recorded (a link killed half-way) is not loaded.
-    library = folder / record["library"]
+    # Copies of the folder (never loaded by this process): a library that is not the one recorded (a link
+    # killed half-way), or no record (a build killed before it was written), is not loaded.
+    truncated, unrecorded = tmp_path / "truncated", tmp_path / "unrecorded"
+    shutil.copytree(folder, truncated)
+    shutil.copytree(folder, unrecorded)
+    library = truncated / record["library"]
     library.write_bytes(library.read_bytes()[:1000])
-    assert kernel_cache.load_built(folder, kernel_jobs.KEY) is None
+    assert kernel_cache.load_built(truncated, kernel_jobs.KEY) is None
+    (unrecorded / kernel_cache.RECORD).unlink()
+    assert kernel_cache.load_built(unrecorded, kernel_jobs.KEY) is None
+    assert kernel_cache.load_built(folder, kernel_jobs.KEY).answer() == 7
 
 
 def test_the_kernels_root_follows_the_environment(monkeypatch, tmp_path):
