@@ -74,7 +74,6 @@ def _scenario(name: str, root: Path, source: Path, local_rank: int, rank: int) -
     """One start-up under a stand-in build (see SCENARIOS); this rank's view of the outcome."""
     from megamft.loss import fused_ce
     from megamft.loss.fused_ce_build import ToolkitMissing
-    from megamft.platform import distributed
     from megamft.training.kernel_startup import prepare_fused_kernels
 
     folder = root / name / (f"node{rank}" if name == "two_nodes" else "node") / "ext"
@@ -90,8 +89,7 @@ def _scenario(name: str, root: Path, source: Path, local_rank: int, rank: int) -
             raise OSError(f"{folder}/{NAME}.so: cannot open shared object file: Permission denied")
         return load_only(folder)
 
-    decision = prepare_fused_kernels(distributed.host_group(), local_rank, report=rank == 0, build=build,
-                                     load=load, wait_s=120)
+    decision = prepare_fused_kernels(local_rank, report=rank == 0, build=build, load=load, wait_s=120)
     module = fused_ce.kernels()
     return {"use_kernels": decision.use_kernels, "builders": decision.builders, "reason": decision.reason,
             "compiled": compiled, "answer": module.answer() if module is not None else None,

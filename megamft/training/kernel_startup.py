@@ -5,8 +5,9 @@ after the process groups exist and before the model is built:
 
 1. local rank 0 of each node builds the extension, or loads it from its folder
    (``build``: fused_ce_build.build_extension);
-2. every rank waits at a barrier over the gloo host group: no GPU work, and a
-   timeout (``wait_s``) long enough for a build that first waits out a stale lock;
+2. every rank waits at a barrier over a gloo group of all ranks made for it: no
+   GPU work, and a timeout (``wait_s``) long enough for a build that first waits
+   out a stale lock (the host group's, torch's default 30 minutes, is not);
 3. the other ranks load the extension that rank built (``load``:
    fused_ce_build.load_extension, which never builds);
 4. all ranks exchange their outcome. The kernels are used only if every rank
@@ -76,20 +77,33 @@ def _decide(attempts: list[Attempt], me: Attempt) -> KernelDecision:
     return KernelDecision(False, builders, reason, None)
 
 
-def prepare_fused_kernels(group, local_rank: int, report: bool, build: Callable[[], ModuleType] = build_extension,
+def prepare_fused_kernels(local_rank: int, report: bool, build: Callable[[], ModuleType] = build_extension,
                           load: Callable[[], ModuleType] = load_extension, wait_s: float = WAIT_S) -> KernelDecision:
-    """Steps 1-4 of the module docstring; every rank of `group` (a gloo group of all ranks) calls it.
+    """Steps 1-4 of the module docstring; every rank calls it, once the process group exists.
 
     The agreed module (or None) is handed to fused_ce.adopt_kernels; `report`: this rank logs the outcome.
     """
+    group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
+    try:
+        decision = _prepare(group, local_rank, build, load)
+    finally:
+        torch.distributed.destroy_process_group(group)
+    if report and decision.use_kernels:
+        log.info("fused cross entropy: CUDA kernels from %s (built or loaded by ranks %s, loaded by the others)",
+                 decision.folder, decision.builders)
+    elif report:
+        fused_ce.warn_fallback(decision.reason)
+    return decision
+
+
+def _prepare(group, local_rank: int, build: Callable[[], ModuleType], load: Callable[[], ModuleType]) -> KernelDecision:
     rank = torch.distributed.get_rank()
     module, problem = None, None
     if local_rank == 0:
         log.info("rank %d: building or loading the fused cross-entropy kernels for this node (a first build takes "
                  "minutes; `megamft build-kernels` prebuilds them)", rank)
         module, problem = _attempt(build)
-    torch.distributed.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=wait_s),
-                                        wait_all_ranks=True)
+    torch.distributed.barrier(group=group)
     if local_rank != 0:
         module, problem = _attempt(load)
     folder = str(Path(module.__file__).parent) if module is not None else None
@@ -98,9 +112,4 @@ def prepare_fused_kernels(group, local_rank: int, report: bool, build: Callable[
     torch.distributed.all_gather_object(attempts, me, group=group)
     decision = _decide(attempts, me)
     fused_ce.adopt_kernels(module if decision.use_kernels else None)
-    if report and decision.use_kernels:
-        log.info("fused cross entropy: CUDA kernels from %s (built or loaded by ranks %s, loaded by the others)",
-                 decision.folder, decision.builders)
-    elif report:
-        fused_ce.warn_fallback(decision.reason)
     return decision
