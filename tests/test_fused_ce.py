@@ -1,5 +1,6 @@
 """Fused cross entropy: the torch path and TP shard logic against plain torch; kernels on GPU."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -324,6 +325,34 @@ def test_kernels_fall_back_to_torch_with_one_clear_warning(fresh_kernels, tmp_pa
     assert len(first) == 1 and expected in first[0] and "using the torch path" in first[0], first
     assert _kernels_warning() == []  # once per process
     assert not list((tmp_path / "kernels").glob("*/megamft-build.json"))  # nothing looks built
+
+
+def test_without_a_toolkit_the_warning_names_kernels_prebuilt_for_other_settings(fresh_kernels):
+    from torch.utils import cpp_extension
+    from megamft.loss import fused_ce_build, kernel_cache
+
+    fresh_kernels.setattr(cpp_extension, "CUDA_HOME", None)
+    fresh_kernels.setenv("TORCH_CUDA_ARCH_LIST", "8.0")  # an image prebuilt for A100s
+    image = fused_ce_build.kernel_folder()
+    image.mkdir(parents=True)
+    (image / kernel_cache.RECORD).write_text(json.dumps({"key": "k", "library": "lib.so", "sha256": "0",
+                                                          "settings": fused_ce_build.build_settings()}))
+    fresh_kernels.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # run on H100s
+    [warning] = _kernels_warning()
+    assert "no CUDA toolkit found" in warning and f"holds builds for other settings: {image.name}: arch" in warning
+    assert "code=sm_80" in warning and "(here ['-gencode=arch=compute_90,code=sm_90'])" in warning
+
+
+def test_a_kernels_root_that_cannot_be_written_is_named(fresh_kernels, tmp_path):
+    from torch.utils import cpp_extension
+
+    fresh_kernels.setattr(cpp_extension, "CUDA_HOME", _fake_nvcc(tmp_path, "13.0"))
+    fresh_kernels.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    (tmp_path / "a-file").write_text("")
+    fresh_kernels.setenv("MEGAMFT_KERNELS_DIR", str(tmp_path / "a-file" / "kernels"))
+    [warning] = _kernels_warning()
+    assert f"no build of the kernels for these settings in {tmp_path / 'a-file' / 'kernels'}" in warning
+    assert "cannot be built there (Not a directory): set MEGAMFT_KERNELS_DIR to a writable folder" in warning
 
 
 def test_kernel_sources_compile_with_nvcc(tmp_path):

@@ -135,7 +135,13 @@ def build_extension(verbose: bool = False, build_directory: str | Path | None = 
         return module
     problem = toolkit_problem()
     if problem is not None:
-        raise ToolkitMissing(problem)
+        raise ToolkitMissing(problem + _other_builds(target, settings))
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KernelsNotBuilt(f"no build of the kernels for these settings in {target.parent}, and it cannot be "
+                              f"built there ({exc.strerror}): set MEGAMFT_KERNELS_DIR to a writable folder"
+                              f"{_other_builds(target, settings)}") from exc
 
     def build(directory: Path) -> ModuleType:
         from torch.utils import cpp_extension
@@ -145,6 +151,18 @@ def build_extension(verbose: bool = False, build_directory: str | Path | None = 
                                   verbose=verbose, build_directory=str(directory))
 
     return kernel_cache.build_locked(target, key, build, settings)
+
+
+def _other_builds(target: Path, settings: dict) -> str:
+    """A note naming the builds beside `target` made for other settings (why a prebuilt one was not used)."""
+    notes = []
+    for sibling in sorted(target.parent.glob(f"{EXTENSION_NAME}-*")):
+        built = (kernel_cache.read_record(sibling) or {}).get("settings")
+        if sibling != target and isinstance(built, dict):
+            differ = [f"{name} {built.get(name)} (here {value})" for name, value in settings.items()
+                      if built.get(name) != value]
+            notes.append(f"{sibling.name}: {', '.join(differ) or 'other sources'}")
+    return f"; {target.parent} holds builds for other settings: {'; '.join(notes)}" if notes else ""
 
 
 def load_extension(build_directory: str | Path | None = None, sources: Path | None = None,
