@@ -115,14 +115,16 @@ def test_a_build_killed_midway_leaves_locks_that_the_next_build_clears(tmp_path,
         time.sleep(0.1)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    # What a killed build leaves: torch's baton and megamft's lock, and no record of a complete build.
+    # What a killed build leaves: torch's lock file and megamft's lock, and no record of a complete build.
     assert (folder / kernel_cache.TORCH_BATON).exists() and (folder / LOCK_NAME).exists()
     assert kernel_cache.load_built(folder, kernel_jobs.KEY) is None
     module = _within(120, lambda: kernel_jobs.build_or_load(folder, source))
     assert module.answer() == 42
     assert f"its process is gone (pid {killed.pid} on" in caplog.text
-    assert "removed torch's build lock, left by a killed build" in caplog.text
-    assert not (folder / kernel_cache.TORCH_BATON).exists() and not (folder / LOCK_NAME).exists()
+    assert not (folder / LOCK_NAME).exists()
+    if kernel_cache.torch_lock_blocks_when_left():  # torch <= 2.13: its FileBaton must go (>= 2.14: an flock)
+        assert "removed torch's build lock, left by a killed build" in caplog.text
+        assert not (folder / kernel_cache.TORCH_BATON).exists()
 
 
 # --- complete builds ------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ another key, hence another folder, and a rebuild.
 
 ``build_locked`` builds under a ``BuildLock`` (one builder at a time, stale
 locks of killed builders taken over). Holding it, it removes torch's own build
-baton (``TORCH_BATON``) if one is there: only a builder holding the lock ever
-creates it, so one found then was left by a killed build, and torch would wait
-for its removal forever.
+lock (``TORCH_BATON``) where torch's is a FileBaton, whose mere existence
+blocks (torch/utils/cpp_extension.py ``_jit_compile`` up to torch 2.13): only a
+builder holding the BuildLock ever creates it, so one found then was left by a
+killed build, and torch would wait for its removal forever. From torch 2.14 on
+that file is an OS advisory lock (filelock), released when its holder dies, and
+is left alone.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 RECORD = "megamft-build.json"
 # torch.utils.cpp_extension._jit_compile: FileBaton(os.path.join(build_directory, 'lock')), created with
 # O_CREAT | O_EXCL before the build and removed after it; load() of a folder holding it waits for its removal.
+# torch >= 2.14 takes FileLock(the same path) instead: an flock the kernel releases, the file left in place.
 TORCH_BATON = "lock"
 ROOT_ENV = "MEGAMFT_KERNELS_DIR"
 
@@ -114,9 +118,16 @@ def _write_record(folder: Path, key: str, library: Path, settings: dict | None) 
     os.replace(partial, folder / RECORD)
 
 
+def torch_lock_blocks_when_left() -> bool:
+    """Whether torch's JIT build lock is a FileBaton, which a killed build leaves blocking (torch <= 2.13)."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
+
+
 def _clear_torch_baton(folder: Path, lock: BuildLock) -> None:
     baton = folder / TORCH_BATON
-    if not baton.exists():
+    if not baton.exists() or not torch_lock_blocks_when_left():
         return
     left_by = f" ({lock.stale_owners[-1]})" if lock.stale_owners else ""
     log.warning("%s: removed torch's build lock, left by a killed build%s", baton, left_by)
