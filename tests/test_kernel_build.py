@@ -36,6 +36,12 @@ def _within(seconds: float, fn):
     return out["value"]
 
 
+def _env(**extra) -> dict:
+    """This environment, with this checkout's megamft importable."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def _lock_of(folder: Path, **owner) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     fields = {"host": "other-node", "pid_namespace": None, "pid": 12345, "pid_start": None,
@@ -84,7 +90,7 @@ def test_a_live_builder_is_waited_for_with_progress_lines(tmp_path, caplog):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom megamft.platform.build_lock import BuildLock\n"
          "with BuildLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(2)\n", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, text=True, env=_env())
     assert holder.stdout.readline().strip() == "held"
     caplog.set_level("INFO", logger="megamft.platform.build_lock")
     began = time.monotonic()
@@ -108,7 +114,7 @@ def test_a_build_killed_midway_leaves_locks_that_the_next_build_clears(tmp_path,
     source = kernel_jobs.write_source(tmp_path / "src")
     folder, mark = tmp_path / "kernels" / "ext", tmp_path / "compiling"
     killed = subprocess.Popen([sys.executable, str(ROOT / "tests" / "kernel_jobs.py"), str(folder), str(source)],
-                              env={**os.environ, "CXX": str(_slow_compiler(tmp_path, mark))}, start_new_session=True)
+                              env=_env(CXX=str(_slow_compiler(tmp_path, mark))), start_new_session=True)
     deadline = time.monotonic() + 180
     while not mark.exists():
         assert killed.poll() is None and time.monotonic() < deadline, "the build did not start compiling"
@@ -200,7 +206,7 @@ def test_build_kernels_without_a_cuda_torch_says_what_is_missing(tmp_path):
     if torch.version.cuda is not None:
         pytest.skip("a CUDA build of torch: tests/test_fused_ce.py builds the kernels on a GPU")
     proc = subprocess.run([sys.executable, "-m", "megamft", "build-kernels", "--build-dir", str(tmp_path / "k")],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("megamft build-kernels: ") and "not a CUDA build" in lines[0]
