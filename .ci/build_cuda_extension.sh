@@ -4,9 +4,12 @@
 #
 # No GPU is needed: nothing is run on a device, but every compile and link error
 # of the kernels and of the torch binding shows, and the import resolves every
-# symbol. The build goes through megamft.loss.fused_ce.build_extension, the same
-# call that kernels() makes on GPU machines (the module file is loaded from its
-# path: the CUDA venv holds only torch and ninja, not megamft's other deps).
+# symbol. The build goes through megamft.loss.fused_ce_build.build_extension, the
+# call that training's start-up, `megamft build-kernels` and kernels() make on GPU
+# machines (megamft.loss.fused_ce_build imports only torch and the standard
+# library: the CUDA venv holds only torch and ninja, not megamft's other deps).
+# A second process then loads the recorded build with no CUDA toolkit, as a
+# training image with prebuilt kernels does.
 #
 # The CUDA torch (~5.4 GB) goes into a venv outside the repository, reused when
 # present: $MEGAMFT_CUDA_VENV, default ${TMPDIR:-/tmp}/megamft-cuda-venv.
@@ -55,7 +58,6 @@ BUILD_DIR="$(dirname "$VENV")/megamft-cuda-build"
 rm -rf "$BUILD_DIR" && mkdir -p "$BUILD_DIR"  # a fresh build every run: no stale cached .so
 
 "$VENV/bin/python" - "$ROOT" "$BUILD_DIR" <<'EOF'
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -63,15 +65,14 @@ from pathlib import Path
 import torch
 
 root, build_dir = Path(sys.argv[1]), sys.argv[2]
-spec = importlib.util.spec_from_file_location("megamft_fused_ce_loader", root / "megamft/loss/fused_ce.py")
-fused_ce = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fused_ce)
+sys.path.insert(0, str(root))
+from megamft.loss import fused_ce_build
 
-problem = fused_ce.toolkit_problem()
+problem = fused_ce_build.toolkit_problem()
 if problem is not None:
     sys.exit(f"toolkit check: {problem}")
 start = time.time()
-ext = fused_ce.build_extension(verbose=True, build_directory=build_dir, sources=root / "csrc")
+ext = fused_ce_build.build_extension(verbose=True, build_directory=build_dir, sources=root / "csrc")
 print(f"built, linked and imported {ext.__file__} in {time.time() - start:.0f} s")
 for name in ("shard_stats", "finalize", "backward_inplace"):
     if not hasattr(ext, name):
@@ -86,4 +87,18 @@ else:
 EOF
 STATUS=$?
 [ $STATUS -eq 0 ] || fail "compile, link or import error (see above)"
+
+# The recorded build loads in a process that has no CUDA toolkit, and builds nothing.
+CUDA_HOME=/nonexistent PATH=/usr/bin:/bin "$VENV/bin/python" - "$ROOT" "$BUILD_DIR" <<'EOF' \
+    || fail "the recorded build in $BUILD_DIR did not load without the toolkit"
+import sys
+from pathlib import Path
+
+root, build_dir = Path(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, str(root))
+from megamft.loss import fused_ce_build
+
+ext = fused_ce_build.load_extension(build_directory=build_dir, sources=root / "csrc")
+print(f"loaded the recorded build {ext.__file__} without a CUDA toolkit")
+EOF
 echo "build_cuda_extension: OK: fused_ce extension built, linked and imported in $(( $(date +%s) - START )) s"

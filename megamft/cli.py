@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from megamft.config import ConfigError, load_config, validate
 from megamft.platform.distributed import world_size_from_env
@@ -24,6 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "launch", help="torchrun (same arguments) that turns SIGTERM/SIGUSR1 into a save and a clean exit",
         description="megamft launch [torchrun options] -m megamft train --config CONFIG.yaml ...")
+    kernels = commands.add_parser(
+        "build-kernels", help="build the fused cross-entropy CUDA kernels now (for an image, or before training)",
+        description="Build (or find built) the fused cross-entropy CUDA kernels for this machine's torch, CUDA and "
+                    "TORCH_CUDA_ARCH_LIST (else its GPUs), and print where they are.")
+    kernels.add_argument("--build-dir", help="kernels root folder (default: $MEGAMFT_KERNELS_DIR, else "
+                         "$TORCH_EXTENSIONS_DIR/megamft, else ~/.cache/megamft/kernels); point training at it "
+                         "with MEGAMFT_KERNELS_DIR")
+    kernels.add_argument("--verbose", action="store_true", help="show the compiler's output")
     evaluation = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="benchmark",
                                                                                     required=True)
     from megamft.eval.cli import add_humaneval_arguments
@@ -56,6 +65,24 @@ def _print_skips(result) -> None:
         print(f"steps skipped for a non-finite loss or gradient: {result.skipped_steps}")
 
 
+def _build_kernels(root: str | None, verbose: bool) -> int:
+    """`megamft build-kernels`: 0 and the kernels' folder, or 1 and what is missing (or the build's errors)."""
+    from megamft.loss.fused_ce_build import build_extension, failure_reason
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    started = time.monotonic()
+    try:
+        module = build_extension(verbose=verbose, root=root)
+    except Exception as exc:  # noqa: BLE001 - what is missing or the compiler's errors, not a traceback
+        print(f"megamft build-kernels: {failure_reason(exc)}", file=sys.stderr)
+        return 1
+    folder = os.path.dirname(module.__file__)
+    print(f"fused cross-entropy kernels ready in {folder} ({time.monotonic() - started:.0f} s)")
+    if root:
+        print(f"train with MEGAMFT_KERNELS_DIR={os.path.abspath(root)} to use them")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"] and not {"-h", "--help"} & set(argv[1:2]):
@@ -63,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return launch(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command == "build-kernels":
+        return _build_kernels(args.build_dir, args.verbose)
     if args.command == "eval":
         from megamft.eval.cli import run_humaneval
 

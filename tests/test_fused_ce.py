@@ -1,7 +1,10 @@
 """Fused cross entropy: the torch path and TP shard logic against plain torch; kernels on GPU."""
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -271,12 +274,14 @@ def test_combine_of_an_all_neg_inf_shard_row_is_not_nan():
 # --- the just-in-time build's fallback (CPU) -------------------------------------------------------
 
 @pytest.fixture
-def fresh_kernels(monkeypatch):
-    """kernels() as on a CUDA machine that has not tried the build yet."""
+def fresh_kernels(monkeypatch, tmp_path):
+    """kernels() as on a CUDA machine that has not tried the build yet (builds for H100 under tmp_path)."""
     monkeypatch.setattr(fused_ce, "_kernels", None)
     monkeypatch.setattr(fused_ce, "_build_failed", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setenv("MEGAMFT_KERNELS_DIR", str(tmp_path / "kernels"))
     return monkeypatch
 
 
@@ -296,10 +301,12 @@ def _kernels_warning():
     return [str(w.message) for w in caught if "fused cross entropy" in str(w.message)]
 
 
-@pytest.mark.parametrize("problem", ["no toolkit", "no ninja", "other major", "build error"])
+@pytest.mark.parametrize("problem", ["no toolkit", "no ninja", "other major", "build error", "no architecture"])
 def test_kernels_fall_back_to_torch_with_one_clear_warning(fresh_kernels, tmp_path, problem):
     from torch.utils import cpp_extension
 
+    if problem == "no architecture":  # no GPU visible (an image build) and no TORCH_CUDA_ARCH_LIST
+        fresh_kernels.delenv("TORCH_CUDA_ARCH_LIST")
     fresh_kernels.setattr(cpp_extension, "is_ninja_available", lambda: problem != "no ninja")
     home = None if problem == "no toolkit" else _fake_nvcc(tmp_path, "12.4" if problem == "other major" else "13.0")
     fresh_kernels.setattr(cpp_extension, "CUDA_HOME", home)
@@ -311,10 +318,41 @@ def test_kernels_fall_back_to_torch_with_one_clear_warning(fresh_kernels, tmp_pa
     expected = {"no toolkit": "no CUDA toolkit found (nvcc / CUDA_HOME",
                 "no ninja": "pip install ninja",
                 "other major": "is 12.4 but torch was built with CUDA 13.0",
-                "build error": 'error: identifier "oops" is undefined'}[problem]
+                "build error": 'error: identifier "oops" is undefined',
+                "no architecture": "no GPU is visible to pick the CUDA architectures from: set TORCH_CUDA_ARCH_LIST"
+                }[problem]
     first = _kernels_warning()
     assert len(first) == 1 and expected in first[0] and "using the torch path" in first[0], first
     assert _kernels_warning() == []  # once per process
+    assert not list((tmp_path / "kernels").glob("*/megamft-build.json"))  # nothing looks built
+
+
+def test_without_a_toolkit_the_warning_names_kernels_prebuilt_for_other_settings(fresh_kernels):
+    from torch.utils import cpp_extension
+    from megamft.loss import fused_ce_build, kernel_cache
+
+    fresh_kernels.setattr(cpp_extension, "CUDA_HOME", None)
+    fresh_kernels.setenv("TORCH_CUDA_ARCH_LIST", "8.0")  # an image prebuilt for A100s
+    image = fused_ce_build.kernel_folder()
+    image.mkdir(parents=True)
+    (image / kernel_cache.RECORD).write_text(json.dumps({"key": "k", "library": "lib.so", "sha256": "0",
+                                                          "settings": fused_ce_build.build_settings()}))
+    fresh_kernels.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # run on H100s
+    [warning] = _kernels_warning()
+    assert "no CUDA toolkit found" in warning and f"holds builds for other settings: {image.name}: arch" in warning
+    assert "code=sm_80" in warning and "(here ['-gencode=arch=compute_90,code=sm_90'])" in warning
+
+
+def test_a_kernels_root_that_cannot_be_written_is_named(fresh_kernels, tmp_path):
+    from torch.utils import cpp_extension
+
+    fresh_kernels.setattr(cpp_extension, "CUDA_HOME", _fake_nvcc(tmp_path, "13.0"))
+    fresh_kernels.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    (tmp_path / "a-file").write_text("")
+    fresh_kernels.setenv("MEGAMFT_KERNELS_DIR", str(tmp_path / "a-file" / "kernels"))
+    [warning] = _kernels_warning()
+    assert f"no build of the kernels for these settings in {tmp_path / 'a-file' / 'kernels'}" in warning
+    assert "cannot be built there (Not a directory): set MEGAMFT_KERNELS_DIR to a writable folder" in warning
 
 
 def test_kernel_sources_compile_with_nvcc(tmp_path):
@@ -337,6 +375,27 @@ def _kernels_or_fail():
     impl = fused_ce.kernels()
     assert impl is not None, "the CUDA extension did not build (see the warning)"
     return impl
+
+
+@needs_gpu
+def test_build_kernels_prebuilds_what_a_process_without_a_toolkit_loads():
+    """`megamft build-kernels` into the default kernels root (the build the GPU tests below then load)."""
+    from megamft.loss import fused_ce_build, kernel_cache
+
+    root = kernel_cache.default_root()
+    proc = subprocess.run([sys.executable, "-m", "megamft", "build-kernels", "--build-dir", str(root)],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    folder = fused_ce_build.kernel_folder(root)
+    assert f"ready in {folder} (" in proc.stdout and kernel_cache.read_record(folder) is not None
+    # Another process loads it with no CUDA toolkit in sight, and builds nothing.
+    load = ("import sys; from megamft.loss.fused_ce_build import load_extension\n"
+            "m = load_extension(root=sys.argv[1]); print(m.__file__, m.shard_stats, m.finalize, m.backward_inplace)")
+    env = {**os.environ, "CUDA_HOME": "/nonexistent", "PATH": "/usr/bin:/bin"}
+    loaded = subprocess.run([sys.executable, "-c", load, str(root)], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT, env=env)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.startswith(str(folder))
 
 
 @needs_gpu

@@ -47,6 +47,12 @@ def check_loss_modes(ctx: Context, rec: dict) -> list:
     pool.shutdown()
     for name in runs:
         problems += details["runs"][name]["problems"]
+    if not ctx.dry:  # the fused runs must have used the kernels built (or loaded) at start-up
+        for mode, fused in ctx.profile.modes:
+            run = details["runs"][f"{mode}_fused"] if fused else {}
+            kernels = run.get("fused_kernels") or "no start-up line"
+            if run.get("steps") and not kernels.startswith("CUDA"):
+                problems.append(f"{mode}_fused: trained without the CUDA kernels ({kernels})")
     details["fused_vs_unfused"], mismatches = _fused_vs_unfused(ctx, details["runs"])
     return problems + mismatches
 

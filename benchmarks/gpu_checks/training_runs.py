@@ -41,6 +41,9 @@ def parse_train_log(text: str) -> dict:
     out["valid_after"] = float_or_nan(valid[-1]) if valid else None
     device = re.search(r"device: (.+)", text)
     out["device"] = device.group(1).strip() if device else None
+    # loss.fused_cross_entropy on CUDA: the start-up's outcome (megamft.training.kernel_startup)
+    kernels = re.search(r"fused cross entropy: (CUDA kernels from \S+|the CUDA extension is not available .*)", text)
+    out["fused_kernels"] = kernels.group(1) if kernels else None
     return out
 
 

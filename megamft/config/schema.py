@@ -203,7 +203,8 @@ class LossConfig:
     focal_gamma: float = 2.0
     """Focusing exponent of the focal mode."""
     fused_cross_entropy: bool = False
-    """Compute the loss with megamft's fused kernels (csrc/) instead of megatron's cross entropy."""
+    """Compute the loss with megamft's fused kernels (csrc/) instead of megatron's cross entropy. On CUDA they
+    are built (or loaded from $MEGAMFT_KERNELS_DIR) at start-up, once per node; the torch path runs elsewhere."""
     coba_update_interval: int = 1
     """Steps between CoBa's validation measurements and weight updates (MFTCoder: 1)."""
     coba_history: int = 200

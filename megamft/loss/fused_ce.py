@@ -7,10 +7,10 @@
     out.total.backward()      # gradient written over `logits` (pass logits you own)
 
 logits is this TP rank's [tokens, vocab shard] slice, fp32, bf16 or fp16. On CUDA
-the kernels of csrc/fused_ce.cu run (built just in time with ninja on first use
-and cached by torch); elsewhere the same scheme runs in torch, vocab chunk by
-vocab chunk. Either way no fp32 copy of the whole [tokens, vocab] logits is
-made, and the backward pass overwrites the logits with their gradient.
+the kernels of csrc/fused_ce.cu run (built with ninja, see Build below);
+elsewhere the same scheme runs in torch, vocab chunk by vocab chunk. Either way
+no fp32 copy of the whole [tokens, vocab] logits is made, and the backward pass
+overwrites the logits with their gradient.
 
 The scheme is megatron's: per shard, each token's max logit, sum of
 exp(logit - max) and target logit (when the label is in the shard); across TP,
@@ -40,114 +40,40 @@ sums and gradient, run after run: the kernels use no floating-point atomics
 of the ids, see csrc/fused_ce.cu), and the torch path is deterministic on the
 CPU. Across TP ranks the all-reduces are as deterministic as the backend.
 
-Build fallback. ``kernels()`` builds the extension (``build_extension``: the
-two csrc sources, the binding's own torch headers, no extra include paths) on
-first use. Without a CUDA toolkit (nvcc / CUDA_HOME), without ninja, with a
-toolkit whose major version differs from ``torch.version.cuda``, or on any build
-error it logs and warns once per process, saying what is missing, and the torch
-path runs instead.
+Build. ``kernels()`` returns the extension built by
+megamft.loss.fused_ce_build.build_extension (the two csrc sources, the binding's
+own torch headers), kept in a folder keyed by the sources and build settings.
+Training builds it at start-up, once per node (megamft.training.kernel_startup),
+and hands every rank the agreed outcome through ``adopt_kernels``; elsewhere the
+first call builds or loads it. Without a CUDA toolkit (nvcc / CUDA_HOME), without
+ninja, with a toolkit whose major version differs from ``torch.version.cuda``, or
+on any build error it warns once, saying what is missing, and the torch path runs
+instead.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import subprocess
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from megamft.loss.fused_ce_build import (  # noqa: F401 - the build's names, re-exported
+    EXTENSION_NAME, SOURCES, KernelsNotBuilt, ToolkitMissing, build_extension, failure_reason, load_extension,
+    source_dir, toolkit_problem)
+
 log = logging.getLogger(__name__)
 _VOCAB_CHUNK = 8192
-EXTENSION_NAME = "megamft_fused_ce"
-SOURCES = ("fused_ce.cu", "fused_ce_binding.cpp")
 _kernels = None
 _build_failed = False
 _notice_shown = False
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def source_dir() -> Path:
-    """The folder holding the CUDA sources: the installed package data, else the repo's csrc/."""
-    try:
-        from importlib.resources import files
-
-        installed = Path(str(files("megamft._csrc")))
-        if all((installed / name).is_file() for name in SOURCES):
-            return installed
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / "csrc"
-
-
-def toolkit_problem() -> str | None:
-    """Why the extension cannot be built here (None when nvcc, CUDA_HOME and ninja look right)."""
-    from torch.utils import cpp_extension
-
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is not a CUDA build; install a CUDA build of torch"
-    cuda_home = cpp_extension.CUDA_HOME
-    nvcc = Path(cuda_home, "bin", "nvcc") if cuda_home else None
-    if nvcc is None or not nvcc.exists():
-        return (f"no CUDA toolkit found (nvcc / CUDA_HOME; CUDA_HOME={cuda_home!r}): install the CUDA "
-                f"{torch.version.cuda.split('.')[0]}.x toolkit (nvcc) matching torch.version.cuda="
-                f"{torch.version.cuda} and set CUDA_HOME to it")
-    if not cpp_extension.is_ninja_available():
-        return "ninja is not installed: pip install ninja"
-    try:
-        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"could not run {nvcc} --version: {exc}"
-    found = re.search(r"release (\d+)\.(\d+)", out)
-    if found is None:
-        return f"could not read the CUDA version from {nvcc} --version"
-    if found.group(1) != torch.version.cuda.split(".")[0]:
-        return (f"the CUDA toolkit at {cuda_home} is {found.group(1)}.{found.group(2)} but torch was built "
-                f"with CUDA {torch.version.cuda}: install a CUDA {torch.version.cuda.split('.')[0]}.x toolkit "
-                f"(or a torch built for CUDA {found.group(1)}) and point CUDA_HOME at it")
-    return None
-
-
-class ToolkitMissing(RuntimeError):
-    """The CUDA toolkit, ninja or a matching CUDA version is missing (the message says which)."""
-
-
-def build_extension(verbose: bool = False, build_directory: str | None = None, sources: Path | None = None):
-    """Build (or load from torch's cache) and import the extension; raises on any problem.
-
-    The one build call: kernels() uses it, and so does .ci/build_cuda_extension.sh.
-    """
-    problem = toolkit_problem()
-    if problem is not None:
-        raise ToolkitMissing(problem)
-    from torch.utils.cpp_extension import load
-
-    folder = Path(sources) if sources is not None else source_dir()
-    kwargs = {"build_directory": build_directory} if build_directory is not None else {}
-    return load(
-        name=EXTENSION_NAME,
-        sources=[str(folder / name) for name in SOURCES],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3"],
-        verbose=verbose,
-        **kwargs,
-    )
-
-
-def _first_lines(error: BaseException, count: int = 12) -> str:
-    """The head of a build error: its first line and the compiler's error lines."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    errors = [line for line in lines[1:] if re.search(r"error|undefined|fatal|no such file", line, re.I)]
-    picked = [lines[0]] + (errors or lines[1:])[:count - 1]
-    return "\n".join(line[:300] for line in picked)
-
-
-def _warn_fallback(reason: str) -> None:
+def warn_fallback(reason: str) -> None:
+    """The one warning (log and RuntimeWarning) that the torch path runs instead of the kernels, and why."""
     message = (f"fused cross entropy: the CUDA extension is not available ({reason}); "
                "using the torch path (same results, slower, more memory)")
     log.warning(message)
@@ -157,7 +83,8 @@ def _warn_fallback(reason: str) -> None:
 def kernels():
     """The compiled extension where CUDA is available; None elsewhere (torch path).
 
-    A missing toolkit, ninja or a build error warns once per process and falls back.
+    Without a start-up decision (adopt_kernels), the first call builds or loads it;
+    a missing toolkit, ninja or a build error warns once per process and falls back.
     """
     global _kernels, _build_failed, _notice_shown
     if _kernels is not None:
@@ -171,13 +98,19 @@ def kernels():
         return None
     try:
         _kernels = build_extension()
-    except ToolkitMissing as exc:
-        _build_failed = True
-        _warn_fallback(str(exc))
     except Exception as exc:  # noqa: BLE001 - any build failure falls back to torch
         _build_failed = True
-        _warn_fallback(f"the build failed:\n{_first_lines(exc)}")
+        warn_fallback(failure_reason(exc))
     return _kernels
+
+
+def adopt_kernels(module) -> None:
+    """Use `module` from now on in this process, or with None the torch path, without building.
+
+    Training's start-up calls it with what every rank agreed on (it has warned already).
+    """
+    global _kernels, _build_failed
+    _kernels, _build_failed = module, module is None
 
 
 @dataclass

@@ -25,6 +25,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def local_rank() -> int:
+    """This process's rank on its node, as torchrun sets it; 0 when run plainly."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
     """Create the process group and megatron's TP/PP/CP/DP groups, then seed.
 
@@ -47,7 +52,7 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if runtime.cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_rank())
         torch.distributed.init_process_group(
             backend=runtime.backend, timeout=datetime.timedelta(minutes=timeout_minutes)
         )

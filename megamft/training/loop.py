@@ -27,6 +27,7 @@ from megamft.model.attention import activate_flash_attention
 from megamft.model.spec import attention_backend_for
 from megamft.platform.device import describe_runtime
 from megamft.training.expert_stats import ExpertStats, expert_shares
+from megamft.training.kernel_startup import prepare_fused_kernels
 from megamft.training.metrics import MetricsWriter
 from megamft.training.preemption import PreemptionWatch
 from megamft.training.throughput import memory_gb, tflops_per_device
@@ -413,6 +414,8 @@ def _build(cfg: MegamftConfig) -> Run:
     runtime = distributed.runtime()
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
+    if cfg.loss.fused_cross_entropy and runtime.cuda:  # on the CPU the torch path runs: nothing to build
+        prepare_fused_kernels(distributed.local_rank(), distributed.is_logging_rank())
     backend = attention_backend_for(cfg, runtime.transformer_engine)
     if distributed.is_logging_rank():
         log.info("attention backend: %s (model.attention_backend=%s)", backend, cfg.model.attention_backend)
