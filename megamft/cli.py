@@ -9,6 +9,7 @@ import sys
 import time
 
 from megamft.config import ConfigError, load_config, validate
+from megamft.platform.device import broken_transformer_engine_message
 from megamft.platform.distributed import world_size_from_env
 
 
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return launch(argv[1:])
     args = _parser().parse_args(argv)
+    broken = broken_transformer_engine_message()
+    if broken:  # before anything imports megatron-core, which would stop on it with a traceback
+        print(f"megamft: {broken}", file=sys.stderr)
+        return 2
     if args.command == "build-kernels":
         return _build_kernels(args.build_dir, args.verbose)
     if args.command == "eval":

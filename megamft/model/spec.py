@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megamft.config import MegamftConfig, ModelConfig
 from megamft.model.attention import TorchCoreAttention
 from megamft.model.norm import MegamftRMSNorm, norm_class
+from megamft.platform.device import TE_REBUILD_HINT
 
 ATTENTION_BACKENDS = ("auto", "torch", "te", "local")
 
@@ -59,7 +60,8 @@ def transformer_engine_layer_spec(qk_layernorm: bool = False, num_experts: int |
     return spec
 
 
-def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: bool) -> str:
+def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: bool,
+                              te_problem: str | None = None) -> str:
     """The backend `model.attention_backend` names on this machine: te, torch or local.
 
     auto: Transformer Engine where it is installed, except for LoRA, else torch.
@@ -74,8 +76,11 @@ def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: 
     if requested == "auto":
         return "te" if te_installed and not lora_enabled else "torch"
     if requested == "te" and not te_installed:
+        if te_problem:
+            raise ValueError(f"model.attention_backend=te: Transformer Engine is installed but does not import "
+                             f"({te_problem}); {TE_REBUILD_HINT}; or use model.attention_backend=torch")
         raise ValueError("model.attention_backend=te needs Transformer Engine on a CUDA machine "
-                         "(pip install '.[gpu]'); or use model.attention_backend=torch")
+                         "(see the README's cluster install); or use model.attention_backend=torch")
     if requested == "te" and lora_enabled:
         raise ValueError("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
                          "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
@@ -92,6 +97,6 @@ def gpt_layer_spec(num_layers_in_chunk: int, backend: str, model: ModelConfig | 
                             torch_attention=backend == "torch")
 
 
-def attention_backend_for(cfg: MegamftConfig, te_installed: bool) -> str:
+def attention_backend_for(cfg: MegamftConfig, te_installed: bool, te_problem: str | None = None) -> str:
     """The backend this run uses (see resolve_attention_backend)."""
-    return resolve_attention_backend(cfg.model.attention_backend, te_installed, cfg.lora.enabled)
+    return resolve_attention_backend(cfg.model.attention_backend, te_installed, cfg.lora.enabled, te_problem)

@@ -416,7 +416,7 @@ def _build(cfg: MegamftConfig) -> Run:
         log.info(describe_runtime(runtime))
     if cfg.loss.fused_cross_entropy and runtime.cuda:  # on the CPU the torch path runs: nothing to build
         prepare_fused_kernels(distributed.local_rank(), distributed.is_logging_rank())
-    backend = attention_backend_for(cfg, runtime.transformer_engine)
+    backend = attention_backend_for(cfg, runtime.transformer_engine, runtime.transformer_engine_problem)
     if distributed.is_logging_rank():
         log.info("attention backend: %s (model.attention_backend=%s)", backend, cfg.model.attention_backend)
         if runtime.transformer_engine and backend != "te" and cfg.lora.enabled:
