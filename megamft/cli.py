@@ -10,7 +10,7 @@ import time
 
 from megamft.config import ConfigError, load_config, validate
 from megamft.platform.device import broken_transformer_engine_message
-from megamft.platform.distributed import world_size_from_env
+from megamft.platform.distributed import set_device_max_connections, world_size_from_env
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
+    set_device_max_connections(cfg)  # before any import that may start CUDA; initialize warns if needed
     from megamft.training.preemption import PreemptionWatch
 
     watch = PreemptionWatch(cfg.checkpoint.save_on_signal)  # before the slow imports: no signal is lost

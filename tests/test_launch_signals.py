@@ -152,10 +152,24 @@ def _is_forked_writer(pid: int) -> bool:
 
 FAKE_SLURM = {
     # srun: one task on this machine, the command run in place (the step's processes are its descendants).
+    # Its environment follows srun(1)'s --export: ALL passes the caller's, NONE only the SLURM_* variables;
+    # without the option SLURM_EXPORT_ENV decides (`sbatch --export=NONE` sets it), else ALL. The test's
+    # marker is kept so that the test can find and clean up the step's processes.
     "srun": """
         #!/usr/bin/env bash
-        while [[ "$1" == --* ]]; do shift; done
+        mode=${SLURM_EXPORT_ENV:-ALL}
+        while [[ "$1" == --* ]]; do
+            case "$1" in --export=*) mode=${1#--export=};; esac
+            shift
+        done
         export SLURM_NODEID=0
+        if [ "$mode" = NONE ]; then
+            kept=()
+            while IFS= read -r -d '' var; do
+                case "$var" in SLURM_*|MEGAMFT_TEST_RUN=*) kept+=("$var");; esac
+            done < <(env -0)
+            exec env -i "${kept[@]}" "$@"
+        fi
         exec "$@"
     """,
     # scancel --signal=SIG JOB: every process of the job's steps, not the batch shell (SLURM's default).
@@ -175,7 +189,7 @@ FAKE_SLURM = {
 }
 
 
-def _sbatch(tmp: Path, name: str, runs: list) -> Run:
+def _sbatch(tmp: Path, name: str, runs: list, **env_vars: str) -> Run:
     bin_dir = tmp / "fake-slurm"
     bin_dir.mkdir(exist_ok=True)
     for tool, script in FAKE_SLURM.items():
@@ -183,21 +197,40 @@ def _sbatch(tmp: Path, name: str, runs: list) -> Run:
         (bin_dir / tool).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(tmp / "slurm.log"),
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
-           "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())}
+           "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), **env_vars}
     run = Run(tmp, name, ["bash", "examples/cluster/slurm.sbatch", str(_config(tmp, "first"))], env)
     runs.append(run)
     return run
 
 
+# A site whose jobs start from a clean environment (sbatch --export=NONE), on nodes whose interface is named.
+SITE = {"SLURM_EXPORT_ENV": "NONE", "NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", "NCCL_IB_HCA": "mlx5_0"}
+
+
+def _worker_environment(marker: str) -> dict[str, str]:
+    """The environment a training worker of the run was started with."""
+    for pid in processes_with(marker):
+        try:
+            if b"train" in Path(f"/proc/{pid}/cmdline").read_bytes() and not _is_forked_writer(pid):
+                pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                return dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
+        except OSError:
+            continue
+    raise AssertionError("no training worker found")
+
+
 def test_slurm_batch_script_waits_for_the_save_and_requeues(tmp_path, runs, uninterrupted):
-    first = _sbatch(tmp_path, "first-job", runs)
+    first = _sbatch(tmp_path, "first-job", runs, **SITE)
     wait_for(lambda: first.reached_step(2), what="step 2")
+    worker = _worker_environment(first.marker)
+    assert {k: worker.get(k) for k in SITE if k != "SLURM_EXPORT_ENV"} == {
+        k: v for k, v in SITE.items() if k != "SLURM_EXPORT_ENV"}
     first.proc.send_signal(signal.SIGUSR1)  # --signal=B:USR1@600: the batch shell alone
     _check_stopped_cleanly(first, tmp_path / "ckpt", 2)
     assert (tmp_path / "slurm.log").read_text().splitlines() == ["scancel --signal=USR1 4242",
                                                                  "scontrol requeue 4242"]
     # The requeued job: the same batch script, which continues from the checkpoint.
-    again = _sbatch(tmp_path, "requeued-job", runs)
+    again = _sbatch(tmp_path, "requeued-job", runs, **SITE)
     assert again.wait() == 0
     assert again.leftovers() == []
     # Both jobs log to the config's one tensorboard folder: the first up to its checkpoint, the second after it.

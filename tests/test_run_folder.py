@@ -14,7 +14,7 @@ import pytest
 
 from megamft.checkpoint.convert_cli import main as convert_main
 from megamft.checkpoint.layout import latest_iteration
-from megamft.platform.output_folder import LOCK_NAME
+from megamft.platform.folder_lock import LOCK_NAME
 
 import jobs
 

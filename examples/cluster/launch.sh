@@ -7,13 +7,17 @@
 # makes the workers finish their step, save a checkpoint and exit; this command then exits 0.
 # `megamft launch` is torchrun whose agent passes those two signals to its workers and waits for
 # them, however long the save takes, instead of killing them after 30 s and exiting 1.
+# Environment: the workers inherit this one. megamft sets CUDA_DEVICE_MAX_CONNECTIONS=1 itself when the
+# layout has TP > 1 or CP > 1 (leave it unset). On nodes with several network interfaces, name the one
+# the nodes reach each other on: NCCL_SOCKET_IFNAME (NCCL's bootstrap and socket transport; a prefix,
+# or ^prefix to exclude) and GLOO_SOCKET_IFNAME (gloo, megamft's host-side group; exact interface names),
+# e.g. NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0; NCCL_IB_HCA picks the InfiniBand adapters.
 set -euo pipefail
 config="$1"; shift
 : "${NNODES:=1}" "${NODE_RANK:=0}" "${GPUS_PER_NODE:=8}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
 world=$((NNODES * GPUS_PER_NODE))
 # Fail fast, before any GPU is touched: layout and divisibility checks for this world size.
 python -m megamft check --config "$config" --world-size "$world" "$@"
-export CUDA_DEVICE_MAX_CONNECTIONS=1   # lets megatron overlap TP communication with compute
 exec python -m megamft launch --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
     -m megamft train --config "$config" "$@"

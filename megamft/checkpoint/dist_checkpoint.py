@@ -28,7 +28,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megamft.checkpoint import global_view
-from megamft.checkpoint.layout import LATEST, complete_dir, iteration_dir, latest_iteration, write_atomically
+from megamft.checkpoint.layout import (LATEST, complete_dir, complete_iterations, iteration_dir, latest_iteration,
+                                       write_atomically)
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
 from megamft.model.moe import ROUTER_LOSS_FIELDS
@@ -124,11 +125,7 @@ def prune(save_dir: str | Path, keep_last: int, protected: set[int] = frozenset(
     """Delete all but the newest `keep_last` complete checkpoints (never the one `latest` names,
     nor `protected` ones, such as the base that adapter-only checkpoints read)."""
     latest = latest_iteration(save_dir)
-    complete = sorted(
-        int(p.name[len("iter_"):]) for p in Path(save_dir).glob("iter_*")
-        if p.is_dir() and p.name[len("iter_"):].isdigit()
-    )
-    for iteration in complete[:-keep_last]:
+    for iteration in complete_iterations(save_dir)[:-keep_last]:
         if iteration != latest and iteration not in protected:
             shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
 

@@ -25,6 +25,12 @@ def complete_dir(save_dir: str | Path, iteration: int) -> Path:
     return aside if not final.is_dir() and aside.is_dir() else final
 
 
+def complete_iterations(save_dir: str | Path) -> list[int]:
+    """Iterations of the complete checkpoints in save_dir, oldest first."""
+    return sorted(int(p.name[len("iter_"):]) for p in Path(save_dir).glob("iter_*")
+                  if p.is_dir() and p.name[len("iter_"):].isdigit())
+
+
 def latest_iteration(save_dir: str | Path) -> int | None:
     """The newest complete checkpoint's iteration, or None."""
     pointer = Path(save_dir) / LATEST

@@ -16,19 +16,16 @@ mix two runs. `check_save_folder` says so, listing the differences.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from megamft.checkpoint.layout import complete_dir, latest_iteration
+from megamft.checkpoint.layout import complete_dir, complete_iterations, latest_iteration
 from megamft.config import MegamftConfig, to_dict
-from megamft.platform.output_folder import (
-    TRAINING_OUTPUT,
-    DestinationError,
-    FolderLock,
-    check_destination,
-    mark_output,
-)
+from megamft.config.loading import PATH_KEYS
+from megamft.platform.folder_lock import FolderLock
+from megamft.platform.output_folder import TRAINING_OUTPUT, DestinationError, check_destination, mark_output
 from megamft.training.memory_estimate import checkpoint_bytes
 # What makes two runs the same run; everything else (steps, layout, intervals, paths) may change on resume.
 _RUN_DEFINING = ("model", "data", "loss", "lora", "train.seed", "train.global_batch_size", "train.precision")
@@ -62,12 +59,20 @@ def _defining(flat: dict) -> dict:
             if any(k == d or k.startswith(d + ".") for d in _RUN_DEFINING) and k not in _NOT_RUN_DEFINING}
 
 
+def _absolute_paths(flat: dict) -> dict:
+    """Folders as absolute paths: configs saved before load_config made them absolute hold them relative
+    (to the working directory, taken to be this one)."""
+    return {k: os.path.abspath(os.path.expanduser(v)) if k in PATH_KEYS and isinstance(v, str) else v
+            for k, v in flat.items()}
+
+
 def run_differences(saved: dict, current: MegamftConfig) -> list[str]:
     """Run-defining fields whose values differ, as 'field: saved -> now'.
 
-    Fields unset on either side (None, derived at start such as model.vocab_size) are not compared.
+    Fields unset on either side (None, derived at start such as model.vocab_size) are not compared;
+    folders are compared as absolute paths.
     """
-    old, new = _defining(_flatten(saved)), _defining(_flatten(to_dict(current)))
+    old, new = (_absolute_paths(_defining(_flatten(tree))) for tree in (saved, to_dict(current)))
     return [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in sorted(new.items())
             if value is not None and old.get(key) is not None and old.get(key) != value]
 
@@ -93,8 +98,9 @@ def check_save_folder(cfg: MegamftConfig) -> int | None:
     check_destination(ckpt.save_dir, TRAINING_OUTPUT, inputs=[base, cfg.data.path if cfg.data.source == "indexed"
                                                               else None],
                       overwrite=ckpt.overwrite, option="checkpoint.save_dir", recognise=_is_training_folder)
-    _check_writable_with_room(cfg)
-    latest = latest_iteration(ckpt.save_dir) if Path(ckpt.save_dir).is_dir() else None
+    _check_writable(Path(ckpt.save_dir))
+    latest = latest_iteration(ckpt.save_dir)
+    _check_room(cfg, latest)
     if latest is None:
         return None
     saved = saved_config(ckpt.save_dir, latest)
@@ -113,9 +119,8 @@ def check_save_folder(cfg: MegamftConfig) -> int | None:
     return latest
 
 
-def _check_writable_with_room(cfg: MegamftConfig) -> None:
-    """Find an unwritable or too-full save_dir now, not at the first save hours later."""
-    folder = Path(cfg.checkpoint.save_dir)
+def _check_writable(folder: Path) -> None:
+    """Find an unwritable save_dir now, not at the first save hours later."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".megamft-write-test"
@@ -124,13 +129,51 @@ def _check_writable_with_room(cfg: MegamftConfig) -> None:
     except OSError as err:
         raise DestinationError(f"checkpoint.save_dir {folder} cannot be written ({err.strerror}); choose a "
                                "folder this user can write, on a file system with room for checkpoints") from None
+
+
+def saves_ahead(cfg: MegamftConfig, start: int) -> int:
+    """Checkpoints a run starting after step `start` writes if nothing stops it: one every
+    checkpoint.save_interval steps, and one at the end unless the last step is one of those."""
+    steps, interval = cfg.train.train_steps, cfg.checkpoint.save_interval
+    if steps <= start:
+        return 0
+    if not interval:
+        return 1
+    return steps // interval - start // interval + (1 if steps % interval else 0)
+
+
+def new_checkpoints_at_once(cfg: MegamftConfig, start: int, existing: int) -> int:
+    """The most checkpoints this run adds to the `existing` complete ones in save_dir at one time.
+
+    A save writes its `.partial` folder beside the complete ones, publishes it and only then
+    prunes down to keep_last, so save_dir peaks at max(existing, keep_last) + 1 checkpoints.
+    With async_save the next save may start while the previous one is being written: one
+    more (writes are assumed to end within one save_interval). keep_last=0 keeps every save
+    of this run. A save on a preemption signal ends the run before its next regular save, so
+    never more than `saves_ahead` in all. The checkpoints already there take no new room.
+    """
+    ckpt = cfg.checkpoint
+    ahead = saves_ahead(cfg, start)
+    if not ckpt.keep_last:
+        return ahead
+    return min(ahead, max(ckpt.keep_last - existing, 0) + 1 + (1 if ckpt.async_save else 0))
+
+
+def _check_room(cfg: MegamftConfig, latest: int | None) -> None:
+    """Refuse a save_dir without room for every checkpoint this run will hold there at once."""
+    folder = Path(cfg.checkpoint.save_dir)
+    plan = plan_start(cfg, latest)
+    start = (plan.iteration or 0) if plan.load_optimizer else 0
+    count = new_checkpoints_at_once(cfg, start, len(complete_iterations(folder)))
     # The vocabulary may be known only once the data is read; an unknown one adds little here.
-    needed = checkpoint_bytes(cfg, cfg.model.vocab_size or 256)
+    one = checkpoint_bytes(cfg, cfg.model.vocab_size or 256)
     free = shutil.disk_usage(folder).free
-    if free < needed:
+    if free < count * one:
         raise DestinationError(
-            f"checkpoint.save_dir {folder} has {free / 2**30:.1f} GiB free, less than one checkpoint of this "
-            f"model (about {needed / 2**30:.1f} GiB); free space or choose another folder")
+            f"checkpoint.save_dir {folder} has {free / 2**30:.1f} GiB free, less than the {count} new "
+            f"checkpoint(s) this run keeps there at once need (about {one / 2**30:.1f} GiB each; "
+            f"checkpoint.keep_last={cfg.checkpoint.keep_last}, async_save={cfg.checkpoint.async_save}); free "
+            "space, lower checkpoint.keep_last, or choose another folder")
 
 
 def _same(a: str | None, b: str | None) -> bool:

@@ -2,12 +2,14 @@
 
 Sections megatron-core already types (``optimizer``, ``ddp``, ``transformer``)
 are not re-declared: their keys are checked against megatron's own dataclasses
-and passed straight through.
+and passed straight through. Folders (``PATH_KEYS``) given relative are made
+absolute against the working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -66,7 +68,23 @@ def load_config(
         _apply_dict(cfg, _read_yaml(path), origin=str(path))
     for item in overrides:
         apply_override(cfg, item)
+    make_paths_absolute(cfg)
     return cfg
+
+
+# Folders a run reads or writes. A relative one is taken from the working directory of the command,
+# once, here: every rank then gets the same absolute path, and every saved config records it.
+PATH_KEYS = ("data.path", "checkpoint.save_dir", "checkpoint.load_dir", "train.tensorboard_dir")
+
+
+def make_paths_absolute(cfg: MegamftConfig) -> None:
+    """Turn the PATH_KEYS that are set into absolute paths (``~`` expanded; symbolic links kept)."""
+    for dotted in PATH_KEYS:
+        section_name, key = dotted.split(".")
+        section = getattr(cfg, section_name)
+        value = getattr(section, key)
+        if value:
+            setattr(section, key, os.path.abspath(os.path.expanduser(value)))
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

@@ -130,7 +130,8 @@ class DataConfig:
     """'stdlib': the embedded multitask corpus built from Python's own library, encoded in memory.
     'indexed': a megamft-preprocess output folder, given as data.path."""
     path: Optional[str] = None
-    """data.source=indexed: the folder holding manifest.json and the .bin/.idx files."""
+    """data.source=indexed: the folder holding manifest.json and the .bin/.idx files (relative: from the
+    working directory, recorded absolute)."""
     tokenizer: str = "byte"
     """data.source=stdlib: 'byte', a sentencepiece .model or a tokenizer.json (tools/train_tokenizer.py)."""
     template: str = "mftcoder"
@@ -265,7 +266,8 @@ class CheckpointConfig:
     """Saving and resuming megatron dist checkpoints."""
 
     save_dir: Optional[str] = None
-    """Folder for checkpoints (None = never save)."""
+    """Folder for checkpoints (None = never save); on a file system every node shares (checked at start).
+    Relative paths are taken from the working directory and recorded absolute."""
     save_interval: int = 0
     """Steps between saves (0 = only at the end)."""
     load_dir: Optional[str] = None
@@ -275,7 +277,9 @@ class CheckpointConfig:
     load_optimizer: bool = True
     """Restore optimizer, scheduler and progress with the weights (False: weights only, a new fine-tune)."""
     keep_last: int = 0
-    """Keep only the newest N checkpoints in save_dir (0 = keep all)."""
+    """Keep only the newest N checkpoints in save_dir (0 = keep all). The start-up check of free space
+    counts N checkpoints plus the one being written (plus one more with async_save); with 0, every
+    save the run will make."""
     save_on_signal: bool = True
     """On SIGTERM or SIGUSR1 (preemption), save after the current step and exit cleanly."""
     async_save: bool = False

@@ -24,8 +24,9 @@ from pathlib import Path
 from megamft.data.indexed import PARTIAL_SUFFIX, IndexedWriter
 from megamft.data.manifest import MANIFEST, OUTPUT_KIND, read_manifest, task_files
 from megamft.data.preprocess_inputs import PreprocessError
-from megamft.platform.output_folder import (LOCK_NAME, OUTPUT_MARKER, DestinationError, FolderLock,
-                                            check_destination, mark_output, output_kind)
+from megamft.platform.folder_lock import LOCK_NAME, FolderLock
+from megamft.platform.output_folder import (OUTPUT_MARKER, DestinationError, check_destination, mark_output,
+                                            output_kind)
 
 
 def written_by_preprocess(folder: Path) -> bool:
@@ -33,7 +34,8 @@ def written_by_preprocess(folder: Path) -> bool:
     if read_manifest(folder / MANIFEST) is not None:
         return True
     names = [p.name for p in folder.iterdir()]
-    return bool(names) and all(n == LOCK_NAME or n.endswith(PARTIAL_SUFFIX) for n in names)
+    # the lock, or a private copy of it that a kill mid-write left (folder_lock writes those first)
+    return bool(names) and all(n.startswith(LOCK_NAME) or n.endswith(PARTIAL_SUFFIX) for n in names)
 
 
 def check_not_an_input(out: str | Path, inputs: list) -> None:
@@ -63,7 +65,7 @@ class OutputFolder:
         self.path = Path(out)
         self.inputs, self.overwrite = inputs, overwrite
         self.writers: list[IndexedWriter] = []
-        self.stale_owner = None
+        self.takeover: str | None = None  # the stale lock taken over: whose, and why
         self._lock: FolderLock | None = None
         self._created = self._marked = self._renaming = False
         self._previous: dict | None = None
@@ -80,7 +82,7 @@ class OutputFolder:
         except OSError as err:
             raise PreprocessError(f"--out {self.path} cannot be written ({err.strerror}); "
                                   "choose a folder this user can write") from None
-        self.stale_owner = self._lock.stale_owner
+        self.takeover = self._lock.takeover
         ours = output_kind(self.path) == OUTPUT_KIND or written_by_preprocess(self.path)
         self._marked = output_kind(self.path) == OUTPUT_KIND
         self._previous = read_manifest(self.path / MANIFEST) if ours else None
@@ -149,6 +151,6 @@ class OutputFolder:
 
 
 def report_stale_lock(folder: OutputFolder) -> None:
-    if folder.stale_owner is not None:
-        print(f"megamft-preprocess: took over the lock of a run that is gone ({folder.stale_owner.describe()})",
+    if folder.takeover is not None:
+        print(f"megamft-preprocess: took over the lock of a run that is gone ({folder.takeover})",
               file=sys.stderr)

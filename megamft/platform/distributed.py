@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 
@@ -11,6 +12,9 @@ import torch
 from megamft.config import MegamftConfig
 from megamft.platform import cpu_emulation, megatron_fixes
 from megamft.platform.device import Runtime, detect
+
+DEVICE_MAX_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+log = logging.getLogger("megamft")
 
 
 def world_size_from_env() -> int:
@@ -30,11 +34,52 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def needs_one_device_connection(cfg: MegamftConfig) -> bool:
+    """Whether the layout needs CUDA_DEVICE_MAX_CONNECTIONS=1.
+
+    TP and CP overlap their communication with computation by launching the collective just
+    before the kernel it should overlap: megatron-core's
+    LinearWithGradAccumulationAndAsyncCommunication.backward (tensor_parallel/layers.py) relies
+    on CUDA_DEVICE_MAX_CONNECTIONS=1 to have the sequence-parallel all-gather, the input-gradient
+    all-reduce and the reduce-scatter scheduled before the weight-gradient GEMM. With one
+    hardware queue kernels start in launch order; with several the GEMM can start first, and
+    nothing overlaps.
+    Megatron-LM's own trainer requires it for TP > 1 or CP > 1 (megatron/training/arguments.py,
+    validate_args).
+    """
+    return cfg.parallel.tensor_model_parallel_size > 1 or cfg.parallel.context_parallel_size > 1
+
+
+def set_device_max_connections(cfg: MegamftConfig) -> str | None:
+    """Set CUDA_DEVICE_MAX_CONNECTIONS=1 where the layout needs it and the environment does not say.
+
+    CUDA reads it when it starts, so this must run before the process's first CUDA call
+    (torchrun's workers and SLURM's tasks all pass through here). Returns a warning when the
+    variable is set to another value, or was set here after CUDA had started.
+    """
+    if not needs_one_device_connection(cfg):
+        return None
+    given = os.environ.get(DEVICE_MAX_CONNECTIONS)
+    if given is not None and given != "1":
+        return (f"{DEVICE_MAX_CONNECTIONS}={given} is set, but tensor/context parallelism overlaps its "
+                "communication only with 1; unset it (megamft sets 1 where the layout needs it)")
+    if given is None:
+        os.environ[DEVICE_MAX_CONNECTIONS] = "1"
+        if torch.cuda.is_initialized():
+            return (f"{DEVICE_MAX_CONNECTIONS}=1 was set after CUDA started in this process, too late to take "
+                    "effect; export it before starting the workers")
+    return None
+
+
 def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
     """Create the process group and megatron's TP/PP/CP/DP groups, then seed.
 
-    Runs plain ``python`` too: without torchrun it becomes a world of one.
+    Runs plain ``python`` too: without torchrun it becomes a world of one. First of all, before
+    any CUDA call, sets CUDA_DEVICE_MAX_CONNECTIONS=1 where the layout needs it.
     """
+    problem = set_device_max_connections(cfg)
+    if problem and os.environ.get("RANK", "0") == "0":
+        log.warning("%s", problem)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -21,7 +21,9 @@ from megamft.loss.balancers import make_balancer
 from megamft.loss.multitask import effective_task_weights
 from megamft.platform import cpu_emulation, distributed
 from megamft.platform.kill_points import kill_point
-from megamft.platform.output_folder import DestinationError, FolderLock
+from megamft.platform.folder_lock import FolderLock
+from megamft.platform.output_folder import DestinationError
+from megamft.platform.shared_folder import NotSharedError, confirm_shared
 from megamft.model.attention_window import check_backend_honours_window
 from megamft.model.attention import activate_flash_attention
 from megamft.model.spec import attention_backend_for
@@ -380,7 +382,8 @@ def _resume(run: Run, plan: run_folder.StartPlan) -> None:
 
 
 def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folder.StartPlan]:
-    """Rank 0 checks and locks checkpoint.save_dir and plans the start; every rank gets its answer.
+    """Rank 0 checks and locks checkpoint.save_dir and plans the start; every rank gets its answer
+    and confirms it sees the same folder.
 
     Done before the model is built, so a wrong folder costs seconds, not a model load.
     """
@@ -388,18 +391,26 @@ def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folde
     if torch.distributed.get_rank() == 0:
         try:
             lock, plan = run_folder.claim(cfg)
-            stale = lock.stale_owner.describe() if lock is not None and lock.stale_owner else None
-            answer = ("ok", plan, stale)
+            answer = ("ok", plan, lock.takeover if lock is not None else None)
         except (DestinationError, OSError, RuntimeError) as err:
             answer = ("error", f"{err}", None)
     shared = [answer]
     torch.distributed.broadcast_object_list(shared, src=0, group=distributed.host_group())
-    status, detail, stale = shared[0]
+    status, detail, takeover = shared[0]
     if status == "error":
         raise DestinationError(detail)
+    try:
+        if cfg.checkpoint.save_dir:
+            confirm_shared(cfg.checkpoint.save_dir, "checkpoint.save_dir")
+    except BaseException as err:
+        if lock is not None:
+            lock.release()  # run() releases only the lock this function returns
+        if isinstance(err, NotSharedError):
+            raise DestinationError(f"{err}") from None
+        raise
     if distributed.is_logging_rank():
-        if stale:
-            log.warning("%s: took over the lock of a run that is gone (%s)", cfg.checkpoint.save_dir, stale)
+        if takeover:
+            log.warning("%s: took over the lock of a run that is gone (%s)", cfg.checkpoint.save_dir, takeover)
         log.info("%s", detail.reason)
     return lock, detail
 
