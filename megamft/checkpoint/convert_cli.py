@@ -20,8 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     to_megatron = commands.add_parser("hf-to-megatron", help="Hugging Face folder -> megamft checkpoint")
     to_megatron.add_argument("--hf", required=True, type=Path, help="folder with config.json and safetensors")
     to_megatron.add_argument("--out", required=True, type=Path, help="megamft checkpoint folder to create")
-    to_megatron.add_argument("--target-tp", type=int, default=1, help="check the model splits over this TP")
-    to_megatron.add_argument("--target-pp", type=int, default=1, help="check the layers split over this PP")
+    to_megatron.add_argument("--target-tp", type=int, default=1,
+                             help="TP of the training run: each of its ranks then reads only its own shard")
+    to_megatron.add_argument("--target-pp", type=int, default=1,
+                             help="PP of the training run: one data file per TP x PP rank")
     to_megatron.add_argument("--dtype", choices=sorted(_DTYPES), help="store as (default: as in the source)")
     to_megatron.add_argument("--dry-run", action="store_true", help="print the planned mapping, write nothing")
     to_megatron.add_argument("--overwrite", action="store_true",
@@ -39,21 +41,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_plan(model, chunks) -> None:
     print(f"model: {model}")
+    pieces = {}
     for chunk in chunks:
-        if chunk.offsets[0] == 0:  # one line per megatron tensor, not per layer
-            print(f"  {chunk.key:<60} {tuple(chunk.global_shape)} {str(chunk.dtype).removeprefix('torch.')}")
+        pieces.setdefault(chunk.key, []).append(chunk)
+    for key, stored in pieces.items():  # one line per megatron tensor, not per layer or piece
+        first = stored[0]
+        print(f"  {key:<60} {tuple(first.global_shape)} {str(first.dtype).removeprefix('torch.')} "
+              f"in {len(stored)} chunk(s) of {tuple(first.shape)}")
 
 
 def _hf_to_megatron(args) -> None:
     dtype = _DTYPES[args.dtype] if args.dtype else None
-    model, _, chunks, _ = hf_convert.plan_hf_to_megatron(args.hf, dtype)
-    hf_convert.check_target_layout(model, args.target_tp, args.target_pp)
+    model, _, chunks, _ = hf_convert.plan_hf_to_megatron(args.hf, dtype, args.target_tp, args.target_pp)
     if args.dry_run:
         _print_plan(model, chunks)
         return
     with tqdm(total=len(chunks), desc="hf-to-megatron", unit="tensor") as bar:
         path = hf_convert.hf_to_megatron(args.hf, args.out, dtype, progress=lambda chunk: bar.update(),
-                                         overwrite=args.overwrite)
+                                         overwrite=args.overwrite, tp=args.target_tp, pp=args.target_pp)
     print(f"wrote {path}\nmodel section: {args.out / 'megamft_model.yaml'}")
 
 

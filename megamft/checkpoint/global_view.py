@@ -5,12 +5,15 @@ shape (layers stacked on a leading axis, TP shards as chunks at their global
 offsets), so one checkpoint loads at any TP/PP/DP. Conversion tools only need
 that global view, and only one layer of it at a time: this module writes a
 checkpoint from chunk producers that are called one at a time while writing,
-and reads any region back, so memory stays at one chunk, not one model.
+and reads any region back, so memory stays at one chunk, not one model. Each
+chunk names its data file, so that a rank reading the checkpoint opens only
+the files holding what it loads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     MetadataIndex,
@@ -34,6 +38,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megamft.checkpoint.layout import LATEST, iteration_dir, write_atomically
@@ -56,6 +62,8 @@ class Chunk:
     global_shape: tuple[int, ...]
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
+    file: str = "__0_0"
+    """Data file (without its .distcp suffix) the chunk is stored in."""
 
 
 class _ChunkSavePlanner(DefaultSavePlanner):
@@ -86,13 +94,49 @@ class _ChunkSavePlanner(DefaultSavePlanner):
         self.plan = SavePlan(items)
         return self.plan
 
+    def chunk_of(self, write_item: WriteItem) -> Chunk:
+        return self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
-        chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        chunk = self.chunk_of(write_item)
         tensor = chunk.produce()
         if tuple(tensor.shape) != tuple(chunk.shape):
             raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)}, planned {chunk.shape}")
         self._on_written(chunk)
-        return tensor.to(chunk.dtype).contiguous()
+        tensor = tensor.to(chunk.dtype).contiguous()
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a view of a larger tensor: torch.save would store all of it
+        return tensor
+
+
+class _ChunkFileWriter(FileSystemWriter):
+    """Writes the chunks in plan order, each into the data file it names.
+
+    FileSystemWriter writes a rank's items into files of its own choosing, one file
+    after another; here the chunks say where they go (e.g. one file per loading rank),
+    and the order stays the planner's, so that pieces of one tensor are produced in a row.
+    Each item is written as FileSystemWriter writes it (filesystem._write_item).
+    """
+
+    def write_data(self, plan: SavePlan, planner: _ChunkSavePlanner) -> Future[list[WriteResult]]:
+        streams, results = {}, []
+        try:
+            for item in plan.items:
+                name = planner.chunk_of(item).file + DEFAULT_SUFFIX
+                if name not in streams:
+                    streams[name] = open(os.path.join(self.path, name), "wb")
+                data = planner.resolve_data(item)
+                results.append(_write_item(self.transforms, streams[name], data, item, name,
+                                           self.serialization_format))
+            for stream in streams.values():
+                stream.flush()
+                os.fsync(stream.fileno())
+        finally:
+            for stream in streams.values():
+                stream.close()
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
 
 
 def write_checkpoint(
@@ -104,7 +148,7 @@ def write_checkpoint(
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    writer = FileSystemWriter(str(partial), single_file_per_rank=True, thread_count=1)
+    writer = _ChunkFileWriter(str(partial), single_file_per_rank=True, thread_count=1)
     dcp_save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, on_written), no_dist=True)
     torch.save(common, partial / "common.pt")
     (partial / "metadata.json").write_text(json.dumps(_MEGATRON_METADATA))

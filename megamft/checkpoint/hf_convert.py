@@ -4,6 +4,8 @@ Both directions work on megatron's layout-free global view (see global_view):
 a converted checkpoint loads at any TP/PP (megatron reshards on load), and an
 export reads any trained checkpoint whatever layout wrote it. Tensors stream
 one layer at a time, so memory stays near one layer plus one output shard.
+A conversion stores each tensor in the pieces the ranks of its target TP x PP
+hold, in one file per rank (tp_pieces), so that each rank reads its own shard.
 
 The parameter map is a table (hf_mappings); what differs between parameters
 is a *kind*: copy, vocab (padding rows), qkv (megatron fuses q/k/v per query
@@ -24,7 +26,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megamft.checkpoint import global_view, hf_moe
+from megamft.checkpoint import global_view, hf_moe, tp_pieces
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
@@ -155,12 +157,15 @@ def _check_hf_shapes(source: SafetensorsFolder, mappings, d: Dims, num_layers: i
 
 def check_target_layout(model: ModelConfig, tp: int, pp: int) -> None:
     """Raise if the model cannot be split as asked."""
+    if min(tp, pp) < 1:
+        raise ConversionError(f"the target TP ({tp}) and PP ({pp}) must be >= 1")
     d = Dims.of(model)
     problems = [
         f"{what} ({value}) is not divisible by {name} ({size})"
         for what, value, name, size in (
             ("attention heads", d.heads, "TP", tp), ("query groups", d.groups, "TP", tp),
             ("ffn hidden size", d.ffn, "TP", tp), ("padded vocab", d.padded_vocab, "TP", tp),
+            ("shared expert ffn size", model.moe_shared_expert_intermediate_size or 0, "TP", tp),
             ("layers", model.num_layers, "PP", pp),
         )
         if value % size
@@ -169,8 +174,8 @@ def check_target_layout(model: ModelConfig, tp: int, pp: int) -> None:
         raise ConversionError("the model does not fit the target layout: " + "; ".join(problems))
 
 
-def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None):
-    """(model config, family, chunks, source) for converting `hf_dir`; reads no tensor data."""
+def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None, tp: int = 1, pp: int = 1):
+    """(model config, family, chunks, source) for converting `hf_dir` for a TP x PP run; reads no tensor data."""
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json")
@@ -187,38 +192,77 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None):
     unplanned = sorted(n for n in set(source.weight_map) - planned if not n.endswith(_IGNORED_HF_SUFFIXES))
     if unplanned:
         raise ConversionError(f"{hf_dir}: {len(unplanned)} tensor(s) have no megatron counterpart: {unplanned[:5]}")
+    check_target_layout(model, tp, pp)
+    built = _LastBuilt()
     chunks = []
     for mapping in mappings:
         shape = megatron_shape(mapping, d)
+        layout = _pieces(mapping, shape, model, tp)
         for layer in range(model.num_layers) if mapping.per_layer else [None]:
             names = hf_names(mapping, layer)
             stored = dtype or source.dtype(names[0])
-            chunks.append(_chunk(mapping, layer, model.num_layers, shape, stored, names, source, d))
+            stage = tp_pieces.stage_of(mapping.megatron, layer, model.num_layers, pp)
+            whole = _whole_tensor(mapping, layer, names, source, d, built)
+            chunks += [_chunk(mapping.megatron, layer, model.num_layers, shape, piece, stored, whole,
+                              tp_pieces.file_of(stage, piece.tp_rank, tp)) for piece in layout]
     return model, family, chunks, source
 
 
-def _chunk(mapping, layer, num_layers, shape, dtype, names, source, d) -> global_view.Chunk:
+def _pieces(mapping, shape: tuple[int, ...], model: ModelConfig, tp: int) -> list[tp_pieces.Piece]:
+    """How to store one layer's tensor of `mapping`; routed experts whose MLP does not split over
+    `tp` are stored one per chunk (they train with expert TP 1)."""
+    split = tp_pieces.split_of(mapping.megatron, model.mlp_activation == "swiglu")
+    if split.per_expert and shape[split.axis] % (tp * split.pieces_per_rank):
+        tp = 1
+    return tp_pieces.pieces(shape, split, tp)
+
+
+class _LastBuilt:
+    """The megatron tensor of the last (parameter, layer) built: its pieces are written in a row,
+    so each tensor is built (and its Hugging Face tensors read) once, and one is held at a time."""
+
+    def __init__(self):
+        self.key, self.tensor = None, None
+
+    def get(self, key, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key != self.key:
+            self.key, self.tensor = None, None
+            self.tensor, self.key = build(), key
+        return self.tensor
+
+
+def _whole_tensor(mapping, layer, names, source, d, built: _LastBuilt) -> Callable[[], torch.Tensor]:
+    """One layer's (or the whole) megatron tensor of `mapping`, built once for all its pieces."""
+    return lambda: built.get((mapping.megatron, layer), lambda: to_megatron(mapping, [source.get(n) for n in names], d))
+
+
+def _chunk(key, layer, num_layers, shape, piece, dtype, whole, file) -> global_view.Chunk:
     def produce() -> torch.Tensor:
-        tensor = to_megatron(mapping, [source.get(n) for n in names], d)
+        tensor = whole()
+        for dim, (start, length) in enumerate(zip(piece.offsets, piece.shape)):
+            tensor = tensor.narrow(dim, start, length)
         return tensor.unsqueeze(0) if layer is not None else tensor
 
     if layer is None:
-        return global_view.Chunk(mapping.megatron, (0,) * len(shape), shape, shape, dtype, produce)
-    return global_view.Chunk(
-        mapping.megatron, (layer,) + (0,) * len(shape), (1, *shape), (num_layers, *shape), dtype, produce
-    )
+        return global_view.Chunk(key, piece.offsets, piece.shape, shape, dtype, produce, file)
+    return global_view.Chunk(key, (layer, *piece.offsets), (1, *piece.shape), (num_layers, *shape), dtype, produce,
+                             file)
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-                   progress: Callable[[global_view.Chunk], None] = lambda c: None, overwrite: bool = False) -> Path:
+                   progress: Callable[[global_view.Chunk], None] = lambda c: None, overwrite: bool = False,
+                   tp: int = 1, pp: int = 1) -> Path:
     """Convert a Hugging Face folder into a megamft checkpoint folder (iteration 0).
+
+    Stored for a run at TP=`tp` x PP=`pp`: each rank of such a run (or of one whose TP divides
+    `tp`) reads its own shard only; any other layout loads it too, reading more.
 
     The folder is written beside `out_dir` and renamed into place when complete; an
     `out_dir` holding anything but an earlier conversion is refused unless `overwrite`.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     check_destination(out_dir, CONVERTED_OUTPUT, inputs=[hf_dir], overwrite=overwrite)
-    model, _, chunks, source = plan_hf_to_megatron(hf_dir, dtype)
+    model, _, chunks, source = plan_hf_to_megatron(hf_dir, dtype, tp, pp)
     cfg = MegamftConfig(model=model)
     common = {"progress": {"iteration": 0, "consumed_samples": 0}, "config": json.dumps(to_dict(cfg))}
     partial = temporary_sibling(out_dir)
