@@ -27,10 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megamft.checkpoint import global_view, hf_moe, tp_pieces
+from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
-from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
-from megamft.model.families import Family, FAMILIES, hf_config_from_model, model_config_from_hf
+from megamft.errors import UserError
+from megamft.model.families import FAMILIES, Family, hf_config_from_model, model_config_from_hf
 from megamft.platform.output_folder import check_destination, mark_output, publish, temporary_sibling
 
 CONVERTED_OUTPUT = "hf-to-megatron"   # kinds of output folder (see output_folder)
@@ -40,7 +41,7 @@ HF_EXPORT_OUTPUT = "megatron-to-hf"
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message says which tensor and why."""
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megamft.errors import UserError
+
 _HEADER = b"MMIDIDX\x00\x00"
 _FIELDS = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
 _DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
@@ -99,7 +101,7 @@ class IndexInfo:
         return int(self.lengths.sum(dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-class DamagedIndex(ValueError):
+class DamagedIndex(UserError, ValueError):
     """An .idx file that is not a whole megatron index; the message says what is wrong."""
 
 

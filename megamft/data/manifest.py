@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megamft.errors import UserError
+
 MANIFEST = "manifest.json"
 FORMAT = "megamft-indexed/1"
 OUTPUT_KIND = "megamft-preprocess"  # the output_folder marker's kind for a preprocess --out folder
 _TASK_KEYS = ("name", "id", "documents", "tokens", "prefix", "loss_mask_prefix", "task_id_prefix")
 
 
-class DataIntegrityError(ValueError):
+class DataIntegrityError(UserError, ValueError):
     """A preprocessed data folder that is missing, damaged or inconsistent; the message names the file."""
 
 

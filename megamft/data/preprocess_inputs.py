@@ -16,6 +16,8 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from megamft.errors import UserError
+
 SUFFIXES = (".jsonl", ".jsonl.gz")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9_-])?$")
 MAX_TASK_NAME = 100
@@ -23,7 +25,7 @@ DERIVED_SUFFIXES = ("", "_loss_mask", "_task_id")  # each task writes <name><suf
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(UserError, RuntimeError):
     """Bad input or options; the message names the file, line and what to do."""
 
 

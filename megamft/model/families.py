@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megamft.config import ModelConfig
+from megamft.errors import UserError
 from megamft.model.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE, MoeFamily, UnsupportedMoE
 from megamft.model.rope import UnsupportedRope, hf_rope_scaling, rope_fields_from_hf
 
@@ -86,7 +87,7 @@ CONFIG_KEYS = (
 )
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UserError, ValueError):
     """The Hugging Face model cannot be represented; the message says why."""
 
 

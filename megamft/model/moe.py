@@ -19,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamft.config import ModelConfig, ParallelConfig
-
+from megamft.errors import UserError
 
 # Model fields that weigh training losses only: a checkpoint loads whatever they were.
 ROUTER_LOSS_FIELDS = ("moe_aux_loss_coeff", "moe_z_loss_coeff")
 
 
-class UnsupportedMoE(ValueError):
+class UnsupportedMoE(UserError, ValueError):
     """An MoE Hugging Face config megamft cannot represent; the message says why."""
 
 

@@ -9,12 +9,13 @@ Qwen2.5/Qwen3 suggest for long context; dynamic; longrope) are refused by name.
 from __future__ import annotations
 
 from megamft.config import ModelConfig
+from megamft.errors import UserError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LLAMA3_KEYS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-class UnsupportedRope(ValueError):
+class UnsupportedRope(UserError, ValueError):
     """A RoPE scaling megamft cannot reproduce exactly."""
 
 

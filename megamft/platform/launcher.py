@@ -21,13 +21,14 @@ import sys
 
 import psutil
 
+from megamft.errors import UserError
 from megamft.platform.signals import PREEMPTION_SIGNALS
 
 STOP_NOW_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 """The signals torchrun's agent keeps: it forwards them and shuts its workers down."""
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """An option megamft launch cannot honour."""
 
 

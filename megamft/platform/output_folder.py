@@ -22,11 +22,13 @@ import os
 import shutil
 from pathlib import Path
 
+from megamft.errors import UserError
+
 OUTPUT_MARKER = ".megamft-output.json"
 TRAINING_OUTPUT = "training"  # a training run's checkpoint.save_dir
 
 
-class DestinationError(ValueError):
+class DestinationError(UserError, ValueError):
     """A destination folder that must not be written as asked."""
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from megamft.errors import UserError
 from megamft.platform import distributed
 
 PROBE_PREFIX = ".megamft-shared-"
 
 
-class NotSharedError(RuntimeError):
+class NotSharedError(UserError, RuntimeError):
     """A folder that some ranks do not see as rank 0 wrote it."""
 
 
