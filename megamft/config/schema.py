@@ -13,8 +13,11 @@ class ConfigError(UserError, ValueError):
 
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid megamft config ({len(self.problems)} problem(s)):\n{lines}")
+        if len(self.problems) == 1:
+            super().__init__(f"invalid config: {self.problems[0]}")
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            super().__init__(f"invalid config ({len(self.problems)} problems):\n{lines}")
 
 
 @dataclass
