@@ -59,6 +59,21 @@ def _print_summary(result) -> None:
         print(f"checkpoint: {result.last_checkpoint}")
 
 
+def _print_fast_settings(cfg) -> None:
+    """What this machine would turn on (megatron-core's own view of CUDA, Transformer Engine and apex)."""
+    from megamft.model.fast_settings import fast_settings, machine_for
+    from megamft.model.spec import attention_backend_for
+    from megamft.platform.device import detect
+
+    runtime = detect()
+    backend = attention_backend_for(cfg, runtime.transformer_engine, runtime.transformer_engine_problem)
+    where = "CUDA" if runtime.cuda else "no CUDA"
+    print(f"fast settings on this machine ({where}; Transformer Engine: {'yes' if runtime.transformer_engine else 'no'}; "
+          f"attention backend: {backend}):")
+    for setting in fast_settings(cfg, machine_for(runtime.cuda, runtime.transformer_engine, backend)):
+        print(f"  {setting.describe()}")
+
+
 def _print_skips(result) -> None:
     if result.loss_scale_skips:
         print(f"steps skipped by the fp16 loss scaler: {result.loss_scale_skips}")
@@ -110,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         print(f"{', '.join(args.config or ['default config'])}: valid for world size {world_size}")
+        _print_fast_settings(cfg)
         return 0
     # MEGAMFT_LOG_LEVEL=DEBUG adds per-step detail (e.g. device synchronizations under the emulation).
     level = os.environ.get("MEGAMFT_LOG_LEVEL", "INFO").upper()

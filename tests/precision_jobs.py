@@ -52,3 +52,34 @@ def train_with_fused_adam(kind: str, overrides: tuple[str, ...]) -> dict:
 
     optimizer_standins.install(kind)
     return train(overrides)
+
+
+def garbage_collections(overrides: tuple[str, ...]) -> dict:
+    """jobs.train, recording every garbage collection Python starts while it trains (by generation)."""
+    import gc
+
+    from jobs import train
+    from megamft.training import loop
+
+    seen = {"during_training": []}
+    inside = {"on": False}
+    original = loop._steps
+
+    def steps(*args, **kwargs):  # marks the training loop's span; the loop itself runs unchanged
+        inside["on"] = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            inside["on"] = False
+
+    def record(phase, info):
+        if phase == "start" and inside["on"]:
+            seen["during_training"].append(info["generation"])
+
+    loop._steps = steps
+    gc.callbacks.append(record)
+    try:
+        result = train(overrides)
+    finally:
+        gc.callbacks.remove(record)
+    return {"collections": seen["during_training"], "loss": result["loss"]}

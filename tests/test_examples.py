@@ -54,4 +54,6 @@ def test_stated_memory_is_the_estimate(path, indexed_folder):
     stated = float(re.search(r"= ([\d.]+) GB", path.read_text()).group(1))
     computed = estimate(cfg, _world_size(path), cfg.model.vocab_size).total / 2**30
     assert abs(stated - computed) < 0.1, (stated, computed)
-    assert computed < 80  # fits an H100's 80 GB
+    # Fits an H100's 80 GB; mixture-of-experts runs keep 10% free for the all-to-all buffers and for routing
+    # imbalance, which the estimate (balanced routing) does not count.
+    assert computed < (0.9 * 80 if cfg.model.num_experts else 80), computed

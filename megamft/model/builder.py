@@ -22,8 +22,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
-    """megamft's model/parallel/train sections plus the `transformer:` pass-through."""
+def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) -> TransformerConfig:
+    """megamft's model/parallel/train sections, the fast settings decided for this machine
+    (model.fast_settings), then the `transformer:` pass-through."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = _DTYPES[t.precision]
     fields = dict(
@@ -68,6 +69,7 @@ def transformer_config(cfg: MegamftConfig) -> TransformerConfig:
         # recv grad", and the two same-shaped tensors swap (seen under gloo:
         # wrong loss, no error). The unbatched path keeps the directions apart.
         fields["batch_p2p_comm"] = False
+    fields.update(fast or {})
     fields.update(cfg.transformer)
     return TransformerConfig(**fields)
 

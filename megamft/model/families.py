@@ -169,9 +169,9 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json") -> ModelC
         normalization=family.normalization,
         mlp_activation=family.mlp_activation,
         qk_layernorm=family.qk_layernorm,
-        # No padding when the vocab already splits over up to 8 TP ranks: the padded
-        # rows would take part in the softmax and change the loss against the original.
-        make_vocab_size_divisible_by=1 if vocab % 8 == 0 else 128,
+        # Padded rows would take part in the softmax and change the loss against the original, so a
+        # vocab that already splits over up to 8 TP ranks is not padded (128 where it adds no rows).
+        make_vocab_size_divisible_by=128 if vocab % 128 == 0 or vocab % 8 else 1,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import sys
 import time
@@ -287,8 +289,24 @@ def _progress_bar(run: Run):
 
 def _train_loop(run: Run, watch: PreemptionWatch) -> None:
     dp_rank, dp_size = _dp()
-    with _progress_bar(run) as bar:
+    with _progress_bar(run) as bar, _collect_garbage_every(run.cfg.train.gc_interval):
         _steps(run, dp_rank, dp_size, watch, bar)
+
+
+@contextlib.contextmanager
+def _collect_garbage_every(interval: int):
+    """Python's collector off while training; `_steps` collects every `interval` steps (0: automatic)."""
+    if not interval:
+        yield
+        return
+    gc.collect()
+    gc.freeze()  # what exists now (model, optimizer, data) is never scanned again
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) -> None:
@@ -306,6 +324,8 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
             log.debug("step %d: %d device-to-host synchronizations", run.iteration + 1, stats.device_syncs)
         if run.async_saves is not None:
             run.async_saves.poll()
+        if cfg.train.gc_interval and (run.iteration + 1) % cfg.train.gc_interval == 0:
+            gc.collect()
         _count_task_samples(run)
         run.iteration += 1
         run.consumed += cfg.train.global_batch_size
@@ -460,6 +480,8 @@ def _build(cfg: MegamftConfig) -> Run:
     cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
     _check_token_ids(cfg, data)
     state = build_training_state(cfg, runtime, data.vocab_size, backend)
+    if distributed.is_logging_rank():
+        log.info("fast settings: %s", "; ".join(setting.describe() for setting in state.fast_settings))
     experts = None
     if cfg.model.num_experts:
         experts = ExpertStats(state.chunks, cfg.model.num_layers, len(data.task_names), cfg.model.num_experts,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core.distributed import (
@@ -18,7 +18,9 @@ from megatron.core.transformer.module import Float16Module
 from megamft.config import MegamftConfig
 from megamft.model.lora import apply_lora
 from megamft.model.builder import build_model_chunks, padded_vocab_size, transformer_config
+from megamft.model.fast_settings import FastSetting, fast_settings, machine_for, transformer_fields
 from megamft.model.spec import attention_backend_for
+from megamft.model.userbuffers import initialize_userbuffers
 from megamft.platform.device import Runtime
 
 # fp16's first loss scale: megatron's default (2^32) suits a loss averaged over the tokens of a
@@ -38,6 +40,7 @@ class TrainingState:
     scheduler: OptimizerParamScheduler
     config: TransformerConfig
     vocab_size: int
+    fast_settings: list[FastSetting] = field(default_factory=list)  # what was turned on, and why
 
 
 def optimizer_config(cfg: MegamftConfig) -> OptimizerConfig:
@@ -70,12 +73,14 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int,
 
     backend: the attention backend the caller already resolved (attention_backend_for) or None.
     """
-    config = transformer_config(cfg)
+    backend = backend or attention_backend_for(cfg, runtime.transformer_engine)
+    fast = fast_settings(cfg, machine_for(runtime.cuda, runtime.transformer_engine, backend))
+    config = transformer_config(cfg, transformer_fields(fast))
+    initialize_userbuffers(cfg, config)
     padded = padded_vocab_size(
         cfg.model.vocab_size or vocab_size, cfg.parallel.tensor_model_parallel_size,
         cfg.model.make_vocab_size_divisible_by,
     )
-    backend = backend or attention_backend_for(cfg, runtime.transformer_engine)
     modules = build_model_chunks(cfg, config, padded, backend)
     if cfg.lora.enabled:
         for module in modules:
@@ -99,7 +104,7 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int,
     # the gradients by the same scale (fp16's dynamic loss scale, 1 otherwise). Without it fp16
     # gradients are divided by a scale that was never applied and vanish.
     config.grad_scale_func = optimizer.scale_loss
-    return TrainingState(chunks, optimizer, lr_scheduler(cfg, optimizer, opt_cfg), config, padded)
+    return TrainingState(chunks, optimizer, lr_scheduler(cfg, optimizer, opt_cfg), config, padded, fast)
 
 
 def lr_scheduler(cfg: MegamftConfig, optimizer, opt: OptimizerConfig) -> OptimizerParamScheduler:
