@@ -43,7 +43,7 @@ class Context:
                             "ROLE_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1",
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   HF_HUB_DISABLE_TELEMETRY="1")
+                   HF_HUB_DISABLE_TELEMETRY="1", MEGAMFT_COUNT_SYNCS="1")  # torch's sync debug mode per step
         env.setdefault("OMP_NUM_THREADS", self.profile.omp_threads)
         env.update(extra)
         return env

@@ -27,6 +27,7 @@ class Profile:
     export_tol: float            # max |logit diff| / max(1, max |logit|), full model
     export_lora_tol: float       # the same with LoRA adapters merged into bf16 weights
     omp_threads: str
+    max_syncs_per_step: int      # device-to-host synchronizations a training step may make (a few, not per layer)
 
 
 def _train_config(model: dict, data: dict, train: dict) -> dict:
@@ -62,6 +63,7 @@ GPU = Profile(
     export_tol=2e-3,
     export_lora_tol=2e-2,
     omp_threads="2",
+    max_syncs_per_step=8,
 )
 
 DRY = Profile(
@@ -85,4 +87,5 @@ DRY = Profile(
     export_tol=1e-3,
     export_lora_tol=2e-2,
     omp_threads="1",
+    max_syncs_per_step=8,
 )

@@ -16,11 +16,12 @@ _FIELDS = {
     "tflops_per_device": re.compile(r"\| (\S+) TFLOP/s/dev"),
     "memory_gb": re.compile(r"\| mem (\S+) GB"),
 }
+_SYNCS = re.compile(r"\| syncs (\d+)")
 
 
 def parse_train_log(text: str) -> dict:
     """Per-step values from megamft's log lines (one line per step with train.log_interval=1)."""
-    steps, losses, grad_norms, last = [], [], [], {}
+    steps, losses, grad_norms, device_syncs, last = [], [], [], [], {}
     for line in text.splitlines():
         match = _STEP.search(line)
         if not match:
@@ -32,9 +33,12 @@ def parse_train_log(text: str) -> dict:
             if found:
                 last[key] = float_or_nan(found.group(1))
         grad_norms.append(last.get("grad_norm", float("nan")))
+        syncs = _SYNCS.search(line)
+        if syncs:
+            device_syncs.append(int(syncs.group(1)))
     out = {"steps": steps, "losses": losses, "grad_norms": grad_norms,
            "final_loss": losses[-1] if losses else None,
-           "finite": bool(losses) and all(math.isfinite(x) for x in losses),
+           "finite": bool(losses) and all(math.isfinite(x) for x in losses), "device_syncs": device_syncs,
            "skipped_steps": len(re.findall(r"step \d+ skipped: non-finite", text))}
     out.update({k: last.get(k) for k in ("tokens_per_s", "tflops_per_device", "memory_gb")})
     valid = re.findall(r"valid \(after\) loss (\S+)", text)
@@ -61,6 +65,10 @@ def train(ctx: Context, name: str, overrides: list, expect_steps: list) -> dict:
         problems.append(f"{name}: logged steps {parsed['steps']}, expected {expect_steps}")
     if parsed["losses"] and not parsed["finite"]:
         problems.append(f"{name}: non-finite loss {parsed['losses']}")
+    too_many = [n for n in parsed["device_syncs"] if n > ctx.profile.max_syncs_per_step]
+    if too_many:  # e.g. a per-layer host read (megatron's unfused RoPE on packed rows does one per layer)
+        problems.append(f"{name}: {max(too_many)} device-to-host synchronizations in a step "
+                        f"(limit {ctx.profile.max_syncs_per_step})")
     if parsed["skipped_steps"]:
         problems.append(f"{name}: {parsed['skipped_steps']} step(s) skipped for non-finite values")
     entry = {**result.brief(), **parsed, "problems": problems}

@@ -21,9 +21,10 @@ from megamft.data.dataset import MultitaskData, load_data
 from megamft.data.sequences import PACKED_ATTENTION
 from megamft.loss.balancers import make_balancer
 from megamft.loss.multitask import effective_task_weights
-from megamft.platform import cpu_emulation, distributed
+from megamft.platform import distributed
 from megamft.platform.kill_points import kill_point
 from megamft.platform.folder_lock import FolderLock
+from megamft.platform.sync_counter import counting_syncs
 from megamft.platform.output_folder import DestinationError
 from megamft.platform.shared_folder import NotSharedError, confirm_shared
 from megamft.model.attention_window import check_backend_honours_window
@@ -154,6 +155,8 @@ def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: flo
         return
     eta = int(seconds * (cfg.train.train_steps - iteration))
     mfu = f" | MFU {measured['mfu']:.1%}" if "mfu" in measured else ""
+    if stats.device_syncs is not None:  # counted under the CPU emulation, or on CUDA with MEGAMFT_COUNT_SYNCS=1
+        mfu += f" | syncs {stats.device_syncs}"
     mfu += "".join(f" | {name} {value:.4g}" for name, value in stats.router_losses.items())
     grad = "skipped" if stats.skipped else f"{stats.grad_norm or 0.0:.3f}"
     log.info(
@@ -317,11 +320,11 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
         batches = run.data.batches(rows, cfg.train.micro_batch_size, same_length=_pipelined())
         if run.balancer is not None:
             run.balancer.before_step(run.iteration)
-        syncs_before = cpu_emulation.sync_count()
-        stats = train_step(run.state, batches, run.data.task_names, _loss_setup(run))
-        if cpu_emulation.is_strict():  # each one would stall a GPU's queue of work
-            stats.device_syncs = cpu_emulation.sync_count() - syncs_before
-            log.debug("step %d: %d device-to-host synchronizations", run.iteration + 1, stats.device_syncs)
+        with counting_syncs() as syncs:  # each one stalls the host until the GPU's queue drains
+            stats = train_step(run.state, batches, run.data.task_names, _loss_setup(run))
+        stats.device_syncs = syncs.value
+        if syncs.value is not None:
+            log.debug("step %d: %d device-to-host synchronizations", run.iteration + 1, syncs.value)
         if run.async_saves is not None:
             run.async_saves.poll()
         if cfg.train.gc_interval and (run.iteration + 1) % cfg.train.gc_interval == 0:
