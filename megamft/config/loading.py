@@ -237,11 +237,10 @@ def _coerce_sequence(dotted: str, value: Any, origin: type, args: tuple) -> list
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"'{dotted}' must be a list, got {value!r}: write [a, b] in YAML (or one '- a' line per "
                           f"item), {dotted}=[a,b] on the command line, {dotted}=[a] for one item")
-    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-        if args and len(value) != len(args):
+    if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed number of items
+        if len(value) != len(args):
             raise ConfigError(f"'{dotted}' must be a list of {len(args)} items, got {value!r}")
-        return tuple(_coerce(f"{dotted}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))) if args \
-            else tuple(value)
+        return tuple(_coerce(f"{dotted}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     item_type = args[0] if args else Any
     items = [v if item_type is Any else _coerce(f"{dotted}[{i}]", v, item_type) for i, v in enumerate(value)]
     return origin(items)

@@ -37,7 +37,8 @@ class Range:
     def describe(self, finite: bool = False) -> str:
         """'>= 1', 'in [0, 1)', ..., or 'a finite number > 0' when `finite` is what to stress."""
         if self.low is not None and self.high is not None:
-            bounds = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            bounds = f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
         elif self.low is not None:
             bounds = f"{'>' if self.low_open else '>='} {_num(self.low)}"
         elif self.high is not None:

@@ -81,6 +81,8 @@ class DataCoverage:
     than seq_length + 1 tokens)."""
     preprocess_cut: dict[str, int] = field(default_factory=dict)
     """Samples megamft-preprocess truncated, per task (--overlong truncate)."""
+    preprocess_dropped: dict[str, int] = field(default_factory=dict)
+    """Samples megamft-preprocess dropped for their length, per task (--overlong drop, or truncated to no answer)."""
     preprocess_max_seq_length: int | None = None
     unsampled_tasks: dict[str, str] = field(default_factory=dict)
     """Tasks that no data epoch samples, and why."""
@@ -97,10 +99,12 @@ class DataCoverage:
             lines.append(f"the embedded corpus left out {left:,} sample(s) longer than data.seq_length + 1 = "
                          f"{self.seq_length + 1} tokens ({_per_task(self.left_out_by_source)}): it is cut to fit "
                          "data.seq_length in characters, and the template's markup made these longer in tokens")
-        cut = sum(self.preprocess_cut.values())
-        if cut:
-            lines.append(f"megamft-preprocess already cut {cut:,} sample(s) to --max-seq-length "
-                         f"{self.preprocess_max_seq_length} tokens ({_per_task(self.preprocess_cut)})")
+        cut, dropped = sum(self.preprocess_cut.values()), sum(self.preprocess_dropped.values())
+        if cut or dropped:
+            lines.append(f"megamft-preprocess already cut {cut:,} and dropped {dropped:,} sample(s) longer than "
+                         f"--max-seq-length {self.preprocess_max_seq_length} tokens (cut: "
+                         f"{_per_task(self.preprocess_cut) or 'none'}; dropped: "
+                         f"{_per_task(self.preprocess_dropped) or 'none'})")
         if self.train.too_short:
             lines.append(f"{self.train.too_short:,} training sample(s) of fewer than 2 tokens are left out "
                          "(no position to learn)")
@@ -114,16 +118,17 @@ class DataCoverage:
             return (f"no training sample exceeds data.seq_length={s} (+1 for the shifted label; the longest has "
                     f"{t.longest:,} tokens)")
         about = "about " if t.estimated else ""
+        tasks = ", ".join(f"{name} {c.overlong:,}" for name, c in self.train_per_task.items() if c.overlong)
         emptied = (f"; {about}{t.nothing_learned:,} keep no learned token and train on nothing"
                    if t.nothing_learned else "")
-        tasks = ", ".join(f"{name} {c.overlong:,}" for name, c in self.train_per_task.items() if c.overlong)
-        if self.valid.overlong:
-            tasks += f"; validation: {self.valid.overlong:,} of {self.valid.samples:,}"
-        return (f"{t.overlong:,} of {t.samples:,} training samples ({t.overlong / max(t.samples, 1):.1%}) exceed "
-                f"data.seq_length={s} (+1 for the shifted label; the longest has {t.longest:,} tokens): each keeps "
-                f"its first {s + 1} tokens; {t.cut_tokens:,} tokens cut ({t.cut_tokens / max(t.tokens, 1):.1%} of "
-                f"all training tokens), {about}{t.cut_learned:,} of them learned{emptied} ({tasks}). Raise "
-                "data.seq_length, or cut them at preprocessing (megamft-preprocess --max-seq-length --overlong)")
+        valid = (f" Validation samples cut too: {self.valid.overlong:,} of {self.valid.samples:,}."
+                 if self.valid.overlong else "")
+        return (f"{t.overlong:,} of {t.samples:,} training samples ({t.overlong / max(t.samples, 1):.1%}; {tasks}) "
+                f"exceed data.seq_length={s} (+1 for the shifted label; the longest has {t.longest:,} tokens) and "
+                f"keep their first {s + 1} tokens: {t.cut_tokens:,} tokens cut "
+                f"({t.cut_tokens / max(t.tokens, 1):.1%} of all training tokens), {about}{t.cut_learned:,} of them "
+                f"learned{emptied}.{valid} Raise data.seq_length, or cut them at preprocessing "
+                "(megamft-preprocess --max-seq-length --overlong)")
 
 
 def _per_task(counts: dict[str, int]) -> str:
@@ -142,6 +147,7 @@ def measure(cfg, names: list[str], stores: list, splits: list[tuple[np.ndarray, 
         coverage.valid.add(count_cuts(store, valid, cfg.seq_length, cfg.seed))
         coverage.left_out_by_source[name] = store.left_out
         coverage.preprocess_cut[name] = store.preprocess_cut
+        coverage.preprocess_dropped[name] = store.preprocess_dropped
         coverage.preprocess_max_seq_length = store.preprocess_max_seq_length
     coverage.unsampled_tasks = unsampled_tasks(names, quotas, cfg.task_sampling, epoch_samples)
     return coverage

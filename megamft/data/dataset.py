@@ -33,7 +33,7 @@ from megamft.data.tokenizer import load_tokenizer
 class InMemoryDocuments:
     """Encoded documents held in lists; `left_out` counts those the source did not keep."""
 
-    preprocess_cut = 0
+    preprocess_cut = preprocess_dropped = 0
     preprocess_max_seq_length = None
 
     def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray], left_out: int = 0):
@@ -54,7 +54,8 @@ class IndexedDocuments:
 
     Its files are checked against the manifest first (integrity.check_task), so a
     damaged one is named now rather than failing a batch hours into training.
-    `preprocess_cut` samples were truncated to `preprocess_max_seq_length` tokens by megamft-preprocess.
+    megamft-preprocess truncated `preprocess_cut` samples to `preprocess_max_seq_length` tokens and dropped
+    `preprocess_dropped` longer ones.
     """
 
     left_out = 0
@@ -66,6 +67,8 @@ class IndexedDocuments:
         self.lengths = self.tokens.sequence_lengths.astype(np.int64)
         self.max_token_id = largest_token_id(folder, entry, token_dtype)
         self.preprocess_cut = int(entry.get("truncated", 0))
+        dropped = entry.get("dropped") or {}
+        self.preprocess_dropped = sum(int(dropped.get(k, 0)) for k in ("overlong", "no_answer_left_after_truncation"))
         self.preprocess_max_seq_length = max_seq_length
 
     def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
