@@ -195,3 +195,26 @@ def test_a_training_run_says_what_is_cut_and_records_it(tmp_path):
     recorded = json.loads((tmp_path / "run" / "run_manifest.json").read_text())["data"]["train"]
     assert (recorded["samples"], recorded["overlong"], recorded["cut_tokens"], recorded["longest"]) == \
         (len(lengths), len(over), int((over - SEQ - 1).sum()), int(lengths.max()))
+
+
+def test_learned_tokens_of_many_cut_samples_are_estimated_from_a_sample_of_them():
+    from megamft.data.coverage import count_cuts
+    from megamft.data.dataset import InMemoryDocuments
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(10, 200, 4000)
+    masks = [(rng.random(n) < rng.random()).astype(np.uint8) for n in lengths]
+    store = InMemoryDocuments([np.zeros(n, np.int64) for n in lengths], masks)
+    docs = np.arange(len(lengths))
+    exact = count_cuts(store, docs, 64, exact_limit=len(docs))
+    estimate = count_cuts(store, docs, 64, exact_limit=500)
+    assert not exact.estimated and estimate.estimated
+    assert (estimate.overlong, estimate.cut_tokens) == (exact.overlong, exact.cut_tokens)  # always exact
+    assert abs(estimate.cut_learned - exact.cut_learned) < 0.1 * exact.cut_learned
+    assert "about " in _line_of(estimate) and "about " not in _line_of(exact)
+
+
+def _line_of(count):
+    from megamft.data.coverage import DataCoverage
+
+    return DataCoverage(64, train=count, train_per_task={"t": count}).lines()[0]

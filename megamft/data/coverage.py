@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-_EXACT_LIMIT = 200_000  # overlong samples whose loss masks are read one by one; past it, a seeded sample
+EXACT_LIMIT = 50_000
+"""Overlong samples whose loss masks are read one by one (~50 us each); past it, a seeded sample of them."""
 
 
 @dataclass
@@ -46,8 +47,9 @@ class CutCount:
         self.estimated = self.estimated or other.estimated
 
 
-def count_cuts(store, docs: np.ndarray, seq_length: int, seed: int = 0) -> CutCount:
-    """How the documents `docs` of `store` (lengths, loss_mask(doc)) fit sequences of seq_length positions."""
+def count_cuts(store, docs: np.ndarray, seq_length: int, seed: int = 0, exact_limit: int = EXACT_LIMIT) -> CutCount:
+    """How the documents `docs` of `store` (lengths, loss_mask(doc)) fit sequences of seq_length positions;
+    the learned tokens are counted on at most `exact_limit` overlong samples (a seeded choice, scaled)."""
     lengths = store.lengths[docs].astype(np.int64)
     keep = seq_length + 1
     over = docs[lengths > keep]
@@ -55,8 +57,8 @@ def count_cuts(store, docs: np.ndarray, seq_length: int, seed: int = 0) -> CutCo
                      overlong=len(over), cut_tokens=int((lengths[lengths > keep] - keep).sum()),
                      too_short=int((lengths < 2).sum()))
     looked = over
-    if len(over) > _EXACT_LIMIT:
-        looked = np.random.default_rng(seed).choice(over, _EXACT_LIMIT, replace=False)
+    if len(over) > exact_limit:
+        looked = np.random.default_rng(seed).choice(over, exact_limit, replace=False)
         count.estimated = True
     learned, emptied = 0, 0
     for doc in looked.tolist():
