@@ -136,3 +136,51 @@ def test_a_lone_surrogate_escape_is_a_bad_line_with_file_and_line(tmp_path):
         preprocess(options)
     options.on_bad_line = "skip"
     assert preprocess(options)["tasks"][0]["dropped"] == {"invalid_utf8": 1}
+
+
+def _folder_with_links(tmp_path: Path) -> Path:
+    """A task folder: a file, a linked folder elsewhere, a link back to itself, other files and a broken link."""
+    folder = tmp_path / "in"
+    write_jsonl(folder / "a.jsonl", [as_line(CONVERSATIONS[0], "messages")])
+    write_jsonl(tmp_path / "elsewhere" / "x.jsonl", [as_line(CONVERSATIONS[1], "messages")])
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "loop").symlink_to(folder, target_is_directory=True)
+    (folder / "notes.txt").write_text("not data")
+    (folder / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    return folder
+
+
+def test_a_linked_folder_is_read_once_and_what_is_not_read_is_recorded(tmp_path):
+    folder = _folder_with_links(tmp_path)
+    manifest = preprocess(PreprocessOptions(tasks={"t": [str(folder)]}, out_dir=str(tmp_path / "out"), progress=False))
+    task = manifest["tasks"][0]
+    assert [i["path"] for i in task["inputs"]] == [str(folder / "a.jsonl"), str(folder / "linked" / "x.jsonl")]
+    assert task["documents"] == 2
+    skipped = {Path(entry["path"]).name: entry["reason"] for entry in task["skipped_inputs"]}
+    assert skipped == {"notes.txt": "not .jsonl or .jsonl.gz", "loop": "same folder as one already read",
+                       "gone.jsonl": "broken link"}
+    assert task["skipped_input_count"] == 3
+
+
+def test_the_cli_says_per_task_what_its_folders_hold_unread(tmp_path, capsys):
+    from megamft.data.preprocess_cli import main
+
+    folder = _folder_with_links(tmp_path)
+    plain = write_jsonl(tmp_path / "plain" / "p.jsonl", [as_line(CONVERSATIONS[2], "messages")])
+    assert main(["--task", f"t={folder}", "--task", f"p={plain.parent}", "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "not read" in line]
+    assert said == ["  t: its folders hold 3 entries not read: 1 broken link (gone.jsonl), 1 not .jsonl or .jsonl.gz "
+                    "(notes.txt), 1 same folder as one already read (loop); each is listed in manifest.json "
+                    "(tasks[0].skipped_inputs)"]
+
+
+def test_a_folder_without_data_names_what_it_holds(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "train.json").write_text("[]")
+    (folder / "train.csv").write_text("a,b")
+    with pytest.raises(PreprocessError, match=r"has no \.jsonl or \.jsonl\.gz files .*; it holds 2 entries not read: "
+                                              r"2 not \.jsonl or \.jsonl\.gz \(train\.csv, train\.json\)"):
+        preprocess(PreprocessOptions(tasks={"t": [str(folder)]}, out_dir=str(tmp_path / "out"), progress=False))

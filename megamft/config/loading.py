@@ -63,6 +63,8 @@ def load_config(
         paths = []
     elif isinstance(paths, (str, Path)):
         paths = [paths]
+    if any(not str(path).strip() for path in paths if isinstance(path, str)):
+        raise ConfigError("--config was given an empty path; give a YAML file, or leave --config out for the defaults")
     cfg = MegamftConfig()
     for path in map(Path, paths):
         _apply_dict(cfg, _read_yaml(path), origin=str(path))
@@ -110,6 +112,9 @@ def _read_yaml(path: Path) -> dict:
             raw = yaml.load(stream, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw == {}:
+        raise ConfigError(f"config file {path} is empty (no section in it): was it saved? Give the sections "
+                          "(model:, data:, train:, ...), or leave the file out for the defaults")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return raw
@@ -142,7 +147,13 @@ def apply_override(cfg: MegamftConfig, item: str) -> None:
     dotted, sep, text = item.partition("=")
     if not sep or "." not in dotted:
         raise ConfigError(f"override '{item}' must look like section.key=value")
-    value = yaml.safe_load(text) if text.strip() else None
+    if not text.strip():
+        raise ConfigError(f"override '{item}' has no value after '='; give one, or {dotted.strip()}=null to unset it")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{item}': the value is not valid YAML; quote a string, write a list as "
+                          "[a,b] and a mapping as {a: 1}") from None
     _set(cfg, dotted.strip(), value)
 
 
@@ -180,7 +191,10 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
                 return _coerce(dotted, value, option)
             except ConfigError as err:
                 errors.append(err.problems[0])
-        raise ConfigError(errors[0] if len(errors) == 1 else f"'{dotted}': cannot use {value!r}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        kinds = [e.split(", got ")[0].replace(f"'{dotted}' must be ", "") for e in errors]
+        raise ConfigError(f"'{dotted}' must be {' or '.join(kinds)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"'{dotted}' must be one of {list(args)}, got {value!r}")
@@ -202,9 +216,12 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
     if annotation is str:
         if isinstance(value, (dict, list, bool)) or value is None:
             raise ConfigError(f"'{dotted}' must be a string, got {value!r}")
+        if not str(value).strip():
+            what = "an empty path" if dotted in PATH_KEYS else "empty"
+            raise ConfigError(f"'{dotted}' is {what}; give a value, or {dotted}=null where it may be unset")
         return str(value)
-    if origin in (tuple, list) and isinstance(value, (list, tuple)):
-        return origin(value)
+    if origin in (tuple, list):
+        return _coerce_sequence(dotted, value, origin, args)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"'{dotted}' must be a mapping like {{name: value}}, got {value!r}")
@@ -212,6 +229,21 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
         return {_coerce(f"{dotted}.{k}", k, key_type): _coerce(f"{dotted}.{k}", v, value_type)
                 for k, v in value.items()}
     raise ConfigError(f"'{dotted}' has type {annotation} and cannot be set from a config file")
+
+
+def _coerce_sequence(dotted: str, value: Any, origin: type, args: tuple) -> list | tuple:
+    """A list (or tuple) given as one, each item of the annotated type; anything else refused with the forms
+    a list is written in."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"'{dotted}' must be a list, got {value!r}: write [a, b] in YAML (or one '- a' line per "
+                          f"item), {dotted}=[a,b] on the command line, {dotted}=[a] for one item")
+    if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed number of items
+        if len(value) != len(args):
+            raise ConfigError(f"'{dotted}' must be a list of {len(args)} items, got {value!r}")
+        return tuple(_coerce(f"{dotted}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    item_type = args[0] if args else Any
+    items = [v if item_type is Any else _coerce(f"{dotted}[{i}]", v, item_type) for i, v in enumerate(value)]
+    return origin(items)
 
 
 def to_dict(cfg: MegamftConfig) -> dict:

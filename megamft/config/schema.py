@@ -1,10 +1,15 @@
-"""The typed sections of megamft's config tree, one dataclass each, with a docstring per field."""
+"""The typed sections of megamft's config tree, one dataclass each, with a docstring per field.
+
+Every numeric field declares its allowed values in its type (``Size``, ``Count``, ``Probability``...,
+megamft.config.ranges), which validation checks before anything starts.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
+from megamft.config.ranges import Count, NonNegative, Positive, Probability, Range, Seed, Size
 from megamft.errors import UserError
 
 
@@ -24,38 +29,38 @@ class ConfigError(UserError, ValueError):
 class ModelConfig:
     """Architecture of a RoPE decoder: Llama-style (RMSNorm, SwiGLU, GQA) and its variants (see families)."""
 
-    num_layers: int = 2
+    num_layers: Size = 2
     """Transformer layers in the whole model (split across pipeline stages)."""
-    hidden_size: int = 64
+    hidden_size: Size = 64
     """Width of the residual stream."""
-    ffn_hidden_size: int = 176
+    ffn_hidden_size: Size = 176
     """Inner width of the MLP."""
-    num_attention_heads: int = 4
+    num_attention_heads: Size = 4
     """Query heads."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: Optional[Size] = None
     """Key/value heads for grouped-query attention; None means one per query head."""
-    vocab_size: Optional[int] = None
+    vocab_size: Optional[Size] = None
     """Vocabulary size; None takes it from the tokenizer."""
-    max_position_embeddings: int = 4096
+    max_position_embeddings: Size = 4096
     """Longest sequence RoPE is prepared for."""
-    rotary_base: float = 10000.0
+    rotary_base: Annotated[float, Range(1, low_open=True)] = 10000.0
     """RoPE theta (CodeLlama uses 1e6)."""
-    norm_epsilon: float = 1e-5
+    norm_epsilon: Positive = 1e-5
     """Epsilon of every norm."""
     tie_embeddings: bool = False
     """Share input embedding and output projection weights."""
     add_qkv_bias: bool = False
     """Bias on the query/key/value projections (Qwen2)."""
-    rope_scaling_factor: Optional[float] = None
+    rope_scaling_factor: Optional[Annotated[float, Range(1)]] = None
     """Linear RoPE scaling (position interpolation) factor, e.g. 4.0 for DeepSeek-Coder."""
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: Size = 128
     """Pad the vocabulary up to a multiple of this (independent of TP, so checkpoints reshard)."""
     hf_architecture: Optional[str] = None
     """Hugging Face architecture this model converts to (set by megamft-convert)."""
-    sliding_window: Optional[int] = None
+    sliding_window: Optional[Size] = None
     """Attention window of the original model in tokens, the current one included (Mistral, StarCoder2);
     applied when shorter than data.seq_length (see megamft.model.attention_window)."""
-    init_method_std: float = 0.02
+    init_method_std: Positive = 0.02
     """Standard deviation of the random initialisation."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """Norm of every layer and the final one: RMSNorm (Llama, Qwen) or LayerNorm with bias (StarCoder2)."""
@@ -63,35 +68,35 @@ class ModelConfig:
     """MLP: gated SiLU with gate/up/down matrices (Llama), or up, GELU (tanh approximation), down (StarCoder2)."""
     add_bias_linear: bool = False
     """Bias on every linear layer of attention and MLP (StarCoder2); the output layer never has one."""
-    kv_channels: Optional[int] = None
+    kv_channels: Optional[Size] = None
     """Width of one attention head; None means hidden_size / num_attention_heads (Qwen3 sets its own)."""
     qk_layernorm: bool = False
     """RMSNorm on each query and key head before RoPE (Qwen3)."""
     rope_scaling_type: Literal["linear", "llama3"] = "linear"
     """How rope_scaling_factor applies: linear position interpolation, or Llama 3.1's per-frequency scaling
     (which also needs the three rope_llama3_* values)."""
-    rope_llama3_low_freq_factor: Optional[float] = None
+    rope_llama3_low_freq_factor: Optional[Positive] = None
     """llama3 RoPE scaling: rope_parameters.low_freq_factor of the model's config.json (Llama 3.1: 1.0)."""
-    rope_llama3_high_freq_factor: Optional[float] = None
+    rope_llama3_high_freq_factor: Optional[Positive] = None
     """llama3 RoPE scaling: rope_parameters.high_freq_factor (Llama 3.1: 4.0)."""
-    rope_llama3_original_max_position_embeddings: Optional[int] = None
+    rope_llama3_original_max_position_embeddings: Optional[Size] = None
     """llama3 RoPE scaling: rope_parameters.original_max_position_embeddings (Llama 3.1: 8192)."""
-    num_experts: Optional[int] = None
+    num_experts: Optional[Size] = None
     """Mixture of experts: routed experts in every layer's MLP (None: a dense model). See megamft.model.moe."""
-    moe_ffn_hidden_size: Optional[int] = None
+    moe_ffn_hidden_size: Optional[Size] = None
     """Inner width of each routed expert's SwiGLU MLP (None: ffn_hidden_size)."""
-    moe_router_topk: int = 2
+    moe_router_topk: Size = 2
     """Experts each token is routed to."""
     moe_router_pre_softmax: bool = False
     """Softmax over all experts, then take the top k (their weights do not sum to 1: Qwen's
     norm_topk_prob=false); False: top k logits, then softmax over them (Mixtral, norm_topk_prob=true)."""
-    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[Size] = None
     """Inner width of the shared expert every token also goes through (Qwen2-MoE; None: none)."""
     moe_shared_expert_gate: bool = False
     """Scale the shared expert's output by sigmoid(x . w), a learned gate (Qwen2-MoE)."""
-    moe_aux_loss_coeff: float = 0.0
+    moe_aux_loss_coeff: NonNegative = 0.0
     """Coefficient of the router's load-balancing loss (0: off); added after the task weighting."""
-    moe_z_loss_coeff: float = 0.0
+    moe_z_loss_coeff: NonNegative = 0.0
     """Coefficient of the router's z-loss on its logits (0: off); added after the task weighting."""
     attention_backend: Literal["auto", "torch", "te", "local"] = "auto"
     """Core attention: 'te' (Transformer Engine's layer), 'torch' (torch's fused SDPA / flash varlen
@@ -109,21 +114,21 @@ class ModelConfig:
 class ParallelConfig:
     """How the model and the batch are split over processes."""
 
-    tensor_model_parallel_size: int = 1
+    tensor_model_parallel_size: Size = 1
     """TP: each layer's matrices are split over this many ranks."""
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: Size = 1
     """PP: layers are split into this many stages."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: Optional[Size] = None
     """Model chunks per pipeline stage for the interleaved schedule (None = off)."""
-    context_parallel_size: int = 1
+    context_parallel_size: Size = 1
     """CP: the sequence is split over this many ranks inside attention."""
-    data_parallel_size: Optional[int] = None
+    data_parallel_size: Optional[Size] = None
     """DP: replicas; None derives it as world_size / (TP * PP * CP)."""
     sequence_parallel: bool = False
     """Split norms and dropout along the sequence across TP ranks (needs TP > 1)."""
-    expert_model_parallel_size: int = 1
+    expert_model_parallel_size: Size = 1
     """EP: a mixture-of-experts layer's experts are split over this many ranks (carved out of DP x CP)."""
-    expert_tensor_parallel_size: Optional[int] = None
+    expert_tensor_parallel_size: Optional[Size] = None
     """ETP: each expert's matrices are split over this many ranks (None: the same as TP)."""
 
 
@@ -141,26 +146,26 @@ class DataConfig:
     """data.source=stdlib: 'byte', a sentencepiece .model or a tokenizer.json (tools/train_tokenizer.py)."""
     template: str = "mftcoder"
     """data.source=stdlib: chat template (mftcoder, chatml, llama2, hf)."""
-    seq_length: int = 256
+    seq_length: Size = 256
     """Tokens per training sequence."""
     mode: Literal["pad", "dynamic", "pack", "concat"] = "pack"
     """pad: one sample per sequence padded to seq_length; dynamic: padded to the micro-batch's longest;
     pack: whole samples packed best-fit, attention kept inside each sample; concat: MFTCoder's next-fit."""
-    pack_window: int = 1000
+    pack_window: Size = 1000
     """pack: samples considered together when choosing sequences (larger: less padding, coarser shuffle)."""
-    pad_to_multiple_of: int = 8
+    pad_to_multiple_of: Size = 8
     """dynamic: round each micro-batch's length up to this multiple."""
     task_sampling: Literal["proportional", "uniform", "weights"] = "proportional"
     """How tasks are mixed: in proportion to their sizes, equally, or by data.task_sampling_weights."""
-    task_sampling_weights: dict[str, float] = field(default_factory=dict)
+    task_sampling_weights: dict[str, NonNegative] = field(default_factory=dict)
     """data.task_sampling=weights: relative sampling weight per task name (absent tasks: 0)."""
-    epoch_samples: Optional[int] = None
+    epoch_samples: Optional[Size] = None
     """Samples per data epoch, split over tasks by weight (None: every training sample once)."""
-    max_samples_per_task: Optional[int] = None
+    max_samples_per_task: Optional[Size] = None
     """Cap on training samples taken from each task (None = all)."""
-    valid_samples_per_task: int = 32
+    valid_samples_per_task: Count = 32
     """Samples of each task held out for validation."""
-    seed: int = 1234
+    seed: Seed = 1234
     """Split, mixing and shuffling seed; the same seed gives the same batches on every layout."""
 
 
@@ -168,29 +173,29 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    micro_batch_size: int = 2
+    micro_batch_size: Size = 2
     """Sequences per forward pass on one data-parallel rank."""
-    global_batch_size: int = 8
+    global_batch_size: Size = 8
     """Sequences per optimizer step over all data-parallel ranks."""
-    train_steps: int = 40
+    train_steps: Size = 40
     """Optimizer steps to run."""
-    seed: int = 1234
+    seed: Seed = 1234
     """Seed for weight init and dropout."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute precision; bf16/fp16 keep fp32 master weights in the optimizer."""
-    lr_warmup_steps: int = 4
+    lr_warmup_steps: Count = 4
     """Linear warm-up steps of the learning rate."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up, down to optimizer.min_lr."""
-    log_interval: int = 5
+    log_interval: Size = 5
     """Steps between log lines."""
-    eval_interval: int = 0
+    eval_interval: Count = 0
     """Steps between validations (0 = only before and after training)."""
-    peak_tflops_per_device: Optional[float] = None
+    peak_tflops_per_device: Optional[Positive] = None
     """Peak dense TFLOP/s of one device for MFU (H100 SXM bf16: 989); None = do not report MFU. The log's
     MFU counts model FLOPs (causal attention within each row, no weight gradient for LoRA's frozen
     weights, activation recompute not counted; megamft/training/throughput.py)."""
-    max_skipped_steps: int = 3
+    max_skipped_steps: Count = 3
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     tensorboard_dir: Optional[str] = None
     """Where tensorboard event files go (None: <checkpoint.save_dir>/tensorboard, or nowhere)."""
@@ -208,28 +213,28 @@ class LossConfig:
     """token/sample/task_token/task_sample: MFTCoder cases 1-4; focal, coba, famo: dynamic task weights."""
     normalization: Literal["global_batch", "per_microbatch"] = "global_batch"
     """Count tokens and samples over the whole global batch (exact), or per micro-batch as MFTCoder does."""
-    task_weights: dict[str, float] = field(default_factory=dict)
+    task_weights: dict[str, NonNegative] = field(default_factory=dict)
     """Static weight per task name (others weigh 1.0); combines with every mode."""
-    focal_gamma: float = 2.0
+    focal_gamma: NonNegative = 2.0
     """Focusing exponent of the focal mode."""
     fused_cross_entropy: bool = False
     """Compute the loss with megamft's fused kernels (csrc/) instead of megatron's cross entropy. On CUDA they
     are built (or loaded from $MEGAMFT_KERNELS_DIR) at start-up, once per node; the torch path runs elsewhere."""
-    coba_update_interval: int = 1
+    coba_update_interval: Size = 1
     """Steps between CoBa's validation measurements and weight updates (MFTCoder: 1)."""
-    coba_history: int = 200
+    coba_history: Size = 200
     """Steps (in update intervals) of validation measurements each CoBa slope is fitted over (MFTCoder: 200)."""
-    coba_warmup: int = 100
+    coba_warmup: Count = 100
     """Steps before CoBa's first update; until then the static task weights apply (MFTCoder: 100)."""
-    coba_temperature: float = 5.0
+    coba_temperature: Positive = 5.0
     """CoBa's divergence-factor temperature tau (MFTCoder: 5)."""
-    coba_min_weight: Optional[float] = None
+    coba_min_weight: Optional[Probability] = None
     """Floor of every CoBa weight (None = 1 / (10 x tasks), as MFTCoder)."""
     coba_validation: Literal["sampled_batch", "full"] = "sampled_batch"
     """What CoBa measures after each update interval: 'sampled_batch' (MFTCoder): the next
     coba_valid_micro_batches micro-batches per DP rank of the validation set, cycled, tasks mixed;
     'full': the whole validation set (costly, but free of sampling noise)."""
-    coba_valid_micro_batches: int = 1
+    coba_valid_micro_batches: Size = 1
     """coba_validation=sampled_batch: micro-batches per DP rank in each measurement (MFTCoder: 1)."""
     coba_valid_reduction: Literal["rank_mean", "token_mean"] = "rank_mean"
     """How a sampled measurement's per-task losses combine over DP ranks: 'rank_mean' (MFTCoder): the mean
@@ -242,9 +247,9 @@ class LossConfig:
     """Clamp the divergence factor to <= 1 so the RCS/ACS mix stays convex (MFTCoder: unclamped)."""
     coba_static_weights: Literal["replace", "multiply"] = "replace"
     """After warm-up, CoBa's weights 'replace' the static loss.task_weights (MFTCoder) or 'multiply' them."""
-    famo_lr: float = 0.025
+    famo_lr: NonNegative = 0.025
     """Step size of FAMO's task logits."""
-    famo_decay: float = 1e-3
+    famo_decay: NonNegative = 1e-3
     """Weight decay of FAMO's task logits."""
 
 
@@ -257,13 +262,13 @@ class LoraConfig:
 
     enabled: bool = False
     """Train adapters only; the optimizer holds adapter parameters alone."""
-    rank: int = 8
+    rank: Size = 8
     """Adapter rank r."""
-    alpha: float = 16.0
+    alpha: Positive = 16.0
     """Scale alpha: the adapter output is multiplied by alpha / r."""
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Which projections get adapters (of linear_qkv, linear_proj, linear_fc1, linear_fc2)."""
-    seed: int = 1234
+    seed: Seed = 1234
     """Seed of A's initialization (B starts at zero, so training starts from the base model)."""
     save_adapters_only: bool = False
     """Checkpoints hold adapters and their optimizer state only; they name the base checkpoint
@@ -277,15 +282,15 @@ class CheckpointConfig:
     save_dir: Optional[str] = None
     """Folder for checkpoints (None = never save); on a file system every node shares (checked at start).
     Relative paths are taken from the working directory and recorded absolute."""
-    save_interval: int = 0
+    save_interval: Count = 0
     """Steps between saves (0 = only at the end)."""
     load_dir: Optional[str] = None
     """Resume from the latest complete checkpoint in this folder."""
-    load_iteration: Optional[int] = None
+    load_iteration: Optional[Count] = None
     """Resume from this iteration instead of the latest one (to roll back)."""
     load_optimizer: bool = True
     """Restore optimizer, scheduler and progress with the weights (False: weights only, a new fine-tune)."""
-    keep_last: int = 0
+    keep_last: Count = 0
     """Keep only the newest N checkpoints in save_dir (0 = keep all). The start-up check of free space
     counts N checkpoints plus the one being written (plus one more with async_save); with 0, every
     save the run will make."""

@@ -1,10 +1,18 @@
-"""Cross-section rules (divisibility, world size, data, LoRA), checked before any process group starts."""
+"""Every config value checked before any process group starts: first each value against the range its
+field declares (megamft.config.ranges) and the pass-through sections' values (megatron_sections), then
+cross-section rules (divisibility, world size, data, LoRA)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from pathlib import Path
 
+from megamft.config.megatron_sections import megatron_problems
+from megamft.config.ranges import leaves, values_at
 from megamft.config.schema import LORA_TARGETS, ConfigError, MegamftConfig
+from megamft.config.task_weights import loss_weight_problems, manifest_task_names, sampling_weight_problems
 
 
 def data_parallel_size(cfg: MegamftConfig, world_size: int) -> int:
@@ -16,14 +24,53 @@ def data_parallel_size(cfg: MegamftConfig, world_size: int) -> int:
 
 
 def validate(cfg: MegamftConfig, world_size: int) -> None:
-    """Check cross-section rules; raise one ConfigError listing every problem."""
+    """Check every value, then the cross-section rules; raise one ConfigError listing every problem."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
+    p = cfg.parallel
+    problems = range_problems(cfg) + megatron_problems(
+        {"optimizer": cfg.optimizer, "ddp": cfg.ddp, "transformer": cfg.transformer},
+        cfg.model.num_layers, p.pipeline_model_parallel_size)
+    if problems:  # the rules below assume every value in its range (no zero sizes to divide by)
+        raise ConfigError(problems)
     problems = _model_problems(cfg) + _parallel_problems(cfg, world_size)
     problems += _batch_problems(cfg, world_size) + _data_problems(cfg) + _lora_problems(cfg)
     problems += _expert_problems(cfg, world_size) + _overlap_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def range_problems(cfg: MegamftConfig) -> list[str]:
+    """Every value of megamft's own sections checked against the Range its field declares."""
+    problems = []
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue  # a pass-through section of megatron's: megatron_problems
+        hints = typing.get_type_hints(type(values), include_extras=True)
+        for field in dataclasses.fields(values):
+            problems += field_range_problems(f"{section.name}.{field.name}", getattr(values, field.name),
+                                             hints[field.name])
+    return problems
+
+
+def field_range_problems(key: str, value, annotation) -> list[str]:
+    """One field's value against the ranges in its annotation: one message for the value, or one for all
+    the entries of a mapping or list that are out of range."""
+    problems = []
+    for where, _, declared in leaves(annotation):
+        if declared is None:
+            continue
+        bad = {name: item for name, item in values_at(value, where, key) if declared.problem(name, item)}
+        if not bad:
+            continue
+        if not where:
+            problems.append(declared.problem(key, value))
+        else:
+            entries = {name[len(key):].lstrip("."): item for name, item in bad.items()}
+            finite = not all(math.isfinite(item) for item in entries.values())
+            problems.append(f"{key} must be {declared.describe(finite)} for each entry, got {entries}")
+    return problems
 
 
 def _overlap_problems(cfg: MegamftConfig) -> list[str]:
@@ -74,17 +121,27 @@ def _data_problems(cfg: MegamftConfig) -> list[str]:
         problems.append(f"data.path={d.path} has no manifest.json; run megamft-preprocess --out {d.path} first")
     if d.task_sampling == "weights" and not d.task_sampling_weights:
         problems.append("data.task_sampling=weights needs data.task_sampling_weights, e.g. {code_completion: 2.0}")
+    problems += _task_weight_problems(cfg)
     if d.task_sampling_weights and d.task_sampling != "weights":
         problems.append("data.task_sampling_weights is set but data.task_sampling is not 'weights'")
-    if d.pack_window < 1 or d.pad_to_multiple_of < 1:
-        problems.append("data.pack_window and data.pad_to_multiple_of must be >= 1")
     tp = cfg.parallel.tensor_model_parallel_size
-    if d.mode == "dynamic" and cfg.parallel.sequence_parallel and tp > 0 and d.pad_to_multiple_of % tp:
+    if d.mode == "dynamic" and cfg.parallel.sequence_parallel and d.pad_to_multiple_of % tp:
         problems.append(f"data.pad_to_multiple_of ({d.pad_to_multiple_of}) must be a multiple of "
                         f"parallel.tensor_model_parallel_size ({tp}) with sequence parallel")
-    if d.epoch_samples is not None and d.epoch_samples < 1:
-        problems.append(f"data.epoch_samples must be >= 1 or null, got {d.epoch_samples}")
     return problems
+
+
+def _task_weight_problems(cfg: MegamftConfig) -> list[str]:
+    """Task weights against the data's task names where they are known now (a preprocessed folder's
+    manifest); otherwise what needs no names, the rest being checked when the data is read."""
+    d = cfg.data
+    tasks = manifest_task_names(d.path) if d.source == "indexed" and d.path else None
+    if tasks is not None:
+        return sampling_weight_problems(d, tasks) + loss_weight_problems(cfg.loss, d, tasks)
+    if d.task_sampling == "weights" and d.task_sampling_weights and not any(d.task_sampling_weights.values()):
+        return [f"data.task_sampling_weights gives every task weight 0 ({d.task_sampling_weights}; tasks it does "
+                "not name weigh 0 too): no sample would be drawn; give at least one a weight > 0"]
+    return []
 
 
 def _model_problems(cfg: MegamftConfig) -> list[str]:
@@ -92,59 +149,43 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
     tp = p.tensor_model_parallel_size
     groups = m.num_query_groups or m.num_attention_heads
     problems = []
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
-        if getattr(m, name) < 1:
-            problems.append(f"model.{name} must be positive, got {getattr(m, name)}")
-    if m.kv_channels is None and m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         problems.append(
             f"model.hidden_size ({m.hidden_size}) must be divisible by "
             f"model.num_attention_heads ({m.num_attention_heads})"
         )
-    if groups > 0 and m.num_attention_heads % groups:
+    if m.num_attention_heads % groups:
         problems.append(
             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
             f"model.num_query_groups ({groups})"
         )
-    if tp > 0 and m.num_attention_heads % tp:
+    if m.num_attention_heads % tp:
         problems.append(
             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp})"
         )
-    if tp > 0 and groups % tp:
+    if groups % tp:
         problems.append(
             f"model.num_query_groups ({groups}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp})"
         )
-    if tp > 0 and m.ffn_hidden_size % tp:
+    if m.ffn_hidden_size % tp:
         problems.append(
             f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp})"
         )
-    positive = {"data.seq_length": cfg.data.seq_length, "train.log_interval": cfg.train.log_interval,
-                "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by}
-    if m.num_query_groups is not None:
-        positive["model.num_query_groups"] = m.num_query_groups
-    problems += [f"{k} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
-    non_negative = {"data.valid_samples_per_task": cfg.data.valid_samples_per_task,
-                    "train.eval_interval": cfg.train.eval_interval,
-                    "checkpoint.save_interval": cfg.checkpoint.save_interval}
-    problems += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
     if m.attention_backend in ("torch", "local") and p.context_parallel_size > 1:
         problems.append(f"model.attention_backend={m.attention_backend} has no context parallelism; use "
                         "model.attention_backend=te (Transformer Engine) with parallel.context_parallel_size > 1")
     if m.attention_backend == "te" and cfg.lora.enabled:
         problems.append("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
                         "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
-    if m.sliding_window is not None and m.sliding_window < 1:
-        problems.append(f"model.sliding_window must be >= 1 or null, got {m.sliding_window}")
-    elif m.sliding_window and cfg.data.seq_length > m.sliding_window and p.context_parallel_size > 1:
+    if m.sliding_window and cfg.data.seq_length > m.sliding_window and p.context_parallel_size > 1:
         problems.append(
             f"model.sliding_window ({m.sliding_window}) is shorter than data.seq_length ({cfg.data.seq_length}) "
             f"with parallel.context_parallel_size={p.context_parallel_size}: windowed attention under context "
             "parallelism is untested in megamft; use context_parallel_size=1 or sequences up to the window"
         )
-    if m.kv_channels is not None and m.kv_channels < 1:
-        problems.append(f"model.kv_channels must be >= 1 or null, got {m.kv_channels}")
     problems += _rope_problems(m)
     if cfg.data.seq_length > m.max_position_embeddings:
         problems.append(
@@ -171,15 +212,8 @@ def _rope_problems(m) -> list[str]:
 
 def _parallel_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
     p = cfg.parallel
-    sizes = {
-        "tensor_model_parallel_size": p.tensor_model_parallel_size,
-        "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
-        "context_parallel_size": p.context_parallel_size,
-    }
-    problems = [f"parallel.{k} must be >= 1, got {v}" for k, v in sizes.items() if v < 1]
-    if problems:
-        return problems
-    tp, pp, cp = sizes.values()
+    problems = []
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     vpp = p.virtual_pipeline_model_parallel_size
     stages = pp * (vpp or 1)
     if cfg.model.num_layers % stages:
@@ -187,10 +221,10 @@ def _parallel_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
         if vpp:
             what += f" x virtual_pipeline_model_parallel_size ({vpp})"
         problems.append(f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.{what}")
-    if vpp is not None and (vpp < 1 or pp < 2):
+    if vpp is not None and pp < 2:
         problems.append(
             "parallel.virtual_pipeline_model_parallel_size needs "
-            f"pipeline_model_parallel_size >= 2 and a value >= 1 (got PP={pp}, VPP={vpp})"
+            f"pipeline_model_parallel_size >= 2 (got PP={pp}, VPP={vpp})"
         )
     if p.sequence_parallel and tp < 2:
         problems.append("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
@@ -225,9 +259,6 @@ def _expert_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
                     "model (model.num_experts)"]
         return []
     problems = []
-    if min(m.num_experts, m.moe_router_topk, ep, etp) < 1:
-        return ["model.num_experts, model.moe_router_topk, parallel.expert_model_parallel_size and "
-                "parallel.expert_tensor_parallel_size must be >= 1"]
     if m.moe_router_topk > m.num_experts:
         problems.append(f"model.moe_router_topk ({m.moe_router_topk}) exceeds model.num_experts ({m.num_experts})")
     if m.num_experts % ep:
@@ -244,8 +275,6 @@ def _expert_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         problems.append("a mixture-of-experts model with parallel.tensor_model_parallel_size > 1 needs "
                         "parallel.sequence_parallel=true (megatron's MoE layer refuses to train without it)")
-    if m.moe_aux_loss_coeff < 0 or m.moe_z_loss_coeff < 0:
-        problems.append("model.moe_aux_loss_coeff and model.moe_z_loss_coeff must be >= 0")
     mlp_targets = sorted({"linear_fc1", "linear_fc2"} & set(cfg.lora.targets))
     if cfg.lora.enabled and mlp_targets:
         problems.append(f"lora.targets {mlp_targets}: LoRA on the experts of a mixture-of-experts model is not "
@@ -259,8 +288,6 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
     model_parallel = (
         p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     )
-    if min(t.micro_batch_size, t.global_batch_size, t.train_steps) < 1 or model_parallel < 1:
-        return ["train.micro_batch_size, train.global_batch_size and train.train_steps must be >= 1"]
     if world_size % model_parallel:
         return []  # already reported; DP is undefined
     dp = world_size // model_parallel
@@ -285,20 +312,14 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
                 f"({p.pipeline_model_parallel_size})"
             )
     unknown_targets = sorted(set(cfg.lora.targets) - set(LORA_TARGETS))
-    if unknown_targets or cfg.lora.rank < 1:
-        problems.append(f"lora.rank must be >= 1 and lora.targets a subset of {list(LORA_TARGETS)} "
-                        f"(got rank {cfg.lora.rank}, unknown targets {unknown_targets})")
+    if unknown_targets or (cfg.lora.enabled and not cfg.lora.targets):
+        problems.append(f"lora.targets must name some of {list(LORA_TARGETS)} (got {cfg.lora.targets})")
     if cfg.loss.fused_cross_entropy and cfg.loss.mode == "focal":
         problems.append("loss.fused_cross_entropy does not support loss.mode=focal (its weights need the "
                         "per-token losses first); use the default cross entropy for focal")
-    bad_weights = {k: v for k, v in cfg.loss.task_weights.items() if v < 0}
-    if bad_weights:
-        problems.append(f"loss.task_weights must be >= 0, got {bad_weights}")
     loss = cfg.loss
     if loss.mode == "coba" and cfg.data.valid_samples_per_task == 0:
         problems.append("loss.mode=coba measures convergence on validation data: set data.valid_samples_per_task > 0")
-    if loss.coba_update_interval < 1 or loss.coba_history < 1 or loss.coba_valid_micro_batches < 1:
-        problems.append("loss.coba_update_interval, loss.coba_history and loss.coba_valid_micro_batches must be >= 1")
     if loss.coba_warmup <= loss.coba_update_interval:
         problems.append(f"loss.coba_warmup ({loss.coba_warmup}) must exceed loss.coba_update_interval "
                         f"({loss.coba_update_interval}): CoBa's first update needs a measurement")
@@ -306,7 +327,7 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
             loss.coba_valid_micro_batches % p.pipeline_model_parallel_size:
         problems.append("the interleaved schedule needs loss.coba_valid_micro_batches divisible by "
                         f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
-    if t.lr_warmup_steps < 0 or t.lr_warmup_steps >= t.train_steps:
+    if t.lr_warmup_steps >= t.train_steps:
         problems.append(
             f"train.lr_warmup_steps ({t.lr_warmup_steps}) must be at least 0 and less than "
             f"train.train_steps ({t.train_steps})"

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from megamft.config import DataConfig
+from megamft.config import ConfigError, DataConfig
+from megamft.config.task_weights import sampling_weight_problems
+from megamft.data import coverage
+from megamft.data.coverage import DataCoverage
 from megamft.data.conversation import ROLE_NAMES
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import open_indexed
@@ -28,15 +31,22 @@ from megamft.data.tokenizer import load_tokenizer
 
 
 class InMemoryDocuments:
-    """Encoded documents held in lists."""
+    """Encoded documents held in lists; `left_out` counts those the source did not keep."""
 
-    def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray]):
+    preprocess_cut = preprocess_dropped = 0
+    preprocess_max_seq_length = None
+
+    def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray], left_out: int = 0):
         self._ids, self._masks = ids, masks
         self.lengths = np.asarray([len(i) for i in ids], dtype=np.int64)
         self.max_token_id = max((int(i.max()) for i in ids if len(i)), default=-1)
+        self.left_out = left_out
 
     def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         return self._ids[doc], self._masks[doc]
+
+    def loss_mask(self, doc: int) -> np.ndarray:
+        return self._masks[doc]
 
 
 class IndexedDocuments:
@@ -44,17 +54,28 @@ class IndexedDocuments:
 
     Its files are checked against the manifest first (integrity.check_task), so a
     damaged one is named now rather than failing a batch hours into training.
+    megamft-preprocess truncated `preprocess_cut` samples to `preprocess_max_seq_length` tokens and dropped
+    `preprocess_dropped` longer ones.
     """
 
-    def __init__(self, folder: Path, entry: dict, token_dtype: str):
+    left_out = 0
+
+    def __init__(self, folder: Path, entry: dict, token_dtype: str, max_seq_length: int | None = None):
         check_task(folder, entry, token_dtype)
         self.tokens = open_indexed(folder / entry["prefix"])
         self.masks = open_indexed(folder / entry["loss_mask_prefix"])
         self.lengths = self.tokens.sequence_lengths.astype(np.int64)
         self.max_token_id = largest_token_id(folder, entry, token_dtype)
+        self.preprocess_cut = int(entry.get("truncated", 0))
+        dropped = entry.get("dropped") or {}
+        self.preprocess_dropped = sum(int(dropped.get(k, 0)) for k in ("overlong", "no_answer_left_after_truncation"))
+        self.preprocess_max_seq_length = max_seq_length
 
     def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens[doc], self.masks[doc]
+
+    def loss_mask(self, doc: int) -> np.ndarray:
+        return self.masks[doc]
 
 
 @dataclass
@@ -93,6 +114,12 @@ class TrainSequences:
             self._build_next_epoch()
         return len(self._epoch_rows[0])
 
+    def tasks_of_first(self, sequences: int) -> set[int]:
+        """The tasks with a sample in the first `sequences` sequences (at most one data epoch's)."""
+        count = min(sequences, self.sequences_per_epoch())
+        rows = self._epoch_rows[0]
+        return set(np.unique(rows.tasks[: rows.offsets[count]]).tolist())
+
 
 @dataclass
 class MultitaskData:
@@ -115,6 +142,8 @@ class MultitaskData:
     template: dict | None = None
     """The chat template the samples were rendered with (name, Jinja source): saved with every
     checkpoint so that an export carries it."""
+    coverage: DataCoverage | None = None
+    """What the sequences leave out (cut samples, unsampled tasks): said at start-up, kept in the run's manifest."""
 
     def batches(self, rows: list[tuple[np.ndarray, np.ndarray]], micro_batch_size: int,
                 same_length: bool = False) -> list[dict]:
@@ -147,28 +176,36 @@ def load_data(cfg: DataConfig) -> MultitaskData:
     else:
         names, stores, vocab_size, pad_id, template = _stdlib_source(cfg)
     max_token_id = max([pad_id, *(store.max_token_id for store in stores)])
-    train_docs, valid = [], {}
+    problems = sampling_weight_problems(cfg, list(names))
+    if problems:
+        raise ConfigError(problems)
+    splits, valid = [], {}
     for task, (name, store) in enumerate(zip(names, stores)):
         if len(store.lengths) <= cfg.valid_samples_per_task:
-            raise ValueError(f"task {name}: only {len(store.lengths)} samples; "
-                             "lower data.valid_samples_per_task or add data")
+            dropped = (f" (the embedded corpus left out {store.left_out} longer than data.seq_length + 1 tokens; "
+                       "raise data.seq_length)") if store.left_out else ""
+            raise ConfigError(f"task {name}: only {len(store.lengths)} samples{dropped}, not more than "
+                              f"data.valid_samples_per_task={cfg.valid_samples_per_task}; lower it or add data")
         train, held_out = split_train_valid(len(store.lengths), cfg.valid_samples_per_task,
                                             cfg.max_samples_per_task, cfg.seed, task)
-        train_docs.append(train)
+        splits.append((train, held_out))
         valid[name] = build_rows(np.full(len(held_out), task), held_out, store.lengths[held_out], cfg.mode,
                                  cfg.seq_length, cfg.pack_window, cfg.seed)
+    train_docs = [train for train, _ in splits]
     weights = sampling_weights(cfg.task_sampling, [len(d) for d in train_docs], cfg.task_sampling_weights, list(names))
     epoch_samples = cfg.epoch_samples or sum(len(d) for d in train_docs)
     mixture = TaskMixture(train_docs, weights, epoch_samples, cfg.seed)
     return MultitaskData(tuple(names), stores, TrainSequences(mixture, stores, cfg), valid, vocab_size, pad_id, cfg,
-                         max_token_id=max_token_id, template=template)
+                         max_token_id=max_token_id, template=template,
+                         coverage=coverage.measure(cfg, list(names), stores, splits, mixture.quota, epoch_samples))
 
 
 def _indexed_source(cfg: DataConfig):
     folder = Path(cfg.path)
     manifest = load_manifest(folder)
     entries = sorted(manifest["tasks"], key=lambda e: e["id"])
-    stores = [IndexedDocuments(folder, e, manifest["token_dtype"]) for e in entries]
+    cut_to = (manifest.get("options") or {}).get("max_seq_length")
+    stores = [IndexedDocuments(folder, e, manifest["token_dtype"], cut_to) for e in entries]
     tokenizer = manifest["tokenizer"]
     vocab_size = _vocabulary(tokenizer["vocab_size"], tokenizer.get("max_token_id"))
     return [e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0)), manifest.get("template")
@@ -191,9 +228,10 @@ def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_s
     stores = []
     for task in TASKS:
         conversations = [[(ROLE_NAMES[t["role"]], t["content"]) for t in turns] for turns in corpus[task]]
-        encoded = [s for s in encoder.encode([template(c, tokenizer) for c in conversations]).samples()
-                   if len(s.ids) <= seq_length + 1]
-        stores.append(InMemoryDocuments([s.ids for s in encoded], [s.mask for s in encoded]))
+        samples = list(encoder.encode([template(c, tokenizer) for c in conversations]).samples())
+        encoded = [s for s in samples if len(s.ids) <= seq_length + 1]
+        stores.append(InMemoryDocuments([s.ids for s in encoded], [s.mask for s in encoded],
+                                        left_out=len(samples) - len(encoded)))
     return (list(TASKS), stores, _vocabulary(tokenizer.vocab_size, tokenizer.max_token_id), tokenizer.pad_id,
             identity)
 

@@ -34,11 +34,13 @@ from megamft.data.decontaminate import BENCHMARKS
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import token_dtype
 from megamft.data.manifest import FORMAT, MANIFEST
-from megamft.data.preprocess_inputs import PreprocessError, check_task_names, input_files, read_chunks
+from megamft.data.preprocess_inputs import PreprocessError, check_task_names, input_files, read_chunks, task_inputs
 from megamft.data.preprocess_output import OutputFolder, report_stale_lock
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import file_sha256, load_tokenizer
 from megamft.platform.signals import become_helper_process
+
+MAX_SKIPPED_LISTED = 1000  # entries of a task's folders not read, listed in the manifest (all are counted)
 
 __all__ = ["FORMAT", "MANIFEST", "PreprocessError", "PreprocessOptions", "input_files", "preprocess"]
 
@@ -83,6 +85,10 @@ class TaskReport:
     max_token_id: int = -1
     """The largest token id written for this task."""
     inputs: list[dict] = field(default_factory=list)
+    skipped_inputs: list[dict] = field(default_factory=list)
+    """What the task's folders hold and is not read ({"path", "reason"[, "detail"]}; the first
+    MAX_SKIPPED_LISTED of skipped_input_count)."""
+    skipped_input_count: int = 0
 
 
 # ---------------------------------------------------------------- workers
@@ -264,7 +270,8 @@ def preprocess(options: PreprocessOptions) -> dict:
     """Run the whole preprocessing; returns the manifest written to `out_dir/manifest.json`."""
     _check_options(options)
     tokenizer, template_identity = _load_tokenizer(options)
-    files = {name: input_files(name, paths) for name, paths in options.tasks.items()}
+    found = {name: task_inputs(name, paths) for name, paths in options.tasks.items()}
+    files = {name: task.files for name, task in found.items()}
     inputs = [path for paths in options.tasks.values() for path in paths] + list(tokenizer.files)
     # Wide enough for every id the tokenizer can emit, not only its vocab_size.
     dtype = token_dtype(tokenizer.max_token_id + 1)
@@ -272,6 +279,9 @@ def preprocess(options: PreprocessOptions) -> dict:
         report_stale_lock(folder)
         try:
             reports = _process_tasks(options, files, folder, dtype)
+            for report in reports:
+                skipped = found[report.name].skipped
+                report.skipped_inputs, report.skipped_input_count = skipped[:MAX_SKIPPED_LISTED], len(skipped)
             manifest = _manifest(options, tokenizer, template_identity, dtype, reports)
             folder.publish(manifest)
         except OSError as err:

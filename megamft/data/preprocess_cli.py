@@ -16,6 +16,7 @@ import yaml
 from megamft.config.loading import UniqueKeyLoader
 from megamft.data.decontaminate import BENCHMARKS
 from megamft.data.preprocess import MANIFEST, PreprocessError, PreprocessOptions, preprocess
+from megamft.data.preprocess_inputs import describe_skipped
 from megamft.data.templates import TEMPLATE_NAMES
 
 
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         dropped = ", ".join(f"{k} {v}" for k, v in task["dropped"].items()) or "none"
         print(f"{task['name']} (id {task['id']}): {task['documents']} samples, {task['tokens']} tokens "
               f"({task['learned_tokens']} learned), truncated {task['truncated']}, dropped: {dropped}")
+        if task["skipped_input_count"]:
+            print(f"  {task['name']}: its folders hold {describe_skipped(task['skipped_inputs'])}"
+                  f"{' (and more)' if task['skipped_input_count'] > len(task['skipped_inputs']) else ''}; "
+                  f"each is listed in {MANIFEST} (tasks[{task['id']}].skipped_inputs)")
     print(f"wrote {Path(options.out_dir) / MANIFEST}")
     return 0
 

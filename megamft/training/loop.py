@@ -16,7 +16,8 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megamft.checkpoint import dist_checkpoint, run_folder
-from megamft.config import MegamftConfig
+from megamft.config import ConfigError, MegamftConfig
+from megamft.config.task_weights import loss_weight_problems
 from megamft.data.dataset import MultitaskData, load_data
 from megamft.data.sequences import PACKED_ATTENTION
 from megamft.loss.balancers import make_balancer
@@ -31,6 +32,7 @@ from megamft.model.attention_window import check_backend_honours_window
 from megamft.model.attention import activate_flash_attention
 from megamft.model.spec import attention_backend_for
 from megamft.platform.device import describe_runtime
+from megamft.training.data_report import report_data
 from megamft.training.expert_stats import ExpertStats, expert_shares
 from megamft.training.kernel_startup import prepare_fused_kernels
 from megamft.training.metrics import MetricsWriter
@@ -125,9 +127,9 @@ def _pipelined() -> bool:
 
 
 def static_task_weights(cfg: MegamftConfig, task_names: tuple[str, ...]) -> torch.Tensor:
-    unknown = sorted(set(cfg.loss.task_weights) - set(task_names))
-    if unknown:
-        raise ValueError(f"loss.task_weights names unknown task(s) {unknown}; tasks are {list(task_names)}")
+    problems = loss_weight_problems(cfg.loss, cfg.data, list(task_names))
+    if problems:
+        raise ConfigError(problems)
     return torch.tensor([cfg.loss.task_weights.get(name, 1.0) for name in task_names], dtype=torch.float64)
 
 
@@ -482,6 +484,8 @@ def _build(cfg: MegamftConfig) -> Run:
     # Saved with every checkpoint, so an export knows the vocabulary without the tokenizer.
     cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
     _check_token_ids(cfg, data)
+    weights = static_task_weights(cfg, data.task_names)  # before the model: a mistake costs seconds
+    report_data(cfg, data, torch.distributed.get_rank())
     state = build_training_state(cfg, runtime, data.vocab_size, backend)
     if distributed.is_logging_rank():
         log.info("fast settings: %s", "; ".join(setting.describe() for setting in state.fast_settings))
@@ -489,8 +493,7 @@ def _build(cfg: MegamftConfig) -> Run:
     if cfg.model.num_experts:
         experts = ExpertStats(state.chunks, cfg.model.num_layers, len(data.task_names), cfg.model.num_experts,
                               cfg.parallel.sequence_parallel)
-    return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)),
-               static_task_weights(cfg, data.task_names),
+    return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)), weights,
                MetricsWriter(_tensorboard_dir(cfg), distributed.is_logging_rank()),
                async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None,
                expert_stats=experts)
