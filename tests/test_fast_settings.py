@@ -88,7 +88,7 @@ def test_userbuffers_get_the_layer_input_shape_once(monkeypatch):
     cfg = load_config(CLUSTER, ["parallel.context_parallel_size=2", "data.mode=pad"])
     on = types.SimpleNamespace(tp_comm_overlap=True, fp8=None, params_dtype="bf16")
     assert initialize_userbuffers(cfg, on)
-    assert calls == [{"shape": [4096 * 1 // 2, 8192], "tp_size": 8, "bootstrap_backend": "nccl"}]
+    assert calls == [{"shape": [4096 * 1 // 2, 8192], "tp_size": 4, "bootstrap_backend": "nccl"}]
     assert userbuffer_shape(cfg) == [2048, 8192]
     assert not initialize_userbuffers(cfg, types.SimpleNamespace(tp_comm_overlap=False))
     assert len(calls) == 1

@@ -199,7 +199,7 @@ class TrainConfig:
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     tensorboard_dir: Optional[str] = None
     """Where tensorboard event files go (None: <checkpoint.save_dir>/tensorboard, or nowhere)."""
-    gc_interval: int = 100
+    gc_interval: Count = 100
     """Python's garbage collector runs every this many steps, on every rank at the same step, instead of
     whenever its own thresholds say (which stalls ranks at different moments, and a slow rank stalls them
     all); 0 keeps Python's automatic collection (Megatron-LM's --manual-gc)."""
