@@ -35,3 +35,20 @@ def tokenizer_past_the_vocabulary(folder) -> None:
 
 EXPORT = ["megamft-convert", "megatron-to-hf", "--checkpoint", "{tmp}/ckpt", "--out", "{tmp}/export",
           "--hf-template", "{tmp}/other"]
+
+
+def training_refusal(overrides: tuple[str, ...]) -> str | None:
+    """(Run on every rank by megamft.testing.launch.) Train; the DataIntegrityError this rank stopped with, if any."""
+    import os
+
+    from megamft.config import load_config, validate
+    from megamft.data.manifest import DataIntegrityError
+    from megamft.training.loop import run
+
+    cfg = load_config([], list(overrides))
+    validate(cfg, int(os.environ["WORLD_SIZE"]))
+    try:
+        run(cfg)
+    except DataIntegrityError as err:
+        return str(err)
+    return None

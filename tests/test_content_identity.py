@@ -222,6 +222,19 @@ def test_training_on_an_edited_file_stops_before_its_first_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_every_rank_stops_with_the_error_the_checking_rank_found(tmp_path):
+    """Only the first rank of a node hashes; the others must not start training without it."""
+    from identity_fixtures import training_refusal
+    from megamft.testing.distributed import launch
+
+    out = _preprocessed(tmp_path)
+    _flip(out / "b_task_id.bin", 0)
+    overrides = (*RUN, f"data.path={out}", "train.train_steps=1", "data.valid_samples_per_task=4")
+    messages = launch(training_refusal, 2, kwargs={"overrides": overrides}, timeout=300)
+    assert messages[0] == messages[1] and messages[0].startswith(f"{out / 'b_task_id.bin'}: bytes 0-")
+
+
+@pytest.mark.slow
 def test_resuming_follows_the_data_content_not_its_path(tmp_path):
     """The same data copied elsewhere resumes; data rebuilt in place is refused with the change listed."""
     first = _preprocessed(tmp_path / "first")

@@ -29,8 +29,8 @@ SAMPLE_EVERY = 64
 
 
 def damaged_message(folder: Path, mismatch: Mismatch) -> str:
-    return (f"{mismatch.path}: {mismatch.problem}; the file is not the one megamft-preprocess wrote (edited, "
-            f"replaced or damaged since). {rerun_hint(folder)}")
+    return (f"{mismatch.path}: {mismatch.problem}: the file is not the one megamft-preprocess wrote (edited, "
+            f"replaced or damaged since); {rerun_hint(folder)}")
 
 
 def _whole(name: str) -> bool:
@@ -62,7 +62,8 @@ class DataCheck:
         self.files = len(files)
         self._started = time.perf_counter()
         self._check = BlockCheck(units, threads or hashing_threads()).start()
-        self.seconds: float | None = None
+        self.seconds: float | None = None  # from the start to the end of the hashing
+        self.waited = 0.0  # of which the caller of `problem` waited
 
     @property
     def bytes(self) -> int:
@@ -70,13 +71,17 @@ class DataCheck:
 
     def problem(self) -> str | None:
         """Waits for the check to end: None when every file is as recorded, else what is wrong, naming the file."""
+        asked = time.perf_counter()
         mismatch = self._check.wait()
-        self.seconds = self.seconds or time.perf_counter() - self._started
+        if self.seconds is None:
+            self.seconds, self.waited = time.perf_counter() - self._started, time.perf_counter() - asked
         return None if mismatch is None else damaged_message(self.folder, mismatch)
 
     def stop(self) -> None:
         self._check.stop()
 
     def summary(self) -> str:
+        hint = "; data.verify=sampled reads less" if self.mode == "full" and self.waited >= 10 else ""
         return (f"{self.files} data files checked against their checksums ({self.mode}: "
-                f"{self.bytes / 2**20:.1f} MiB hashed in {self.seconds or 0:.1f} s)")
+                f"{self.bytes / 2**20:.1f} MiB hashed in {self.seconds or 0:.1f} s, training waited "
+                f"{self.waited:.1f} s{hint})")
