@@ -18,7 +18,7 @@ import pytest
 
 from megamft.config import load_config
 from megamft.data.dataset import load_data
-from megamft.data.manifest import CHECKSUMS, DataIntegrityError, task_files
+from megamft.data.manifest import CHECKSUMS, task_files
 from megamft.platform.checksums import BlockDigest, file_record
 
 from data_fixtures import run_preprocess
@@ -271,7 +271,7 @@ def _tiny_llama(folder: Path, vocab: int, hidden: int = 32, seed: int = 0) -> Pa
 
 
 def _simple_tokenizer(folder: Path, chat_template: str) -> Path:
-    """A BPE tokenizer.json with only <unk>, <s>, </s> as specials, and a tokenizer_config.json using `chat_template`."""
+    """A BPE tokenizer.json with only <unk>, <s>, </s> as specials; its tokenizer_config.json uses `chat_template`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

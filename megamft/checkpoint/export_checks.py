@@ -8,9 +8,10 @@ the LoRA base under adapter-only weights, and the template's files.
 `check_template` refuses a template (--hf-template, or the hf/ folder a conversion left beside
 the checkpoint) that does not fit the model: its config.json describes another architecture or
 other sizes (the export would merge its other keys into this model's config), or its tokenizer
-does not fit: ids past the model's vocabulary, special tokens its own tokenizer_config.json or
-the chat template the export writes need but its tokenizer lacks, or another tokenizer file than
-the one the training data was tokenized with (when the checkpoint recorded it).
+does not fit: ids past the model's vocabulary, another tokenizer file than the one the training
+data was tokenized with (when the checkpoint recorded it), special tokens its own
+tokenizer_config.json names but its tokenizer lacks, or, when the training tokenizer is not
+known, <|...|> tokens the chat template the export writes uses but its tokenizer lacks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ _STRUCTURE = ("architectures", "model_type", "num_hidden_layers", "hidden_size",
               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
               "num_experts", "num_local_experts", "moe_intermediate_size", "num_experts_per_tok")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
-_SPECIAL_LOOKING = re.compile(r"<\|[^<>|\s]+\|>|</?s>")  # <|im_start|>, <s>, </s>: special tokens in a template
+# <|im_start|>, <|endoftext|>: strings that are special tokens wherever a chat template uses them (unlike <s>,
+# which MFTCoder's template writes as text for tokenizers that have no such token)
+_SPECIAL_LOOKING = re.compile(r"<\|[^<>|\s]+\|>")
 _STANDARD_FILE = {"huggingface": "tokenizer.json", "sentencepiece": "tokenizer.model"}
 
 
@@ -139,14 +142,16 @@ def tokenizer_problems(template: Path, vocab_size: int | None, chat_template: st
     for key, token in named.items():
         if token and not vocabulary.has(token):
             problems.append(f"tokenizer_config.json's {key} {token!r} is not a token of {name}")
+    trained = _training_tokenizer_problems(template, trained_with)
+    if trained_with and "sha256" in trained_with and not trained:
+        return problems  # the training tokenizer itself: the chat template tokenizes as in training
     own = config.get("chat_template") if isinstance(config.get("chat_template"), str) else ""
     if (template / "chat_template.jinja").is_file():  # read before tokenizer_config.json's by transformers
         own = (template / "chat_template.jinja").read_text(encoding="utf-8")
     for token in sorted(set(_SPECIAL_LOOKING.findall(chat_template or own or ""))):
         if not vocabulary.has(token):
             problems.append(f"the chat template uses {token!r}, which is not a token of {name}")
-    problems += _training_tokenizer_problems(template, trained_with)
-    return problems
+    return problems + trained
 
 
 def _training_tokenizer_problems(template: Path, trained_with: dict | None) -> list[str]:

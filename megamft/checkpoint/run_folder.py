@@ -27,7 +27,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from megamft.checkpoint.layout import CONFIG_FILE, DATA_IDENTITY_FILE, complete_dir, complete_iterations, latest_iteration
+from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, complete_dir, complete_iterations,
+                                       latest_iteration)
 from megamft.config import MegamftConfig, to_dict
 from megamft.config.loading import PATH_KEYS
 from megamft.data.identity import data_identity, identity_differences
