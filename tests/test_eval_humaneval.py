@@ -251,3 +251,60 @@ def test_a_megamft_checkpoint_evaluates_as_its_hugging_face_original(tmp_path, t
     summaries = [json.loads((tmp_path / out / "summary.json").read_text()) for out in ("from_hf", "from_checkpoint")]
     assert summaries[0]["pass_at_k"] == summaries[1]["pass_at_k"]
     assert set(Path(tempfile.gettempdir()).glob("megamft-eval-*")) == scratch_before  # the export is gone
+
+
+# ---- the results are of one model: identified by content, not by path --------------------------------------
+
+def _eval(model: Path, output: Path):
+    from megamft.cli import main
+
+    return main(["eval", "humaneval", str(model), "--output", str(output), "--prompt-format", "completion",
+                 "--limit", "1", "--max-new-tokens", "4", "--k", "1", "--backend", "transformers"])
+
+
+def test_rerunning_an_evaluation_on_another_model_at_the_same_path_is_refused(tmp_path, tiny_model):
+    """A model folder replaced by another model (a re-export, a save folder whose `latest` moved on)."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from megamft.eval.humaneval import OtherEvaluation
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    assert _eval(model, tmp_path / "out") == 0
+    results = (tmp_path / "out" / RESULTS).read_bytes()
+    torch.manual_seed(1)  # other weights, same architecture, same files
+    other = LlamaForCausalLM(LlamaForCausalLM.config_class.from_pretrained(model))
+    other.save_pretrained(str(model))
+    with pytest.raises(OtherEvaluation, match=r"holds the results of another model .*: the model differs "
+                                              r"\(model\.safetensors\)"):
+        _eval(model, tmp_path / "out")
+    assert (tmp_path / "out" / RESULTS).read_bytes() == results
+
+
+def test_rerunning_an_evaluation_with_other_tokenizer_files_is_refused(tmp_path, tiny_model):
+    import shutil
+
+    from megamft.eval.humaneval import OtherEvaluation
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    assert _eval(model, tmp_path / "out") == 0
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<pad>"}))
+    with pytest.raises(OtherEvaluation, match=r"the tokenizer differs \(tokenizer_config\.json\)"):
+        _eval(model, tmp_path / "out")
+
+
+def test_the_same_model_under_another_path_resumes_its_evaluation(tmp_path, tiny_model):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    assert _eval(model, tmp_path / "out") == 0
+    results = (tmp_path / "out" / RESULTS).read_bytes()
+    moved = tmp_path / "moved"
+    shutil.move(model, moved)
+    assert _eval(moved, tmp_path / "out") == 0
+    assert (tmp_path / "out" / RESULTS).read_bytes() == results  # nothing generated again, nothing mixed in

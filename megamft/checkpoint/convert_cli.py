@@ -64,11 +64,21 @@ def _hf_to_megatron(args) -> None:
 
 def _megatron_to_hf(args) -> None:
     dtype = _DTYPES[args.dtype] if args.dtype else None
-    with tqdm(desc="megatron-to-hf", unit="layer") as bar:
+    bars = []  # opened at the first layer written: a refusal before it is one line, without a bar
+
+    def progress(layer) -> None:
+        if not bars:
+            bars.append(tqdm(desc="megatron-to-hf", unit="layer"))
+        bars[0].update()
+
+    try:
         out = hf_convert.megatron_to_hf(
             args.checkpoint, args.out, args.hf_template, dtype, int(args.max_shard_gb * 2**30),
-            progress=lambda layer: bar.update(), overwrite=args.overwrite,
+            progress=progress, overwrite=args.overwrite,
         )
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"wrote {out}")
 
 

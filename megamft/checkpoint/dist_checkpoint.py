@@ -28,8 +28,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megamft.checkpoint import global_view
-from megamft.checkpoint.layout import (LATEST, complete_dir, complete_iterations, iteration_dir, latest_iteration,
-                                       write_atomically)
+from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, complete_dir, complete_iterations,
+                                       iteration_dir, latest_iteration, write_atomically)
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
 from megamft.model.moe import ROUTER_LOSS_FIELDS
@@ -265,7 +265,7 @@ class AsyncSaves:
 def save(
     state, save_dir: str | Path, iteration: int, consumed_samples: int, cfg: MegamftConfig,
     with_optimizer: bool = True, extra: dict | None = None, async_saves: AsyncSaves | None = None,
-    lora_base: dict | None = None,
+    lora_base: dict | None = None, data_identity: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint for `iteration`; every rank must call this.
 
@@ -275,6 +275,8 @@ def save(
     is published (renamed, `latest` moved) by a later `poll` or `wait`.
     With `lora_base` ({"dir", "iteration"} of the base weights), only adapters are
     saved (with their optimizer state); loading and export read the base from there.
+    `data_identity` (data/identity.py), written as megamft_data.json, lets a resume tell whether its
+    data is the data this run trained on.
     """
     final = iteration_dir(save_dir, iteration)
     partial = final.with_name(final.name + ".partial")
@@ -295,7 +297,9 @@ def save(
 
     def finish() -> None:
         if rank == 0:
-            (partial / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            (partial / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+            if data_identity is not None:
+                (partial / DATA_IDENTITY_FILE).write_text(json.dumps(data_identity, indent=2))
             kill_point("save.written", iteration)
             publish(partial, final)
             kill_point("save.published", iteration)

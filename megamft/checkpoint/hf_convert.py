@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megamft.checkpoint import global_view, hf_moe, tp_pieces
+from megamft.checkpoint.export_checks import SOURCE_FILE, check_template, source_identity
 from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
@@ -339,7 +340,8 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     Never writes over the checkpoint, its base or the template; an `out_dir` holding anything
     but an earlier export is refused unless `overwrite`. Renamed into place when complete.
     The tokenizer files come from `hf_template`; their chat template is the one the training
-    data was rendered with, when the checkpoint recorded it.
+    data was rendered with, when the checkpoint recorded it. A template that does not fit the
+    model is refused (export_checks.check_template); megamft_source.json records the source.
     """
     ckpt = _checkpoint_dir(Path(checkpoint))
     template = Path(hf_template) if hf_template else _default_template(Path(checkpoint))
@@ -351,6 +353,12 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     index = global_view.tensor_index(ckpt)
     lora_scale = cfg.lora.alpha / cfg.lora.rank
     family = _family_for_export(model)
+    common = global_view.read_common(ckpt)
+    chat_template = training_chat_template(common)
+    if template:
+        described = f"--hf-template {template}" if hf_template else f"{template} (beside the checkpoint)"
+        check_template(template, described, hf_config_from_model(model, family, "float32"), model.vocab_size,
+                       chat_template, ckpt)
     d = Dims.of(model)
     out_dir = Path(out_dir)
     partial = temporary_sibling(out_dir)
@@ -379,9 +387,11 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     if template:
         copy_tokenizer(template, partial)
-    chat_template = training_chat_template(global_view.read_common(ckpt))
     if chat_template is not None:  # prompts formatted as in training, not as the base model's template says
         write_chat_template(partial, chat_template)
+    progress_state = common.get("progress", {})
+    (partial / SOURCE_FILE).write_text(json.dumps(
+        source_identity(ckpt, progress_state.get("iteration"), base, template), indent=2))
     mark_output(partial, HF_EXPORT_OUTPUT, checkpoint=str(ckpt.resolve()))
     publish(partial, out_dir)
     return out_dir

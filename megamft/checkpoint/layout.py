@@ -4,6 +4,8 @@
     iter_0000040.partial/  one being written (ignored by loading)
     iter_0000040.old/      the previous copy while a re-save replaces it
     latest                 text file naming the newest complete iteration
+An iteration folder holds megatron's files, megamft_config.json (the run's config) and, for a run
+on preprocessed data, megamft_data.json (the data's identity: data/identity.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 from pathlib import Path
 
 LATEST = "latest"
+CONFIG_FILE = "megamft_config.json"
+DATA_IDENTITY_FILE = "megamft_data.json"
 
 
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:

@@ -11,6 +11,12 @@
 A save folder holding another run's checkpoints (different model, data, loss,
 LoRA, seed or global batch) is refused: resuming it with other settings would
 mix two runs. `check_save_folder` says so, listing the differences.
+
+Preprocessed data is compared by content, not by path: every checkpoint records
+the data's identity (megamft_data.json, data/identity.py), so data rebuilt in
+place with other content is refused (the changed tasks and files listed) and the
+same data moved elsewhere is accepted. Checkpoints or manifests from before
+identities were recorded are compared by data.path.
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from megamft.checkpoint.layout import complete_dir, complete_iterations, latest_iteration
+from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, complete_dir, complete_iterations,
+                                       latest_iteration)
 from megamft.config import MegamftConfig, to_dict
 from megamft.config.loading import PATH_KEYS
+from megamft.data.identity import data_identity, identity_differences
+from megamft.data.manifest import DataIntegrityError, load_manifest
 from megamft.platform.folder_lock import FolderLock
 from megamft.platform.output_folder import TRAINING_OUTPUT, DestinationError, check_destination, mark_output
 from megamft.training.memory_estimate import checkpoint_bytes
 # What makes two runs the same run; everything else (steps, layout, intervals, paths) may change on resume.
 _RUN_DEFINING = ("model", "data", "loss", "lora", "train.seed", "train.global_batch_size", "train.precision")
-# Inside those, what may change between a run's restarts: the attention kernels compute the same model.
-_NOT_RUN_DEFINING = ("model.attention_backend", "model.flash_attention_impl")
+# Inside those, what may change between a run's restarts: the attention kernels compute the same model,
+# and how thoroughly the data is checked changes no data.
+_NOT_RUN_DEFINING = ("model.attention_backend", "model.flash_attention_impl", "data.verify")
 
 
 @dataclass(frozen=True)
@@ -66,23 +76,48 @@ def _absolute_paths(flat: dict) -> dict:
             for k, v in flat.items()}
 
 
-def run_differences(saved: dict, current: MegamftConfig) -> list[str]:
+def run_differences(saved: dict, current: MegamftConfig, data_by_content: bool = False) -> list[str]:
     """Run-defining fields whose values differ, as 'field: saved -> now'.
 
     Fields unset on either side (None, derived at start such as model.vocab_size) are not compared;
-    folders are compared as absolute paths.
+    folders are compared as absolute paths. data_by_content: the data's identities are compared
+    instead (data_differences), so data.path is not.
     """
     old, new = (_absolute_paths(_defining(_flatten(tree))) for tree in (saved, to_dict(current)))
     return [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in sorted(new.items())
-            if value is not None and old.get(key) is not None and old.get(key) != value]
+            if value is not None and old.get(key) is not None and old.get(key) != value
+            and not (data_by_content and key == "data.path")]
 
 
-def saved_config(save_dir: str | Path, iteration: int) -> dict | None:
-    path = complete_dir(save_dir, iteration) / "megamft_config.json"
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def current_data_identity(cfg: MegamftConfig) -> dict | None:
+    """The identity of the preprocessed data this run reads (None: not preprocessed data, no checksums,
+    or a folder that loading the data will report as damaged)."""
+    if cfg.data.source != "indexed" or not cfg.data.path:
+        return None
+    try:
+        return data_identity(load_manifest(cfg.data.path))
+    except (DataIntegrityError, KeyError, TypeError):
+        return None
+
+
+def data_differences(saved_dir: Path, cfg: MegamftConfig) -> list[str] | None:
+    """How this run's data differs from what the checkpoint in `saved_dir` trained on ([] if the same);
+    None when that cannot be told by content (no identity recorded on either side)."""
+    saved, now = _read_json(saved_dir / DATA_IDENTITY_FILE), current_data_identity(cfg)
+    if saved is None or now is None:
+        return None
+    return [f"data content ({difference})" for difference in identity_differences(saved, now)]
+
+
+def saved_config(save_dir: str | Path, iteration: int) -> dict | None:
+    return _read_json(complete_dir(save_dir, iteration) / CONFIG_FILE)
 
 
 def _is_training_folder(folder: Path) -> bool:
@@ -104,7 +139,9 @@ def check_save_folder(cfg: MegamftConfig) -> int | None:
     if latest is None:
         return None
     saved = saved_config(ckpt.save_dir, latest)
-    differences = run_differences(saved, cfg) if saved is not None else []
+    by_content = data_differences(complete_dir(ckpt.save_dir, latest), cfg)
+    differences = run_differences(saved, cfg, by_content is not None) if saved is not None else []
+    differences += by_content or []
     if differences and not (ckpt.overwrite or ckpt.allow_config_change):
         raise DestinationError(
             f"checkpoint.save_dir {ckpt.save_dir} holds another run's checkpoints (latest iteration {latest}), "

@@ -142,6 +142,11 @@ class DataConfig:
     path: Optional[str] = None
     """data.source=indexed: the folder holding manifest.json and the .bin/.idx files (relative: from the
     working directory, recorded absolute)."""
+    verify: Literal["full", "sampled"] = "full"
+    """data.source=indexed: how the files are checked against the checksums megamft-preprocess recorded.
+    full: every byte, hashed in the background while the model is built; training waits for the result
+    before its first step. sampled: the indexes whole and a sample of blocks of every other file (finds a
+    swapped or rebuilt file; an edit in place only where sampled): for corpora too large to read at start."""
     tokenizer: str = "byte"
     """data.source=stdlib: 'byte', a sentencepiece .model or a tokenizer.json (tools/train_tokenizer.py)."""
     template: str = "mftcoder"

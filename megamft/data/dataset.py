@@ -23,11 +23,12 @@ from megamft.data.conversation import ROLE_NAMES
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import open_indexed
 from megamft.data.integrity import check_task, largest_token_id
-from megamft.data.manifest import load_manifest
+from megamft.data.manifest import CHECKSUMS, load_manifest
 from megamft.data.mixing import TaskMixture, sampling_weights, split_train_valid
 from megamft.data.sequences import Rows, add_document_boundaries, batch_length, build_rows, collate
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import load_tokenizer
+from megamft.data.verify import DataCheck
 
 
 class InMemoryDocuments:
@@ -144,6 +145,10 @@ class MultitaskData:
     checkpoint so that an export carries it."""
     coverage: DataCoverage | None = None
     """What the sequences leave out (cut samples, unsampled tasks): said at start-up, kept in the run's manifest."""
+    manifest: dict | None = None
+    """data.source=indexed: the folder's manifest (its checksums make the data's identity)."""
+    checksums: DataCheck | None = None
+    """data.source=indexed, when asked for: the check of the files' content, running in the background."""
 
     def batches(self, rows: list[tuple[np.ndarray, np.ndarray]], micro_batch_size: int,
                 same_length: bool = False) -> list[dict]:
@@ -169,12 +174,21 @@ class MultitaskData:
         return [self.train.row(p) for p in range(start, start + share)]
 
 
-def load_data(cfg: DataConfig) -> MultitaskData:
-    """The configured source as training and per-task validation sequences."""
+def load_data(cfg: DataConfig, verify: bool = False) -> MultitaskData:
+    """The configured source as training and per-task validation sequences.
+
+    verify: start checking an indexed folder's files against their checksums (data.verify), in the
+    background; `MultitaskData.checksums.problem()` waits for the answer. Manifests without checksums
+    are not checked.
+    """
+    manifest = None
     if cfg.source == "indexed":
-        names, stores, vocab_size, pad_id, template = _indexed_source(cfg)
+        names, stores, vocab_size, pad_id, template, manifest = _indexed_source(cfg)
     else:
         names, stores, vocab_size, pad_id, template = _stdlib_source(cfg)
+    checksums = None
+    if verify and manifest is not None and CHECKSUMS in manifest:
+        checksums = DataCheck(Path(cfg.path), manifest, cfg.verify)
     max_token_id = max([pad_id, *(store.max_token_id for store in stores)])
     problems = sampling_weight_problems(cfg, list(names))
     if problems:
@@ -196,7 +210,7 @@ def load_data(cfg: DataConfig) -> MultitaskData:
     epoch_samples = cfg.epoch_samples or sum(len(d) for d in train_docs)
     mixture = TaskMixture(train_docs, weights, epoch_samples, cfg.seed)
     return MultitaskData(tuple(names), stores, TrainSequences(mixture, stores, cfg), valid, vocab_size, pad_id, cfg,
-                         max_token_id=max_token_id, template=template,
+                         max_token_id=max_token_id, template=template, manifest=manifest, checksums=checksums,
                          coverage=coverage.measure(cfg, list(names), stores, splits, mixture.quota, epoch_samples))
 
 
@@ -208,7 +222,8 @@ def _indexed_source(cfg: DataConfig):
     stores = [IndexedDocuments(folder, e, manifest["token_dtype"], cut_to) for e in entries]
     tokenizer = manifest["tokenizer"]
     vocab_size = _vocabulary(tokenizer["vocab_size"], tokenizer.get("max_token_id"))
-    return [e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0)), manifest.get("template")
+    return ([e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0)), manifest.get("template"),
+            manifest)
 
 
 def _vocabulary(vocab_size: int, max_token_id) -> int:

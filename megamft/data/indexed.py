@@ -1,6 +1,7 @@
 """megatron-core's indexed dataset format (.bin/.idx), written here and read with megatron's reader.
 
-Writing is ours (streamed, atomic, byte-identical on reruns); reading goes
+Writing is ours (streamed, atomic, byte-identical on reruns, each file's block
+checksums taken as its bytes are written: platform/checksums.py); reading goes
 through `megatron.core.datasets.indexed_dataset.IndexedDataset`, so what
 training sees is exactly what megatron-core would. `read_index` parses an
 .idx header without megatron, so a damaged file can be named before
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megamft.errors import UserError
+from megamft.platform.checksums import BlockDigest
 
 _HEADER = b"MMIDIDX\x00\x00"
 _FIELDS = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
@@ -44,6 +46,7 @@ class IndexedWriter:
         self._range = np.iinfo(self.dtype)
         self._bin = open(self._partial(".bin"), "wb")
         self._lengths: list[np.ndarray] = []
+        self._digests = {".bin": BlockDigest(), ".idx": BlockDigest()}
 
     def _partial(self, suffix: str) -> Path:
         return self.prefix.with_name(self.prefix.name + suffix + PARTIAL_SUFFIX)
@@ -56,7 +59,9 @@ class IndexedWriter:
             bad = high if high > self._range.max else low
             raise ValueError(f"{self.prefix.name}.bin: value {bad} does not fit its dtype "
                              f"{np.dtype(self.dtype).name} (it would be stored wrapped); nothing was written")
-        self._bin.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        data = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+        self._bin.write(data)
+        self._digests[".bin"].update(data)
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
 
     def finish(self) -> None:
@@ -67,10 +72,16 @@ class IndexedWriter:
         np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(self.dtype).itemsize, out=pointers[1:])
         documents = np.arange(len(lengths) + 1, dtype=np.int64)
         with open(self._partial(".idx"), "wb") as idx:
-            idx.write(_HEADER + _FIELDS.pack(1, _DTYPE_CODES[self.dtype], len(lengths), len(documents)))
-            idx.write(lengths.tobytes() + pointers.tobytes() + documents.tobytes())
+            for part in (_HEADER + _FIELDS.pack(1, _DTYPE_CODES[self.dtype], len(lengths), len(documents)),
+                         lengths.tobytes(), pointers.tobytes(), documents.tobytes()):
+                idx.write(part)
+                self._digests[".idx"].update(part)
             idx.flush()
             os.fsync(idx.fileno())
+
+    def checksums(self) -> dict[str, dict]:
+        """{file name: block record} of the .bin and .idx written (after `finish`)."""
+        return {self.prefix.name + suffix: digest.record() for suffix, digest in self._digests.items()}
 
     def publish(self) -> None:
         for suffix in (".bin", ".idx"):

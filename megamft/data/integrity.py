@@ -5,7 +5,8 @@ found when a batch reaches the missing bytes, as a numpy error naming no file.
 Here every task's three .bin/.idx pairs are checked against the manifest
 first (present, sizes consistent with their index, sample and token counts
 equal to the manifest's), and any problem is one error naming the file and
-what to do.
+what to do. Their content is checked against the checksums the manifest
+recorded by verify.py.
 """
 
 from __future__ import annotations

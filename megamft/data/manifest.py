@@ -1,7 +1,9 @@
 """manifest.json of a megamft-preprocess output: its name, its format, and reading it back.
 
 The manifest is written last and marks a complete output folder; training
-reads it to find the tasks and checks every file against it (integrity.py).
+reads it to find the tasks and checks every file against it (integrity.py,
+and the block checksums under "checksums", taken as the files were written:
+verify.py). Manifests written before checksums were recorded have none.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import json
 from pathlib import Path
 
 from megamft.errors import UserError
+from megamft.platform.checksums import is_record
 
 MANIFEST = "manifest.json"
+CHECKSUMS = "checksums"  # {file name: block record (platform/checksums.py)} of every file a task reads
 FORMAT = "megamft-indexed/1"
 OUTPUT_KIND = "megamft-preprocess"  # the output_folder marker's kind for a preprocess --out folder
 _TASK_KEYS = ("name", "id", "documents", "tokens", "prefix", "loss_mask_prefix", "task_id_prefix")
@@ -70,6 +74,19 @@ def _manifest_problem(manifest) -> str | None:
         return "no tokenizer vocab_size"
     if manifest.get("token_dtype") not in ("uint16", "int32"):
         return f"unknown token_dtype {manifest.get('token_dtype')!r}"
+    return _checksums_problem(manifest)
+
+
+def _checksums_problem(manifest: dict) -> str | None:
+    if CHECKSUMS not in manifest:
+        return None
+    records = manifest[CHECKSUMS]
+    if not isinstance(records, dict):
+        return f"'{CHECKSUMS}' is not a table of files"
+    for entry in manifest["tasks"]:
+        for name in task_files(entry):
+            if not is_record(records.get(name)):
+                return f"'{CHECKSUMS}' has no valid record of {name}"
     return None
 
 

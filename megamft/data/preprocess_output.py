@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from megamft.data.indexed import PARTIAL_SUFFIX, IndexedWriter
-from megamft.data.manifest import MANIFEST, OUTPUT_KIND, read_manifest, task_files
+from megamft.data.manifest import CHECKSUMS, MANIFEST, OUTPUT_KIND, read_manifest, task_files
 from megamft.data.preprocess_inputs import PreprocessError
 from megamft.platform.folder_lock import LOCK_NAME, FolderLock
 from megamft.platform.output_folder import (OUTPUT_MARKER, DestinationError, check_destination, mark_output,
@@ -102,9 +102,11 @@ class OutputFolder:
         return writer
 
     def publish(self, manifest: dict) -> None:
-        """Finish every file, then swap: old manifest out, data in, new manifest last."""
+        """Finish every file, record their checksums in the manifest, then swap: old manifest out, data in,
+        new manifest last."""
         for writer in self.writers:
             writer.finish()
+        manifest[CHECKSUMS] = {name: record for writer in self.writers for name, record in writer.checksums().items()}
         partial = self.path / (MANIFEST + PARTIAL_SUFFIX)
         with open(partial, "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

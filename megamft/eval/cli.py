@@ -56,7 +56,8 @@ def hf_model_folder(model: str):
 def run_humaneval(args: argparse.Namespace) -> int:
     from megamft.data.tokenizer import load_tokenizer
     from megamft.eval.generation import make_generator
-    from megamft.eval.humaneval import EvalSettings, evaluate
+    from megamft.eval.humaneval import EvalSettings, claim_output, evaluate
+    from megamft.eval.identity import model_identity, tokenizer_identity
     from megamft.eval.problems import load_problems
 
     settings = EvalSettings(str(Path(args.model).resolve()), args.prompt_format, args.template, args.n,
@@ -69,8 +70,10 @@ def run_humaneval(args: argparse.Namespace) -> int:
         if not args.tokenizer and not (folder / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder} has no tokenizer.json: give the model's tokenizer with --tokenizer")
         tokenizer = load_tokenizer(str(tokenizer_path))
+        identity = {"model": model_identity(folder), "tokenizer": tokenizer_identity(tokenizer)}
+        claim_output(settings, args.output, identity)  # before the model is loaded for generation
         summary = evaluate(settings, problems, tokenizer, make_generator(folder, args.backend), args.output,
-                           workers=args.workers)
+                           workers=args.workers, identity=identity)
     print(json.dumps({k: summary[k] for k in ("problems", "samples_per_problem", "pass_at_k", "sandbox")},
                      indent=2))
     return 0

@@ -2,25 +2,31 @@
 
 results.jsonl holds one line per finished problem, appended and fsynced as each one
 finishes; a rerun with the same settings skips the problems it holds (a half-written last
-line, from a kill mid-write, is cut off) and generates only the rest.
+line, from a kill mid-write, is cut off) and generates only the rest. settings.json records
+the settings and the model's and tokenizer's identity (eval/identity.py): a rerun with other
+settings or another model is refused, the same model under another path resumes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megamft.errors import UserError
 from megamft.eval.completions import code_from_answer, truncate_completion
+from megamft.eval.identity import identity_differences
 from megamft.eval.passk import mean_pass_at_k
 from megamft.eval.problems import Problem
 from megamft.eval.prompts import PromptBuilder
 from megamft.eval.sandbox import Limits, Sandbox
 
 RESULTS, SUMMARY, SETTINGS = "results.jsonl", "summary.json", "settings.json"
+log = logging.getLogger("megamft")
 
 
 @dataclass
@@ -91,17 +97,44 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _claim_settings(out_dir: Path, settings: EvalSettings) -> None:
+class OtherEvaluation(UserError, ValueError):
+    """An --output folder holding the results of another evaluation (other settings or another model)."""
+
+
+def _claim_settings(out_dir: Path, settings: EvalSettings, identity: dict | None) -> None:
+    """Record what decides the results, or refuse to add to results decided otherwise.
+
+    With identities on both sides the model is compared by content, not by path (settings.model).
+    """
     path = out_dir / SETTINGS
     wanted = asdict(settings)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-        if changed:
-            raise ValueError(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); "
-                             "use the same settings to resume, or another --output folder")
+    results = out_dir / RESULTS
+    if not path.exists() or not results.exists() or not results.stat().st_size:  # no result binds it yet
+        _write_atomic(path, json.dumps({**wanted, "identity": identity} if identity else wanted, indent=2))
         return
-    _write_atomic(path, json.dumps(wanted, indent=2))
+    saved = json.loads(path.read_text())
+    by_content = identity is not None and isinstance(saved.get("identity"), dict)
+    changed = sorted(k for k in wanted if saved.get(k) != wanted[k] and not (by_content and k == "model"))
+    if changed:
+        raise OtherEvaluation(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); "
+                              "use the same settings to resume, or another --output folder")
+    differences = identity_differences(saved["identity"], identity) if by_content else []
+    if differences:
+        raise OtherEvaluation(f"{out_dir} holds the results of another model than {settings.model}: "
+                              f"{'; '.join(differences)}. Evaluate the model those results are of to resume them "
+                              "(see its settings.json), or give another --output folder")
+    if identity is not None and not by_content:
+        log.warning("%s: its settings.json records no model identity (written by an older megamft): resuming "
+                    "it as the same model because the path is the same", out_dir)
+
+
+def claim_output(settings: EvalSettings, out_dir: str | Path, identity: dict | None = None) -> None:
+    """Check the settings, create `out_dir` and record them there, or refuse results of another evaluation:
+    called before the model is loaded, so a wrong --output costs no model load."""
+    settings.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_settings(out_dir, settings, identity)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -120,12 +153,15 @@ def _progress(total: int, done: int, enabled: bool):
 
 
 def evaluate(settings: EvalSettings, problems: list[Problem], tokenizer, generator, out_dir: str | Path,
-             workers: int = 4, sandbox: Sandbox | None = None, progress: bool | None = None) -> dict:
-    """Generate, execute and score every problem not already in `out_dir`; returns the summary."""
-    settings.check()
+             workers: int = 4, sandbox: Sandbox | None = None, progress: bool | None = None,
+             identity: dict | None = None) -> dict:
+    """Generate, execute and score every problem not already in `out_dir`; returns the summary.
+
+    identity: {"model": ..., "tokenizer": ...} (eval/identity.py) of what is evaluated; results of
+    another model in `out_dir` are then refused whatever its path.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _claim_settings(out_dir, settings)
+    claim_output(settings, out_dir, identity)
     results = out_dir / RESULTS
     done = read_done(results)
     builder = PromptBuilder(tokenizer, settings.prompt_format, settings.template)

@@ -32,6 +32,7 @@ from megamft.model.attention_window import check_backend_honours_window
 from megamft.model.attention import activate_flash_attention
 from megamft.model.spec import attention_backend_for
 from megamft.platform.device import describe_runtime
+from megamft.training import data_checks
 from megamft.training.data_report import report_data
 from megamft.training.expert_stats import ExpertStats, expert_shares
 from megamft.training.kernel_startup import prepare_fused_kernels
@@ -200,7 +201,8 @@ def _save(run: Run) -> None:
         extra["data_template"] = run.data.template
     path = dist_checkpoint.save(run.state, run.cfg.checkpoint.save_dir, run.iteration, run.consumed,
                                 run.cfg, extra=extra, async_saves=run.async_saves,
-                                lora_base=run.lora_base if run.cfg.lora.save_adapters_only else None)
+                                lora_base=run.lora_base if run.cfg.lora.save_adapters_only else None,
+                                data_identity=data_checks.checkpoint_data_identity(run.data))
     run.result.last_checkpoint = str(path)
 
 
@@ -474,7 +476,8 @@ def _build(cfg: MegamftConfig) -> Run:
         raise ValueError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
                          "go to TE as one 'thd' sequence); or use model.attention_backend=torch, or "
                          "data.mode=pad|dynamic")
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, verify=distributed.local_rank() == 0)  # one checking rank per node
+    data_checks.report_unverified(data)
     data.packed_attention = PACKED_ATTENTION[backend]
     if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
         raise ValueError(
@@ -535,6 +538,7 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
         lock, plan = _claim_save_folder(cfg)
         current = _build(cfg)
         _resume(current, plan)
+        data_checks.wait_for_checksums(current.data)
         start = current.iteration
         if start >= cfg.train.train_steps and distributed.is_logging_rank():
             log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
