@@ -177,6 +177,8 @@ def _parallel_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
         "context_parallel_size": p.context_parallel_size,
     }
     problems = [f"parallel.{k} must be >= 1, got {v}" for k, v in sizes.items() if v < 1]
+    if not p.distributed_timeout_minutes > 0:
+        problems.append(f"parallel.distributed_timeout_minutes must be > 0, got {p.distributed_timeout_minutes}")
     if problems:
         return problems
     tp, pp, cp = sizes.values()

@@ -17,8 +17,10 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
+def initialize(cfg: MegamftConfig) -> Runtime:
     """Create the process group and megatron's TP/PP/CP/DP groups, then seed.
+
+    Every group times out after parallel.distributed_timeout_minutes.
 
     Runs plain ``python`` too: without torchrun it becomes a world of one.
     """
@@ -26,6 +28,7 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     runtime = detect()
+    timeout = datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
     megatron_fixes.apply()
     if not runtime.cuda:
         cpu_emulation.enable()
@@ -36,9 +39,7 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
         os.environ.setdefault("WORLD_SIZE", "1")
         if runtime.cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(
-            backend=runtime.backend, timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
+        torch.distributed.init_process_group(backend=runtime.backend, timeout=timeout)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -47,10 +48,11 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
         context_parallel_size=p.context_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        distributed_timeout_minutes=p.distributed_timeout_minutes,
     )
     model_parallel_cuda_manual_seed(cfg.train.seed)
     global _host_group, _runtime
-    _host_group = torch.distributed.new_group(backend="gloo")
+    _host_group = torch.distributed.new_group(backend="gloo", timeout=timeout)
     _runtime = runtime
     return runtime
 
