@@ -55,3 +55,10 @@ def test_stated_memory_is_the_estimate(path, indexed_folder):
     computed = estimate(cfg, _world_size(path), cfg.model.vocab_size).total / 2**30
     assert abs(stated - computed) < 0.1, (stated, computed)
     assert computed < 80  # fits an H100's 80 GB
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "cluster"], ids=lambda p: p.name)
+def test_cluster_examples_save_asynchronously_with_dp_sharded_optimizer_state(path, indexed_folder):
+    """Saves then cost the training loop only their hand-over, and no rank gathers its DP group's state."""
+    cfg = _load(path, indexed_folder)
+    assert cfg.checkpoint.async_save and cfg.checkpoint.optimizer_format == "dp_sharded"

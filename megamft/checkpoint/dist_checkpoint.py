@@ -115,7 +115,7 @@ def _sharded_state(
             model, is_loading=loading, metadata=dict(optimizer_metadata)
         )
         sharded["scheduler"] = state.scheduler.state_dict()
-        sharded[sharding.LAYOUT_KEY] = sharding.model_parallel_layout(state.chunks)
+        sharded[sharding.LAYOUT_KEY] = sharding.optimizer_layout(state.chunks)
     sharded.update(extra or {})
     sharded["progress"] = {"iteration": iteration, "consumed_samples": consumed_samples}
     sharded["config"] = json.dumps(to_dict(cfg))
@@ -353,7 +353,7 @@ def load(
             "set checkpoint.load_optimizer=false to fine-tune from it"
         )
     if load_optimizer:
-        sharding.check_loadable_at(path, stored, common, sharding.model_parallel_layout(state.chunks))
+        sharding.check_loadable_at(path, stored, common, sharding.optimizer_layout(state.chunks))
         _create_empty_optimizer_state(state.optimizer)
     # RNG streams come back only into the layout that saved them (they are per TP/PP rank).
     saved_layout = common.get("rng_layout")

@@ -5,8 +5,8 @@ Two choices decide what a save costs and where its checkpoint loads:
 - The distributed optimizer's state format (``checkpoint.optimizer_format``).
   ``dp_sharded`` is megatron's ``dp_reshardable``: each rank writes its own
   shard of the optimizer state as it holds it (its buckets), with no gather
-  and no copy beyond the writer's own; the checkpoint loads at the saving
-  model-parallel layout (`model_parallel_layout`) with any DP or CP size.
+  (only the host copy every write makes); the checkpoint loads at the saving
+  model-parallel layout (`optimizer_layout`) with any DP size.
   ``reshardable`` is megatron's ``fully_reshardable``: every DP rank gathers
   its DP group's whole optimizer state for its TP/PP shard onto the host and
   writes it per parameter; the checkpoint loads at any layout.
@@ -56,12 +56,13 @@ def saved_metadata(common: dict) -> dict:
     return load_content_metadata(preloaded_state_dict=common) or dict(_UNRECORDED)
 
 
-def model_parallel_layout(chunks) -> dict:
-    """What dp_reshardable optimizer state depends on, by config key: the TP, PP, virtual-stage, EP and
-    ETP split, and the distributed optimizer's bucket size as megatron's DDP resolved it (None: one
-    bucket per buffer, as without ddp.overlap_grad_reduce; megatron's default grows with DP above 40)."""
+def optimizer_layout(chunks) -> dict:
+    """What dp_reshardable optimizer state depends on, by config key: the distributed optimizer itself, the
+    TP, PP, virtual-stage, EP and ETP split, and the bucket size megatron's DDP resolved (None: one bucket
+    per buffer, as without ddp.overlap_grad_reduce; megatron's default grows with DP above 40)."""
     ddp = getattr(chunks[0], "ddp_config", None)
     return {
+        "optimizer.use_distributed_optimizer": ddp.use_distributed_optimizer if ddp is not None else None,
         "parallel.tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "parallel.pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "parallel.virtual_pipeline_model_parallel_size": len(chunks) if len(chunks) > 1 else None,

@@ -286,7 +286,7 @@ class CheckpointConfig:
     optimizer_format: Literal["dp_sharded", "reshardable"] = "dp_sharded"
     """How saves write the distributed optimizer's state (loading reads either; megamft/checkpoint/sharding.py).
     dp_sharded: each rank writes its own shard as it holds it, no gather (megatron's dp_reshardable); the
-    checkpoint resumes at the same TP, PP, virtual stages, EP, ETP and ddp.bucket_size, with any DP or CP.
+    checkpoint resumes at the same TP, PP, virtual stages, EP, ETP and ddp.bucket_size, with any DP size.
     reshardable: every DP rank first gathers its TP/PP shard's whole fp32 state onto the host, about 12 bytes
     x parameters / (TP x PP) each (megatron's fully_reshardable); the checkpoint resumes at any layout."""
     resume: Literal["auto", "never"] = "auto"
