@@ -17,7 +17,7 @@ from megamft.testing.distributed import DistributedTestError, launch
 import jobs
 
 STEPS = 3
-BUCKETS = ("ddp.overlap_grad_reduce=true", "ddp.bucket_size=6000")  # several buckets of the ~30k-parameter model
+BUCKETS = ("ddp.overlap_grad_reduce=true", "ddp.bucket_size=6000")  # the test model's buffer in several buckets
 
 
 def _rel(a, b):
