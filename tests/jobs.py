@@ -453,3 +453,33 @@ def _logits_of_each(checkpoints, overrides, tokens, out_dirs: list[str] | None):
     finally:
         distributed.shutdown()
     return results if any(r is not None for r in results) else None
+
+
+def collective_timeouts(minutes: float) -> dict | None:
+    """How long rank 0 waits in a collective on each kind of group, rank 1 never joining, before it fails.
+
+    Returns {group: (seconds waited, error text)} on rank 0. Rank 1 stays alive past every wait, so
+    what ends each one is the timeout, not a closed connection.
+    """
+    import time
+
+    import torch
+    from megatron.core import parallel_state
+
+    from megamft.platform import distributed
+
+    distributed.initialize(tiny_config(f"parallel.distributed_timeout_minutes={minutes}"))
+    groups = {"world": (None, "cuda"), "data_parallel": (parallel_state.get_data_parallel_group(), "cuda"),
+              "host": (distributed.host_group(), "cpu")}
+    if torch.distributed.get_rank() == 1:
+        time.sleep(len(groups) * minutes * 60 + 5)
+        return None
+    waited = {}
+    for name, (group, device) in groups.items():
+        start = time.monotonic()
+        try:
+            torch.distributed.all_reduce(torch.zeros(1, device=device), group=group)
+            waited[name] = (time.monotonic() - start, "completed")
+        except RuntimeError as err:
+            waited[name] = (time.monotonic() - start, str(err)[:300])
+    return waited

@@ -1,10 +1,13 @@
-"""A checkpoint saved at TP=2 resumes at TP=1 and at PP=2 without changing the run.
+"""A reshardable checkpoint saved at TP=2 resumes at TP=1 and at PP=2 without changing the run.
 
 The uninterrupted TP=2 run is the reference: resuming from its step-1
 checkpoint in another layout must reproduce its losses for the steps after,
 which needs weights, optimizer moments, LR schedule and data position back.
 The reference saves asynchronously (megatron's background writer, then
-megamft's publish); test_preemption covers synchronous saves.
+megamft's publish) in checkpoint.optimizer_format=reshardable, the format that
+loads at any layout, from gradient buffers split into several buckets (as
+ddp.overlap_grad_reduce does on a cluster). test_checkpoint_formats covers the
+default, DP-sharded format, test_preemption synchronous saves.
 """
 
 from pathlib import Path
@@ -30,6 +33,7 @@ def uninterrupted(initial_weights, tmp_path_factory):
         "parallel.tensor_model_parallel_size=2", f"train.train_steps={STEPS}",
         f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
         f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval=1", "checkpoint.async_save=true",
+        "checkpoint.optimizer_format=reshardable", "ddp.overlap_grad_reduce=true", "ddp.bucket_size=6000",
     )
     result = launch(jobs.train, 2, kwargs={"overrides": overrides}, timeout=240)[0]
     return save_dir, result

@@ -57,3 +57,11 @@ def test_stated_memory_is_the_estimate(path, indexed_folder):
     # Fits an H100's 80 GB; mixture-of-experts runs keep 10% free for the all-to-all buffers and for routing
     # imbalance, which the estimate (balanced routing) does not count.
     assert computed < (0.9 * 80 if cfg.model.num_experts else 80), computed
+
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "cluster"], ids=lambda p: p.name)
+def test_cluster_examples_save_asynchronously_with_dp_sharded_optimizer_state(path, indexed_folder):
+    """Saves then cost the training loop only their hand-over, and no rank gathers its DP group's state."""
+    cfg = _load(path, indexed_folder)
+    assert cfg.checkpoint.async_save and cfg.checkpoint.optimizer_format == "dp_sharded"

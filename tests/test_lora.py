@@ -41,7 +41,8 @@ def test_adapter_only_checkpoints_resume_exactly_and_export_merged(initial_weigh
     from safetensors.torch import load_file
 
     common = LORA + ("train.train_steps=3", "checkpoint.save_interval=1", "parallel.tensor_model_parallel_size=2",
-                     f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false")
+                     f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
+                     "checkpoint.optimizer_format=reshardable")  # resumed below at TP=1
     full = launch(jobs.train, 2, timeout=240, kwargs={"overrides": common + (f"checkpoint.save_dir={tmp_path / 'full'}",)})[0]
     adapters = launch(jobs.train, 2, timeout=240, kwargs={"overrides": common + (
         f"checkpoint.save_dir={tmp_path / 'adapters'}", "lora.save_adapters_only=true")})[0]

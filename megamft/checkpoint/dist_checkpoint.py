@@ -1,7 +1,7 @@
 """megatron dist checkpoints that count only once complete.
 
 Layout of a save folder:
-    iter_0000040/          one complete dist checkpoint (any TP/PP/DP can load it)
+    iter_0000040/          one complete dist checkpoint (which layouts load it: see sharding)
     latest                 text file naming the newest complete iteration
 A checkpoint is written to ``iter_XXXXXXX.partial`` and renamed when every rank
 has finished, then ``latest`` is replaced atomically. A run killed mid-write
@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megamft.checkpoint import global_view
+from megamft.checkpoint import global_view, sharding
 from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, complete_dir, complete_iterations,
                                        iteration_dir, latest_iteration, write_atomically)
 from megamft.checkpoint.global_view import tensor_index
@@ -41,8 +42,8 @@ from megamft.platform.signals import preemption_signals_deferred
 
 log = logging.getLogger(__name__)
 LORA_BASE = "lora_base"  # in an adapter-only checkpoint: where its base weights are
-# fully_reshardable optimizer state loads at any TP/PP/DP, not only the saving one.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Optimizer tensors; megatron prefixes each optimizer's keys with chained_<i>. when there are several (MoE).
+_OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
 
 
 def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -99,9 +100,10 @@ def _adapters(model_state: dict) -> dict:
 
 
 def _sharded_state(
-    state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, with_optimizer: bool,
+    state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, optimizer_metadata: dict | None,
     extra: dict | None = None, with_rng: bool = False, adapters_only: bool = False,
 ):
+    """The sharded state dict to save or load; the optimizer's (in `optimizer_metadata`'s format) unless None."""
     model = {f"model{i}": bare_model(chunk).sharded_state_dict() for i, chunk in enumerate(state.chunks)}
     if adapters_only:  # the frozen base stays in its own checkpoint (`lora_base`)
         model = {name: _adapters(chunk_state) for name, chunk_state in model.items()}
@@ -109,12 +111,13 @@ def _sharded_state(
     if with_rng:
         sharded["rng_state"] = _rng_state()
         sharded["rng_layout"] = _layout()
-    if with_optimizer:
+    if optimizer_metadata is not None:
         # Nested per chunk: the chunks' local keys repeat ("decoder.layers.0...").
         sharded["optimizer"] = state.optimizer.sharded_state_dict(
-            model, is_loading=loading, metadata=_OPTIMIZER_METADATA
+            model, is_loading=loading, metadata=dict(optimizer_metadata)
         )
         sharded["scheduler"] = state.scheduler.state_dict()
+        sharded[sharding.LAYOUT_KEY] = sharding.optimizer_layout(state.chunks)
     sharded.update(extra or {})
     sharded["progress"] = {"iteration": iteration, "consumed_samples": consumed_samples}
     sharded["config"] = json.dumps(to_dict(cfg))
@@ -292,7 +295,8 @@ def save(
                              "base checkpoint; use another checkpoint.save_dir")
         extra = {**(extra or {}), LORA_BASE: lora_base}
     gather_parameters(state.chunks)
-    sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, with_optimizer, extra,
+    metadata = sharding.content_metadata(cfg) if with_optimizer else None
+    sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, metadata, extra,
                              with_rng=with_optimizer, adapters_only=lora_base is not None)
 
     def finish() -> None:
@@ -310,13 +314,14 @@ def save(
                 prune(save_dir, cfg.checkpoint.keep_last, {lora_base["iteration"]} if base_here else set())
 
     if async_saves is not None:
-        request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
+        request = dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), async_sharded_save=True,
+                                          content_metadata=metadata)
         if request.async_fn is not None:
             request = request._replace(async_fn=functools.partial(_write_in_background, iteration, request.async_fn))
         request.add_finalize_fn(finish)
         async_saves.schedule(request)
         return final
-    dist_checkpointing.save(sharded, str(partial))
+    dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), content_metadata=metadata)
     torch.distributed.barrier()
     finish()
     torch.distributed.barrier()
@@ -348,25 +353,28 @@ def load(
         if _same_checkpoint(base, load_dir, iteration):
             raise RuntimeError(f"{path} holds adapters only and names itself as its base; its base weights are lost")
         load(state, base["dir"], cfg, load_optimizer=False, iteration=base["iteration"])
-    if load_optimizer and not any(k.startswith("optimizer.") for k in stored):
+    if load_optimizer and not any(_OPTIMIZER_KEY.match(k) for k in stored):
         raise ValueError(
             f"{path} holds weights only (e.g. converted from Hugging Face), no optimizer state; "
             "set checkpoint.load_optimizer=false to fine-tune from it"
         )
     if load_optimizer:
+        sharding.check_loadable_at(path, stored, common, sharding.optimizer_layout(state.chunks))
         _create_empty_optimizer_state(state.optimizer)
     # RNG streams come back only into the layout that saved them (they are per TP/PP rank).
     saved_layout = common.get("rng_layout")
     if saved_layout is not None and len(saved_layout) == 2:  # saved before the platform was recorded: CPU
         saved_layout = [*saved_layout, "cpu"]
     same_layout = load_optimizer and saved_layout == _layout()
-    sharded = _sharded_state(state, 0, iteration, cfg, True, load_optimizer, with_rng=same_layout,
+    metadata = sharding.saved_metadata(common) if load_optimizer else None
+    sharded = _sharded_state(state, 0, iteration, cfg, True, metadata, with_rng=same_layout,
                              adapters_only=base is not None)
     if not any(".lora_" in key for key in stored):  # a base model for a new LoRA fine-tune
         for name in [k for k in sharded if k.startswith("model")]:
             sharded[name] = {k: v for k, v in sharded[name].items() if ".lora_" not in k}
     with _naming_damage(path):
-        loaded, _, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
+        loaded, _, absent = dist_checkpointing.load(sharded, str(path), sharding.load_strategy(path),
+                                                    strict=StrictHandling.RETURN_ALL)
     _check_nothing_needed_is_absent(path, absent, not load_optimizer)
     for i, chunk in enumerate(state.chunks):
         result = bare_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)

@@ -130,6 +130,10 @@ class ParallelConfig:
     """EP: a mixture-of-experts layer's experts are split over this many ranks (carved out of DP x CP)."""
     expert_tensor_parallel_size: Optional[Size] = None
     """ETP: each expert's matrices are split over this many ranks (None: the same as TP)."""
+    distributed_timeout_minutes: Positive = 10.0
+    """How long a collective may wait for the slowest rank before the job fails with a timeout (the process
+    group's, megatron's groups' and megamft's host group's timeout; Megatron-LM's default is 10 too). Raise it
+    when one rank can legitimately keep the others waiting longer, e.g. a slow first load from shared storage."""
 
 
 @dataclass
@@ -303,6 +307,12 @@ class CheckpointConfig:
     """On SIGTERM or SIGUSR1 (preemption), save after the current step and exit cleanly."""
     async_save: bool = False
     """Write checkpoints from background processes while training goes on (megatron's async save)."""
+    optimizer_format: Literal["dp_sharded", "reshardable"] = "dp_sharded"
+    """How saves write the distributed optimizer's state (loading reads either; megamft/checkpoint/sharding.py).
+    dp_sharded: each rank writes its own shard as it holds it, no gather (megatron's dp_reshardable); the
+    checkpoint resumes at the same TP, PP, virtual stages, EP, ETP and ddp.bucket_size, with any DP size.
+    reshardable: every DP rank first gathers its TP/PP shard's whole fp32 state onto the host, about 12 bytes
+    x parameters / (TP x PP) each (megatron's fully_reshardable); the checkpoint resumes at any layout."""
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the latest checkpoint in save_dir when there is one (so re-running the same
     command after a kill or requeue continues the run), else start from load_dir's weights; never: load

@@ -71,8 +71,10 @@ def set_device_max_connections(cfg: MegamftConfig) -> str | None:
     return None
 
 
-def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
+def initialize(cfg: MegamftConfig) -> Runtime:
     """Create the process group and megatron's TP/PP/CP/DP groups, then seed.
+
+    Every group times out after parallel.distributed_timeout_minutes.
 
     Runs plain ``python`` too: without torchrun it becomes a world of one. First of all, before
     any CUDA call, sets CUDA_DEVICE_MAX_CONNECTIONS=1 where the layout needs it.
@@ -84,6 +86,7 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     runtime = detect()
+    timeout = datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
     megatron_fixes.apply()
     if not runtime.cuda:
         cpu_emulation.enable()
@@ -98,9 +101,7 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
         os.environ.setdefault("WORLD_SIZE", "1")
         if runtime.cuda:
             torch.cuda.set_device(local_rank())
-        torch.distributed.init_process_group(
-            backend=runtime.backend, timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
+        torch.distributed.init_process_group(backend=runtime.backend, timeout=timeout)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -109,10 +110,11 @@ def initialize(cfg: MegamftConfig, timeout_minutes: float = 10.0) -> Runtime:
         context_parallel_size=p.context_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        distributed_timeout_minutes=p.distributed_timeout_minutes,
     )
     model_parallel_cuda_manual_seed(cfg.train.seed)
     global _host_group, _runtime
-    _host_group = torch.distributed.new_group(backend="gloo")
+    _host_group = torch.distributed.new_group(backend="gloo", timeout=timeout)
     _runtime = runtime
     return runtime
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 _applied = False
 
 
@@ -18,6 +20,8 @@ def apply() -> None:
     if _applied:
         return
     _keep_torch_adam_step_on_reshardable_load()
+    _load_dp_reshardable_state_without_autograd()
+    _save_fully_reshardable_state_from_its_own_offsets()
     _define_te_general_gemm_without_transformer_engine()
     _applied = True
 
@@ -47,6 +51,59 @@ def _define_te_general_gemm_without_transformer_engine() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _load_dp_reshardable_state_without_autograd() -> None:
+    """Loading 'dp_reshardable' optimizer state into fp32 training raises RuntimeError: a view of a leaf
+    Variable that requires grad is being used in an in-place operation.
+
+    Without mixed precision the distributed optimizer's main parameters are views of
+    the model's parameters, and load_parameter_state_from_dp_reshardable copies into
+    them with autograd on (its fully_reshardable counterpart runs under no_grad).
+    Loading is no computation to differentiate; it runs under no_grad here too.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    DistributedOptimizer.load_parameter_state_from_dp_reshardable = torch.no_grad()(
+        DistributedOptimizer.load_parameter_state_from_dp_reshardable)
+
+
+def _save_fully_reshardable_state_from_its_own_offsets() -> None:
+    """Saving 'fully_reshardable' optimizer state of a gradient buffer split into several buckets (as
+    ddp.overlap_grad_reduce does) writes every parameter past the first bucket from the wrong offset.
+
+    get_parameter_state_dp_zero packs each buffer's buckets one after the other without their end
+    padding; sharded_param_state_fully_reshardable slices that packing with param_index_map's offsets,
+    which count the padding. Later parameters get a neighbour's values, the last ones zeros (with a
+    warning); a resume trains from corrupted moments and master weights, silently. (Megatron-LM PR #5077
+    fixes it upstream.) The function here sees offsets into the packing; the buffers keep their own.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.sharded_param_state_fully_reshardable
+
+    @functools.wraps(original)
+    def sharded_state(self, *args, **kwargs):
+        own = [buffer.param_index_map for buffer in self.buffers]
+        try:
+            for buffer in self.buffers:
+                buffer.param_index_map = _offsets_without_bucket_padding(buffer)
+            return original(self, *args, **kwargs)
+        finally:
+            for buffer, index_map in zip(self.buffers, own):
+                buffer.param_index_map = index_map
+
+    DistributedOptimizer.sharded_param_state_fully_reshardable = sharded_state
+
+
+def _offsets_without_bucket_padding(buffer) -> dict:
+    """param_index_map with each (start, end) moved down by the end padding of the buckets before its own."""
+    padding_before, padding = [], 0
+    for bucket in buffer.buckets:
+        padding_before.append(padding)
+        padding += bucket.grad_data.numel() - bucket.numel_unpadded
+    return {param: (start - padding_before[bucket_id], end - padding_before[bucket_id], bucket_id)
+            for param, (start, end, bucket_id) in buffer.param_index_map.items()}
+
+
 def _keep_torch_adam_step_on_reshardable_load() -> None:
     """Loading 'fully_reshardable' optimizer state with torch's Adam raises KeyError: 'step'.
 
@@ -56,7 +113,9 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
     whose per-parameter state holds 'step'. load_state_dict first restores that
     'step' from the checkpoint's param groups, then copies every state key from
     the resharded tensors, which never include 'step'. We pass the restored
-    step through so the copy leaves it as it is.
+    step through so the copy leaves it as it is. ('dp_reshardable' tensors do
+    include a 'step': this rank's value from before the load, not the
+    checkpoint's, which the copy would put back; the restored one wins there too.)
 
     The restored 'step' is also one tensor object shared by every parameter;
     torch's Adam increments each parameter's step in place, so the shared
@@ -69,7 +128,7 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
 
     @functools.wraps(original)
     def set_states(self, model_param, tensors):
-        if ("step" not in tensors and keeps_step_per_parameter(self.optimizer)
+        if (keeps_step_per_parameter(self.optimizer)
                 and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8):
             group_index, group_order = self.model_param_group_index_map[model_param]
             main_param = self.optimizer.param_groups[group_index]["params"][group_order]
