@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megamft.config import DataConfig
+from megamft.config import ConfigError, DataConfig
 from megamft.data.conversation import ROLE_NAMES
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import open_indexed
@@ -77,7 +77,7 @@ class TrainSequences:
         rows = build_rows(tasks, docs, lengths, self.cfg.mode, self.cfg.seq_length, self.cfg.pack_window,
                           seed=self.cfg.seed + e)
         if len(rows) == 0:
-            raise ValueError("a data epoch has no sequence: check data.epoch_samples and the task weights")
+            raise ConfigError("a data epoch has no sequence: check data.epoch_samples and the task weights")
         self._epoch_rows.append(rows)
         self._starts.append(self._starts[-1] + len(rows))
 
@@ -150,8 +150,8 @@ def load_data(cfg: DataConfig) -> MultitaskData:
     train_docs, valid = [], {}
     for task, (name, store) in enumerate(zip(names, stores)):
         if len(store.lengths) <= cfg.valid_samples_per_task:
-            raise ValueError(f"task {name}: only {len(store.lengths)} samples; "
-                             "lower data.valid_samples_per_task or add data")
+            raise ConfigError(f"task {name}: only {len(store.lengths)} samples; "
+                              "lower data.valid_samples_per_task or add data")
         train, held_out = split_train_valid(len(store.lengths), cfg.valid_samples_per_task,
                                             cfg.max_samples_per_task, cfg.seed, task)
         train_docs.append(train)

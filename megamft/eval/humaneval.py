@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megamft.eval import EvaluationError
 from megamft.eval.completions import code_from_answer, truncate_completion
 from megamft.eval.passk import mean_pass_at_k
 from megamft.eval.problems import Problem
@@ -79,7 +80,7 @@ def read_done(path: Path) -> dict[str, dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number}: not a JSON line; move the file away to start over") from None
+            raise EvaluationError(f"{path}:{number}: not a JSON line; move the file away to start over") from None
         done[record["task_id"]] = record
     return done
 
@@ -98,7 +99,7 @@ def _claim_settings(out_dir: Path, settings: EvalSettings) -> None:
         saved = json.loads(path.read_text())
         changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
         if changed:
-            raise ValueError(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); "
+            raise EvaluationError(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); "
                              "use the same settings to resume, or another --output folder")
         return
     _write_atomic(path, json.dumps(wanted, indent=2))
