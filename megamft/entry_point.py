@@ -71,6 +71,8 @@ _OS_ADVICE = {
     errno.EISDIR: "is a folder where a file is expected; check the path",
     errno.ENAMETOOLONG: "file name too long; choose a shorter path",
     errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+    errno.EIO: "input/output error (a failing disk or network file system); check that file system",
+    errno.ESTALE: "stale file handle (the network file system lost it); check the mount, then run again",
 }
 _NO_PATH_NEEDED = (errno.ENOSPC, errno.EDQUOT, errno.EMFILE)  # said of the disk or the process, not a file
 
@@ -117,7 +119,8 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
         except KeyboardInterrupt:
             if debugging():
                 traceback.print_exc()
-            _say(prog, "interrupted")
+            if _env_local_rank() == 0:  # Ctrl-C reaches every process of a node alike
+                _say(prog, "interrupted")
             return INTERRUPTED_EXIT
         except OSError as err:
             line = os_error_line(err)

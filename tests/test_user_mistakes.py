@@ -90,6 +90,9 @@ CASES += [
     Mistake("launch: an option torchrun does not know",
             ["megamft", "launch", "--nproc-per-node", "2", "--bogus", "-m", "megamft", "train"],
             message=r"^megamft launch: unrecognized arguments: --bogus"),
+    Mistake("launch: a --master-port another process listens on",
+            ["megamft", "launch", "--nproc-per-node", "2", "--master-port", "{port}", "-m", "megamft", "train"],
+            message=r"^megamft launch: port \d+ is in use", busy_port=True, env={"OMP_NUM_THREADS": "1"}),
 ]
 SEVERAL_RANKS = [  # the workers say it once; then megamft launch names the rank that failed first
     (Mistake("launch: a config error every rank finds",

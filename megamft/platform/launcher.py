@@ -75,25 +75,42 @@ def _launch(argv: list[str]) -> int:
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, _pass_to_workers)
     from torch.distributed import DistNetworkError, run as torchrun  # here: the parsing above must stay quick
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
     parser = torchrun.get_args_parser()
     parser.error = _usage_error  # one line, as for every megamft command
     args = parser.parse_args(arguments)
-    if not debugging():  # its log repeats, in many lines, what the worker and the line below say
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if not debugging():
+        _quiet_agent_log()
     try:
         record(torchrun.run)(args)
     except ChildFailedError as err:
         if debugging():
             traceback.print_exc()  # torchrun's report
         return _report_failed_worker(err)
+    except SignalException as err:  # SIGINT, SIGHUP or SIGQUIT: the agent stopped its workers
+        if debugging():
+            traceback.print_exc()
+        print(f"megamft launch: stopped by {err.sigval.name}; every worker was stopped", file=sys.stderr,
+              flush=True)
+        return 128 + int(err.sigval)
     except DistNetworkError as err:
         if "EADDRINUSE" not in str(err):
             raise
         raise LaunchError(f"port {args.master_port} is in use (another job on this node?): choose a free one "
                           "with --master-port, or leave it out on a single node") from err
     return 0
+
+
+def _quiet_agent_log() -> None:
+    """The agent's log repeats, in many lines, what the workers and megamft launch's line say.
+
+    Its modules' loggers set their own level (torch.distributed.elastic.utils.logging), so each is set here.
+    """
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _usage_error(message: str):
