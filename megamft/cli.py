@@ -8,13 +8,12 @@ import os
 import sys
 import time
 
-from megamft.config import ConfigError, load_config, validate
-from megamft.platform.device import broken_transformer_engine_message
-from megamft.platform.distributed import set_device_max_connections, world_size_from_env
+from megamft.entry_point import ArgumentParser, run_command
+from megamft.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megamft", description=__doc__)
+    parser = ArgumentParser(prog="megamft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train (under torchrun for several processes)")
     train.add_argument("--config", action="append", help="YAML config file (repeat to layer files)")
@@ -105,24 +104,27 @@ def main(argv: list[str] | None = None) -> int:
         from megamft.platform.launcher import main as launch  # torchrun's options pass through unparsed
 
         return launch(argv[1:])
+    return run_command("megamft", lambda: _run(argv))
+
+
+def _run(argv: list[str]) -> int:
+    from megamft.config import load_config, validate
+    from megamft.platform.device import broken_transformer_engine_message
+    from megamft.platform.distributed import set_device_max_connections, world_size_from_env
+
     args = _parser().parse_args(argv)
     broken = broken_transformer_engine_message()
     if broken:  # before anything imports megatron-core, which would stop on it with a traceback
-        print(f"megamft: {broken}", file=sys.stderr)
-        return 2
+        raise UserError(broken)
     if args.command == "build-kernels":
         return _build_kernels(args.build_dir, args.verbose)
     if args.command == "eval":
         from megamft.eval.cli import run_humaneval
 
         return run_humaneval(args)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        world_size = args.world_size if args.command == "check" else world_size_from_env()
-        validate(cfg, world_size)
-    except ConfigError as err:
-        print(f"megamft: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    world_size = args.world_size if args.command == "check" else world_size_from_env()
+    validate(cfg, world_size)
     if args.command == "check":
         print(f"{', '.join(args.config or ['default config'])}: valid for world size {world_size}")
         _print_fast_settings(cfg)

@@ -4,25 +4,27 @@
 """
 
 import argparse
-import sys
 
-from megamft.config import ConfigError, load_config, validate
-from megamft.training.memory_estimate import estimate
+from megamft.config import load_config, validate
+from megamft.entry_point import ArgumentParser, run_command
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_command("estimate_memory", lambda: _estimate(argv))
+
+
+def _estimate(argv) -> int:
+    from megamft.training.memory_estimate import estimate
+
+    parser = ArgumentParser(prog="estimate_memory", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", required=True, help="YAML config (repeatable)")
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--vocab-size", type=int, help="when model.vocab_size is unset (default 262, byte tokens)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg, args.world_size)
-    except ConfigError as err:
-        print(f"estimate_memory: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, args.world_size)
     vocab = cfg.model.vocab_size or args.vocab_size or 262
     print(estimate(cfg, args.world_size, vocab).describe())
     return 0

@@ -14,10 +14,16 @@ import os
 from pathlib import Path
 
 from megamft.data.stdlib_corpus import build_corpus
+from megamft.entry_point import ArgumentParser, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_command("export_stdlib_corpus", lambda: _export(argv))
+
+
+def _export(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog="export_stdlib_corpus", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--max-chars", type=int, default=2000, help="longest sample, in characters")
     parser.add_argument("--samples-per-task", type=int, default=5000)

@@ -8,12 +8,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megamft.data.preprocess import input_files
-from megamft.data.train_tokenizer import train_sentencepiece
+from megamft.entry_point import ArgumentParser, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_command("train_tokenizer", lambda: _train(argv))
+
+
+def _train(argv: list[str] | None) -> int:
+    from megamft.data.preprocess import input_files
+    from megamft.data.train_tokenizer import train_sentencepiece
+
+    parser = ArgumentParser(prog="train_tokenizer", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, nargs="+", help=".jsonl/.jsonl.gz files or folders")
     parser.add_argument("--out", required=True, type=Path, help="the .model file to write")
     parser.add_argument("--vocab-size", type=int, default=8000)

@@ -6,16 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+from megamft.entry_point import ArgumentParser, run_command
+from megamft.errors import UserError
 
-from megamft.checkpoint import hf_convert
+_DTYPES = ("bf16", "fp16", "fp32")
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def _dtype(name: str | None):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name] if name else None
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megamft-convert", description=__doc__)
+    parser = ArgumentParser(prog="megamft-convert", description=__doc__)
     commands = parser.add_subparsers(dest="direction", required=True)
     to_megatron = commands.add_parser("hf-to-megatron", help="Hugging Face folder -> megamft checkpoint")
     to_megatron.add_argument("--hf", required=True, type=Path, help="folder with config.json and safetensors")
@@ -24,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="TP of the training run: each of its ranks then reads only its own shard")
     to_megatron.add_argument("--target-pp", type=int, default=1,
                              help="PP of the training run: one data file per TP x PP rank")
-    to_megatron.add_argument("--dtype", choices=sorted(_DTYPES), help="store as (default: as in the source)")
+    to_megatron.add_argument("--dtype", choices=_DTYPES, help="store as (default: as in the source)")
     to_megatron.add_argument("--dry-run", action="store_true", help="print the planned mapping, write nothing")
     to_megatron.add_argument("--overwrite", action="store_true",
                              help="replace an --out that holds something other than an earlier conversion")
@@ -32,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--checkpoint", required=True, type=Path, help="save folder (uses 'latest') or iter_* folder")
     to_hf.add_argument("--out", required=True, type=Path, help="Hugging Face folder to create")
     to_hf.add_argument("--hf-template", type=Path, help="original HF folder: tokenizer files and extra config keys")
-    to_hf.add_argument("--dtype", choices=sorted(_DTYPES), help="save as (default: as stored)")
+    to_hf.add_argument("--dtype", choices=_DTYPES, help="save as (default: as stored)")
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
     to_hf.add_argument("--overwrite", action="store_true",
                        help="replace an --out that holds something other than an earlier export")
@@ -51,24 +55,36 @@ def _print_plan(model, chunks) -> None:
 
 
 def _hf_to_megatron(args) -> None:
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+    from tqdm import tqdm
+
+    from megamft.checkpoint import hf_convert
+
+    dtype = _dtype(args.dtype)
     model, _, chunks, _ = hf_convert.plan_hf_to_megatron(args.hf, dtype, args.target_tp, args.target_pp)
     if args.dry_run:
         _print_plan(model, chunks)
         return
-    with tqdm(total=len(chunks), desc="hf-to-megatron", unit="tensor") as bar:
+    # disable=None: a bar on a terminal only, not in a log
+    with tqdm(total=len(chunks), desc="hf-to-megatron", unit="tensor", disable=None) as bar:
         path = hf_convert.hf_to_megatron(args.hf, args.out, dtype, progress=lambda chunk: bar.update(),
                                          overwrite=args.overwrite, tp=args.target_tp, pp=args.target_pp)
     print(f"wrote {path}\nmodel section: {args.out / 'megamft_model.yaml'}")
 
 
 def _megatron_to_hf(args) -> None:
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+    from tqdm import tqdm
+
+    from megamft.checkpoint import hf_convert
+
+    if args.hf_template is not None and not args.hf_template.is_dir():
+        raise UserError(f"--hf-template {args.hf_template} is not a folder; give the Hugging Face folder the "
+                        "checkpoint was converted from (or leave --hf-template out)")
+    dtype = _dtype(args.dtype)
     bars = []  # opened at the first layer written: a refusal before it is one line, without a bar
 
     def progress(layer) -> None:
         if not bars:
-            bars.append(tqdm(desc="megatron-to-hf", unit="layer"))
+            bars.append(tqdm(desc="megatron-to-hf", unit="layer", disable=None))
         bars[0].update()
 
     try:
@@ -83,18 +99,17 @@ def _megatron_to_hf(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("megamft-convert", lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.direction == "hf-to-megatron" and min(args.target_tp, args.target_pp) < 1:
-        print("megamft-convert: --target-tp and --target-pp must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        if args.direction == "hf-to-megatron":
-            _hf_to_megatron(args)
-        else:
-            _megatron_to_hf(args)
-    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
-        print(f"megamft-convert: {err}", file=sys.stderr)
-        return 2
+        raise UserError("--target-tp and --target-pp must be >= 1")
+    if args.direction == "hf-to-megatron":
+        _hf_to_megatron(args)
+    else:
+        _megatron_to_hf(args)
     return 0
 
 

@@ -29,8 +29,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megamft.checkpoint import global_view, sharding
-from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, complete_dir, complete_iterations,
-                                       iteration_dir, latest_iteration, write_atomically)
+from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, CheckpointError, complete_dir,
+                                       complete_iterations, iteration_dir, latest_iteration, write_atomically)
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
 from megamft.model.moe import ROUTER_LOSS_FIELDS
@@ -147,9 +147,9 @@ def _check_nothing_needed_is_absent(path: Path, keys, adapters_may_be_absent: bo
     failed = torch.tensor([1 if needed else 0])
     torch.distributed.all_reduce(failed, group=distributed.host_group())
     if failed.item() and not needed:
-        raise RuntimeError(f"{path} does not match this model (reported on another rank)")
+        raise CheckpointError(f"{path} does not match this model (reported on another rank)")
     if needed:
-        raise RuntimeError(
+        raise CheckpointError(
             f"{path} does not match this model: {len(needed)} tensor(s) absent or unexpected, "
             f"e.g. {needed[:4]}; check the model section of the config against the checkpoint's "
             "megamft_config.json"
@@ -188,7 +188,7 @@ def _check_model_matches(path: Path, common: dict, cfg: MegamftConfig) -> None:
             log.warning("%s: loading into a changed model (checkpoint.allow_config_change=true): %s", path,
                         "; ".join(differences))
         return
-    raise RuntimeError(
+    raise CheckpointError(
         f"{path} was saved with another model section; differs in: {'; '.join(differences)}. Use the "
         "checkpoint's model section (its megamft_config.json, or megamft_model.yaml of a conversion), or set "
         "checkpoint.allow_config_change=true if the change is deliberate")
@@ -203,7 +203,7 @@ def _naming_damage(path: Path):
             CheckpointingException) as err:
         earlier = sorted(p.name for p in path.parent.glob("iter_*") if p.is_dir() and p != path)
         hint = f" (also here: {', '.join(earlier[-3:])})" if earlier else ""
-        raise RuntimeError(
+        raise CheckpointError(
             f"{path} cannot be read ({type(err).__name__}: {str(err)[:300]}). If one of its files was cut short "
             f"or corrupted, load an earlier checkpoint with checkpoint.load_iteration=N{hint} or restore the "
             "folder from a copy; if it belongs to another model, check the model section") from err
@@ -291,7 +291,7 @@ def save(
     kill_point("save.started", iteration)
     if lora_base is not None:
         if _same_checkpoint(lora_base, save_dir, iteration):
-            raise ValueError(f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
+            raise CheckpointError(f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
                              "base checkpoint; use another checkpoint.save_dir")
         extra = {**(extra or {}), LORA_BASE: lora_base}
     gather_parameters(state.chunks)
@@ -340,10 +340,11 @@ def load(
     if iteration is None:
         iteration = latest_iteration(load_dir)
     if iteration is None:
-        raise FileNotFoundError(f"no complete checkpoint in {load_dir} (no '{LATEST}' file)")
+        raise CheckpointError(f"no complete checkpoint in {load_dir} (no '{LATEST}' file): give the save folder "
+                              "of a run, or a conversion's output, as checkpoint.load_dir")
     path = complete_dir(load_dir, iteration)
     if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete megatron dist checkpoint")
+        raise CheckpointError(f"{path} is not a complete megatron dist checkpoint (no metadata.json)")
     with _naming_damage(path):
         stored = tensor_index(path)
         common = global_view.read_common(path)
@@ -351,10 +352,10 @@ def load(
     base = common.get(LORA_BASE)
     if base is not None:  # adapter-only: the frozen weights come from the base checkpoint first
         if _same_checkpoint(base, load_dir, iteration):
-            raise RuntimeError(f"{path} holds adapters only and names itself as its base; its base weights are lost")
+            raise CheckpointError(f"{path} holds adapters only and names itself as its base; its base weights are lost")
         load(state, base["dir"], cfg, load_optimizer=False, iteration=base["iteration"])
     if load_optimizer and not any(_OPTIMIZER_KEY.match(k) for k in stored):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds weights only (e.g. converted from Hugging Face), no optimizer state; "
             "set checkpoint.load_optimizer=false to fine-tune from it"
         )

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megamft.checkpoint.layout import LATEST, iteration_dir, write_atomically
+from megamft.checkpoint.layout import LATEST, CheckpointError, iteration_dir, write_atomically
 from megamft.platform.output_folder import publish
 
 # What megatron's dist_checkpointing.load expects beside the tensor data.
@@ -216,11 +216,13 @@ def read_regions(checkpoint_dir: str | Path, regions: Iterable[Region]) -> list[
     index = tensor_index(checkpoint_dir)
     missing = [r.key for r in regions if r.key not in index]
     if missing:
-        raise KeyError(f"{checkpoint_dir} has no tensor {missing[0]!r}")
+        raise CheckpointError(f"{checkpoint_dir} has no tensor {missing[0]!r}: not a checkpoint of the model its "
+                              "config describes; check the checkpoint folder")
     for r in regions:
         stored = tuple(index[r.key].size)
         if len(stored) != len(r.shape) or any(o + n > s for o, n, s in zip(r.offsets, r.shape, stored)):
-            raise ValueError(f"{checkpoint_dir}: region {r.offsets}+{r.shape} lies outside {r.key} {stored}")
+            raise CheckpointError(f"{checkpoint_dir}: region {r.offsets}+{r.shape} lies outside {r.key} {stored}: "
+                                  "the checkpoint does not match the model its config describes")
     destinations = [torch.empty(r.shape, dtype=index[r.key].properties.dtype) for r in regions]
     reader = FileSystemReader(str(checkpoint_dir))
     dcp_load({}, storage_reader=reader, planner=_RegionLoadPlanner(regions, destinations), no_dist=True)

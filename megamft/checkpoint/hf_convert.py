@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Callable
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megamft.checkpoint import global_view, hf_moe, tp_pieces
@@ -103,6 +104,26 @@ def to_hf(mapping: Mapping, tensor: torch.Tensor, d: Dims) -> list[torch.Tensor]
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConversionError(f"{path}: not valid JSON ({err}); the download may be cut short: fetch it "
+                              "again") from None
+
+
+def _open_safetensors(path: Path):
+    """safe_open, with a damaged or missing file named as the user's to fix."""
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as err:
+        raise ConversionError(f"{path}: not a readable safetensors file ({err}); it may be cut short or "
+                              "damaged: download it again") from None
+    except FileNotFoundError:
+        raise ConversionError(f"{path} is missing (model.safetensors.index.json names it); download it "
+                              "again") from None
+
+
 class SafetensorsFolder:
     """Lazy access to a (possibly sharded) safetensors checkpoint; tracks what was read."""
 
@@ -110,9 +131,11 @@ class SafetensorsFolder:
         self.folder = folder
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: no 'weight_map'; download it again")
         elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", "pt") as handle:
+            with _open_safetensors(folder / "model.safetensors") as handle:
                 weight_map = {name: "model.safetensors" for name in handle.keys()}
         else:
             raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json")
@@ -122,7 +145,7 @@ class SafetensorsFolder:
     # Each access opens and closes its file: an open file stays memory-mapped,
     # and every tensor read from it would stay resident until the end.
     def _open(self, name: str):
-        return safe_open(self.folder / self.weight_map[name], "pt")
+        return _open_safetensors(self.folder / self.weight_map[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         with self._open(name) as handle:
@@ -181,7 +204,7 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None, tp: int 
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = _read_json(config_path)
     model = model_config_from_hf(hf_config, str(config_path))
     model.hf_architecture = hf_config["architectures"][0]
     family = FAMILIES[model.hf_architecture]
@@ -442,7 +465,13 @@ class _ShardWriter:
     def _flush(self) -> None:
         index = len(self.files)
         file = f"model-{index + 1:05d}.safetensors"
-        save_file(self.pending, self.folder / file, metadata={"format": "pt"})
+        try:
+            save_file(self.pending, self.folder / file, metadata={"format": "pt"})
+        except SafetensorError as err:  # its I/O errors end with Rust's "(os error N)"
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(self.folder / file)) from err
         self.files.append(file)
         for name in self.pending:
             self.weight_map[name] = index

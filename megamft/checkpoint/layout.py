@@ -13,9 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from megamft.errors import UserError
+
 LATEST = "latest"
 CONFIG_FILE = "megamft_config.json"
 DATA_IDENTITY_FILE = "megamft_data.json"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be loaded as asked: missing, incomplete, damaged, or of another model."""
 
 
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
@@ -42,7 +48,8 @@ def latest_iteration(save_dir: str | Path) -> int | None:
         return None
     text = pointer.read_text().strip()
     if not text.isdigit() or not complete_dir(save_dir, int(text)).is_dir():
-        raise RuntimeError(f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}")
+        raise CheckpointError(f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}; "
+                              "point it at one (or remove it to start afresh)")
     return int(text)
 
 

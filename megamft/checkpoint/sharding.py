@@ -35,6 +35,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 
+from megamft.checkpoint.layout import CheckpointError
 from megamft.config import MegamftConfig
 
 SHARDING_TYPES = {"dp_sharded": "dp_reshardable", "reshardable": "fully_reshardable"}
@@ -86,7 +87,7 @@ def check_loadable_at(path: Path, stored_keys, common: dict, layout: dict) -> No
                    for key, value in layout.items() if saved.get(key) != value]
     if not differences:
         return
-    raise RuntimeError(
+    raise CheckpointError(
         f"{path} holds DP-sharded optimizer state (checkpoint.optimizer_format=dp_sharded), which loads only "
         f"at the model-parallel layout that saved it (any DP size); differs in: {'; '.join(differences)}. "
         "Resume at the checkpoint's layout (its megamft_config.json), or resume there once with "

@@ -99,7 +99,7 @@ class TrainSequences:
         rows = build_rows(tasks, docs, lengths, self.cfg.mode, self.cfg.seq_length, self.cfg.pack_window,
                           seed=self.cfg.seed + e)
         if len(rows) == 0:
-            raise ValueError("a data epoch has no sequence: check data.epoch_samples and the task weights")
+            raise ConfigError("a data epoch has no sequence: check data.epoch_samples and the task weights")
         self._epoch_rows.append(rows)
         self._starts.append(self._starts[-1] + len(rows))
 

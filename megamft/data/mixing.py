@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megamft.config import ConfigError
+
 _SPLIT_SALT = 7919  # separate seed streams: train/valid split, task passes, epoch shuffles
 _PASS_SALT = 104729
 _EPOCH_SALT = 1299709
@@ -41,10 +43,10 @@ def sampling_weights(kind: str, sizes: list[int], explicit: dict[str, float], na
     else:
         unknown = sorted(set(explicit) - set(names))
         if unknown:
-            raise ValueError(f"data.task_sampling_weights names unknown task(s) {unknown}; tasks are {names}")
+            raise ConfigError(f"data.task_sampling_weights names unknown task(s) {unknown}; tasks are {names}")
         weights = np.asarray([float(explicit.get(name, 0.0)) for name in names])
     if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError("data.task_sampling_weights must be non-negative with a positive sum")
+        raise ConfigError("data.task_sampling_weights must be non-negative with a positive sum")
     return weights / weights.sum()
 
 
@@ -70,7 +72,7 @@ class TaskMixture:
         self.quota = quotas(self.weights, self.epoch_samples)
         for task, (docs, quota) in enumerate(zip(self.train_docs, self.quota)):
             if quota > 0 and len(docs) == 0:
-                raise ValueError(f"task {task} has a sampling weight but no training documents")
+                raise ConfigError(f"task {task} has a sampling weight but no training documents")
 
     def _task_stream(self, task: int, start: int, stop: int) -> np.ndarray:
         """Positions [start, stop) of the endless stream of permutations of a task's documents."""

@@ -18,11 +18,12 @@ from megamft.data.decontaminate import BENCHMARKS
 from megamft.data.preprocess import MANIFEST, PreprocessError, PreprocessOptions, preprocess
 from megamft.data.preprocess_inputs import describe_skipped
 from megamft.data.templates import TEMPLATE_NAMES
+from megamft.entry_point import ArgumentParser, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megamft-preprocess", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="megamft-preprocess", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML file with the options below (tasks: {name: [paths]})")
     p.add_argument("--task", action="append", default=[], metavar="NAME=PATH[,PATH...]",
                    help="a task and its .jsonl/.jsonl.gz files or folders (repeatable; order gives task ids)")
@@ -99,13 +100,13 @@ def _options(args: argparse.Namespace) -> PreprocessOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("megamft-preprocess", lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        options = _options(args)
-        manifest = preprocess(options)
-    except PreprocessError as err:
-        print(f"megamft-preprocess: error: {err}", file=sys.stderr)
-        return 2
+    options = _options(args)
+    manifest = preprocess(options)
     for task in manifest["tasks"]:
         dropped = ", ".join(f"{k} {v}" for k, v in task["dropped"].items()) or "none"
         print(f"{task['name']} (id {task['id']}): {task['documents']} samples, {task['tokens']} tokens "

@@ -18,11 +18,16 @@ from typing import Callable
 
 from megamft.data.chat_templates import builtin_chat_template
 from megamft.data.conversation import BadSample, Sample, Turn, as_sample
+from megamft.errors import UserError
 
 CONTENT, MARKUP, RENDERED, WHOLE = 0, 1, 2, 3
 Segment = tuple  # (str | int, bool, int)
 TemplateFn = Callable[["Sample | list[Turn]", "object"], list[Segment]]
 MFTCODER_TAGS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
+
+
+class TemplateError(UserError, ValueError):
+    """A chat template that cannot be used as asked (unknown name, or none in the tokenizer)."""
 
 
 def mftcoder_content(text: str) -> str:
@@ -185,8 +190,8 @@ def get_template(name: str, tokenizer) -> tuple[TemplateFn, dict]:
         if isinstance(source, list):  # named templates: take the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
         if not source:
-            raise ValueError("--template hf needs a Hugging Face tokenizer whose tokenizer_config.json "
-                             "has a chat_template")
+            raise TemplateError("--template hf needs a Hugging Face tokenizer whose tokenizer_config.json "
+                                "has a chat_template")
         template = HFChatTemplate(source, config)
         return template, {"name": "hf", "chat_template_sha256": template.sha256, "chat_template": source}
-    raise ValueError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")

@@ -15,6 +15,12 @@ import re
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from megamft.errors import UserError
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer that cannot be read: missing, of an unknown kind, or a file that is not what it claims."""
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -82,9 +88,13 @@ class SentencePieceTokenizer:
         from sentencepiece import sentencepiece_model_pb2
 
         self.path = Path(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self.path.read_bytes())
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.path.read_bytes())
+        except (RuntimeError, OSError) as err:  # sentencepiece's own, for a file it cannot parse or read
+            raise TokenizerError(f"{self.path}: not a readable sentencepiece model ({err}); give the model's own "
+                                 "tokenizer.model (a complete copy), or 'byte'") from err
         proto.normalizer_spec.add_dummy_prefix = False
         self._encoder = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.vocab_size = self._sp.get_piece_size()
@@ -125,9 +135,13 @@ class HFTokenizer:
 
         path = Path(path)
         self.path = path / "tokenizer.json" if path.is_dir() else path
-        self._tok = _Tokenizer.from_file(str(self.path))
+        try:
+            self._tok = _Tokenizer.from_file(str(self.path))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+            raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json ({err}); give the model's own "
+                                 "tokenizer.json (a complete copy), a sentencepiece .model, or 'byte'") from err
         config_path = self.path.parent / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        self.config = _read_json(config_path) if config_path.exists() else {}
         self.files = (self.path, config_path) if config_path.exists() else (self.path,)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # Not vocab_size - 1: added tokens keep the ids the file gives them, which may lie past the count.
@@ -157,7 +171,7 @@ class HFTokenizer:
             if found is not None:
                 return found
         if required:
-            raise ValueError(
+            raise TokenizerError(
                 f"{self.path}: no end-of-sequence token found (tried {configured or ''} {fallbacks}); "
                 "give a tokenizer_config.json with eos_token beside tokenizer.json"
             )
@@ -179,19 +193,30 @@ class HFTokenizer:
         return out
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{path}: not valid JSON ({err}); give the model's own tokenizer_config.json, "
+                             "or remove it") from None
+    if not isinstance(loaded, dict):
+        raise TokenizerError(f"{path}: expected a JSON object; give the model's own tokenizer_config.json")
+    return loaded
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """'byte', a sentencepiece `.model`, or a `tokenizer.json` (or the folder holding one)."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer {spec!r} not found: give 'byte', a sentencepiece .model file, "
-                                "or a Hugging Face tokenizer.json (or its folder)")
+        raise TokenizerError(f"tokenizer {spec!r} not found: give 'byte', a sentencepiece .model file, "
+                             "or a Hugging Face tokenizer.json (or its folder)")
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     if path.suffix == ".json" or (path / "tokenizer.json").exists():
         return HFTokenizer(path)
-    raise ValueError(f"tokenizer {spec!r}: expected a sentencepiece .model or a tokenizer.json")
+    raise TokenizerError(f"tokenizer {spec!r}: expected a sentencepiece .model or a tokenizer.json")
 
 
 def special_splitter(specials: dict[str, int]):

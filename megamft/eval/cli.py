@@ -8,6 +8,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from megamft.entry_point import ArgumentParser, run_command
+from megamft.eval import EvaluationError
+
 
 def add_humaneval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a Hugging Face model folder, or a megamft checkpoint (save folder or "
@@ -43,7 +46,7 @@ def hf_model_folder(model: str):
     """The model as a Hugging Face folder: itself, or a megamft checkpoint exported for the evaluation."""
     path = Path(model)
     if not path.exists():
-        raise FileNotFoundError(f"model {model!r} not found: give a Hugging Face folder or a megamft checkpoint")
+        raise EvaluationError(f"model {model!r} not found: give a Hugging Face folder or a megamft checkpoint")
     if _is_hf_folder(path):
         yield path
         return
@@ -63,12 +66,18 @@ def run_humaneval(args: argparse.Namespace) -> int:
     settings = EvalSettings(str(Path(args.model).resolve()), args.prompt_format, args.template, args.n,
                             args.temperature, args.top_p, args.max_new_tokens, args.seed, args.timeout,
                             args.memory_mb, sorted(set(args.k)))
-    settings.check()
+    try:
+        settings.check()
+    except ValueError as err:  # its checks of the options, whatever class they raise
+        raise EvaluationError(str(err)) from None
+    if args.problems and not Path(args.problems).is_file():
+        raise EvaluationError(f"--problems {args.problems}: no such file; give a HumanEval-format .jsonl(.gz)")
     problems = load_problems(args.problems)[: args.limit]
+    Path(args.output).mkdir(parents=True, exist_ok=True)  # a folder it cannot write: said before the model loads
     with hf_model_folder(args.model) as folder:
         tokenizer_path = Path(args.tokenizer) if args.tokenizer else folder
         if not args.tokenizer and not (folder / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{folder} has no tokenizer.json: give the model's tokenizer with --tokenizer")
+            raise EvaluationError(f"{folder} has no tokenizer.json: give the model's tokenizer with --tokenizer")
         tokenizer = load_tokenizer(str(tokenizer_path))
         identity = {"model": model_identity(folder), "tokenizer": tokenizer_identity(tokenizer)}
         claim_output(settings, args.output, identity)  # before the model is loaded for generation
@@ -80,6 +89,9 @@ def run_humaneval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eval_humaneval", description="HumanEval pass@k of a model")
-    add_humaneval_arguments(parser)
-    return run_humaneval(parser.parse_args(argv))
+    def body() -> int:
+        parser = ArgumentParser(prog="eval_humaneval", description="HumanEval pass@k of a model")
+        add_humaneval_arguments(parser)
+        return run_humaneval(parser.parse_args(argv))
+
+    return run_command("eval_humaneval", body)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megamft.errors import UserError
+from megamft.eval import EvaluationError
 from megamft.eval.completions import code_from_answer, truncate_completion
 from megamft.eval.identity import identity_differences
 from megamft.eval.passk import mean_pass_at_k
@@ -47,10 +47,10 @@ class EvalSettings:
 
     def check(self) -> None:
         if self.n < 1:
-            raise ValueError("--n must be >= 1")
+            raise EvaluationError("--n must be >= 1")
         if self.temperature == 0 and self.n > 1:
-            raise ValueError("greedy decoding (--temperature 0) gives n identical samples: use --n 1, "
-                             "or sample with --temperature > 0")
+            raise EvaluationError("greedy decoding (--temperature 0) gives n identical samples: use --n 1, "
+                                  "or sample with --temperature > 0")
 
 
 def completion_text(settings: EvalSettings, problem: Problem, generated: str) -> str:
@@ -85,7 +85,7 @@ def read_done(path: Path) -> dict[str, dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number}: not a JSON line; move the file away to start over") from None
+            raise EvaluationError(f"{path}:{number}: not a JSON line; move the file away to start over") from None
         done[record["task_id"]] = record
     return done
 
@@ -97,7 +97,7 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-class OtherEvaluation(UserError, ValueError):
+class OtherEvaluation(EvaluationError):
     """An --output folder holding the results of another evaluation (other settings or another model)."""
 
 

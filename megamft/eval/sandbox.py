@@ -25,6 +25,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from megamft.eval import EvaluationError
+
 NOBODY = 65534
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
@@ -79,7 +81,7 @@ class Sandbox:
 
     def __init__(self, limits: Limits = Limits(), isolation: str = "auto", python: str | None = None):
         if isolation not in ("auto", "basic"):
-            raise ValueError(f"isolation must be 'auto' or 'basic', not {isolation!r}")
+            raise EvaluationError(f"isolation must be 'auto' or 'basic', not {isolation!r}")
         self.limits = limits
         self.namespaces = isolation == "auto" and _namespaces_work()
         self.drop_user = os.geteuid() == 0
@@ -101,8 +103,8 @@ class Sandbox:
                 if os.path.exists(candidate) else None
             if probe and probe.status == "passed":
                 return candidate, probe.stderr_tail
-        raise RuntimeError(f"the sandbox user cannot run any of {candidates}; give a Python it can run "
-                           "(--sandbox-python)")
+        raise EvaluationError(f"the sandbox user cannot run any of {candidates}; give a Python it can run "
+                              "(--sandbox-python)")
 
     def _limit(self) -> None:
         """In the child before exec: resource limits, inherited by everything it starts."""

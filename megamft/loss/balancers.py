@@ -10,8 +10,9 @@ the step's effective weights (by default static x dynamic). Steps passed to
 
 from __future__ import annotations
 
-
 import torch
+
+from megamft.config import ConfigError
 
 
 class TaskBalancer:
@@ -202,8 +203,8 @@ class CoBa(TaskBalancer):
 
     def load_state_dict(self, state: dict) -> None:
         if "normalizer" not in state:
-            raise ValueError("this checkpoint's CoBa state comes from an older megamft whose CoBa measured "
-                             "differently; resume with checkpoint.load_optimizer=false or loss.mode other than coba")
+            raise ConfigError("this checkpoint's CoBa state comes from an older megamft whose CoBa measured "
+                              "differently; resume with checkpoint.load_optimizer=false or loss.mode other than coba")
         self.normalizer = state["normalizer"]
         self._pending = []
         self.losses = [t.clone() for t in state["losses"]]

@@ -47,6 +47,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from megamft.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -246,11 +248,11 @@ def activate_flash_attention(impl: str | None, cuda: bool) -> str:
     from torch.nn import attention
 
     if impl not in attention.list_flash_attention_impls():
-        raise ValueError(f"model.flash_attention_impl={impl}: this torch ({torch.__version__}) offers "
+        raise ConfigError(f"model.flash_attention_impl={impl}: this torch ({torch.__version__}) offers "
                          f"{attention.list_flash_attention_impls()}; remove the key or upgrade torch")
     try:
         attention.activate_flash_attention_impl(impl)
     except (ImportError, RuntimeError) as error:
-        raise ValueError(f"model.flash_attention_impl={impl} needs {_FLASH_PACKAGES[impl]} installed for this "
-                         f"torch ({error}); install it or remove the key to use torch's FlashAttention-2") from error
+        raise ConfigError(f"model.flash_attention_impl={impl} needs {_FLASH_PACKAGES[impl]} installed for this "
+                          f"torch ({error}); install it or remove the key to use torch's FlashAttention-2") from error
     return f"{impl} (model.flash_attention_impl)"

@@ -14,7 +14,7 @@ least as long as the sequence changes nothing and is not passed at all.
 
 from __future__ import annotations
 
-from megamft.config import MegamftConfig
+from megamft.config import ConfigError, MegamftConfig
 
 
 def window_size(cfg: MegamftConfig) -> tuple[int, int] | None:
@@ -30,13 +30,13 @@ def check_backend_honours_window(cfg: MegamftConfig, backend: str) -> None:
     if window_size(cfg) is None or backend in ("te", "torch"):
         return
     if cfg.transformer.get("masked_softmax_fusion"):
-        raise ValueError(
+        raise ConfigError(
             f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
             f"({cfg.data.seq_length}): transformer.masked_softmax_fusion must stay off with megatron-core's local "
             "attention, whose fused softmax kernel ignores the window")
     if cfg.data.mode != "pack":
         return
-    raise ValueError(
+    raise ConfigError(
         f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
         f"({cfg.data.seq_length}) and data.mode=pack: megatron-core's local attention replaces the packed "
         "documents' mask with its window mask. Use data.mode=pad|dynamic, a data.seq_length up to the "

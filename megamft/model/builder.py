@@ -8,7 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megamft.config import MegamftConfig
+from megamft.config import ConfigError, MegamftConfig
 from megamft.model.attention_window import window_size
 from megamft.model.rope import apply_llama3_scaling, linear_interpolation_factor
 from megamft.model.moe import moe_transformer_fields
@@ -109,7 +109,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     """
     padded = -(-vocab_size // multiple) * multiple
     if padded % tensor_parallel:
-        raise ValueError(
+        raise ConfigError(
             f"padded vocab {padded} (vocab {vocab_size} rounded up to a multiple of {multiple}) "
             f"is not divisible by tensor_model_parallel_size={tensor_parallel}"
         )

@@ -11,7 +11,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megamft.config import MegamftConfig, ModelConfig
+from megamft.config import ConfigError, MegamftConfig, ModelConfig
 from megamft.model.attention import TorchCoreAttention
 from megamft.model.norm import MegamftRMSNorm, norm_class
 from megamft.platform.device import TE_REBUILD_HINT
@@ -72,18 +72,18 @@ def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: 
     apart, and its LoRA is tested against transformers.
     """
     if requested not in ATTENTION_BACKENDS:
-        raise ValueError(f"model.attention_backend={requested!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        raise ConfigError(f"model.attention_backend={requested!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
     if requested == "auto":
         return "te" if te_installed and not lora_enabled else "torch"
     if requested == "te" and not te_installed:
         if te_problem:
-            raise ValueError(f"model.attention_backend=te: Transformer Engine is installed but does not import "
-                             f"({te_problem}); {TE_REBUILD_HINT}; or use model.attention_backend=torch")
-        raise ValueError("model.attention_backend=te needs Transformer Engine on a CUDA machine "
-                         "(see the README's cluster install); or use model.attention_backend=torch")
+            raise ConfigError(f"model.attention_backend=te: Transformer Engine is installed but does not import "
+                              f"({te_problem}); {TE_REBUILD_HINT}; or use model.attention_backend=torch")
+        raise ConfigError("model.attention_backend=te needs Transformer Engine on a CUDA machine "
+                          "(see the README's cluster install); or use model.attention_backend=torch")
     if requested == "te" and lora_enabled:
-        raise ValueError("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
-                         "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
+        raise ConfigError("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
+                          "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
     return requested
 
 

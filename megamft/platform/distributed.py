@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import socket
+import time
 
 import torch
 
 from megamft.config import MegamftConfig
+from megamft.errors import ReportedByAnotherRank, UserError
 from megamft.platform import cpu_emulation, megatron_fixes
 from megamft.platform.device import Runtime, detect
 
 DEVICE_MAX_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
 log = logging.getLogger("megamft")
+
+FIRST_FAILURE_KEY = "megamft/first_failure"
+"""The job store's key naming the first rank to fail (see claim_report)."""
+RANK_ZERO_FIRST_S = 0.5
+"""How long a non-zero rank waits before claiming a user error, so that one every rank finds is rank 0's."""
+
+
+class PortInUse(UserError, RuntimeError):
+    """MASTER_PORT is taken by another process."""
 
 
 def world_size_from_env() -> int:
@@ -101,7 +113,7 @@ def initialize(cfg: MegamftConfig) -> Runtime:
         os.environ.setdefault("WORLD_SIZE", "1")
         if runtime.cuda:
             torch.cuda.set_device(local_rank())
-        torch.distributed.init_process_group(backend=runtime.backend, timeout=timeout)
+        _init_process_group(runtime.backend, timeout)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -117,6 +129,19 @@ def initialize(cfg: MegamftConfig) -> Runtime:
     _host_group = torch.distributed.new_group(backend="gloo", timeout=timeout)
     _runtime = runtime
     return runtime
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    try:
+        torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    except torch.distributed.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):  # the code name torch's socket layer reports
+            raise
+        port = os.environ["MASTER_PORT"]
+        advice = ("unset MASTER_PORT (a single process then takes a free port) or set a free one"
+                  if world_size_from_env() == 1 else "set a free MASTER_PORT for every rank")
+        raise PortInUse(f"MASTER_PORT={port} is in use by another process on this machine (another run?): "
+                        f"{advice}") from None
 
 
 _runtime: Runtime | None = None
@@ -172,3 +197,43 @@ def is_logging_rank() -> bool:
 def is_rank_zero_after_run() -> bool:
     """Global rank 0, read from the environment (the process group may be gone)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def claim_report(err: Exception) -> Exception | None:
+    """Which rank of the job reports `err`: None when this one does, else the quiet error to raise instead.
+
+    The first rank to fail records itself in the job's store (torchrun's agent store, or rank 0's): it
+    reports, and a later rank stays silent (ReportedByAnotherRank: its own error is most often the broken
+    connection to the first) unless its error is a user mistake other than the first one's: a file
+    damaged on its node is not the config error rank 0 found. A user error this rank reports is marked
+    with the rank. Call it before the process group is torn down, so that the ranks that see this one
+    leave find why it left. A non-zero rank waits a moment before claiming a user error, so that one
+    every rank finds is said by rank 0.
+    """
+    if world_size_from_env() == 1 or not torch.distributed.is_initialized():
+        return None
+    rank = torch.distributed.get_rank()
+    user = isinstance(err, UserError)
+    if user and rank != 0:
+        time.sleep(RANK_ZERO_FIRST_S)
+    mine = json.dumps([rank, user, str(err)])
+    try:
+        first = _first_failure(mine)
+    except (RuntimeError, KeyError, ValueError):  # the store left with rank 0, which held it (no torchrun)
+        if not user:
+            return ReportedByAnotherRank(0, False)  # this rank's error is most likely rank 0 leaving
+        first = mine  # in doubt, say the mistake this rank found
+    first_rank, first_user, first_message = json.loads(first)
+    if first == mine or (user and (not first_user or first_message != str(err))):
+        if user:
+            err.rank = rank
+        return None
+    return ReportedByAnotherRank(first_rank, first_user)
+
+
+def _first_failure(mine: str) -> str:
+    """Record `mine` as the job's first failure unless one is recorded; the one recorded."""
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       is_master=False, timeout=datetime.timedelta(seconds=2))
+    key = f"{FIRST_FAILURE_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # per torchrun attempt
+    return store.compare_set(key, "", mine).decode()

@@ -20,6 +20,7 @@ from megamft.config import ConfigError, MegamftConfig
 from megamft.config.task_weights import loss_weight_problems
 from megamft.data.dataset import MultitaskData, load_data
 from megamft.data.sequences import PACKED_ATTENTION
+from megamft.errors import UserError
 from megamft.loss.balancers import make_balancer
 from megamft.loss.multitask import effective_task_weights
 from megamft.platform import distributed
@@ -43,6 +44,10 @@ from megamft.training.setup import TrainingState, build_training_state
 from megamft.training.step import LossSetup, StepStats, evaluate, evaluate_task_loss, train_step
 
 log = logging.getLogger("megamft")
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient (the learning rate or the data)."""
 
 
 @dataclass
@@ -239,7 +244,7 @@ def _start_coba(run: Run, valid_before: StepStats | None) -> None:
     if run.cfg.loss.mode != "coba":
         return
     if valid_before is None:
-        raise ValueError("loss.mode=coba needs validation data: set data.valid_samples_per_task > 0")
+        raise ConfigError("loss.mode=coba needs validation data: set data.valid_samples_per_task > 0")
     run.balancer.set_normalizer(_task_loss_tensor(valid_before))
 
 
@@ -268,7 +273,7 @@ def _check_skipped(run: Run, stats: StepStats) -> None:
     if distributed.is_logging_rank():
         log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", run.iteration, run.skipped_in_a_row)
     if run.skipped_in_a_row > run.cfg.train.max_skipped_steps:
-        raise RuntimeError(
+        raise TrainingDiverged(
             f"{run.skipped_in_a_row} steps in a row had a non-finite loss or gradient (limit "
             f"train.max_skipped_steps={run.cfg.train.max_skipped_steps}); lower optimizer.lr or check the data "
             "around this step, then resume from the last checkpoint"
@@ -468,19 +473,19 @@ def _build(cfg: MegamftConfig) -> Run:
         log.warning("model.flash_attention_impl=%s ignored: the %s backend does not run torch's flash kernels",
                     cfg.model.flash_attention_impl, backend)
     if cfg.parallel.context_parallel_size > 1 and backend != "te":
-        raise ValueError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without LoRA: "
+        raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without LoRA: "
                          "the torch and local attention backends have no context parallelism "
                          "(pip install '.[gpu]' on a CUDA machine)")
     check_backend_honours_window(cfg, backend)
     if backend == "te" and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
-        raise ValueError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
+        raise ConfigError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
                          "go to TE as one 'thd' sequence); or use model.attention_backend=torch, or "
                          "data.mode=pad|dynamic")
     data = load_data(cfg.data, verify=distributed.local_rank() == 0)  # one checking rank per node
     data_checks.report_unverified(data)
     data.packed_attention = PACKED_ATTENTION[backend]
     if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {data.vocab_size} ids but model.vocab_size is "
             f"{cfg.model.vocab_size}; tokenize the data with the model's own tokenizer"
         )
@@ -510,7 +515,7 @@ def _check_tokenizer(cfg: MegamftConfig, load_dir: str) -> None:
 
     problem = run_folder.tokenizer_mismatch(load_manifest(Path(cfg.data.path)), load_dir)
     if problem:
-        raise ValueError(problem)
+        raise ConfigError(problem)
 
 
 def _check_token_ids(cfg: MegamftConfig, data: MultitaskData) -> None:
@@ -521,7 +526,7 @@ def _check_token_ids(cfg: MegamftConfig, data: MultitaskData) -> None:
     """
     largest = data.max_token_id
     if largest >= cfg.model.vocab_size:
-        raise ValueError(f"the data holds token id {largest}, but model.vocab_size is {cfg.model.vocab_size}: "
+        raise ConfigError(f"the data holds token id {largest}, but model.vocab_size is {cfg.model.vocab_size}: "
                          "tokenize the data with the model's own tokenizer (megamft-preprocess --tokenizer)")
 
 
@@ -556,6 +561,11 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
         current.finish_saves()
         current.metrics.close()
         return current.result
+    except Exception as err:
+        quiet = distributed.claim_report(err)  # while the ranks are connected: one of them says it
+        if quiet is None:
+            raise
+        raise quiet from err
     finally:
         watch.close()
         if lock is not None:
