@@ -74,23 +74,14 @@ def test_adapter_only_checkpoints_resume_exactly_and_export_merged(initial_weigh
         assert torch.equal(tensor, adapter_tensors[name]), name
 
 
-def test_lora_refuses_a_linear_whose_norm_is_fused_in():
-    """Transformer Engine's LayerNorm+linear reads un-normalized input: an adapter there would be wrong."""
-    from megamft.model.lora import attach
-
-    norm_fused = torch.nn.Linear(8, 8)  # the one thing that matters: it owns its input norm's weight
-    norm_fused.layer_norm_weight = torch.nn.Parameter(torch.ones(8))
-    with pytest.raises(ValueError, match="un-normalized"):
-        attach(norm_fused, "column", "1.linear_qkv", rank=2, alpha=4.0, seed=0)
-
-
-def test_lora_builds_on_the_local_layer_where_transformer_engine_is_installed():
+def test_lora_builds_on_transformer_engine_except_for_qlora():
     from megamft.model.spec import resolve_attention_backend
 
-    assert resolve_attention_backend("auto", te_installed=True, lora_enabled=False) == "te"
-    assert resolve_attention_backend("auto", te_installed=True, lora_enabled=True) == "torch"
-    assert resolve_attention_backend("auto", te_installed=False, lora_enabled=False) == "torch"
-    with pytest.raises(ValueError, match="un-normalized"):
-        resolve_attention_backend("te", te_installed=True, lora_enabled=True)
+    assert resolve_attention_backend("auto", te_installed=True, quantized_base=False) == "te"
+    assert resolve_attention_backend("auto", te_installed=True, quantized_base=True) == "torch"
+    assert resolve_attention_backend("auto", te_installed=False) == "torch"
+    assert resolve_attention_backend("te", te_installed=True) == "te"
+    with pytest.raises(ValueError, match="NF4 base computes in megatron's local linears"):
+        resolve_attention_backend("te", te_installed=True, quantized_base=True)
     with pytest.raises(ValueError, match="needs Transformer Engine"):
-        resolve_attention_backend("te", te_installed=False, lora_enabled=False)
+        resolve_attention_backend("te", te_installed=False)

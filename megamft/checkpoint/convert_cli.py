@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--hf-template", type=Path, help="original HF folder: tokenizer files and extra config keys")
     to_hf.add_argument("--dtype", choices=sorted(_DTYPES), help="save as (default: as stored)")
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
+    to_hf.add_argument("--adapters-only", action="store_true",
+                       help="write the LoRA adapters as a PEFT adapter (adapter_config.json, "
+                            "adapter_model.safetensors) for the Hugging Face base, instead of merged weights")
     to_hf.add_argument("--overwrite", action="store_true",
                        help="replace an --out that holds something other than an earlier export")
     return parser
@@ -64,6 +67,10 @@ def _hf_to_megatron(args) -> None:
 
 def _megatron_to_hf(args) -> None:
     dtype = _DTYPES[args.dtype] if args.dtype else None
+    if args.adapters_only:
+        out = hf_convert.megatron_to_peft(args.checkpoint, args.out, args.hf_template, dtype, args.overwrite)
+        print(f"wrote {out} (PEFT adapter)")
+        return
     with tqdm(desc="megatron-to-hf", unit="layer") as bar:
         out = hf_convert.megatron_to_hf(
             args.checkpoint, args.out, args.hf_template, dtype, int(args.max_shard_gb * 2**30),

@@ -32,6 +32,7 @@ from megamft.checkpoint.layout import (LATEST, complete_dir, complete_iterations
                                        write_atomically)
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
+from megamft.model.lora import ADAPTERS_ONLY
 from megamft.model.moe import ROUTER_LOSS_FIELDS
 from megamft.platform import distributed
 from megamft.platform.output_folder import publish
@@ -102,7 +103,10 @@ def _sharded_state(
     state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, with_optimizer: bool,
     extra: dict | None = None, with_rng: bool = False, adapters_only: bool = False,
 ):
-    model = {f"model{i}": bare_model(chunk).sharded_state_dict() for i, chunk in enumerate(state.chunks)}
+    # Adapter-only: LoRA layers leave their base out (an NF4 one is not dequantized for nothing).
+    metadata = {ADAPTERS_ONLY: True} if adapters_only else None
+    model = {f"model{i}": bare_model(chunk).sharded_state_dict(metadata=metadata)
+             for i, chunk in enumerate(state.chunks)}
     if adapters_only:  # the frozen base stays in its own checkpoint (`lora_base`)
         model = {name: _adapters(chunk_state) for name, chunk_state in model.items()}
     sharded = dict(model)
