@@ -37,9 +37,9 @@ def _state(model_yaml: str, overrides: tuple[str, ...], checkpoint: str):
 
 
 def logits_and_adapter_grads(checkpoint: str, model_yaml: str, overrides: tuple[str, ...], batch: dict,
-                             grads_dir: str) -> dict | None:
-    """The logits of `batch` at this layout, and the adapters' gradients of the token-mean cross entropy
-    over it, saved as if they were the adapters (a checkpoint any layout and the exporter read)."""
+                             grads_dir: str | None) -> dict | None:
+    """The logits of `batch` at this layout, and (with grads_dir) the adapters' gradients of the token-mean
+    cross entropy over it, saved as if they were the adapters (a checkpoint any layout and the exporter read)."""
     import torch
     from megatron.core import parallel_state
 
@@ -51,6 +51,9 @@ def logits_and_adapter_grads(checkpoint: str, model_yaml: str, overrides: tuple[
     try:
         cfg, state = _state(model_yaml, overrides, checkpoint)
         logits = full_logits(state.chunks, batch["tokens"])
+        keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+        if grads_dir is None:
+            return {"logits": logits.cpu()} if keep else None
         rows = batch["tokens"].shape[0]
         micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(rows)]
         for chunk in state.chunks:
@@ -62,7 +65,6 @@ def logits_and_adapter_grads(checkpoint: str, model_yaml: str, overrides: tuple[
                     if param.requires_grad:
                         param.copy_(param.main_grad)
         dist_checkpoint.save(state, grads_dir, 0, 0, cfg, with_optimizer=False)
-        keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
         return {"logits": logits.cpu()} if keep else None
     finally:
         distributed.shutdown()
