@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # ranks load this file by path; jobs.py lies beside it
 
-from jobs import tiny_config  # noqa: E402
+from jobs import TINY_MODEL, tiny_config  # noqa: E402
 
 
 def causal_batch(rows: int, seq: int, vocab: int, seed: int = 3) -> dict:
@@ -21,18 +21,23 @@ def causal_batch(rows: int, seq: int, vocab: int, seed: int = 3) -> dict:
                 position_ids=torch.arange(seq).expand(rows, seq).contiguous())
 
 
-def _state(model_yaml: str, overrides: tuple[str, ...], checkpoint: str):
+def _state(model_yaml: str | None, overrides: tuple[str, ...], checkpoint: str | None):
+    """This rank's training state of a checkpoint's weights (None: the seed's): the model section of
+    `model_yaml` (a conversion's), or the tests' tiny model."""
     from megamft.checkpoint import dist_checkpoint
     from megamft.config import load_config
+    from megamft.data.tokenizer import ByteTokenizer
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
 
-    cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1",
-                                     "optimizer.use_distributed_optimizer=false", "optimizer.clip_grad=0.0",
-                                     *overrides])
+    cfg = load_config([model_yaml] if model_yaml else [], [
+        *([] if model_yaml else TINY_MODEL), "train.global_batch_size=2", "train.micro_batch_size=1",
+        "optimizer.use_distributed_optimizer=false", "optimizer.clip_grad=0.0", *overrides])
+    cfg.model.vocab_size = cfg.model.vocab_size or ByteTokenizer().vocab_size  # as training fills it in
     runtime = distributed.initialize(cfg)
     state = build_training_state(cfg, runtime, cfg.model.vocab_size)
-    dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
+    if checkpoint is not None:
+        dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
     return cfg, state
 
 
@@ -70,19 +75,40 @@ def logits_and_adapter_grads(checkpoint: str, model_yaml: str, overrides: tuple[
         distributed.shutdown()
 
 
-def quantized_shards(checkpoint: str, model_yaml: str, overrides: tuple[str, ...]) -> dict:
-    """Each LoRA-aware linear's dequantized NF4 weight on this rank, by module name, with its TP rank."""
+def quantized_shards(checkpoint: str | None, model_yaml: str | None, overrides: tuple[str, ...]) -> dict:
+    """Each LoRA-aware linear's dequantized NF4 weight on this rank (by its seed name), its TP rank, and the
+    bytes its base takes with the parameters it stands for."""
     from megatron.core import parallel_state
 
+    from megamft.checkpoint.dist_checkpoint import bare_model
     from megamft.model.lora import lora_modules
     from megamft.platform import distributed
 
     try:
         _, state = _state(model_yaml, overrides, checkpoint)
-        model = state.chunks[0].module.module if hasattr(state.chunks[0].module, "module") else state.chunks[0].module
+        modules = dict(lora_modules(bare_model(state.chunks[0])))
         return {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-                "weights": {name: module.dequantized_weight().cpu() for name, module in lora_modules(model)},
-                "nbytes": {name: module.weight_nf4.nbytes() for name, module in lora_modules(model)}}
+                "weights": {name: m.dequantized_weight().cpu() for name, m in modules.items()},
+                "base_bytes": sum(m.base_nbytes() for m in modules.values()),
+                "base_params": sum(m.dequantized_weight().numel() for m in modules.values())}
+    finally:
+        distributed.shutdown()
+
+
+def save_weights(checkpoint: str, model_yaml: str | None, overrides: tuple[str, ...], out_dir: str,
+                 merge: bool = False) -> None:
+    """Load a checkpoint at a layout and save the weights the model computes with: a QLoRA model's base as its
+    ranks dequantize it; with `merge`, the adapters merged in (per shard, as merge_lora does)."""
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.checkpoint.dist_checkpoint import bare_model
+    from megamft.model.lora import merge_lora
+    from megamft.platform import distributed
+
+    try:
+        cfg, state = _state(model_yaml, overrides, checkpoint)
+        if merge:
+            merge_lora(bare_model(state.chunks[0]))
+        dist_checkpoint.save(state, out_dir, 0, 0, cfg, with_optimizer=False)
     finally:
         distributed.shutdown()
 

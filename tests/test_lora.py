@@ -85,3 +85,24 @@ def test_lora_builds_on_transformer_engine_except_for_qlora():
         resolve_attention_backend("te", te_installed=True, quantized_base=True)
     with pytest.raises(ValueError, match="needs Transformer Engine"):
         resolve_attention_backend("te", te_installed=False)
+
+
+MOE_LORA_MODEL = ("model.num_layers=2", "model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+                  "model.moe_shared_expert_intermediate_size=32", "optimizer.use_distributed_optimizer=false")
+
+
+@pytest.mark.slow
+def test_lora_on_experts_trains_at_ep2_as_one_process(tmp_path):
+    """Adapters on routed experts (reduced over expert data-parallel ranks), shared experts and attention:
+    EP=2 x DP=2 trains exactly as one process."""
+    weights = str(tmp_path / "weights")
+    launch(jobs.save_initial_weights, 1, timeout=120, kwargs={"save_dir": weights, "overrides": MOE_LORA_MODEL})
+    common = (*MOE_LORA_MODEL, *LORA, "lora.targets=[all-linear]", "train.train_steps=3", "train.micro_batch_size=2",
+              "train.global_batch_size=8", "data.seq_length=128", "data.max_samples_per_task=16",
+              "data.valid_samples_per_task=4", f"checkpoint.load_dir={weights}", "checkpoint.load_optimizer=false")
+    one = launch(jobs.train, 1, timeout=300, kwargs={"overrides": common})[0]
+    two = next(r for r in launch(jobs.train, 2, timeout=300, kwargs={"overrides": common + (
+        "parallel.expert_model_parallel_size=2",)}) if r["loss"])
+    assert one["loss"][2] != one["loss"][0]
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(two["grad_norm"]), torch.tensor(one["grad_norm"]), rtol=1e-5, atol=0)

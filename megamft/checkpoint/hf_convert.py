@@ -345,7 +345,7 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
         regions = [_region(m, layer, d) for m in group]
         tensors = global_view.read_regions(weights, regions)
         if layer is not None:
-            tensors = lora_export.merged_layer(ckpt, index, cfg, regions, tensors)
+            tensors = lora_export.merged_layer(ckpt, index, cfg, regions, tensors, from_base=weights != ckpt)
         for mapping, tensor in zip(group, tensors):
             tensor = tensor[0] if layer is not None else tensor
             stored_dtype = stored_dtype or tensor.dtype

@@ -37,16 +37,18 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ---------------------------------------------------------------- merged into the weights
 
 
-def merged_layer(ckpt: Path, index: dict, cfg: MegamftConfig, regions: list, tensors: list) -> list:
-    """One layer's tensors (regions of the base) with the run's adapters merged in; a QLoRA run's base
-    linears first as its ranks computed with them (nf4_as_trained)."""
+def merged_layer(ckpt: Path, index: dict, cfg: MegamftConfig, regions: list, tensors: list,
+                 from_base: bool) -> list:
+    """One layer's tensors (regions of the base) with the run's adapters merged in. With `from_base` (an
+    adapter-only checkpoint: the tensors are its base checkpoint's), a QLoRA run's base linears are first
+    what its ranks computed with (nf4_as_trained), and the sum is rounded to the training precision, as the
+    ranks would merge (LoRA layers' merge_adapter). A full QLoRA save holds those weights already."""
     merged = list(tensors)
+    quantized = cfg.lora.enabled and cfg.lora.quantize_base and from_base
     for i, region in enumerate(regions):
         if not region.key.endswith(_BASE_LINEARS):
             continue
-        tensor = tensors[i]
-        if cfg.lora.enabled and cfg.lora.quantize_base:
-            tensor = nf4_as_trained(region.key, tensor[0], cfg).unsqueeze(0).to(tensor.dtype)
+        tensor = nf4_as_trained(region.key, tensors[i][0], cfg).unsqueeze(0) if quantized else tensors[i]
         stem = region.key.removesuffix(".weight")
         if f"{stem}.lora_A" in index:
             a, b = _read_adapter(ckpt, index, stem, region.offsets[0])
@@ -69,7 +71,7 @@ def _read_adapter(ckpt: Path, index: dict, stem: str, layer: int) -> tuple[torch
 def nf4_as_trained(key: str, tensor: torch.Tensor, cfg: MegamftConfig) -> torch.Tensor:
     """One layer's base weight as a QLoRA run computed with it: each training rank's shard (each expert's,
     for routed experts) quantized to NF4 and dequantized by bitsandbytes, in the training precision."""
-    from megamft.model.nf4 import NF4Weight
+    from megamft.model.nf4 import quantize_nf4
 
     p = cfg.parallel
     experts = ".experts.experts." in key
@@ -79,7 +81,8 @@ def nf4_as_trained(key: str, tensor: torch.Tensor, cfg: MegamftConfig) -> torch.
     out = torch.empty(tensor.shape, dtype=dtype)
     for group in _rank_shards(tuple(tensor.shape), split, tp):
         local = torch.cat([_narrow(tensor, piece) for piece in group], dim=split.axis)
-        back = NF4Weight(local.to(dtype).contiguous()).dequantize()
+        packed, statistics = quantize_nf4(local.to(dtype))
+        back = statistics.dequantize(packed)
         for piece, part in zip(group, back.split([piece.shape[split.axis] for piece in group], dim=split.axis)):
             _narrow(out, piece).copy_(part)
     return out

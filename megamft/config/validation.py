@@ -81,9 +81,9 @@ def _lora_problems(cfg: MegamftConfig) -> list[str]:
         problems.append("LoRA on routed experts (lora.targets) needs parallel.expert_tensor_parallel_size=1: "
                         "megatron does not reduce the gradients of adapter halves replicated over expert-TP "
                         "ranks; set it, or target shared_experts / attention only")
-    if lora.quantize_base and not lora.save_adapters_only:
-        problems.append("lora.quantize_base needs lora.save_adapters_only=true: the base stays in "
-                        "checkpoint.load_dir at full precision; a full save would hold its 4-bit copy")
+    if lora.quantize_base and cfg.checkpoint.save_dir and not lora.save_adapters_only:
+        problems.append("lora.quantize_base saves with lora.save_adapters_only=true: the base stays in "
+                        "checkpoint.load_dir at full precision; a full save would hold its dequantized 4-bit copy")
     if lora.quantize_base and cfg.model.attention_backend == "te":
         problems.append("model.attention_backend=te with lora.quantize_base: the NF4 base computes in megatron's "
                         "local linears, not Transformer Engine's; use model.attention_backend=torch (or auto)")

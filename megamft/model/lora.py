@@ -44,7 +44,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 from megamft.config import LoraConfig
-from megamft.model.nf4 import NF4Weight, nf4_linear
+from megamft.model.nf4 import nf4_linear, quantize_nf4
 
 # In sharded_state_dict's metadata: build the adapters' entries only (adapter-only saves and loads),
 # so that a quantized layer does not dequantize its weight for an entry that is dropped.
@@ -129,27 +129,38 @@ class _LoraLinear:
 
     # ------------------------------------------------------------------ the NF4 base
 
-    def _quantize_base(self) -> None:
-        weight = self.weight
-        self.weight_nf4 = NF4Weight(weight)
-        del self.weight  # the parameter; `weight` is now the packed codes megatron's forward hands back
-        self.register_buffer("weight", self.weight_nf4.packed, persistent=False)
+    def _quantize_base(self, weight: torch.Tensor | None = None) -> None:
+        """Hold `weight` (default: the layer's own) as NF4: `weight` becomes the packed 4-bit codes, a buffer
+        megatron's forward hands to _forward_impl, and weight_nf4 their statistics."""
+        weight = self.weight if weight is None else weight
+        packed, self.weight_nf4 = quantize_nf4(weight)
+        if isinstance(self._parameters.get("weight"), torch.nn.Parameter):
+            del self.weight
+            self.register_buffer("weight", packed, persistent=False)
+        else:
+            self.weight = packed
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if self.weight_nf4 is None:
             return super()._forward_impl(input, weight, *args, **kwargs)
-        return nf4_linear(input, self.weight_nf4, *args, **kwargs)
+        return nf4_linear(input, self.weight, self.weight_nf4, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        full = state_dict.get(f"{prefix}weight")
-        if self.weight_nf4 is not None and full is not None:  # the full-precision base: quantize it
-            nf4 = NF4Weight(full.to(device=self.weight.device, dtype=self.weight_nf4.dtype))
-            self.weight_nf4, self.weight = nf4, nf4.packed
+        # state_dict is this module's own copy (torch's Module.load_state_dict): taking the key is local
+        full = state_dict.pop(f"{prefix}weight", None) if self.weight_nf4 is not None else None
+        if full is not None:  # the full-precision base: quantize it
+            self._quantize_base(full.to(device=self.weight.device, dtype=self.weight_nf4.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The base weight this layer computes with (NF4 dequantized, or the weight itself)."""
-        return self.weight_nf4.dequantize() if self.weight_nf4 is not None else self.weight
+        return self.weight_nf4.dequantize(self.weight) if self.weight_nf4 is not None else self.weight
+
+    def base_nbytes(self) -> int:
+        """Bytes the frozen base weight takes on this rank (NF4: codes and statistics)."""
+        if self.weight_nf4 is None:
+            return self.weight.numel() * self.weight.element_size()
+        return self.weight.numel() * self.weight.element_size() + self.weight_nf4.nbytes()
 
     # ------------------------------------------------------------------ checkpoints and merging
 
@@ -162,7 +173,7 @@ class _LoraLinear:
         else:
             sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
             if self.weight_nf4 is not None:  # read (and written) as the full-precision base
-                weight = {"weight": self.weight_nf4.dequantize()}
+                weight = {"weight": self.dequantized_weight()}
                 sharded.update(make_sharded_tensors_for_checkpoint(weight, prefix, {"weight": 0 if column else 1},
                                                                    sharded_offsets, **groups))
         if self.lora_A is None:
@@ -180,13 +191,13 @@ class _LoraLinear:
         """Fold the adapter into the base weight of this shard (no communication) and drop it; an NF4 base
         becomes its dequantized weight first."""
         if self.weight_nf4 is not None:
-            weight = self.weight_nf4.dequantize()
+            weight = self.dequantized_weight()
             del self.weight
             self.weight_nf4 = None
             self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if self.lora_A is not None:
+        if self.lora_A is not None:  # summed in fp32, as the export merges (checkpoint/lora_export.py)
             delta = self.lora_scale * (self.lora_B.float() @ self.lora_A.float())
-            self.weight += delta.to(self.weight.dtype)
+            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
             self.lora_A = self.lora_B = None
 
 
