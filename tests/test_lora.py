@@ -75,23 +75,35 @@ def test_adapter_only_checkpoints_resume_exactly_and_export_merged(initial_weigh
         assert torch.equal(tensor, adapter_tensors[name]), name
 
 
-def test_lora_refuses_a_linear_whose_norm_is_fused_in():
-    """Transformer Engine's LayerNorm+linear reads un-normalized input: an adapter there would be wrong."""
-    from megamft.model.lora import attach
-
-    norm_fused = torch.nn.Linear(8, 8)  # the one thing that matters: it owns its input norm's weight
-    norm_fused.layer_norm_weight = torch.nn.Parameter(torch.ones(8))
-    with pytest.raises(ValueError, match="un-normalized"):
-        attach(norm_fused, "column", "1.linear_qkv", rank=2, alpha=4.0, seed=0)
-
-
-def test_lora_builds_on_the_local_layer_where_transformer_engine_is_installed():
+def test_lora_builds_on_transformer_engine_except_for_qlora():
     from megamft.model.spec import resolve_attention_backend
 
-    assert resolve_attention_backend("auto", te_installed=True, lora_enabled=False) == "te"
-    assert resolve_attention_backend("auto", te_installed=True, lora_enabled=True) == "torch"
-    assert resolve_attention_backend("auto", te_installed=False, lora_enabled=False) == "torch"
-    with pytest.raises(ValueError, match="un-normalized"):
-        resolve_attention_backend("te", te_installed=True, lora_enabled=True)
+    assert resolve_attention_backend("auto", te_installed=True, quantized_base=False) == "te"
+    assert resolve_attention_backend("auto", te_installed=True, quantized_base=True) == "torch"
+    assert resolve_attention_backend("auto", te_installed=False) == "torch"
+    assert resolve_attention_backend("te", te_installed=True) == "te"
+    with pytest.raises(ValueError, match="NF4 base computes in megatron's local linears"):
+        resolve_attention_backend("te", te_installed=True, quantized_base=True)
     with pytest.raises(ValueError, match="needs Transformer Engine"):
-        resolve_attention_backend("te", te_installed=False, lora_enabled=False)
+        resolve_attention_backend("te", te_installed=False)
+
+
+MOE_LORA_MODEL = ("model.num_layers=2", "model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+                  "model.moe_shared_expert_intermediate_size=32", "optimizer.use_distributed_optimizer=false")
+
+
+@pytest.mark.slow
+def test_lora_on_experts_trains_at_ep2_as_one_process(tmp_path):
+    """Adapters on routed experts (reduced over expert data-parallel ranks), shared experts and attention:
+    EP=2 x DP=2 trains exactly as one process."""
+    weights = str(tmp_path / "weights")
+    launch(jobs.save_initial_weights, 1, timeout=120, kwargs={"save_dir": weights, "overrides": MOE_LORA_MODEL})
+    common = (*MOE_LORA_MODEL, *LORA, "lora.targets=[all-linear]", "train.train_steps=3", "train.micro_batch_size=2",
+              "train.global_batch_size=8", "data.seq_length=128", "data.max_samples_per_task=16",
+              "data.valid_samples_per_task=4", f"checkpoint.load_dir={weights}", "checkpoint.load_optimizer=false")
+    one = launch(jobs.train, 1, timeout=300, kwargs={"overrides": common})[0]
+    two = next(r for r in launch(jobs.train, 2, timeout=300, kwargs={"overrides": common + (
+        "parallel.expert_model_parallel_size=2",)}) if r["loss"])
+    assert one["loss"][2] != one["loss"][0]
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(two["grad_norm"]), torch.tensor(one["grad_norm"]), rtol=1e-5, atol=0)

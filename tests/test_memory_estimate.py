@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
     (1, ()),
     (2, ("parallel.tensor_model_parallel_size=2",)),
     (2, ("parallel.tensor_model_parallel_size=2", "lora.enabled=true", "lora.rank=4")),
+    # QLoRA's 4-bit base, and adapters with dropout (each keeps its dropped input and mask)
+    (2, ("parallel.tensor_model_parallel_size=2", "lora.enabled=true", "lora.rank=4", "lora.quantize_base=nf4",
+         "lora.dropout=0.1", "train.precision=bf16")),
     # StarCoder2's LayerNorm, biases and GELU MLP with Qwen3's wide heads and q/k norms, in one model.
     (1, ("model.normalization=LayerNorm", "model.add_bias_linear=true", "model.mlp_activation=gelu_tanh",
          "model.kv_channels=16", "model.qk_layernorm=true")),

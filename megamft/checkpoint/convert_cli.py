@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--hf-template", type=Path, help="original HF folder: tokenizer files and extra config keys")
     to_hf.add_argument("--dtype", choices=_DTYPES, help="save as (default: as stored)")
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
+    to_hf.add_argument("--adapters-only", action="store_true",
+                       help="write the LoRA adapters as a PEFT adapter (adapter_config.json, "
+                            "adapter_model.safetensors) for the Hugging Face base, instead of merged weights")
     to_hf.add_argument("--overwrite", action="store_true",
                        help="replace an --out that holds something other than an earlier export")
     return parser
@@ -80,6 +83,10 @@ def _megatron_to_hf(args) -> None:
         raise UserError(f"--hf-template {args.hf_template} is not a folder; give the Hugging Face folder the "
                         "checkpoint was converted from (or leave --hf-template out)")
     dtype = _dtype(args.dtype)
+    if args.adapters_only:
+        out = hf_convert.megatron_to_peft(args.checkpoint, args.out, args.hf_template, dtype, args.overwrite)
+        print(f"wrote {out} (PEFT adapter)")
+        return
     bars = []  # opened at the first layer written: a refusal before it is one line, without a bar
 
     def progress(layer) -> None:

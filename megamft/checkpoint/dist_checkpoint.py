@@ -33,6 +33,7 @@ from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, 
                                        complete_iterations, iteration_dir, latest_iteration, write_atomically)
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
+from megamft.model.lora import ADAPTERS_ONLY
 from megamft.model.moe import ROUTER_LOSS_FIELDS
 from megamft.platform import distributed
 from megamft.platform.output_folder import publish
@@ -104,7 +105,10 @@ def _sharded_state(
     extra: dict | None = None, with_rng: bool = False, adapters_only: bool = False,
 ):
     """The sharded state dict to save or load; the optimizer's (in `optimizer_metadata`'s format) unless None."""
-    model = {f"model{i}": bare_model(chunk).sharded_state_dict() for i, chunk in enumerate(state.chunks)}
+    # Adapter-only: LoRA layers leave their base out (an NF4 one is not dequantized for nothing).
+    metadata = {ADAPTERS_ONLY: True} if adapters_only else None
+    model = {f"model{i}": bare_model(chunk).sharded_state_dict(metadata=metadata)
+             for i, chunk in enumerate(state.chunks)}
     if adapters_only:  # the frozen base stays in its own checkpoint (`lora_base`)
         model = {name: _adapters(chunk_state) for name, chunk_state in model.items()}
     sharded = dict(model)

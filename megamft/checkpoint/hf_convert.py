@@ -27,7 +27,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megamft.checkpoint import global_view, hf_moe, tp_pieces
+from megamft.checkpoint import global_view, hf_moe, lora_export, tp_pieces
 from megamft.checkpoint.export_checks import SOURCE_FILE, check_template, source_identity
 from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
@@ -338,23 +338,6 @@ def _config_of_checkpoint(ckpt: Path) -> MegamftConfig:
     return from_dict(json.loads(common["config"]), origin=str(ckpt / "common.pt"))
 
 
-def _with_adapters_merged(ckpt: Path, index: dict, regions: list, tensors: list, scale: float) -> list:
-    """W + scale * B A for every region whose layer has LoRA adapters in the checkpoint."""
-    merged = list(tensors)
-    for i, region in enumerate(regions):
-        stem = region.key.removesuffix(".weight")
-        if not region.key.endswith(".weight") or f"{stem}.lora_A" not in index:
-            continue
-        layer = region.offsets[0]
-        a_shape, b_shape = tuple(index[f"{stem}.lora_A"].size), tuple(index[f"{stem}.lora_B"].size)
-        a, b = global_view.read_regions(ckpt, [
-            global_view.Region(f"{stem}.lora_A", (layer, 0, 0), (1, *a_shape[1:])),
-            global_view.Region(f"{stem}.lora_B", (layer, 0, 0), (1, *b_shape[1:]))])
-        delta = scale * (b[0].float() @ a[0].float())
-        merged[i] = (tensors[i].float() + delta.unsqueeze(0)).to(tensors[i].dtype)
-    return merged
-
-
 def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
                    dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
                    progress: Callable[[int], None] = lambda layer: None, overwrite: bool = False) -> Path:
@@ -374,7 +357,6 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     cfg = _config_of_checkpoint(ckpt)
     model = cfg.model
     index = global_view.tensor_index(ckpt)
-    lora_scale = cfg.lora.alpha / cfg.lora.rank
     family = _family_for_export(model)
     common = global_view.read_common(ckpt)
     chat_template = training_chat_template(common)
@@ -394,7 +376,7 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
         regions = [_region(m, layer, d) for m in group]
         tensors = global_view.read_regions(weights, regions)
         if layer is not None:
-            tensors = _with_adapters_merged(ckpt, index, regions, tensors, lora_scale)
+            tensors = lora_export.merged_layer(ckpt, index, cfg, regions, tensors, from_base=weights != ckpt)
         for mapping, tensor in zip(group, tensors):
             tensor = tensor[0] if layer is not None else tensor
             stored_dtype = stored_dtype or tensor.dtype
@@ -418,6 +400,26 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     mark_output(partial, HF_EXPORT_OUTPUT, checkpoint=str(ckpt.resolve()))
     publish(partial, out_dir)
     return out_dir
+
+
+def megatron_to_peft(checkpoint: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
+                     dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write the LoRA adapters of a megamft checkpoint as a PEFT adapter for the Hugging Face base
+    (`hf_template`, or the hf/ folder a conversion left beside the base): adapter_config.json and
+    adapter_model.safetensors (lora_export). Published like an export: complete or not at all."""
+    ckpt = _checkpoint_dir(Path(checkpoint))
+    base = global_view.read_common(ckpt).get("lora_base")
+    template = Path(hf_template) if hf_template else (_default_template(Path(checkpoint))
+                                                      or (base and _default_template(Path(base["dir"]))))
+    check_destination(out_dir, lora_export.PEFT_ADAPTER_OUTPUT, inputs=[checkpoint, ckpt, base and base["dir"]],
+                      overwrite=overwrite)
+    cfg = _config_of_checkpoint(ckpt)
+    partial = temporary_sibling(Path(out_dir))
+    lora_export.write_peft_adapter(partial, ckpt, cfg, _family_for_export(cfg.model),
+                                   str(template.resolve()) if template else None, dtype)
+    mark_output(partial, lora_export.PEFT_ADAPTER_OUTPUT, checkpoint=str(ckpt.resolve()))
+    publish(partial, Path(out_dir))
+    return Path(out_dir)
 
 
 def _default_template(checkpoint: Path) -> Path | None:

@@ -262,26 +262,65 @@ class LossConfig:
     """Weight decay of FAMO's task logits."""
 
 
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# Every linear of a transformer layer LoRA can adapt, by its path in megatron's layer (routed experts
+# without their local index). A target selects each path it ends with at a dot: "linear_fc1" every MLP's
+# input projection (dense, routed experts, shared experts), "experts.linear_fc1" the routed experts' only.
+LORA_LINEARS = (
+    "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
+    "mlp.experts.linear_fc1", "mlp.experts.linear_fc2",
+    "mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2",
+)
+ALL_LINEAR = "all-linear"
+LORA_TARGETS = (ALL_LINEAR, *sorted({".".join(path.split(".")[i:]) for path in LORA_LINEARS
+                                     for i in range(len(path.split(".")))}))
+LORA_QUANTIZATIONS = ("nf4",)
+
+
+def selects(target: str, path: str) -> bool:
+    """Whether a lora.targets entry selects the linear at `path` (one of LORA_LINEARS)."""
+    return target == ALL_LINEAR or path == target or path.endswith("." + target)
 
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters on the attention and MLP projections (TP-aware, base frozen)."""
+    """Low-rank adapters on the linear layers of the transformer layers (TP-aware, base frozen)."""
 
     enabled: bool = False
     """Train adapters only; the optimizer holds adapter parameters alone."""
     rank: Size = 8
     """Adapter rank r."""
     alpha: Positive = 16.0
-    """Scale alpha: the adapter output is multiplied by alpha / r."""
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """Which projections get adapters (of linear_qkv, linear_proj, linear_fc1, linear_fc2)."""
+    """Scale alpha: the adapter output is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    """Which linears get adapters: all-linear, or paths in megatron's layer matched from the end at a dot:
+    linear_qkv, linear_proj (attention), linear_fc1, linear_fc2 (every MLP's input and output: dense,
+    routed experts, shared experts), mlp.linear_fc1 (the dense MLP's only), experts.linear_fc1,
+    shared_experts.linear_fc2, ... The output layer and MoE routers are never adapted (PEFT's
+    all-linear leaves the output layer out too)."""
+    dropout: Probability = 0.0
+    """Dropout on each adapter's input while training (PEFT's lora_dropout); the base path is untouched.
+    A fused projection (linear_qkv, SwiGLU's linear_fc1) draws one mask for its parts."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)."""
+    quantize_base: Optional[Literal["nf4"]] = None
+    """QLoRA: store the frozen base linears of the transformer layers as 4-bit NF4 with double
+    quantization (bitsandbytes; pip install '.[qlora]'), dequantized to the training precision in each
+    forward and backward. Each tensor-parallel rank quantizes its own shard. Embeddings, the output
+    layer, norms and routers stay in the training precision. Needs save_adapters_only."""
     seed: Seed = 1234
     """Seed of A's initialization (B starts at zero, so training starts from the base model)."""
     save_adapters_only: bool = False
     """Checkpoints hold adapters and their optimizer state only; they name the base checkpoint
     (checkpoint.load_dir of the first run), which resuming and export read."""
+
+    @property
+    def scale(self) -> float:
+        """What the adapter output B A x is multiplied by."""
+        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
+
+    def adapted(self, path: str) -> bool:
+        """Whether the linear at `path` (one of LORA_LINEARS) gets an adapter."""
+        return self.enabled and any(selects(target, path) for target in self.targets)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from megamft.config.megatron_sections import megatron_problems
 from megamft.config.ranges import leaves, values_at
-from megamft.config.schema import LORA_TARGETS, ConfigError, MegamftConfig
+from megamft.config.schema import LORA_LINEARS, LORA_TARGETS, ConfigError, MegamftConfig
 from megamft.config.task_weights import loss_weight_problems, manifest_task_names, sampling_weight_problems
 
 
@@ -106,10 +106,45 @@ def _context_parallel_problems(cfg: MegamftConfig, cp: int, tp: int) -> list[str
 
 
 def _lora_problems(cfg: MegamftConfig) -> list[str]:
-    if cfg.lora.save_adapters_only and not (cfg.lora.enabled and cfg.checkpoint.load_dir):
+    lora = cfg.lora
+    if lora.save_adapters_only and not (lora.enabled and cfg.checkpoint.load_dir):
         return ["lora.save_adapters_only needs lora.enabled=true and checkpoint.load_dir (the base weights, "
                 "or an earlier LoRA checkpoint of this run)"]
-    return []
+    unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
+    if unknown or lora.rank < 1:
+        return [f"lora.rank must be >= 1 and lora.targets entries among {list(LORA_TARGETS)} "
+                f"(got rank {lora.rank}, unknown targets {unknown})"]
+    if not lora.enabled:
+        return []
+    problems = []
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    present = [path for path in LORA_LINEARS if _has_linear(cfg, path)]
+    if not any(lora.adapted(path) for path in present):
+        problems.append(f"lora.targets {lora.targets} select no linear of this model (it has "
+                        f"{', '.join(present)}); use all-linear or some of these")
+    experts = any(lora.adapted(p) for p in present if p.startswith("mlp.experts."))
+    if experts and (cfg.parallel.expert_tensor_parallel_size or cfg.parallel.tensor_model_parallel_size) != 1:
+        problems.append("LoRA on routed experts (lora.targets) needs parallel.expert_tensor_parallel_size=1: "
+                        "megatron does not reduce the gradients of adapter halves replicated over expert-TP "
+                        "ranks; set it, or target shared_experts / attention only")
+    if lora.quantize_base and cfg.checkpoint.save_dir and not lora.save_adapters_only:
+        problems.append("lora.quantize_base saves with lora.save_adapters_only=true: the base stays in "
+                        "checkpoint.load_dir at full precision; a full save would hold its dequantized 4-bit copy")
+    if lora.quantize_base and cfg.model.attention_backend == "te":
+        problems.append("model.attention_backend=te with lora.quantize_base: the NF4 base computes in megatron's "
+                        "local linears, not Transformer Engine's; use model.attention_backend=torch (or auto)")
+    return problems
+
+
+def _has_linear(cfg: MegamftConfig, path: str) -> bool:
+    """Whether the model's layers have the linear at `path` (one of LORA_LINEARS)."""
+    m = cfg.model
+    if path.startswith("mlp.experts."):
+        return bool(m.num_experts)
+    if path.startswith("mlp.shared_experts."):
+        return bool(m.num_experts and m.moe_shared_expert_intermediate_size)
+    return not (path.startswith("mlp.") and m.num_experts)
 
 
 def _data_problems(cfg: MegamftConfig) -> list[str]:
@@ -177,9 +212,6 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
     if m.attention_backend in ("torch", "local") and p.context_parallel_size > 1:
         problems.append(f"model.attention_backend={m.attention_backend} has no context parallelism; use "
                         "model.attention_backend=te (Transformer Engine) with parallel.context_parallel_size > 1")
-    if m.attention_backend == "te" and cfg.lora.enabled:
-        problems.append("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
-                        "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
     if m.sliding_window and cfg.data.seq_length > m.sliding_window and p.context_parallel_size > 1:
         problems.append(
             f"model.sliding_window ({m.sliding_window}) is shorter than data.seq_length ({cfg.data.seq_length}) "
@@ -275,10 +307,6 @@ def _expert_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         problems.append("a mixture-of-experts model with parallel.tensor_model_parallel_size > 1 needs "
                         "parallel.sequence_parallel=true (megatron's MoE layer refuses to train without it)")
-    mlp_targets = sorted({"linear_fc1", "linear_fc2"} & set(cfg.lora.targets))
-    if cfg.lora.enabled and mlp_targets:
-        problems.append(f"lora.targets {mlp_targets}: LoRA on the experts of a mixture-of-experts model is not "
-                        "supported; set lora.targets=[linear_qkv, linear_proj]")
     return problems
 
 
@@ -311,9 +339,6 @@ def _batch_problems(cfg: MegamftConfig, world_size: int) -> list[str]:
                 f"divisible by parallel.pipeline_model_parallel_size "
                 f"({p.pipeline_model_parallel_size})"
             )
-    unknown_targets = sorted(set(cfg.lora.targets) - set(LORA_TARGETS))
-    if unknown_targets or (cfg.lora.enabled and not cfg.lora.targets):
-        problems.append(f"lora.targets must name some of {list(LORA_TARGETS)} (got {cfg.lora.targets})")
     if cfg.loss.fused_cross_entropy and cfg.loss.mode == "focal":
         problems.append("loss.fused_cross_entropy does not support loss.mode=focal (its weights need the "
                         "per-token losses first); use the default cross entropy for focal")

@@ -37,6 +37,30 @@ def linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
             "linear_fc1": (h, fc1_width(m)), "linear_fc2": (m.ffn_hidden_size, h)}
 
 
+def layer_linears(m: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """(in, out, copies per layer) of every linear a layer has, by its path in megatron's layer (the paths
+    lora.targets select, LORA_LINEARS): attention, then the dense MLP or the routed experts (copies: one per
+    expert) and the shared expert."""
+    h, q = m.hidden_size, query_width(m)
+    linears = {"self_attention.linear_qkv": (h, q + 2 * kv_width(m), 1), "self_attention.linear_proj": (q, h, 1)}
+    gate = 2 if m.mlp_activation == "swiglu" else 1
+    if not m.num_experts:
+        return {**linears, "mlp.linear_fc1": (h, fc1_width(m), 1), "mlp.linear_fc2": (m.ffn_hidden_size, h, 1)}
+    expert = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    linears.update({"mlp.experts.linear_fc1": (h, gate * expert, m.num_experts),
+                    "mlp.experts.linear_fc2": (expert, h, m.num_experts)})
+    shared = m.moe_shared_expert_intermediate_size
+    if shared:
+        linears.update({"mlp.shared_experts.linear_fc1": (h, gate * shared, 1),
+                        "mlp.shared_experts.linear_fc2": (shared, h, 1)})
+    return linears
+
+
+def is_column_parallel(path: str) -> bool:
+    """linear_qkv and linear_fc1 split their output over TP ranks; linear_proj and linear_fc2 their input."""
+    return path.endswith(("linear_qkv", "linear_fc1"))
+
+
 def layer_parameters(m: ModelConfig) -> int:
     """Parameters of one transformer layer outside its routed experts (whole, before any parallel split)."""
     h, f = m.hidden_size, m.ffn_hidden_size

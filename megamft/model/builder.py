@@ -85,7 +85,7 @@ def build_model_chunks(
     for stage in stages:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, attention_backend, cfg.model),
+            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, attention_backend, cfg.model, cfg.lora),
             vocab_size=vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

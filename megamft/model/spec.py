@@ -11,8 +11,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megamft.config import ConfigError, MegamftConfig, ModelConfig
+from megamft.config import ConfigError, LoraConfig, MegamftConfig, ModelConfig
 from megamft.model.attention import TorchCoreAttention
+from megamft.model.lora_spec import NORM_KEYS, te_separate_norm_layer_spec, with_lora
 from megamft.model.norm import MegamftRMSNorm, norm_class
 from megamft.platform.device import TE_REBUILD_HINT
 
@@ -20,7 +21,8 @@ ATTENTION_BACKENDS = ("auto", "torch", "te", "local")
 
 
 def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layernorm: bool = False,
-                     num_experts: int | None = None, torch_attention: bool = False) -> TransformerBlockSubmodules:
+                     num_experts: int | None = None, torch_attention: bool = False,
+                     lora: LoraConfig | None = None, gated: bool = True) -> TransformerBlockSubmodules:
     """megatron-core's local layer (local linears, SwiGLU or GELU MLP) with megamft's norms.
 
     Every norm, the final one and Qwen3's per-head query/key norms included, is
@@ -29,6 +31,7 @@ def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layerno
     MLP per expert (SequentialMLP). torch_attention: core attention on torch's
     fused kernels (TorchCoreAttention) instead of megatron's
     DotProductAttention, which materializes [b, heads, s, s] scores.
+    lora: LoRA-aware linears (model/lora_spec.py) when enabled; gated: SwiGLU MLPs.
     """
     norm = norm_class(normalization)
     layer = copy.deepcopy(get_gpt_layer_local_spec(
@@ -40,15 +43,21 @@ def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layerno
         attention.q_layernorm = attention.k_layernorm = MegamftRMSNorm
     if torch_attention:
         attention.core_attention = TorchCoreAttention
+    if lora is not None and lora.enabled:
+        layer = with_lora(layer, lora, gated)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
-def transformer_engine_layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> ModuleSpec:
-    """Transformer Engine's fused layer (norm folded into the linear layers).
+def transformer_engine_layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
+                                  lora: LoraConfig | None = None, gated: bool = True) -> ModuleSpec:
+    """Transformer Engine's fused layer (norm folded into the linear layers); with LoRA, TE's layer whose
+    norms are separate modules (lora_spec.te_separate_norm_layer_spec), the adapters on TE's linears.
 
     MoE layers use TE's grouped GEMM over the local experts; megatron saves its
     weights under SequentialMLP's keys, so checkpoints move between the two specs.
     """
+    if lora is not None and lora.enabled:
+        return te_separate_norm_layer_spec(lora, gated, qk_layernorm, num_experts)
     spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, num_experts=num_experts,
                                                       moe_grouped_gemm=bool(num_experts))
     if num_experts:
@@ -56,47 +65,47 @@ def transformer_engine_layer_spec(qk_layernorm: bool = False, num_experts: int |
         # the Hugging Face mapping name it mlp.linear_fc1.layer_norm_*, as TE's dense layer does.
         spec = copy.deepcopy(spec)
         spec.submodules.sharded_state_dict_keys_map = {
-            **spec.submodules.sharded_state_dict_keys_map, "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+            **spec.submodules.sharded_state_dict_keys_map, "pre_mlp_layernorm.": NORM_KEYS["pre_mlp_layernorm."]}
     return spec
 
 
-def resolve_attention_backend(requested: str, te_installed: bool, lora_enabled: bool,
+def resolve_attention_backend(requested: str, te_installed: bool, quantized_base: bool = False,
                               te_problem: str | None = None) -> str:
     """The backend `model.attention_backend` names on this machine: te, torch or local.
 
-    auto: Transformer Engine where it is installed, except for LoRA, else torch.
-    TE's spec fuses the input norm into linear_qkv and linear_fc1
-    (TELayerNormColumnParallelLinear): an adapter around those modules would
-    read the un-normalized hidden state, so training and the merged export
-    would silently differ from the model. The local layer keeps the norm
-    apart, and its LoRA is tested against transformers.
+    auto: Transformer Engine where it is installed, else torch; torch for QLoRA
+    (quantized_base), whose NF4 base computes in megatron's local linears.
+    LoRA runs on TE's layer with its norms apart (transformer_engine_layer_spec).
     """
     if requested not in ATTENTION_BACKENDS:
         raise ConfigError(f"model.attention_backend={requested!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
     if requested == "auto":
-        return "te" if te_installed and not lora_enabled else "torch"
+        return "te" if te_installed and not quantized_base else "torch"
     if requested == "te" and not te_installed:
         if te_problem:
             raise ConfigError(f"model.attention_backend=te: Transformer Engine is installed but does not import "
                               f"({te_problem}); {TE_REBUILD_HINT}; or use model.attention_backend=torch")
         raise ConfigError("model.attention_backend=te needs Transformer Engine on a CUDA machine "
                           "(see the README's cluster install); or use model.attention_backend=torch")
-    if requested == "te" and lora_enabled:
-        raise ConfigError("model.attention_backend=te with lora.enabled: TE's norm-fused linears would hand the "
-                          "adapters un-normalized inputs; use model.attention_backend=torch (or auto)")
+    if requested == "te" and quantized_base:
+        raise ConfigError("model.attention_backend=te with lora.quantize_base: the NF4 base computes in megatron's "
+                          "local linears, not Transformer Engine's; use model.attention_backend=torch (or auto)")
     return requested
 
 
-def gpt_layer_spec(num_layers_in_chunk: int, backend: str, model: ModelConfig | None = None):
+def gpt_layer_spec(num_layers_in_chunk: int, backend: str, model: ModelConfig | None = None,
+                   lora: LoraConfig | None = None):
     """The spec handed to GPTModel for one model chunk (backend: te, torch or local; norms, q/k norms and
-    experts from `model`)."""
+    experts from `model`; LoRA-aware linears from `lora`)."""
     model = model or ModelConfig()
+    gated = model.mlp_activation == "swiglu"
     if backend == "te":
-        return transformer_engine_layer_spec(model.qk_layernorm, model.num_experts)
+        return transformer_engine_layer_spec(model.qk_layernorm, model.num_experts, lora, gated)
     return local_block_spec(num_layers_in_chunk, model.normalization, model.qk_layernorm, model.num_experts,
-                            torch_attention=backend == "torch")
+                            torch_attention=backend == "torch", lora=lora, gated=gated)
 
 
 def attention_backend_for(cfg: MegamftConfig, te_installed: bool, te_problem: str | None = None) -> str:
     """The backend this run uses (see resolve_attention_backend)."""
-    return resolve_attention_backend(cfg.model.attention_backend, te_installed, cfg.lora.enabled, te_problem)
+    quantized = cfg.lora.enabled and cfg.lora.quantize_base is not None
+    return resolve_attention_backend(cfg.model.attention_backend, te_installed, quantized, te_problem)

@@ -462,9 +462,9 @@ def _build(cfg: MegamftConfig) -> Run:
     backend = attention_backend_for(cfg, runtime.transformer_engine, runtime.transformer_engine_problem)
     if distributed.is_logging_rank():
         log.info("attention backend: %s (model.attention_backend=%s)", backend, cfg.model.attention_backend)
-        if runtime.transformer_engine and backend != "te" and cfg.lora.enabled:
-            log.info("LoRA: megatron's local layer with torch attention instead of Transformer Engine's layer, "
-                     "whose norm-fused linears would hand the adapters un-normalized inputs")
+        if runtime.transformer_engine and backend != "te" and cfg.lora.quantize_base:
+            log.info("QLoRA: megatron's local linears (the NF4 base) with torch attention instead of "
+                     "Transformer Engine's layer")
     if backend == "torch":
         flash = activate_flash_attention(cfg.model.flash_attention_impl, runtime.cuda)
         if distributed.is_logging_rank():
@@ -473,7 +473,7 @@ def _build(cfg: MegamftConfig) -> Run:
         log.warning("model.flash_attention_impl=%s ignored: the %s backend does not run torch's flash kernels",
                     cfg.model.flash_attention_impl, backend)
     if cfg.parallel.context_parallel_size > 1 and backend != "te":
-        raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without LoRA: "
+        raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without QLoRA: "
                          "the torch and local attention backends have no context parallelism "
                          "(pip install '.[gpu]' on a CUDA machine)")
     check_backend_honours_window(cfg, backend)

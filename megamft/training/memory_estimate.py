@@ -30,9 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamft.config import MegamftConfig, data_parallel_size
-from megamft.model.architecture import expert_layer_parameters, layer_parameters, linear_shapes, query_width
-from megamft.model.lora import COLUMN
+from megamft.model.architecture import (expert_layer_parameters, is_column_parallel, layer_linears,
+                                        layer_parameters, query_width)
 from megamft.model.builder import padded_vocab_size
+from megamft.model.nf4 import quantized_bytes
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -96,10 +97,10 @@ def activation_bytes(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
         # Queries and the attention context are heads x head_dim wide (Qwen3: wider than hidden).
         hidden_sized += 2 * (query_width(m) - m.hidden_size) / tp
         if cfg.lora.enabled:
-            # Frozen base linears (megatron's LinearWithFrozenWeight) keep no input: measured, 3 x hidden
-            # fewer values per position; each adapter keeps its rank-r intermediate.
+            # Frozen base linears (megatron's LinearWithFrozenWeight, or the NF4 one) keep no input:
+            # measured, 3 x hidden fewer values per position; adapters keep what adapter_values counts.
             hidden_sized -= 3 * m.hidden_size / (tp if p.sequence_parallel else 1)
-            hidden_sized += cfg.lora.rank * len(cfg.lora.targets)
+            hidden_sized += adapter_values(cfg)
         # Selective recompute redoes core attention in backward: its probabilities are not kept.
         attention = 0 if recompute == "selective" else attention_values_per_position(cfg) / tp
         per_layer = positions * value * (hidden_sized + _mlp_values(cfg) + attention)
@@ -136,16 +137,53 @@ def attention_values_per_position(cfg: MegamftConfig) -> float:
     return m.num_attention_heads * 4 / _BYTES[cfg.train.precision]
 
 
+def local_linears(cfg: MegamftConfig) -> dict[str, tuple[float, float, float]]:
+    """(in, out, copies) of each linear of a layer as one rank holds it: TP-split (routed experts: expert-TP
+    split, num_experts / EP of them)."""
+    m, p = cfg.model, cfg.parallel
+    tp, etp = p.tensor_model_parallel_size, p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    local = {}
+    for path, (fan_in, fan_out, copies) in layer_linears(m).items():
+        expert = path.startswith("mlp.experts.")
+        split, held = (etp, copies / p.expert_model_parallel_size) if expert else (tp, copies)
+        local[path] = (fan_in, fan_out / split, held) if is_column_parallel(path) else (fan_in / split, fan_out, held)
+    return local
+
+
 def adapter_parameters(cfg: MegamftConfig) -> float:
-    """LoRA parameters one rank holds: r x (in + out) per targeted projection, TP-split where sharded."""
-    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    shapes = linear_shapes(m)
-    per_layer = 0.0
-    for name in cfg.lora.targets:
-        fan_in, fan_out = shapes[name]
-        column = name in COLUMN  # column-parallel layers shard out, row-parallel ones in
-        per_layer += cfg.lora.rank * ((fan_in if column else fan_in / tp) + (fan_out / tp if column else fan_out))
-    return per_layer * m.num_layers / cfg.parallel.pipeline_model_parallel_size
+    """LoRA parameters one rank holds: r x (in + out) per adapted linear, as the rank holds it (a column
+    layer's B and a row layer's A are TP-split, the other factor whole)."""
+    per_layer = sum(cfg.lora.rank * (fan_in + fan_out) * copies
+                    for path, (fan_in, fan_out, copies) in local_linears(cfg).items() if cfg.lora.adapted(path))
+    return per_layer * cfg.model.num_layers / cfg.parallel.pipeline_model_parallel_size
+
+
+def adapter_values(cfg: MegamftConfig) -> float:
+    """Values per position the adapters keep for backward: each its rank-r intermediate A x, and with
+    lora.dropout its dropped input (plus the mask, one byte a value); routed experts once per chosen expert."""
+    m, p = cfg.model, cfg.parallel
+    value = _BYTES[cfg.train.precision]
+    values = 0.0
+    for path, (fan_in, _, _) in local_linears(cfg).items():
+        if not cfg.lora.adapted(path):
+            continue
+        routed = m.moe_router_topk if path.startswith("mlp.experts.") else 1
+        kept = cfg.lora.rank
+        if cfg.lora.dropout:
+            sequence_shard = p.sequence_parallel and is_column_parallel(path) and not path.startswith("mlp.experts.")
+            kept += (fan_in / (p.tensor_model_parallel_size if sequence_shard else 1)) * (1 + 1 / value)
+        values += routed * kept
+    return values
+
+
+def quantized_base_bytes(cfg: MegamftConfig) -> tuple[float, float]:
+    """(parameters, bytes) of the NF4 base linears one rank of a stage holds under lora.quantize_base."""
+    layers = cfg.model.num_layers / cfg.parallel.pipeline_model_parallel_size
+    params = nbytes = 0.0
+    for fan_in, fan_out, copies in local_linears(cfg).values():
+        params += layers * copies * fan_in * fan_out
+        nbytes += layers * copies * quantized_bytes(int(fan_in * fan_out))
+    return params, nbytes
 
 
 def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEstimate:
@@ -170,7 +208,11 @@ def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEsti
         per_param = 8 + (4 if value == 2 else 0)
         optimizer_bytes = ((trained - experts) / (dp if distributed else 1)
                            + experts / (expert_dp if distributed else 1)) * per_param
-        candidate = MemoryEstimate(params * value, trained * 4, optimizer_bytes,
+        weights = params * value
+        if cfg.lora.enabled and cfg.lora.quantize_base:  # the base linears in 4 bits, the rest as trained
+            quantized, nf4_bytes = quantized_base_bytes(cfg)
+            weights += nf4_bytes - quantized * value
+        candidate = MemoryEstimate(weights, trained * 4, optimizer_bytes,
                                    activation_bytes(cfg, vocab_size, first, last))
         if best is None or candidate.total > best.total:
             best = candidate

@@ -84,7 +84,7 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int,
     modules = build_model_chunks(cfg, config, padded, backend)
     if cfg.lora.enabled:
         for module in modules:
-            apply_lora(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.seed)
+            apply_lora(module, cfg.lora)
     for module in modules:
         # Every parameter and buffer on this rank's GPU, frozen ones included: megatron's
         # DDP moves only trainable parameters (into its gradient buffers).

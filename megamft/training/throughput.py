@@ -6,7 +6,7 @@ import psutil
 import torch
 
 from megamft.config import MegamftConfig
-from megamft.model.architecture import linear_shapes, mlp_matrices, query_width
+from megamft.model.architecture import layer_linears, linear_shapes, mlp_matrices, query_width
 
 
 def model_flops(cfg: MegamftConfig, vocab_size: int, document_lengths: list[int]) -> float:
@@ -29,8 +29,11 @@ def model_flops(cfg: MegamftConfig, vocab_size: int, document_lengths: list[int]
     attention = 3 * m.num_layers * 2 * 2 * query_width(m) * pairs  # scores and values, forward + backward
     if not cfg.lora.enabled:
         return float(3 * 2 * weight_macs * tokens + attention)
-    # An adapter is A [r, in] then B [out, r]: r x (in + out) multiply-adds per token.
-    adapter_macs = m.num_layers * cfg.lora.rank * sum(sum(shapes[target]) for target in cfg.lora.targets)
+    # An adapter is A [r, in] then B [out, r]: r x (in + out) multiply-adds per token (routed experts':
+    # per chosen expert).
+    adapter_macs = m.num_layers * cfg.lora.rank * sum(
+        (fan_in + fan_out) * (m.moe_router_topk if path.startswith("mlp.experts.") else 1)
+        for path, (fan_in, fan_out, _) in layer_linears(m).items() if cfg.lora.adapted(path))
     return float(2 * 2 * weight_macs * tokens + 3 * 2 * adapter_macs * tokens + attention)
 
 
