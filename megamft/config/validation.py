@@ -111,16 +111,17 @@ def _lora_problems(cfg: MegamftConfig) -> list[str]:
         return ["lora.save_adapters_only needs lora.enabled=true and checkpoint.load_dir (the base weights, "
                 "or an earlier LoRA checkpoint of this run)"]
     unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
-    if unknown or lora.rank < 1:
-        return [f"lora.rank must be >= 1 and lora.targets entries among {list(LORA_TARGETS)} "
-                f"(got rank {lora.rank}, unknown targets {unknown})"]
+    if unknown:
+        return [f"lora.targets must name some of {list(LORA_TARGETS)}; unknown: {unknown}"]
     if not lora.enabled:
         return []
     problems = []
     if not 0 <= lora.dropout < 1:
         problems.append(f"lora.dropout must be in [0, 1), got {lora.dropout}")
     present = [path for path in LORA_LINEARS if _has_linear(cfg, path)]
-    if not any(lora.adapted(path) for path in present):
+    if not lora.targets:
+        problems.append(f"lora.targets must name some of {list(LORA_TARGETS)}; it is empty")
+    elif not any(lora.adapted(path) for path in present):
         problems.append(f"lora.targets {lora.targets} select no linear of this model (it has "
                         f"{', '.join(present)}); use all-linear or some of these")
     experts = any(lora.adapted(p) for p in present if p.startswith("mlp.experts."))
