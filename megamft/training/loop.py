@@ -38,7 +38,8 @@ from megamft.training.expert_stats import ExpertStats, expert_shares
 from megamft.training.kernel_startup import prepare_fused_kernels
 from megamft.training.metrics import MetricsWriter
 from megamft.training.preemption import PreemptionWatch
-from megamft.training.measurements import measure, stops_early
+from megamft.training.code_eval import CodeEvaluator
+from megamft.training.measurements import evaluate_code, measure, stops_early
 from megamft.training.selection import Selection, best_summary
 from megamft.training.throughput import memory_gb, tflops_per_device
 from megamft.training.setup import TrainingState, build_training_state
@@ -82,6 +83,7 @@ class Run:
     coba_stream: list | None = None  # CoBa's sampled validation micro-batches on this rank, built once
     expert_stats: ExpertStats | None = None  # MoE: tokens per task and expert over the log interval
     selection: Selection | None = None  # checkpoint.keep_best and early stopping
+    evaluator: CodeEvaluator | None = None  # eval.problems: pass@k at the training layout
 
     def finish_saves(self) -> None:
         if self.async_saves is not None:
@@ -368,8 +370,8 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
             _log_step(cfg, run.iteration, stats, seconds, measured)
             _log_experts(run)
             window_start, window_steps = time.perf_counter(), 0
-        if cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0:
-            measure(run, _validate(run, "valid"), _save_unless_saved)
+        validating = cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0
+        measure(run, _validate(run, "valid") if validating else None, _save_unless_saved)
         ckpt = cfg.checkpoint
         if ckpt.save_dir and ckpt.save_interval and run.iteration % ckpt.save_interval == 0 and not _saved_now(run):
             _save(run)
@@ -501,6 +503,7 @@ def _build(cfg: MegamftConfig) -> Run:
     cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
     _check_token_ids(cfg, data)
     weights = static_task_weights(cfg, data.task_names)  # before the model: a mistake costs seconds
+    selection, evaluator = Selection.from_config(cfg, data.task_names), CodeEvaluator.for_run(cfg, data.manifest)
     report_data(cfg, data, torch.distributed.get_rank())
     state = build_training_state(cfg, runtime, data.vocab_size, backend)
     if distributed.is_logging_rank():
@@ -512,7 +515,7 @@ def _build(cfg: MegamftConfig) -> Run:
     return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)), weights,
                MetricsWriter.for_run(cfg, distributed.is_logging_rank(), data.vocab_size),
                async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None,
-               expert_stats=experts, selection=Selection.from_config(cfg, data.task_names))
+               expert_stats=experts, selection=selection, evaluator=evaluator)
 
 
 def _check_tokenizer(cfg: MegamftConfig, load_dir: str) -> None:
@@ -557,12 +560,14 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
             log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
         current.result.valid_before = _validate(current, "valid (before)")
         _start_coba(current, current.result.valid_before)
+        if cfg.eval.at_start and current.iteration == 0:
+            evaluate_code(current, final=True)
         _train_loop(current, watch)
         if current.result.preempted:
             current.finish_saves()
             return current.result
         current.result.valid_after = _validate(current, "valid (after)")
-        measure(current, current.result.valid_after, _save_unless_saved)
+        measure(current, current.result.valid_after, _save_unless_saved, final=True)
         if cfg.checkpoint.save_dir and current.iteration > start and not _saved_now(current):
             _save(current)
         current.finish_saves()

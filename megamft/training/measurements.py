@@ -1,4 +1,5 @@
-"""What the loop does with a step's measurements: model selection, saves of the best, early stopping."""
+"""What the loop does with a step's measurements: in-training code evaluation, model selection,
+saves of the best, early stopping."""
 
 from __future__ import annotations
 
@@ -11,10 +12,21 @@ from megamft.training.selection import validation_scores
 log = logging.getLogger("megamft")
 
 
-def measure(run, validation, save: Callable) -> None:
-    """Offer this step's measurements (a validation's StepStats or None) to `run.selection`; a step that
-    ranks among the kept best is saved now (`save(run)` saves unless this step is saved already)."""
-    scores = validation_scores(validation)
+def evaluate_code(run, final: bool = False) -> dict[str, float]:
+    """eval.problems' pass@k when due at this step (`final`: at the end of training, if not done at this
+    step already), logged to every metrics sink; {} otherwise."""
+    if run.evaluator is None or not run.evaluator.due(run.iteration, final):
+        return {}
+    scores = run.evaluator.run(run.state.chunks, run.iteration)
+    run.metrics.scalars(run.iteration, scores)
+    return scores
+
+
+def measure(run, validation, save: Callable, final: bool = False) -> None:
+    """Offer this step's measurements (a validation's StepStats or None, and the code evaluation due now)
+    to `run.selection`; a step that ranks among the kept best is saved now (`save(run)` saves unless this
+    step is saved already)."""
+    scores = validation_scores(validation) | evaluate_code(run, final)
     if run.selection.observe(run.iteration, scores):
         save(run)
 
