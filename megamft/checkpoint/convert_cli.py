@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     to_megatron.add_argument("--overwrite", action="store_true",
                              help="replace an --out that holds something other than an earlier conversion")
     to_hf = commands.add_parser("megatron-to-hf", help="megamft checkpoint -> Hugging Face folder")
-    to_hf.add_argument("--checkpoint", required=True, type=Path, help="save folder (uses 'latest') or iter_* folder")
+    to_hf.add_argument("--checkpoint", required=True, type=Path, help="save folder (uses 'latest'), iter_* folder, "
+                       "or <save_dir>/best (the best checkpoint by checkpoint.best_metric)")
     to_hf.add_argument("--out", required=True, type=Path, help="Hugging Face folder to create")
     to_hf.add_argument("--hf-template", type=Path, help="original HF folder: tokenizer files and extra config keys")
     to_hf.add_argument("--dtype", choices=_DTYPES, help="save as (default: as stored)")

@@ -3,6 +3,7 @@
 Layout of a save folder:
     iter_0000040/          one complete dist checkpoint (which layouts load it: see sharding)
     latest                 text file naming the newest complete iteration
+    best                   text file naming the best one by checkpoint.best_metric (checkpoint.keep_best)
 A checkpoint is written to ``iter_XXXXXXX.partial`` and renamed when every rank
 has finished, then ``latest`` is replaced atomically. A run killed mid-write
 leaves only a ``.partial`` folder, which loading ignores.
@@ -29,8 +30,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megamft.checkpoint import global_view, sharding
-from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, CheckpointError, complete_dir,
-                                       complete_iterations, iteration_dir, latest_iteration, write_atomically)
+from megamft.checkpoint.layout import (BEST, CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, CheckpointError,
+                                       complete_dir, complete_iterations, iteration_dir, latest_iteration, write_atomically)
 from megamft.checkpoint.global_view import tensor_index
 from megamft.config import MegamftConfig, to_dict
 from megamft.model.lora import ADAPTERS_ONLY
@@ -129,12 +130,20 @@ def _sharded_state(
 
 
 def prune(save_dir: str | Path, keep_last: int, protected: set[int] = frozenset()) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (never the one `latest` names,
-    nor `protected` ones, such as the base that adapter-only checkpoints read)."""
-    latest = latest_iteration(save_dir)
+    """Delete all but the newest `keep_last` complete checkpoints (never the ones `latest` and `best` name,
+    nor `protected` ones, such as the base that adapter-only checkpoints read or those kept for their score)."""
+    named = {latest_iteration(save_dir), _best_iteration(save_dir)}
     for iteration in complete_iterations(save_dir)[:-keep_last]:
-        if iteration != latest and iteration not in protected:
+        if iteration not in named and iteration not in protected:
             shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
+
+
+def _best_iteration(save_dir: str | Path) -> int | None:
+    """What `best` names; a pointer that names nothing complete protects nothing (and deletes nothing)."""
+    try:
+        return latest_iteration(save_dir, BEST)
+    except RuntimeError:
+        return None
 
 
 def _check_nothing_needed_is_absent(path: Path, keys, adapters_may_be_absent: bool,
@@ -272,7 +281,8 @@ class AsyncSaves:
 def save(
     state, save_dir: str | Path, iteration: int, consumed_samples: int, cfg: MegamftConfig,
     with_optimizer: bool = True, extra: dict | None = None, async_saves: AsyncSaves | None = None,
-    lora_base: dict | None = None, data_identity: dict | None = None,
+    lora_base: dict | None = None, data_identity: dict | None = None, keep: set[int] = frozenset(),
+    best: int | None = None,
 ) -> Path:
     """Write a complete checkpoint for `iteration`; every rank must call this.
 
@@ -284,6 +294,8 @@ def save(
     saved (with their optimizer state); loading and export read the base from there.
     `data_identity` (data/identity.py), written as megamft_data.json, lets a resume tell whether its
     data is the data this run trained on.
+    `keep`: iterations pruning must spare besides keep_last (those kept for their score); `best`: the
+    iteration `<save_dir>/best` names once this checkpoint is published (when that one is complete).
     """
     final = iteration_dir(save_dir, iteration)
     partial = final.with_name(final.name + ".partial")
@@ -313,9 +325,12 @@ def save(
             kill_point("save.published", iteration)
             write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
             kill_point("save.pointed", iteration)
+            if best is not None and complete_dir(save_dir, best).is_dir():
+                write_atomically(Path(save_dir) / BEST, f"{best}\n")
             if cfg.checkpoint.keep_last:
                 base_here = lora_base and _same_checkpoint(lora_base, save_dir, lora_base["iteration"])
-                prune(save_dir, cfg.checkpoint.keep_last, {lora_base["iteration"]} if base_here else set())
+                spared = ({lora_base["iteration"]} if base_here else set()) | set(keep)
+                prune(save_dir, cfg.checkpoint.keep_last, spared)
 
     if async_saves is not None:
         request = dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), async_sharded_save=True,

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from megamft.checkpoint import global_view, hf_moe, lora_export, tp_pieces
 from megamft.checkpoint.export_checks import SOURCE_FILE, check_template, source_identity
+from megamft.checkpoint.layout import pointed_checkpoint
 from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
@@ -349,8 +350,9 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     data was rendered with, when the checkpoint recorded it. A template that does not fit the
     model is refused (export_checks.check_template); megamft_source.json records the source.
     """
-    ckpt = _checkpoint_dir(Path(checkpoint))
-    template = Path(hf_template) if hf_template else _default_template(Path(checkpoint))
+    checkpoint = pointed_checkpoint(checkpoint)  # <save_dir>/best or <save_dir>/latest: the folder it names
+    ckpt = _checkpoint_dir(checkpoint)
+    template = Path(hf_template) if hf_template else _default_template(checkpoint)
     base = global_view.read_common(ckpt).get("lora_base")
     check_destination(out_dir, HF_EXPORT_OUTPUT, inputs=[checkpoint, ckpt, template, base and base["dir"]],
                       overwrite=overwrite)

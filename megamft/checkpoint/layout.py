@@ -4,6 +4,7 @@
     iter_0000040.partial/  one being written (ignored by loading)
     iter_0000040.old/      the previous copy while a re-save replaces it
     latest                 text file naming the newest complete iteration
+    best                   text file naming the best one by checkpoint.best_metric (with checkpoint.keep_best)
 An iteration folder holds megatron's files, megamft_config.json (the run's config) and, for a run
 on preprocessed data, megamft_data.json (the data's identity: data/identity.py).
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 from megamft.errors import UserError
 
 LATEST = "latest"
+BEST = "best"
+POINTERS = (LATEST, BEST)
 CONFIG_FILE = "megamft_config.json"
 DATA_IDENTITY_FILE = "megamft_data.json"
 
@@ -41,9 +44,9 @@ def complete_iterations(save_dir: str | Path) -> list[int]:
                   if p.is_dir() and p.name[len("iter_"):].isdigit())
 
 
-def latest_iteration(save_dir: str | Path) -> int | None:
-    """The newest complete checkpoint's iteration, or None."""
-    pointer = Path(save_dir) / LATEST
+def latest_iteration(save_dir: str | Path, pointer_name: str = LATEST) -> int | None:
+    """The newest complete checkpoint's iteration (or the one another pointer names, e.g. BEST), or None."""
+    pointer = Path(save_dir) / pointer_name
     if not pointer.is_file():
         return None
     text = pointer.read_text().strip()
@@ -51,6 +54,15 @@ def latest_iteration(save_dir: str | Path) -> int | None:
         raise CheckpointError(f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}; "
                               "point it at one (or remove it to start afresh)")
     return int(text)
+
+
+def pointed_checkpoint(path: str | Path) -> Path:
+    """A checkpoint named by its pointer (`<save_dir>/best`, `<save_dir>/latest`) as its iteration folder;
+    any other path as it is."""
+    path = Path(path)
+    if path.name not in POINTERS or not path.is_file():
+        return path
+    return complete_dir(path.parent, latest_iteration(path.parent, path.name))
 
 
 def write_atomically(path: Path, text: str) -> None:

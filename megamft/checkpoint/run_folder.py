@@ -170,20 +170,27 @@ def _check_writable(folder: Path) -> None:
 
 def saves_ahead(cfg: MegamftConfig, start: int) -> int:
     """Checkpoints a run starting after step `start` writes if nothing stops it: one every
-    checkpoint.save_interval steps, and one at the end unless the last step is one of those."""
+    checkpoint.save_interval steps, and one at the end unless the last step is one of those; with
+    checkpoint.keep_best, also one at each measurement of checkpoint.best_metric (at most)."""
     steps, interval = cfg.train.train_steps, cfg.checkpoint.save_interval
     if steps <= start:
         return 0
-    if not interval:
-        return 1
-    return steps // interval - start // interval + (1 if steps % interval else 0)
+    regular = steps // interval - start // interval + (1 if steps % interval else 0) if interval else 1
+    measured = measurement_interval(cfg) if cfg.checkpoint.keep_best else 0
+    return regular + (steps // measured - start // measured if measured else 0)
+
+
+def measurement_interval(cfg: MegamftConfig) -> int:
+    """Steps between measurements of checkpoint.best_metric (0: only at the end of training)."""
+    return cfg.eval.interval if cfg.checkpoint.best_metric.startswith("eval/") else cfg.train.eval_interval
 
 
 def new_checkpoints_at_once(cfg: MegamftConfig, start: int, existing: int) -> int:
     """The most checkpoints this run adds to the `existing` complete ones in save_dir at one time.
 
     A save writes its `.partial` folder beside the complete ones, publishes it and only then
-    prunes down to keep_last, so save_dir peaks at max(existing, keep_last) + 1 checkpoints.
+    prunes down to keep_last, sparing the keep_best checkpoints kept for their score, so save_dir
+    peaks at max(existing, keep_last + keep_best) + 1 checkpoints.
     With async_save the next save may start while the previous one is being written: one
     more (writes are assumed to end within one save_interval). keep_last=0 keeps every save
     of this run. A save on a preemption signal ends the run before its next regular save, so
@@ -193,7 +200,8 @@ def new_checkpoints_at_once(cfg: MegamftConfig, start: int, existing: int) -> in
     ahead = saves_ahead(cfg, start)
     if not ckpt.keep_last:
         return ahead
-    return min(ahead, max(ckpt.keep_last - existing, 0) + 1 + (1 if ckpt.async_save else 0))
+    kept = ckpt.keep_last + ckpt.keep_best
+    return min(ahead, max(kept - existing, 0) + 1 + (1 if ckpt.async_save else 0))
 
 
 def _check_room(cfg: MegamftConfig, latest: int | None) -> None:
@@ -209,8 +217,9 @@ def _check_room(cfg: MegamftConfig, latest: int | None) -> None:
         raise DestinationError(
             f"checkpoint.save_dir {folder} has {free / 2**30:.1f} GiB free, less than the {count} new "
             f"checkpoint(s) this run keeps there at once need (about {one / 2**30:.1f} GiB each; "
-            f"checkpoint.keep_last={cfg.checkpoint.keep_last}, async_save={cfg.checkpoint.async_save}); free "
-            "space, lower checkpoint.keep_last, or choose another folder")
+            f"checkpoint.keep_last={cfg.checkpoint.keep_last}, keep_best={cfg.checkpoint.keep_best}, "
+            f"async_save={cfg.checkpoint.async_save}); free space, lower checkpoint.keep_last or keep_best, or "
+            "choose another folder")
 
 
 def _same(a: str | None, b: str | None) -> bool:

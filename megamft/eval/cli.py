@@ -13,8 +13,9 @@ from megamft.eval import EvaluationError
 
 
 def add_humaneval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a Hugging Face model folder, or a megamft checkpoint (save folder or "
-                                      "iteration folder), exported to a temporary HF folder first")
+    parser.add_argument("model", help="a Hugging Face model folder, or a megamft checkpoint (save folder, "
+                                      "iteration folder, or <save_dir>/best), exported to a temporary HF folder "
+                                      "first")
     parser.add_argument("--output", required=True, help="folder for results.jsonl, summary.json, settings.json "
                                                         "(rerun the same command to resume)")
     parser.add_argument("--prompt-format", choices=("chat", "completion"), default="chat",

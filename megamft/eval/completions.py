@@ -1,4 +1,4 @@
-"""Model output -> the code that follows a HumanEval prompt."""
+"""Model output -> the code that follows a problem's prompt."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import re
 
 # Where a plain completion of a function body ends (HumanEval's usual stop sequences).
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
-_FENCE = re.compile(r"```(?:[Pp]ython3?|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+_FENCE = re.compile(r"```(?:[\w+#.-]*)[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
 
-def truncate_completion(text: str) -> str:
-    """A plain completion up to the first stop sequence."""
-    cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
-    return text[:cut]
+def truncate_completion(text: str, stops: tuple[str, ...] = (), kept: bool = False) -> str:
+    """A plain completion up to the first stop sequence (Python's by default); `kept`: the stop sequence
+    itself stays (a closing brace that ends the function)."""
+    found = [(i, s) for s in (stops or STOP_SEQUENCES) if (i := text.find(s)) >= 0]
+    if not found:
+        return text
+    cut, stop = min(found)
+    return text[: cut + (len(stop) if kept else 0)]
 
 
 def code_from_answer(text: str) -> str:

@@ -56,19 +56,19 @@ class EvalSettings:
 def completion_text(settings: EvalSettings, problem: Problem, generated: str) -> str:
     """The code put after the prompt for one generated text."""
     if settings.prompt_format == "completion":
-        return truncate_completion(generated)
+        return truncate_completion(generated, problem.stop, problem.stop_kept)
     return code_from_answer(generated)
 
 
 def run_completions(sandbox: Sandbox, problem: Problem, completions: list[str], workers: int) -> list:
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda c: sandbox.run(problem.program(c)), completions))
+        return list(pool.map(lambda c: sandbox.run(problem.program(c), problem.language), completions))
 
 
 def check_problems(sandbox: Sandbox, pairs: list[tuple[Problem, str]], workers: int) -> list:
     """Outcomes of (problem, completion) pairs, run `workers` at a time."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda pair: sandbox.run(pair[0].program(pair[1])), pairs))
+        return list(pool.map(lambda pair: sandbox.run(pair[0].program(pair[1]), pair[0].language), pairs))
 
 
 def read_done(path: Path) -> dict[str, dict]:
@@ -166,6 +166,8 @@ def evaluate(settings: EvalSettings, problems: list[Problem], tokenizer, generat
     done = read_done(results)
     builder = PromptBuilder(tokenizer, settings.prompt_format, settings.template)
     sandbox = sandbox or Sandbox(Limits(settings.timeout_s, settings.memory_mb * 2**20))
+    for name in sorted({p.language for p in problems}):
+        sandbox.prepare(name)  # a missing compiler or runtime is named before anything is generated
     bar = _progress(len(problems), sum(p.task_id in done for p in problems),
                     sys.stderr.isatty() if progress is None else progress)
     for index, problem in enumerate(problems):

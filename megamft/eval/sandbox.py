@@ -26,21 +26,23 @@ import time
 from dataclasses import dataclass
 
 from megamft.eval import EvaluationError
+from megamft.eval.languages import Language, find_tools, language
 
 NOBODY = 65534
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 # Runs as root inside the new namespaces: make the world-writable folders read-only (this
-# namespace only), keep the working directory writable, then become `nobody` and run.
+# namespace only), keep the working directory ($1) writable, then become `nobody` and run the rest.
 _NAMESPACE_SCRIPT = """set -e
 mount --make-rprivate /
 for d in {folders}; do
   if [ -d "$d" ]; then mount --bind "$d" "$d"; mount -o remount,bind,ro "$d"; fi
 done
-mount --bind "$1" "$1"
+mount --bind "$1" "$1"; mount -o remount,bind,rw "$1"
 cd "$1"
+shift
 exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs --inh-caps=-all --bounding-set=-all \
-  -- "$2" -I -B program.py
+  -- "$@"
 """.format(folders=" ".join(WORLD_WRITABLE), uid=NOBODY)
 
 
@@ -92,8 +94,15 @@ class Sandbox:
                          "world-writable folders read-only"]
         elif self.drop_user:
             measures += [f"user nobody ({NOBODY})"]
+        self._tools: dict[str, dict[str, str]] = {"python": {}}
         self.python, version = self._usable_python([python] if python else [sys.executable, "/usr/bin/python3"])
         self.isolation = measures + [f"interpreter {self.python} (Python {version})"]
+
+    def prepare(self, name: str, where: str = "the problems") -> None:
+        """Find a language's toolchain now (MissingToolchain naming what is absent and `where`)."""
+        lang = language(name)
+        if lang.name not in self._tools:
+            self._tools[lang.name] = find_tools(lang, where)
 
     def _usable_python(self, candidates: list[str]) -> str:
         """The first interpreter the sandbox user can run (a venv under /root is out of nobody's reach)."""
@@ -106,10 +115,11 @@ class Sandbox:
         raise EvaluationError(f"the sandbox user cannot run any of {candidates}; give a Python it can run "
                               "(--sandbox-python)")
 
-    def _limit(self) -> None:
+    def _limit(self, lang: Language) -> None:
         """In the child before exec: resource limits, inherited by everything it starts."""
         cpu = int(self.limits.timeout_s) + 1
-        for which, value in ((resource.RLIMIT_AS, self.limits.memory_bytes), (resource.RLIMIT_CPU, cpu),
+        memory = resource.RLIMIT_AS if lang.limit_address_space else resource.RLIMIT_DATA
+        for which, value in ((memory, self.limits.memory_bytes), (resource.RLIMIT_CPU, cpu),
                              (resource.RLIMIT_FSIZE, self.limits.file_bytes), (resource.RLIMIT_CORE, 0),
                              (resource.RLIMIT_NPROC, self.limits.processes)):
             resource.setrlimit(which, (value, value))
@@ -118,31 +128,42 @@ class Sandbox:
             os.setgid(NOBODY)
             os.setuid(NOBODY)
 
-    def _command(self, workdir: str) -> list[str]:
+    def _command(self, workdir: str, lang: Language, program: str) -> list[str]:
+        if lang.name == "python":
+            command = [self.python, "-I", "-B", lang.file_name(program)]
+        else:
+            command = ["/bin/sh", "-c", lang.script(self._tools[lang.name], program)]
         if self.namespaces:
             return ["unshare", "--pid", "--net", "--mount", "--ipc", "--uts", "--fork", "--kill-child",
-                    "sh", "-c", _NAMESPACE_SCRIPT, "sandbox", workdir, self.python]
-        return [self.python, "-I", "-B", "program.py"]
+                    "sh", "-c", _NAMESPACE_SCRIPT, "sandbox", workdir, *command]
+        return command
 
-    def run(self, program: str) -> Outcome:
+    def _environment(self, workdir: str, lang: Language) -> dict:
+        folders = dict.fromkeys([*(os.path.dirname(t) for t in self._tools[lang.name].values()), "/usr/bin", "/bin"])
+        return {"PATH": ":".join(folders), "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+
+    def run(self, program: str, language_name: str = "python") -> Outcome:
+        """Run one program of a language (its toolchain found by `prepare`, or now)."""
+        lang = language(language_name)
+        self.prepare(lang.name)
         workdir = tempfile.mkdtemp(prefix="megamft-sandbox-")
         try:
-            with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
+            with open(os.path.join(workdir, lang.file_name(program)), "w", encoding="utf-8") as f:
                 f.write(program)
             if self.drop_user:
                 os.chown(workdir, NOBODY, NOBODY)
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
             with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a stray child cannot hold it open
-                return self._wait(workdir, env, stderr)
+                return self._wait(workdir, lang, program, stderr)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _wait(self, workdir: str, env: dict, stderr) -> Outcome:
+    def _wait(self, workdir: str, lang: Language, program: str, stderr) -> Outcome:
         start = time.monotonic()
         try:
-            process = subprocess.Popen(self._command(workdir), cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+            process = subprocess.Popen(self._command(workdir, lang, program), cwd=workdir,
+                                       env=self._environment(workdir, lang), stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-                                       preexec_fn=self._limit)
+                                       preexec_fn=lambda: self._limit(lang))
         except OSError as err:  # e.g. the sandbox user may not run this interpreter
             return Outcome("failed", None, time.monotonic() - start, f"could not start: {err}")
         try:
@@ -156,6 +177,8 @@ class Sandbox:
         seconds = time.monotonic() - start
         stderr.seek(0)
         tail = stderr.read()[-2000:].decode("utf-8", "replace").replace(workdir + "/", "")  # same text every run
+        if status == "passed" and lang.failure_text and lang.failure_text in tail:
+            status = "failed"
         return Outcome(status, returncode, seconds, tail)
 
 

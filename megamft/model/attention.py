@@ -169,7 +169,7 @@ class TorchCoreAttention(MegatronModule):
                 if packed_seq_params is not None:
                     allowed = block_diagonal_causal(packed_seq_params.cu_seqlens_q, b, s)
                 if self.window is not None:
-                    window = sliding_window_causal(s, self.window[0], query.device)
+                    window = sliding_window_causal(s, self.window[0], query.device, keys=key.shape[0])
                     allowed = window if allowed is None else allowed & window
                 causal = allowed is None and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
                 context = _sdpa(query, key, value, allowed, causal, dropout, self.softmax_scale)
@@ -217,10 +217,12 @@ def whole_rows(rows: int, length: int, device) -> RowDocuments:
                         max_seqlen_kv=length, qkv_format="sbhd", max_document_length=length)
 
 
-def sliding_window_causal(length: int, left: int, device) -> torch.Tensor:
-    """[s, s] boolean, True where query i may attend key j: i - left <= j <= i."""
-    index = torch.arange(length, device=device)
-    behind = index.view(-1, 1) - index.view(1, -1)
+def sliding_window_causal(length: int, left: int, device, keys: int | None = None) -> torch.Tensor:
+    """[s, keys] boolean, True where query i may attend key j: i - left <= j <= i, the queries being the
+    last `length` of the `keys` positions (keys > length when decoding over a KV cache)."""
+    keys = keys or length
+    behind = (torch.arange(length, device=device) + keys - length).view(-1, 1) - \
+        torch.arange(keys, device=device).view(1, -1)
     return (behind >= 0) & (behind <= left)
 
 

@@ -39,6 +39,9 @@ from megamft.training.expert_stats import ExpertStats, expert_shares
 from megamft.training.kernel_startup import prepare_fused_kernels
 from megamft.training.metrics import MetricsWriter
 from megamft.training.preemption import PreemptionWatch
+from megamft.training.code_eval import CodeEvaluator
+from megamft.training.measurements import evaluate_code, measure, stops_early
+from megamft.training.selection import Selection, best_summary
 from megamft.training.throughput import memory_gb, tflops_per_device
 from megamft.training.setup import TrainingState, build_training_state
 from megamft.training.step import LossSetup, StepStats, evaluate, evaluate_task_loss, train_step
@@ -62,6 +65,8 @@ class RunResult:
     skipped_steps: int = 0
     loss_scale_skips: int = 0  # fp16 steps the loss scaler skipped while calibrating its scale
     task_samples: dict[str, int] = field(default_factory=dict)  # training samples consumed per task
+    best: dict | None = None  # model selection: metric, step, score and checkpoint of the best measurement
+    stopped_early: bool = False  # train.early_stopping_patience measurements without improvement
 
 
 @dataclass
@@ -82,6 +87,8 @@ class Run:
     lora_base: dict | None = None  # base weights of adapter-only checkpoints
     coba_stream: list | None = None  # CoBa's sampled validation micro-batches on this rank, built once
     expert_stats: ExpertStats | None = None  # MoE: tokens per task and expert over the log interval
+    selection: Selection | None = None  # checkpoint.keep_best and early stopping
+    evaluator: CodeEvaluator | None = None  # eval.problems: pass@k at the training layout
 
     def finish_saves(self) -> None:
         if self.async_saves is not None:
@@ -204,11 +211,22 @@ def _save(run: Run) -> None:
     extra["task_samples"] = dict(run.result.task_samples)
     if run.data.template is not None:  # what an export writes as its chat template
         extra["data_template"] = run.data.template
+    extra["selection"] = run.selection.state_dict()
     path = dist_checkpoint.save(run.state, run.cfg.checkpoint.save_dir, run.iteration, run.consumed,
                                 run.cfg, extra=extra, async_saves=run.async_saves,
                                 lora_base=run.lora_base if run.cfg.lora.save_adapters_only else None,
-                                data_identity=data_checks.checkpoint_data_identity(run.data))
+                                data_identity=data_checks.checkpoint_data_identity(run.data),
+                                keep=run.selection.kept(), best=run.selection.best_kept())
     run.result.last_checkpoint = str(path)
+
+
+def _saved_now(run: Run) -> bool:
+    return (run.result.last_checkpoint or "").endswith(f"{run.iteration:07d}")
+
+
+def _save_unless_saved(run: Run) -> None:
+    if run.cfg.checkpoint.save_dir and not _saved_now(run):
+        _save(run)
 
 
 def _after_step(run: Run, stats: StepStats) -> None:
@@ -357,14 +375,16 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
             _log_step(cfg, run.iteration, stats, seconds, measured)
             _log_experts(run)
             window_start, window_steps = time.perf_counter(), 0
-        if cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0:
-            _validate(run, "valid")
+        validating = cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0
+        measure(run, _validate(run, "valid") if validating else None, _save_unless_saved)
         ckpt = cfg.checkpoint
-        if ckpt.save_dir and ckpt.save_interval and run.iteration % ckpt.save_interval == 0:
+        if ckpt.save_dir and ckpt.save_interval and run.iteration % ckpt.save_interval == 0 and not _saved_now(run):
             _save(run)
+        if stops_early(run):
+            return
         if watch.requested():
             run.result.preempted = True
-            if ckpt.save_dir and not (run.result.last_checkpoint or "").endswith(f"{run.iteration:07d}"):
+            if ckpt.save_dir and not _saved_now(run):
                 _save(run)
             if distributed.is_logging_rank():
                 log.warning("preemption signal: stopped after step %d, checkpoint %s",
@@ -409,6 +429,7 @@ def _resume(run: Run, plan: run_folder.StartPlan) -> None:
         return  # weights only: a fresh fine-tune from these weights
     run.iteration, run.consumed = loaded["progress"]["iteration"], loaded["progress"]["consumed_samples"]
     run.result.task_samples = dict(loaded.get("task_samples", {}))
+    run.selection.load_state_dict(loaded.get("selection"))
     if run.balancer is not None and "balancer" in loaded:
         run.balancer.load_state_dict(loaded["balancer"])
 
@@ -445,12 +466,6 @@ def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folde
             log.warning("%s: took over the lock of a run that is gone (%s)", cfg.checkpoint.save_dir, takeover)
         log.info("%s", detail.reason)
     return lock, detail
-
-
-def _tensorboard_dir(cfg: MegamftConfig) -> str | None:
-    if cfg.train.tensorboard_dir:
-        return cfg.train.tensorboard_dir
-    return str(Path(cfg.checkpoint.save_dir) / "tensorboard") if cfg.checkpoint.save_dir else None
 
 
 def _build(cfg: MegamftConfig) -> Run:
@@ -493,6 +508,7 @@ def _build(cfg: MegamftConfig) -> Run:
     cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
     _check_token_ids(cfg, data)
     weights = static_task_weights(cfg, data.task_names)  # before the model: a mistake costs seconds
+    selection, evaluator = Selection.from_config(cfg, data.task_names), CodeEvaluator.for_run(cfg, data.manifest)
     report_data(cfg, data, torch.distributed.get_rank())
     state = build_training_state(cfg, runtime, data.vocab_size, backend)
     if distributed.is_logging_rank():
@@ -502,9 +518,9 @@ def _build(cfg: MegamftConfig) -> Run:
         experts = ExpertStats(state.chunks, cfg.model.num_layers, len(data.task_names), cfg.model.num_experts,
                               cfg.parallel.sequence_parallel)
     return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)), weights,
-               MetricsWriter(_tensorboard_dir(cfg), distributed.is_logging_rank()),
+               MetricsWriter.for_run(cfg, distributed.is_logging_rank(), data.vocab_size),
                async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None,
-               expert_stats=experts)
+               expert_stats=experts, selection=selection, evaluator=evaluator)
 
 
 def _check_tokenizer(cfg: MegamftConfig, load_dir: str) -> None:
@@ -549,16 +565,18 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
             log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
         current.result.valid_before = _validate(current, "valid (before)")
         _start_coba(current, current.result.valid_before)
+        if cfg.eval.at_start and current.iteration == 0:
+            evaluate_code(current, final=True)
         _train_loop(current, watch)
         if current.result.preempted:
             current.finish_saves()
             return current.result
         current.result.valid_after = _validate(current, "valid (after)")
-        last = current.result.last_checkpoint
-        trained = current.iteration > start
-        if cfg.checkpoint.save_dir and trained and (last is None or not last.endswith(f"{current.iteration:07d}")):
+        measure(current, current.result.valid_after, _save_unless_saved, final=True)
+        if cfg.checkpoint.save_dir and current.iteration > start and not _saved_now(current):
             _save(current)
         current.finish_saves()
+        current.result.best = best_summary(current.selection, cfg.checkpoint.save_dir)
         current.metrics.close()
         return current.result
     except Exception as err:

@@ -1,13 +1,25 @@
-"""Tensorboard scalars, written by the logging rank only."""
+"""A run's scalars, written by the logging rank only, under one set of names to every sink:
+TensorBoard, `metrics.jsonl` (one JSON object per step and kind: {"step": s, name: value, ...}) and,
+when train.wandb_project is set, Weights & Biases (megamft.training.wandb_sink).
+
+Names: train/loss, train/loss/<task>, train/tokens_per_second, ...; valid/loss, valid/loss/<task>;
+eval/<benchmark>/pass@<k>; memory/estimate_gb at start. A resumed run appends to the same files:
+a step logged twice (the steps after the checkpoint it resumed from) is read by its last line.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
+from megamft.training.memory_estimate import estimate
 from megamft.training.step import StepStats
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def perplexity(loss: float) -> float:
@@ -15,18 +27,81 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def tensorboard_dir(cfg) -> str | None:
+    if cfg.train.tensorboard_dir:
+        return cfg.train.tensorboard_dir
+    return str(Path(cfg.checkpoint.save_dir) / "tensorboard") if cfg.checkpoint.save_dir else None
+
+
+def metrics_file(cfg) -> Path | None:
+    """<checkpoint.save_dir>/metrics.jsonl, else beside the tensorboard files, else none."""
+    if cfg.checkpoint.save_dir:
+        return Path(cfg.checkpoint.save_dir) / METRICS_FILE
+    return Path(cfg.train.tensorboard_dir) / METRICS_FILE if cfg.train.tensorboard_dir else None
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, step: int, scalars: dict) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class JsonLinesSink:
+    """Appends one line per write, flushed, so that a reader (or a killed run) sees whole lines."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.stream = open(path, "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: dict) -> None:
+        self.stream.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 class MetricsWriter:
-    """train/... every step, valid/... at every validation; no-op when disabled."""
+    """train/... every step, valid/... at every validation, eval/... at every evaluation; a no-op when
+    disabled (ranks other than the logging one) or without sinks."""
 
-    def __init__(self, log_dir: str | Path | None, enabled: bool):
-        self._writer = None
-        if log_dir and enabled:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+        self._tensorboard = next((s.writer for s in sinks if isinstance(s, TensorBoardSink)), None)
 
-            self._writer = SummaryWriter(log_dir=str(log_dir))
+    @classmethod
+    def for_run(cls, cfg, enabled: bool, vocab_size: int) -> "MetricsWriter":
+        """The configured sinks; memory/estimate_gb (megamft.training.memory_estimate) logged at step 0."""
+        if not enabled:
+            return cls([])
+        sinks = []
+        if tensorboard_dir(cfg):
+            sinks.append(TensorBoardSink(tensorboard_dir(cfg)))
+        if metrics_file(cfg):
+            sinks.append(JsonLinesSink(metrics_file(cfg)))
+        if cfg.train.wandb_project:
+            from megamft.training.wandb_sink import WandbSink
+
+            sinks.append(WandbSink(cfg))
+        writer = cls(sinks)
+        memory = estimate(cfg, torch.distributed.get_world_size(), vocab_size)
+        writer.scalars(0, {f"memory/estimate_gb/{part}": getattr(memory, part) / 2**30
+                           for part in ("weights", "gradients", "optimizer", "activations")}
+                       | {"memory/estimate_gb": memory.total / 2**30})
+        return writer
 
     def train(self, step: int, stats: StepStats, tokens_per_second: float, extra: dict | None = None) -> None:
-        if self._writer is None:
+        if not self.sinks:
             return
         scalars = {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
                    "train/tokens_per_second": tokens_per_second, "train/skipped": float(stats.skipped)}
@@ -40,43 +115,41 @@ class MetricsWriter:
             scalars[f"train/weight/{task}"] = weight
         for name, value in stats.router_losses.items():  # MoE auxiliary losses, apart from the task losses
             scalars[f"train/router/{name}"] = value
-        self._write(step, scalars)
+        self.scalars(step, scalars)
 
     def experts(self, step: int, counts, shares: dict, task_names: tuple[str, ...]) -> None:
-        """MoE: each task's share of routed tokens per expert (scalars) and per layer (histograms)."""
-        if self._writer is None:
+        """MoE: each task's share of routed tokens per expert (scalars) and per layer (TensorBoard histograms)."""
+        self.scalars(step, {f"experts/{task}/expert_{e:03d}": float(v) for task, share in shares.items()
+                            for e, v in enumerate(share)})
+        if self._tensorboard is None:
             return
-        scalars = {f"experts/{task}/expert_{e:03d}": float(v) for task, share in shares.items()
-                   for e, v in enumerate(share)}
-        self._write(step, scalars)
         for t, task in enumerate(task_names):
             for layer in range(counts.shape[0]):
                 per_expert = counts[layer, t].double()
                 if per_expert.sum() > 0:  # one bucket per expert, its height the tokens routed there
-                    self._writer.add_histogram_raw(
+                    self._tensorboard.add_histogram_raw(
                         f"experts/{task}/layer_{layer}", min=0, max=len(per_expert) - 1, num=float(per_expert.sum()),
                         sum=float((per_expert * torch.arange(len(per_expert))).sum()),
                         sum_squares=float((per_expert * torch.arange(len(per_expert)) ** 2).sum()),
                         bucket_limits=[e + 0.5 for e in range(len(per_expert))], bucket_counts=per_expert.tolist(),
                         global_step=step)
-        self._writer.flush()
+        self._tensorboard.flush()
 
     def valid(self, step: int, stats: StepStats) -> None:
-        if self._writer is None:
-            return
         scalars = {"valid/loss": stats.loss}
         for task, loss in stats.task_loss.items():
             if math.isfinite(loss):
                 scalars[f"valid/loss/{task}"] = loss
                 scalars[f"valid/ppl/{task}"] = perplexity(loss)
-        self._write(step, scalars)
+        self.scalars(step, scalars)
 
-    def _write(self, step: int, scalars: dict) -> None:
-        for name, value in scalars.items():
-            if value is not None:
-                self._writer.add_scalar(name, value, step)
-        self._writer.flush()
+    def scalars(self, step: int, scalars: dict) -> None:
+        """Any named scalars (None values left out), to every sink."""
+        scalars = {name: float(value) for name, value in scalars.items() if value is not None}
+        for sink in self.sinks:
+            sink.write(step, scalars)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
