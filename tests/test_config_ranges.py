@@ -69,7 +69,7 @@ def _schema_cases():
 @pytest.mark.parametrize("section, name, where, value", list(_schema_cases()))
 def test_every_declared_range_is_enforced(section, name, where, value):
     cfg = MegamftConfig()
-    setattr(getattr(cfg, section), name, {"some_task": value} if where == "{}" else value)
+    setattr(getattr(cfg, section), name, {"some_task": value} if where == "{}" else [value] if where == "[]" else value)
     with pytest.raises(ConfigError) as err:
         validate(cfg, 1)
     assert any(p.startswith(f"{section}.{name} must be ") for p in err.value.problems), err.value.problems
