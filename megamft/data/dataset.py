@@ -170,7 +170,7 @@ def _cache(cfg: DataConfig, identity: dict | None, sharing: IndexSharing) -> Ind
     folder that cannot be written)."""
     if identity is None or not sharing.use_cache:
         return None
-    root = Path(cfg.index_cache) if cfg.index_cache else Path(cfg.path) / "index-cache"
+    root = index_plan.cache_root(cfg)
     key, described = index_plan.cache_key(cfg, identity)
     cache = IndexCache(root, key, described)
     if sharing.builder:

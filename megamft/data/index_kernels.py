@@ -34,7 +34,8 @@ _i64p = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
 _u16p = np.ctypeslib.ndpointer(np.uint16, flags="C_CONTIGUOUS")
 _i64 = ctypes.c_int64
 _SIGNATURES = {
-    "megamft_interleave": [_u16p, _i64, ctypes.c_int32, _i32p, _i64p, _i64p, ctypes.c_void_p, ctypes.c_int32,
+    "megamft_interleave": [_u16p, _i64, ctypes.c_int32, _i32p, _i64p, _i64p, ctypes.POINTER(ctypes.c_void_p),
+                           ctypes.c_int32,
                            _u16p, _i32p, _i32p],
     "megamft_next_fit": [_i32p, _i64, ctypes.c_int32, _i64p],
     "megamft_best_fit": [_i32p, _i64, ctypes.c_int32, _i64, _i32p, _i32p, _i32p, _i64p, ctypes.POINTER(_i64)],
@@ -156,8 +157,7 @@ def interleave(tasks: np.ndarray, streams: list[np.ndarray], lengths: list[np.nd
     out_tasks = np.empty(len(tasks), np.uint16)
     docs, sizes = np.empty(len(tasks), np.int32), np.empty(len(tasks), np.int32)
     kept = library.megamft_interleave(tasks, len(tasks), len(streams), flat, starts, stops,
-                                      ctypes.cast(pointers, ctypes.c_void_p), int(seq_length), out_tasks, docs,
-                                      sizes)
+                                      pointers, int(seq_length), out_tasks, docs, sizes)
     if kept < 0:
         raise ValueError("a task occurs more often in the epoch than its stream holds")
     del flat, arrays

@@ -116,6 +116,14 @@ def read_split(cache: IndexCache, tasks: int) -> list[np.ndarray]:
     return [arrays[f"train.{t}"] for t in range(tasks)]
 
 
+def cache_root(cfg: DataConfig) -> Path | None:
+    """The folder holding the index caches of this data (data.index_cache, else <data.path>/index-cache);
+    None for the embedded corpus, whose index is built in memory."""
+    if cfg.source != "indexed":
+        return None
+    return Path(cfg.index_cache) if cfg.index_cache else Path(cfg.path) / "index-cache"
+
+
 def cache_key(cfg: DataConfig, source: dict) -> tuple[str, dict]:
     """(sha256 hex, what it was made of) of the index for this data section and source identity."""
     described = {"format": FORMAT, "rules": INDEX_RULES, "source": source,

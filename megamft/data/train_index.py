@@ -86,16 +86,20 @@ class EpochSource:
     def _built(self, epoch: int) -> Rows:
         name = IndexCache.epoch_name(epoch)
         try:
-            return _rows_of(self.cache.read(name, "epoch"))
+            return _read_epoch(self.cache, epoch)
         except MissingIndexFile:
             pass
         except IndexFileProblem as err:
             self._say("%s; building it again", err)
+        started = time.perf_counter()
         rows = self._checked(self._build(epoch))
         try:
             self.cache.write(name, "epoch", _arrays_of(rows), {"epoch": epoch})
+            if self.sharing.speaks:
+                log.info("training index: data epoch %d, %s sequences, built and written to %s in %.1f s", epoch,
+                         f"{len(rows):,}", self.cache.folder, time.perf_counter() - started)
             self.cache.path(name + FAILED).unlink(missing_ok=True)
-            return _rows_of(self.cache.read(name, "epoch", verify=False))  # mapped: no private copy kept
+            return _read_epoch(self.cache, epoch, verify=False)  # mapped: no private copy kept
         except OSError as err:
             self._say("the training index of data epoch %d could not be written to %s (%s): kept in memory; "
                       "the other ranks build their own", epoch, self.cache.folder, err.strerror or err)
@@ -112,7 +116,7 @@ class EpochSource:
             listed = self.cache.listed()
             if name in listed:
                 try:
-                    return _rows_of(self.cache.read(name, "epoch"))
+                    return _read_epoch(self.cache, epoch)
                 except IndexFileProblem as err:  # the builder replaces a damaged file: wait for the new one
                     problem = err
             if name + FAILED in listed:
@@ -131,7 +135,11 @@ def _arrays_of(rows: Rows) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _rows_of(file) -> Rows:
+def _read_epoch(cache: IndexCache, epoch: int, verify: bool = True) -> Rows:
+    name = IndexCache.epoch_name(epoch)
+    file = cache.read(name, "epoch", verify)
+    if file.extra.get("epoch") != epoch:
+        raise IndexFileProblem(f"{cache.path(name)} holds data epoch {file.extra.get('epoch')}, not {epoch}")
     arrays = file.arrays
     return Rows(arrays["tasks"], arrays["docs"], arrays.get("offsets"))
 
