@@ -176,6 +176,11 @@ class DataConfig:
     """Samples of each task held out for validation."""
     seed: Seed = 1234
     """Split, mixing and shuffling seed; the same seed gives the same batches on every layout."""
+    index_cache: Optional[str] = None
+    """data.source=indexed: the folder where the training index (each data epoch's sequences, the split) is
+    written once and memory-mapped by every rank (None: <data.path>/index-cache). On a file system every node
+    shares, rank 0 writes it; on a node's own disk, each node's first rank. Where it cannot be written, every
+    rank builds the index in memory."""
 
 
 @dataclass

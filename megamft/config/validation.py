@@ -157,6 +157,9 @@ def _data_problems(cfg: MegamftConfig) -> list[str]:
         problems.append("data.source=indexed needs data.path, a megamft-preprocess output folder")
     if d.source == "indexed" and d.path and not (Path(d.path) / "manifest.json").is_file():
         problems.append(f"data.path={d.path} has no manifest.json; run megamft-preprocess --out {d.path} first")
+    if d.index_cache and d.source != "indexed":
+        problems.append("data.index_cache applies to data.source=indexed (the embedded corpus's index is built in "
+                        "memory); remove it")
     if d.task_sampling == "weights" and not d.task_sampling_weights:
         problems.append("data.task_sampling=weights needs data.task_sampling_weights, e.g. {code_completion: 2.0}")
     problems += _task_weight_problems(cfg)

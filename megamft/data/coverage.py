@@ -50,11 +50,11 @@ class CutCount:
 def count_cuts(store, docs: np.ndarray, seq_length: int, seed: int = 0, exact_limit: int = EXACT_LIMIT) -> CutCount:
     """How the documents `docs` of `store` (lengths, loss_mask(doc)) fit sequences of seq_length positions;
     the learned tokens are counted on at most `exact_limit` overlong samples (a seeded choice, scaled)."""
-    lengths = store.lengths[docs].astype(np.int64)
+    lengths = store.lengths[docs]
     keep = seq_length + 1
     over = docs[lengths > keep]
-    count = CutCount(samples=len(docs), tokens=int(lengths.sum()), longest=int(lengths.max(initial=0)),
-                     overlong=len(over), cut_tokens=int((lengths[lengths > keep] - keep).sum()),
+    count = CutCount(samples=len(docs), tokens=int(lengths.sum(dtype=np.int64)), longest=int(lengths.max(initial=0)),
+                     overlong=len(over), cut_tokens=int((lengths[lengths > keep] - keep).sum(dtype=np.int64)),
                      too_short=int((lengths < 2).sum()))
     looked = over
     if len(over) > exact_limit:
@@ -92,6 +92,15 @@ class DataCoverage:
     def record(self) -> dict:
         """Plain data for the run's manifest."""
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "DataCoverage":
+        """The coverage `record()` gave (read back from the index cache)."""
+        fields = dict(record)
+        for name in ("train", "valid"):
+            fields[name] = CutCount(**fields[name])
+        fields["train_per_task"] = {task: CutCount(**c) for task, c in fields["train_per_task"].items()}
+        return cls(**fields)
 
     def lines(self) -> list[str]:
         """The start-up summary: one line on cut samples, one per other thing left out."""

@@ -8,7 +8,7 @@ Sources:
 
 from __future__ import annotations
 
-import bisect
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,18 +17,21 @@ import numpy as np
 
 from megamft.config import ConfigError, DataConfig
 from megamft.config.task_weights import sampling_weight_problems
-from megamft.data import coverage
+from megamft.data import index_plan
 from megamft.data.coverage import DataCoverage
 from megamft.data.conversation import ROLE_NAMES
 from megamft.data.encoding import SegmentEncoder
+from megamft.data.index_cache import IndexCache, IndexFileProblem, MissingIndexFile
 from megamft.data.indexed import open_indexed
 from megamft.data.integrity import check_task, largest_token_id
-from megamft.data.manifest import CHECKSUMS, load_manifest
-from megamft.data.mixing import TaskMixture, sampling_weights, split_train_valid
-from megamft.data.sequences import Rows, add_document_boundaries, batch_length, build_rows, collate
+from megamft.data.manifest import CHECKSUMS, MANIFEST, load_manifest
+from megamft.data.sequences import Rows, add_document_boundaries, batch_length, collate
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import load_tokenizer
+from megamft.data.train_index import EpochSource, IndexSharing, Lazy, TrainIndex, epoch_rows
 from megamft.data.verify import DataCheck
+
+log = logging.getLogger("megamft")
 
 
 class InMemoryDocuments:
@@ -39,7 +42,7 @@ class InMemoryDocuments:
 
     def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray], left_out: int = 0):
         self._ids, self._masks = ids, masks
-        self.lengths = np.asarray([len(i) for i in ids], dtype=np.int64)
+        self.lengths = np.asarray([len(i) for i in ids], dtype=np.int32)
         self.max_token_id = max((int(i.max()) for i in ids if len(i)), default=-1)
         self.left_out = left_out
 
@@ -65,7 +68,7 @@ class IndexedDocuments:
         check_task(folder, entry, token_dtype)
         self.tokens = open_indexed(folder / entry["prefix"])
         self.masks = open_indexed(folder / entry["loss_mask_prefix"])
-        self.lengths = self.tokens.sequence_lengths.astype(np.int64)
+        self.lengths = self.tokens.sequence_lengths  # int32, a view of megatron's map of the .idx: no copy
         self.max_token_id = largest_token_id(folder, entry, token_dtype)
         self.preprocess_cut = int(entry.get("truncated", 0))
         dropped = entry.get("dropped") or {}
@@ -80,55 +83,12 @@ class IndexedDocuments:
 
 
 @dataclass
-class TrainSequences:
-    """Training sequences of every data epoch, built when first needed, addressed by a global count."""
-
-    mixture: TaskMixture
-    stores: list
-    cfg: DataConfig
-
-    def __post_init__(self):
-        self._epoch_rows: list[Rows] = []
-        self._starts = [0]
-
-    def _build_next_epoch(self) -> None:
-        e = len(self._epoch_rows)
-        tasks, docs = self.mixture.epoch(e)
-        lengths = np.fromiter((self.stores[t].lengths[d] for t, d in zip(tasks.tolist(), docs.tolist())),
-                              dtype=np.int64, count=len(tasks))
-        rows = build_rows(tasks, docs, lengths, self.cfg.mode, self.cfg.seq_length, self.cfg.pack_window,
-                          seed=self.cfg.seed + e)
-        if len(rows) == 0:
-            raise ConfigError("a data epoch has no sequence: check data.epoch_samples and the task weights")
-        self._epoch_rows.append(rows)
-        self._starts.append(self._starts[-1] + len(rows))
-
-    def row(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """The sequence at a global position (a count of sequences consumed since the start)."""
-        while self._starts[-1] <= position:
-            self._build_next_epoch()
-        epoch = bisect.bisect_right(self._starts, position) - 1
-        return self._epoch_rows[epoch].row(position - self._starts[epoch])
-
-    def sequences_per_epoch(self) -> int:
-        if not self._epoch_rows:
-            self._build_next_epoch()
-        return len(self._epoch_rows[0])
-
-    def tasks_of_first(self, sequences: int) -> set[int]:
-        """The tasks with a sample in the first `sequences` sequences (at most one data epoch's)."""
-        count = min(sequences, self.sequences_per_epoch())
-        rows = self._epoch_rows[0]
-        return set(np.unique(rows.tasks[: rows.offsets[count]]).tolist())
-
-
-@dataclass
 class MultitaskData:
     """What training reads: per-task documents, training sequences, validation sequences per task."""
 
     task_names: tuple[str, ...]
     stores: list
-    train: TrainSequences
+    train: TrainIndex
     valid: dict[str, Rows]
     vocab_size: int
     pad_id: int
@@ -174,44 +134,117 @@ class MultitaskData:
         return [self.train.row(p) for p in range(start, start + share)]
 
 
-def load_data(cfg: DataConfig, verify: bool = False) -> MultitaskData:
+def load_data(cfg: DataConfig, sharing: IndexSharing | None = None, verify: bool = False) -> MultitaskData:
     """The configured source as training and per-task validation sequences.
 
     verify: start checking an indexed folder's files against their checksums (data.verify), in the
     background; `MultitaskData.checksums.problem()` waits for the answer. Manifests without checksums
     are not checked.
-    """
-    manifest = None
+
+    `sharing` says whether this process builds the index cache or reads what its builder wrote (training's
+    start-up decides; alone, a process builds). Every rank calls it; the builder writes the plan and the
+    first data epoch before `sharing.wait()` lets the others read them."""
+    sharing = sharing or IndexSharing()
+    manifest = identity = checksums = None
     if cfg.source == "indexed":
-        names, stores, vocab_size, pad_id, template, manifest = _indexed_source(cfg)
+        names, stores, vocab_size, pad_id, template, manifest, identity = _indexed_source(cfg)
     else:
         names, stores, vocab_size, pad_id, template = _stdlib_source(cfg)
-    checksums = None
+    names = list(names)
     if verify and manifest is not None and CHECKSUMS in manifest:
         checksums = DataCheck(Path(cfg.path), manifest, cfg.verify)
     max_token_id = max([pad_id, *(store.max_token_id for store in stores)])
-    problems = sampling_weight_problems(cfg, list(names))
+    problems = sampling_weight_problems(cfg, names)
     if problems:
         raise ConfigError(problems)
-    splits, valid = [], {}
-    for task, (name, store) in enumerate(zip(names, stores)):
-        if len(store.lengths) <= cfg.valid_samples_per_task:
-            dropped = (f" (the embedded corpus left out {store.left_out} longer than data.seq_length + 1 tokens; "
-                       "raise data.seq_length)") if store.left_out else ""
-            raise ConfigError(f"task {name}: only {len(store.lengths)} samples{dropped}, not more than "
-                              f"data.valid_samples_per_task={cfg.valid_samples_per_task}; lower it or add data")
-        train, held_out = split_train_valid(len(store.lengths), cfg.valid_samples_per_task,
-                                            cfg.max_samples_per_task, cfg.seed, task)
-        splits.append((train, held_out))
-        valid[name] = build_rows(np.full(len(held_out), task), held_out, store.lengths[held_out], cfg.mode,
-                                 cfg.seq_length, cfg.pack_window, cfg.seed)
-    train_docs = [train for train, _ in splits]
-    weights = sampling_weights(cfg.task_sampling, [len(d) for d in train_docs], cfg.task_sampling_weights, list(names))
-    epoch_samples = cfg.epoch_samples or sum(len(d) for d in train_docs)
-    mixture = TaskMixture(train_docs, weights, epoch_samples, cfg.seed)
-    return MultitaskData(tuple(names), stores, TrainSequences(mixture, stores, cfg), valid, vocab_size, pad_id, cfg,
+    index_plan.check_sizes(cfg, names, stores)
+    cache = _cache(cfg, identity, sharing)
+    plan, train, failure = None, None, None
+    if cache is not None and sharing.builder:
+        try:
+            plan = _builder_plan(cfg, names, stores, cache, sharing)
+            train = _train_index(cfg, names, stores, plan, cache, sharing)
+            train.epoch(0)  # written now; the next one is prepared in the background
+        except BaseException as err:  # raised once the others are let go
+            failure = err
+    sharing.wait()
+    if failure is not None:
+        raise failure
+    if plan is None:
+        plan = _reader_plan(cfg, names, stores, cache, sharing)
+        train = _train_index(cfg, names, stores, plan, cache, sharing)
+    return MultitaskData(tuple(names), stores, train, dict(zip(names, plan.valid)), vocab_size, pad_id, cfg,
                          max_token_id=max_token_id, template=template, manifest=manifest, checksums=checksums,
-                         coverage=coverage.measure(cfg, list(names), stores, splits, mixture.quota, epoch_samples))
+                         coverage=plan.coverage)
+
+
+def _cache(cfg: DataConfig, identity: dict | None, sharing: IndexSharing) -> IndexCache | None:
+    """The index cache of this data and data section; None: built in memory (the embedded corpus, or a
+    folder that cannot be written)."""
+    if identity is None or not sharing.use_cache:
+        return None
+    root = index_plan.cache_root(cfg)
+    key, described = index_plan.cache_key(cfg, identity)
+    cache = IndexCache(root, key, described)
+    if sharing.builder:
+        try:
+            cache.prepare()
+        except OSError as err:
+            if sharing.speaks:
+                log.warning("data.index_cache=%s cannot be written (%s): the training index is built in memory "
+                            "on every rank; set data.index_cache to a writable folder", root, err.strerror or err)
+            return None
+    return cache
+
+
+def _builder_plan(cfg: DataConfig, names: list[str], stores: list, cache: IndexCache,
+                  sharing: IndexSharing) -> index_plan.Plan:
+    """The plan from the cache when it is whole, else computed and written (and read back, mapped)."""
+    try:
+        return index_plan.read_plan(cache, split=True)
+    except MissingIndexFile:
+        pass
+    except IndexFileProblem as err:
+        if sharing.speaks:
+            log.warning("%s; building the training index again", err)
+    plan = index_plan.compute_plan(cfg, names, stores)
+    try:
+        index_plan.write_plan(cache, plan)
+        return index_plan.read_plan(cache, split=True)
+    except OSError as err:
+        if sharing.speaks:
+            log.warning("the training index could not be written to %s (%s): every rank builds it in memory",
+                        cache.folder, err.strerror or err)
+        return plan
+
+
+def _reader_plan(cfg: DataConfig, names: list[str], stores: list, cache: IndexCache | None,
+                 sharing: IndexSharing) -> index_plan.Plan:
+    if cache is not None:
+        try:
+            return index_plan.read_plan(cache, split=False)
+        except IndexFileProblem as err:
+            if sharing.speaks:
+                log.warning("%s: the training index is built in memory here", err)
+    return index_plan.compute_plan(cfg, names, stores)
+
+
+def _train_index(cfg: DataConfig, names: list[str], stores: list, plan: index_plan.Plan,
+                 cache: IndexCache | None, sharing: IndexSharing) -> TrainIndex:
+    def mixture():
+        if not plan.train_docs:  # a reader of the cache: the split is read when first needed
+            plan.train_docs = index_plan.read_split(cache, len(names))
+        return plan.mixture(cfg, names)
+
+    def build(epoch: int) -> Rows:
+        # The lengths are read through the stores, which keep megatron's maps open (its reader closes
+        # its map when collected, whatever views of it remain).
+        return epoch_rows(mixed.get(), [store.lengths for store in stores], cfg.mode, cfg.seq_length,
+                          cfg.pack_window, cfg.seed, epoch)
+
+    mixed = Lazy(mixture)
+    source = EpochSource(build, cache, sharing)
+    return TrainIndex(source, plan.quota(cfg, names), mixed)
 
 
 def _indexed_source(cfg: DataConfig):
@@ -222,8 +255,9 @@ def _indexed_source(cfg: DataConfig):
     stores = [IndexedDocuments(folder, e, manifest["token_dtype"], cut_to) for e in entries]
     tokenizer = manifest["tokenizer"]
     vocab_size = _vocabulary(tokenizer["vocab_size"], tokenizer.get("max_token_id"))
-    return ([e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0)), manifest.get("template"),
-            manifest)
+    identity = index_plan.folder_identity(folder, folder / MANIFEST, entries)
+    return ([e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0)),
+            manifest.get("template"), manifest, identity)
 
 
 def _vocabulary(vocab_size: int, max_token_id) -> int:

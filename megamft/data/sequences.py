@@ -24,30 +24,28 @@ MODES = ("pad", "dynamic", "pack", "concat")
 
 @dataclass
 class Rows:
-    """Sequences as lists of documents: row r holds documents offsets[r]:offsets[r+1]."""
+    """Sequences as lists of documents: row r holds documents offsets[r]:offsets[r+1] (offsets None: one
+    document per row, as pad and dynamic have). The arrays may be memory maps of the index cache."""
 
     tasks: np.ndarray
     docs: np.ndarray
-    offsets: np.ndarray
+    offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.tasks) if self.offsets is None else len(self.offsets) - 1
+
+    def start(self, r: int) -> int:
+        """The first document of row r (r may be len(self): the end)."""
+        return r if self.offsets is None else int(self.offsets[r])
 
     def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.offsets[r], self.offsets[r + 1]
+        a, b = self.start(r), self.start(r + 1)
         return self.tasks[a:b], self.docs[a:b]
 
 
 def positions_of(lengths: np.ndarray, seq_length: int) -> np.ndarray:
     """(input, label) positions each document fills in a sequence."""
     return np.clip(lengths - 1, 0, seq_length)
-
-
-def _rows_from_groups(tasks: np.ndarray, docs: np.ndarray, groups: list[list[int]]) -> Rows:
-    flat = np.fromiter((i for g in groups for i in g), dtype=np.int64)
-    offsets = np.zeros(len(groups) + 1, dtype=np.int64)
-    np.cumsum([len(g) for g in groups], out=offsets[1:])
-    return Rows(tasks[flat], docs[flat], offsets)
 
 
 def best_fit_groups(sizes: np.ndarray, capacity: int, window: int, rng: np.random.Generator) -> list[list[int]]:
@@ -105,18 +103,26 @@ def next_fit_groups(sizes: np.ndarray, capacity: int) -> list[list[int]]:
 def build_rows(tasks: np.ndarray, docs: np.ndarray, lengths: np.ndarray, mode: str, seq_length: int,
                window: int, seed: int) -> Rows:
     """Sequences of the documents (tasks[i], docs[i]) whose lengths are `lengths[i]`, in order."""
-    sizes = positions_of(lengths, seq_length)
+    sizes = positions_of(np.asarray(lengths, dtype=np.int64), seq_length)
     keep = np.flatnonzero(sizes > 0)
-    tasks, docs, sizes = tasks[keep], docs[keep], sizes[keep]
+    return rows_of_sizes(np.asarray(tasks)[keep].astype(np.uint16), np.asarray(docs)[keep],
+                         sizes[keep].astype(np.int32), mode, seq_length, window, seed)
+
+
+def rows_of_sizes(tasks: np.ndarray, docs: np.ndarray, sizes: np.ndarray, mode: str, seq_length: int,
+                  window: int, seed: int) -> Rows:
+    """Sequences of documents that fill `sizes` (1..seq_length) positions each: the modes' rule, computed by
+    the index kernels (compiled; the Python functions above where no compiler is found)."""
+    from megamft.data import index_kernels
+
     if mode in ("pad", "dynamic"):
-        return Rows(tasks, docs, np.arange(len(tasks) + 1, dtype=np.int64))
+        return Rows(tasks, docs)
     if mode == "pack":
-        groups = best_fit_groups(sizes, seq_length, window, np.random.default_rng(seed))
-    elif mode == "concat":
-        groups = next_fit_groups(sizes, seq_length)
-    else:
-        raise ValueError(f"unknown data.mode {mode!r}; choose one of {', '.join(MODES)}")
-    return _rows_from_groups(tasks, docs, groups)
+        flat, offsets = index_kernels.best_fit(sizes, seq_length, window, np.random.default_rng(seed))
+        return Rows(tasks[flat], docs[flat], offsets)
+    if mode == "concat":
+        return Rows(tasks, docs, index_kernels.next_fit(sizes, seq_length))
+    raise ValueError(f"unknown data.mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 # ---------------------------------------------------------------- collation

@@ -26,7 +26,7 @@ class NotSharedError(UserError, RuntimeError):
     """A folder that some ranks do not see as rank 0 wrote it."""
 
 
-def _write_probe(folder: Path) -> tuple[str | None, str]:
+def write_probe(folder: Path) -> tuple[str | None, str]:
     """(name, content) of the probe written, or (None, why not)."""
     token = uuid.uuid4().hex
     name, content = f"{PROBE_PREFIX}{token}", f"{token} {socket.gethostname()}\n"
@@ -37,7 +37,7 @@ def _write_probe(folder: Path) -> tuple[str | None, str]:
     return name, content
 
 
-def _sees(folder: Path, name: str, content: str) -> bool:
+def sees_probe(folder: Path, name: str, content: str) -> bool:
     try:
         return (folder / name).read_text() == content
     except OSError:
@@ -54,14 +54,14 @@ def confirm_shared(folder: str | Path, what: str, view: str | Path | None = None
     group, rank = distributed.host_group(), torch.distributed.get_rank()
     probe = [None]
     if rank == 0:
-        probe = [_write_probe(Path(folder))]
+        probe = [write_probe(Path(folder))]
     torch.distributed.broadcast_object_list(probe, src=0, group=group)
     name, content = probe[0]
     if name is None:
         raise NotSharedError(f"{what} {folder} cannot be written ({content})")
     try:
         seen = [None] * torch.distributed.get_world_size()
-        me = (socket.gethostname(), _sees(Path(view if view is not None else folder), name, content))
+        me = (socket.gethostname(), sees_probe(Path(view if view is not None else folder), name, content))
         torch.distributed.all_gather_object(seen, me, group=group)
     finally:
         if rank == 0:

@@ -44,7 +44,7 @@ def tasks_absent_from_run(cfg: MegamftConfig, data: MultitaskData) -> dict[str, 
     if run_sequences >= per_epoch:
         return {}
     present = data.train.tasks_of_first(run_sequences)
-    quotas = data.train.mixture.quota
+    quotas = data.train.quota
     return {name: (f"none of the {run_sequences:,} sequences this run trains on (train.train_steps x "
                    f"train.global_batch_size, of {per_epoch:,} in a data epoch) holds one of its {int(quota):,} "
                    "samples per epoch; raise train.train_steps or the task's share (data.task_sampling, "

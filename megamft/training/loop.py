@@ -36,8 +36,9 @@ from megamft.platform.device import describe_runtime
 from megamft.training import data_checks
 from megamft.training.data_report import report_data
 from megamft.training.expert_stats import ExpertStats, expert_shares
+from megamft.training.index_sharing import index_sharing
 from megamft.training.kernel_startup import prepare_fused_kernels
-from megamft.training.metrics import MetricsWriter
+from megamft.training.metrics import MetricsWriter, TaskLossInterval, format_task_losses, present_task_losses
 from megamft.training.preemption import PreemptionWatch
 from megamft.training.code_eval import CodeEvaluator
 from megamft.training.measurements import evaluate_code, measure, stops_early
@@ -146,10 +147,6 @@ def static_task_weights(cfg: MegamftConfig, task_names: tuple[str, ...]) -> torc
     return torch.tensor([cfg.loss.task_weights.get(name, 1.0) for name in task_names], dtype=torch.float64)
 
 
-def _format_tasks(values: dict[str, float]) -> str:
-    return " ".join(f"{name} {value:.3f}" for name, value in values.items())
-
-
 def _throughput(run: Run, stats: StepStats, seconds: float) -> dict:
     """tokens/s, TFLOP/s per device, MFU (when a peak is configured) and memory."""
     tokens_per_second = stats.tokens / max(seconds, 1e-9)
@@ -164,8 +161,10 @@ def _throughput(run: Run, stats: StepStats, seconds: float) -> dict:
     return values
 
 
-def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: float, measured: dict) -> None:
-    """One line per log interval; `seconds` is the mean step time of the interval."""
+def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: float, measured: dict,
+              task_losses: dict[str, float | None]) -> None:
+    """One line per log interval: the step's loss, each task's mean loss over the interval (`task_losses`),
+    and `seconds`, the mean step time of the interval."""
     if not distributed.is_logging_rank():
         return
     eta = int(seconds * (cfg.train.train_steps - iteration))
@@ -177,7 +176,7 @@ def _log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: flo
     log.info(
         "step %d/%d | loss %.4f | %s | grad-norm %s | lr %.2e | %.0f tok/s | %.2f TFLOP/s/dev%s | "
         "mem %.3g GB | eta %d:%02d",
-        iteration, cfg.train.train_steps, stats.loss, _format_tasks(stats.task_loss), grad,
+        iteration, cfg.train.train_steps, stats.loss, format_task_losses(task_losses), grad,
         stats.lr or 0.0, measured["tokens_per_second"], measured["tflops_per_device"], mfu,
         measured["memory_gb"], eta // 60, eta % 60,
     )
@@ -189,7 +188,7 @@ def _validate(run: Run, label: str) -> StepStats | None:
         return None  # data.valid_samples_per_task=0: no validation set
     stats = evaluate(run.state, batches, run.data.task_names)
     if distributed.is_logging_rank():
-        log.info("%s loss %.4f | %s", label, stats.loss, _format_tasks(stats.task_loss))
+        log.info("%s loss %.4f | %s", label, stats.loss, format_task_losses(present_task_losses(stats)))
         run.metrics.valid(run.iteration, stats)
     return stats
 
@@ -341,7 +340,7 @@ def _collect_garbage_every(interval: int):
 
 def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) -> None:
     cfg = run.cfg
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, interval = time.perf_counter(), 0, TaskLossInterval()
     while run.iteration < cfg.train.train_steps:
         rows = run.data.train_rows(run.consumed, cfg.train.global_batch_size, dp_rank, dp_size)
         batches = run.data.batches(rows, cfg.train.micro_batch_size, same_length=_pipelined())
@@ -365,6 +364,7 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
         _check_skipped(run, stats)
         _after_step(run, stats)
         window_steps += 1
+        interval.add(stats)
         seconds = (time.perf_counter() - window_start) / window_steps
         measured = _throughput(run, stats, seconds)
         if distributed.is_logging_rank():
@@ -372,9 +372,10 @@ def _steps(run: Run, dp_rank: int, dp_size: int, watch: PreemptionWatch, bar) ->
             run.metrics.train(run.iteration, stats, tokens_per_second, measured)
             measured["tokens_per_second"] = tokens_per_second
         if run.iteration % cfg.train.log_interval == 0 or run.iteration == cfg.train.train_steps:
-            _log_step(cfg, run.iteration, stats, seconds, measured)
+            _log_step(cfg, run.iteration, stats, seconds, measured, interval.means())
             _log_experts(run)
             window_start, window_steps = time.perf_counter(), 0
+            interval.reset()
         validating = cfg.train.eval_interval and run.iteration % cfg.train.eval_interval == 0
         measure(run, _validate(run, "valid") if validating else None, _save_unless_saved)
         ckpt = cfg.checkpoint
@@ -496,7 +497,8 @@ def _build(cfg: MegamftConfig) -> Run:
         raise ConfigError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
                          "go to TE as one 'thd' sequence); or use model.attention_backend=torch, or "
                          "data.mode=pad|dynamic")
-    data = load_data(cfg.data, verify=distributed.local_rank() == 0)  # one checking rank per node
+    data = load_data(cfg.data, verify=distributed.local_rank() == 0,  # one checking rank per node
+                     sharing=index_sharing(cfg.data))
     data_checks.report_unverified(data)
     data.packed_attention = PACKED_ATTENTION[backend]
     if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:

@@ -71,6 +71,39 @@ class JsonLinesSink:
         self.stream.close()
 
 
+class TaskLossInterval:
+    """Each task's token-mean loss over the steps of a log interval; a task with no learned token in any of
+    them has none (shown as absent: a nan there would read like a divergence)."""
+
+    def __init__(self):
+        self._sums: dict[str, float] = {}
+        self._tokens: dict[str, int] = {}
+
+    def add(self, stats: StepStats) -> None:
+        for task, loss in stats.task_loss.items():
+            tokens = stats.task_tokens.get(task, 0)
+            self._tokens[task] = self._tokens.get(task, 0) + tokens
+            self._sums[task] = self._sums.get(task, 0.0) + (loss * tokens if tokens else 0.0)
+
+    def means(self) -> dict[str, float | None]:
+        """Per task, its mean token loss over the interval, None when it had no learned token."""
+        return {task: self._sums[task] / tokens if tokens else None for task, tokens in self._tokens.items()}
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._tokens.clear()
+
+
+def present_task_losses(stats: StepStats) -> dict[str, float | None]:
+    """One step's (or validation's) task losses, None for a task with no learned token in it."""
+    return {task: loss if stats.task_tokens.get(task, 0) else None for task, loss in stats.task_loss.items()}
+
+
+def format_task_losses(values: dict[str, float | None]) -> str:
+    """'a 1.234 b absent': each task's loss, or 'absent' for a task that had no learned token."""
+    return " ".join(f"{name} {'absent' if value is None else f'{value:.3f}'}" for name, value in values.items())
+
+
 class MetricsWriter:
     """train/... every step, valid/... at every validation, eval/... at every evaluation; a no-op when
     disabled (ranks other than the logging one) or without sinks."""
