@@ -14,14 +14,17 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megamft.config import MegamftConfig, ModelConfig
 from megamft.model.attention import TorchCoreAttention
 from megamft.model.norm import MegamftRMSNorm, norm_class
+from megamft.model.softcap import backend_problem
+from megamft.model.sublayer_norms import PostNormMLP, PostNormSelfAttention
 from megamft.platform.device import TE_REBUILD_HINT
 
 ATTENTION_BACKENDS = ("auto", "torch", "te", "local")
 
 
 def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layernorm: bool = False,
-                     num_experts: int | None = None, torch_attention: bool = False) -> TransformerBlockSubmodules:
-    """megatron-core's local layer (local linears, SwiGLU or GELU MLP) with megamft's norms.
+                     num_experts: int | None = None, torch_attention: bool = False, post_norms: bool = False,
+                     softcap: float | None = None) -> TransformerBlockSubmodules:
+    """megatron-core's local layer (local linears, gated or GELU MLP) with megamft's norms.
 
     Every norm, the final one and Qwen3's per-head query/key norms included, is
     megamft's (RMSNorm or LayerNorm) so that sequence parallel works without
@@ -29,6 +32,8 @@ def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layerno
     MLP per expert (SequentialMLP). torch_attention: core attention on torch's
     fused kernels (TorchCoreAttention) instead of megatron's
     DotProductAttention, which materializes [b, heads, s, s] scores.
+    post_norms: attention and MLP normalize their output (sublayer_norms);
+    softcap: the torch attention soft-caps its scores (softcap).
     """
     norm = norm_class(normalization)
     layer = copy.deepcopy(get_gpt_layer_local_spec(
@@ -39,7 +44,14 @@ def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layerno
     if qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = MegamftRMSNorm
     if torch_attention:
-        attention.core_attention = TorchCoreAttention
+        attention.core_attention = ModuleSpec(module=TorchCoreAttention, params={"softcap": softcap})
+    elif softcap:
+        raise ValueError("attention soft-capping needs the torch attention backend (see megamft.model.softcap)")
+    if post_norms:
+        if num_experts:
+            raise ValueError("norms after the MLP of an MoE layer are not supported")
+        layer.submodules.self_attention.module = PostNormSelfAttention
+        layer.submodules.mlp.module = PostNormMLP
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
@@ -91,12 +103,24 @@ def gpt_layer_spec(num_layers_in_chunk: int, backend: str, model: ModelConfig | 
     """The spec handed to GPTModel for one model chunk (backend: te, torch or local; norms, q/k norms and
     experts from `model`)."""
     model = model or ModelConfig()
+    problem = backend_problem(model, backend)
+    if problem:
+        raise ValueError(problem)
     if backend == "te":
         return transformer_engine_layer_spec(model.qk_layernorm, model.num_experts)
     return local_block_spec(num_layers_in_chunk, model.normalization, model.qk_layernorm, model.num_experts,
-                            torch_attention=backend == "torch")
+                            torch_attention=backend == "torch", post_norms=model.post_sublayer_norms,
+                            softcap=model.attention_logit_softcap)
 
 
 def attention_backend_for(cfg: MegamftConfig, te_installed: bool, te_problem: str | None = None) -> str:
-    """The backend this run uses (see resolve_attention_backend)."""
-    return resolve_attention_backend(cfg.model.attention_backend, te_installed, cfg.lora.enabled, te_problem)
+    """The backend this run uses (see resolve_attention_backend); auto takes torch for a model that only
+    the torch backend computes (softcap.backend_problem), and a named backend that would not compute the
+    model is refused."""
+    backend = resolve_attention_backend(cfg.model.attention_backend, te_installed, cfg.lora.enabled, te_problem)
+    if cfg.model.attention_backend == "auto" and backend_problem(cfg.model, backend):
+        backend = "torch"
+    problem = backend_problem(cfg.model, backend)
+    if problem:
+        raise ValueError(problem)
+    return backend
