@@ -80,8 +80,8 @@ def test_yaml_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("overrides,world_size,fragment", [
     (["parallel.tensor_model_parallel_size=3", "model.num_attention_heads=4"], 3,
      "model.num_attention_heads (4) must be divisible by parallel.tensor_model_parallel_size (3)"),
-    (["parallel.tensor_model_parallel_size=4", "model.num_query_groups=2"], 4,
-     "model.num_query_groups (2) must be divisible by parallel.tensor_model_parallel_size (4)"),
+    (["parallel.tensor_model_parallel_size=4", "model.num_attention_heads=12", "model.num_query_groups=6"], 4,
+     "model.num_query_groups (6) must be divisible by parallel.tensor_model_parallel_size (4) or divide it"),
     (["model.num_attention_heads=4", "model.num_query_groups=3"], 1,
      "model.num_attention_heads (4) must be divisible by model.num_query_groups (3)"),
     (["parallel.pipeline_model_parallel_size=4", "model.num_layers=6"], 4,

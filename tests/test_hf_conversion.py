@@ -156,9 +156,9 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(converted, tmp_path):
 
 def test_cli_errors_are_clear(converted, tmp_path):
     hf_dir, _ = converted["llama-gqa-padded-vocab"]
-    proc = _convert_cli("hf-to-megatron", "--hf", str(hf_dir), "--out", str(tmp_path / "y"), "--target-tp", "4")
+    proc = _convert_cli("hf-to-megatron", "--hf", str(hf_dir), "--out", str(tmp_path / "y"), "--target-tp", "3")
     assert proc.returncode == 2
-    assert "query groups (2) is not divisible by TP (4)" in proc.stderr and "Traceback" not in proc.stderr
+    assert "attention heads (4) is not divisible by TP (3)" in proc.stderr and "Traceback" not in proc.stderr
 
     bad = tmp_path / "gpt2"
     bad.mkdir()

@@ -43,15 +43,22 @@ def test_llama3_frequencies_follow_the_configs_values_not_megatrons_defaults():
     assert not torch.allclose(megatrons_own, theirs)  # the test values are ones megatron would get wrong
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen2.5/Qwen3 long context
-    {"type": "dynamic", "factor": 2.0},
-    {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
+@pytest.mark.parametrize("architecture,rope,kind", [
+    ("Qwen3ForCausalLM", {"type": "dynamic", "factor": 2.0}, "dynamic"),
+    ("Qwen3ForCausalLM", {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, "longrope"),
+    # microsoft/Phi-3-mini-128k-instruct's keys: Phi-3 calls LongRoPE "su" (and "yarn"), as transformers reads it
+    ("Phi3ForCausalLM", {"type": "su", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}, "longrope"),
+    ("Phi3ForCausalLM", {"type": "yarn", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}, "longrope"),
 ])
-def test_unsupported_rope_types_are_refused_by_name(rope):
-    kind = rope.get("rope_type", rope.get("type"))
-    with pytest.raises(UnsupportedModel, match=rf"config.json: RoPE scaling type '{kind}' is not supported"):
-        model_config_from_hf(_hf("Qwen3ForCausalLM", rope_scaling=rope))
+def test_unsupported_rope_types_are_refused_by_name(architecture, rope, kind):
+    with pytest.raises(UnsupportedModel, match=rf"config.json: RoPE scaling type '{kind}' is not supported "
+                                               r"\(rope_scaling's type"):
+        model_config_from_hf(_hf(architecture, rope_scaling=rope))
+
+
+def test_partial_rotary_embeddings_are_refused():
+    with pytest.raises(UnsupportedModel, match="partial_rotary_factor 0.5"):
+        model_config_from_hf(_hf("Phi3ForCausalLM", partial_rotary_factor=0.5))
 
 
 def test_llama3_scaling_needs_all_its_values():
@@ -70,13 +77,23 @@ def test_starcoder2_takes_transformers_defaults_for_missing_keys():
         model_config_from_hf(_hf("Starcoder2ForCausalLM", hidden_act="gelu"))
 
 
-def test_qwen_windows_apply_only_when_every_layer_has_one():
+def test_windows_apply_to_the_layers_transformers_windows():
     base = _hf("Qwen3ForCausalLM", sliding_window=4096)
-    assert model_config_from_hf({**base, "use_sliding_window": False}).sliding_window is None
-    assert model_config_from_hf({**base, "use_sliding_window": True, "max_window_layers": 0}).sliding_window == 4096
-    assert model_config_from_hf({**base, "use_sliding_window": True, "max_window_layers": 2}).sliding_window is None
-    with pytest.raises(UnsupportedModel, match="sliding_window on some layers only"):
-        model_config_from_hf({**base, "use_sliding_window": True, "max_window_layers": 1})
+
+    def windows(hf: dict):
+        model = model_config_from_hf(hf)
+        return model.sliding_window, model.sliding_window_layers
+
+    assert windows({**base, "use_sliding_window": False}) == (None, None)
+    assert windows({**base, "use_sliding_window": True, "max_window_layers": 0}) == (4096, None)
+    assert windows({**base, "use_sliding_window": True, "max_window_layers": 2}) == (None, None)
+    assert windows({**base, "use_sliding_window": True, "max_window_layers": 1}) == (4096, [False, True])
+    # Mistral's transformers model ignores layer_types: its window applies to every layer
+    assert windows(_hf("MistralForCausalLM", sliding_window=64, layer_types=["full_attention"] * 2)) == (64, None)
+    # Gemma 2 without layer_types alternates, windowed first (Gemma2Config's own rule)
+    gemma2 = {**_hf("Gemma2ForCausalLM", num_hidden_layers=4, head_dim=16), "sliding_window": 64}
+    theirs = transformers.Gemma2Config(**{k: v for k, v in gemma2.items() if k != "architectures"}).layer_types
+    assert windows(gemma2) == (64, [kind == "sliding_attention" for kind in theirs]) == (64, [True, False] * 2)
 
 
 def _windowed(window: int, seq: int, mode: str = "pad", **transformer) -> MegamftConfig:

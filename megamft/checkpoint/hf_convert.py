@@ -9,7 +9,8 @@ hold, in one file per rank (tp_pieces), so that each rank reads its own shard.
 
 The parameter map is a table (hf_mappings); what differs between parameters
 is a *kind*: copy, vocab (padding rows), qkv (megatron fuses q/k/v per query
-group) and gate_up (megatron's SwiGLU fc1 is [gate; up]).
+group) and gate_up (megatron's gated fc1 is [gate; up]), and whether the
+Hugging Face side stores the parts as one fused tensor.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +31,11 @@ from safetensors.torch import save_file
 from megamft.checkpoint import global_view, hf_moe, lora_export, tp_pieces
 from megamft.checkpoint.export_checks import SOURCE_FILE, check_template, source_identity
 from megamft.checkpoint.layout import pointed_checkpoint
-from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings
+from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings, part_shapes
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.errors import UserError
+from megamft.model.architecture import is_gated
 from megamft.model.families import FAMILIES, Family, hf_config_from_model, model_config_from_hf
 from megamft.platform.output_folder import check_destination, mark_output, publish, temporary_sibling
 
@@ -55,7 +57,7 @@ def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
     """Shape of one layer's (or the whole) megatron tensor."""
     if mapping.kind == hf_moe.MOE_KIND:
         return mapping.megatron_tensor_shape
-    shapes = hf_shapes(mapping, d)
+    shapes = part_shapes(mapping, d)
     if mapping.kind == "vocab":
         return (d.padded_vocab, d.hidden)
     if mapping.kind in ("qkv", "gate_up"):
@@ -66,6 +68,8 @@ def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
 def to_megatron(mapping: Mapping, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
     if mapping.kind == hf_moe.MOE_KIND:
         return mapping.join(tensors)
+    if mapping.fused:  # one tensor holding the parts one after another (Phi-3's qkv_proj, gate_up_proj)
+        tensors = list(tensors[0].split([s[0] for s in part_shapes(mapping, d)]))
     if mapping.kind == "copy":
         return tensors[0]
     if mapping.kind == "vocab":
@@ -86,6 +90,12 @@ def to_megatron(mapping: Mapping, tensors: list[torch.Tensor], d: Dims) -> torch
 def to_hf(mapping: Mapping, tensor: torch.Tensor, d: Dims) -> list[torch.Tensor]:
     if mapping.kind == hf_moe.MOE_KIND:
         return mapping.split(tensor)
+    if mapping.fused:
+        return [torch.cat(_parts_to_hf(replace(mapping, fused=False), tensor, d))]
+    return _parts_to_hf(mapping, tensor, d)
+
+
+def _parts_to_hf(mapping: Mapping, tensor: torch.Tensor, d: Dims) -> list[torch.Tensor]:
     if mapping.kind == "copy":
         return [tensor]
     if mapping.kind == "vocab":
@@ -189,13 +199,15 @@ def check_target_layout(model: ModelConfig, tp: int, pp: int) -> None:
     problems = [
         f"{what} ({value}) is not divisible by {name} ({size})"
         for what, value, name, size in (
-            ("attention heads", d.heads, "TP", tp), ("query groups", d.groups, "TP", tp),
+            ("attention heads", d.heads, "TP", tp),
             ("ffn hidden size", d.ffn, "TP", tp), ("padded vocab", d.padded_vocab, "TP", tp),
             ("shared expert ffn size", model.moe_shared_expert_intermediate_size or 0, "TP", tp),
             ("layers", model.num_layers, "PP", pp),
         )
         if value % size
     ]
+    if d.groups % tp and tp % d.groups:  # fewer query groups than TP ranks: megatron replicates them
+        problems.append(f"query groups ({d.groups}) is not divisible by TP ({tp}) and does not divide it")
     if problems:
         raise ConversionError("the model does not fit the target layout: " + "; ".join(problems))
 
@@ -237,7 +249,7 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None, tp: int 
 def _pieces(mapping, shape: tuple[int, ...], model: ModelConfig, tp: int) -> list[tp_pieces.Piece]:
     """How to store one layer's tensor of `mapping`; routed experts whose MLP does not split over
     `tp` are stored one per chunk (they train with expert TP 1)."""
-    split = tp_pieces.split_of(mapping.megatron, model.mlp_activation == "swiglu")
+    split = tp_pieces.split_of(mapping.megatron, is_gated(model))
     if split.per_expert and shape[split.axis] % (tp * split.pieces_per_rank):
         tp = 1
     return tp_pieces.pieces(shape, split, tp)

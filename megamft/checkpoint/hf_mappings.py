@@ -1,21 +1,28 @@
 """Which Hugging Face tensors make each megatron parameter, with their shapes.
 
 A mapping's *kind* says how tensors combine: copy, vocab (padding rows), qkv
-(megatron fuses q/k/v per query group) and gate_up (megatron's SwiGLU fc1 is
+(megatron fuses q/k/v per query group) and gate_up (megatron's gated fc1 is
 [gate; up]). Which mappings a model needs follows from its model section:
 biases on every linear (StarCoder2), LayerNorm biases, a GELU MLP stored as
-``mlp.c_fc``/``mlp.c_proj`` (StarCoder2, the one GELU family), per-head
-query/key norms (Qwen3).
+``mlp.c_fc``/``mlp.c_proj`` (StarCoder2, StarCoder), per-head query/key norms
+(Qwen3), learned positions (StarCoder), norms after attention and MLP (Gemma 2).
+
+The table names tensors as Llama does; a family renames what it stores
+otherwise (``Family.hf_tensors``): under another layer prefix (StarCoder's
+``transformer.h.{i}.``), as one tensor fused from the parts (Phi-3's
+``qkv_proj`` = [q; k; v], ``gate_up_proj`` = [gate; up]), or as megatron's own
+tensor (StarCoder's ``c_attn`` is laid out per query group as megatron's
+linear_qkv is).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Optional
 
 from megamft.checkpoint import hf_moe
 from megamft.config import ModelConfig
-from megamft.model.architecture import head_dim
+from megamft.model.architecture import head_dim, is_gated
 from megamft.model.builder import padded_vocab_size
 
 if TYPE_CHECKING:
@@ -33,13 +40,14 @@ class Dims:
     head_dim: int
     vocab: int
     padded_vocab: int
+    positions: int
 
     @staticmethod
     def of(model: ModelConfig) -> "Dims":
         groups = model.num_query_groups or model.num_attention_heads
         padded = padded_vocab_size(model.vocab_size, 1, model.make_vocab_size_divisible_by)
         return Dims(model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, groups,
-                    head_dim(model), model.vocab_size, padded)
+                    head_dim(model), model.vocab_size, padded, model.max_position_embeddings)
 
 
 Shapes = Callable[[Dims], list[tuple[int, ...]]]
@@ -54,8 +62,12 @@ class Mapping:
     kind: str
     per_layer: bool
     shapes: Shapes
-    """Shape of each Hugging Face tensor."""
+    """Shape of each Hugging Face tensor (of each part, for a fused one)."""
     needed: Callable[[ModelConfig], bool] = lambda model: True
+    layer_prefix: str = HF_LAYER
+    """Prefix of a per-layer tensor's Hugging Face name."""
+    fused: bool = False
+    """The Hugging Face side is one tensor, the parts `shapes` gives concatenated along dim 0."""
 
 
 def _hidden(d: Dims):
@@ -70,16 +82,12 @@ def _qkv_biases(d: Dims):
     return [(d.heads * d.head_dim,), (d.groups * d.head_dim,), (d.groups * d.head_dim,)]
 
 
-def _swiglu(m: ModelConfig) -> bool:
-    return m.mlp_activation == "swiglu"
-
-
-def _dense_swiglu(m: ModelConfig) -> bool:
-    return _swiglu(m) and not m.num_experts  # an MoE layer's MLPs are the experts' (hf_moe)
+def _dense_gated(m: ModelConfig) -> bool:
+    return is_gated(m) and not m.num_experts  # an MoE layer's MLPs are the experts' (hf_moe)
 
 
 def _gelu(m: ModelConfig) -> bool:
-    return m.mlp_activation != "swiglu"
+    return not is_gated(m)
 
 
 def _layer_norm(m: ModelConfig) -> bool:
@@ -95,6 +103,8 @@ MAPPINGS = (
             lambda m: not m.tie_embeddings),
     Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", False, _hidden),
     Mapping("decoder.final_layernorm.bias", ("model.norm.bias",), "copy", False, _hidden, _layer_norm),
+    Mapping("embedding.position_embeddings.weight", ("transformer.wpe.weight",), "copy", False,
+            lambda d: [(d.positions, d.hidden)], lambda m: m.position_embedding == "learned_absolute"),
     # attention
     Mapping(_ATTN + "linear_qkv.layer_norm_weight", ("input_layernorm.weight",), "copy", True, _hidden),
     Mapping(_ATTN + "linear_qkv.layer_norm_bias", ("input_layernorm.bias",), "copy", True, _hidden, _layer_norm),
@@ -112,37 +122,73 @@ MAPPINGS = (
             lambda d: [(d.hidden, d.heads * d.head_dim)]),
     Mapping(_ATTN + "linear_proj.bias", ("self_attn.o_proj.bias",), "copy", True, _hidden,
             lambda m: m.add_bias_linear),
+    Mapping(_ATTN + "post_layernorm.weight", ("post_attention_layernorm.weight",), "copy", True, _hidden,
+            lambda m: m.post_sublayer_norms),
     # MLP
     Mapping(_MLP + "linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",), "copy", True, _hidden),
     Mapping(_MLP + "linear_fc1.layer_norm_bias", ("post_attention_layernorm.bias",), "copy", True, _hidden,
             _layer_norm),
     Mapping(_MLP + "linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True,
-            lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)], _dense_swiglu),
+            lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)], _dense_gated),
     Mapping(_MLP + "linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True,
-            lambda d: [(d.hidden, d.ffn)], _dense_swiglu),
+            lambda d: [(d.hidden, d.ffn)], _dense_gated),
     Mapping(_MLP + "linear_fc1.weight", ("mlp.c_fc.weight",), "copy", True, lambda d: [(d.ffn, d.hidden)], _gelu),
     Mapping(_MLP + "linear_fc2.weight", ("mlp.c_proj.weight",), "copy", True, lambda d: [(d.hidden, d.ffn)], _gelu),
     Mapping(_MLP + "linear_fc1.bias", ("mlp.c_fc.bias",), "copy", True, lambda d: [(d.ffn,)],
             lambda m: m.add_bias_linear and _gelu(m)),
     Mapping(_MLP + "linear_fc2.bias", ("mlp.c_proj.bias",), "copy", True, _hidden,
             lambda m: m.add_bias_linear and _gelu(m)),
+    Mapping(_MLP + "post_layernorm.weight", ("post_feedforward_layernorm.weight",), "copy", True, _hidden,
+            lambda m: m.post_sublayer_norms),
 )
 
 
 def needed_mappings(model: ModelConfig, family: Family | None = None, fused_experts: bool = False) -> list[Mapping]:
-    """The model's mappings; MoE families add their experts' (per-expert or fused layout on disk)."""
-    if model.add_bias_linear and _swiglu(model):
-        raise ValueError("biases on a SwiGLU MLP (mlp_bias) have no Hugging Face mapping in megamft")
-    dense = [m for m in MAPPINGS if m.needed(model)]
-    return dense + (hf_moe.expert_mappings(model, family.name, fused_experts) if family and family.moe else [])
+    """The model's mappings, under the family's names; MoE families add their experts' (per-expert or fused
+    layout on disk)."""
+    if model.add_bias_linear and is_gated(model):
+        raise ValueError("biases on a gated MLP (mlp_bias) have no Hugging Face mapping in megamft")
+    dense = [_as_stored(m, family) for m in MAPPINGS if m.needed(model)]
+    experts = hf_moe.expert_mappings(model, family.name, fused_experts) if family and family.moe else []
+    names = [n for m in dense + experts for n in m.hf]
+    if len(set(names)) != len(names):
+        clash = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{family.hf_architecture if family else 'the default table'} names two megatron "
+                         f"parameters {clash}: this model section has no export in that family")
+    return dense + experts
+
+
+def _as_stored(mapping: Mapping, family: Optional[Family]) -> Mapping:
+    """The mapping under the family's tensor names and layout (Family.hf_tensors)."""
+    if family is None:
+        return mapping
+    mapping = replace(mapping, layer_prefix=family.hf_layer_prefix)
+    stored = family.hf_tensors.get(mapping.megatron)
+    if stored is None:
+        return mapping
+    if stored.layout == "fused":
+        return replace(mapping, hf=stored.names, fused=True)
+    if stored.layout == "megatron":  # the stored tensor is megatron's own
+        parts = mapping.shapes
+        return replace(mapping, hf=stored.names, kind="copy",
+                       shapes=lambda d: [(sum(s[0] for s in parts(d)), *parts(d)[0][1:])])
+    return replace(mapping, hf=stored.names)
 
 
 def hf_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
     """Expected shape of each Hugging Face tensor of a mapping."""
     if mapping.kind == hf_moe.MOE_KIND:
         return list(mapping.hf_tensor_shapes)
+    shapes = mapping.shapes(d)
+    if mapping.fused:
+        return [(sum(s[0] for s in shapes), *shapes[0][1:])]
+    return shapes
+
+
+def part_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
+    """Shape of each tensor the mapping's kind combines (the parts of a fused one)."""
     return mapping.shapes(d)
 
 
 def hf_names(mapping: Mapping, layer: int | None) -> list[str]:
-    return [HF_LAYER.format(i=layer) + n if mapping.per_layer else n for n in mapping.hf]
+    return [mapping.layer_prefix.format(i=layer) + n if mapping.per_layer else n for n in mapping.hf]

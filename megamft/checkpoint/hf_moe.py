@@ -44,6 +44,8 @@ class ExpertMapping:
     split: Callable[[torch.Tensor], list[torch.Tensor]]
     kind: str = MOE_KIND
     per_layer: bool = True
+    layer_prefix: str = "model.layers.{i}."
+    fused: bool = False
 
     def needed(self, model: ModelConfig) -> bool:
         return True

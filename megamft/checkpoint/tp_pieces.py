@@ -15,7 +15,9 @@ The splits follow megatron-core 0.16's sharded_state_dict:
   pieces r and TP + r (apply_swiglu_sharded_factory, transformer/mlp.py);
 - routed experts: a chunk per expert (SequentialMLP.sharded_state_dict gives
   each its own offset on the expert axis), split as its MLP over expert TP;
-- norms (fused into linear_qkv / linear_fc1 or standalone), the router and the
+- norms (fused into linear_qkv / linear_fc1 or standalone, Gemma 2's
+  post_layernorm of attention and MLP), learned position embeddings
+  (a plain torch Embedding in LanguageModelEmbedding), the router and the
   shared-expert gate: replicated.
 Files follow the ranks of a TP x PP run: a stage's pieces of TP rank r go to
 ``__{stage * TP + r}_0.distcp``, replicated tensors to its TP rank 0's file.
@@ -47,11 +49,12 @@ class Piece:
     tp_rank: int
 
 
-_REPLICATED_MODULES = ("final_layernorm", "q_layernorm", "k_layernorm", "router")
+_REPLICATED_MODULES = ("final_layernorm", "q_layernorm", "k_layernorm", "router", "post_layernorm",
+                       "position_embeddings")
 
 
 def split_of(key: str, gated: bool) -> Split:
-    """megatron's TP split of a global key (layer axis excluded); `gated`: a SwiGLU MLP."""
+    """megatron's TP split of a global key (layer axis excluded); `gated`: a gated MLP (fc1 = [gate; up])."""
     module, param = key.rsplit(".", 1)
     leaf = module.rsplit(".", 1)[-1]
     experts = ".experts.experts." in key

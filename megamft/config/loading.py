@@ -41,7 +41,8 @@ _OWNED_TRANSFORMER_FIELDS = {
     "virtual_pipeline_model_parallel_size", "sequence_parallel", "normalization",
     "gated_linear_unit", "activation_func", "add_bias_linear", "layernorm_epsilon",
     "init_method_std", "params_dtype", "pipeline_dtype", "bf16", "fp16", "calculate_per_token_loss",
-    "add_qkv_bias", "kv_channels", "qk_layernorm", "window_size",
+    "add_qkv_bias", "kv_channels", "qk_layernorm", "window_size", "window_attn_skip_freq", "softmax_scale",
+    "layernorm_zero_centered_gamma",
 }
 _OWNED_FIELDS = {
     "transformer": _OWNED_TRANSFORMER_FIELDS,

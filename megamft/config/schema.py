@@ -52,7 +52,8 @@ class ModelConfig:
     add_qkv_bias: bool = False
     """Bias on the query/key/value projections (Qwen2)."""
     rope_scaling_factor: Optional[Annotated[float, Range(1)]] = None
-    """Linear RoPE scaling (position interpolation) factor, e.g. 4.0 for DeepSeek-Coder."""
+    """RoPE scaling factor (None: plain RoPE): linear position interpolation (DeepSeek-Coder: 4.0), llama3 or
+    yarn (Qwen2.5 long context: 4.0), as rope_scaling_type says."""
     make_vocab_size_divisible_by: Size = 128
     """Pad the vocabulary up to a multiple of this (independent of TP, so checkpoints reshard)."""
     hf_architecture: Optional[str] = None
@@ -64,23 +65,80 @@ class ModelConfig:
     """Standard deviation of the random initialisation."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """Norm of every layer and the final one: RMSNorm (Llama, Qwen) or LayerNorm with bias (StarCoder2)."""
-    mlp_activation: Literal["swiglu", "gelu_tanh"] = "swiglu"
-    """MLP: gated SiLU with gate/up/down matrices (Llama), or up, GELU (tanh approximation), down (StarCoder2)."""
+    mlp_activation: Literal["swiglu", "geglu_tanh", "geglu", "gelu_tanh", "gelu"] = "swiglu"
+    """MLP: gated, with gate/up/down matrices, act(gate) * up: SiLU (swiglu: Llama), GELU's tanh approximation
+    (geglu_tanh: Gemma) or exact GELU (geglu); or up, activation, down: GELU's tanh approximation (gelu_tanh:
+    StarCoder2) or exact GELU (gelu: StarCoder)."""
     add_bias_linear: bool = False
     """Bias on every linear layer of attention and MLP (StarCoder2); the output layer never has one."""
     kv_channels: Optional[Size] = None
     """Width of one attention head; None means hidden_size / num_attention_heads (Qwen3 sets its own)."""
     qk_layernorm: bool = False
     """RMSNorm on each query and key head before RoPE (Qwen3)."""
-    rope_scaling_type: Literal["linear", "llama3"] = "linear"
-    """How rope_scaling_factor applies: linear position interpolation, or Llama 3.1's per-frequency scaling
-    (which also needs the three rope_llama3_* values)."""
+    multi_latent_attention: bool = False
+    """Multi-head latent attention (DeepSeek-V2): keys and values from a low-rank latent, RoPE on a separate
+    qk_pos_emb_head_dim part shared by every head (megatron-core's MLASelfAttention); the q_lora_rank,
+    kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim and v_head_dim fields set its widths."""
+    q_lora_rank: Optional[Size] = None
+    """MLA: rank of the query's low-rank projection (DeepSeek-V2: 1536); None: a full query projection
+    (DeepSeek-V2-Lite)."""
+    kv_lora_rank: Size = 512
+    """MLA: rank of the key/value latent."""
+    qk_head_dim: Size = 128
+    """MLA: width of each query/key head's part without RoPE (DeepSeek's qk_nope_head_dim)."""
+    qk_pos_emb_head_dim: Size = 64
+    """MLA: width of each query/key head's RoPE part (DeepSeek's qk_rope_head_dim)."""
+    v_head_dim: Size = 128
+    """MLA: width of each value head."""
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    """Positions: rotary (rotary_base and the rope_* fields), or a learned table of max_position_embeddings
+    rows added to the token embeddings (StarCoder, SantaCoder)."""
+    zero_centered_norm_weight: bool = False
+    """RMSNorm weights are stored around 0 and applied as (1 + weight) (Gemma; megatron's
+    layernorm_zero_centered_gamma)."""
+    scale_embeddings: bool = False
+    """Multiply the input embeddings by sqrt(hidden_size), rounded to the compute dtype (Gemma)."""
+    post_sublayer_norms: bool = False
+    """Norm the output of attention and of the MLP before each residual add, besides the norms before them
+    (Gemma 2's post_attention_layernorm and post_feedforward_layernorm)."""
+    attention_scale_dim: Optional[Positive] = None
+    """Attention scores are scaled by attention_scale_dim ** -0.5 (None: the head width; Gemma 2:
+    query_pre_attn_scalar)."""
+    attention_logit_softcap: Optional[Positive] = None
+    """Attention scores become cap * tanh(score / cap) before the softmax (Gemma 2: 50); only the torch
+    attention backend computes it (see megamft.model.softcap)."""
+    final_logit_softcap: Optional[Positive] = None
+    """Output logits become cap * tanh(logit / cap) (Gemma 2: 30), for the loss and for generation."""
+    sliding_window_layers: Optional[list[bool]] = None
+    """Which layers apply sliding_window, one entry per layer (None: every layer). Gemma 2 alternates,
+    windowed first; Qwen2 windows the layers from max_window_layers on."""
+    rope_scaling_type: Literal["linear", "llama3", "yarn"] = "linear"
+    """How rope_scaling_factor applies: linear position interpolation, Llama 3.1's per-frequency scaling
+    (which also needs the three rope_llama3_* values), or YaRN (rope_yarn_*; see megamft.model.rope)."""
     rope_llama3_low_freq_factor: Optional[Positive] = None
     """llama3 RoPE scaling: rope_parameters.low_freq_factor of the model's config.json (Llama 3.1: 1.0)."""
     rope_llama3_high_freq_factor: Optional[Positive] = None
     """llama3 RoPE scaling: rope_parameters.high_freq_factor (Llama 3.1: 4.0)."""
     rope_llama3_original_max_position_embeddings: Optional[Size] = None
     """llama3 RoPE scaling: rope_parameters.original_max_position_embeddings (Llama 3.1: 8192)."""
+    rope_yarn_original_max_position_embeddings: Optional[Size] = None
+    """yarn RoPE scaling: the pre-training context (rope_parameters.original_max_position_embeddings, else the
+    config's max_position_embeddings; Qwen2.5: 32768); it sets which frequencies are interpolated."""
+    rope_yarn_beta_fast: Positive = 32.0
+    """yarn RoPE scaling: rotations above which a frequency is kept as trained (rope_parameters.beta_fast)."""
+    rope_yarn_beta_slow: Positive = 1.0
+    """yarn RoPE scaling: rotations below which a frequency is fully interpolated (rope_parameters.beta_slow)."""
+    rope_yarn_mscale: Optional[NonNegative] = None
+    """yarn RoPE scaling: rope_parameters.mscale (DeepSeek-V2: 0.707); with rope_yarn_mscale_all_dim it sets
+    the attention factor as get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)."""
+    rope_yarn_mscale_all_dim: Optional[NonNegative] = None
+    """yarn RoPE scaling: rope_parameters.mscale_all_dim (DeepSeek-V2: 0.707); multi-latent attention also
+    multiplies its softmax scale by get_mscale(factor, mscale_all_dim) squared, as transformers does."""
+    rope_yarn_attention_factor: Optional[Positive] = None
+    """yarn RoPE scaling: rope_parameters.attention_factor, the scale of cos and sin (None: derived from the
+    factor and the two mscale values, 0.1 ln(factor) + 1 without them)."""
+    rope_yarn_truncate: bool = True
+    """yarn RoPE scaling: round the interpolation ramp's ends to whole dimensions (rope_parameters.truncate)."""
     num_experts: Optional[Size] = None
     """Mixture of experts: routed experts in every layer's MLP (None: a dense model). See megamft.model.moe."""
     moe_ffn_hidden_size: Optional[Size] = None
@@ -94,6 +152,16 @@ class ModelConfig:
     """Inner width of the shared expert every token also goes through (Qwen2-MoE; None: none)."""
     moe_shared_expert_gate: bool = False
     """Scale the shared expert's output by sigmoid(x . w), a learned gate (Qwen2-MoE)."""
+    moe_first_dense_layers: Count = 0
+    """Mixture of experts: the first this many layers have a dense gated MLP of ffn_hidden_size instead of
+    experts (DeepSeek's first_k_dense_replace). Such a model saves each layer under its own checkpoint keys."""
+    moe_router_topk_scaling_factor: Optional[Positive] = None
+    """Multiply the chosen experts' weights by this (DeepSeek's routed_scaling_factor; None: 1)."""
+    moe_router_num_groups: Optional[Size] = None
+    """Group-limited routing: experts form this many groups (DeepSeek's n_group; None: no groups)."""
+    moe_router_group_topk: Optional[Size] = None
+    """Group-limited routing: each token chooses its experts within this many groups, ranked by the sum of
+    their top (topk / group_topk) scores (megatron's rule; DeepSeek's topk_group)."""
     moe_aux_loss_coeff: NonNegative = 0.0
     """Coefficient of the router's load-balancing loss (0: off); added after the task weighting."""
     moe_z_loss_coeff: NonNegative = 0.0

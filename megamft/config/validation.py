@@ -205,10 +205,10 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp})"
         )
-    if groups % tp:
+    if groups % tp and tp % groups:  # fewer groups than TP: megatron replicates them
         problems.append(
             f"model.num_query_groups ({groups}) must be divisible by "
-            f"parallel.tensor_model_parallel_size ({tp})"
+            f"parallel.tensor_model_parallel_size ({tp}) or divide it"
         )
     if m.ffn_hidden_size % tp:
         problems.append(
@@ -224,7 +224,7 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
             f"with parallel.context_parallel_size={p.context_parallel_size}: windowed attention under context "
             "parallelism is untested in megamft; use context_parallel_size=1 or sequences up to the window"
         )
-    problems += _rope_problems(m)
+    problems += _rope_problems(m) + _layer_feature_problems(cfg)
     if cfg.data.seq_length > m.max_position_embeddings:
         problems.append(
             f"data.seq_length ({cfg.data.seq_length}) exceeds "
@@ -234,6 +234,10 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
 
 
 def _rope_problems(m) -> list[str]:
+    if m.rope_scaling_factor is not None and m.rope_scaling_factor <= 0:
+        return [f"model.rope_scaling_factor must be > 0 or null, got {m.rope_scaling_factor}"]
+    if m.rope_scaling_type == "yarn" and m.rope_scaling_factor:
+        return _yarn_problems(m)
     if m.rope_scaling_type != "llama3" or not m.rope_scaling_factor:
         return []
     keys = ("rope_llama3_low_freq_factor", "rope_llama3_high_freq_factor",
@@ -246,6 +250,39 @@ def _rope_problems(m) -> list[str]:
         return [f"model.rope_llama3_high_freq_factor ({m.rope_llama3_high_freq_factor}) must exceed "
                 f"model.rope_llama3_low_freq_factor ({m.rope_llama3_low_freq_factor})"]
     return []
+
+
+def _layer_feature_problems(cfg: MegamftConfig) -> list[str]:
+    """Windows per layer, soft-capping, post-sublayer norms: values, and the backends that compute them."""
+    m, problems = cfg.model, []
+    if m.sliding_window_layers is not None:
+        if len(m.sliding_window_layers) != m.num_layers:
+            problems.append(f"model.sliding_window_layers has {len(m.sliding_window_layers)} entries; "
+                            f"model.num_layers is {m.num_layers}")
+        if not m.sliding_window:
+            problems.append("model.sliding_window_layers needs model.sliding_window")
+    if m.attention_logit_softcap and m.attention_backend in ("te", "local"):
+        problems.append(f"model.attention_logit_softcap with model.attention_backend={m.attention_backend}: only the "
+                        "torch backend computes attention soft-capping; use model.attention_backend=torch (or auto)")
+    if m.post_sublayer_norms and m.attention_backend == "te":
+        problems.append("model.post_sublayer_norms with model.attention_backend=te: the norms after attention and "
+                        "MLP are built in the local layer; use model.attention_backend=torch (or auto)")
+    if m.post_sublayer_norms and m.num_experts:
+        problems.append("model.post_sublayer_norms with model.num_experts: no norm after an MoE layer is supported")
+    return problems
+
+
+def _yarn_problems(m) -> list[str]:
+    problems = []
+    if not m.rope_yarn_original_max_position_embeddings:
+        problems.append("model.rope_scaling_type=yarn needs model.rope_yarn_original_max_position_embeddings "
+                        "(the model's rope_parameters.original_max_position_embeddings)")
+    explicit = m.rope_yarn_attention_factor is not None and m.rope_yarn_attention_factor != 1.0
+    if m.rope_scaling_factor <= 1 and explicit:
+        problems.append(f"model.rope_scaling_factor ({m.rope_scaling_factor}) must exceed 1 with "
+                        "model.rope_yarn_attention_factor: megatron-core's YaRN derives the attention factor from "
+                        "the scaling factor's logarithm")
+    return problems
 
 
 def _parallel_problems(cfg: MegamftConfig, world_size: int) -> list[str]:

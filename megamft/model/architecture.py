@@ -20,14 +20,22 @@ def kv_width(m: ModelConfig) -> int:
     return (m.num_query_groups or m.num_attention_heads) * head_dim(m)
 
 
+GATED_ACTIVATIONS = ("swiglu", "geglu_tanh", "geglu")
+
+
+def is_gated(m: ModelConfig) -> bool:
+    """A gated MLP: act(gate) * up, megatron's gated_linear_unit with fc1 = [gate; up]."""
+    return m.mlp_activation in GATED_ACTIVATIONS
+
+
 def mlp_matrices(m: ModelConfig) -> int:
-    """hidden x ffn matrices per MLP: gate, up and down for SwiGLU; up and down for GELU."""
-    return 3 if m.mlp_activation == "swiglu" else 2
+    """hidden x ffn matrices per MLP: gate, up and down when gated; up and down otherwise."""
+    return 3 if is_gated(m) else 2
 
 
 def fc1_width(m: ModelConfig) -> int:
-    """Output width of megatron's linear_fc1 ([gate; up] for SwiGLU)."""
-    return (2 if m.mlp_activation == "swiglu" else 1) * m.ffn_hidden_size
+    """Output width of megatron's linear_fc1 ([gate; up] when gated)."""
+    return (2 if is_gated(m) else 1) * m.ffn_hidden_size
 
 
 def linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -76,7 +84,7 @@ def layer_parameters(m: ModelConfig) -> int:
         biases = qkv_out + h + fc1_width(m) + h
     elif m.add_qkv_bias:
         biases = qkv_out
-    norms = 2 * h * (2 if m.normalization == "LayerNorm" else 1)
+    norms = (4 if m.post_sublayer_norms else 2) * h * (2 if m.normalization == "LayerNorm" else 1)
     qk_norms = 2 * head_dim(m) if m.qk_layernorm else 0
     return weights + biases + norms + qk_norms
 

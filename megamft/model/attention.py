@@ -26,6 +26,9 @@ activation recompute all happen outside this module.
   linear; elsewhere SDPA applies it as a banded mask. Layers that
   ``window_attn_skip_freq`` leaves global attend without a window, as in
   megatron's local attention.
+- Attention logit soft-capping (Gemma 2's ``cap * tanh(score / cap)``), which
+  no fused kernel here computes, takes ``softcap.softcapped_attention``: the
+  scores are materialized, quadratic in memory, with the same masks.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
 from megamft.config import ConfigError
+from megamft.model.softcap import softcapped_attention
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,9 @@ class TorchCoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        softcap: Optional[float] = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -133,7 +140,8 @@ class TorchCoreAttention(MegatronModule):
             raise ValueError(f"the torch attention backend supports softmax_type='vanilla' only, "
                              f"not {config.softmax_type!r}")
         self.attn_mask_type = attn_mask_type
-        head_dim = config.kv_channels
+        head_dim = k_channels or config.kv_channels  # multi-latent attention: queries/keys wider than values
+        self.softcap = softcap
         # megatron's apply_query_key_layer_scaling divides the scale by the layer number and its
         # softmax multiplies it back: no net effect on the result, so it is not repeated here.
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -157,7 +165,7 @@ class TorchCoreAttention(MegatronModule):
         s, b, heads, dim = query.shape
         dropout = self.dropout if self.training else 0.0
         documents = packed_seq_params
-        flash_varlen = dropout == 0.0 and varlen_available(query)
+        flash_varlen = dropout == 0.0 and varlen_available(query) and self.softcap is None
         if flash_varlen and documents is None and self.window is not None and attention_mask is None:
             documents = whole_rows(b, s, query.device)  # varlen's window keeps plain rows linear too
         with self._dropout_rng(dropout):
@@ -172,8 +180,12 @@ class TorchCoreAttention(MegatronModule):
                     window = sliding_window_causal(s, self.window[0], query.device, keys=key.shape[0])
                     allowed = window if allowed is None else allowed & window
                 causal = allowed is None and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
-                context = _sdpa(query, key, value, allowed, causal, dropout, self.softmax_scale)
-        return context.reshape(s, b, heads * dim)
+                if self.softcap is None:
+                    context = _sdpa(query, key, value, allowed, causal, dropout, self.softmax_scale)
+                else:
+                    context = softcapped_attention(query, key, value, allowed, causal, dropout, self.softmax_scale,
+                                                   self.softcap)
+        return context.reshape(s, b, -1)
 
     def _dropout_rng(self, dropout: float):
         """megatron's rule: dropout draws from the TP-aware CUDA RNG tracker unless sequence parallel."""

@@ -9,17 +9,24 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megamft.config import ConfigError, MegamftConfig
+from megamft.model.architecture import is_gated
 from megamft.model.attention_window import window_size
-from megamft.model.rope import apply_llama3_scaling, linear_interpolation_factor
+from megamft.model.rope import (apply_llama3_scaling, linear_interpolation_factor, megatron_yarn_attributes,
+                                position_embedding_type)
 from megamft.model.moe import moe_transformer_fields
+from megamft.model.softcap import apply_final_logit_softcap
 from megamft.model.spec import gpt_layer_spec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation (transformers' gelu_pytorch_tanh, StarCoder2's MLP)."""
+    """GELU with the tanh approximation (transformers' gelu_pytorch_tanh: StarCoder2's MLP, Gemma's gate)."""
     return F.gelu(x, approximate="tanh")
+
+
+# model.mlp_activation -> megatron's activation_func (gated ones apply it to the gate half of fc1)
+ACTIVATIONS = {"swiglu": F.silu, "geglu_tanh": gelu_tanh, "geglu": F.gelu, "gelu_tanh": gelu_tanh, "gelu": F.gelu}
 
 
 def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) -> TransformerConfig:
@@ -35,13 +42,16 @@ def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) 
         num_query_groups=m.num_query_groups or m.num_attention_heads,
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
-        gated_linear_unit=m.mlp_activation == "swiglu",
-        activation_func=F.silu if m.mlp_activation == "swiglu" else gelu_tanh,
+        gated_linear_unit=is_gated(m),
+        activation_func=ACTIVATIONS[m.mlp_activation],
+        layernorm_zero_centered_gamma=m.zero_centered_norm_weight,
+        softmax_scale=m.attention_scale_dim ** -0.5 if m.attention_scale_dim else None,
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         kv_channels=m.kv_channels,
         qk_layernorm=m.qk_layernorm,
         window_size=window_size(cfg),
+        window_attn_skip_freq=[int(w) for w in m.sliding_window_layers] if m.sliding_window_layers else None,
         init_method_std=m.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -71,7 +81,10 @@ def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) 
         fields["batch_p2p_comm"] = False
     fields.update(fast or {})
     fields.update(cfg.transformer)
-    return TransformerConfig(**fields)
+    config = TransformerConfig(**fields)
+    for name, value in megatron_yarn_attributes(m).items():
+        setattr(config, name, value)
+    return config
 
 
 def build_model_chunks(
@@ -91,14 +104,36 @@ def build_model_chunks(
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-            position_embedding_type="rope",
+            position_embedding_type=(
+                "learned_absolute" if cfg.model.position_embedding == "learned_absolute"
+                else position_embedding_type(cfg.model)),
             rotary_base=cfg.model.rotary_base,
             seq_len_interpolation_factor=linear_interpolation_factor(cfg.model),
             vp_stage=stage,
         )
         apply_llama3_scaling(chunk, cfg.model)
+        apply_final_logit_softcap(chunk, cfg.model)
+        if cfg.model.scale_embeddings:
+            scale_embeddings(chunk)
         chunks.append(chunk)
     return chunks
+
+
+def scale_embeddings(gpt_model) -> None:
+    """Multiply a GPTModel chunk's input embeddings by sqrt(hidden), as Gemma does (a forward hook).
+
+    The multiplier is rounded to the embeddings' dtype first, as transformers' Gemma rounds
+    its `normalizer` (45.25 for hidden 2048 in bf16, not 45.2548...).
+    """
+    embedding = getattr(gpt_model, "embedding", None)
+    if embedding is None:
+        return
+
+    def scale(module, inputs, output):
+        # a host scalar rounded to the dtype: no device tensor is made per call
+        return output * float(torch.tensor(module.config.hidden_size ** 0.5, dtype=output.dtype))
+
+    embedding.register_forward_hook(scale)
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:

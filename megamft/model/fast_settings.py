@@ -14,6 +14,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from megamft.config import MegamftConfig
+from megamft.model.rope import is_yarn
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def _gradient_accumulation_fusion(cfg: MegamftConfig, machine: Machine) -> tuple
 
 def _bias_activation_fusion(cfg: MegamftConfig, machine: Machine) -> tuple[bool, str]:
     if cfg.model.mlp_activation != "swiglu":
-        return False, f"megatron fuses SwiGLU and exact GELU, not model.mlp_activation={cfg.model.mlp_activation}"
+        # megatron's fused GELU and GEGLU kernels compute GELU's tanh approximation whatever activation_func is
+        return False, f"megamft fuses SwiGLU only, not model.mlp_activation={cfg.model.mlp_activation}"
     return True, "SwiGLU (and its bias) in one kernel"
 
 
@@ -72,6 +74,11 @@ def _bias_dropout_fusion(cfg: MegamftConfig, machine: Machine) -> tuple[bool, st
 def _apply_rope_fusion(cfg: MegamftConfig, machine: Machine) -> tuple[bool, str]:
     if machine.backend != "te":
         return False, "Transformer Engine's fused RoPE serves the te attention backend"
+    if cfg.model.multi_latent_attention and not is_yarn(cfg.model):
+        return False, "megatron-core fuses multi-latent attention's RoPE for YaRN only"
+    if is_yarn(cfg.model) and not cfg.model.multi_latent_attention:
+        # megatron-core's apply_rotary_pos_emb drops YaRN's attention factor (mscale) in the fused thd kernel
+        return False, "YaRN's attention factor is applied by megatron's unfused RoPE only"
     return True, "TE's fused RoPE; for packed rows (thd) it avoids megatron's per-layer host read of the boundaries"
 
 

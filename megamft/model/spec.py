@@ -12,9 +12,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megamft.config import ConfigError, LoraConfig, MegamftConfig, ModelConfig
+from megamft.model.architecture import is_gated
 from megamft.model.attention import TorchCoreAttention
 from megamft.model.lora_spec import NORM_KEYS, te_separate_norm_layer_spec, with_lora
 from megamft.model.norm import MegamftRMSNorm, norm_class
+from megamft.model.softcap import backend_problem
+from megamft.model.sublayer_norms import PostNormMLP, PostNormSelfAttention
 from megamft.platform.device import TE_REBUILD_HINT
 
 ATTENTION_BACKENDS = ("auto", "torch", "te", "local")
@@ -22,8 +25,9 @@ ATTENTION_BACKENDS = ("auto", "torch", "te", "local")
 
 def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layernorm: bool = False,
                      num_experts: int | None = None, torch_attention: bool = False,
-                     lora: LoraConfig | None = None, gated: bool = True) -> TransformerBlockSubmodules:
-    """megatron-core's local layer (local linears, SwiGLU or GELU MLP) with megamft's norms.
+                     lora: LoraConfig | None = None, gated: bool = True, post_norms: bool = False,
+                     softcap: float | None = None) -> TransformerBlockSubmodules:
+    """megatron-core's local layer (local linears, gated or GELU MLP) with megamft's norms.
 
     Every norm, the final one and Qwen3's per-head query/key norms included, is
     megamft's (RMSNorm or LayerNorm) so that sequence parallel works without
@@ -32,6 +36,8 @@ def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layerno
     fused kernels (TorchCoreAttention) instead of megatron's
     DotProductAttention, which materializes [b, heads, s, s] scores.
     lora: LoRA-aware linears (model/lora_spec.py) when enabled; gated: SwiGLU MLPs.
+    post_norms: attention and MLP normalize their output (sublayer_norms);
+    softcap: the torch attention soft-caps its scores (softcap).
     """
     norm = norm_class(normalization)
     layer = copy.deepcopy(get_gpt_layer_local_spec(
@@ -42,7 +48,14 @@ def local_block_spec(num_layers: int, normalization: str = "RMSNorm", qk_layerno
     if qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = MegamftRMSNorm
     if torch_attention:
-        attention.core_attention = TorchCoreAttention
+        attention.core_attention = ModuleSpec(module=TorchCoreAttention, params={"softcap": softcap})
+    elif softcap:
+        raise ConfigError("attention soft-capping needs the torch attention backend (see megamft.model.softcap)")
+    if post_norms:
+        if num_experts:
+            raise ConfigError("norms after the MLP of an MoE layer are not supported")
+        layer.submodules.self_attention.module = PostNormSelfAttention
+        layer.submodules.mlp.module = PostNormMLP
     if lora is not None and lora.enabled:
         layer = with_lora(layer, lora, gated)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
@@ -98,14 +111,26 @@ def gpt_layer_spec(num_layers_in_chunk: int, backend: str, model: ModelConfig | 
     """The spec handed to GPTModel for one model chunk (backend: te, torch or local; norms, q/k norms and
     experts from `model`; LoRA-aware linears from `lora`)."""
     model = model or ModelConfig()
-    gated = model.mlp_activation == "swiglu"
+    gated = is_gated(model)
+    problem = backend_problem(model, backend)
+    if problem:
+        raise ConfigError(problem)
     if backend == "te":
         return transformer_engine_layer_spec(model.qk_layernorm, model.num_experts, lora, gated)
     return local_block_spec(num_layers_in_chunk, model.normalization, model.qk_layernorm, model.num_experts,
-                            torch_attention=backend == "torch", lora=lora, gated=gated)
+                            torch_attention=backend == "torch", lora=lora, gated=gated,
+                            post_norms=model.post_sublayer_norms, softcap=model.attention_logit_softcap)
 
 
 def attention_backend_for(cfg: MegamftConfig, te_installed: bool, te_problem: str | None = None) -> str:
-    """The backend this run uses (see resolve_attention_backend)."""
+    """The backend this run uses (see resolve_attention_backend); auto takes torch for a model that only
+    the torch backend computes (softcap.backend_problem), and a named backend that would not compute the
+    model is refused."""
     quantized = cfg.lora.enabled and cfg.lora.quantize_base is not None
-    return resolve_attention_backend(cfg.model.attention_backend, te_installed, quantized, te_problem)
+    backend = resolve_attention_backend(cfg.model.attention_backend, te_installed, quantized, te_problem)
+    if cfg.model.attention_backend == "auto" and backend_problem(cfg.model, backend):
+        backend = "torch"
+    problem = backend_problem(cfg.model, backend)
+    if problem:
+        raise ConfigError(problem)
+    return backend

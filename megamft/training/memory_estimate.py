@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamft.config import MegamftConfig, data_parallel_size
-from megamft.model.architecture import (expert_layer_parameters, is_column_parallel, layer_linears,
+from megamft.model.architecture import (expert_layer_parameters, is_column_parallel, is_gated, layer_linears,
                                         layer_parameters, query_width)
 from megamft.model.builder import padded_vocab_size
 from megamft.model.nf4 import quantized_bytes
@@ -78,6 +78,8 @@ def stage_parameters(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
     total = m.num_layers // pp * layer_parameters(m) / tp + stage_expert_parameters(cfg)
     if first:
         total += vocab * m.hidden_size / tp
+        if m.position_embedding == "learned_absolute":  # replicated on every TP rank
+            total += m.max_position_embeddings * m.hidden_size
     if last:
         final_norm = m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
         total += final_norm + (0 if m.tie_embeddings and first else vocab * m.hidden_size / tp)
@@ -117,7 +119,7 @@ def _mlp_values(cfg: MegamftConfig) -> float:
     m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
     if not m.num_experts:  # SwiGLU keeps fc1's [gate; up] output and the product; GELU fc1's output and its GELU
-        return (4 if m.mlp_activation == "swiglu" else 2) * m.ffn_hidden_size / tp
+        return (4 if is_gated(m) else 2) * m.ffn_hidden_size / tp
     expert_tp = p.expert_tensor_parallel_size or tp
     routed = m.moe_router_topk * (4 * (m.moe_ffn_hidden_size or m.ffn_hidden_size) / expert_tp + 2 * m.hidden_size)
     shared = 4 * (m.moe_shared_expert_intermediate_size or 0) / tp
@@ -132,6 +134,8 @@ def attention_values_per_position(cfg: MegamftConfig) -> float:
     in fp32; q, k, v and the context are counted with the hidden-sized values.
     """
     m = cfg.model
+    if m.attention_logit_softcap:  # softcap.softcapped_attention keeps tanh's output, the softmax's, the probabilities
+        return 3 * m.num_attention_heads * cfg.data.seq_length
     if m.attention_backend == "local":
         return m.num_attention_heads * cfg.data.seq_length
     return m.num_attention_heads * 4 / _BYTES[cfg.train.precision]
