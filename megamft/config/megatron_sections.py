@@ -38,8 +38,8 @@ MEGATRON_CHECKS: dict[str, dict[str, Range | tuple[str, ...]]] = {
     "transformer": {
         "hidden_dropout": Range(0, 1), "attention_dropout": Range(0, 1),
         "recompute_num_layers": Range(1),
-        "softmax_scale": _POSITIVE, "embedding_init_method_std": _POSITIVE,
-        "moe_expert_capacity_factor": _POSITIVE, "moe_router_topk_scaling_factor": _POSITIVE,
+        "embedding_init_method_std": _POSITIVE, "moe_expert_capacity_factor": _POSITIVE,
+        "moe_router_topk_scaling_factor": _POSITIVE,
         "moe_input_jitter_eps": _NON_NEGATIVE, "moe_router_bias_update_rate": _NON_NEGATIVE,
         "cpu_offloading_num_layers": _NON_NEGATIVE,
     },
