@@ -220,13 +220,17 @@ def _worker_environment(marker: str) -> dict[str, str]:
 
 
 def test_slurm_batch_script_waits_for_the_save_and_requeues(tmp_path, runs, uninterrupted):
-    first = _sbatch(tmp_path, "first-job", runs, **SITE)
-    wait_for(lambda: first.reached_step(2), what="step 2")
+    # The workers hold after step 3 long enough for the signal to go the batch shell's way (a scancel that
+    # starts Python) on a loaded machine, where the last steps would otherwise end the run first.
+    marker = tmp_path / "step-3-done"
+    first = _sbatch(tmp_path, "first-job", runs, **SITE, MEGAMFT_STALL_AT="step.done@3:15",
+                    MEGAMFT_STALL_MARKER=str(marker))
+    wait_for(marker.exists, what="step 3")
     worker = _worker_environment(first.marker)
     assert {k: worker.get(k) for k in SITE if k != "SLURM_EXPORT_ENV"} == {
         k: v for k, v in SITE.items() if k != "SLURM_EXPORT_ENV"}
     first.proc.send_signal(signal.SIGUSR1)  # --signal=B:USR1@600: the batch shell alone
-    _check_stopped_cleanly(first, tmp_path / "ckpt", 2)
+    assert _check_stopped_cleanly(first, tmp_path / "ckpt", 3) == 3
     assert (tmp_path / "slurm.log").read_text().splitlines() == ["scancel --signal=USR1 4242",
                                                                  "scontrol requeue 4242"]
     # The requeued job: the same batch script, which continues from the checkpoint.

@@ -15,6 +15,7 @@ from megamft.config import MegamftConfig
 from megamft.errors import ReportedByAnotherRank, UserError
 from megamft.platform import cpu_emulation, megatron_fixes
 from megamft.platform.device import Runtime, detect
+from megamft.platform.signals import helpers_die_with_this_process
 
 DEVICE_MAX_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
 log = logging.getLogger("megamft")
@@ -100,6 +101,7 @@ def initialize(cfg: MegamftConfig) -> Runtime:
     runtime = detect()
     timeout = datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
     megatron_fixes.apply()
+    helpers_die_with_this_process()  # a trainer killed outright leaves no helper behind
     if not runtime.cuda:
         cpu_emulation.enable()
     if not torch.distributed.is_initialized():

@@ -23,7 +23,29 @@ def apply() -> None:
     _load_dp_reshardable_state_without_autograd()
     _save_fully_reshardable_state_from_its_own_offsets()
     _define_te_general_gemm_without_transformer_engine()
+    _checkpoint_manager_dies_with_its_trainer()
     _applied = True
+
+
+def _checkpoint_manager_dies_with_its_trainer() -> None:
+    """megatron's checkpoint writer collects its results through a multiprocessing Manager, started with
+    spawn at the first save (filesystem_async._get_write_results_queue); the manager ignores SIGINT and
+    outlives a trainer killed with SIGKILL, orphaned. The same manager, told to die with its trainer."""
+    from multiprocessing.managers import SyncManager
+
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as filesystem_async
+    import multiprocessing
+
+    from megamft.platform.signals import die_with_parent
+
+    def results_queue():
+        if filesystem_async._results_queue is None:
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=die_with_parent)
+            filesystem_async._results_queue = manager.Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = results_queue
 
 
 def keeps_step_per_parameter(optimizer) -> bool:

@@ -16,13 +16,22 @@ for, so helpers are made deaf to these signals:
 - ``become_helper_process`` is for helpers megamft starts itself (preprocessing
   workers): they ignore the signals for good, and the kernel kills them when their
   parent dies, so the parent alone decides what a signal does.
+
+A trainer killed outright (SIGKILL: the OOM killer, kill -9) runs no clean-up, and
+its helpers block or ignore SIGTERM, so they would live on, orphaned, holding memory.
+``helpers_die_with_this_process`` makes every process it forks from then on die with
+it (the kernel's parent-death signal); megatron's checkpoint manager, which it starts
+with spawn, gets the same through megatron_fixes. Multiprocessing's resource tracker
+ends by itself once every process holding its pipe has.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
+import threading
 from multiprocessing import resource_tracker
 from typing import Iterator
 
@@ -51,7 +60,39 @@ def become_helper_process() -> None:
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # ignored now: blocking adds nothing
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the thread that started it ends (Linux; elsewhere nothing)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+_forked_by_main_thread = False
+_hooked = False
+
+
+def helpers_die_with_this_process() -> None:
+    """From now on, every process this one forks from its main thread dies when it does.
+
+    Only forks of the main thread: the kernel's parent-death signal follows the thread that
+    forked, which for the main thread lives as long as the process.
+    """
+    global _hooked
+    if _hooked:
+        return
+    os.register_at_fork(before=_note_forking_thread, after_in_child=_die_with_parent_if_main_forked)
+    _hooked = True
+
+
+def _note_forking_thread() -> None:
+    global _forked_by_main_thread
+    _forked_by_main_thread = threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent_if_main_forked() -> None:
+    if _forked_by_main_thread:
+        die_with_parent()
 
