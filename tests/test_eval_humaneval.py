@@ -14,7 +14,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megamft.data.preprocess import PreprocessOptions, preprocess
 from megamft.data.tokenizer import load_tokenizer
-from megamft.eval.humaneval import RESULTS, EvalSettings, check_problems, evaluate, read_done
+from megamft.eval import EvaluationError
+from megamft.eval.humaneval import RESULTS, EvalSettings, check_problems, default_ks, evaluate, read_done
 from megamft.eval.passk import pass_at_k
 from megamft.eval.problems import load_problems
 from megamft.eval.prompts import PromptBuilder
@@ -54,6 +55,35 @@ def test_a_memory_bomb_stops_at_the_memory_limit():
     outcome = Sandbox(Limits(timeout_s=20.0, memory_bytes=512 * 2**20)).run(
         "hoard = []\nwhile True:\n    hoard.append(bytearray(50 * 2**20))\n")
     assert outcome.status == "failed" and "MemoryError" in outcome.stderr_tail and outcome.seconds < 20
+
+
+def test_a_program_may_write_in_its_folder_and_use_tempfile(sandbox):
+    program = ("import os, tempfile\n"
+               "open('notes.txt', 'w').write('kept')\n"
+               "assert open(os.path.join(os.getcwd(), 'notes.txt')).read() == 'kept'\n"
+               "with tempfile.NamedTemporaryFile('w+') as f:\n    f.write('x'); f.flush(); f.seek(0)\n"
+               "    assert f.read() == 'x'\n"
+               "with tempfile.TemporaryDirectory() as d:\n    open(os.path.join(d, 'a'), 'w').write('y')\n")
+    outcome = sandbox.run(program)
+    assert outcome.status == "passed", outcome.stderr_tail
+
+
+def test_limits_too_small_to_start_python_are_refused_with_the_limit_named():
+    with pytest.raises(EvaluationError, match=r"does not start within the sandbox's limits \(--memory-mb 8, "
+                                              r"--timeout 10\): raise them"):
+        Sandbox(Limits(memory_bytes=8 * 2**20))
+
+
+@pytest.mark.parametrize("n, ks, named", [(1, [1, 10], r"--k 1 10: pass@k needs 1 <= k <= n \(--n 1\); sample at "
+                                                       r"least 10"), (5, [0], r"--k 0: pass@k needs 1 <= k <= n")])
+def test_a_k_larger_than_n_is_refused(n, ks, named):
+    settings = EvalSettings("model", "completion", "hf", n, 0.8 if n > 1 else 0.0, 0.95, 4, 7, 5.0, 1024, ks)
+    with pytest.raises(EvaluationError, match=named):
+        settings.check()
+
+
+def test_the_default_ks_are_those_n_samples_measure():
+    assert [default_ks(n) for n in (1, 9, 10, 200)] == [[1], [1], [1, 10], [1, 10, 100]]
 
 
 def test_nothing_is_left_behind(sandbox, tmp_path):
@@ -188,7 +218,8 @@ def test_an_interrupted_evaluation_resumes_to_the_same_results(tmp_path, tiny_mo
 
     problems = PROBLEMS[:4]
     tokenizer = load_tokenizer(str(tiny_model / "tokenizer.json"))
-    settings = EvalSettings(str(tiny_model), prompt_format, "hf", n, temperature, 0.95, 12, 7, 5.0, 1024, [1, 2])
+    settings = EvalSettings(str(tiny_model), prompt_format, "hf", n, temperature, 0.95, 12, 7, 5.0, 1024,
+                            [1, 2] if n > 1 else [1])
     generator = TransformersGenerator(tiny_model, device="cpu")
     whole = evaluate(settings, problems, tokenizer, _StopAfter(generator), tmp_path / "whole", workers=2,
                      sandbox=sandbox, progress=False)

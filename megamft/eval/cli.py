@@ -28,7 +28,8 @@ def add_humaneval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed (problem i uses seed + i)")
-    parser.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k to report (k <= n)")
+    parser.add_argument("--k", type=int, nargs="+",
+                        help="pass@k to report, each k <= --n (default: those of 1, 10, 100 up to --n)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
     parser.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per program")
     parser.add_argument("--workers", type=int, default=4, help="programs run at once")
@@ -60,13 +61,13 @@ def hf_model_folder(model: str):
 def run_humaneval(args: argparse.Namespace) -> int:
     from megamft.data.tokenizer import load_tokenizer
     from megamft.eval.generation import make_generator
-    from megamft.eval.humaneval import EvalSettings, claim_output, evaluate
+    from megamft.eval.humaneval import EvalSettings, claim_output, default_ks, evaluate
     from megamft.eval.identity import model_identity, tokenizer_identity
     from megamft.eval.problems import load_problems
 
     settings = EvalSettings(str(Path(args.model).resolve()), args.prompt_format, args.template, args.n,
                             args.temperature, args.top_p, args.max_new_tokens, args.seed, args.timeout,
-                            args.memory_mb, sorted(set(args.k)))
+                            args.memory_mb, sorted(set(args.k)) if args.k else default_ks(args.n))
     try:
         settings.check()
     except ValueError as err:  # its checks of the options, whatever class they raise

@@ -51,6 +51,16 @@ class EvalSettings:
         if self.temperature == 0 and self.n > 1:
             raise EvaluationError("greedy decoding (--temperature 0) gives n identical samples: use --n 1, "
                                   "or sample with --temperature > 0")
+        too_large = [k for k in self.ks if k > self.n]
+        if too_large or any(k < 1 for k in self.ks):
+            raise EvaluationError(f"--k {' '.join(map(str, self.ks))}: pass@k needs 1 <= k <= n (--n {self.n}); "
+                                  f"sample at least {max(too_large or [1])} completions per problem (--n, with "
+                                  "--temperature > 0), or leave the larger k out")
+
+
+def default_ks(n: int) -> list[int]:
+    """The pass@k reported when none is asked for: those of 1, 10 and 100 that n samples can measure."""
+    return [k for k in (1, 10, 100) if k <= n]
 
 
 def completion_text(settings: EvalSettings, problem: Problem, generated: str) -> str:

@@ -46,6 +46,9 @@ exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs --inh-cap
 """.format(folders=" ".join(WORLD_WRITABLE), uid=NOBODY)
 
 
+_PYTHON_NEEDS_MB = 64  # address space Python 3.11 maps to start (measured ~30 MB; headroom for imports)
+
+
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 10.0
@@ -112,8 +115,23 @@ class Sandbox:
                 if os.path.exists(candidate) else None
             if probe and probe.status == "passed":
                 return candidate, probe.stderr_tail
+            if probe and self._starts_with_room(candidate):
+                raise EvaluationError(
+                    f"{candidate} does not start within the sandbox's limits (--memory-mb "
+                    f"{self.limits.memory_bytes // 2**20}, --timeout {self.limits.timeout_s:g}): raise them; Python "
+                    f"needs about {_PYTHON_NEEDS_MB} MB of address space and a second to start")
         raise EvaluationError(f"the sandbox user cannot run any of {candidates}; give a Python it can run "
                               "(--sandbox-python)")
+
+    def _starts_with_room(self, candidate: str) -> bool:
+        """Whether `candidate` starts under generous limits (then the configured ones were too small)."""
+        configured = self.limits
+        self.limits = Limits(timeout_s=30.0, memory_bytes=4 * 2**30, file_bytes=configured.file_bytes,
+                             processes=configured.processes)
+        try:
+            return self.run("pass").status == "passed"
+        finally:
+            self.limits = configured
 
     def _limit(self, lang: Language) -> None:
         """In the child before exec: resource limits, inherited by everything it starts."""
