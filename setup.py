@@ -49,10 +49,12 @@ setup(
         "wandb": ["wandb==0.31.0"],
         # GPU machines: ninja for the just-in-time build of the fused cross-entropy kernels. Transformer
         # Engine's PyTorch part compiles against the installed torch, so it cannot be an extra (pip would
-        # build it in an isolated environment with another torch): see the README's cluster install.
+        # build it in an isolated environment with another torch): see docs/guides/parallelism.md, install on a GPU cluster.
         "gpu": [TORCH, "ninja"],
         # lora.quantize_base=nf4 (QLoRA): bitsandbytes' 4-bit NormalFloat, on CUDA and on the CPU
         "qlora": [TORCH, "bitsandbytes==0.50.2"],
+        # The documentation site (mkdocs.yml): mkdocs build --strict, run by .ci/run
+        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2"],
     },
     entry_points={"console_scripts": [
         "megamft=megamft.cli:main",
