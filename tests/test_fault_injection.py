@@ -6,20 +6,18 @@ Every run must resume from a complete checkpoint (never a damaged one), and the 
 step, whichever run computed it last, must equal the uninterrupted run's.
 """
 
-import contextlib
 import os
 import random
 import re
 import signal
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from megamft.checkpoint.layout import latest_iteration
 from megamft.platform.kill_points import ENV, MOMENTS
+from megamft.testing.forked_command import run_module
 
 import jobs
 
@@ -32,24 +30,14 @@ STEP_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+)")
 
 
 def _run(save_dir: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """The same command each time; output through a file, since helper processes that megatron's
-    checkpoint writer starts outlive a SIGKILLed parent and would hold a pipe open."""
+    """The same command each time (a process forked from the test server: no imports to wait for); its
+    output in stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(ENV, None)
     if kill_at:
         env[ENV] = kill_at
-    command = [sys.executable, "-m", "megamft", "train", *COMMAND, f"checkpoint.save_dir={save_dir}"]
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=300)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind
-            proc.wait()
-        log.seek(0)
-        return subprocess.CompletedProcess(command, proc.returncode, "", log.read())
+    return run_module("megamft", ["train", *COMMAND, f"checkpoint.save_dir={save_dir}"], env, ROOT, timeout=300,
+                      merge_output=True)
 
 
 def _losses(stderr: str) -> dict[int, str]:
