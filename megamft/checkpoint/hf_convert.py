@@ -37,6 +37,7 @@ from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.errors import UserError
 from megamft.model.architecture import is_gated
 from megamft.model.families import FAMILIES, Family, hf_config_from_model, model_config_from_hf
+from megamft.platform.kill_points import kill_point
 from megamft.platform.output_folder import check_destination, mark_output, publish, temporary_sibling
 
 CONVERTED_OUTPUT = "hf-to-megatron"   # kinds of output folder (see output_folder)
@@ -398,6 +399,7 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
                 writer.add(name, value.to(dtype or value.dtype).contiguous())
         if layer is not None:
             progress(layer)
+            kill_point("export.layer", layer)
     writer.finish()
     dtype_name = str(dtype or stored_dtype).removeprefix("torch.")
     config = hf_config_from_model(model, family, dtype_name)

@@ -24,6 +24,7 @@ from megamft.eval.passk import mean_pass_at_k
 from megamft.eval.problems import Problem
 from megamft.eval.prompts import PromptBuilder
 from megamft.eval.sandbox import Limits, Sandbox
+from megamft.platform.kill_points import kill_point
 
 RESULTS, SUMMARY, SETTINGS = "results.jsonl", "summary.json", "settings.json"
 log = logging.getLogger("megamft")
@@ -185,6 +186,7 @@ def evaluate(settings: EvalSettings, problems: list[Problem], tokenizer, generat
             continue
         done[problem.task_id] = _solve(settings, problem, index, builder, tokenizer, generator, sandbox, workers)
         _append(results, done[problem.task_id])
+        kill_point("eval.problem", index)
         if bar is not None:
             bar.update()
     if bar is not None:
