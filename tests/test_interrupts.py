@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -39,13 +41,14 @@ TRAIN = ["megamft", "train", *[f"{k}={v}" for k, v in SETTINGS.items()
 class Held:
     """A command started in a session of its own (its own process group), held at a kill point."""
 
-    def __init__(self, tmp: Path, argv: list[str], stall: str, wrap=None):
+    def __init__(self, tmp: Path, argv: list[str], stall: str, wrap=None, env: dict | None = None):
         self.marker, self.ready = uuid.uuid4().hex, tmp / f"held-{uuid.uuid4().hex[:6]}"
         program, *rest = argv
         command = [sys.executable, *PROGRAMS[program], *rest]
-        env = {k: v for k, v in os.environ.items() if k not in ("MEGAMFT_DEBUG", "RANK", "LOCAL_RANK",
-                                                                 "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(MEGAMFT_TEST_RUN=self.marker, MEGAMFT_STALL_AT=stall, MEGAMFT_STALL_MARKER=str(self.ready))
+        extra, env = env, {k: v for k, v in os.environ.items() if k not in (
+            "MEGAMFT_DEBUG", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(MEGAMFT_TEST_RUN=self.marker, MEGAMFT_STALL_AT=stall, MEGAMFT_STALL_MARKER=str(self.ready),
+                   **(extra or {}))
         self.stderr_path = tmp / f"stderr-{self.marker[:6]}.txt"
         with open(self.stderr_path, "w") as stderr:
             self.proc = subprocess.Popen(wrap(command) if wrap else command, cwd=ROOT, env=env,
@@ -205,30 +208,34 @@ def test_ctrl_c_during_an_asynchronous_save(tmp_path):
 
 def _on_a_disk_filled_when_held(argv: list[str], folder: Path, size: str, ready: Path, report: Path) -> list[str]:
     """`argv` run where `folder` is a tmpfs of `size`, which a background shell fills up once `ready` exists
-    (the run is held at its kill point); `report` then lists what the tmpfs held when the run ended
-    (it is gone with the namespace)."""
+    (the run is held at its kill point) and step 4's checkpoint is published; `report` then lists what the
+    tmpfs held when the run ended (it is gone with the namespace)."""
     path, flag, listing = (shlex.quote(str(p)) for p in (folder, ready, report))
     script = (f"mount -t tmpfs -o size={size} tmpfs {path} || exit 99; "
-              f"{{ while [ ! -e {flag} ]; do sleep 0.05; done; dd if=/dev/zero of={path}/filler bs=64k "
-              "2>/dev/null; } & "
+              f"{{ until [ -e {flag} ] && [ \"$(cat {path}/latest 2>/dev/null)\" = 4 ]; do sleep 0.05; done; "
+              f"dd if=/dev/zero of={path}/filler bs=64k 2>/dev/null; }} & "
               f'"$@"; status=$?; cd {path} && ls -A > {listing}.ls; cat latest > {listing}.latest; '
-              f'ls iter_0000002 > {listing}.iter2; exit $status')
+              f'ls iter_$(printf %07d "$(cat latest)") > {listing}.latest_files; exit $status')
     namespaces = ["--mount"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--mount"]
     return ["unshare", *namespaces, "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
 
 @pytest.mark.slow
-def test_a_disk_that_fills_during_a_save_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_disk_that_fills_during_a_save_says_so_in_one_line(tmp_path, async_save):
     """save_dir on a 16 MiB tmpfs (room for several checkpoints of the tiny model: the start-up check
-    passes), filled up while the run is held at the start of step 4's save."""
+    passes), filled up once step 4's checkpoint is published, while the run is held at the start of step 6's
+    save (asynchronous: while step 6's background writer is held and the trainer goes on; it publishes the
+    saves of steps 2 and 4 at a later step, or while the end of the run waits for the writers)."""
     if not can_mount():
         pytest.skip("needs a mount namespace of its own (root, or unprivileged user namespaces)")
     save_dir, ready, report = tmp_path / "ckpt", tmp_path / "held", tmp_path / "report"
     save_dir.mkdir()
     marker = uuid.uuid4().hex
     env = {**{k: v for k, v in os.environ.items() if k not in ("MEGAMFT_DEBUG", "RANK", "WORLD_SIZE")},
-           "MEGAMFT_TEST_RUN": marker, "MEGAMFT_STALL_AT": "save.started@4:3", "MEGAMFT_STALL_MARKER": str(ready)}
-    program, *rest = _train(tmp_path, save_dir)
+           "MEGAMFT_TEST_RUN": marker, "MEGAMFT_STALL_AT": "save.writing@6:20" if async_save else "save.started@6:3", "MEGAMFT_STALL_MARKER": str(ready)}
+    program, *rest = _train(tmp_path, save_dir, f"checkpoint.async_save={str(async_save).lower()}",
+                            "train.train_steps=8")
     argv = _on_a_disk_filled_when_held([sys.executable, *PROGRAMS[program], *rest], save_dir, "16m", ready, report)
     try:
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -241,9 +248,9 @@ def test_a_disk_that_fills_during_a_save_says_so_in_one_line(tmp_path):
     assert lines[-1].startswith(f"megamft: {save_dir}") and "no space left" in lines[-1], lines[-3:]
     listed = Path(f"{report}.ls").read_text().split()
     assert not [name for name in listed if ".partial" in name or name.startswith(".megamft.lock")], listed
-    assert "iter_0000002" in listed and "iter_0000004" not in listed, listed
-    assert Path(f"{report}.latest").read_text().strip() == "2"
-    assert "metadata.json" in Path(f"{report}.iter2").read_text().split()
+    assert Path(f"{report}.latest").read_text().strip() == "4"
+    assert "iter_0000004" in listed and "iter_0000006" not in listed, listed
+    assert "metadata.json" in Path(f"{report}.latest_files").read_text().split()
 
 
 # ---- megamft-convert megatron-to-hf ---------------------------------------------------------------------------
@@ -301,3 +308,31 @@ def test_ctrl_c_during_an_evaluation(tmp_path, converted):
     ctrl_c(held, "megamft")
     assert leftovers(out) == []
     assert results.read_bytes() == written
+
+
+def test_ctrl_c_while_programs_run(tmp_path, converted, request):
+    """Eight samples whose program sleeps a minute, two at a time (--timeout 120): Ctrl-C while the first two run
+    ends the command at once, their programs and working folders with it, the six queued never started."""
+    # Whatever the model writes lands in a string: every program runs, and sleeps.
+    problem = {"task_id": "Slow/0", "prompt": 'import time\ntime.sleep(60)\nnotes = """', "canonical_solution": "",
+               "test": '"""\n\ndef f():\n    pass\n\ndef check(candidate):\n    pass\n', "entry_point": "f"}
+    problems = tmp_path / "slow.jsonl"
+    problems.write_text(json.dumps(problem) + "\n")
+    # The command's TMPDIR, where the sandbox's working folders appear: one the sandbox user may traverse.
+    scratch = Path(tempfile.mkdtemp(prefix="megamft-interrupts-"))
+    scratch.chmod(0o711)
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    argv = ["megamft", "eval", "humaneval", str(converted / "hf"), "--output", str(tmp_path / "eval"),
+            "--problems", str(problems), "--prompt-format", "completion", "--n", "8", "--temperature", "0.8",
+            "--k", "1", "--max-new-tokens", "4", "--timeout", "120", "--workers", "2", "--backend", "transformers"]
+    held = Held(tmp_path, argv, "", env={"TMPDIR": str(scratch)})
+    wait_for(lambda: len(list(scratch.glob("megamft-sandbox-*"))) == 2 or held.proc.poll() is not None,
+             timeout=120, what="two programs running")
+    time.sleep(1)
+    ctrl_c(held, "megamft")
+    assert list(scratch.iterdir()) == []
+    assert not [pid for pid in _pids() if str(scratch) in _command(pid)]
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]

@@ -281,6 +281,20 @@ def disk_error(err: BaseException) -> OSError | None:
     return None
 
 
+FULL_BELOW_BYTES = 2**20
+"""A save folder's file system with less room than this after a failed save is taken as full."""
+
+
+def _full_disk(save_dir: str | Path) -> OSError | None:
+    """ENOSPC when save_dir's file system is full. torch.save's zip writer reports a write the disk
+    refused as a RuntimeError without an errno ("unexpected pos ..."), so the disk itself is asked."""
+    try:
+        full = shutil.disk_usage(save_dir).free < FULL_BELOW_BYTES
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, "No space left on device", str(save_dir)) if full else None
+
+
 @contextlib.contextmanager
 def _unfinished_removed(partials: list[Path], iteration: int, save_dir: str | Path):
     """A save that fails or is interrupted leaves no `.partial` folder (rank 0 removes them); one the
@@ -288,15 +302,18 @@ def _unfinished_removed(partials: list[Path], iteration: int, save_dir: str | Pa
     try:
         yield
     except BaseException as err:
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        cause = None if interrupted else disk_error(err) or _full_disk(save_dir)  # asked before the clean-up frees room
         if torch.distributed.get_rank() == 0:
             for partial in partials:
                 shutil.rmtree(partial, ignore_errors=True)
-        cause = disk_error(err) if not isinstance(err, (KeyboardInterrupt, SystemExit)) else None
         if cause is None:
             raise
         advice = _SAVE_ADVICE.get(cause.errno, f"{cause.strerror or cause}; check that file system")
-        raise SaveError(cause.errno, f"{save_dir}: {advice} (the checkpoint of step {iteration} was not "
-                                     "written; the earlier ones are as they were)") from err
+        refused = SaveError(f"{save_dir}: {advice} (the checkpoint of step {iteration} was not written; the "
+                            "earlier ones are as they were)")
+        refused.errno = cause.errno
+        raise refused from err
 
 
 def _write_in_background(iteration: int, write, *args, **kwargs):
