@@ -33,11 +33,12 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megamft.checkpoint import global_view, sharding
+from megamft.checkpoint.async_saves import AsyncSaves, write_in_background
 from megamft.checkpoint.layout import (BEST, CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, CheckpointError,
                                        complete_dir, complete_iterations, iteration_dir, latest_iteration, write_atomically)
 from megamft.checkpoint.global_view import tensor_index
+from megamft.checkpoint.save_failures import unfinished_removed
 from megamft.config import MegamftConfig, to_dict
-from megamft.errors import UserError
 from megamft.model.lora import ADAPTERS_ONLY
 from megamft.model.moe import ROUTER_LOSS_FIELDS
 from megamft.platform import distributed
@@ -251,145 +252,6 @@ def _same_checkpoint(base: dict, folder: str | Path, iteration: int) -> bool:
     return Path(base["dir"]).resolve() == Path(folder).resolve() and base["iteration"] == iteration
 
 
-class SaveError(UserError, OSError):
-    """A checkpoint the file system refused to hold (full, over quota, read-only, failing)."""
-
-
-_SAVE_ADVICE = {
-    errno.ENOSPC: "no space left on the device; free space there, lower checkpoint.keep_last, or choose another "
-                  "checkpoint.save_dir",
-    errno.EDQUOT: "disk quota exceeded; free space there, lower checkpoint.keep_last, or choose another "
-                  "checkpoint.save_dir",
-}
-
-
-def disk_error(err: BaseException) -> OSError | None:
-    """The OSError behind a failed save: `err` itself, its cause, or one that megatron-core or torch's
-    distributed checkpointing wrapped (CheckpointException holds each rank's exception)."""
-    seen, todo = set(), [err]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno is not None:
-            return current
-        if isinstance(current, CheckpointException):
-            todo += [failure[0] if isinstance(failure, tuple) else failure
-                     for failure in current.failures.values()]
-        todo += [current.__cause__, current.__context__]
-    return None
-
-
-FULL_BELOW_BYTES = 2**20
-"""A save folder's file system with less room than this after a failed save is taken as full."""
-
-
-def _full_disk(save_dir: str | Path) -> OSError | None:
-    """ENOSPC when save_dir's file system is full. torch.save's zip writer reports a write the disk
-    refused as a RuntimeError without an errno ("unexpected pos ..."), so the disk itself is asked."""
-    try:
-        full = shutil.disk_usage(save_dir).free < FULL_BELOW_BYTES
-    except OSError:
-        return None
-    return OSError(errno.ENOSPC, "No space left on device", str(save_dir)) if full else None
-
-
-@contextlib.contextmanager
-def _unfinished_removed(partials: list[Path], iteration: int, save_dir: str | Path):
-    """A save that fails or is interrupted leaves no `.partial` folder (rank 0 removes them); one the
-    file system refused (a full disk) is one error naming the save folder."""
-    try:
-        yield
-    except BaseException as err:
-        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-        cause = None if interrupted else disk_error(err) or _full_disk(save_dir)  # asked before the clean-up frees room
-        if torch.distributed.get_rank() == 0:
-            for partial in partials:
-                shutil.rmtree(partial, ignore_errors=True)
-        if cause is None:
-            raise
-        advice = _SAVE_ADVICE.get(cause.errno, f"{cause.strerror or cause}; check that file system")
-        refused = SaveError(f"{save_dir}: {advice} (the checkpoint of step {iteration} was not written; the "
-                            "earlier ones are as they were)")
-        refused.errno = cause.errno
-        raise refused from err
-
-
-def _write_in_background(iteration: int, write, *args, **kwargs):
-    """The background writer process: deaf to Ctrl-C (the trainer decides, and abandons the save)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # blocked since the fork; a pending one is dropped
-    kill_point("save.writing", iteration)
-    return write(*args, **kwargs)
-
-
-@dataclass
-class _InFlight:
-    partial: Path
-    iteration: int
-    save_dir: str | Path
-
-
-class AsyncSaves:
-    """Checkpoints written by background processes (megatron's async save), published when all finished.
-
-    `poll` after every step publishes the saves that every rank has completed;
-    `wait` blocks until all are published; `abandon` (a run that failed or was
-    interrupted) stops the writers and removes the saves' `.partial` folders. A save
-    still in flight when the run is killed outright stays a `.partial` folder, which
-    loading ignores.
-    """
-
-    def __init__(self):
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-        self._queue = AsyncCallsQueue()
-        self._in_flight: list[_InFlight] = []  # in the queue's order: megatron finalizes them first in, first out
-
-    def schedule(self, request, partial: Path, iteration: int, save_dir: str | Path) -> None:
-        # Ctrl-C reaches the whole process group: the writer forked here starts with SIGINT blocked, and
-        # ignores it from its first line on (_write_in_background).
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
-        try:
-            self._queue.schedule_async_request(request)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        self._in_flight.append(_InFlight(partial, iteration, save_dir))
-
-    def poll(self) -> None:
-        self._finalize(blocking=False)
-
-    def wait(self) -> None:
-        self._finalize(blocking=True)
-
-    def _finalize(self, blocking: bool) -> None:
-        if not self._in_flight:
-            return
-        first = self._in_flight[0]
-        with _unfinished_removed([], first.iteration, first.save_dir):
-            try:
-                done = self._queue.maybe_finalize_async_calls(blocking=blocking)
-            except BaseException:
-                self.abandon()
-                raise
-        del self._in_flight[:len(done)]
-
-    def abandon(self) -> None:
-        """Stop the background writers of every save not yet published and remove their folders."""
-        for call in self._queue.async_calls:
-            process = getattr(call.async_caller, "process", None)
-            if process is not None:  # megatron's TemporalAsyncCaller: the forked writer
-                process.kill()
-                process.join()
-                call.async_caller.process = None
-        self._queue.async_calls.clear()
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
-            for save in self._in_flight:
-                shutil.rmtree(save.partial, ignore_errors=True)
-        self._in_flight.clear()
-
-
 # Helper processes this starts (writers, megatron's result-queue manager, async workers) inherit the
 # block: a launcher that signals whole process groups cannot kill them mid-save.
 @preemption_signals_deferred()
@@ -415,7 +277,7 @@ def save(
     final = iteration_dir(save_dir, iteration)
     partial = final.with_name(final.name + ".partial")
     rank = torch.distributed.get_rank()
-    with _unfinished_removed([partial], iteration, save_dir):
+    with unfinished_removed([partial], iteration, save_dir):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -452,7 +314,7 @@ def save(
             request = dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), async_sharded_save=True,
                                               content_metadata=metadata)
             if request.async_fn is not None:
-                request = request._replace(async_fn=functools.partial(_write_in_background, iteration, request.async_fn))
+                request = request._replace(async_fn=functools.partial(write_in_background, iteration, request.async_fn))
             request.add_finalize_fn(finish)
             async_saves.schedule(request, partial, iteration, save_dir)
             return final
