@@ -41,7 +41,7 @@ TRAIN = ["megamft", "train", *[f"{k}={v}" for k, v in SETTINGS.items()
 class Held:
     """A command started in a session of its own (its own process group), held at a kill point."""
 
-    def __init__(self, tmp: Path, argv: list[str], stall: str, wrap=None, env: dict | None = None):
+    def __init__(self, tmp: Path, argv: list[str], stall: str, env: dict | None = None):
         self.marker, self.ready = uuid.uuid4().hex, tmp / f"held-{uuid.uuid4().hex[:6]}"
         program, *rest = argv
         command = [sys.executable, *PROGRAMS[program], *rest]
@@ -51,7 +51,7 @@ class Held:
                    **(extra or {}))
         self.stderr_path = tmp / f"stderr-{self.marker[:6]}.txt"
         with open(self.stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen(wrap(command) if wrap else command, cwd=ROOT, env=env,
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=env,
                                          stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
     def wait_until_held(self, timeout: float = 240) -> None:
@@ -65,13 +65,6 @@ class Held:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
-
-    def finish(self, timeout: float = 240) -> subprocess.Popen:
-        try:
-            self.proc.wait(timeout=timeout)
-        finally:
-            kill_all(self.marker)
-        return self.proc
 
 
 def ctrl_c(held: Held, prog: str) -> None:

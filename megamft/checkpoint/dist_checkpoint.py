@@ -12,15 +12,12 @@ leaves only a ``.partial`` folder, which loading ignores.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import logging
 import pickle
 import re
 import shutil
-import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
