@@ -3,7 +3,8 @@
 A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the command and every helper
 it started (preprocessing workers, checkpoint writers, megatron's managers). Each test starts a real
 command in a session of its own, holds it at a named moment (megamft.platform.kill_points: the
-stall touches a marker file, then waits), sends SIGINT to its group as the terminal does, and checks:
+stall touches a marker file, then waits; or, for HumanEval, while its sandboxed programs sleep),
+sends SIGINT to its group as the terminal does, and checks:
 exit 130 within seconds with `PROG: interrupted` as the last line and no traceback; no process of
 the command left (each carries the test's MEGAMFT_TEST_RUN marker); no lock file, no `.partial`
 file or folder; and the earlier output intact (compared with a fingerprint taken before, or read
