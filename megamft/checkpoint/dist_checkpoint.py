@@ -6,7 +6,8 @@ Layout of a save folder:
     best                   text file naming the best one by checkpoint.best_metric (checkpoint.keep_best)
 A checkpoint is written to ``iter_XXXXXXX.partial`` and renamed when every rank
 has finished, then ``latest`` is replaced atomically. A run killed mid-write
-leaves only a ``.partial`` folder, which loading ignores.
+leaves only a ``.partial`` folder, which loading ignores; a save that fails or is
+interrupted (Ctrl-C) removes its own (save_failures), and a full disk is one error.
 """
 
 from __future__ import annotations
