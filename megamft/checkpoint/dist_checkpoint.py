@@ -6,7 +6,8 @@ Layout of a save folder:
     best                   text file naming the best one by checkpoint.best_metric (checkpoint.keep_best)
 A checkpoint is written to ``iter_XXXXXXX.partial`` and renamed when every rank
 has finished, then ``latest`` is replaced atomically. A run killed mid-write
-leaves only a ``.partial`` folder, which loading ignores.
+leaves only a ``.partial`` folder, which loading ignores; a save that fails or is
+interrupted (Ctrl-C) removes its own (save_failures), and a full disk is one error.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megamft.checkpoint import global_view, sharding
+from megamft.checkpoint.async_saves import AsyncSaves, write_in_background
 from megamft.checkpoint.layout import (BEST, CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, CheckpointError,
                                        complete_dir, complete_iterations, iteration_dir, latest_iteration, write_atomically)
 from megamft.checkpoint.global_view import tensor_index
+from megamft.checkpoint.save_failures import unfinished_removed
 from megamft.config import MegamftConfig, to_dict
 from megamft.model.lora import ADAPTERS_ONLY
 from megamft.model.moe import ROUTER_LOSS_FIELDS
@@ -247,34 +250,6 @@ def _same_checkpoint(base: dict, folder: str | Path, iteration: int) -> bool:
     return Path(base["dir"]).resolve() == Path(folder).resolve() and base["iteration"] == iteration
 
 
-def _write_in_background(iteration: int, write, *args, **kwargs):
-    kill_point("save.writing", iteration)  # runs in the background writer process
-    return write(*args, **kwargs)
-
-
-class AsyncSaves:
-    """Checkpoints written by background processes (megatron's async save), published when all finished.
-
-    `poll` after every step publishes the saves that every rank has completed;
-    `wait` blocks until all are published. A save still in flight when the run
-    dies stays a `.partial` folder, which loading ignores.
-    """
-
-    def __init__(self):
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-        self._queue = AsyncCallsQueue()
-
-    def schedule(self, request) -> None:
-        self._queue.schedule_async_request(request)
-
-    def poll(self) -> None:
-        self._queue.maybe_finalize_async_calls(blocking=False)
-
-    def wait(self) -> None:
-        self._queue.maybe_finalize_async_calls(blocking=True)
-
-
 # Helper processes this starts (writers, megatron's result-queue manager, async workers) inherit the
 # block: a launcher that signals whole process groups cannot kill them mid-save.
 @preemption_signals_deferred()
@@ -300,51 +275,52 @@ def save(
     final = iteration_dir(save_dir, iteration)
     partial = final.with_name(final.name + ".partial")
     rank = torch.distributed.get_rank()
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    torch.distributed.barrier()
-    kill_point("save.started", iteration)
-    if lora_base is not None:
-        if _same_checkpoint(lora_base, save_dir, iteration):
-            raise CheckpointError(f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
-                             "base checkpoint; use another checkpoint.save_dir")
-        extra = {**(extra or {}), LORA_BASE: lora_base}
-    gather_parameters(state.chunks)
-    metadata = sharding.content_metadata(cfg) if with_optimizer else None
-    sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, metadata, extra,
-                             with_rng=with_optimizer, adapters_only=lora_base is not None)
-
-    def finish() -> None:
+    with unfinished_removed([partial], iteration, save_dir):
         if rank == 0:
-            (partial / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
-            if data_identity is not None:
-                (partial / DATA_IDENTITY_FILE).write_text(json.dumps(data_identity, indent=2))
-            kill_point("save.written", iteration)
-            publish(partial, final)
-            kill_point("save.published", iteration)
-            write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
-            kill_point("save.pointed", iteration)
-            if best is not None and complete_dir(save_dir, best).is_dir():
-                write_atomically(Path(save_dir) / BEST, f"{best}\n")
-            if cfg.checkpoint.keep_last:
-                base_here = lora_base and _same_checkpoint(lora_base, save_dir, lora_base["iteration"])
-                spared = ({lora_base["iteration"]} if base_here else set()) | set(keep)
-                prune(save_dir, cfg.checkpoint.keep_last, spared)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        torch.distributed.barrier()
+        kill_point("save.started", iteration)
+        if lora_base is not None:
+            if _same_checkpoint(lora_base, save_dir, iteration):
+                raise CheckpointError(f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
+                                 "base checkpoint; use another checkpoint.save_dir")
+            extra = {**(extra or {}), LORA_BASE: lora_base}
+        gather_parameters(state.chunks)
+        metadata = sharding.content_metadata(cfg) if with_optimizer else None
+        sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, metadata, extra,
+                                 with_rng=with_optimizer, adapters_only=lora_base is not None)
 
-    if async_saves is not None:
-        request = dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), async_sharded_save=True,
-                                          content_metadata=metadata)
-        if request.async_fn is not None:
-            request = request._replace(async_fn=functools.partial(_write_in_background, iteration, request.async_fn))
-        request.add_finalize_fn(finish)
-        async_saves.schedule(request)
+        def finish() -> None:
+            if rank == 0:
+                (partial / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+                if data_identity is not None:
+                    (partial / DATA_IDENTITY_FILE).write_text(json.dumps(data_identity, indent=2))
+                kill_point("save.written", iteration)
+                publish(partial, final)
+                kill_point("save.published", iteration)
+                write_atomically(Path(save_dir) / LATEST, f"{iteration}\n")
+                kill_point("save.pointed", iteration)
+                if best is not None and complete_dir(save_dir, best).is_dir():
+                    write_atomically(Path(save_dir) / BEST, f"{best}\n")
+                if cfg.checkpoint.keep_last:
+                    base_here = lora_base and _same_checkpoint(lora_base, save_dir, lora_base["iteration"])
+                    spared = ({lora_base["iteration"]} if base_here else set()) | set(keep)
+                    prune(save_dir, cfg.checkpoint.keep_last, spared)
+
+        if async_saves is not None:
+            request = dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), async_sharded_save=True,
+                                              content_metadata=metadata)
+            if request.async_fn is not None:
+                request = request._replace(async_fn=functools.partial(write_in_background, iteration, request.async_fn))
+            request.add_finalize_fn(finish)
+            async_saves.schedule(request, partial, iteration, save_dir)
+            return final
+        dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), content_metadata=metadata)
+        torch.distributed.barrier()
+        finish()
+        torch.distributed.barrier()
         return final
-    dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), content_metadata=metadata)
-    torch.distributed.barrier()
-    finish()
-    torch.distributed.barrier()
-    return final
 
 
 def load(

@@ -37,7 +37,8 @@ from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.errors import UserError
 from megamft.model.architecture import is_gated
 from megamft.model.families import FAMILIES, Family, hf_config_from_model, model_config_from_hf
-from megamft.platform.output_folder import check_destination, mark_output, publish, temporary_sibling
+from megamft.platform.kill_points import kill_point
+from megamft.platform.output_folder import check_destination, mark_output, written_beside
 
 CONVERTED_OUTPUT = "hf-to-megatron"   # kinds of output folder (see output_folder)
 HF_EXPORT_OUTPUT = "megatron-to-hf"
@@ -303,18 +304,17 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
     model, _, chunks, source = plan_hf_to_megatron(hf_dir, dtype, tp, pp)
     cfg = MegamftConfig(model=model)
     common = {"progress": {"iteration": 0, "consumed_samples": 0}, "config": json.dumps(to_dict(cfg))}
-    partial = temporary_sibling(out_dir)
-    copy_tokenizer(hf_dir, partial / "hf")
-    shutil.copy2(hf_dir / "config.json", partial / "hf" / "config.json")
-    path = global_view.write_checkpoint(partial, 0, chunks, common, on_written=progress)
-    assert not source.unconsumed(), source.unconsumed()  # planned above: every source tensor is written
-    (path / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    (partial / "megamft_model.yaml").write_text(
-        "# model section of the converted checkpoint; pass it to `megamft train --config`\n"
-        + yaml.safe_dump({"model": asdict(model)}, sort_keys=False)
-    )
-    mark_output(partial, CONVERTED_OUTPUT, source=str(hf_dir.resolve()))
-    publish(partial, out_dir)
+    with written_beside(out_dir) as partial:
+        copy_tokenizer(hf_dir, partial / "hf")
+        shutil.copy2(hf_dir / "config.json", partial / "hf" / "config.json")
+        path = global_view.write_checkpoint(partial, 0, chunks, common, on_written=progress)
+        assert not source.unconsumed(), source.unconsumed()  # planned above: every source tensor is written
+        (path / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        (partial / "megamft_model.yaml").write_text(
+            "# model section of the converted checkpoint; pass it to `megamft train --config`\n"
+            + yaml.safe_dump({"model": asdict(model)}, sort_keys=False)
+        )
+        mark_output(partial, CONVERTED_OUTPUT, source=str(hf_dir.resolve()))
     return out_dir / path.name
 
 
@@ -380,39 +380,39 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
                        chat_template, ckpt)
     d = Dims.of(model)
     out_dir = Path(out_dir)
-    partial = temporary_sibling(out_dir)
-    writer = _ShardWriter(partial, max_shard_bytes)
-    stored_dtype = None
-    mappings = needed_mappings(model, family)
-    weights = _base_weights(ckpt)
-    for layer in [None, *range(model.num_layers)]:
-        group = [m for m in mappings if m.per_layer == (layer is not None)]
-        regions = [_region(m, layer, d) for m in group]
-        tensors = global_view.read_regions(weights, regions)
-        if layer is not None:
-            tensors = lora_export.merged_layer(ckpt, index, cfg, regions, tensors, from_base=weights != ckpt)
-        for mapping, tensor in zip(group, tensors):
-            tensor = tensor[0] if layer is not None else tensor
-            stored_dtype = stored_dtype or tensor.dtype
-            for name, value in zip(hf_names(mapping, layer), to_hf(mapping, tensor, d)):
-                writer.add(name, value.to(dtype or value.dtype).contiguous())
-        if layer is not None:
-            progress(layer)
-    writer.finish()
-    dtype_name = str(dtype or stored_dtype).removeprefix("torch.")
-    config = hf_config_from_model(model, family, dtype_name)
-    if template and (template / "config.json").is_file():
-        config = {**json.loads((template / "config.json").read_text()), **config}
-    (partial / "config.json").write_text(json.dumps(config, indent=2))
-    if template:
-        copy_tokenizer(template, partial)
-    if chat_template is not None:  # prompts formatted as in training, not as the base model's template says
-        write_chat_template(partial, chat_template)
-    progress_state = common.get("progress", {})
-    (partial / SOURCE_FILE).write_text(json.dumps(
-        source_identity(ckpt, progress_state.get("iteration"), base, template), indent=2))
-    mark_output(partial, HF_EXPORT_OUTPUT, checkpoint=str(ckpt.resolve()))
-    publish(partial, out_dir)
+    with written_beside(out_dir) as partial:
+        writer = _ShardWriter(partial, max_shard_bytes)
+        stored_dtype = None
+        mappings = needed_mappings(model, family)
+        weights = _base_weights(ckpt)
+        for layer in [None, *range(model.num_layers)]:
+            group = [m for m in mappings if m.per_layer == (layer is not None)]
+            regions = [_region(m, layer, d) for m in group]
+            tensors = global_view.read_regions(weights, regions)
+            if layer is not None:
+                tensors = lora_export.merged_layer(ckpt, index, cfg, regions, tensors, from_base=weights != ckpt)
+            for mapping, tensor in zip(group, tensors):
+                tensor = tensor[0] if layer is not None else tensor
+                stored_dtype = stored_dtype or tensor.dtype
+                for name, value in zip(hf_names(mapping, layer), to_hf(mapping, tensor, d)):
+                    writer.add(name, value.to(dtype or value.dtype).contiguous())
+            if layer is not None:
+                progress(layer)
+                kill_point("export.layer", layer)
+        writer.finish()
+        dtype_name = str(dtype or stored_dtype).removeprefix("torch.")
+        config = hf_config_from_model(model, family, dtype_name)
+        if template and (template / "config.json").is_file():
+            config = {**json.loads((template / "config.json").read_text()), **config}
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        if template:
+            copy_tokenizer(template, partial)
+        if chat_template is not None:  # prompts formatted as in training, not as the base model's template says
+            write_chat_template(partial, chat_template)
+        progress_state = common.get("progress", {})
+        (partial / SOURCE_FILE).write_text(json.dumps(
+            source_identity(ckpt, progress_state.get("iteration"), base, template), indent=2))
+        mark_output(partial, HF_EXPORT_OUTPUT, checkpoint=str(ckpt.resolve()))
     return out_dir
 
 
@@ -428,11 +428,10 @@ def megatron_to_peft(checkpoint: str | Path, out_dir: str | Path, hf_template: s
     check_destination(out_dir, lora_export.PEFT_ADAPTER_OUTPUT, inputs=[checkpoint, ckpt, base and base["dir"]],
                       overwrite=overwrite)
     cfg = _config_of_checkpoint(ckpt)
-    partial = temporary_sibling(Path(out_dir))
-    lora_export.write_peft_adapter(partial, ckpt, cfg, _family_for_export(cfg.model),
-                                   str(template.resolve()) if template else None, dtype)
-    mark_output(partial, lora_export.PEFT_ADAPTER_OUTPUT, checkpoint=str(ckpt.resolve()))
-    publish(partial, Path(out_dir))
+    with written_beside(Path(out_dir)) as partial:
+        lora_export.write_peft_adapter(partial, ckpt, cfg, _family_for_export(cfg.model),
+                                       str(template.resolve()) if template else None, dtype)
+        mark_output(partial, lora_export.PEFT_ADAPTER_OUTPUT, checkpoint=str(ckpt.resolve()))
     return Path(out_dir)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import multiprocessing
 import os
 import sys
 import time
@@ -38,7 +37,8 @@ from megamft.data.preprocess_inputs import PreprocessError, check_task_names, in
 from megamft.data.preprocess_output import OutputFolder, report_stale_lock
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import file_sha256, load_tokenizer
-from megamft.platform.signals import become_helper_process
+from megamft.platform.kill_points import kill_point
+from megamft.platform.signals import become_helper_process, helper_spawn_context
 
 MAX_SKIPPED_LISTED = 1000  # entries of a task's folders not read, listed in the manifest (all are counted)
 
@@ -315,8 +315,7 @@ def _manifest(options: PreprocessOptions, tokenizer, template_identity: dict, dt
 def _process_tasks(options: PreprocessOptions, files: dict, folder: OutputFolder, dtype) -> list[TaskReport]:
     pool = None
     if options.workers > 1:  # a dead worker raises BrokenProcessPool here rather than hanging
-        pool = ProcessPoolExecutor(options.workers, multiprocessing.get_context("spawn"), _init_pool_worker,
-                                  (options,))
+        pool = ProcessPoolExecutor(options.workers, helper_spawn_context(), _init_pool_worker, (options,))
     else:
         _init_worker(options)
     bar = _Progress(options.progress)
@@ -338,7 +337,9 @@ def _process_task(task_id: int, name: str, files: list[Path], options: Preproces
     seen: set[bytes] = set()
     dropped: Counter = Counter()
     bar.set_description(name)
-    for result in _ordered_results(options, read_chunks(files, options.chunk_lines), pool):
+    results = _ordered_results(options, read_chunks(files, options.chunk_lines), pool)
+    for chunk, result in enumerate(results, start=1):
+        kill_point("preprocess.chunk", chunk)
         _count_bad_lines(result, options, dropped, report)
         dropped.update(result.dropped)
         keep = _unseen(result.digests, seen) if options.dedup else list(range(len(result.digests)))

@@ -24,6 +24,7 @@ from megamft.eval.passk import mean_pass_at_k
 from megamft.eval.problems import Problem
 from megamft.eval.prompts import PromptBuilder
 from megamft.eval.sandbox import Limits, Sandbox
+from megamft.platform.kill_points import kill_point
 
 RESULTS, SUMMARY, SETTINGS = "results.jsonl", "summary.json", "settings.json"
 log = logging.getLogger("megamft")
@@ -71,14 +72,27 @@ def completion_text(settings: EvalSettings, problem: Problem, generated: str) ->
 
 
 def run_completions(sandbox: Sandbox, problem: Problem, completions: list[str], workers: int) -> list:
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda c: sandbox.run(problem.program(c), problem.language), completions))
+    return _run_programs(sandbox, [(problem.program(c), problem.language) for c in completions], workers)
 
 
 def check_problems(sandbox: Sandbox, pairs: list[tuple[Problem, str]], workers: int) -> list:
     """Outcomes of (problem, completion) pairs, run `workers` at a time."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda pair: sandbox.run(pair[0].program(pair[1]), pair[0].language), pairs))
+    return _run_programs(sandbox, [(problem.program(c), problem.language) for problem, c in pairs], workers)
+
+
+def _run_programs(sandbox: Sandbox, jobs: list[tuple[str, str]], workers: int) -> list:
+    """Outcomes of (program, language) jobs, `workers` at a time. Interrupted (Ctrl-C) or failed, it ends the
+    programs running and drops those queued before it lets the error through: a pool's own exit would
+    first run every queued program to its end."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        return list(pool.map(lambda job: sandbox.run(*job), jobs))
+    except BaseException:
+        with sandbox.refusing_new():
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def read_done(path: Path) -> dict[str, dict]:
@@ -185,6 +199,7 @@ def evaluate(settings: EvalSettings, problems: list[Problem], tokenizer, generat
             continue
         done[problem.task_id] = _solve(settings, problem, index, builder, tokenizer, generator, sandbox, workers)
         _append(results, done[problem.task_id])
+        kill_point("eval.problem", index)
         if bar is not None:
             bar.update()
     if bar is not None:

@@ -15,6 +15,7 @@ working directory. `Sandbox.isolation` lists what was applied.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -98,6 +100,9 @@ class Sandbox:
         elif self.drop_user:
             measures += [f"user nobody ({NOBODY})"]
         self._tools: dict[str, dict[str, str]] = {"python": {}}
+        self._running: set[int] = set()  # process groups of the programs running now
+        self._refusing = False
+        self._guard = threading.Lock()
         self.python, version = self._usable_python([python] if python else [sys.executable, "/usr/bin/python3"])
         self.isolation = measures + [f"interpreter {self.python} (Python {version})"]
 
@@ -175,15 +180,34 @@ class Sandbox:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def refusing_new(self):
+        """Kill every program running now and start none until the block ends (an evaluation interrupted
+        by Ctrl-C: the programs run in sessions of their own, which the terminal's signal does not reach)."""
+        with self._guard:
+            self._refusing = True
+            running = list(self._running)
+        for group in running:
+            _kill_group(group)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._refusing = False
+
     def _wait(self, workdir: str, lang: Language, program: str, stderr) -> Outcome:
         start = time.monotonic()
-        try:
-            process = subprocess.Popen(self._command(workdir, lang, program), cwd=workdir,
-                                       env=self._environment(workdir, lang), stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-                                       preexec_fn=lambda: self._limit(lang))
-        except OSError as err:  # e.g. the sandbox user may not run this interpreter
-            return Outcome("failed", None, time.monotonic() - start, f"could not start: {err}")
+        with self._guard:
+            if self._refusing:
+                return Outcome("failed", None, 0.0, "not run: the evaluation was interrupted")
+            try:
+                process = subprocess.Popen(self._command(workdir, lang, program), cwd=workdir,
+                                           env=self._environment(workdir, lang), stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                           preexec_fn=lambda: self._limit(lang))
+            except OSError as err:  # e.g. the sandbox user may not run this interpreter
+                return Outcome("failed", None, time.monotonic() - start, f"could not start: {err}")
+            self._running.add(process.pid)
         try:
             returncode = process.wait(timeout=self.limits.timeout_s)
             status = "passed" if returncode == 0 else "failed"
@@ -192,6 +216,8 @@ class Sandbox:
         finally:
             _kill_group(process.pid)  # whatever it started in its group goes too
             process.wait()
+            with self._guard:
+                self._running.discard(process.pid)
         seconds = time.monotonic() - start
         stderr.seek(0)
         tail = stderr.read()[-2000:].decode("utf-8", "replace").replace(workdir + "/", "")  # same text every run

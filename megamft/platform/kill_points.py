@@ -32,6 +32,12 @@ MOMENTS = (
 ASYNC_MOMENTS = (
     "save.writing",     # an asynchronous save's background writer is about to write (async saves only)
 )
+# Other commands' moments, numbered by their own progress.
+COMMAND_MOMENTS = (
+    "preprocess.chunk",  # megamft-preprocess received chunk N (from 1) of a task, not yet written
+    "export.layer",      # megatron-to-hf has converted layer N (from 0) into its temporary folder
+    "eval.problem",      # megamft eval has recorded problem N (from 0) in its results
+)
 
 
 def kill_point(name: str, iteration: int) -> None:

@@ -10,17 +10,21 @@ preprocessing) goes through here, so the same rules protect the user's work:
   tells a live owner from a stale lock left by a killed run, on any host;
 - ``publish`` moves a finished temporary sibling into place; the previous
   folder is kept aside until the new one is there, so a kill at any moment
-  leaves one complete folder.
+  leaves one complete folder;
+- ``written_beside`` writes a folder into its temporary sibling and publishes
+  it, or removes it when the writing fails or is interrupted (Ctrl-C).
 
 An output is recognised by ``OUTPUT_MARKER``, a small JSON file naming its kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from megamft.errors import UserError
 
@@ -88,9 +92,14 @@ def publish(partial: Path, final: Path) -> None:
     """Move a finished temporary folder into place, keeping any older copy aside until then."""
     aside = final.with_name(final.name + ".old")
     shutil.rmtree(aside, ignore_errors=True)
-    if final.exists():
-        os.replace(final, aside)
-    os.replace(partial, final)
+    try:
+        if final.exists():
+            os.replace(final, aside)
+        os.replace(partial, final)
+    except BaseException:  # (Ctrl-C between the two renames) the previous folder goes back
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
+        raise
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -100,3 +109,16 @@ def temporary_sibling(final: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     return partial
+
+
+@contextlib.contextmanager
+def written_beside(final: Path) -> Iterator[Path]:
+    """`with written_beside(final) as partial:` write into `partial`; published as `final` when the block
+    ends well, removed when it raises or is interrupted: a complete folder at `final`, or the previous one."""
+    partial = temporary_sibling(final)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    publish(partial, final)

@@ -14,8 +14,11 @@ for, so helpers are made deaf to these signals:
   another of its threads takes it: the handler only sets a flag) and stops at
   the next step boundary.
 - ``become_helper_process`` is for helpers megamft starts itself (preprocessing
-  workers): they ignore the signals for good, and the kernel kills them when their
-  parent dies, so the parent alone decides what a signal does.
+  workers): they ignore the signals for good, Ctrl-C's SIGINT too (a terminal sends
+  it to the whole foreground process group), and the kernel kills them when their
+  parent dies, so the parent alone decides what a signal does and cleans up.
+  ``helper_spawn_context`` starts them with these signals blocked, so that one sent
+  while a helper is still starting up waits, and is dropped once the helper ignores it.
 
 A trainer killed outright (SIGKILL: the OOM killer, kill -9) runs no clean-up, and
 its helpers block or ignore SIGTERM, so they would live on, orphaned, holding memory.
@@ -32,7 +35,7 @@ import ctypes
 import os
 import signal
 import threading
-from multiprocessing import resource_tracker
+from multiprocessing import context, resource_tracker
 from typing import Iterator
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -55,12 +58,37 @@ def preemption_signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+HELPER_IGNORES = (*PREEMPTION_SIGNALS, signal.SIGINT)
+"""What a helper process ignores: the preemption signals and Ctrl-C; its parent handles them."""
+
+
 def become_helper_process() -> None:
-    """Ignore the preemption signals and die with the parent (Linux); for helper processes only."""
-    for sig in PREEMPTION_SIGNALS:
+    """Ignore the preemption signals and Ctrl-C, and die with the parent (Linux); for helper processes only."""
+    for sig in HELPER_IGNORES:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # ignored now: blocking adds nothing
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELPER_IGNORES)  # ignored now: a pending one is dropped
     die_with_parent()
+
+
+class _HelperProcess(context.SpawnProcess):
+    """A spawned process that starts with HELPER_IGNORES blocked (the mask survives fork and exec)."""
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELPER_IGNORES)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one that came meanwhile is delivered now
+
+
+class _HelperSpawnContext(context.SpawnContext):
+    Process = _HelperProcess
+
+
+def helper_spawn_context() -> context.SpawnContext:
+    """A multiprocessing context for helpers that call become_helper_process first (pass it to a pool):
+    a signal sent before they do reaches them blocked, not as a KeyboardInterrupt while they import."""
+    return _HelperSpawnContext()
 
 
 def die_with_parent() -> None:

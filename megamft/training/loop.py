@@ -95,6 +95,11 @@ class Run:
         if self.async_saves is not None:
             self.async_saves.wait()
 
+    def abandon_saves(self) -> None:
+        """A run that failed or was interrupted: no save still in flight is published or left behind."""
+        if self.async_saves is not None:
+            self.async_saves.abandon()
+
 
 def _dp() -> tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -554,7 +559,7 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
     `watch` records preemption signals from start-up on (one is made here if not given);
     training stops at the first step boundary after one arrived.
     """
-    lock = None
+    lock, current = None, None
     watch = watch or PreemptionWatch(cfg.checkpoint.save_on_signal)
     try:
         distributed.initialize(cfg)
@@ -587,6 +592,8 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
             raise
         raise quiet from err
     finally:
+        if current is not None:
+            current.abandon_saves()  # after finish_saves: nothing left (a failure or Ctrl-C: what was in flight)
         watch.close()
         if lock is not None:
             lock.release()
