@@ -48,7 +48,9 @@ class Language:
         if self.name == "js":
             return f"'{tools['node']}' {file}"
         if self.name == "go":  # a module of its own, offline: only the standard library
-            return (f"export GOCACHE=\"$PWD/.gocache\" GOPATH=\"$PWD/.gopath\" GOPROXY=off GOFLAGS=-mod=mod; "
+            # TMPDIR one level down: go ignores a go.mod in its temporary root (the sandbox's TMPDIR is $PWD)
+            return (f"mkdir -p .tmp; export TMPDIR=\"$PWD/.tmp\" GOCACHE=\"$PWD/.gocache\" GOPATH=\"$PWD/.gopath\" "
+                    f"GOPROXY=off GOFLAGS=-mod=mod; "
                     f"'{tools['go']}' mod init megamft.eval/problem >/dev/null 2>&1 && '{tools['go']}' test ./...")
         raise ValueError(f"no build commands for {self.name}")
 
