@@ -79,14 +79,15 @@ def _read_json(path: Path) -> dict:
 
 
 def config_problems(template: Path, exported: dict) -> list[str]:
-    """Keys of the template's config.json that describe another model than the exported config."""
+    """Keys of the template's config.json that describe another model than the exported config. A null in the
+    template (Mixtral's head_dim) leaves the value to transformers' own derivation: not a difference."""
     path = template / "config.json"
     if not path.is_file():
         return []
     theirs = _read_json(path)
     problems = []
     for key in _STRUCTURE:
-        if key in theirs and key in exported:
+        if theirs.get(key) is not None and key in exported:
             a, b = theirs[key], exported[key]
             if key == "architectures":
                 a, b = (a or [None])[0], (b or [None])[0]
