@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from megamft.config import load_config
 from megamft.data.dataset import load_data
 from megamft.data.manifest import CHECKSUMS, task_files
 from megamft.platform.checksums import BlockDigest, file_record
+from megamft.testing.forked_command import run_module
 
 from data_fixtures import run_preprocess
 
@@ -207,9 +207,8 @@ RUN = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
 def _train(data: Path, save_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
-    return subprocess.run([sys.executable, "-m", "megamft", "train", *RUN, f"data.path={data}",
-                           f"checkpoint.save_dir={save_dir}", *overrides], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
+    return run_module("megamft", ["train", *RUN, f"data.path={data}", f"checkpoint.save_dir={save_dir}", *overrides],
+                      env, ROOT, timeout=300)
 
 
 @pytest.mark.slow

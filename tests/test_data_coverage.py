@@ -8,6 +8,7 @@ import pytest
 from data_fixtures import as_line, run_preprocess
 from megamft.config import ConfigError, load_config, validate
 from megamft.data.dataset import load_data
+from megamft.testing.forked_command import run_module
 
 SEQ = 48
 MODES = ("pad", "dynamic", "pack", "concat")
@@ -169,8 +170,6 @@ def test_a_training_run_says_what_is_cut_and_records_it(tmp_path):
     and the run's manifest, counted against megatron-core's own reader of the data."""
     import json
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -186,8 +185,7 @@ def test_a_training_run_says_what_is_cut_and_records_it(tmp_path):
                 "train.lr_warmup_steps=0", "train.global_batch_size=2", "train.micro_batch_size=2",
                 f"checkpoint.save_dir={tmp_path / 'run'}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    done = subprocess.run([sys.executable, "-m", "megamft", "train", *settings], capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).resolve().parents[1], env=env)
+    done = run_module("megamft", ["train", *settings], env, Path(__file__).resolve().parents[1], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     said = f"{len(over)} of {len(lengths)} training samples ({len(over) / len(lengths):.1%}; "
     assert sum(said in line for line in done.stderr.splitlines()) == 1, done.stderr[-3000:]

@@ -9,12 +9,12 @@ Without the hook, fp16 gradients were divided by a scale that was never applied
 The reference is an fp32 run from the same weights on the same batches.
 """
 
-import subprocess
-import sys
+import os
 
 import pytest
 
 from megamft.testing.distributed import launch
+from megamft.testing.forked_command import run_module
 
 import jobs
 import precision_jobs
@@ -58,9 +58,9 @@ def test_fp16_learns_as_fp32_does(initial_weights):
 
 
 def _cli(tmp_path, *overrides):
-    cmd = [sys.executable, "-m", "megamft", "train", *jobs.TINY_MODEL, "train.train_steps=6",
-           "data.valid_samples_per_task=2", "train.precision=fp16", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = ["train", *jobs.TINY_MODEL, "train.train_steps=6", "data.valid_samples_per_task=2", "train.precision=fp16",
+            *overrides]
+    return run_module("megamft", args, dict(os.environ), ROOT, timeout=300)
 
 
 @pytest.mark.slow

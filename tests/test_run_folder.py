@@ -15,6 +15,7 @@ import pytest
 from megamft.checkpoint.convert_cli import main as convert_main
 from megamft.checkpoint.layout import latest_iteration
 from megamft.platform.folder_lock import LOCK_NAME
+from megamft.testing.forked_command import run_module
 
 import jobs
 
@@ -26,8 +27,7 @@ RUN = [*jobs.TINY_MODEL, "model.num_layers=2", "data.max_samples_per_task=24", "
 def _train(save_dir: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """`megamft train` as a user types it, one process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "megamft", "train", *RUN, f"checkpoint.save_dir={save_dir}",
-                           *overrides], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return run_module("megamft", ["train", *RUN, f"checkpoint.save_dir={save_dir}", *overrides], env, ROOT, timeout)
 
 
 def _snapshot(folder: Path) -> dict:
