@@ -39,6 +39,10 @@ TRAIN = ["megamft", "train", *[f"{k}={v}" for k, v in SETTINGS.items()
                                if k != "parallel.tensor_model_parallel_size"]]
 
 
+
+def _sigint_at_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 class Held:
     """A command started in a session of its own (its own process group), held at a kill point."""
 
@@ -52,8 +56,10 @@ class Held:
                    **(extra or {}))
         self.stderr_path = tmp / f"stderr-{self.marker[:6]}.txt"
         with open(self.stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=env,
-                                         stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+            # As a terminal's shell starts a foreground job: Ctrl-C's signal at its default. (A test runner's
+            # worker may ignore SIGINT, and an ignored signal stays ignored across exec.)
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                         start_new_session=True, preexec_fn=_sigint_at_default)
 
     def wait_until_held(self, timeout: float = 240) -> None:
         try:
