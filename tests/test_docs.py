@@ -84,7 +84,7 @@ def test_docs_pages_are_in_the_site_navigation():
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    command = 'pip install -c constraints/cpu.txt ".[test]" && python -m pytest tests'
+    command = 'pip install -c constraints/cpu.txt ".[test]" && python -m pytest tests -n 2 --dist loadfile'
     assert command in readme
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
     assert "pip install -c constraints/cpu.txt . && bash examples/run_cpu_quickstart.sh" in readme
