@@ -82,6 +82,17 @@ def sharded_tensors(folder: Path) -> dict:
     return tensors
 
 
+def assert_exports_bit_identical(resaved: Path, out_dir: Path, hf_dir: Path, name: str) -> None:
+    """A megamft checkpoint converted from `hf_dir` (and resaved at some layout) exports, with `hf_dir` as
+    its template, to exactly the tensors `hf_dir` holds: the same names, bit-identical values."""
+    exported = hf_convert.megatron_to_hf(resaved, out_dir, hf_template=hf_dir)
+    original = load_file(hf_dir / "model.safetensors")
+    back = sharded_tensors(exported)
+    assert set(back) == set(original), name
+    for key, tensor in original.items():
+        assert torch.equal(back[key], tensor), (name, key)
+
+
 def parameter_counts(hf_dir: Path) -> tuple[int, int]:
     """(megamft's memory estimator's parameter count of the converted model, the transformers model's)."""
     from megamft.config import MegamftConfig

@@ -27,25 +27,21 @@ def _normed(norm, output, bias):
     return norm(output), None
 
 
-class PostNormSelfAttention(SelfAttention):
+class _OutputNormed:
+    """Put before a megatron sublayer class: its output (and bias) goes through a norm of its own."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.post_layernorm = _post_norm(config)
+
+    def forward(self, *args, **kwargs):
+        output, bias = super().forward(*args, **kwargs)
+        return _normed(self.post_layernorm, output, bias)
+
+
+class PostNormSelfAttention(_OutputNormed, SelfAttention):
     """megatron's SelfAttention whose output is normalized (Gemma 2's post_attention_layernorm)."""
 
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        self.post_layernorm = _post_norm(config)
 
-    def forward(self, *args, **kwargs):
-        output, bias = super().forward(*args, **kwargs)
-        return _normed(self.post_layernorm, output, bias)
-
-
-class PostNormMLP(MLP):
+class PostNormMLP(_OutputNormed, MLP):
     """megatron's MLP whose output is normalized (Gemma 2's post_feedforward_layernorm)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        self.post_layernorm = _post_norm(config)
-
-    def forward(self, *args, **kwargs):
-        output, bias = super().forward(*args, **kwargs)
-        return _normed(self.post_layernorm, output, bias)
