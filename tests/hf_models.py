@@ -93,6 +93,16 @@ def assert_exports_bit_identical(resaved: Path, out_dir: Path, hf_dir: Path, nam
         assert torch.equal(back[key], tensor), (name, key)
 
 
+def assert_export_loads_in_transformers(hf_dir: Path, megatron_dir: Path, out_dir: Path, tokens: torch.Tensor) -> None:
+    """Exported without a template (megamft's own config.json), the checkpoint loads in transformers as
+    `hf_dir`'s architecture with no missing or unexpected key, and computes `hf_dir`'s logits exactly."""
+    exported = hf_convert.megatron_to_hf(megatron_dir, out_dir)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(model).__name__ == json.loads((hf_dir / "config.json").read_text())["architectures"][0]
+    torch.testing.assert_close(hf_logits(exported, tokens), hf_logits(hf_dir, tokens), rtol=0, atol=0)
+
+
 def parameter_counts(hf_dir: Path) -> tuple[int, int]:
     """(megamft's memory estimator's parameter count of the converted model, the transformers model's)."""
     from megamft.config import MegamftConfig

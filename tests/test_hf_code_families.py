@@ -7,7 +7,6 @@ megamft-convert and run by megamft at TP=1, TP=2 and PP=2; the logits must
 equal transformers'. All cases share one launch per layout.
 """
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from megamft.testing.distributed import launch  # noqa: E402
 
 import family_jobs  # noqa: E402
 import jobs  # noqa: E402
-from hf_models import (assert_exports_bit_identical, convert_each, hf_logits, parameter_counts, random_tokens, tiny_model)
+from hf_models import (assert_export_loads_in_transformers, assert_exports_bit_identical,  # noqa: E402
+                       convert_each, hf_logits, parameter_counts, random_tokens, tiny_model)
 
 VOCAB, SEQ, WINDOW = 320, 24, 8  # windows shorter than the sequence, so they must be honoured
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -126,12 +126,7 @@ def test_round_trip_through_tp2_pp2_is_bit_identical(converted, tmp_path):
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_loads_in_transformers_without_key_warnings(converted, name, tmp_path):
     hf_dir, megatron_dir = converted[name]
-    exported = hf_convert.megatron_to_hf(megatron_dir, tmp_path / "export")  # no template: our config.json only
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
-    assert not any(info.values()), info
-    assert type(model).__name__ == json.loads((hf_dir / "config.json").read_text())["architectures"][0]
-    tokens = random_tokens(VOCAB, SEQ)
-    torch.testing.assert_close(hf_logits(exported, tokens), hf_logits(hf_dir, tokens), rtol=0, atol=0)
+    assert_export_loads_in_transformers(hf_dir, megatron_dir, tmp_path / "export", random_tokens(VOCAB, SEQ))
 
 
 def test_parameter_count_of_the_estimator_equals_transformers(converted):

@@ -4,19 +4,15 @@
 
 Each rank is a new process with RANK/WORLD_SIZE/MASTER_* set, the CPU
 emulation on, and OMP_NUM_THREADS=1 (so N ranks share a small machine
-fairly). Ranks are forked from a server that has imported torch, megatron-core
-and megamft once (multiprocessing's forkserver), so a rank starts in a fraction
-of a second instead of the ~8 s those imports take; nothing is initialized
-before the fork, so each rank starts as a fresh interpreter would.
-MEGAMFT_TEST_FORKSERVER=0 starts every rank as a fresh interpreter instead. The function runs with the kwargs and its return value (picklable)
-comes back per rank. If a rank raises, the others are killed and
+fairly), forked from the test fork server (megamft.testing.forkserver) as a
+fresh interpreter would start. The function runs with the kwargs and its
+return value (picklable) comes back per rank. If a rank raises, the others are killed and
 `DistributedTestError` carries that rank's traceback; if the launch exceeds
 its timeout, all ranks are killed and the error carries their output.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import inspect
 import multiprocessing
@@ -32,11 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megamft.platform.distributed import free_port  # noqa: F401 (tests and benchmarks import it from here)
-
-
-FORKSERVER_VARIABLE = "MEGAMFT_TEST_FORKSERVER"
-PRELOADED = ("torch", "megatron.core", "megamft.training.loop", "megamft.testing._worker")
-"""What the fork server imports once: everything a rank's job spends its start-up importing."""
+from megamft.testing import forkserver
 
 
 class DistributedTestError(RuntimeError):
@@ -63,43 +55,20 @@ class _ForkedRank:
 
 
 def _forked_rank_main(workdir: str, env: dict[str, str], log: str) -> None:
-    """A forked rank: its own session (so a kill reaches what it starts), its environment, output to its log,
-    then the worker, and the exit handlers a fresh interpreter would run at its end."""
-    os.setsid()
-    out = os.open(log, os.O_WRONLY | os.O_APPEND)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
-    os.environ.clear()
-    os.environ.update(env)
-    import torch
-
-    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # the server read OMP_NUM_THREADS before the fork
+    """A forked rank: started as a fresh interpreter would be, output to its log, then the worker."""
+    forkserver.become_fresh_process(env, log, log)
     from megamft.testing import _worker
 
     try:
         code = _worker.main(Path(workdir))
     finally:
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        forkserver.run_exit_handlers()
     sys.exit(code)
-
-
-def _forkserver():
-    """The multiprocessing context whose server holds the preloaded imports; None where it cannot be used."""
-    if os.environ.get(FORKSERVER_VARIABLE, "1") == "0" or "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(PRELOADED))
-    return context
 
 
 def _start_rank(workdir: Path, rank: int, world_size: int, port: int, log):
     env = _rank_env(rank, world_size, port)
-    context = _forkserver()
+    context = forkserver.context()
     if context is None:
         return subprocess.Popen([sys.executable, "-m", "megamft.testing._worker", str(workdir)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -6,15 +6,14 @@ The process starts from the server of megamft.testing.distributed, which has imp
 megatron-core and megamft once, so a command does not spend ~8 s importing them again. Before the
 module runs, the process gets a session of its own, `env` as its whole environment, `cwd`, stdin
 from /dev/null and its output in files; the module runs as ``__main__`` with `args` as its
-arguments, and the exit handlers a fresh interpreter runs at its end run too. What it cannot
-repeat: the warnings those libraries print while they import (imported already), and interpreter
-options (``-W``, ``-X``). MEGAMFT_TEST_FORKSERVER=0 runs a fresh interpreter instead.
+arguments, and the exit handlers a fresh interpreter runs at its end run too
+(megamft.testing.forkserver). What it cannot repeat: the warnings those libraries print while
+they import (imported already), and interpreter options (``-W``, ``-X``).
+MEGAMFT_TEST_FORKSERVER=0 runs a fresh interpreter instead.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import runpy
 import signal
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megamft.testing.distributed import _forkserver
+from megamft.testing import forkserver
 
 
 def run_module(module: str, args: list[str], env: dict[str, str], cwd: str | Path, timeout: float,
@@ -32,7 +31,7 @@ def run_module(module: str, args: list[str], env: dict[str, str], cwd: str | Pat
     """The finished command: its exit status (negative: killed by that signal), stdout and stderr
     (`merge_output`: both in stderr, in the order written)."""
     command = [sys.executable, "-m", module, *args]
-    context = _forkserver()
+    context = forkserver.context()
     if context is None:
         if not merge_output:
             return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
@@ -73,24 +72,7 @@ def _kill_session(pid: int) -> None:
 
 
 def _forked_main(module: str, args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
-    os.setsid()
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    for fd, path in ((1, out), (2, err)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(target, fd)
-        os.close(target)
-    sys.stdin = open(0, closefd=False)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    if "OMP_NUM_THREADS" in env:
-        import torch
-
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # the server read it before the fork
+    forkserver.become_fresh_process(env, out, err, cwd)
     sys.argv = [module, *args]
     code = 0
     try:
@@ -105,8 +87,5 @@ def _forked_main(module: str, args: list[str], env: dict[str, str], cwd: str, ou
         traceback.print_exc()
         code = 1
     finally:
-        with contextlib.suppress(Exception):
-            atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        forkserver.run_exit_handlers()
     os._exit(code)
