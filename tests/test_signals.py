@@ -61,15 +61,18 @@ def test_a_helper_started_inside_the_block_survives_the_signal(method, sig):
         signal.signal(sig, previous)
 
 
-def _helper_then_sleep() -> None:
+def _helper_then_sleep(ready) -> None:
     become_helper_process()
+    ready.set()
     time.sleep(2)
 
 
 def test_become_helper_process_ignores_the_signals():
-    helper = multiprocessing.get_context("spawn").Process(target=_helper_then_sleep)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    helper = context.Process(target=_helper_then_sleep, args=(ready,))
     helper.start()
-    time.sleep(1.0)  # past start-up, inside the sleep
+    assert ready.wait(120)  # past start-up (slow on a loaded machine), inside the sleep
     for sig in PREEMPTION_SIGNALS:
         os.kill(helper.pid, sig)
     helper.join()
