@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from megamft.platform import cpu_emulation
+from megamft.emulation import cpu_emulation
 from megamft.testing.distributed import free_port
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megamft.loss.fused_ce import fused_multitask_cross_entropy
-from megamft.platform import cpu_emulation
+from megamft.emulation import cpu_emulation
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

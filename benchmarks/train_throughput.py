@@ -85,7 +85,8 @@ def _megamft_batch(rows: list[list[list[int]]], seq: int, packed_attention: str)
     """A packed micro-batch of these rows, its boundaries as the backend reads them (PACKED_ATTENTION)."""
     import numpy as np
 
-    from megamft.data.sequences import add_document_boundaries, document_attention_mask, document_boundaries
+    from megamft.data.attention_boundaries import add_document_boundaries
+    from megamft.data.sequences import document_attention_mask, document_boundaries
 
     tokens, labels, positions, samples = [], [], [], []
     for docs in rows:
@@ -123,7 +124,7 @@ def _megamft_config(preset: dict, backend: str, precision: str, micro_batch: int
 
 def run_megamft(preset: dict, steps: list, backend: str, precision: str, warmup: int) -> tuple[list, float]:
     """(seconds of each step after warm-up, first step's loss) of megamft's training step."""
-    from megamft.data.sequences import PACKED_ATTENTION
+    from megamft.data.attention_boundaries import PACKED_ATTENTION
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
     from megamft.training.step import LossSetup, train_step
@@ -257,7 +258,7 @@ def _timed(calls: list, warmup: int) -> list[float]:
 
 def _model_flops_per_step(preset: dict, steps: list) -> float:
     """Model FLOPs of one step (mean over the steps): document-causal attention, LoRA-aware."""
-    from megamft.training.throughput import model_flops
+    from megamft.sizing.flops import model_flops
 
     cfg = _megamft_config(preset, "torch", "fp32", 1)
     per_step = []

@@ -19,7 +19,8 @@ def _packed_rows(rows: int, seq: int, vocab: int, seed: int) -> dict:
     import numpy as np
     import torch
 
-    from megamft.data.sequences import document_attention_mask, document_boundaries, row_documents
+    from megamft.data.attention_boundaries import row_documents
+    from megamft.data.sequences import document_attention_mask, document_boundaries
 
     g = torch.Generator().manual_seed(seed)
     sample_ids = torch.zeros(rows, seq, dtype=torch.long)
@@ -173,7 +174,8 @@ def packed_documents_alone(micro_batch_size: int, window: int | None = None) -> 
     import torch
 
     from jobs import max_diffs_to_documents_alone, tiny_model
-    from megamft.data.sequences import collate, row_documents
+    from megamft.data.attention_boundaries import row_documents
+    from megamft.data.sequences import collate
     from megamft.training.step import to_device
 
     windowed = (f"model.sliding_window={window}",) if window else ()
@@ -202,7 +204,7 @@ def core_attention_input_dtypes() -> list:
     import torch
 
     from jobs import first_batches, tiny_model
-    from megamft.data.sequences import row_documents
+    from megamft.data.attention_boundaries import row_documents
     from megamft.training.step import to_device
 
     with tiny_model("train.precision=bf16", "data.mode=pack", "model.attention_backend=torch") as (cfg, data, state):

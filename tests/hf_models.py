@@ -106,7 +106,7 @@ def assert_export_loads_in_transformers(hf_dir: Path, megatron_dir: Path, out_di
 def parameter_counts(hf_dir: Path) -> tuple[int, int]:
     """(megamft's memory estimator's parameter count of the converted model, the transformers model's)."""
     from megamft.config import MegamftConfig
-    from megamft.training.memory_estimate import stage_parameters
+    from megamft.sizing.memory import stage_parameters
 
     model = hf_convert.plan_hf_to_megatron(hf_dir)[0]
     ours = stage_parameters(MegamftConfig(model=model), model.vocab_size, first=True, last=True)

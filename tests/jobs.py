@@ -233,9 +233,9 @@ def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
     and the shapes the test needs to add the scores local attention computes beyond the causal ones."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megamft.model.architecture import query_width
+    from megamft.sizing.architecture import query_width
     from megamft.training.step import to_device
-    from megamft.training.throughput import model_flops
+    from megamft.sizing.flops import model_flops
 
     with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
         model = state.chunks[0].module
@@ -252,7 +252,7 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
     """Bytes this rank really holds (weights, grad buffers, Adam state) and saves for backward."""
     import torch
 
-    from megamft.training.memory_estimate import estimate
+    from megamft.sizing.memory import estimate
     from megamft.training.step import to_device, train_step
 
     with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):

@@ -80,7 +80,7 @@ def quantized_shards(checkpoint: str | None, model_yaml: str | None, overrides: 
     bytes its base takes with the parameters it stands for."""
     from megatron.core import parallel_state
 
-    from megamft.checkpoint.dist_checkpoint import bare_model
+    from megamft.model.chunks import bare_model
     from megamft.model.lora import lora_modules
     from megamft.platform import distributed
 
@@ -100,7 +100,7 @@ def save_weights(checkpoint: str, model_yaml: str | None, overrides: tuple[str, 
     """Load a checkpoint at a layout and save the weights the model computes with: a QLoRA model's base as its
     ranks dequantize it; with `merge`, the adapters merged in (per shard, as merge_lora does)."""
     from megamft.checkpoint import dist_checkpoint
-    from megamft.checkpoint.dist_checkpoint import bare_model
+    from megamft.model.chunks import bare_model
     from megamft.model.lora import merge_lora
     from megamft.platform import distributed
 

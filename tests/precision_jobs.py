@@ -59,13 +59,13 @@ def garbage_collections(overrides: tuple[str, ...]) -> dict:
     import gc
 
     from jobs import train
-    from megamft.training import loop
+    from megamft.training import steps
 
     seen = {"during_training": []}
     inside = {"on": False}
-    original = loop._steps
+    original = steps.run_steps
 
-    def steps(*args, **kwargs):  # marks the training loop's span; the loop itself runs unchanged
+    def marked(*args, **kwargs):  # marks the training loop's span; the loop itself runs unchanged
         inside["on"] = True
         try:
             return original(*args, **kwargs)
@@ -76,7 +76,7 @@ def garbage_collections(overrides: tuple[str, ...]) -> dict:
         if phase == "start" and inside["on"]:
             seen["during_training"].append(info["generation"])
 
-    loop._steps = steps
+    steps.run_steps = marked
     gc.callbacks.append(record)
     try:
         result = train(overrides)

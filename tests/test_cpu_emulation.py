@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from megamft.platform import cpu_emulation
+from megamft.emulation import cpu_emulation
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="emulation is for machines without CUDA")
 
@@ -23,7 +23,7 @@ def _run_isolated(code: str) -> str:
 def test_cuda_requests_land_on_the_cpu():
     out = _run_isolated("""
         import torch
-        from megamft.platform import cpu_emulation
+        from megamft.emulation import cpu_emulation
         assert cpu_emulation.enable_if_no_cuda()
         a = torch.zeros(3, device="cuda")
         b = torch.ones(2, device=torch.cuda.current_device())
@@ -50,7 +50,7 @@ def test_cuda_requests_land_on_the_cpu():
 def test_megatron_rng_tracker_is_backed_by_the_cpu_generator():
     out = _run_isolated("""
         import torch
-        from megamft.platform import cpu_emulation
+        from megamft.emulation import cpu_emulation
         cpu_emulation.enable()
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, initialize_rng_tracker
         initialize_rng_tracker()

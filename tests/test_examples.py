@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megamft.config import load_config, validate
-from megamft.training.memory_estimate import estimate
+from megamft.sizing.memory import estimate
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = sorted(p for p in EXAMPLES.rglob("*.yaml") if p.parent.name != "data")  # data/: preprocess configs

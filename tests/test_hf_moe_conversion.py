@@ -181,7 +181,7 @@ QWEN3_CODER_30B_A3B = {
 
 def test_qwen3_coder_config_reads_as_transformers_builds_it():
     """The published Qwen3-Coder-30B-A3B config gives the model transformers builds from it."""
-    from megamft.model.architecture import head_dim
+    from megamft.sizing.architecture import head_dim
 
     model = model_config_from_hf(QWEN3_CODER_30B_A3B)
     hf = transformers.Qwen3MoeConfig(**QWEN3_CODER_30B_A3B)

@@ -53,7 +53,7 @@ def test_torch_attention_memory_grows_linearly_and_local_quadratically():
 
 def test_estimate_knows_which_backends_keep_the_attention_scores():
     from megamft.config import load_config
-    from megamft.training.memory_estimate import estimate
+    from megamft.sizing.memory import estimate
 
     def activations(backend, seq):
         cfg = load_config([], [f"model.attention_backend={backend}", f"data.seq_length={seq}"])

@@ -75,7 +75,7 @@ QUICKSTART_MODEL = ("model.num_layers=4", "model.hidden_size=128", "model.ffn_hi
 def test_the_nf4_base_takes_about_half_a_byte_per_parameter_as_estimated():
     """Measured on the CPU for the quickstart's model: codes and statistics of every base linear, against
     the estimator's count."""
-    from megamft.training.memory_estimate import quantized_base_bytes
+    from megamft.sizing.memory import quantized_base_bytes
 
     overrides = QLORA + QUICKSTART_MODEL + ("train.precision=bf16",)
     out = launch(lora_jobs.quantized_shards, 1, timeout=240, kwargs=dict(

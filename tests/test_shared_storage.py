@@ -15,7 +15,7 @@ from megamft.config import load_config, to_dict
 from megamft.platform.output_folder import DestinationError
 from megamft.platform.shared_folder import PROBE_PREFIX
 from megamft.testing.distributed import launch
-from megamft.training.memory_estimate import checkpoint_bytes
+from megamft.sizing.memory import checkpoint_bytes
 
 import platform_jobs
 

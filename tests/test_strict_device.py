@@ -8,7 +8,7 @@ lenient emulation) it must pass unnoticed, which shows that the test can fail.
 import pytest
 import torch
 
-from megamft.platform.strict_device import NCCL_HOST_TENSOR
+from megamft.emulation.strict_device import NCCL_HOST_TENSOR
 from megamft.testing.distributed import DistributedTestError, launch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the emulation is for machines without CUDA")
@@ -139,7 +139,7 @@ def test_a_host_tensor_given_to_the_fused_loss_names_the_argument(monkeypatch):
 # ---- what strict mode allows, counts and measures ----------------------------------------------------------
 
 def _allowed_and_counted():
-    from megamft.platform import strict_device as sd
+    from megamft.emulation import strict_device as sd
 
     x = torch.arange(6.0, device="cuda")
     assert sd.on_gpu(x) and not sd.on_gpu(torch.ones(2))

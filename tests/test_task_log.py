@@ -6,7 +6,7 @@ import math
 
 from megamft.config import load_config
 from megamft.platform import distributed
-from megamft.training.loop import _log_step
+from megamft.training.steps import log_step
 from megamft.training.metrics import TaskLossInterval
 from megamft.training.step import StepStats
 
@@ -32,7 +32,7 @@ def test_a_task_absent_from_the_whole_interval_is_shown_absent_and_the_others_as
     cfg = load_config(None, ["train.train_steps=3"])
     monkeypatch.setattr(distributed, "is_logging_rank", lambda: True)  # one process, no megatron groups
     with caplog.at_level(logging.INFO, logger="megamft"):
-        _log_step(cfg, 3, steps[-1], 0.1, {"tokens_per_second": 1.0, "tflops_per_device": 0.0, "memory_gb": 0.0},
+        log_step(cfg, 3, steps[-1], 0.1, {"tokens_per_second": 1.0, "tflops_per_device": 0.0, "memory_gb": 0.0},
                   means)
     line = caplog.records[-1].getMessage()
     assert f"| a {means['a']:.3f} b {means['b']:.3f} c absent |" in line and "nan" not in line, line

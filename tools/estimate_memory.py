@@ -14,7 +14,7 @@ def main(argv=None) -> int:
 
 
 def _estimate(argv) -> int:
-    from megamft.training.memory_estimate import estimate
+    from megamft.sizing.memory import estimate
 
     parser = ArgumentParser(prog="estimate_memory", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)

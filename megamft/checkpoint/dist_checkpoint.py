@@ -37,25 +37,19 @@ from megamft.checkpoint.layout import (BEST, CONFIG_FILE, DATA_IDENTITY_FILE, LA
 from megamft.checkpoint.global_view import tensor_index
 from megamft.checkpoint.save_failures import unfinished_removed
 from megamft.config import MegamftConfig, to_dict
+from megamft.model.chunks import bare_model, gather_parameters
 from megamft.model.lora import ADAPTERS_ONLY
 from megamft.model.moe import ROUTER_LOSS_FIELDS
 from megamft.platform import distributed
 from megamft.platform.output_folder import publish
 from megamft.platform.kill_points import kill_point
-from megamft.platform.megatron_fixes import keeps_step_per_parameter
+from megamft.compat.megatron_fixes import keeps_step_per_parameter
 from megamft.platform.signals import preemption_signals_deferred
 
 log = logging.getLogger(__name__)
 LORA_BASE = "lora_base"  # in an adapter-only checkpoint: where its base weights are
 # Optimizer tensors; megatron prefixes each optimizer's keys with chained_<i>. when there are several (MoE).
 _OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
-
-
-def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside megatron's DDP and Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _layout() -> list:
@@ -82,22 +76,6 @@ def _restore_rng(state: dict) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def gather_parameters(chunks) -> None:
-    """Make every rank's full copy of the parameters current before they are read outside a forward pass.
-
-    With ``ddp.overlap_param_gather`` the distributed optimizer updates only this
-    rank's shard in ``step()``; the other shards arrive in the next forward pass's
-    pre-hooks. A checkpoint written between the two would hold the previous step's
-    weights for every shard but this rank's, so the gather is forced here, synchronously,
-    as megatron's own disable_forward_pre_hook(param_sync=True) does around its saves; the
-    next forward's pre-hooks then find the parameters gathered.
-    """
-    for chunk in chunks:
-        ddp = getattr(chunk, "ddp_config", None)
-        if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
-            chunk.start_param_sync(force_sync=True)
 
 
 def _adapters(model_state: dict) -> dict:

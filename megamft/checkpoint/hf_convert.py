@@ -35,7 +35,7 @@ from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, n
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.errors import UserError
-from megamft.model.architecture import is_gated
+from megamft.sizing.architecture import is_gated
 from megamft.model.families import FAMILIES, Family, hf_config_from_model, model_config_from_hf
 from megamft.platform.kill_points import kill_point
 from megamft.platform.output_folder import check_destination, mark_output, written_beside

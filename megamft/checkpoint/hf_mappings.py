@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from megamft.checkpoint import hf_moe
 from megamft.config import ModelConfig
-from megamft.model.architecture import head_dim, is_gated
-from megamft.model.builder import padded_vocab_size
+from megamft.sizing.architecture import head_dim, is_gated
+from megamft.sizing.vocab import padded_vocab_size
 
 if TYPE_CHECKING:
     from megamft.model.families import Family

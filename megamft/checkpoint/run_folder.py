@@ -35,7 +35,7 @@ from megamft.data.identity import data_identity, identity_differences
 from megamft.data.manifest import DataIntegrityError, load_manifest
 from megamft.platform.folder_lock import FolderLock
 from megamft.platform.output_folder import TRAINING_OUTPUT, DestinationError, check_destination, mark_output
-from megamft.training.memory_estimate import checkpoint_bytes
+from megamft.sizing.memory import checkpoint_bytes
 # What makes two runs the same run; everything else (steps, layout, intervals, paths) may change on resume.
 _RUN_DEFINING = ("model", "data", "loss", "lora", "train.seed", "train.global_batch_size", "train.precision")
 # Inside those, what may change between a run's restarts: the attention kernels compute the same model,

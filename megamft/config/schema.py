@@ -276,7 +276,7 @@ class TrainConfig:
     peak_tflops_per_device: Optional[Positive] = None
     """Peak dense TFLOP/s of one device for MFU (H100 SXM bf16: 989); None = do not report MFU. The log's
     MFU counts model FLOPs (causal attention within each row, no weight gradient for LoRA's frozen
-    weights, activation recompute not counted; megamft/training/throughput.py)."""
+    weights, activation recompute not counted; megamft/sizing/flops.py)."""
     max_skipped_steps: Count = 3
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     early_stopping_patience: Count = 0

@@ -25,7 +25,8 @@ from megamft.data.index_cache import IndexCache, IndexFileProblem, MissingIndexF
 from megamft.data.indexed import open_indexed
 from megamft.data.integrity import check_task, largest_token_id
 from megamft.data.manifest import CHECKSUMS, MANIFEST, load_manifest
-from megamft.data.sequences import Rows, add_document_boundaries, batch_length, collate
+from megamft.data.attention_boundaries import add_document_boundaries
+from megamft.data.sequences import Rows, batch_length, collate
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import load_tokenizer
 from megamft.data.train_index import EpochSource, IndexSharing, Lazy, TrainIndex, epoch_rows

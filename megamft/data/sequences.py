@@ -180,39 +180,6 @@ def document_boundaries(segment: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.append(starts, len(flat)).astype(np.int32))
 
 
-def packed_seq_params(batch: dict):
-    """megatron-core PackedSeqParams ("thd") from a packed micro-batch of one row, for Transformer Engine."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    if batch["tokens"].shape[0] != 1:
-        raise ValueError("packed sequences with Transformer Engine need train.micro_batch_size=1")
-    cu = batch["cu_seqlens"]
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
-
-
-def row_documents(batch: dict):
-    """RowDocuments (the torch attention backend's boundaries) of a packed micro-batch of any size."""
-    from megamft.model.attention import RowDocuments
-
-    cu = batch["cu_seqlens"]
-    length = batch["tokens"].shape[1]
-    return RowDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=length,
-                        max_seqlen_kv=length, max_document_length=int((cu[1:] - cu[:-1]).max()))
-
-
-PACKED_ATTENTION = {"local": "mask", "te": "thd", "torch": "rows"}
-"""How packed rows reach each attention backend: a dense mask, TE's thd format, or RowDocuments."""
-
-
-def add_document_boundaries(batch: dict, packed_attention: str) -> None:
-    """Give a packed micro-batch the boundaries its backend reads (a PACKED_ATTENTION value): the
-    dense mask collate built ('mask'), or packed_seq_params from its cu_seqlens ('thd', 'rows')."""
-    if packed_attention != "mask":
-        batch["packed_seq_params"] = (packed_seq_params if packed_attention == "thd" else row_documents)(batch)
-
-
 def document_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     """[b, 1, s, s] boolean, True where attention is blocked: across documents, or to the future."""
     s = segment.shape[1]

@@ -38,7 +38,6 @@ import functools
 import inspect
 import logging
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -51,26 +50,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
 from megamft.config import ConfigError
+from megamft.data.attention_boundaries import RowDocuments
 from megamft.model.softcap import softcapped_attention
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RowDocuments(PackedSeqParams):
-    """Document boundaries of packed ``[b, s]`` rows, for the torch backend.
-
-    ``cu_seqlens_q`` (= ``cu_seqlens_kv``, int32) are the cumulative lengths of
-    the documents of the flattened micro-batch, with a cut at every row start,
-    so micro-batches of several rows work. ``max_seqlen_q``/``_kv`` are the row
-    length: megatron sizes RoPE from them whenever packed_seq_params is given,
-    and RoPE runs over the whole row (``qkv_format`` is "sbhd", not "thd", so
-    megatron keeps the batch dimension). RoPE is relative, so a document's
-    attention does not depend on where in the row it starts.
-    """
-
-    max_document_length: int = None
-    """The longest document (what varlen_attn's kernel grid is sized by)."""
 
 
 @functools.cache

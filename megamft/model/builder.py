@@ -8,8 +8,9 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megamft.config import ConfigError, MegamftConfig
-from megamft.model.architecture import is_gated
+from megamft.compat import megatron_fixes
+from megamft.config import MegamftConfig
+from megamft.sizing.architecture import is_gated
 from megamft.model.attention_window import window_size
 from megamft.model.rope import (apply_llama3_scaling, linear_interpolation_factor, megatron_yarn_attributes,
                                 position_embedding_type)
@@ -90,7 +91,12 @@ def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) 
 def build_model_chunks(
     cfg: MegamftConfig, config: TransformerConfig, vocab_size: int, attention_backend: str
 ) -> list[GPTModel]:
-    """One GPTModel per virtual pipeline stage held by this rank (one without VPP)."""
+    """One GPTModel per virtual pipeline stage held by this rank (one without VPP).
+
+    megamft's fixes of megatron-core bugs (megamft.compat.megatron_fixes) are installed first, before
+    megatron builds, trains or saves anything of this process.
+    """
+    megatron_fixes.apply()
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     layers_per_chunk = cfg.model.num_layers // (cfg.parallel.pipeline_model_parallel_size * (vpp or 1))
@@ -134,19 +140,4 @@ def scale_embeddings(gpt_model) -> None:
         return output * float(torch.tensor(module.config.hidden_size ** 0.5, dtype=output.dtype))
 
     embedding.register_forward_hook(scale)
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
-    """Vocab rounded up to a multiple of `multiple`, the same at every TP size.
-
-    The padding must not depend on TP: padded rows take part in the softmax,
-    so a checkpoint resharded to another TP would otherwise compute another loss.
-    """
-    padded = -(-vocab_size // multiple) * multiple
-    if padded % tensor_parallel:
-        raise ConfigError(
-            f"padded vocab {padded} (vocab {vocab_size} rounded up to a multiple of {multiple}) "
-            f"is not divisible by tensor_model_parallel_size={tensor_parallel}"
-        )
-    return padded
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from megamft.config import ModelConfig
 from megamft.errors import UserError
-from megamft.model.architecture import head_dim
+from megamft.sizing.architecture import head_dim
 from megamft.model.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE, MoeFamily, UnsupportedMoE
 from megamft.model.rope import UnsupportedRope, hf_rope_scaling, rope_fields_from_hf
 

@@ -56,7 +56,7 @@ def _gpt(model):
 @contextlib.contextmanager
 def generating(chunks):
     """Models in eval mode, parameters gathered, sequence parallelism off; all restored after."""
-    from megamft.checkpoint.dist_checkpoint import gather_parameters
+    from megamft.model.chunks import gather_parameters
 
     gather_parameters(chunks)
     models = _models(chunks)

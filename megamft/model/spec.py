@@ -12,7 +12,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megamft.config import ConfigError, LoraConfig, MegamftConfig, ModelConfig
-from megamft.model.architecture import is_gated
+from megamft.sizing.architecture import is_gated
 from megamft.model.attention import TorchCoreAttention
 from megamft.model.lora_spec import NORM_KEYS, te_separate_norm_layer_spec, with_lora
 from megamft.model.norm import MegamftRMSNorm, norm_class

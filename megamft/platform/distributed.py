@@ -13,7 +13,7 @@ import torch
 
 from megamft.config import MegamftConfig
 from megamft.errors import ReportedByAnotherRank, UserError
-from megamft.platform import cpu_emulation, megatron_fixes
+from megamft.emulation import cpu_emulation
 from megamft.platform.device import Runtime, detect
 from megamft.platform.signals import helpers_die_with_this_process
 
@@ -100,7 +100,6 @@ def initialize(cfg: MegamftConfig) -> Runtime:
 
     runtime = detect()
     timeout = datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
-    megatron_fixes.apply()
     helpers_die_with_this_process()  # a trainer killed outright leaves no helper behind
     if not runtime.cuda:
         cpu_emulation.enable()

@@ -22,7 +22,7 @@ def _load_function(file: str, qualname: str):
 def main(workdir: Path) -> int:
     rank = int(os.environ["RANK"])
     try:
-        from megamft.platform import cpu_emulation
+        from megamft.emulation import cpu_emulation
 
         cpu_emulation.enable_if_no_cuda()
         job = pickle.loads((workdir / "job.pkl").read_bytes())

@@ -3,8 +3,8 @@
 A forward hook on every megatron router (TopKRouter) adds its routing map
 ([tokens, experts], the top-k choice) into a [layers, tasks + 1, experts]
 count on the device, by the task of each token (the last row: padding). The
-micro-batch's task ids arrive through ``route_tasks``, called by the forward
-step before the model runs. Nothing is read back until ``read``, which the
+micro-batch's task ids arrive through ``route_tasks``, which the training step
+calls before the model runs (train_step's ``before_forward``). Nothing is read back until ``read``, which the
 training loop calls at log intervals only.
 
 Counted once per token per forward pass: routers that run in eval mode
@@ -17,15 +17,6 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
 
-_current_tasks: torch.Tensor | None = None  # [batch, seq] task ids of the micro-batch being forwarded
-
-
-def route_tasks(routed_task_ids: torch.Tensor | None) -> None:
-    """The task of each token of the next forward pass ([batch, seq], num_tasks for padding)."""
-    global _current_tasks
-    _current_tasks = routed_task_ids
-
-
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
@@ -37,14 +28,20 @@ class ExpertStats:
         self.counts = torch.zeros(num_layers, num_tasks + 1, num_experts, dtype=torch.long,
                                   device=torch.cuda.current_device())
         self.sequence_parallel = sequence_parallel
+        self._current_tasks: torch.Tensor | None = None  # [batch, seq] task ids of the micro-batch in flight
         self._handles = [module.register_forward_hook(self._count)
                          for chunk in chunks for module in chunk.modules() if isinstance(module, TopKRouter)]
 
+    def route_tasks(self, batch: dict) -> None:
+        """Note the task of each token of the micro-batch about to be forwarded ([batch, seq] routed_task_ids,
+        num_tasks for padding)."""
+        self._current_tasks = batch.get("routed_task_ids")
+
     def _count(self, router, inputs, outputs) -> None:
-        if not router.training or _current_tasks is None or _in_backward():
+        if not router.training or self._current_tasks is None or _in_backward():
             return
         _, routing_map = outputs
-        tasks = self._tasks_in_router_order(_current_tasks, routing_map.shape[0])
+        tasks = self._tasks_in_router_order(self._current_tasks, routing_map.shape[0])
         self.counts[router.layer_number - 1].index_add_(0, tasks, routing_map.long())
 
     def _tasks_in_router_order(self, tasks: torch.Tensor, num_tokens: int) -> torch.Tensor:

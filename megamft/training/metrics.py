@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megamft.training.memory_estimate import estimate
+from megamft.sizing.memory import estimate
 from megamft.training.step import StepStats
 
 METRICS_FILE = "metrics.jsonl"
@@ -114,7 +114,7 @@ class MetricsWriter:
 
     @classmethod
     def for_run(cls, cfg, enabled: bool, vocab_size: int) -> "MetricsWriter":
-        """The configured sinks; memory/estimate_gb (megamft.training.memory_estimate) logged at step 0."""
+        """The configured sinks; memory/estimate_gb (megamft.sizing.memory) logged at step 0."""
         if not enabled:
             return cls([])
         sinks = []

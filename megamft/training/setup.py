@@ -17,7 +17,8 @@ from megatron.core.transformer.module import Float16Module
 
 from megamft.config import MegamftConfig
 from megamft.model.lora import apply_lora
-from megamft.model.builder import build_model_chunks, padded_vocab_size, transformer_config
+from megamft.model.builder import build_model_chunks, transformer_config
+from megamft.sizing.vocab import padded_vocab_size
 from megamft.model.fast_settings import FastSetting, fast_settings, machine_for, transformer_fields
 from megamft.model.spec import attention_backend_for
 from megamft.model.userbuffers import initialize_userbuffers

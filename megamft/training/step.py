@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -23,7 +24,10 @@ from megamft.loss.multitask import (
     task_sums,
     token_weights,
 )
-from megamft.training import expert_stats, router_losses
+from megamft.training import router_losses
+
+BeforeForward = Callable[[dict], None]
+"""Called with each micro-batch (on the device) just before the model runs it."""
 
 
 @dataclass
@@ -191,10 +195,11 @@ def _map_boundaries(packed, fn):
     return dataclasses.replace(packed, cu_seqlens_q=q, cu_seqlens_kv=kv)
 
 
-def _forward_step(make_loss_func, fused: bool, data_iterator, model):
+def _forward_step(make_loss_func, fused: bool, before_forward: BeforeForward | None, data_iterator, model):
     """megatron's forward_step_func: run one micro-batch, return output and loss_func."""
     batch = to_device(next(data_iterator))
-    expert_stats.route_tasks(batch.get("routed_task_ids"))
+    if before_forward is not None:
+        before_forward(batch)
     labels = None if fused else batch["labels"]  # without labels the last stage returns logits
     # The fused loss reads bf16/fp16 logits as they are: Float16Module's default
     # upcast would make an fp32 copy of [tokens, vocab] first.
@@ -204,7 +209,8 @@ def _forward_step(make_loss_func, fused: bool, data_iterator, model):
     return output, make_loss_func(batch)
 
 
-def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks: int, forward_only: bool):
+def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks: int, forward_only: bool,
+                  before_forward: BeforeForward | None = None):
     divisor = 1.0
     if setup.normalization == "per_microbatch":  # MFTCoder: mean over micro-batches and DP ranks
         divisor = float(len(micro_batches) * parallel_state.get_data_parallel_world_size())
@@ -220,7 +226,7 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
 
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, make_loss_func, setup.fused),
+        forward_step_func=partial(_forward_step, make_loss_func, setup.fused, before_forward),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
         num_microbatches=len(micro_batches),
@@ -259,13 +265,18 @@ def reduce_stats(outputs: list[dict], task_names: tuple[str, ...], router: torch
 
 
 def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...],
-               setup: LossSetup | None = None) -> StepStats:
-    """Forward and backward over this rank's micro-batches, then one optimizer step."""
+               setup: LossSetup | None = None, before_forward: BeforeForward | None = None) -> StepStats:
+    """Forward and backward over this rank's micro-batches, then one optimizer step.
+
+    `before_forward(batch)` sees each micro-batch, on the device, just before the model runs it
+    (ExpertStats.route_tasks: the task of each token, for the routers' hooks).
+    """
     setup = setup or LossSetup()
     for chunk in state.chunks:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    outputs = _run_schedule(state.chunks, micro_batches, setup, len(task_names), forward_only=False)
+    outputs = _run_schedule(state.chunks, micro_batches, setup, len(task_names), forward_only=False,
+                            before_forward=before_forward)
     router = None
     if setup.router_loss_coeffs is not None:
         router = router_losses.reduced(get_model_config(state.chunks[0]), len(micro_batches))

@@ -1,12 +1,9 @@
-"""Model FLOPs, TFLOP/s per device and MFU for a Llama-style decoder."""
+"""Model FLOPs and TFLOP/s per device (the numerator of MFU), counted from the config's shapes."""
 
 from __future__ import annotations
 
-import psutil
-import torch
-
 from megamft.config import MegamftConfig
-from megamft.model.architecture import layer_linears, linear_shapes, mlp_matrices, query_width
+from megamft.sizing.architecture import layer_linears, linear_shapes, mlp_matrices, query_width
 
 
 def model_flops(cfg: MegamftConfig, vocab_size: int, document_lengths: list[int]) -> float:
@@ -55,11 +52,3 @@ def tflops_per_device(cfg: MegamftConfig, vocab_size: int, rows_per_second: floa
     seq = cfg.data.seq_length
     return model_flops(cfg, vocab_size, [seq]) * rows_per_second / world_size / 1e12
 
-
-def memory_gb() -> float:
-    """Peak device memory on GPUs and under the strict emulation (since the last reset); else resident memory."""
-    from megamft.platform import cpu_emulation
-
-    if torch.cuda.is_available() or cpu_emulation.is_strict():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return psutil.Process().memory_info().rss / 2**30

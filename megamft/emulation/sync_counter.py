@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from megamft.platform import cpu_emulation
+from megamft.emulation import cpu_emulation
 
 COUNT_ON_CUDA = "MEGAMFT_COUNT_SYNCS"
 _CUDA_SYNC_WARNING = "called a synchronizing CUDA operation"

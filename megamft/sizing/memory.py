@@ -30,10 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamft.config import MegamftConfig, data_parallel_size
-from megamft.model.architecture import (expert_layer_parameters, is_column_parallel, is_gated, layer_linears,
+from megamft.sizing.architecture import (expert_layer_parameters, is_column_parallel, is_gated, layer_linears,
                                         layer_parameters, query_width)
-from megamft.model.builder import padded_vocab_size
-from megamft.model.nf4 import quantized_bytes
+from megamft.sizing.vocab import padded_vocab_size
+from megamft.sizing.quantization import quantized_bytes
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

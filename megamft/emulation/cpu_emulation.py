@@ -28,7 +28,7 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megamft.platform import strict_device
+from megamft.emulation import strict_device
 
 log = logging.getLogger(__name__)
 
