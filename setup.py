@@ -54,7 +54,7 @@ setup(
         # lora.quantize_base=nf4 (QLoRA): bitsandbytes' 4-bit NormalFloat, on CUDA and on the CPU
         "qlora": [TORCH, "bitsandbytes==0.50.2"],
         # The documentation site (mkdocs.yml): mkdocs build --strict, run by .ci/run
-        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2"],
+        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11"],
     },
     entry_points={"console_scripts": [
         "megamft=megamft.cli:main",

@@ -124,7 +124,8 @@ def expert_stats_of_one_step(overrides: tuple[str, ...] = ()) -> dict:
             if isinstance(module, TopKRouter):
                 module.register_forward_hook(lambda m, a, out: seen.append((m.layer_number, out[1].detach().cpu())))
         batches = jobs.first_batches(data, 8, 2)
-        train_step(state, batches, data.task_names, LossSetup("token", router_loss_coeffs=(0.01, 0.0)))
+        train_step(state, batches, data.task_names, LossSetup("token", router_loss_coeffs=(0.01, 0.0)),
+                   before_forward=stats.route_tasks)
         counts = stats.read()
         again = stats.read()  # read resets
         return {"counts": counts, "again": again, "seen": seen, "batches": batches}

@@ -1,8 +1,9 @@
-"""Write docs/reference/config.md and docs/reference/cli.md from the code, so they cannot drift.
+"""Write docs/reference/config.md, docs/reference/cli.md and the API pages from the code, so they cannot drift.
 
 config.md: every section of megamft/config/schema.py, read with `ast` (no import): each field's
 type, default and the docstring string that follows it. cli.md: the help of every argparse parser
-of megamft's commands, formatted at a fixed width.
+of megamft's commands, formatted at a fixed width. docs/api/<package>.md: one page per package, in
+the order of its layers, each module's docstrings rendered by mkdocstrings (read statically, no import).
 
     python tools/generate_reference_docs.py          # rewrite both files
     python tools/generate_reference_docs.py --check  # exit 1 naming the files that differ
@@ -177,11 +178,40 @@ def cli_reference() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# ---------------------------------------------------------------- API pages
+
+API_DIR = Path("docs") / "api"
+API_PACKAGES = ("config", "sizing", "emulation", "platform", "compat", "data", "loss", "model", "checkpoint",
+                "eval", "training", "testing")
+"""megamft's packages, bottom layer first (tests/test_layers.py holds the import rules)."""
+
+
+def _package_summary(package: Path) -> str:
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    return _paragraphs(doc.split("\n\n")[0])
+
+
+def api_pages() -> dict[Path, str]:
+    """One markdown page per package: its summary, then `::: module` for each of its modules."""
+    pages = {}
+    for name in API_PACKAGES:
+        package = ROOT / "megamft" / name
+        modules = sorted(f.stem for f in package.glob("*.py") if f.stem != "__init__")
+        lines = [GENERATED.format(source=f"megamft/{name}"), "", f"# megamft.{name}", ""]
+        summary = _package_summary(package)
+        if summary:
+            lines += [summary, ""]
+        for module in modules:
+            lines += [f"::: megamft.{name}.{module}", ""]
+        pages[API_DIR / f"{name}.md"] = "\n".join(lines).rstrip() + "\n"
+    return pages
+
+
 # ---------------------------------------------------------------- main
 
 
 def outputs() -> dict[Path, str]:
-    return {CONFIG_MD: config_reference(), CLI_MD: cli_reference()}
+    return {CONFIG_MD: config_reference(), CLI_MD: cli_reference(), **api_pages()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,7 +144,7 @@ def _check(code: int, what: str) -> int:
 def interleave(tasks: np.ndarray, streams: list[np.ndarray], lengths: list[np.ndarray], seq_length: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tasks, docs, sizes) of the documents of an epoch: the k-th occurrence of task t in `tasks` is
-    streams[t][k]; sizes = clip(length - 1, 0, seq_length); documents of size 0 are left out."""
+    `streams[t][k]`; sizes = `clip(length - 1, 0, seq_length)`; documents of size 0 are left out."""
     library = KERNELS.library()
     if library is None:
         return _interleave_python(tasks, streams, lengths, seq_length)

@@ -2,7 +2,7 @@
 
     megamft-preprocess --task code_completion=data/cc.jsonl --task text_to_code=data/t2c/ \\
         --tokenizer tokenizer.model --template mftcoder --out data/indexed --workers 8
-    megamft-preprocess --config preprocess.yaml workers=16      # YAML keys are the long options
+    megamft-preprocess --config preprocess.yaml --workers 16   # YAML keys are the long options; flags win
 """
 
 from __future__ import annotations
