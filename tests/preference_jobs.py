@@ -1,0 +1,68 @@
+"""Preference training steps run on real megatron-core ranks via megamft.testing.launch."""
+
+from __future__ import annotations
+
+from jobs import tiny_config
+
+PAIRS, TASKS = 8, ("a", "b")
+
+
+def synthetic_pairs(seed: int = 0):
+    """Two tasks of in-memory pairs (documents 2k, 2k+1 share a prompt; answers differ), and the pair list."""
+    import numpy as np
+
+    from megamft.data.dataset import InMemoryDocuments
+
+    rng = np.random.default_rng(seed)
+    stores = []
+    for _ in TASKS:
+        ids, masks = [], []
+        for k in range(PAIRS // 2):
+            prompt = rng.integers(3, 250, 5 + k % 3)
+            for answer_length in (4 + k % 3, 7 - k % 2):
+                answer = rng.integers(3, 250, answer_length)
+                ids.append(np.concatenate([prompt, answer]).astype(np.int32))
+                masks.append(np.r_[np.zeros(len(prompt)), np.ones(answer_length)].astype(np.uint8))
+        stores.append(InMemoryDocuments(ids, masks))
+    pairs = [(task, k) for k in range(PAIRS // 2) for task in range(len(TASKS))]
+    return stores, pairs
+
+
+def preference_step(weights_dir: str, pairs_per_micro_batch: int, objective: str, steps: int = 1) -> dict:
+    """`steps` training steps of `objective` on the synthetic pairs, the reference computed first at this layout."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.data.pairs import pair_micro_batch, split_pairs
+    from megamft.data.tokenizer import ByteTokenizer
+    from megamft.loss.preference import PreferenceSetup
+    from megamft.platform import distributed
+    from megamft.training.setup import build_training_state
+    from megamft.training.step import LossSetup, reference_logps, train_step
+
+    cfg = tiny_config(f"train.micro_batch_size={2 * pairs_per_micro_batch}", f"train.global_batch_size={2 * PAIRS}",
+                      "optimizer.use_distributed_optimizer=false", f"loss.objective={objective}")
+    runtime = distributed.initialize(cfg)
+    try:
+        stores, pairs = synthetic_pairs()
+        cuts = split_pairs(pairs, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                           pairs_per_micro_batch)
+        micro = [pair_micro_batch(cut, stores, 16, 0) for cut in cuts]
+        state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
+        dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
+        for batch, ref in zip(micro, reference_logps(state, micro, len(TASKS))):
+            batch["ref_logps"] = ref
+        setup = LossSetup("task_token", task_weights=torch.tensor([1.0, 3.0]),
+                          preference=PreferenceSetup(objective, beta=0.5))
+        history = []
+        for _ in range(steps):
+            stats = train_step(state, micro, TASKS, setup)
+            if not history:
+                grads = torch.cat([p.main_grad.detach().flatten().clone()
+                                   for _, p in sorted(state.chunks[0].module.named_parameters())])
+            history.append(stats)
+        return {"loss": [s.loss for s in history], "grad_norm": history[0].grad_norm, "grads": grads,
+                "metrics": [s.preference for s in history]}
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,28 @@
+"""Preference objectives in the real megatron training step: exact over the global batch however the pairs
+are cut (micro-batches, DP ranks), against a single-process run; DPO starts at ln 2 with the reference
+computed from the starting weights at the run's layout."""
+
+import math
+
+import pytest
+import torch
+
+from megamft.testing.distributed import launch
+
+import preference_jobs
+
+
+def _run(weights, world, pairs_per_micro_batch, objective, steps=1):
+    return launch(preference_jobs.preference_step, world, timeout=300, kwargs=dict(
+        weights_dir=weights, pairs_per_micro_batch=pairs_per_micro_batch, objective=objective, steps=steps))[0]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_dp2_with_one_pair_per_micro_batch_equals_one_process_with_four(initial_weights, objective):
+    whole, cut = _run(initial_weights, 1, 4, objective), _run(initial_weights, 2, 1, objective)
+    assert abs(cut["loss"][0] - whole["loss"][0]) <= 1e-6 * abs(whole["loss"][0])
+    assert abs(cut["grad_norm"] - whole["grad_norm"]) <= 1e-5 * whole["grad_norm"]
+    torch.testing.assert_close(cut["grads"], whole["grads"], rtol=1e-5, atol=1e-5 * whole["grads"].abs().max().item())
+    if objective == "dpo":  # policy == reference at the first step, whatever the task weights
+        assert whole["loss"][0] == pytest.approx(math.log(2), rel=1e-6)
+        assert cut["metrics"][0]["rewards/margin"] == {"a": 0.0, "b": 0.0}
