@@ -66,3 +66,52 @@ def preference_step(weights_dir: str, pairs_per_micro_batch: int, objective: str
                 "metrics": [s.preference for s in history]}
     finally:
         distributed.shutdown()
+
+
+def reference_tables(weights_dir: str, lora: bool = False, steps: int = 3) -> dict:
+    """The reference table (reference_logps.compute) at this layout; one pair by full logits; with LoRA, after
+    `steps` DPO steps, the table with adapters off and on."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megamft.checkpoint import dist_checkpoint
+    from megamft.data.pairs import pair_micro_batch, split_pairs
+    from megamft.data.tokenizer import ByteTokenizer
+    from megamft.loss.preference import PreferenceSetup
+    from megamft.model.inference import full_logits
+    from megamft.platform import distributed
+    from megamft.training import reference_logps
+    from megamft.training.setup import build_training_state
+    from megamft.training.step import LossSetup, train_step
+
+    extra = ("lora.enabled=true", "lora.rank=4", "optimizer.lr=1e-2") if lora else ()
+    cfg = tiny_config("train.micro_batch_size=2", f"train.global_batch_size={2 * PAIRS}", "loss.objective=dpo",
+                      "optimizer.use_distributed_optimizer=false", *extra)
+    runtime = distributed.initialize(cfg)
+    try:
+        stores, pairs = synthetic_pairs()
+        state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
+        dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
+        make = lambda cut: pair_micro_batch(cut, stores, 16, 0)  # noqa: E731
+        per_task = [PAIRS // 2] * len(TASKS)
+        table = lambda: reference_logps.compute(state, pairs, per_task, make, 3)  # noqa: E731
+        out = {"start": table()}
+        batch = make([pairs[0]])
+        logp = torch.log_softmax(full_logits(state.chunks, batch["tokens"]).cpu().double(), dim=-1)
+        picked = logp.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1) * batch["loss_mask"]
+        out["by_logits"] = picked.sum(dim=1)
+        if lora:
+            cuts = split_pairs(pairs, parallel_state.get_data_parallel_rank(),
+                               parallel_state.get_data_parallel_world_size(), 1)
+            micro = [make(cut) for cut in cuts]
+            start = out["start"]
+            for batch, cut in zip(micro, cuts):
+                batch["ref_logps"] = torch.tensor([start[task][pair] for task, pair in cut])
+            setup = LossSetup("token", preference=PreferenceSetup("dpo", beta=0.5))
+            out["losses"] = [train_step(state, micro, TASKS, setup).loss for _ in range(steps)]
+            with reference_logps.adapters_disabled(state.chunks[0].module):
+                out["adapters_off"] = table()
+            out["adapters_on"] = table()
+        return out
+    finally:
+        distributed.shutdown()

@@ -26,3 +26,27 @@ def test_dp2_with_one_pair_per_micro_batch_equals_one_process_with_four(initial_
     if objective == "dpo":  # policy == reference at the first step, whatever the task weights
         assert whole["loss"][0] == pytest.approx(math.log(2), rel=1e-6)
         assert cut["metrics"][0]["rewards/margin"] == {"a": 0.0, "b": 0.0}
+
+
+def _tables(weights, world, lora=False):
+    return launch(preference_jobs.reference_tables, world, timeout=300,
+                  kwargs=dict(weights_dir=weights, lora=lora))[0]
+
+
+def test_reference_table_is_the_same_at_dp2_and_matches_full_logits(initial_weights):
+    one, two = _tables(initial_weights, 1), _tables(initial_weights, 2)
+    for task in one["start"]:
+        torch.testing.assert_close(torch.from_numpy(two["start"][task]), torch.from_numpy(one["start"][task]),
+                                   rtol=1e-6, atol=1e-6)
+    task, pair = preference_jobs.synthetic_pairs()[1][0]
+    torch.testing.assert_close(torch.from_numpy(one["start"][task][pair]), one["by_logits"].cpu(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_lora_base_with_adapters_off_is_the_starting_reference(initial_weights):
+    out = _tables(initial_weights, 2, lora=True)
+    assert out["losses"][-1] < out["losses"][0]  # the adapters learned (the first step has lr 0: warm-up)
+    for task in out["start"]:
+        start = torch.from_numpy(out["start"][task])
+        torch.testing.assert_close(torch.from_numpy(out["adapters_off"][task]), start, rtol=1e-6, atol=1e-6)
+        assert (torch.from_numpy(out["adapters_on"][task]) - start).abs().max() > 1e-3
