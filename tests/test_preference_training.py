@@ -50,3 +50,12 @@ def test_lora_base_with_adapters_off_is_the_starting_reference(initial_weights):
         start = torch.from_numpy(out["start"][task])
         torch.testing.assert_close(torch.from_numpy(out["adapters_off"][task]), start, rtol=1e-6, atol=1e-6)
         assert (torch.from_numpy(out["adapters_on"][task]) - start).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_a_tiny_run_learns_a_preference_rule_on_held_out_pairs(initial_weights, objective):
+    out = launch(preference_jobs.preference_learning, 1, timeout=600,
+                 kwargs=dict(weights_dir=initial_weights, objective=objective, steps=24))[0]
+    assert out["losses"][-1] < out["losses"][0]
+    assert out["accuracy"] >= 0.8, out  # chance: 0.5
