@@ -28,7 +28,8 @@ def synthetic_pairs(seed: int = 0):
     return stores, pairs
 
 
-def preference_step(weights_dir: str, pairs_per_micro_batch: int, objective: str, steps: int = 1) -> dict:
+def preference_step(weights_dir: str, pairs_per_micro_batch: int, objective: str, steps: int = 1,
+                    layout: tuple[str, ...] = ()) -> dict:
     """`steps` training steps of `objective` on the synthetic pairs, the reference computed first at this layout."""
     import torch
     from megatron.core import parallel_state
@@ -42,7 +43,7 @@ def preference_step(weights_dir: str, pairs_per_micro_batch: int, objective: str
     from megamft.training.step import LossSetup, reference_logps, train_step
 
     cfg = tiny_config(f"train.micro_batch_size={2 * pairs_per_micro_batch}", f"train.global_batch_size={2 * PAIRS}",
-                      "optimizer.use_distributed_optimizer=false", f"loss.objective={objective}")
+                      "optimizer.use_distributed_optimizer=false", f"loss.objective={objective}", *layout)
     runtime = distributed.initialize(cfg)
     try:
         stores, pairs = synthetic_pairs()

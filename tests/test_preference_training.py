@@ -12,9 +12,21 @@ from megamft.testing.distributed import launch
 import preference_jobs
 
 
-def _run(weights, world, pairs_per_micro_batch, objective, steps=1):
+def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=()):
     return launch(preference_jobs.preference_step, world, timeout=300, kwargs=dict(
-        weights_dir=weights, pairs_per_micro_batch=pairs_per_micro_batch, objective=objective, steps=steps))[0]
+        weights_dir=weights, pairs_per_micro_batch=pairs_per_micro_batch, objective=objective, steps=steps,
+        layout=layout))[0]
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_tensor_and_pipeline_parallel_steps_equal_one_process(initial_weights, layout):
+    """Two steps of rpo (reference, pair loss and chosen NLL) at TP=2 or PP=2 against one process; loss and
+    grad norm (the gradients' shards are laid out differently)."""
+    parallel = {"tp2": "parallel.tensor_model_parallel_size=2", "pp2": "parallel.pipeline_model_parallel_size=2"}
+    whole = _run(initial_weights, 1, 2, "rpo", steps=2)
+    split = _run(initial_weights, 2, 2, "rpo", steps=2, layout=(parallel[layout],))
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
