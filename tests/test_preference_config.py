@@ -41,7 +41,26 @@ def test_context_parallel_is_refused_for_preference_only():
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "rpo", "orpo", "simpo"])
-def test_the_defaults_validate_for_every_objective(objective):
-    cfg = load_config(None, [f"loss.objective={objective}", "loss.mode=task_token"])
+def test_the_defaults_validate_for_every_objective(objective, tmp_path):
+    from data_fixtures import as_line, run_preprocess
+
+    line = '{"prompt": "q", "chosen": "a", "rejected": "b"}' if objective != "sft" else \
+        as_line([("user", "q"), ("assistant", "a")], "messages")
+    out, _ = run_preprocess(tmp_path, {"t": [line]})
+    cfg = load_config(None, [f"loss.objective={objective}", "data.source=indexed", f"data.path={out}"])
     validate(cfg, 1)
     assert cfg.transformer.get("hidden_dropout", 0.0) == 0.0 and cfg.lora.dropout == 0.0
+
+
+def test_the_data_kind_must_match_the_objective(tmp_path):
+    from data_fixtures import as_line, run_preprocess
+
+    pair = '{"prompt": "q", "chosen": "a", "rejected": "b"}'
+    out, _ = run_preprocess(tmp_path, {"pairs": [pair], "plain": [as_line([("user", "q"), ("assistant", "a")],
+                                                                          "messages")]})
+    data = ["data.source=indexed", f"data.path={out}"]
+    dpo = _problems("loss.objective=dpo", *data)
+    assert any("needs preference pairs, but task(s) ['plain']" in p for p in dpo), dpo
+    sft = _problems(*data)
+    assert any("task(s) ['pairs'] of data.path" in p and "hold preference pairs" in p for p in sft), sft
+    assert any("needs preference pairs: data.source=indexed" in p for p in _problems("loss.objective=simpo"))
