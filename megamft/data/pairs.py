@@ -35,3 +35,36 @@ def split_pairs(pairs: list[tuple[int, int]], dp_rank: int, dp_size: int, pairs_
     share = len(pairs) // dp_size
     mine = pairs[dp_rank * share:(dp_rank + 1) * share]
     return [mine[i:i + pairs_per_micro_batch] for i in range(0, share, pairs_per_micro_batch)]
+
+
+class PairSchedule:
+    """Which pairs each step trains on: a seeded permutation of all training pairs per epoch.
+
+    The first `valid_per_task` pairs of each task (in a seeded order) are held out for validation and never
+    trained on. A step's global batch depends only on (seed, step), so a resumed run continues with the
+    very pairs an uninterrupted one would have used.
+    """
+
+    def __init__(self, pairs_per_task: list[int], valid_per_task: int, pairs_per_step: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.train, self.valid = [], []
+        for task, count in enumerate(pairs_per_task):
+            order = rng.permutation(count)
+            self.valid += [(task, int(k)) for k in order[:valid_per_task]]
+            self.train += [(task, int(k)) for k in order[valid_per_task:]]
+        if len(self.train) < pairs_per_step:
+            raise ValueError(f"{len(self.train)} training pairs cannot fill a step of {pairs_per_step}")
+        self.pairs_per_step, self.seed = pairs_per_step, seed
+        self._epochs: dict[int, list[tuple[int, int]]] = {}
+
+    def _epoch(self, epoch: int) -> list[tuple[int, int]]:
+        if epoch not in self._epochs:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+            self._epochs = {epoch: [self.train[i] for i in order]}  # one epoch kept: constant memory
+        return self._epochs[epoch]
+
+    def step(self, step: int) -> list[tuple[int, int]]:
+        """The global batch of `step` (0-based): whole steps per epoch, the epoch's remainder left out."""
+        per_epoch = len(self.train) // self.pairs_per_step
+        epoch, index = divmod(step, per_epoch)
+        return self._epoch(epoch)[index * self.pairs_per_step:(index + 1) * self.pairs_per_step]
