@@ -343,6 +343,26 @@ class LossConfig:
     """Step size of FAMO's task logits."""
     famo_decay: NonNegative = 1e-3
     """Weight decay of FAMO's task logits."""
+    objective: Literal["sft", "dpo", "rpo", "orpo", "simpo"] = "sft"
+    """What is learned (megamft.loss.preference): 'sft' the answers' tokens (the modes above); on preference
+    pairs, 'dpo' (sigmoid DPO against the reference log-probabilities of the starting model), 'rpo' (DPO plus
+    loss.rpo_alpha x the chosen answers' token NLL), 'orpo' (odds ratio plus chosen NLL, no reference),
+    'simpo' (length-normalized margin, no reference). With a preference objective loss.mode says how pairs
+    are averaged: token or sample: the mean over the global batch's pairs (TRL's); task_token or task_sample:
+    each task's mean over its pairs, combined with loss.task_weights. The balancers (focal, coba, famo) read
+    per-task token losses of SFT and are refused, as is normalization=per_microbatch (pairs are counted over
+    the global batch). Dropout is off by default (transformer.hidden_dropout/attention_dropout and
+    lora.dropout default to 0), so that at the first step the policy equals its reference."""
+    beta: Positive = 0.1
+    """dpo, rpo: the KL coefficient beta; simpo: the reward scale beta (SimPO: 2.0-2.5); orpo: lambda, the
+    odds-ratio term's weight (ORPO: 0.1)."""
+    label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0
+    """dpo, rpo, simpo: the probability that a pair's preference is flipped (conservative DPO); 0: none."""
+    rpo_alpha: NonNegative = 1.0
+    """rpo: the weight of the chosen answers' mean token NLL added to DPO (RPO paper: 1.0)."""
+    simpo_gamma: NonNegative = 0.5
+    """simpo: the target reward margin gamma, loss -log sigmoid(beta x (mean log p chosen - mean log p
+    rejected) - gamma), as TRL's simpo_gamma (SimPO paper: 0.5-1.5)."""
 
 
 # Every linear of a transformer layer LoRA can adapt, by its path in megatron's layer (routed experts

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from megamft.config.eval_checks import eval_problems, selection_problems
 from megamft.config.megatron_sections import megatron_problems
+from megamft.config.preference_checks import preference_problems
 from megamft.config.ranges import leaves, values_at
 from megamft.config.schema import LORA_LINEARS, LORA_TARGETS, ConfigError, MegamftConfig
 from megamft.config.task_weights import loss_weight_problems, manifest_task_names, sampling_weight_problems
@@ -37,7 +38,7 @@ def validate(cfg: MegamftConfig, world_size: int) -> None:
     problems = _model_problems(cfg) + _parallel_problems(cfg, world_size)
     problems += _batch_problems(cfg, world_size) + _data_problems(cfg) + _lora_problems(cfg)
     problems += _expert_problems(cfg, world_size) + _overlap_problems(cfg)
-    problems += eval_problems(cfg) + selection_problems(cfg)
+    problems += eval_problems(cfg) + selection_problems(cfg) + preference_problems(cfg)
     if problems:
         raise ConfigError(problems)
 

@@ -7,7 +7,10 @@ Roles must come in order: an optional system turn first, then user and
 assistant turns alternating, ending with an answer.
 MFTCoder's two-field records, {PROMPT: ..., ANSWER: ..., "system": optional}
 (PAIR_FIELDS), are one question and its answer; {"text": ...} is a document
-learned whole. A record matching several formats is refused rather than read
+learned whole. Preference pairs: MFTCoder's {"chosen": [turns], "rejected":
+[turns]}, the turns before the last shared (the prompt), and {"prompt": text or
+[turns], "chosen": text, "rejected": text} (an answer may also be a list of one
+assistant turn, as TRL's conversational format has it). A record matching several formats is refused rather than read
 one way silently. Every way a line can be unusable raises BadSample with a
 short reason that the caller prefixes with the file and line number.
 """
@@ -28,6 +31,8 @@ ROLE_NAMES = {
 SCHEMA_KEYS = ("chat_rounds", "messages")
 _SCHEMA_ROLES = {"chat_rounds": {"user": "human", "assistant": "bot"},
                  "messages": {"user": "user", "assistant": "assistant"}}
+_SCHEMA_ROLES.update({key: _SCHEMA_ROLES["messages"] for key in ("chosen", "rejected", "prompt")})
+PREFERENCE = "chosen/rejected"
 
 # MFTCoder's two-field records (prompt field, answer field), in the order MFTCoder tries them.
 PAIR_FIELDS = (("prompt", "answer"), ("prompt", "response"), ("input", "output"), ("instruction", "output"),
@@ -42,16 +47,24 @@ class Sample:
     """One record: a conversation, or (form "text") one document learned whole.
 
     form is "chat" (chat_rounds or messages), "pair" (a two-field record, its
-    system, prompt and answer as turns) or "text" (`text` holds the document).
+    system, prompt and answer as turns), "text" (`text` holds the document) or
+    "preference" (`turns` end with the chosen answer, `rejected` is the other).
     """
 
     turns: tuple[Turn, ...] = ()
     form: str = "chat"
     text: str | None = None
+    rejected: str | None = None
 
     def contents(self) -> list[str]:
         """Every text of the record (what decontamination looks at)."""
-        return [self.text] if self.form == "text" else [content for _, content in self.turns]
+        if self.form == "text":
+            return [self.text]
+        return [content for _, content in self.turns] + ([self.rejected] if self.rejected is not None else [])
+
+    def halves(self) -> tuple["Sample", "Sample"]:
+        """A preference record's two conversations: the prompt with the chosen answer, then with the rejected."""
+        return Sample(self.turns), Sample(self.turns[:-1] + (("assistant", self.rejected),))
 
 
 def as_sample(sample) -> Sample:
@@ -84,6 +97,7 @@ def record_formats(sample: dict) -> list[str]:
     """The formats whose fields a record has: 'chat_rounds', 'messages', 'prompt/answer', ..., 'text'."""
     found = [key for key in SCHEMA_KEYS if key in sample]
     found += [f"{p}/{a}" for p, a in PAIR_FIELDS if p in sample and a in sample]
+    found += [PREFERENCE] if "chosen" in sample or "rejected" in sample else []
     return found + ([TEXT_KEY] if TEXT_KEY in sample else [])
 
 
@@ -99,12 +113,14 @@ def parse_record(sample) -> Sample:
         raise BadSample("ambiguous_record", f"fields of {len(formats)} formats ({', '.join(formats)}); keep the "
                         f"fields of one (MFTCoder would silently read {_mftcoder_choice(formats)})")
     form = formats[0]
-    if "/" not in form and sample.get("system") not in (None, ""):
+    if ("/" not in form or form == PREFERENCE) and sample.get("system") not in (None, ""):
         raise BadSample("misplaced_field", f"a top-level 'system' applies to two-field records only; in a "
                         f"'{form}' record it would be ignored (give it as the first turn of a conversation)")
     if form == TEXT_KEY:
         return Sample(form="text", text=_text(sample[TEXT_KEY], TEXT_KEY))
-    if "/" in form:
+    if form == PREFERENCE:
+        return preference_sample(sample)
+    if "/" in form:  # a two-field record
         prompt, answer = form.split("/")
         system = sample.get("system")
         turns = [("system", _text(system, "system"))] if system not in (None, "") else []
@@ -180,3 +196,50 @@ def _text(value, field: str, where: str = "") -> str:
         raise BadSample("invalid_utf8", f"{where}'{field}' holds an unpaired surrogate "
                         f"\\u{ord(value[err.start]):04x}, which is not text") from None
     return value
+
+
+def preference_sample(sample: dict) -> Sample:
+    """A preference pair, either format; its prompt turns in order (see `_check_role_order`)."""
+    for key in ("chosen", "rejected"):
+        if key not in sample:
+            raise BadSample("missing_field", f"a preference record needs 'chosen' and 'rejected'; '{key}' is missing")
+    if "prompt" in sample:
+        prompt = _prompt_turns(sample["prompt"])
+        chosen, rejected = (_answer(sample[key], key) for key in ("chosen", "rejected"))
+        _check_role_order("prompt", [role for role, _ in prompt] + ["assistant"])
+    else:
+        chosen_turns, rejected_turns = (_turn_list(sample[key], key) for key in ("chosen", "rejected"))
+        prompt, chosen, rejected = chosen_turns[:-1], chosen_turns[-1][1], rejected_turns[-1][1]
+        if rejected_turns[:-1] != prompt:
+            raise BadSample("different_prompts", "'chosen' and 'rejected' differ before their last turn; the two "
+                            "answers of a pair must follow the same prompt")
+    if chosen == rejected:
+        raise BadSample("identical_answers", "'chosen' and 'rejected' give the same answer: the pair teaches nothing")
+    return Sample(tuple(prompt) + (("assistant", chosen),), form="preference", rejected=rejected)
+
+
+def _turn_list(value, key: str) -> list[Turn]:
+    if not isinstance(value, list) or not value:
+        raise BadSample("empty_field", f"'{key}' must be a non-empty list of turns")
+    turns = [_turn(key, i, item) for i, item in enumerate(value)]
+    _check_role_order(key, [role for role, _ in turns])
+    return turns
+
+
+def _prompt_turns(value) -> list[Turn]:
+    if isinstance(value, str):
+        return [("user", _text(value, "prompt"))]
+    if not isinstance(value, list) or not value:
+        raise BadSample("malformed_json", "'prompt' must be a string or a non-empty list of turns")
+    return [_turn("prompt", i, item) for i, item in enumerate(value)]
+
+
+def _answer(value, key: str) -> str:
+    """An answer given as text, or as a list of one assistant turn."""
+    if isinstance(value, list):
+        turns = [_turn(key, i, item) for i, item in enumerate(value)]
+        if len(turns) != 1 or turns[0][0] != "assistant":
+            raise BadSample("bad_role_order", f"'{key}' after a 'prompt' must be one answer: a string or a list of "
+                            "one assistant turn")
+        return turns[0][1]
+    return _text(value, key)

@@ -4,7 +4,9 @@ Per task, three indexed datasets share one document order:
   <task>.bin/.idx            token ids
   <task>_loss_mask.bin/.idx  1 where the token is learned (uint8)
   <task>_task_id.bin/.idx    the task id of each document (one value each)
-and `manifest.json` describes them all. Lines are read in chunks and encoded
+and `manifest.json` describes them all. A task of preference records stores
+each pair as two consecutive documents, chosen then rejected, learned on their
+last answer only, and says `"preference": true` in the manifest. Lines are read in chunks and encoded
 by worker processes; results come back in input order, so the output is
 byte-identical for the same input whatever the number of workers. Inputs are
 checked before any work (preprocess_inputs.py); the output folder is claimed,
@@ -84,6 +86,8 @@ class TaskReport:
     dropped: dict[str, int] = field(default_factory=dict)
     max_token_id: int = -1
     """The largest token id written for this task."""
+    preference: bool = False
+    """Documents 2k and 2k+1 are the chosen and rejected halves of pair k."""
     inputs: list[dict] = field(default_factory=list)
     skipped_inputs: list[dict] = field(default_factory=list)
     """What the task's folders hold and is not read ({"path", "reason"[, "detail"]}; the first
@@ -105,6 +109,8 @@ class ChunkResult:
     bad: list[tuple[int, str, str]]  # (line, kind, reason): errors unless --on-bad-line skip
     truncated: int
     dropped: Counter                 # by policy: --overlong drop, --decontaminate
+    paired: np.ndarray = None        # bool per kept sample: a half of a preference pair (pairs are consecutive)
+    first_lines: dict = field(default_factory=dict)  # paired (bool) -> first line of that kind of record
 
 
 class _Encoder:
@@ -120,7 +126,7 @@ class _Encoder:
         self.guard = ContaminationGuard(options.decontaminate, options.ngram) if options.decontaminate else None
 
     def chunk(self, file: str, first: int, raw_lines: list[bytes], read_error: str | None = None) -> ChunkResult:
-        bad, numbers, conversations, dropped = [], [], [], Counter()
+        bad, numbers, conversations, paired, dropped = [], [], [], [], Counter()
         for number, raw in enumerate(raw_lines, start=first):
             if not raw.strip():
                 continue
@@ -129,23 +135,30 @@ class _Encoder:
                 if self.guard and self.guard.contaminated(sample.contents()):
                     dropped["contaminated"] += 1
                     continue
-                conversations.append(self.template(sample, self.tokenizer))
-                numbers.append(number)
+                halves = sample.halves() if sample.form == "preference" else (sample,)
+                conversations += [self.template(half, self.tokenizer) for half in halves]
+                numbers += [number] * len(halves)
+                paired += [len(halves) == 2] * len(halves)
             except BadSample as err:
                 bad.append((number, err.kind, str(err)))
         if read_error is not None:  # the line after the last whole one; nothing after it is read
             bad.append((first + len(raw_lines), "corrupt_gzip", read_error))
         batch = self.segments.encode(conversations)
-        return self._finish(file, len(raw_lines), np.asarray(numbers, dtype=np.int64), batch, bad, dropped)
+        paired = np.asarray(paired, dtype=bool)
+        _learn_last_answer_only(batch, paired)
+        return self._finish(file, len(raw_lines), np.asarray(numbers, dtype=np.int64), batch, bad, dropped, paired)
 
-    def _finish(self, file, line_count, numbers, batch, bad, dropped) -> ChunkResult:
-        """Apply --train-on-all and --max-seq-length/--overlong to a chunk's samples."""
+    def _finish(self, file, line_count, numbers, batch, bad, dropped, paired) -> ChunkResult:
+        """Apply --train-on-all and --max-seq-length/--overlong to a chunk's samples (pairs kept or dropped whole)."""
         if self.options.train_on_all:
-            batch.mask[:] = 1
+            batch.mask[~np.repeat(paired, batch.lengths)] = 1
         lengths, limit, truncated = batch.lengths, self.options.max_seq_length, 0
         keep = np.ones(len(lengths), dtype=bool)
         if limit and (lengths > limit).any():
-            over = lengths > limit
+            over = _pairwise(lengths > limit, paired)
+            if self.options.overlong == "truncate" and paired.any():
+                raise PreprocessError(f"{file}: --overlong truncate would cut the answers of preference pairs; use "
+                                      "--overlong drop or a larger --max-seq-length")
             if self.options.overlong == "truncate":
                 lengths = np.minimum(lengths, limit)
                 # A sample whose answers all lie past the cut teaches nothing.
@@ -154,7 +167,7 @@ class _Encoder:
                 truncated = int((over & keep).sum())
             elif self.options.overlong == "drop":
                 keep &= ~over
-                dropped["overlong"] += int(over.sum())
+                dropped["overlong"] += int(over[~paired].sum() + over[paired].sum() // 2)
             else:
                 keep &= ~over
                 bad += [(int(n), "overlong", f"{int(length)} tokens, longer than --max-seq-length {limit}; "
@@ -163,9 +176,29 @@ class _Encoder:
         starts = np.concatenate([[0], np.cumsum(lengths)])
         digests = [hashlib.blake2b(ids[a:b].tobytes() + mask[a:b].tobytes(), digest_size=12).digest()
                    for a, b in zip(starts[:-1], starts[1:])]
-        bad.sort()
+        first_lines = {bool(kind): int(numbers[paired == kind][0]) for kind in (False, True) if (paired == kind).any()}
         return ChunkResult(file=file, lines=line_count, ids=ids, mask=mask, lengths=lengths, digests=digests,
-                           bad=bad, truncated=truncated, dropped=dropped)
+                           bad=sorted(set(bad)), truncated=truncated, dropped=dropped, paired=paired[keep],
+                           first_lines=first_lines)
+
+
+def _learn_last_answer_only(batch, paired: np.ndarray) -> None:
+    """A pair's halves learn their last answer only: its log-probability is what preference losses compare."""
+    for index in np.flatnonzero(paired):
+        mask = batch.mask[batch.offsets[index] : batch.offsets[index + 1]]
+        learned = np.flatnonzero(mask)
+        gaps = np.flatnonzero(np.diff(learned) > 1)
+        start = learned[gaps[-1] + 1] if len(gaps) else (learned[0] if len(learned) else 0)
+        mask[:start] = 0
+
+
+def _pairwise(flags: np.ndarray, paired: np.ndarray) -> np.ndarray:
+    """`flags` with each pair's two halves (consecutive paired samples) flagged when either is."""
+    out = flags.copy()
+    halves = np.flatnonzero(paired).reshape(-1, 2)
+    either = flags[halves].any(axis=1)
+    out[halves[:, 0]] = out[halves[:, 1]] = either
+    return out
 
 
 def _gather(batch, keep: np.ndarray, lengths: np.ndarray):
@@ -342,8 +375,9 @@ def _process_task(task_id: int, name: str, files: list[Path], options: Preproces
         kill_point("preprocess.chunk", chunk)
         _count_bad_lines(result, options, dropped, report)
         dropped.update(result.dropped)
-        keep = _unseen(result.digests, seen) if options.dedup else list(range(len(result.digests)))
-        dropped["duplicate"] += len(result.digests) - len(keep)
+        _check_one_kind(name, report, result, documents=report.documents)
+        keep = _kept(result, seen, options.dedup)
+        dropped["duplicate"] += (len(result.digests) - len(keep)) // (2 if report.preference else 1)
         ids, mask, lengths = _select(result, keep)
         try:
             tokens.add(ids, lengths)
@@ -374,6 +408,29 @@ def _count_bad_lines(result: ChunkResult, options: PreprocessOptions, dropped: C
         if kind == "corrupt_gzip":  # the manifest says which file was cut short, and where
             entry = next(e for e in report.inputs if e["path"] == result.file)
             entry["unread_from_line"] = line
+
+
+def _check_one_kind(name: str, report: TaskReport, result: ChunkResult, documents: int) -> None:
+    """A task holds preference pairs or other records, not both: its documents are read one way."""
+    if not result.first_lines:
+        return
+    if documents == 0:  # the task's first record decides
+        report.preference = min(result.first_lines, key=result.first_lines.get)
+    other = not report.preference
+    if other in result.first_lines:
+        what = "a preference pair" if other else "a record that is not a preference pair"
+        raise PreprocessError(f"{result.file}:{result.first_lines[other]}: {what} in task {name}, whose records "
+                              "before it are of the other kind; give preference pairs a task of their own")
+
+
+def _kept(result: ChunkResult, seen: set[bytes], dedup: bool) -> list[int]:
+    """Indices of the samples to write: first occurrences (of whole pairs, for preference pairs)."""
+    if not dedup:
+        return list(range(len(result.digests)))
+    if not result.paired.any():
+        return _unseen(result.digests, seen)
+    pairs = [result.digests[i] + result.digests[i + 1] for i in range(0, len(result.digests), 2)]
+    return [2 * k + half for k in _unseen(pairs, seen) for half in (0, 1)]
 
 
 def _unseen(digests: list[bytes], seen: set[bytes]) -> list[int]:

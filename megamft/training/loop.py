@@ -131,6 +131,9 @@ def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folde
 
 
 def _build(cfg: MegamftConfig) -> Run:
+    if cfg.loss.objective != "sft":
+        raise ConfigError(f"loss.objective={cfg.loss.objective}: megamft train does not read preference pairs yet; "
+                          "the objectives run through megamft.training.preference_step and megamft.data.pairs")
     runtime = distributed.runtime()
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))

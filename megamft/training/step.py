@@ -24,7 +24,8 @@ from megamft.loss.multitask import (
     task_sums,
     token_weights,
 )
-from megamft.training import router_losses
+from megamft.loss.preference import PreferenceSetup
+from megamft.training import preference_step, router_losses
 
 BeforeForward = Callable[[dict], None]
 """Called with each micro-batch (on the device) just before the model runs it."""
@@ -40,6 +41,7 @@ class LossSetup:
     focal_gamma: float = 2.0
     fused: bool = False  # megamft's fused cross entropy on the model's vocab-parallel logits
     router_loss_coeffs: tuple[float, float] | None = None  # MoE: (load balancing, z); see router_losses
+    preference: PreferenceSetup | None = None  # a preference objective on pair micro-batches (preference_step)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class StepStats:
     loss_scale: float | None = None   # fp16's dynamic loss scale after the step
     device_syncs: int | None = None   # device-to-host synchronizations in the step (platform.sync_counter)
     router_losses: dict[str, float] = field(default_factory=dict)  # MoE auxiliary losses, unscaled
+    preference: dict[str, dict[str, float]] = field(default_factory=dict)  # reward metrics per task (preference)
 
 
 def _dp_group():
@@ -210,7 +213,7 @@ def _forward_step(make_loss_func, fused: bool, before_forward: BeforeForward | N
 
 
 def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks: int, forward_only: bool,
-                  before_forward: BeforeForward | None = None):
+                  before_forward: BeforeForward | None = None, reference: bool = False):
     divisor = 1.0
     if setup.normalization == "per_microbatch":  # MFTCoder: mean over micro-batches and DP ranks
         divisor = float(len(micro_batches) * parallel_state.get_data_parallel_world_size())
@@ -222,7 +225,15 @@ def _run_schedule(chunks, micro_batches: list[dict], setup: LossSetup, num_tasks
                                             positions)
 
     def make_loss_func(batch):
+        if reference:
+            return partial(preference_step.reference_loss_func, batch)
+        if setup.preference is not None:
+            return partial(preference_step.preference_loss_func, setup.preference, total_tokens, num_tasks, batch)
         return partial(_loss_func, setup, divisor, total_tokens, num_tasks, batch)
+
+    if setup.preference is not None or reference:
+        indices = [(b["sample_index"], b["num_samples"]) for b in micro_batches]
+        micro_batches = preference_step.prepare_pairs(micro_batches, indices, num_tasks, setup.task_weights)
 
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
@@ -280,7 +291,10 @@ def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...],
     router = None
     if setup.router_loss_coeffs is not None:
         router = router_losses.reduced(get_model_config(state.chunks[0]), len(micro_batches))
-    stats = reduce_stats(outputs, task_names, router)  # the same on every rank, so all skip together
+    if setup.preference is not None:
+        stats = _preference_stats(outputs, micro_batches, task_names)
+    else:
+        stats = reduce_stats(outputs, task_names, router)  # the same on every rank, so all skip together
     if not math.isfinite(stats.loss):
         stats.skipped = True
         return stats
@@ -298,6 +312,27 @@ def train_step(state, micro_batches: list[dict], task_names: tuple[str, ...],
         global_batch *= parallel_state.get_data_parallel_world_size()
         state.scheduler.step(increment=global_batch)
     return stats
+
+
+def _preference_stats(outputs: list[dict], micro_batches: list[dict], task_names: tuple[str, ...]) -> StepStats:
+    loss, metrics = preference_step.reduce_preference_stats(outputs, task_names)
+    tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)  # this rank's; metrics only
+    return StepStats(loss=loss, tokens=int(tokens), task_loss={}, task_tokens={}, preference=metrics)
+
+
+@torch.no_grad()
+def reference_logps(state, micro_batches: list[dict], num_tasks: int) -> list[torch.Tensor]:
+    """Forward only: each micro-batch's pairs' log-probabilities, [pairs, 2] float64 on the host.
+
+    Read on the last pipeline stage (the others get empty lists: they never compute a pair's loss).
+    """
+    for chunk in state.chunks:
+        chunk.eval()
+    setup = LossSetup(mode="token", preference=PreferenceSetup("simpo"))
+    outputs = _run_schedule(state.chunks, micro_batches, setup, num_tasks, True, reference=True)
+    for chunk in state.chunks:
+        chunk.train()
+    return [out["pair_logps"].cpu() for out in outputs]
 
 
 @torch.no_grad()
