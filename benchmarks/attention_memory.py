@@ -98,8 +98,8 @@ def main() -> None:
     print(f"device: {where}; {args.dtype}; heads {args.heads}, KV groups {args.groups}, head dim 64, batch 1")
     print(f"{'seq':>6}{'torch MB':>12}{'local MB':>12}{'local/torch':>13}")
     for seq in seqs:
-        t, l = rows["torch"][seq] / 2**20, rows["local"][seq] / 2**20
-        print(f"{seq:>6}{t:>12.1f}{l:>12.1f}{l / t:>12.1f}x")
+        torch_mb, local_mb = rows["torch"][seq] / 2**20, rows["local"][seq] / 2**20
+        print(f"{seq:>6}{torch_mb:>12.1f}{local_mb:>12.1f}{local_mb / torch_mb:>12.1f}x")
     factor = seqs[-1] / seqs[0]
     print(f"growth from seq {seqs[0]} to {seqs[-1]} (x{factor:g}): torch x{growth['torch']:.1f} "
           f"(linear would be x{factor:g}), local x{growth['local']:.1f} (quadratic would be x{factor ** 2:g})")

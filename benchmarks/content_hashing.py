@@ -81,7 +81,7 @@ def main() -> None:
         rows["sha256 (1 thread, in memory)"] = min(_timed(lambda: _sha256(data)) for _ in range(2))
         record = file_record(path)
         for threads in args.threads:
-            rows[f"check x{threads}"] = _timed(lambda: BlockCheck(all_blocks(path, record), threads).start().wait())
+            rows[f"check x{threads}"] = _timed(lambda n=threads: BlockCheck(all_blocks(path, record), n).start().wait())
         tokens = np.frombuffer(data, dtype=np.uint16)
         plain = min(_timed(lambda: _plain(folder, tokens)) for _ in range(2))
         rows["plain write"] = plain

@@ -16,6 +16,7 @@ are printed against the bytes of the parameters it holds.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,10 @@ from megamft.testing.checkpoint_reads import load_reads
 from megamft.testing.distributed import launch
 
 
+
+def _read_region(source, region):
+    return global_view.read_regions(source, [region])[0]
+
 def whole_layers_copy(converted: Path, out: Path) -> Path:
     """The same checkpoint stored as the converter stored it before: whole layers, one file."""
     source = iteration_dir(converted, 0)
@@ -38,8 +43,7 @@ def whole_layers_copy(converted: Path, out: Path) -> Path:
         for layer in range(shape[0]) if layered else [None]:
             offsets = (layer,) + (0,) * (len(shape) - 1) if layered else (0,) * len(shape)
             region = (1, *shape[1:]) if layered else shape
-            produce = (lambda k=key, o=offsets, r=region:
-                       global_view.read_regions(source, [global_view.Region(k, o, r)])[0])
+            produce = partial(_read_region, source, global_view.Region(key, offsets, region))
             chunks.append(global_view.Chunk(key, offsets, region, shape, md.properties.dtype, produce))
     global_view.write_checkpoint(out, 0, chunks, global_view.read_common(source))
     return out

@@ -66,7 +66,7 @@ def logits_and_adapter_grads(checkpoint: str, model_yaml: str, overrides: tuple[
         train_step(state, micro, ("task",), LossSetup(mode="token"))
         with torch.no_grad():
             for chunk in state.chunks:
-                for name, param in chunk.module.named_parameters():
+                for param in chunk.module.parameters():
                     if param.requires_grad:
                         param.copy_(param.main_grad)
         dist_checkpoint.save(state, grads_dir, 0, 0, cfg, with_optimizer=False)

@@ -233,7 +233,9 @@ def test_an_interrupted_evaluation_resumes_to_the_same_results(tmp_path, tiny_mo
     resumed = evaluate(settings, problems, tokenizer, rest, tmp_path / "split", workers=2, sandbox=sandbox,
                        progress=False)
     assert rest.calls == 2  # only the problems not done were generated again
-    read = lambda folder: [json.loads(line) for line in (folder / RESULTS).read_text().splitlines()]
+    def read(folder):
+        return [json.loads(line) for line in (folder / RESULTS).read_text().splitlines()]
+
     assert _without_timings(read(tmp_path / "split")) == _without_timings(read(tmp_path / "whole"))
     assert resumed["pass_at_k"] == whole["pass_at_k"] and set(whole["pass_at_k"]) == {"pass@1", "pass@2"} - \
         ({"pass@2"} if n < 2 else set())

@@ -46,7 +46,7 @@ def test_focal_by_hand():
     balancer.after_train_step(1, torch.tensor([0.5, 2.0]))  # task factors from the previous step
     task_factor = [f(0.5), f(2.0)]
     per_task = [1.5 * f(1.5), (3 * f(3.0) + 7 * f(7.0)) / 2]
-    expected = sum(a * l for a, l in zip(task_factor, per_task)) / sum(task_factor)
+    expected = sum(a * loss for a, loss in zip(task_factor, per_task)) / sum(task_factor)
     assert _loss("focal", balancer=balancer, focal_gamma=gamma) == pytest.approx(expected)
 
 

@@ -34,7 +34,7 @@ class _MegamftNorm(torch.nn.Module):
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
         for param in self.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            param.sequence_parallel = config.sequence_parallel
 
     def scale(self) -> torch.Tensor:
         """The multiplier applied, in fp32."""

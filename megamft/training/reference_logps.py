@@ -82,7 +82,8 @@ def compute(state, pairs: list[tuple[int, int]], pairs_per_task: list[int], make
     table = torch.zeros(int(offsets[-1]), 2, dtype=torch.float64)
     mine = pairs[rank::size]
     cuts = [mine[i:i + pairs_per_micro_batch] for i in range(0, len(mine), pairs_per_micro_batch)]
-    rounds = -(-(-(-len(pairs) // size)) // pairs_per_micro_batch)  # the same on every rank: collectives match
+    per_rank = -(-len(pairs) // size)
+    rounds = -(-per_rank // pairs_per_micro_batch)  # the same on every rank: collectives match
     for index in range(rounds):  # one micro-batch per schedule; a rank with fewer repeats one, unread
         cut = cuts[index] if index < len(cuts) else (cuts or [pairs[:1]])[-1]
         for values in reference_logps(state, [make_batch(cut)], len(pairs_per_task)):
