@@ -165,7 +165,9 @@ class TorchCoreAttention(MegatronModule):
         s, b, heads, dim = query.shape
         dropout = self.dropout if self.training else 0.0
         documents = packed_seq_params
-        flash_varlen = dropout == 0.0 and varlen_available(query) and self.softcap is None
+        # flash's kernels need one head width for q, k and v (multi-latent attention's values are narrower)
+        flash_varlen = (dropout == 0.0 and varlen_available(query) and self.softcap is None
+                        and value.shape[-1] == query.shape[-1])
         if flash_varlen and documents is None and self.window is not None and attention_mask is None:
             documents = whole_rows(b, s, query.device)  # varlen's window keeps plain rows linear too
         with self._dropout_rng(dropout):
