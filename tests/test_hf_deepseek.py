@@ -21,7 +21,7 @@ from megamft.testing.distributed import launch  # noqa: E402
 
 import jobs  # noqa: E402
 from hf_models import (assert_export_loads_in_transformers, assert_exports_bit_identical,  # noqa: E402
-                       convert_each, hf_logits, parameter_counts, random_tokens, resave, tiny_model)
+                       convert_each, hf_logits, parameter_counts, random_tokens, tiny_model)
 
 VOCAB, SEQ = 320, 24
 BASE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4, vocab_size=VOCAB,
@@ -106,13 +106,21 @@ def test_the_test_models_exercise_routing_and_yarn(converted):
             assert not torch.allclose(changed(tokens).logits, reference, atol=1e-3), change
 
 
-def test_round_trip_through_ep2_pp2_is_bit_identical(converted, tmp_path):
-    """Resaved from EP=2 x PP=2 (per-layer keys: a dense first layer), exported, loaded by transformers."""
-    hf_dir, megatron_dir = converted["v2"]
-    resaved = tmp_path / "ep2pp2"
-    resave(megatron_dir, ("parallel.expert_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"),
-           resaved, timeout=300)
-    assert_exports_bit_identical(resaved, tmp_path / "hf_out", hf_dir, "v2")
+def test_round_trip_through_tp2_pp2_ep2_is_bit_identical(converted, tmp_path):
+    """Resaved from TP=2 x PP=2 x EP=2 with sequence parallel (MLA's projections in TP pieces, per-layer keys
+    for a dense first layer, experts over two ranks), whose logits must also equal transformers', then exported
+    with the Hugging Face folder as template: the same tensors, bit for bit."""
+    out_dirs = [str(tmp_path / name) for name in CASES]
+    tokens = [random_tokens(VOCAB, SEQ) for _ in CASES]
+    results = launch(jobs.resave_each, 4, timeout=300, kwargs=dict(
+        checkpoints=_checkpoints(converted), out_dirs=out_dirs, tokens=tokens,
+        overrides=("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                   "parallel.sequence_parallel=true", "parallel.expert_model_parallel_size=2",
+                   "parallel.expert_tensor_parallel_size=1")))
+    ours = next(r for r in results if r is not None)
+    for (name, (hf_dir, _)), mine, case_tokens, resaved in zip(converted.items(), ours, tokens, out_dirs):
+        torch.testing.assert_close(mine[..., :VOCAB], hf_logits(hf_dir, case_tokens), rtol=0, atol=1e-4, msg=name)
+        assert_exports_bit_identical(resaved, tmp_path / f"{name}_hf", hf_dir, name)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -196,7 +204,7 @@ def test_fine_tuning_with_expert_parallelism_lowers_the_loss(converted):
     hf_dir, megatron_dir = converted["v2"]
     overrides = ("parallel.expert_model_parallel_size=2", "train.train_steps=4", "train.lr_warmup_steps=1",
                  "train.micro_batch_size=2", "train.global_batch_size=4", "data.seq_length=128",
-                 "data.max_samples_per_task=16", "data.valid_samples_per_task=2", "optimizer.lr=0.01",
+                 "data.max_samples_per_task=16", "data.valid_samples_per_task=4", "optimizer.lr=0.01",
                  f"checkpoint.load_dir={megatron_dir}", "checkpoint.load_optimizer=false")
     loss = launch(jobs.train, 2, timeout=300, kwargs=dict(
         overrides=overrides, config_files=(str(megatron_dir / "megamft_model.yaml"),)))[0]["loss"]
