@@ -123,6 +123,26 @@ def test_round_trip_through_tp2_pp2_ep2_is_bit_identical(converted, tmp_path):
         assert_exports_bit_identical(resaved, tmp_path / f"{name}_hf", hf_dir, name)
 
 
+def test_conversion_stored_in_tp2_pp2_pieces_loads_exactly(converted, tmp_path):
+    """Converted for TP=2 x PP=2 (MLA's projections stored in the pieces each TP rank holds, tp_pieces), read at
+    that layout with EP=2 and at TP=1: the logits equal transformers'."""
+    checkpoints = []
+    for name, (hf_dir, _) in converted.items():
+        out = hf_convert.hf_to_megatron(hf_dir, tmp_path / name, tp=2, pp=2).parent
+        checkpoints.append((str(out), str(out / "megamft_model.yaml")))
+    tokens = [random_tokens(VOCAB, SEQ) for _ in CASES]
+    target = ("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+              "parallel.sequence_parallel=true", "parallel.expert_model_parallel_size=2",
+              "parallel.expert_tensor_parallel_size=1")
+    for world_size, overrides in ((4, target), (1, ())):
+        results = launch(jobs.converted_logits_of_each, world_size, timeout=300, kwargs=dict(
+            checkpoints=checkpoints, overrides=overrides, tokens=tokens))
+        ours = next(r for r in results if r is not None)
+        for (name, (hf_dir, _)), mine, case_tokens in zip(converted.items(), ours, tokens):
+            torch.testing.assert_close(mine[..., :VOCAB], hf_logits(hf_dir, case_tokens), rtol=0, atol=1e-4,
+                                       msg=f"{name} at {overrides}")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_loads_in_transformers_without_key_warnings(converted, name, tmp_path):
     hf_dir, megatron_dir = converted[name]
