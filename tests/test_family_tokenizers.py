@@ -1,4 +1,5 @@
-"""The templates with the new families' tokenizers: BOS and EOS are asked of each tokenizer, as transformers reads it.
+"""The templates (mftcoder, chatml, llama2, hf) with the new families' tokenizers: BOS and EOS are asked of each
+tokenizer, as transformers reads it.
 
 Small tokenizer.json folders are made in the style each family publishes (special-token names, whether its
 post-processor puts a BOS in front, tokenizer_config.json's bos/eos): Gemma/CodeGemma (<bos> in front, <eos>),
@@ -8,6 +9,7 @@ folder, is the reference for what goes in front and which id ends a sequence.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,3 +118,46 @@ def test_mftcoder_template_encodes_as_mftcoder_with_the_tokenizer(tmp_path, fold
     tokens = IndexedDataset(str(out / manifest["tasks"][0]["prefix"]))
     for doc, turns in enumerate(CONVERSATIONS):
         assert tokens[doc].tolist() == _mftcoder_ids(theirs, turns), (style, doc)
+
+
+# Chat templates in the style of the published tokenizer_config.json files (google/codegemma-7b-it's turns,
+# deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct's User:/Assistant: lines), for --template hf.
+CHAT_TEMPLATES = {
+    "gemma": ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+              "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+              "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"),
+    "deepseek-v2": ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+                    "{{ 'Assistant: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+                    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"),
+}
+
+
+# What each template adds after its generation prompt for an answer: the text megamft learns.
+ANSWERS = {"gemma": lambda answer, _: answer.strip() + "<end_of_turn>\n",
+           "deepseek-v2": lambda answer, tokenizer: " " + answer + tokenizer.eos_token}
+
+
+@pytest.mark.parametrize("style", list(CHAT_TEMPLATES))
+def test_hf_template_gives_the_tokens_of_transformers_chat_template(tmp_path, folders, style):
+    """--template hf: the tokens transformers' apply_chat_template gives (one BOS: the template's own), and
+    learned exactly what each answer adds after the generation prompt (its end-of-turn token included)."""
+    folder = tmp_path / style
+    shutil.copytree(folders[style], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATES[style]}))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    conversations = [c for c in CONVERSATIONS if c[0][0] != "system"]  # Gemma's template has no system turn
+    out, manifest = run_preprocess(tmp_path, {"t": [as_line(c, "messages") for c in conversations]},
+                                   tokenizer=str(folder), template="hf")
+    entry = manifest["tasks"][0]
+    tokens, masks = IndexedDataset(str(out / entry["prefix"])), IndexedDataset(str(out / entry["loss_mask_prefix"]))
+    for doc, turns in enumerate(conversations):
+        expected = theirs.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        ids, mask = tokens[doc].tolist(), masks[doc].copy()
+        assert ids == list(expected), (style, doc)
+        edges = np.diff(np.concatenate([[0], mask, [0]]))
+        learned = [theirs.decode(ids[a:b]) for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
+        assert learned == [ANSWERS[style](c, theirs) for r, c in turns if r == "assistant"], (style, doc)
