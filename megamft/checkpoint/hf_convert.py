@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from megamft.checkpoint import global_view, hf_moe, lora_export, tp_pieces
 from megamft.checkpoint.export_checks import SOURCE_FILE, check_template, source_identity
 from megamft.checkpoint.layout import pointed_checkpoint
-from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, hf_shapes, needed_mappings, part_shapes
+from megamft.checkpoint.hf_mappings import (Dims, Mapping, hf_names, hf_shapes, layer_key, layers_of,
+                                            needed_mappings, part_shapes, stacked_layers)
 from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.errors import UserError
@@ -176,9 +177,9 @@ class SafetensorsFolder:
         return sorted(n for n in set(self.weight_map) - self.consumed if not n.endswith(_IGNORED_HF_SUFFIXES))
 
 
-def _check_hf_shapes(source: SafetensorsFolder, mappings, d: Dims, num_layers: int) -> None:
+def _check_hf_shapes(source: SafetensorsFolder, mappings, d: Dims, model: ModelConfig) -> None:
     for mapping in mappings:
-        for layer in range(num_layers) if mapping.per_layer else [None]:
+        for layer in layers_of(mapping, model):
             for name, expected in zip(hf_names(mapping, layer), hf_shapes(mapping, d)):
                 if name not in source.weight_map:
                     raise ConversionError(f"{source.folder}: tensor {name} is missing")
@@ -207,7 +208,10 @@ def check_target_layout(model: ModelConfig, tp: int, pp: int) -> None:
         )
         if value % size
     ]
-    if d.groups % tp and tp % d.groups:  # fewer query groups than TP ranks: megatron replicates them
+    if model.multi_latent_attention:  # megatron's local MLA splits its down projections over TP
+        problems += [f"{what} ({value}) is not divisible by TP ({tp})" for what, value in (
+            ("kv latent + rope width", d.kv_lora + d.rope_dim), ("q latent", d.q_lora or 0)) if value % tp]
+    elif d.groups % tp and tp % d.groups:  # fewer query groups than TP ranks: megatron replicates them
         problems.append(f"query groups ({d.groups}) is not divisible by TP ({tp}) and does not divide it")
     if problems:
         raise ConversionError("the model does not fit the target layout: " + "; ".join(problems))
@@ -225,9 +229,8 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None, tp: int 
     source = SafetensorsFolder(hf_dir)
     d = Dims.of(model)
     mappings = needed_mappings(model, family, hf_moe.is_fused(source.weight_map))
-    _check_hf_shapes(source, mappings, d, model.num_layers)
-    planned = {n for m in mappings for layer in (range(model.num_layers) if m.per_layer else [None])
-               for n in hf_names(m, layer)}
+    _check_hf_shapes(source, mappings, d, model)
+    planned = {n for m in mappings for layer in layers_of(m, model) for n in hf_names(m, layer)}
     unplanned = sorted(n for n in set(source.weight_map) - planned if not n.endswith(_IGNORED_HF_SUFFIXES))
     if unplanned:
         raise ConversionError(f"{hf_dir}: {len(unplanned)} tensor(s) have no megatron counterpart: {unplanned[:5]}")
@@ -237,12 +240,13 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None, tp: int 
     for mapping in mappings:
         shape = megatron_shape(mapping, d)
         layout = _pieces(mapping, shape, model, tp)
-        for layer in range(model.num_layers) if mapping.per_layer else [None]:
+        for layer in layers_of(mapping, model):
             names = hf_names(mapping, layer)
             stored = dtype or source.dtype(names[0])
             stage = tp_pieces.stage_of(mapping.megatron, layer, model.num_layers, pp)
             whole = _whole_tensor(mapping, layer, names, source, d, built)
-            chunks += [_chunk(mapping.megatron, layer, model.num_layers, shape, piece, stored, whole,
+            stacked = model.num_layers if layer is not None and stacked_layers(model) else None
+            chunks += [_chunk(layer_key(mapping, layer, model), layer, stacked, shape, piece, stored, whole,
                               tp_pieces.file_of(stage, piece.tp_rank, tp)) for piece in layout]
     return model, family, chunks, source
 
@@ -276,13 +280,14 @@ def _whole_tensor(mapping, layer, names, source, d, built: _LastBuilt) -> Callab
 
 
 def _chunk(key, layer, num_layers, shape, piece, dtype, whole, file) -> global_view.Chunk:
+    """One piece of a tensor; `num_layers`: the layer axis it is stacked on (None: a key of its own)."""
     def produce() -> torch.Tensor:
         tensor = whole()
         for dim, (start, length) in enumerate(zip(piece.offsets, piece.shape)):
             tensor = tensor.narrow(dim, start, length)
-        return tensor.unsqueeze(0) if layer is not None else tensor
+        return tensor.unsqueeze(0) if num_layers is not None else tensor
 
-    if layer is None:
+    if num_layers is None:
         return global_view.Chunk(key, piece.offsets, piece.shape, shape, dtype, produce, file)
     return global_view.Chunk(key, (layer, *piece.offsets), (1, *piece.shape), (num_layers, *shape), dtype, produce,
                              file)
@@ -386,13 +391,14 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
         mappings = needed_mappings(model, family)
         weights = _base_weights(ckpt)
         for layer in [None, *range(model.num_layers)]:
-            group = [m for m in mappings if m.per_layer == (layer is not None)]
-            regions = [_region(m, layer, d) for m in group]
+            group = [m for m in mappings if layer in layers_of(m, model)]
+            regions = [_region(m, layer, d, model) for m in group]
             tensors = global_view.read_regions(weights, regions)
-            if layer is not None:
+            stacked = layer is not None and stacked_layers(model)
+            if stacked:  # LoRA is refused on models whose layers differ (config validation)
                 tensors = lora_export.merged_layer(ckpt, index, cfg, regions, tensors, from_base=weights != ckpt)
             for mapping, tensor in zip(group, tensors):
-                tensor = tensor[0] if layer is not None else tensor
+                tensor = tensor[0] if stacked else tensor
                 stored_dtype = stored_dtype or tensor.dtype
                 for name, value in zip(hf_names(mapping, layer), to_hf(mapping, tensor, d)):
                     writer.add(name, value.to(dtype or value.dtype).contiguous())
@@ -449,10 +455,10 @@ def _family_for_export(model: ModelConfig) -> Family:
     return FAMILIES["Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"]
 
 
-def _region(mapping: Mapping, layer: int | None, d: Dims) -> global_view.Region:
+def _region(mapping: Mapping, layer: int | None, d: Dims, model: ModelConfig) -> global_view.Region:
     shape = megatron_shape(mapping, d)
-    if layer is None:
-        return global_view.Region(mapping.megatron, (0,) * len(shape), shape)
+    if layer is None or not stacked_layers(model):
+        return global_view.Region(layer_key(mapping, layer, model), (0,) * len(shape), shape)
     return global_view.Region(mapping.megatron, (layer,) + (0,) * len(shape), (1, *shape))
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from megamft.checkpoint import hf_moe
 from megamft.config import ModelConfig
-from megamft.sizing.architecture import head_dim, is_gated
+from megamft.sizing.architecture import head_dim, is_gated, is_moe_layer
 from megamft.sizing.vocab import padded_vocab_size
 
 if TYPE_CHECKING:
@@ -41,13 +41,23 @@ class Dims:
     vocab: int
     padded_vocab: int
     positions: int
+    value_dim: int
+    """Width of a value head (MLA's v_head_dim; head_dim otherwise): linear_proj takes heads x value_dim."""
+    q_lora: int | None = None
+    kv_lora: int = 0
+    qk_dim: int = 0
+    """MLA: a query/key head's part without RoPE, and (rope_dim) its RoPE part."""
+    rope_dim: int = 0
 
     @staticmethod
     def of(model: ModelConfig) -> "Dims":
         groups = model.num_query_groups or model.num_attention_heads
         padded = padded_vocab_size(model.vocab_size, 1, model.make_vocab_size_divisible_by)
+        mla = model.multi_latent_attention
         return Dims(model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, groups,
-                    head_dim(model), model.vocab_size, padded, model.max_position_embeddings)
+                    head_dim(model), model.vocab_size, padded, model.max_position_embeddings,
+                    model.v_head_dim if mla else head_dim(model), model.q_lora_rank, model.kv_lora_rank,
+                    model.qk_head_dim, model.qk_pos_emb_head_dim)
 
 
 Shapes = Callable[[Dims], list[tuple[int, ...]]]
@@ -68,6 +78,8 @@ class Mapping:
     """Prefix of a per-layer tensor's Hugging Face name."""
     fused: bool = False
     """The Hugging Face side is one tensor, the parts `shapes` gives concatenated along dim 0."""
+    moe_layers: bool | None = None
+    """None: in every layer; False: in the dense-MLP layers only (DeepSeek's first layers); True: MoE ones."""
 
 
 def _hidden(d: Dims):
@@ -83,7 +95,8 @@ def _qkv_biases(d: Dims):
 
 
 def _dense_gated(m: ModelConfig) -> bool:
-    return is_gated(m) and not m.num_experts  # an MoE layer's MLPs are the experts' (hf_moe)
+    # an MoE layer's MLPs are the experts' (hf_moe); DeepSeek's first layers are dense
+    return is_gated(m) and (not m.num_experts or m.moe_first_dense_layers > 0)
 
 
 def _gelu(m: ModelConfig) -> bool:
@@ -92,6 +105,18 @@ def _gelu(m: ModelConfig) -> bool:
 
 def _layer_norm(m: ModelConfig) -> bool:
     return m.normalization == "LayerNorm"
+
+
+def _mla(m: ModelConfig) -> bool:
+    return m.multi_latent_attention
+
+
+def _not_mla(m: ModelConfig) -> bool:
+    return not m.multi_latent_attention
+
+
+def _q_heads(d: Dims) -> int:
+    return d.heads * (d.qk_dim + d.rope_dim)
 
 
 _ATTN, _MLP = "decoder.layers.self_attention.", "decoder.layers.mlp."
@@ -106,20 +131,37 @@ MAPPINGS = (
     Mapping("embedding.position_embeddings.weight", ("transformer.wpe.weight",), "copy", False,
             lambda d: [(d.positions, d.hidden)], lambda m: m.position_embedding == "learned_absolute"),
     # attention
-    Mapping(_ATTN + "linear_qkv.layer_norm_weight", ("input_layernorm.weight",), "copy", True, _hidden),
-    Mapping(_ATTN + "linear_qkv.layer_norm_bias", ("input_layernorm.bias",), "copy", True, _hidden, _layer_norm),
+    Mapping(_ATTN + "linear_qkv.layer_norm_weight", ("input_layernorm.weight",), "copy", True, _hidden, _not_mla),
+    Mapping(_ATTN + "linear_qkv.layer_norm_bias", ("input_layernorm.bias",), "copy", True, _hidden,
+            lambda m: _layer_norm(m) and _not_mla(m)),
     Mapping(_ATTN + "linear_qkv.weight",
             ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv", True,
-            _qkv_weights),
+            _qkv_weights, _not_mla),
     Mapping(_ATTN + "linear_qkv.bias",
             ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", True,
-            _qkv_biases, lambda m: m.add_qkv_bias or m.add_bias_linear),
+            _qkv_biases, lambda m: (m.add_qkv_bias or m.add_bias_linear) and _not_mla(m)),
+    # multi-latent attention (megatron's MLASelfAttention; its norms under Transformer Engine's fused names)
+    Mapping("decoder.layers.input_layernorm.weight", ("input_layernorm.weight",), "copy", True, _hidden, _mla),
+    Mapping(_ATTN + "linear_q_proj.weight", ("self_attn.q_proj.weight",), "copy", True,
+            lambda d: [(_q_heads(d), d.hidden)], lambda m: _mla(m) and m.q_lora_rank is None),
+    Mapping(_ATTN + "linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), "copy", True,
+            lambda d: [(d.q_lora, d.hidden)], lambda m: _mla(m) and m.q_lora_rank is not None),
+    Mapping(_ATTN + "linear_q_up_proj.layer_norm_weight", ("self_attn.q_a_layernorm.weight",), "copy", True,
+            lambda d: [(d.q_lora,)], lambda m: _mla(m) and m.q_lora_rank is not None),
+    Mapping(_ATTN + "linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), "copy", True,
+            lambda d: [(_q_heads(d), d.q_lora)], lambda m: _mla(m) and m.q_lora_rank is not None),
+    Mapping(_ATTN + "linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), "copy", True,
+            lambda d: [(d.kv_lora + d.rope_dim, d.hidden)], _mla),
+    Mapping(_ATTN + "linear_kv_up_proj.layer_norm_weight", ("self_attn.kv_a_layernorm.weight",), "copy", True,
+            lambda d: [(d.kv_lora,)], _mla),
+    Mapping(_ATTN + "linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), "copy", True,
+            lambda d: [(d.heads * (d.qk_dim + d.value_dim), d.kv_lora)], _mla),
     Mapping(_ATTN + "q_layernorm.weight", ("self_attn.q_norm.weight",), "copy", True,
             lambda d: [(d.head_dim,)], lambda m: m.qk_layernorm),
     Mapping(_ATTN + "k_layernorm.weight", ("self_attn.k_norm.weight",), "copy", True,
             lambda d: [(d.head_dim,)], lambda m: m.qk_layernorm),
     Mapping(_ATTN + "linear_proj.weight", ("self_attn.o_proj.weight",), "copy", True,
-            lambda d: [(d.hidden, d.heads * d.head_dim)]),
+            lambda d: [(d.hidden, d.heads * d.value_dim)]),
     Mapping(_ATTN + "linear_proj.bias", ("self_attn.o_proj.bias",), "copy", True, _hidden,
             lambda m: m.add_bias_linear),
     Mapping(_ATTN + "post_layernorm.weight", ("post_attention_layernorm.weight",), "copy", True, _hidden,
@@ -129,9 +171,9 @@ MAPPINGS = (
     Mapping(_MLP + "linear_fc1.layer_norm_bias", ("post_attention_layernorm.bias",), "copy", True, _hidden,
             _layer_norm),
     Mapping(_MLP + "linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True,
-            lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)], _dense_gated),
+            lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)], _dense_gated, moe_layers=False),
     Mapping(_MLP + "linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True,
-            lambda d: [(d.hidden, d.ffn)], _dense_gated),
+            lambda d: [(d.hidden, d.ffn)], _dense_gated, moe_layers=False),
     Mapping(_MLP + "linear_fc1.weight", ("mlp.c_fc.weight",), "copy", True, lambda d: [(d.ffn, d.hidden)], _gelu),
     Mapping(_MLP + "linear_fc2.weight", ("mlp.c_proj.weight",), "copy", True, lambda d: [(d.hidden, d.ffn)], _gelu),
     Mapping(_MLP + "linear_fc1.bias", ("mlp.c_fc.bias",), "copy", True, lambda d: [(d.ffn,)],
@@ -192,3 +234,25 @@ def part_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
 
 def hf_names(mapping: Mapping, layer: int | None) -> list[str]:
     return [mapping.layer_prefix.format(i=layer) + n if mapping.per_layer else n for n in mapping.hf]
+
+
+def layers_of(mapping, model: ModelConfig) -> list[int | None]:
+    """The layers a mapping's tensors exist in ([None] for a tensor outside the layers)."""
+    if not mapping.per_layer:
+        return [None]
+    if mapping.moe_layers is None:
+        return list(range(model.num_layers))
+    return [i for i in range(model.num_layers) if is_moe_layer(model, i) == mapping.moe_layers]
+
+
+def stacked_layers(model: ModelConfig) -> bool:
+    """megatron stores a layer tensor of all layers under one key on a leading layer axis, unless the layers
+    differ (dense and MoE: megatron's non_homogeneous_layers), when each layer has keys of its own."""
+    return not model.moe_first_dense_layers
+
+
+def layer_key(mapping, layer: int | None, model: ModelConfig) -> str:
+    """The global checkpoint key of a mapping's tensor in `layer`."""
+    if layer is None or stacked_layers(model):
+        return mapping.megatron
+    return mapping.megatron.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)

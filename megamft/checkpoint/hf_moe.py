@@ -29,7 +29,7 @@ import torch
 from megamft.config import ModelConfig
 
 MOE_KIND = "moe"
-_FUSED_PROBE = "model.layers.0.mlp.experts.gate_up_proj"
+_FUSED_SUFFIX = ".mlp.experts.gate_up_proj"
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class ExpertMapping:
     per_layer: bool = True
     layer_prefix: str = "model.layers.{i}."
     fused: bool = False
+    moe_layers: bool | None = True
+    """Present in the MoE layers only (DeepSeek's first layers are dense)."""
 
     def needed(self, model: ModelConfig) -> bool:
         return True
@@ -79,12 +81,15 @@ _PUBLISHED = {
     "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
     "qwen2_moe": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "deepseek_v2": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
 }
+# Shared-expert MLP prefix per family (Qwen2-MoE's default).
+_SHARED = {"deepseek_v2": "mlp.shared_experts."}
 
 
 def is_fused(weight_names) -> bool:
     """Whether a checkpoint holds transformers' fused 3-D expert tensors."""
-    return _FUSED_PROBE in weight_names
+    return any(name.endswith(_FUSED_SUFFIX) for name in weight_names)
 
 
 def expert_mappings(model: ModelConfig, family: str, fused: bool = False) -> list[ExpertMapping]:
@@ -107,14 +112,13 @@ def expert_mappings(model: ModelConfig, family: str, fused: bool = False) -> lis
             _per_expert(_FC1, [(n + gate + ".weight", n + up + ".weight") for n in names], (2 * f, h), 2),
             _per_expert(_FC2, [(n + down + ".weight",) for n in names], (h, f), 1),
         ]
-    shared = model.moe_shared_expert_intermediate_size
+    shared, prefix = model.moe_shared_expert_intermediate_size, _SHARED.get(family, "mlp.shared_expert.")
     if shared:
         mappings += [
             ExpertMapping("decoder.layers.mlp.shared_experts.linear_fc1.weight",
-                          ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"),
+                          (prefix + "gate_proj.weight", prefix + "up_proj.weight"),
                           ((shared, h), (shared, h)), (2 * shared, h), torch.cat, lambda t: list(t.chunk(2))),
-            _copy("decoder.layers.mlp.shared_experts.linear_fc2.weight", "mlp.shared_expert.down_proj.weight",
-                  (h, shared)),
+            _copy("decoder.layers.mlp.shared_experts.linear_fc2.weight", prefix + "down_proj.weight", (h, shared)),
         ]
         if model.moe_shared_expert_gate:
             mappings.append(_copy("decoder.layers.mlp.shared_experts.gate_weight",

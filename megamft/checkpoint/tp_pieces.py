@@ -8,8 +8,9 @@ rank, and twice for a gated MLP's fc1. Stored as the pieces one rank holds at
 TP=N, it is read exactly by each rank at TP=N and at any TP dividing N.
 
 The splits follow megatron-core 0.16's sharded_state_dict:
-- column-parallel linears (linear_qkv, linear_fc1, output_layer) and the
-  vocab-parallel embedding: dim 0, weight and bias (tensor_parallel/layers.py);
+- column-parallel linears (linear_qkv, linear_fc1, output_layer, multi-latent
+  attention's five projections) and the vocab-parallel embedding: dim 0,
+  weight and bias (tensor_parallel/layers.py);
 - row-parallel linears (linear_proj, linear_fc2): weight dim 1, bias replicated;
 - a gated MLP's linear_fc1 [gate; up]: 2 x TP pieces on dim 0, rank r holding
   pieces r and TP + r (apply_swiglu_sharded_factory, transformer/mlp.py);
@@ -50,7 +51,11 @@ class Piece:
 
 
 _REPLICATED_MODULES = ("final_layernorm", "q_layernorm", "k_layernorm", "router", "post_layernorm",
-                       "position_embeddings")
+                       "position_embeddings", "input_layernorm")
+# Multi-latent attention's projections: ColumnParallelLinear in megatron's local MLA layer (the down
+# projections too, gathered after; Transformer Engine's layer keeps those whole: either loads these pieces).
+_COLUMN_MODULES = ("word_embeddings", "output_layer", "linear_qkv", "linear_q_proj", "linear_q_down_proj",
+                   "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
 
 
 def split_of(key: str, gated: bool) -> Split:
@@ -61,7 +66,7 @@ def split_of(key: str, gated: bool) -> Split:
     shift = 1 if experts else 0
     if param.startswith("layer_norm_") or leaf in _REPLICATED_MODULES or param == "gate_weight":
         return Split(None)
-    if leaf in ("word_embeddings", "output_layer", "linear_qkv"):
+    if leaf in _COLUMN_MODULES:
         return Split(0)
     if leaf == "linear_fc1":
         return Split(shift, 2 if gated else 1, experts)

@@ -24,6 +24,7 @@ def apply() -> None:
     _save_fully_reshardable_state_from_its_own_offsets()
     _define_te_general_gemm_without_transformer_engine()
     _checkpoint_manager_dies_with_its_trainer()
+    _mla_without_transformer_engine()
     _applied = True
 
 
@@ -124,6 +125,21 @@ def _offsets_without_bucket_padding(buffer) -> dict:
         padding += bucket.grad_data.numel() - bucket.numel_unpadded
     return {param: (start - padding_before[bucket_id], end - padding_before[bucket_id], bucket_id)
             for param, (start, end, bucket_id) in buffer.param_index_map.items()}
+
+
+def _mla_without_transformer_engine() -> None:
+    """Building MLASelfAttention without Transformer Engine raises TypeError: isinstance() arg 2 must be a type.
+
+    multi_latent_attention sets HAVE_TE once megatron's own TE extension module imports,
+    which it does without TE too, leaving TELinear a placeholder; the fp8 check in
+    MultiLatentAttention.__init__ then calls isinstance(linear_proj, TELinear). Where
+    megatron-core's layer specs found no TE (gpt_layer_specs.HAVE_TE), MLA is told so.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer import multi_latent_attention
+
+    if not gpt_layer_specs.HAVE_TE:
+        multi_latent_attention.HAVE_TE = False
 
 
 def _keep_torch_adam_step_on_reshardable_load() -> None:

@@ -225,7 +225,7 @@ def _model_problems(cfg: MegamftConfig) -> list[str]:
             f"with parallel.context_parallel_size={p.context_parallel_size}: windowed attention under context "
             "parallelism is untested in megamft; use context_parallel_size=1 or sequences up to the window"
         )
-    problems += _rope_problems(m) + _layer_feature_problems(cfg)
+    problems += _rope_problems(m) + _layer_feature_problems(cfg) + _mla_and_moe_layer_problems(cfg)
     if cfg.data.seq_length > m.max_position_embeddings:
         problems.append(
             f"data.seq_length ({cfg.data.seq_length}) exceeds "
@@ -268,8 +268,40 @@ def _layer_feature_problems(cfg: MegamftConfig) -> list[str]:
     if m.post_sublayer_norms and m.attention_backend == "te":
         problems.append("model.post_sublayer_norms with model.attention_backend=te: the norms after attention and "
                         "MLP are built in the local layer; use model.attention_backend=torch (or auto)")
+    if (m.multi_latent_attention or m.moe_first_dense_layers) and m.attention_backend == "te":
+        problems.append("model.multi_latent_attention / model.moe_first_dense_layers with model.attention_backend=te: "
+                        "DeepSeek-V2's layers are built in the local layer; use model.attention_backend=torch (or auto)")
     if m.post_sublayer_norms and m.num_experts:
         problems.append("model.post_sublayer_norms with model.num_experts: no norm after an MoE layer is supported")
+    return problems
+
+
+def _mla_and_moe_layer_problems(cfg: MegamftConfig) -> list[str]:
+    """Multi-latent attention's widths over TP, and DeepSeek-V2's MoE layout and routing."""
+    m, tp, problems = cfg.model, cfg.parallel.tensor_model_parallel_size, []
+    if m.multi_latent_attention:
+        latent = m.kv_lora_rank + m.qk_pos_emb_head_dim
+        for what, value in (("model.kv_lora_rank + model.qk_pos_emb_head_dim", latent),
+                            ("model.q_lora_rank", m.q_lora_rank or 0)):
+            if tp > 0 and value % tp:  # megatron's local MLA splits its down projections over TP
+                problems.append(f"{what} ({value}) must be divisible by parallel.tensor_model_parallel_size ({tp})")
+        if not m.rope_yarn_truncate:
+            problems.append("model.rope_yarn_truncate=false with model.multi_latent_attention: megatron-core's MLA "
+                            "rounds YaRN's ramp ends (rope_parameters.truncate true)")
+        if m.position_embedding != "rope":
+            problems.append("model.multi_latent_attention needs model.position_embedding=rope")
+    if cfg.lora.enabled and (m.multi_latent_attention or m.moe_first_dense_layers):
+        problems.append("lora.enabled with model.multi_latent_attention or model.moe_first_dense_layers (DeepSeek-V2): "
+                        "adapters on these layers are not supported; fine-tune the whole model (lora.enabled=false)")
+    if m.moe_first_dense_layers and (not m.num_experts or m.moe_first_dense_layers >= m.num_layers):
+        problems.append(f"model.moe_first_dense_layers ({m.moe_first_dense_layers}) needs model.num_experts and "
+                        f"fewer than model.num_layers ({m.num_layers})")
+    if bool(m.moe_router_num_groups) != bool(m.moe_router_group_topk):
+        problems.append("model.moe_router_num_groups and model.moe_router_group_topk are set together")
+    elif m.moe_router_num_groups and m.num_experts and (
+            m.num_experts % m.moe_router_num_groups or m.moe_router_group_topk > m.moe_router_num_groups):
+        problems.append(f"model.moe_router_num_groups ({m.moe_router_num_groups}) must divide model.num_experts "
+                        f"({m.num_experts}) and be at least model.moe_router_group_topk ({m.moe_router_group_topk})")
     return problems
 
 

@@ -145,7 +145,9 @@ class TorchCoreAttention(MegatronModule):
         if packed_seq_params is not None and not isinstance(packed_seq_params, RowDocuments):
             raise ValueError(f"the torch attention backend reads packed rows as RowDocuments, got "
                              f"{type(packed_seq_params).__name__} (qkv_format={packed_seq_params.qkv_format!r})")
-        s, b, heads, dim = query.shape
+        s, b = query.shape[:2]
+        value_width = value.shape[-1]
+        query, key, value = _one_head_width(query, key, value)
         dropout = self.dropout if self.training else 0.0
         documents = packed_seq_params
         flash_varlen = dropout == 0.0 and varlen_available(query) and self.softcap is None
@@ -168,13 +170,25 @@ class TorchCoreAttention(MegatronModule):
                 else:
                     context = softcapped_attention(query, key, value, allowed, causal, dropout, self.softmax_scale,
                                                    self.softcap)
-        return context.reshape(s, b, -1)
+        return context[..., :value_width].reshape(s, b, -1)
 
     def _dropout_rng(self, dropout: float):
         """megatron's rule: dropout draws from the TP-aware CUDA RNG tracker unless sequence parallel."""
         if dropout > 0.0 and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
         return contextlib.nullcontext()
+
+
+def _one_head_width(query, key, value):
+    """q, k and v of one head width, the narrower zero-padded: flash kernels (and torch's fused CPU kernel)
+    take one width, and multi-latent attention's values are narrower than its queries and keys. Zero columns
+    change no score (q.k) and give zero output columns, which the caller drops."""
+    width = max(query.shape[-1], value.shape[-1])
+    if query.shape[-1] < width:
+        query, key = (F.pad(t, (0, width - t.shape[-1])) for t in (query, key))
+    if value.shape[-1] < width:
+        value = F.pad(value, (0, width - value.shape[-1]))
+    return query, key, value
 
 
 def _sdpa(query, key, value, allowed: Optional[torch.Tensor], causal: bool, dropout: float, scale: float):

@@ -6,14 +6,15 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megamft.compat import megatron_fixes
 from megamft.config import MegamftConfig
 from megamft.sizing.architecture import is_gated
 from megamft.model.attention_window import window_size
 from megamft.model.rope import (apply_llama3_scaling, linear_interpolation_factor, megatron_yarn_attributes,
-                                position_embedding_type)
+                                mla_rope_fields, position_embedding_type)
 from megamft.model.moe import moe_transformer_fields
 from megamft.model.softcap import apply_final_logit_softcap
 from megamft.model.spec import gpt_layer_spec
@@ -80,9 +81,12 @@ def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) 
         # recv grad", and the two same-shaped tensors swap (seen under gloo:
         # wrong loss, no error). The unbatched path keeps the directions apart.
         fields["batch_p2p_comm"] = False
+    if m.multi_latent_attention:
+        fields.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
+                      qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, **mla_rope_fields(m))
     fields.update(fast or {})
     fields.update(cfg.transformer)
-    config = TransformerConfig(**fields)
+    config = (MLATransformerConfig if m.multi_latent_attention else TransformerConfig)(**fields)
     for name, value in megatron_yarn_attributes(m).items():
         setattr(config, name, value)
     return config
@@ -104,7 +108,8 @@ def build_model_chunks(
     for stage in stages:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, attention_backend, cfg.model, cfg.lora),
+            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, attention_backend, cfg.model, cfg.lora,
+                                                  get_transformer_layer_offset(config, vp_stage=stage)),
             vocab_size=vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

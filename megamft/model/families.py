@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from megamft.config import ModelConfig
 from megamft.errors import UserError
+from megamft.model.moe import DEEPSEEK_V2, MIXTRAL, QWEN2_MOE, QWEN3_MOE, MoeFamily, UnsupportedMoE
 from megamft.sizing.architecture import head_dim
-from megamft.model.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE, MoeFamily, UnsupportedMoE
 from megamft.model.rope import UnsupportedRope, hf_rope_scaling, rope_fields_from_hf
 
 
@@ -61,6 +61,9 @@ class Family:
     """model field -> config.json key copied as it is, both ways (Gemma 2's soft-caps)."""
     model_fields: dict = field(default_factory=dict)
     """ModelConfig values every model of the family has (Gemma's zero-centered norms)."""
+    head_dim_key: str | None = "head_dim"
+    """Key of the attention head width (None: the family's head_dim means something else: DeepSeek-V2's is
+    its RoPE width)."""
     hf_layer_prefix: str = "model.layers.{i}."
     hf_tensors: dict = field(default_factory=dict)
     """megatron parameter -> HfTensor, where the family stores it otherwise than the table says."""
@@ -154,6 +157,18 @@ FAMILIES = {
                hf_layer_prefix="transformer.h.{i}.", hf_tensors=_STARCODER,
                export_defaults={"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
         Family("mixtral", "MixtralForCausalLM", "mixtral", export_defaults={"sliding_window": None}, moe=MIXTRAL),
+        # DeepSeek-V2, V2-Lite, DeepSeek-Coder-V2(-Lite): multi-latent attention, shared experts, dense first layers.
+        Family("deepseek_v2", "DeepseekV2ForCausalLM", "deepseek_v2", moe=DEEPSEEK_V2, head_dim_key=None,
+               hf_defaults={"rms_norm_eps": 1e-6, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                            "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": 2,
+                            "moe_intermediate_size": 1407},
+               direct_keys={"q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+                            "qk_head_dim": "qk_nope_head_dim", "qk_pos_emb_head_dim": "qk_rope_head_dim",
+                            "v_head_dim": "v_head_dim"},
+               model_fields={"multi_latent_attention": True},
+               # keys of DeepSeek's own code that transformers' DeepseekV2 does not read: supported as published
+               fixed_keys={"scoring_func": ("softmax",), "moe_layer_freq": (1,)},
+               export_defaults={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}),
         Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", qkv_bias=True, moe=QWEN2_MOE, **_QWEN_WINDOWS,
                export_defaults={"use_sliding_window": False, "sliding_window": None, "qkv_bias": True}),
         # Qwen3-Coder-30B-A3B: Qwen3 attention (q/k norms, head_dim 128), 128 experts, no shared expert.
@@ -251,7 +266,7 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json") -> ModelC
                    if hf_config.get(theirs) is not None})
     if family.norm_epsilon_key in hf_config:
         values["norm_epsilon"] = hf_config[family.norm_epsilon_key]
-    head_dim = hf_config.get("head_dim")
+    head_dim = hf_config.get(family.head_dim_key) if family.head_dim_key else None
     if head_dim and head_dim * hf_config["num_attention_heads"] != hf_config["hidden_size"]:
         values["kv_channels"] = head_dim  # Qwen3, Gemma 7B: heads x head_dim need not equal hidden_size
     rope = {}
@@ -330,7 +345,8 @@ def hf_config_from_model(model: ModelConfig, family: Family, dtype: str) -> dict
     config[family.norm_epsilon_key] = model.norm_epsilon
     if family.linear_bias_key:
         config[family.linear_bias_key] = model.add_bias_linear
-    config["head_dim"] = head_dim(model)  # Gemma's config class assumes 256 where it is left out
+    if family.head_dim_key:
+        config[family.head_dim_key] = head_dim(model)  # Gemma's config class assumes 256 where it is left out
     config["dtype"] = dtype  # transformers 5 reads "dtype", older versions "torch_dtype"
     _export_windows(model, family, config)
     config["num_key_value_heads"] = model.num_query_groups or model.num_attention_heads

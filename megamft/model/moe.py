@@ -73,10 +73,6 @@ def moe_layer_pattern(model: ModelConfig) -> int | list[int]:
     return [0] * dense + [1] * (model.num_layers - dense)
 
 
-def is_moe_layer(model: ModelConfig, layer: int) -> bool:
-    return bool(model.num_experts) and layer >= model.moe_first_dense_layers
-
-
 @dataclass(frozen=True)
 class MoeFamily:
     """How one MoE family's config.json names its expert settings."""

@@ -22,17 +22,6 @@ import torch.nn.functional as F
 from megamft.config import ModelConfig
 
 
-def backend_problem(model: ModelConfig, backend: str) -> Optional[str]:
-    """Why an attention backend (te, torch or local) would not compute this model (None: it would)."""
-    if model.attention_logit_softcap and backend != "torch":
-        return (f"model.attention_logit_softcap={model.attention_logit_softcap} (attention soft-capping) is "
-                f"computed by the torch attention backend only; model.attention_backend={backend} has no soft-cap")
-    if model.post_sublayer_norms and backend == "te":
-        return ("model.post_sublayer_norms (norms after attention and MLP) are built in megatron's local layer "
-                "only; use model.attention_backend=torch")
-    return None
-
-
 def softcapped_attention(query, key, value, allowed: Optional[torch.Tensor], causal: bool, dropout: float,
                          scale: float, cap: float) -> torch.Tensor:
     """softmax(cap * tanh(q k^T * scale / cap), masked) v; [s, b, heads, dim] in and out.

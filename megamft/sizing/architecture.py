@@ -69,26 +69,45 @@ def is_column_parallel(path: str) -> bool:
     return path.endswith(("linear_qkv", "linear_fc1"))
 
 
-def layer_parameters(m: ModelConfig) -> int:
-    """Parameters of one transformer layer outside its routed experts (whole, before any parallel split)."""
-    h, f = m.hidden_size, m.ffn_hidden_size
+def attention_parameters(m: ModelConfig) -> int:
+    """Weights and biases of one layer's attention projections (its norms apart from the input norm's)."""
+    h = m.hidden_size
+    if m.multi_latent_attention:
+        heads, rope = m.num_attention_heads, m.qk_pos_emb_head_dim
+        q_out = heads * (m.qk_head_dim + rope)
+        query = h * q_out if m.q_lora_rank is None else h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * q_out
+        key_value = h * (m.kv_lora_rank + rope) + m.kv_lora_rank + m.kv_lora_rank * heads * (
+            m.qk_head_dim + m.v_head_dim)
+        return query + key_value + heads * m.v_head_dim * h + (h if m.add_bias_linear else 0)
     qkv_out, q = query_width(m) + 2 * kv_width(m), query_width(m)
-    if m.num_experts:  # the router, the shared expert and its gate; the experts: expert_layer_parameters
+    biases = qkv_out + h if m.add_bias_linear else (qkv_out if m.add_qkv_bias else 0)
+    qk_norms = 2 * head_dim(m) if m.qk_layernorm else 0
+    return h * qkv_out + q * h + biases + qk_norms
+
+
+def layer_parameters(m: ModelConfig, moe_layer: bool | None = None) -> int:
+    """Parameters of one transformer layer outside its routed experts (whole, before any parallel split).
+
+    moe_layer: whether the layer has experts (default: whether the model has them; DeepSeek's first
+    layers are dense).
+    """
+    h, f = m.hidden_size, m.ffn_hidden_size
+    moe_layer = bool(m.num_experts) if moe_layer is None else moe_layer
+    if moe_layer:  # the router, the shared expert and its gate; the experts: expert_layer_parameters
         mlp = m.num_experts * h + 3 * h * (m.moe_shared_expert_intermediate_size or 0)
         mlp += h if m.moe_shared_expert_gate else 0
     else:
-        mlp = mlp_matrices(m) * h * f
-    weights = h * qkv_out + q * h + mlp
-    biases = 0
-    if m.add_bias_linear:
-        biases = qkv_out + h + fc1_width(m) + h
-    elif m.add_qkv_bias:
-        biases = qkv_out
+        mlp = mlp_matrices(m) * h * f + (fc1_width(m) + h if m.add_bias_linear else 0)
     norms = (4 if m.post_sublayer_norms else 2) * h * (2 if m.normalization == "LayerNorm" else 1)
-    qk_norms = 2 * head_dim(m) if m.qk_layernorm else 0
-    return weights + biases + norms + qk_norms
+    return attention_parameters(m) + mlp + norms
 
 
 def expert_layer_parameters(m: ModelConfig) -> int:
-    """Parameters of one layer's routed experts (0 for a dense model)."""
+    """Parameters of one MoE layer's routed experts (0 for a dense model)."""
     return 3 * m.num_experts * m.hidden_size * (m.moe_ffn_hidden_size or m.ffn_hidden_size) if m.num_experts else 0
+
+
+def is_moe_layer(model: ModelConfig, layer: int) -> bool:
+    """Whether decoder layer `layer` (0-based) has routed experts: every layer of an MoE model after its
+    model.moe_first_dense_layers dense ones (DeepSeek-V2's first_k_dense_replace)."""
+    return bool(model.num_experts) and layer >= model.moe_first_dense_layers

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from megamft.config import MegamftConfig, data_parallel_size
 from megamft.sizing.architecture import (expert_layer_parameters, is_column_parallel, is_gated, layer_linears,
                                         layer_parameters, query_width)
-from megamft.sizing.vocab import padded_vocab_size
+from megamft.sizing.architecture import is_moe_layer
 from megamft.sizing.quantization import quantized_bytes
+from megamft.sizing.vocab import padded_vocab_size
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -64,18 +65,25 @@ def _expert_split(cfg: MegamftConfig) -> int:
     return p.expert_model_parallel_size * (p.expert_tensor_parallel_size or p.tensor_model_parallel_size)
 
 
-def stage_expert_parameters(cfg: MegamftConfig) -> float:
-    """Routed-expert parameters one rank of a pipeline stage holds."""
-    layers = cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size
-    return layers * expert_layer_parameters(cfg.model) / _expert_split(cfg)
+def stage_layers(cfg: MegamftConfig, first: bool) -> range:
+    """The layers of the first pipeline stage, or of the last."""
+    m, pp = cfg.model, cfg.parallel.pipeline_model_parallel_size
+    per_stage = m.num_layers // pp
+    return range(0, per_stage) if first else range(m.num_layers - per_stage, m.num_layers)
+
+
+def stage_expert_parameters(cfg: MegamftConfig, first: bool = True) -> float:
+    """Routed-expert parameters one rank of a pipeline stage (the first, or the last) holds."""
+    moe_layers = sum(is_moe_layer(cfg.model, i) for i in stage_layers(cfg, first))
+    return moe_layers * expert_layer_parameters(cfg.model) / _expert_split(cfg)
 
 
 def stage_parameters(cfg: MegamftConfig, vocab_size: int, first: bool, last: bool) -> float:
     """Parameters one rank of a pipeline stage holds (its TP shard)."""
-    m, p = cfg.model, cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     vocab = padded_vocab_size(vocab_size, tp, m.make_vocab_size_divisible_by)
-    total = m.num_layers // pp * layer_parameters(m) / tp + stage_expert_parameters(cfg)
+    layers = stage_layers(cfg, first)
+    total = sum(layer_parameters(m, is_moe_layer(m, i)) for i in layers) / tp + stage_expert_parameters(cfg, first)
     if first:
         total += vocab * m.hidden_size / tp
         if m.position_embedding == "learned_absolute":  # replicated on every TP rank
@@ -201,7 +209,7 @@ def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEsti
     for first, last in stages:
         params = stage_parameters(cfg, vocab_size, first, last)
         trained = params
-        experts = stage_expert_parameters(cfg)
+        experts = stage_expert_parameters(cfg, first)
         if cfg.lora.enabled:  # the base is frozen: gradients and Adam state for adapters only
             trained = adapter_parameters(cfg)
             params += trained

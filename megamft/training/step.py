@@ -58,7 +58,7 @@ class StepStats:
     skipped: bool = False
     overflow: bool = False            # the optimizer found inf/NaN gradients (fp16: the loss scale overflowed)
     loss_scale: float | None = None   # fp16's dynamic loss scale after the step
-    device_syncs: int | None = None   # device-to-host synchronizations in the step (platform.sync_counter)
+    device_syncs: int | None = None   # device-to-host synchronizations in the step (emulation.sync_counter)
     router_losses: dict[str, float] = field(default_factory=dict)  # MoE auxiliary losses, unscaled
     preference: dict[str, dict[str, float]] = field(default_factory=dict)  # reward metrics per task (preference)
 
