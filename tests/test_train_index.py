@@ -90,6 +90,26 @@ def _sample(words: int, i: int) -> str:
     return as_line([("user", f"q{i}"), ("assistant", " ".join(f"w{i}x{k}" for k in range(words)))], "messages")
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_the_compiled_shuffle_is_numpys_draw_for_draw(dtype):
+    """index_kernels.shuffle against numpy's Generator.shuffle: the same order and the same generator state
+    after it (the next draws agree), from a state holding a spare 32-bit draw as well as from a fresh one."""
+    for n in (0, 1, 2, 3, 17, 1000, 100_003):
+        for spare in (False, True):
+            ours, theirs = np.random.default_rng([n, 5]), np.random.default_rng([n, 5])
+            if spare:  # a generator whose next 32-bit draw is held over from a 64-bit one
+                ours.integers(0, 2**31, dtype=np.int32), theirs.integers(0, 2**31, dtype=np.int32)
+            x = (np.arange(n) * 7 % max(n, 1)).astype(dtype)
+            expected = x.copy()
+            theirs.shuffle(expected)
+            index_kernels.shuffle(ours, x)
+            assert x.tolist() == expected.tolist()
+            assert ours.integers(0, 2**62, size=4).tolist() == theirs.integers(0, 2**62, size=4).tolist()
+    assert index_kernels.permutation(np.random.default_rng(3), 50).tolist() == \
+        np.random.default_rng(3).permutation(50).tolist()
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("index")

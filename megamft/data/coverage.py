@@ -60,6 +60,7 @@ def count_cuts(store, docs: np.ndarray, seq_length: int, seed: int = 0, exact_li
     if len(over) > exact_limit:
         looked = np.random.default_rng(seed).choice(over, exact_limit, replace=False)
         count.estimated = True
+    looked = np.sort(looked)  # the masks read in file order: sequential reads, not tens of thousands of seeks
     learned, emptied = 0, 0
     for doc in looked.tolist():
         mask = store.loss_mask(doc)
@@ -85,6 +86,9 @@ class DataCoverage:
     """Samples megamft-preprocess truncated, per task (--overlong truncate)."""
     preprocess_dropped: dict[str, int] = field(default_factory=dict)
     """Samples megamft-preprocess dropped for their length, per task (--overlong drop, or truncated to no answer)."""
+    preprocess_split: dict[str, list[int]] = field(default_factory=dict)
+    """Per task: samples megamft-preprocess cut into pieces (--overlong split), the pieces kept, and the pieces
+    dropped for holding no learned token (a part of a prompt alone)."""
     preprocess_max_seq_length: int | None = None
     unsampled_tasks: dict[str, str] = field(default_factory=dict)
     """Tasks that no data epoch samples, and why."""
@@ -116,6 +120,14 @@ class DataCoverage:
                          f"--max-seq-length {self.preprocess_max_seq_length} tokens (cut: "
                          f"{_per_task(self.preprocess_cut) or 'none'}; dropped: "
                          f"{_per_task(self.preprocess_dropped) or 'none'})")
+        split = {task: n for task, n in self.preprocess_split.items() if n[0]}
+        if split:
+            lines.append(f"megamft-preprocess split {sum(n[0] for n in split.values()):,} sample(s) longer than "
+                         f"--max-seq-length {self.preprocess_max_seq_length} tokens into "
+                         f"{sum(n[1] for n in split.values()):,} pieces, every label learned once ("
+                         + ", ".join(f"{task} {n[0]:,} into {n[1]:,}" for task, n in split.items()) + ")"
+                         + (f"; {sum(n[2] for n in split.values()):,} piece(s) holding no learned token dropped"
+                            if any(n[2] for n in split.values()) else ""))
         if self.train.too_short:
             lines.append(f"{self.train.too_short:,} training sample(s) of fewer than 2 tokens are left out "
                          "(no position to learn)")
@@ -139,7 +151,8 @@ class DataCoverage:
                 f"keep their first {s + 1} tokens: {t.cut_tokens:,} tokens cut "
                 f"({t.cut_tokens / max(t.tokens, 1):.1%} of all training tokens), {about}{t.cut_learned:,} of them "
                 f"learned{emptied}.{valid} Raise data.seq_length, or cut them at preprocessing "
-                "(megamft-preprocess --max-seq-length --overlong)")
+                f"(megamft-preprocess --max-seq-length {s + 1} --overlong split keeps every token, in pieces; "
+                "--overlong truncate or drop)")
 
 
 def _per_task(counts: dict[str, int]) -> str:
@@ -159,6 +172,7 @@ def measure(cfg, names: list[str], stores: list, splits: list[tuple[np.ndarray, 
         coverage.left_out_by_source[name] = store.left_out
         coverage.preprocess_cut[name] = store.preprocess_cut
         coverage.preprocess_dropped[name] = store.preprocess_dropped
+        coverage.preprocess_split[name] = list(store.preprocess_split)
         coverage.preprocess_max_seq_length = store.preprocess_max_seq_length
     coverage.unsampled_tasks = unsampled_tasks(names, quotas, cfg.task_sampling, epoch_samples)
     return coverage

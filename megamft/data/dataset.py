@@ -39,6 +39,7 @@ class InMemoryDocuments:
     """Encoded documents held in lists; `left_out` counts those the source did not keep."""
 
     preprocess_cut = preprocess_dropped = 0
+    preprocess_split = (0, 0, 0)
     preprocess_max_seq_length = None
 
     def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray], left_out: int = 0):
@@ -59,8 +60,9 @@ class IndexedDocuments:
 
     Its files are checked against the manifest first (integrity.check_task), so a
     damaged one is named now rather than failing a batch hours into training.
-    megamft-preprocess truncated `preprocess_cut` samples to `preprocess_max_seq_length` tokens and dropped
-    `preprocess_dropped` longer ones.
+    megamft-preprocess truncated `preprocess_cut` samples to `preprocess_max_seq_length` tokens, dropped
+    `preprocess_dropped` longer ones, and split `preprocess_split[0]` into `preprocess_split[1]` pieces (dropping
+    `preprocess_split[2]` pieces that held no learned token).
     """
 
     left_out = 0
@@ -74,13 +76,22 @@ class IndexedDocuments:
         self.preprocess_cut = int(entry.get("truncated", 0))
         dropped = entry.get("dropped") or {}
         self.preprocess_dropped = sum(int(dropped.get(k, 0)) for k in ("overlong", "no_answer_left_after_truncation"))
+        self.preprocess_split = (int(entry.get("split", 0)), int(entry.get("pieces", 0)),
+                                 int(dropped.get("piece_without_answer", 0)))
         self.preprocess_max_seq_length = max_seq_length
+        self._mask_bytes = None
 
     def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens[doc], self.masks[doc]
 
     def loss_mask(self, doc: int) -> np.ndarray:
-        return self.masks[doc]
+        """The document's loss mask, read straight from the map of its .bin (counting the samples cut to
+        data.seq_length reads tens of thousands of them at start-up)."""
+        if self._mask_bytes is None:
+            self._mask_bytes = np.memmap(self.masks.path_prefix + ".bin", dtype=np.uint8, mode="r").view(
+                np.ndarray) if self.masks.index.sequence_count else np.zeros(0, dtype=np.uint8)  # plain: fast slices
+        start = int(self.masks.index.sequence_pointers[doc])
+        return self._mask_bytes[start : start + int(self.lengths[doc])]
 
 
 @dataclass

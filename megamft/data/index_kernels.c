@@ -12,6 +12,106 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* ------------------------------------------------------------------ shuffling */
+
+/* numpy's Generator.shuffle of a 1-d array, draw for draw: Fisher-Yates from the last element down, each
+ * j = random_interval(i) (the smallest all-ones mask >= i, 32-bit draws while i < 2^32, rejection above i)
+ * from PCG64 (128-bit LCG, XSL-RR output; a 32-bit draw is the low half of a 64-bit one, its high half kept
+ * for the next). Given the generator's state, the same permutation numpy gives (tested against numpy), but
+ * the draws for the next AHEAD positions are made first and their elements prefetched: on arrays larger
+ * than the caches most of numpy's time is the wait for x[j]. The generator's state after it is written
+ * back. */
+
+typedef unsigned __int128 u128;
+typedef struct {
+    u128 state, inc;
+    int has_uint32;
+    uint32_t uinteger;
+} Pcg64;
+
+static inline uint64_t pcg64_next64(Pcg64 *g) {
+    const u128 multiplier = ((u128)2549297995355413924ULL << 64) | 4865540595714422341ULL;
+    g->state = g->state * multiplier + g->inc;
+    uint64_t folded = (uint64_t)(g->state >> 64) ^ (uint64_t)g->state;
+    unsigned rot = (unsigned)(g->state >> 122);
+    return (folded >> rot) | (folded << ((-rot) & 63));
+}
+
+static inline uint32_t pcg64_next32(Pcg64 *g) {
+    if (g->has_uint32) {
+        g->has_uint32 = 0;
+        return g->uinteger;
+    }
+    uint64_t next = pcg64_next64(g);
+    g->has_uint32 = 1;
+    g->uinteger = (uint32_t)(next >> 32);
+    return (uint32_t)(next & 0xffffffffULL);
+}
+
+static inline uint64_t random_interval(Pcg64 *g, uint64_t max) {
+    if (max == 0) return 0;
+    uint64_t mask = max, value;
+    mask |= mask >> 1;
+    mask |= mask >> 2;
+    mask |= mask >> 4;
+    mask |= mask >> 8;
+    mask |= mask >> 16;
+    mask |= mask >> 32;
+    if (max <= 0xffffffffULL) {
+        while ((value = (pcg64_next32(g) & mask)) > max) {
+        }
+    } else {
+        while ((value = (pcg64_next64(g) & mask)) > max) {
+        }
+    }
+    return value;
+}
+
+#define AHEAD 16
+
+#define SHUFFLE(NAME, TYPE)                                                                     \
+    static void NAME(TYPE *x, int64_t n, Pcg64 *g) {                                           \
+        int64_t js[AHEAD];                                                                     \
+        for (int64_t k = 0; k < AHEAD && n - 1 - k >= 1; k++) {                                \
+            js[k] = (int64_t)random_interval(g, (uint64_t)(n - 1 - k));                        \
+            __builtin_prefetch(&x[js[k]]);                                                     \
+        }                                                                                      \
+        int head = 0;                                                                          \
+        for (int64_t i = n - 1; i >= 1; i--) {                                                 \
+            int64_t j = js[head];                                                              \
+            if (i - AHEAD >= 1) {                                                              \
+                js[head] = (int64_t)random_interval(g, (uint64_t)(i - AHEAD));                 \
+                __builtin_prefetch(&x[js[head]]);                                              \
+            }                                                                                  \
+            head = (head + 1) % AHEAD;                                                         \
+            TYPE t = x[j];                                                                     \
+            x[j] = x[i];                                                                       \
+            x[i] = t;                                                                          \
+        }                                                                                      \
+    }
+
+SHUFFLE(shuffle2, uint16_t)
+SHUFFLE(shuffle4, uint32_t)
+SHUFFLE(shuffle8, uint64_t)
+
+/* state: [state high, state low, inc high, inc low, has_uint32, uinteger], updated in place. Returns 0,
+ * -1 for an item size other than 2, 4 or 8 bytes. */
+int64_t megamft_shuffle(void *x, int64_t n, int64_t itemsize, uint64_t *state) {
+    Pcg64 g = {((u128)state[0] << 64) | state[1], ((u128)state[2] << 64) | state[3], (int)state[4],
+               (uint32_t)state[5]};
+    if (itemsize == 2) shuffle2((uint16_t *)x, n, &g);
+    else if (itemsize == 4) shuffle4((uint32_t *)x, n, &g);
+    else if (itemsize == 8) shuffle8((uint64_t *)x, n, &g);
+    else return -1;
+    state[0] = (uint64_t)(g.state >> 64);
+    state[1] = (uint64_t)g.state;
+    state[2] = (uint64_t)(g.inc >> 64);
+    state[3] = (uint64_t)g.inc;
+    state[4] = (uint64_t)g.has_uint32;
+    state[5] = g.uinteger;
+    return 0;
+}
+
 /* ------------------------------------------------------------------ task interleaving */
 
 /* The documents of one data epoch in order: the k-th occurrence of task t takes streams[starts[t] + k].
@@ -23,14 +123,20 @@ int64_t megamft_interleave(const uint16_t *tasks, int64_t n, int32_t num_tasks, 
     int64_t *next = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_tasks > 0 ? num_tasks : 1));
     if (next == NULL) return -2;
     memcpy(next, starts, sizeof(int64_t) * (size_t)num_tasks);
-    int64_t kept = 0;
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++) {  /* the documents, in order */
         uint16_t task = tasks[i];
         if (task >= num_tasks || next[task] >= stops[task]) {
             free(next);
             return -1;
         }
-        int32_t doc = streams[next[task]++];
+        docs_out[i] = streams[next[task]++];
+    }
+    free(next);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; i++) {  /* their sizes: random reads of the lengths, prefetched ahead */
+        if (i + AHEAD < n) __builtin_prefetch(&lengths[tasks[i + AHEAD]][docs_out[i + AHEAD]]);
+        uint16_t task = tasks[i];
+        int32_t doc = docs_out[i];
         int32_t size = lengths[task][doc] - 1;
         if (size > seq_length) size = seq_length;
         if (size <= 0) continue;
@@ -39,7 +145,6 @@ int64_t megamft_interleave(const uint16_t *tasks, int64_t n, int32_t num_tasks, 
         sizes_out[kept] = size;
         kept++;
     }
-    free(next);
     return kept;
 }
 

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "megamft_next_fit": [_i32p, _i64, ctypes.c_int32, _i64p],
     "megamft_best_fit": [_i32p, _i64, ctypes.c_int32, _i64, _i32p, _i32p, _i32p, _i64p, ctypes.POINTER(_i64)],
     "megamft_group_items": [_i32p, _i32p, _i64, _i32p, _i64, _i32p, _i64p],
+    "megamft_shuffle": [ctypes.c_void_p, _i64, _i64, np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS")],
 }
 
 
@@ -140,6 +141,38 @@ def _check(code: int, what: str) -> int:
 
 # ---------------------------------------------------------------- the operations, C or Python
 
+_MASK64 = (1 << 64) - 1
+
+
+def shuffle(rng: np.random.Generator, x: np.ndarray) -> None:
+    """rng.shuffle(x) for a 1-d contiguous array of 2-, 4- or 8-byte items, in place: the same permutation
+    and the same generator state after it (rng must be numpy's PCG64 Generator, as default_rng gives)."""
+    library = KERNELS.library()
+    if library is None or x.ndim != 1 or not x.flags.c_contiguous or x.itemsize not in (2, 4, 8) \
+            or rng.bit_generator.state.get("bit_generator") != "PCG64":
+        rng.shuffle(x)
+        return
+    with rng.bit_generator.lock:
+        state = rng.bit_generator.state
+        pcg = state["state"]
+        words = np.array([pcg["state"] >> 64, pcg["state"] & _MASK64, pcg["inc"] >> 64, pcg["inc"] & _MASK64,
+                          state["has_uint32"], state["uinteger"]], dtype=np.uint64)
+        library.megamft_shuffle(x.ctypes.data, len(x), x.itemsize, words)
+        w = [int(v) for v in words]
+        rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": (w[0] << 64) | w[1],
+                                                                      "inc": (w[2] << 64) | w[3]},
+                                   "has_uint32": w[4], "uinteger": w[5]}
+
+
+def permutation(rng: np.random.Generator, x: np.ndarray | int) -> np.ndarray:
+    """rng.permutation(x) (an int: of arange(x), int32 below 2^31): the same values, through `shuffle`."""
+    if isinstance(x, (int, np.integer)):
+        x = np.arange(int(x), dtype=np.int32 if x < 2**31 else np.int64)
+    else:
+        x = np.array(x)
+    shuffle(rng, x)
+    return x
+
 
 def interleave(tasks: np.ndarray, streams: list[np.ndarray], lengths: list[np.ndarray], seq_length: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,8 +193,7 @@ def interleave(tasks: np.ndarray, streams: list[np.ndarray], lengths: list[np.nd
                                       pointers, int(seq_length), out_tasks, docs, sizes)
     if kept < 0:
         raise ValueError("a task occurs more often in the epoch than its stream holds")
-    del flat, arrays
-    return out_tasks[:kept].copy(), docs[:kept].copy(), sizes[:kept].copy()
+    return out_tasks[:kept], docs[:kept], sizes[:kept]
 
 
 def _interleave_python(tasks, streams, lengths, seq_length):
@@ -188,7 +220,7 @@ def next_fit(sizes: np.ndarray, capacity: int) -> np.ndarray:
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
     offsets = np.empty(len(sizes) + 1, dtype=np.int64)
     bins = library.megamft_next_fit(sizes, len(sizes), int(capacity), offsets)
-    return offsets[: bins + 1].copy()
+    return offsets[: bins + 1].copy() if 2 * bins < len(sizes) else offsets[: bins + 1]
 
 
 def best_fit(sizes: np.ndarray, capacity: int, window: int, rng: np.random.Generator

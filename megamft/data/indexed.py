@@ -130,7 +130,9 @@ def read_index(path: Path) -> IndexInfo:
     if size != expected:
         raise DamagedIndex(f"{size} bytes, but its header promises {expected} "
                           f"({sequences} sequences): the file is truncated or damaged")
-    lengths = np.fromfile(path, dtype=np.int32, count=sequences, offset=len(head))
+    # A map, not a copy: a rank reads 10^8 lengths (400 MB) at start-up without holding them.
+    lengths = np.memmap(path, dtype=np.int32, mode="r", shape=(sequences,), offset=len(head)) if sequences \
+        else np.zeros(0, dtype=np.int32)
     return IndexInfo(_CODE_DTYPES[code], lengths)
 
 

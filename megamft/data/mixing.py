@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megamft.config import ConfigError
+from megamft.data import index_kernels
 
 _SPLIT_SALT = 7919  # separate seed streams: train/valid split, task passes, epoch shuffles
 _PASS_SALT = 104729
@@ -34,10 +35,9 @@ def split_train_valid(num_documents: int, valid: int, max_train: int | None, see
 
 
 def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
-    """rng.permutation(n) in int32 (the same values: a shuffle's draws depend on n alone), half the memory."""
-    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
-    rng.shuffle(order)
-    return order
+    """rng.permutation(n) in int32 (the same values: a shuffle's draws depend on n alone), half the memory,
+    through the compiled shuffle."""
+    return index_kernels.permutation(rng, n)
 
 
 def sampling_weights(kind: str, sizes: list[int], explicit: dict[str, float], names: list[str]) -> np.ndarray:
@@ -89,15 +89,18 @@ class TaskMixture:
         parts = []
         for p in range(start // n, (stop - 1) // n + 1):
             low, high = max(start - p * n, 0), min(stop - p * n, n)
-            parts.append(docs[_permutation(np.random.default_rng([self.seed, _PASS_SALT, task, p]), n)[low:high]])
-        return np.concatenate(parts).astype(np.int32, copy=False)
+            # docs[rng.permutation(n)]: the same swaps made on a copy of docs
+            passed = index_kernels.permutation(np.random.default_rng([self.seed, _PASS_SALT, task, p]),
+                                               np.asarray(docs, dtype=np.int32))
+            parts.append(passed[low:high])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def epoch_tasks(self, epoch: int) -> np.ndarray:
         """The task of every document of data epoch `epoch`, interleaved at random (uint16)."""
         rng = np.random.default_rng([self.seed, _EPOCH_SALT, epoch])
         # The permutation of an array depends on its length alone: uint16 gives the int64 order in a quarter
         # of the memory.
-        return rng.permutation(np.repeat(np.arange(len(self.quota), dtype=np.uint16), self.quota))
+        return index_kernels.permutation(rng, np.repeat(np.arange(len(self.quota), dtype=np.uint16), self.quota))
 
     def epoch_streams(self, epoch: int) -> list[np.ndarray]:
         """Per task, its documents of data epoch `epoch`, in order (int32)."""

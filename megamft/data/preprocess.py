@@ -60,7 +60,10 @@ class PreprocessOptions:
     max_seq_length: Optional[int] = None
     """Longest sample in tokens; longer ones are bad lines unless `overlong` says otherwise.
     A sample of N tokens fills N-1 training positions: data.seq_length + 1 keeps all that fit."""
-    overlong: Optional[Literal["truncate", "drop"]] = None
+    overlong: Optional[Literal["truncate", "drop", "split"]] = None
+    """What a longer sample becomes: its first max_seq_length tokens (truncate), nothing (drop), or pieces of
+    max_seq_length tokens, each starting at the last token of the one before, so every label is learned once
+    (split: continued pretraining on long files; a piece with no learned label is dropped and counted)."""
     on_bad_line: Literal["error", "skip"] = "error"
     train_on_all: bool = False
     """Learn every token, prompts included."""
@@ -83,6 +86,10 @@ class TaskReport:
     tokens: int = 0
     learned_tokens: int = 0
     truncated: int = 0
+    split: int = 0
+    """Samples cut into pieces (--overlong split)."""
+    pieces: int = 0
+    """The pieces they gave, among `documents` (--overlong split)."""
     dropped: dict[str, int] = field(default_factory=dict)
     max_token_id: int = -1
     """The largest token id written for this task."""
@@ -111,6 +118,8 @@ class ChunkResult:
     dropped: Counter                 # by policy: --overlong drop, --decontaminate
     paired: np.ndarray = None        # bool per kept sample: a half of a preference pair (pairs are consecutive)
     first_lines: dict = field(default_factory=dict)  # paired (bool) -> first line of that kind of record
+    record: np.ndarray | None = None  # --overlong split: each piece's sample (chunk-local), and
+    cut: np.ndarray | None = None     # whether that sample was cut into several pieces
 
 
 class _Encoder:
@@ -156,9 +165,9 @@ class _Encoder:
         keep = np.ones(len(lengths), dtype=bool)
         if limit and (lengths > limit).any():
             over = _pairwise(lengths > limit, paired)
-            if self.options.overlong == "truncate" and paired.any():
-                raise PreprocessError(f"{file}: --overlong truncate would cut the answers of preference pairs; use "
-                                      "--overlong drop or a larger --max-seq-length")
+            if self.options.overlong in ("truncate", "split") and paired.any():
+                raise PreprocessError(f"{file}: --overlong {self.options.overlong} would cut the answers of preference "
+                                      "pairs; use --overlong drop or a larger --max-seq-length")
             if self.options.overlong == "truncate":
                 lengths = np.minimum(lengths, limit)
                 # A sample whose answers all lie past the cut teaches nothing.
@@ -168,18 +177,66 @@ class _Encoder:
             elif self.options.overlong == "drop":
                 keep &= ~over
                 dropped["overlong"] += int(over[~paired].sum() + over[paired].sum() // 2)
+            elif self.options.overlong == "split":
+                return self._split(file, line_count, numbers, batch, limit, bad, dropped)
             else:
                 keep &= ~over
                 bad += [(int(n), "overlong", f"{int(length)} tokens, longer than --max-seq-length {limit}; "
-                         "or set --overlong truncate|drop") for n, length in zip(numbers[over], lengths[over])]
+                         "or set --overlong truncate|drop|split") for n, length in zip(numbers[over], lengths[over])]
         ids, mask, lengths = _gather(batch, keep, lengths)
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        digests = [hashlib.blake2b(ids[a:b].tobytes() + mask[a:b].tobytes(), digest_size=12).digest()
-                   for a, b in zip(starts[:-1], starts[1:])]
+        return self._result(file, line_count, numbers, ids, mask, lengths, bad, truncated, dropped, paired[keep],
+                            paired)
+
+    def _split(self, file, line_count, numbers, batch, limit, bad, dropped) -> ChunkResult:
+        """--overlong split: every sample as pieces of at most `limit` tokens, piece k starting at token
+        k * (limit - 1), so consecutive pieces share one token and every label lies in exactly one piece.
+        A piece is a duplicate when its whole sample is (--dedup compares samples, not pieces: a file sharing
+        its first `limit` tokens with another keeps all of its pieces)."""
+        owner, k, starts, lengths = split_pieces(batch.offsets[:-1], batch.lengths, limit)
+        cut = (batch.lengths > limit)[owner]
+        ids, mask, lengths = _take(batch.ids, batch.mask, starts, lengths)
+        piece_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        learned = (np.add.reduceat(mask.astype(np.int64), piece_starts) - mask[piece_starts] if len(lengths)
+                   else np.zeros(0, np.int64))
+        keep = ~(cut & (learned == 0))  # a piece of a prompt alone teaches nothing
+        if not keep.all():
+            dropped["piece_without_answer"] += int(np.count_nonzero(~keep))
+            ids, mask, lengths = _take(ids, mask, piece_starts[keep], lengths[keep])
+            owner, k, cut = owner[keep], k[keep], cut[keep]
+        offsets = batch.offsets
+        samples = [hashlib.blake2b(batch.ids[a:b].tobytes() + batch.mask[a:b].tobytes(), digest_size=12).digest()
+                   for a, b in zip(offsets[:-1], offsets[1:])]
+        digests = [hashlib.blake2b(samples[o] + piece.to_bytes(8, "little"), digest_size=12).digest() if whole
+                   else samples[o] for o, piece, whole in zip(owner.tolist(), k.tolist(), cut.tolist())]
+        unpaired = np.zeros(len(batch.lengths), dtype=bool)  # pairs are refused with --overlong split
+        return self._result(file, line_count, numbers, ids, mask, lengths, bad, 0, dropped, unpaired[owner],
+                            unpaired, digests, owner, cut)
+
+    def _result(self, file, line_count, numbers, ids, mask, lengths, bad, truncated, dropped, kept_paired,
+                paired, digests=None, record=None, cut=None) -> ChunkResult:
+        """The chunk's kept samples (or pieces), their digests for --dedup, and what was counted on the way;
+        `paired` flags each encoded sample as a half of a preference pair, `kept_paired` each kept one."""
+        if digests is None:
+            starts = np.concatenate([[0], np.cumsum(lengths)])
+            digests = [hashlib.blake2b(ids[a:b].tobytes() + mask[a:b].tobytes(), digest_size=12).digest()
+                       for a, b in zip(starts[:-1], starts[1:])]
         first_lines = {bool(kind): int(numbers[paired == kind][0]) for kind in (False, True) if (paired == kind).any()}
         return ChunkResult(file=file, lines=line_count, ids=ids, mask=mask, lengths=lengths, digests=digests,
-                           bad=sorted(set(bad)), truncated=truncated, dropped=dropped, paired=paired[keep],
-                           first_lines=first_lines)
+                           bad=sorted(set(bad)), truncated=truncated, dropped=dropped, paired=kept_paired,
+                           first_lines=first_lines, record=record, cut=cut)
+
+
+def split_pieces(starts: np.ndarray, lengths: np.ndarray, limit: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sample, k, start, length) of every piece: a sample of L <= limit tokens is one piece; a longer one
+    gives ceil((L - 1) / (limit - 1)) pieces, piece k its tokens k(limit-1) .. k(limit-1) + limit."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    step = limit - 1
+    counts = np.where(lengths > limit, -(-(lengths - 1) // step), 1)
+    owner = np.repeat(np.arange(len(lengths)), counts)
+    k = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    piece_starts = np.asarray(starts, dtype=np.int64)[owner] + k * step
+    return owner, k, piece_starts, np.minimum(limit, lengths[owner] - k * step)
 
 
 def _learn_last_answer_only(batch, paired: np.ndarray) -> None:
@@ -252,7 +309,7 @@ def _ordered_results(options: PreprocessOptions, chunks: Iterator, pool) -> Iter
 
 _WHOLE_NUMBERS = ("workers", "ngram", "chunk_lines", "max_seq_length")
 _SWITCHES = ("train_on_all", "dedup", "overwrite", "progress")
-_CHOICES = {"on_bad_line": ("error", "skip"), "overlong": (None, "truncate", "drop")}
+_CHOICES = {"on_bad_line": ("error", "skip"), "overlong": (None, "truncate", "drop", "split")}
 _LINE_HINT = "fix the line, or pass --on-bad-line skip to drop and count such lines"
 _GZIP_HINT = ("re-create the file, or pass --on-bad-line skip to keep the lines before this one "
               "and count the file as dropped")
@@ -389,6 +446,11 @@ def _process_task(task_id: int, name: str, files: list[Path], options: Preproces
         report.tokens += int(lengths.sum())
         report.learned_tokens += int(mask.sum(dtype=np.int64))
         report.truncated += result.truncated
+        if result.cut is not None:  # the cut samples and their pieces that were written
+            written = np.asarray(keep, dtype=np.int64)
+            cut = result.cut[written]
+            report.pieces += int(np.count_nonzero(cut))
+            report.split += len(np.unique(result.record[written][cut]))
         report.max_token_id = max(report.max_token_id, int(ids.max()) if len(ids) else -1)
         bar.advance(result.lines, int(lengths.sum()))
     report.dropped = {k: v for k, v in sorted(dropped.items()) if v}

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="encoding processes (default: 1)")
     p.add_argument("--max-seq-length", type=int,
                    help="longest sample in tokens (data.seq_length + 1 keeps every sample that fits a sequence)")
-    p.add_argument("--overlong", choices=("truncate", "drop"), help="what to do with longer samples")
+    p.add_argument("--overlong", choices=("truncate", "drop", "split"),
+                   help="what a longer sample becomes: its first --max-seq-length tokens, nothing, or pieces of "
+                        "--max-seq-length tokens that learn every label once (continued pretraining)")
     p.add_argument("--on-bad-line", choices=("error", "skip"), help="stop at a bad line (default) or drop it")
     p.add_argument("--train-on-all", action="store_true", default=None, help="learn prompt tokens too")
     p.add_argument("--decontaminate", action="append", choices=BENCHMARKS,
@@ -110,7 +112,8 @@ def _run(argv: list[str] | None) -> int:
     for task in manifest["tasks"]:
         dropped = ", ".join(f"{k} {v}" for k, v in task["dropped"].items()) or "none"
         print(f"{task['name']} (id {task['id']}): {task['documents']} samples, {task['tokens']} tokens "
-              f"({task['learned_tokens']} learned), truncated {task['truncated']}, dropped: {dropped}")
+              f"({task['learned_tokens']} learned), truncated {task['truncated']}, dropped: {dropped}"
+              + (f", {task['split']} split into {task['pieces']} pieces" if task.get("split") else ""))
         if task["skipped_input_count"]:
             print(f"  {task['name']}: its folders hold {describe_skipped(task['skipped_inputs'])}"
                   f"{' (and more)' if task['skipped_input_count'] > len(task['skipped_inputs']) else ''}; "
