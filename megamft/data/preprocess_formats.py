@@ -95,12 +95,14 @@ class RecordParser:
 
 def project(record: dict, columns: dict[str, str]) -> dict:
     """The record fields of `record`, each from its mapped column; other fields are not read."""
-    found = {}
-    for field in RECORD_FIELDS:
-        column = columns.get(field, field)
-        if column in record:
-            found[field] = record[column]
-    return found
+    return {field: record[column] for field, column in field_columns(columns) if column in record}
+
+
+def field_columns(columns: dict[str, str]) -> list[tuple[str, str]]:
+    """(record field, the column it is read from) for every field; a column mapped to a field is not also
+    read as the field of its own name (`--columns prompt=question` does not read a `question` field)."""
+    mapped = set(columns.values())
+    return [(f, columns[f]) if f in columns else (f, f) for f in RECORD_FIELDS if f in columns or f not in mapped]
 
 
 def check_record_file(task: str, path: Path, columns: dict[str, str]) -> None:
@@ -138,7 +140,7 @@ def parquet_fields(task: str, path: Path, columns: dict[str, str]) -> dict[str, 
     if missing:
         raise PreprocessError(f"task {task}: {path} has no column for --columns {', '.join(missing)}; "
                           f"its columns: {', '.join(names)}")
-    fields = {f: columns.get(f, f) for f in RECORD_FIELDS if columns.get(f, f) in names}
+    fields = {f: c for f, c in field_columns(columns) if c in names}
     if not fields:
         raise PreprocessError(f"task {task}: {path} has no column of a record field ({', '.join(RECORD_FIELDS)}); "
                           f"its columns: {', '.join(names)}. Map one with --columns FIELD=COLUMN, "
@@ -193,13 +195,19 @@ def _zstd_lines(path: Path) -> Iterator[bytes]:
 
 
 def parquet_batches(task: str, path: Path, columns: dict[str, str], rows: int) -> Iterator[list[dict]]:
-    """Lists of up to `rows` records, read a row group at a time; a null value is an absent field."""
+    """Lists of up to `rows` records, one row group at a time; a null value is an absent field.
+
+    Page checksums are verified where the writer stored them, so damage shows
+    as an error at the row group that holds it, not as altered text.
+    """
     pq = require("pyarrow.parquet", f"reading {path}")
     fields = parquet_fields(task, path, columns)
     by_column = {column: field for field, column in fields.items()}
     try:
         with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
-            for batch in parquet.iter_batches(batch_size=rows, columns=list(by_column), use_threads=False):
-                yield [{by_column[c]: v for c, v in row.items() if v is not None} for row in batch.to_pylist()]
+            for group in range(parquet.num_row_groups):
+                for batch in parquet.iter_batches(batch_size=rows, row_groups=[group], columns=list(by_column),
+                                                  use_threads=False):
+                    yield [{by_column[c]: v for c, v in row.items() if v is not None} for row in batch.to_pylist()]
     except _arrow_errors() as err:
         raise DamagedInput(f"the Parquet data cannot be read ({err})") from None
