@@ -50,11 +50,12 @@ def _zstd(data: bytes, frames: int = 1) -> bytes:
     return b"".join(compressor.compress(data[a:b]) for a, b in zip(cut, cut[1:]))
 
 
-def _parquet(path, records: list[dict], renamed: dict[str, str], row_group_size: int) -> None:
+def _parquet(path, records: list[dict], renamed: dict[str, str], row_group_size: int, compression="snappy") -> None:
     """The records as one table, every field a column (null where a record lacks it), some renamed."""
     names = list(dict.fromkeys(k for r in records for k in r))
     table = pa.table({renamed.get(n, n): [r.get(n) for r in records] for n in names} | {"id": list(range(len(records)))})
-    pq.write_table(table, path, row_group_size=row_group_size, write_page_checksum=True, use_dictionary=False)
+    pq.write_table(table, path, row_group_size=row_group_size, write_page_checksum=True, use_dictionary=False,
+                   compression=compression)
 
 
 def _run(tmp_path, name: str, paths: list, **options) -> dict:
@@ -75,14 +76,14 @@ def test_the_same_records_in_zst_and_parquet_give_the_jsonl_bytes(tmp_path, toke
     (tmp_path / "r.jsonl").write_bytes(data)
     (tmp_path / "r.jsonl.zst").write_bytes(_zstd(data, frames=3))
     _parquet(tmp_path / "r.parquet", records, {"text": "content", "prompt": "question"}, row_group_size=40)
-    mapped = [{("content" if k == "text" else k): v for k, v in r.items()} for r in records]
+    columns = {"text": "content", "prompt": "question"}  # `question` is also a field: read as `prompt` only
+    mapped = [{columns.get(k, k): v for k, v in r.items()} for r in records]
     (tmp_path / "mapped.jsonl").write_bytes(_jsonl_bytes(mapped))
     sp = tokenizers["sentencepiece"]
     reference = _run(tmp_path, "jsonl", [tmp_path / "r.jsonl"], tokenizer=sp)
-    columns = {"text": "content", "prompt": "question"}
     assert _run(tmp_path, "zst", [tmp_path / "r.jsonl.zst"], tokenizer=sp) == reference
     assert _run(tmp_path, "parquet", [tmp_path / "r.parquet"], tokenizer=sp, columns=columns) == reference
-    assert _run(tmp_path, "mapped", [tmp_path / "mapped.jsonl"], tokenizer=sp, columns={"text": "content"}) == reference
+    assert _run(tmp_path, "mapped", [tmp_path / "mapped.jsonl"], tokenizer=sp, columns=columns) == reference
     documents = _documents(tmp_path / "parquet")
     assert len(documents) == 150 and documents == _documents(tmp_path / "jsonl")
     text = load_tokenizer(sp).decode(documents[2])
@@ -192,10 +193,10 @@ def test_a_bad_parquet_row_and_a_damaged_row_group_are_named_by_file_and_row(tmp
     with pytest.raises(PreprocessError, match=f"{path}:137: no 'chat_rounds', 'messages' or 'text' field"):
         preprocess(options)
     records[136] = {"text": "doc 136"}
-    _parquet(path, records, {"text": "content"}, row_group_size=100)
-    group = pq.ParquetFile(path).metadata.row_group(1).column(0)  # the `content` column of rows 101-200
+    # Uncompressed: a changed digit still decodes, to other text ("doc 140"); only the page checksum tells.
+    _parquet(path, records, {"text": "content"}, row_group_size=100, compression="none")
     damaged = bytearray(path.read_bytes())
-    damaged[group.data_page_offset + group.total_compressed_size // 2] ^= 0xFF
+    damaged[damaged.index(b"doc 150") + 5] ^= 0x01  # in row group 2, rows 101-200
     path.write_bytes(damaged)
     with pytest.raises(PreprocessError, match=f"{path}:101: the Parquet data cannot be read"):
         preprocess(options)
