@@ -2,8 +2,8 @@
 
     megamft-preprocess --task code_completion=data/cc.jsonl --task text_to_code=data/t2c/ \\
         --tokenizer tokenizer.model --template mftcoder --out data/indexed --workers 8
-    megamft-preprocess --task code=stack/data.parquet --columns text=content --out data/pt   # Parquet, zstd
-    megamft-preprocess --task repo=sources:src/ --source-extensions .py,.c --out data/repo   # source files
+    megamft-preprocess --task code=stack/data.parquet --columns text=content --out data/pt
+    megamft-preprocess --task repo=sources:src/ --source-extensions .py,.c --out data/repo
     megamft-preprocess --config preprocess.yaml workers=16      # YAML keys are the long options
 """
 
@@ -34,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="read record fields from other columns or JSON fields, e.g. text=content")
     p.add_argument("--source-extensions", metavar="EXT[,EXT...]",
                    help="files of sources: folders that are read, e.g. .py,.c,Makefile (default: common code)")
-    p.add_argument("--source-max-bytes", type=int, help="larger source files are not read (default: 1000000)")
-    p.add_argument("--source-max-line-length", type=int,
+    p.add_argument("--source-max-bytes", type=int, metavar="N", help="larger source files are not read (default: 1000000)")
+    p.add_argument("--source-max-line-length", type=int, metavar="N",
                    help="source files with a longer line (minified, data) are not read (default: 1000)")
     p.add_argument("--out", help="output folder: new, empty, or a previous megamft-preprocess output")
     p.add_argument("--overwrite", action="store_true", default=None,
