@@ -116,11 +116,14 @@ def test_a_source_folder_gives_one_document_per_source_file_and_records_paths(tm
     from megamft.data.preprocess_cli import main
 
     folder, files = _source_folder(tmp_path)
+    (folder / "pkg" / "copy.py").write_text(files["pkg/util.py"])  # read, but a duplicate: no document
     assert main(["--task", f"t=sources:{folder}", "--out", str(tmp_path / "out"), "--source-max-bytes", "2000",
-                 "--source-extensions", ".py,.c,.js", "--no-dedup", "--quiet"]) == 0
+                 "--source-extensions", ".py,.c,.js", "--quiet"]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     task = manifest["tasks"][0]
-    assert [i["path"] for i in task["inputs"]] == [str(folder / "main.c"), str(folder / "pkg" / "util.py")]
+    assert [(i["path"], i["documents"]) for i in task["inputs"]] == [
+        (str(folder / "main.c"), 1), (str(folder / "pkg" / "copy.py"), 1), (str(folder / "pkg" / "util.py"), 0)]
+    assert task["dropped"] == {"duplicate": 1}
     skipped = {entry["path"][len(str(folder)) + 1:]: entry["reason"] for entry in task["skipped_inputs"]}
     assert skipped == {".git": "hidden", "big.py": "larger than --source-max-bytes", "empty.py": "empty",
                        "latin1.py": "not UTF-8 text", "logo.py": "binary", "notes.csv": "extension not in "

@@ -101,6 +101,7 @@ class TaskReport:
     max_token_id: int = -1
     """The largest token id written for this task."""
     inputs: list[dict] = field(default_factory=list)
+    """{"path", "sha256", "documents"[, "unread_from_line"]} of each file read, in document order."""
     skipped_inputs: list[dict] = field(default_factory=list)
     """What the task's folders hold and is not read ({"path", "reason"[, "detail"]}; the first
     MAX_SKIPPED_LISTED of skipped_input_count)."""
@@ -351,7 +352,10 @@ def _process_tasks(options: PreprocessOptions, found: dict, folder: OutputFolder
 def _process_task(task_id: int, name: str, inputs: TaskInputs, options: PreprocessOptions, pool, dtype,
                   folder: OutputFolder, bar) -> TaskReport:
     files = inputs.files
-    report = TaskReport(name, task_id, inputs=[{"path": str(p), "sha256": file_sha256(p)} for p in files])
+    # Each input's documents, in order: document i of the task comes from the input whose running count passes i.
+    report = TaskReport(name, task_id, inputs=[{"path": str(p), "sha256": file_sha256(p), "documents": 0}
+                                               for p in files])
+    by_path = {entry["path"]: entry for entry in report.inputs}
     tokens = folder.writer(name, dtype)
     masks = folder.writer(f"{name}_loss_mask", np.uint8)
     task_ids = folder.writer(f"{name}_task_id", np.uint16)
@@ -373,6 +377,7 @@ def _process_task(task_id: int, name: str, inputs: TaskInputs, options: Preproce
         masks.add(mask, lengths)
         task_ids.add(np.full(len(lengths), task_id), np.ones(len(lengths)))
         report.documents += len(lengths)
+        by_path[result.file]["documents"] += len(lengths)
         report.tokens += int(lengths.sum())
         report.learned_tokens += int(mask.sum(dtype=np.int64))
         report.truncated += result.truncated
