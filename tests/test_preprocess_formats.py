@@ -255,3 +255,24 @@ def test_the_column_mapping_reaches_the_workers_from_the_cli(tmp_path, capsys):
     assert load_tokenizer("byte").decode(_documents(tmp_path / "out")[0]).strip().endswith("x = 1")
     assert main(["--task", f"t={path}", "--out", str(tmp_path / "out2"), "--columns", "text", "--quiet"]) == 2
     assert "expected FIELD=COLUMN" in capsys.readouterr().err
+
+
+def test_the_column_mapping_and_source_rules_are_yaml_keys(tmp_path):
+    from megamft.data.preprocess_cli import main
+
+    path = write_jsonl(tmp_path / "t.jsonl", [json.dumps({"content": "x = 1"})])
+    folder, files = _source_folder(tmp_path)
+    config = tmp_path / "prep.yaml"
+    config.write_text(f"tasks:\n  t: {path}\n  s: sources:{folder}\ncolumns: {{text: content}}\n"
+                      f"source_extensions: [.c]\nout: {tmp_path / 'out'}\n")
+    assert main(["--config", str(config), "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [t["documents"] for t in manifest["tasks"]] == [1, 1]
+    assert [i["path"] for i in manifest["tasks"][1]["inputs"]] == [str(folder / "main.c")]
+
+
+def test_out_inside_a_source_folder_is_refused(tmp_path):
+    folder, _ = _source_folder(tmp_path)
+    with pytest.raises(PreprocessError, match="lies inside the input"):
+        preprocess(PreprocessOptions(tasks={"t": [f"sources:{folder}"]}, out_dir=str(folder / "out"), progress=False))
+    assert not (folder / "out").exists()
