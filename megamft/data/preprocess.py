@@ -213,23 +213,41 @@ def _init_pool_worker(options: PreprocessOptions) -> None:
     _init_worker(options)
 
 
-def _run_chunk(item) -> ChunkResult:
-    return _WORKER.chunk(*item)
+def _run_chunks(items: list) -> list[ChunkResult]:
+    return [_WORKER.chunk(*item) for item in items]
+
+
+BATCH_TEXT_BYTES = 1 << 22  # of source documents sent to a worker at once
+
+
+def _batches(chunks: Iterator, lines: int) -> Iterator[list]:
+    """Consecutive chunks, grouped until they hold `lines` items or BATCH_TEXT_BYTES of documents: a file's
+    last lines, or many one-document chunks (source files), go to a worker together."""
+    batch, count, size = [], 0, 0
+    for chunk in chunks:
+        batch.append(chunk)
+        count += len(chunk[2])
+        size += sum(len(item.get("text", "")) for item in chunk[2] if isinstance(item, dict))
+        if count >= lines or size >= BATCH_TEXT_BYTES:
+            yield batch
+            batch, count, size = [], 0, 0
+    if batch:
+        yield batch
 
 
 def _ordered_results(options: PreprocessOptions, chunks: Iterator, pool) -> Iterator[ChunkResult]:
-    """Chunk results in input order, with a bounded number in flight (constant memory)."""
+    """Chunk results in input order, with a bounded number of batches in flight (constant memory)."""
     if pool is None:
         for item in chunks:
             yield _WORKER.chunk(*item)
         return
     pending: deque = deque()
-    for item in chunks:
-        pending.append(pool.submit(_run_chunk, item))
+    for batch in _batches(chunks, options.chunk_lines):
+        pending.append(pool.submit(_run_chunks, batch))
         if len(pending) >= 4 * options.workers:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
     while pending:
-        yield pending.popleft().result()
+        yield from pending.popleft().result()
 
 
 # ---------------------------------------------------------------- driver
