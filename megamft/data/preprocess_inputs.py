@@ -164,12 +164,12 @@ def folder_files(folder: Path, skip_reason: Callable[[Path], tuple[str, str | No
                 walk(path)
             elif not _is(entry.is_file):
                 skip(path, "broken link" if entry.is_symlink() else "not a regular file")
-            elif path.resolve() in seen_files:
-                skip(path, "same file as one already read", str(seen_files[path.resolve()]))
+            elif (real := path.resolve()) in seen_files:
+                skip(path, "same file as one already read", str(seen_files[real]))
             elif (reason := skip_reason(path)) is not None:
                 skip(path, *reason)
             else:
-                seen_files[path.resolve()] = path
+                seen_files[real] = path
                 found.append(path)
 
     walk(folder)
