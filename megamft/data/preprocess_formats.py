@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from megamft.data.conversation import PAIR_FIELDS, SCHEMA_KEYS, TEXT_KEY, BadSample, load_line, parse_record, Sample
+from megamft.data.conversation import PAIR_FIELDS, SCHEMA_KEYS, TEXT_KEY, BadSample, Sample, load_line, parse_record
 from megamft.errors import MissingPackage, UserError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -128,21 +128,22 @@ def check_record_file(task: str, path: Path, columns: dict[str, str]) -> None:
         parquet_fields(task, path, columns)
 
 
-def parquet_fields(task: str, path: Path, columns: dict[str, str]) -> dict[str, str]:
+def parquet_fields(task: str | None, path: Path, columns: dict[str, str]) -> dict[str, str]:
     """{record field: Parquet column} of the file; PreprocessError if it is not Parquet or lacks a mapped column."""
     pq = require("pyarrow.parquet", f"reading {path}")
+    task = f"task {task}: " if task else ""
     try:
         names = pq.ParquetFile(path).schema_arrow.names
     except _arrow_errors() as err:
-        raise PreprocessError(f"task {task}: {path} is not a readable Parquet file ({err}); "
+        raise PreprocessError(f"{task}{path} is not a readable Parquet file ({err}); "
                           "re-create it or leave it out") from None
     missing = [f"{f}={c}" for f, c in columns.items() if c not in names]
     if missing:
-        raise PreprocessError(f"task {task}: {path} has no column for --columns {', '.join(missing)}; "
+        raise PreprocessError(f"{task}{path} has no column for --columns {', '.join(missing)}; "
                           f"its columns: {', '.join(names)}")
     fields = {f: c for f, c in field_columns(columns) if c in names}
     if not fields:
-        raise PreprocessError(f"task {task}: {path} has no column of a record field ({', '.join(RECORD_FIELDS)}); "
+        raise PreprocessError(f"{task}{path} has no column of a record field ({', '.join(RECORD_FIELDS)}); "
                           f"its columns: {', '.join(names)}. Map one with --columns FIELD=COLUMN, "
                           "e.g. --columns text=content")
     return fields
@@ -194,14 +195,14 @@ def _zstd_lines(path: Path) -> Iterator[bytes]:
         yield pending
 
 
-def parquet_batches(task: str, path: Path, columns: dict[str, str], rows: int) -> Iterator[list[dict]]:
+def parquet_batches(path: Path, columns: dict[str, str], rows: int) -> Iterator[list[dict]]:
     """Lists of up to `rows` records, one row group at a time; a null value is an absent field.
 
     Page checksums are verified where the writer stored them, so damage shows
     as an error at the row group that holds it, not as altered text.
     """
     pq = require("pyarrow.parquet", f"reading {path}")
-    fields = parquet_fields(task, path, columns)
+    fields = parquet_fields(None, path, columns)
     by_column = {column: field for field, column in fields.items()}
     try:
         with pq.ParquetFile(path, page_checksum_verification=True) as parquet:

@@ -221,7 +221,7 @@ def read_chunks(inputs: TaskInputs | list[Path], chunk_lines: int, rules: Source
 
 
 def _parquet_rows(path: Path, columns: dict[str, str], chunk_lines: int) -> Iterator[dict]:
-    for batch in parquet_batches(str(path), path, columns, chunk_lines):
+    for batch in parquet_batches(path, columns, chunk_lines):
         yield from batch
 
 
