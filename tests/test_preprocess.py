@@ -183,7 +183,8 @@ def test_manifest_records_identity_counts_and_checksums(tmp_path, tokenizers):
                          tokenizer=tokenizers["sentencepiece"], template="llama2")
     source = tmp_path / "in" / "t.jsonl"
     task = manifest["tasks"][0]
-    assert task["inputs"] == [{"path": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}]
+    assert task["inputs"] == [{"path": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                               "documents": task["documents"]}]
     tokens = IndexedDataset(str(out / "t"))
     assert task["tokens"] == int(tokens.sequence_lengths.sum())
     masks = IndexedDataset(str(out / "t_loss_mask"))

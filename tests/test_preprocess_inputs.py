@@ -158,7 +158,7 @@ def test_a_linked_folder_is_read_once_and_what_is_not_read_is_recorded(tmp_path)
     assert [i["path"] for i in task["inputs"]] == [str(folder / "a.jsonl"), str(folder / "linked" / "x.jsonl")]
     assert task["documents"] == 2
     skipped = {Path(entry["path"]).name: entry["reason"] for entry in task["skipped_inputs"]}
-    assert skipped == {"notes.txt": "not .jsonl or .jsonl.gz", "loop": "same folder as one already read",
+    assert skipped == {"notes.txt": "not .jsonl, .jsonl.gz, .jsonl.zst or .parquet", "loop": "same folder as one already read",
                        "gone.jsonl": "broken link"}
     assert task["skipped_input_count"] == 3
 
@@ -171,8 +171,8 @@ def test_the_cli_says_per_task_what_its_folders_hold_unread(tmp_path, capsys):
     assert main(["--task", f"t={folder}", "--task", f"p={plain.parent}", "--out", str(tmp_path / "out"),
                  "--quiet"]) == 0
     said = [line for line in capsys.readouterr().out.splitlines() if "not read" in line]
-    assert said == ["  t: its folders hold 3 entries not read: 1 broken link (gone.jsonl), 1 not .jsonl or .jsonl.gz "
-                    "(notes.txt), 1 same folder as one already read (loop); each is listed in manifest.json "
+    assert said == ["  t: its folders hold 3 entries not read: 1 broken link (gone.jsonl), 1 not .jsonl, .jsonl.gz, "
+                    ".jsonl.zst or .parquet (notes.txt), 1 same folder as one already read (loop); each is listed in manifest.json "
                     "(tasks[0].skipped_inputs)"]
 
 
@@ -181,6 +181,7 @@ def test_a_folder_without_data_names_what_it_holds(tmp_path):
     folder.mkdir()
     (folder / "train.json").write_text("[]")
     (folder / "train.csv").write_text("a,b")
-    with pytest.raises(PreprocessError, match=r"has no \.jsonl or \.jsonl\.gz files .*; it holds 2 entries not read: "
-                                              r"2 not \.jsonl or \.jsonl\.gz \(train\.csv, train\.json\)"):
+    with pytest.raises(PreprocessError, match=r"has no \.jsonl, \.jsonl\.gz, \.jsonl\.zst or \.parquet files .*; it holds "
+                                              r"2 entries not read: 2 not \.jsonl, \.jsonl\.gz, \.jsonl\.zst or "
+                                              r"\.parquet \(train\.csv, train\.json\)"):
         preprocess(PreprocessOptions(tasks={"t": [str(folder)]}, out_dir=str(tmp_path / "out"), progress=False))

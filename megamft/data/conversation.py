@@ -82,6 +82,11 @@ class BadSample(ValueError):
 
 def parse_line(raw: bytes) -> Sample:
     """Decode, parse and validate one JSON line of any record format."""
+    return parse_record(load_line(raw))
+
+
+def load_line(raw: bytes):
+    """The JSON value of one line; BadSample if it is not UTF-8 or not JSON."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -90,7 +95,7 @@ def parse_line(raw: bytes) -> Sample:
         sample = json.loads(text)
     except json.JSONDecodeError as err:
         raise BadSample("malformed_json", f"malformed JSON ({err.msg} at column {err.colno})") from None
-    return parse_record(sample)
+    return sample
 
 
 def record_formats(sample: dict) -> list[str]:

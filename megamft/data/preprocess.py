@@ -25,17 +25,19 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 import numpy as np
 
-from megamft.data.conversation import BadSample, parse_line
+from megamft.data.conversation import BadSample
 from megamft.data.decontaminate import BENCHMARKS
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import token_dtype
 from megamft.data.manifest import FORMAT, MANIFEST
-from megamft.data.preprocess_inputs import PreprocessError, check_task_names, input_files, read_chunks, task_inputs
+from megamft.data.preprocess_formats import RecordParser, check_columns
+from megamft.data.preprocess_inputs import (PreprocessError, TaskInputs, check_task_names, damage_kind, input_files,
+                                            read_chunks, task_inputs)
+from megamft.data.preprocess_sources import DEFAULT_SOURCE_EXTENSIONS, SourceRules, input_root
 from megamft.data.preprocess_output import OutputFolder, report_stale_lock
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import file_sha256, load_tokenizer
@@ -50,7 +52,8 @@ __all__ = ["FORMAT", "MANIFEST", "PreprocessError", "PreprocessOptions", "input_
 @dataclass
 class PreprocessOptions:
     tasks: dict[str, list[str]]
-    """Task name -> JSON Lines files or folders (.jsonl, .jsonl.gz), in task-id order."""
+    """Task name -> record files or folders (.jsonl, .jsonl.gz, .jsonl.zst, .parquet) and `sources:FOLDER`
+    folders of source files, in task-id order."""
     out_dir: str
     tokenizer: str = "byte"
     """'byte', a sentencepiece .model, or a Hugging Face tokenizer.json (or its folder)."""
@@ -74,8 +77,21 @@ class PreprocessOptions:
     """Drop exact duplicates (same token ids) within a task."""
     overwrite: bool = False
     """Write into a non-empty out_dir that is not a megamft-preprocess output (its other files are kept)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Record field -> the column (Parquet) or JSON field it is read from: {"text": "content"}."""
+    source_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_SOURCE_EXTENSIONS))
+    """Files of a `sources:` folder that are read: names ending with these ('.py') or equal to them ('Makefile')."""
+    source_max_bytes: int = 1_000_000
+    """A larger file of a `sources:` folder is not read."""
+    source_max_line_length: int = 1000
+    """A file of a `sources:` folder with a longer line (minified code, data) is not read."""
     chunk_lines: int = 256
     progress: bool = True
+
+    def source_rules(self) -> SourceRules:
+        extensions = self.source_extensions
+        return SourceRules(tuple(extensions) if isinstance(extensions, list) else extensions, self.source_max_bytes,
+                           self.source_max_line_length)
 
 
 @dataclass
@@ -96,6 +112,7 @@ class TaskReport:
     preference: bool = False
     """Documents 2k and 2k+1 are the chosen and rejected halves of pair k."""
     inputs: list[dict] = field(default_factory=list)
+    """{"path", "sha256", "documents"[, "unread_from_line"]} of each file read, in document order."""
     skipped_inputs: list[dict] = field(default_factory=list)
     """What the task's folders hold and is not read ({"path", "reason"[, "detail"]}; the first
     MAX_SKIPPED_LISTED of skipped_input_count)."""
@@ -133,14 +150,15 @@ class _Encoder:
         self.template, _ = get_template(options.template, self.tokenizer)
         self.segments = SegmentEncoder(self.tokenizer)
         self.guard = ContaminationGuard(options.decontaminate, options.ngram) if options.decontaminate else None
+        self.parse = RecordParser(options.columns)
 
     def chunk(self, file: str, first: int, raw_lines: list[bytes], read_error: str | None = None) -> ChunkResult:
         bad, numbers, conversations, paired, dropped = [], [], [], [], Counter()
         for number, raw in enumerate(raw_lines, start=first):
-            if not raw.strip():
+            if isinstance(raw, bytes) and not raw.strip():
                 continue
             try:
-                sample = parse_line(raw)
+                sample = self.parse(raw)
                 if self.guard and self.guard.contaminated(sample.contents()):
                     dropped["contaminated"] += 1
                     continue
@@ -151,7 +169,7 @@ class _Encoder:
             except BadSample as err:
                 bad.append((number, err.kind, str(err)))
         if read_error is not None:  # the line after the last whole one; nothing after it is read
-            bad.append((first + len(raw_lines), "corrupt_gzip", read_error))
+            bad.append((first + len(raw_lines), damage_kind(file), read_error))
         batch = self.segments.encode(conversations)
         paired = np.asarray(paired, dtype=bool)
         _learn_last_answer_only(batch, paired)
@@ -285,23 +303,41 @@ def _init_pool_worker(options: PreprocessOptions) -> None:
     _init_worker(options)
 
 
-def _run_chunk(item) -> ChunkResult:
-    return _WORKER.chunk(*item)
+def _run_chunks(items: list) -> list[ChunkResult]:
+    return [_WORKER.chunk(*item) for item in items]
+
+
+BATCH_TEXT_BYTES = 1 << 22  # of source documents sent to a worker at once
+
+
+def _batches(chunks: Iterator, lines: int) -> Iterator[list]:
+    """Consecutive chunks, grouped until they hold `lines` items or BATCH_TEXT_BYTES of documents: a file's
+    last lines, or many one-document chunks (source files), go to a worker together."""
+    batch, count, size = [], 0, 0
+    for chunk in chunks:
+        batch.append(chunk)
+        count += len(chunk[2])
+        size += sum(len(item.get("text", "")) for item in chunk[2] if isinstance(item, dict))
+        if count >= lines or size >= BATCH_TEXT_BYTES:
+            yield batch
+            batch, count, size = [], 0, 0
+    if batch:
+        yield batch
 
 
 def _ordered_results(options: PreprocessOptions, chunks: Iterator, pool) -> Iterator[ChunkResult]:
-    """Chunk results in input order, with a bounded number in flight (constant memory)."""
+    """Chunk results in input order, with a bounded number of batches in flight (constant memory)."""
     if pool is None:
         for item in chunks:
             yield _WORKER.chunk(*item)
         return
     pending: deque = deque()
-    for item in chunks:
-        pending.append(pool.submit(_run_chunk, item))
+    for batch in _batches(chunks, options.chunk_lines):
+        pending.append(pool.submit(_run_chunks, batch))
         if len(pending) >= 4 * options.workers:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
     while pending:
-        yield pending.popleft().result()
+        yield from pending.popleft().result()
 
 
 # ---------------------------------------------------------------- driver
@@ -311,8 +347,8 @@ _WHOLE_NUMBERS = ("workers", "ngram", "chunk_lines", "max_seq_length")
 _SWITCHES = ("train_on_all", "dedup", "overwrite", "progress")
 _CHOICES = {"on_bad_line": ("error", "skip"), "overlong": (None, "truncate", "drop", "split")}
 _LINE_HINT = "fix the line, or pass --on-bad-line skip to drop and count such lines"
-_GZIP_HINT = ("re-create the file, or pass --on-bad-line skip to keep the lines before this one "
-              "and count the file as dropped")
+_DAMAGE_HINT = ("re-create the file, or pass --on-bad-line skip to keep the lines before this one "
+                "and count the file as dropped")
 
 
 def _flag(key: str) -> str:
@@ -345,6 +381,8 @@ def _check_options(options: PreprocessOptions) -> None:
         raise PreprocessError("--max-seq-length must be at least 2")
     if not isinstance(options.decontaminate, list) or any(b not in BENCHMARKS for b in options.decontaminate):
         raise PreprocessError(f"--decontaminate {options.decontaminate!r}: known benchmarks are {', '.join(BENCHMARKS)}")
+    check_columns(options.columns)
+    options.source_rules().check()
 
 
 def _load_tokenizer(options: PreprocessOptions):
@@ -360,15 +398,15 @@ def preprocess(options: PreprocessOptions) -> dict:
     """Run the whole preprocessing; returns the manifest written to `out_dir/manifest.json`."""
     _check_options(options)
     tokenizer, template_identity = _load_tokenizer(options)
-    found = {name: task_inputs(name, paths) for name, paths in options.tasks.items()}
-    files = {name: task.files for name, task in found.items()}
-    inputs = [path for paths in options.tasks.values() for path in paths] + list(tokenizer.files)
+    rules = options.source_rules()
+    found = {name: task_inputs(name, paths, options.columns, rules) for name, paths in options.tasks.items()}
+    inputs = [input_root(path) for paths in options.tasks.values() for path in paths] + list(tokenizer.files)
     # Wide enough for every id the tokenizer can emit, not only its vocab_size.
     dtype = token_dtype(tokenizer.max_token_id + 1)
     with OutputFolder(options.out_dir, inputs, options.overwrite) as folder:
         report_stale_lock(folder)
         try:
-            reports = _process_tasks(options, files, folder, dtype)
+            reports = _process_tasks(options, found, folder, dtype)
             for report in reports:
                 skipped = found[report.name].skipped
                 report.skipped_inputs, report.skipped_input_count = skipped[:MAX_SKIPPED_LISTED], len(skipped)
@@ -396,13 +434,14 @@ def _manifest(options: PreprocessOptions, tokenizer, template_identity: dict, dt
         "token_dtype": np.dtype(dtype).name,
         "options": {k: v for k, v in asdict(options).items()
                     if k in ("max_seq_length", "overlong", "on_bad_line", "train_on_all", "decontaminate",
-                             "ngram", "dedup")},
+                             "ngram", "dedup", "columns", "source_extensions", "source_max_bytes",
+                             "source_max_line_length")},
         "tasks": [asdict(r) | {"prefix": r.name, "loss_mask_prefix": f"{r.name}_loss_mask",
                                "task_id_prefix": f"{r.name}_task_id"} for r in reports],
     }
 
 
-def _process_tasks(options: PreprocessOptions, files: dict, folder: OutputFolder, dtype) -> list[TaskReport]:
+def _process_tasks(options: PreprocessOptions, found: dict, folder: OutputFolder, dtype) -> list[TaskReport]:
     pool = None
     if options.workers > 1:  # a dead worker raises BrokenProcessPool here rather than hanging
         pool = ProcessPoolExecutor(options.workers, helper_spawn_context(), _init_pool_worker, (options,))
@@ -410,7 +449,7 @@ def _process_tasks(options: PreprocessOptions, files: dict, folder: OutputFolder
         _init_worker(options)
     bar = _Progress(options.progress)
     try:
-        return [_process_task(task_id, name, files[name], options, pool, dtype, folder, bar)
+        return [_process_task(task_id, name, found[name], options, pool, dtype, folder, bar)
                 for task_id, name in enumerate(options.tasks)]
     finally:
         bar.close()
@@ -418,16 +457,20 @@ def _process_tasks(options: PreprocessOptions, files: dict, folder: OutputFolder
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _process_task(task_id: int, name: str, files: list[Path], options: PreprocessOptions, pool, dtype,
+def _process_task(task_id: int, name: str, inputs: TaskInputs, options: PreprocessOptions, pool, dtype,
                   folder: OutputFolder, bar) -> TaskReport:
-    report = TaskReport(name, task_id, inputs=[{"path": str(p), "sha256": file_sha256(p)} for p in files])
+    files = inputs.files
+    # Each input's documents, in order: document i of the task comes from the input whose running count passes i.
+    report = TaskReport(name, task_id, inputs=[{"path": str(p), "sha256": file_sha256(p), "documents": 0}
+                                               for p in files])
+    by_path = {entry["path"]: entry for entry in report.inputs}
     tokens = folder.writer(name, dtype)
     masks = folder.writer(f"{name}_loss_mask", np.uint8)
     task_ids = folder.writer(f"{name}_task_id", np.uint16)
     seen: set[bytes] = set()
     dropped: Counter = Counter()
     bar.set_description(name)
-    results = _ordered_results(options, read_chunks(files, options.chunk_lines), pool)
+    results = _ordered_results(options, read_chunks(inputs, options.chunk_lines, options.source_rules()), pool)
     for chunk, result in enumerate(results, start=1):
         kill_point("preprocess.chunk", chunk)
         _count_bad_lines(result, options, dropped, report)
@@ -443,6 +486,7 @@ def _process_task(task_id: int, name: str, files: list[Path], options: Preproces
         masks.add(mask, lengths)
         task_ids.add(np.full(len(lengths), task_id), np.ones(len(lengths)))
         report.documents += len(lengths)
+        by_path[result.file]["documents"] += len(lengths)
         report.tokens += int(lengths.sum())
         report.learned_tokens += int(mask.sum(dtype=np.int64))
         report.truncated += result.truncated
@@ -464,10 +508,10 @@ def _count_bad_lines(result: ChunkResult, options: PreprocessOptions, dropped: C
     """Stop at the first bad line (FILE:LINE: reason), or count each by its kind under --on-bad-line skip."""
     for line, kind, reason in result.bad:
         if options.on_bad_line == "error":
-            hint = _GZIP_HINT if kind == "corrupt_gzip" else _LINE_HINT
+            hint = _DAMAGE_HINT if kind == damage_kind(result.file) else _LINE_HINT
             raise PreprocessError(f"{result.file}:{line}: {reason} ({hint})")
         dropped[kind] += 1
-        if kind == "corrupt_gzip":  # the manifest says which file was cut short, and where
+        if kind == damage_kind(result.file):  # the manifest says which file was cut short, and where
             entry = next(e for e in report.inputs if e["path"] == result.file)
             entry["unread_from_line"] = line
 

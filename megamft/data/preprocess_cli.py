@@ -1,7 +1,9 @@
-"""megamft-preprocess: JSON Lines records (any format in the README table) -> megatron indexed datasets per task.
+"""megamft-preprocess: records (any format in the README table) -> megatron indexed datasets per task.
 
     megamft-preprocess --task code_completion=data/cc.jsonl --task text_to_code=data/t2c/ \\
         --tokenizer tokenizer.model --template mftcoder --out data/indexed --workers 8
+    megamft-preprocess --task code=stack/data.parquet --columns text=content --out data/pt
+    megamft-preprocess --task repo=sources:src/ --source-extensions .py,.c --out data/repo
     megamft-preprocess --config preprocess.yaml --workers 16   # YAML keys are the long options; flags win
 """
 
@@ -26,7 +28,15 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML file with the options below (tasks: {name: [paths]})")
     p.add_argument("--task", action="append", default=[], metavar="NAME=PATH[,PATH...]",
-                   help="a task and its .jsonl/.jsonl.gz files or folders (repeatable; order gives task ids)")
+                   help="a task and its .jsonl/.jsonl.gz/.jsonl.zst/.parquet files or folders, or sources:FOLDER "
+                        "for one document per source file (repeatable; order gives task ids)")
+    p.add_argument("--columns", metavar="FIELD=COLUMN[,FIELD=COLUMN...]",
+                   help="read record fields from other columns or JSON fields, e.g. text=content")
+    p.add_argument("--source-extensions", metavar="EXT[,EXT...]",
+                   help="files of sources: folders that are read, e.g. .py,.c,Makefile (default: common code)")
+    p.add_argument("--source-max-bytes", type=int, metavar="N", help="larger source files are not read (default: 1000000)")
+    p.add_argument("--source-max-line-length", type=int, metavar="N",
+                   help="source files with a longer line (minified, data) are not read (default: 1000)")
     p.add_argument("--out", help="output folder: new, empty, or a previous megamft-preprocess output")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="write into a non-empty --out that megamft-preprocess did not write (its files are kept)")
@@ -86,13 +96,29 @@ def _add_task_specs(specs: list[str], tasks: dict, config: Path | None) -> None:
         tasks[name] = paths.split(",")
 
 
+def _columns(spec: str) -> dict[str, str]:
+    """`--columns text=content,prompt=question` -> {"text": "content", "prompt": "question"}."""
+    columns: dict[str, str] = {}
+    for pair in spec.split(","):
+        field, sep, column = pair.partition("=")
+        if not sep or not field or not column or field in columns:
+            raise PreprocessError(f"--columns {spec!r}: expected FIELD=COLUMN[,FIELD=COLUMN...], each FIELD once")
+        columns[field] = column
+    return columns
+
+
 def _options(args: argparse.Namespace) -> PreprocessOptions:
     values: dict = _read_config(args.config) if args.config else {}
     _add_task_specs(args.task, values.setdefault("tasks", {}), args.config)
     for key in ("tokenizer", "template", "workers", "max_seq_length", "overlong", "on_bad_line",
-                "train_on_all", "decontaminate", "ngram", "dedup", "overwrite"):
+                "train_on_all", "decontaminate", "ngram", "dedup", "overwrite", "source_max_bytes",
+                "source_max_line_length"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    if args.columns is not None:
+        values["columns"] = _columns(args.columns)
+    if args.source_extensions is not None:
+        values["source_extensions"] = [e for e in args.source_extensions.split(",") if e]
     if args.out:
         values["out_dir"] = args.out
     if "out_dir" not in values:
