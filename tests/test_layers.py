@@ -80,6 +80,39 @@ def test_the_layer_check_finds_an_upward_import(tmp_path):
     assert upward_imports(tmp_path) == [f"{tmp_path.name}/checkpoint/run_folder.py imports megamft.training"]
 
 
+def _module_name(file: Path, package: Path) -> str:
+    parts = file.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def mutual_imports(package: Path) -> list[tuple[str, str]]:
+    """Pairs of megamft modules that import each other (at any depth of the file)."""
+    files = {_module_name(f, package): f for f in package.rglob("*.py")}
+    imports = {}
+    for name, file in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        imports[name] = {m for m in found if m in files and m != name}
+    return sorted({tuple(sorted((a, b))) for a in imports for b in imports[a] if a in imports.get(b, ())})
+
+
+def test_no_two_modules_import_each_other():
+    assert mutual_imports(PACKAGE) == []
+
+
+def test_the_mutual_import_check_finds_a_pair(tmp_path):
+    """The check itself, on the pair the packing code once formed (a function-level import counts)."""
+    package = tmp_path / "megamft"
+    (package / "data").mkdir(parents=True)
+    (package / "data" / "sequences.py").write_text("from megamft.data import index_kernels\n")
+    (package / "data" / "index_kernels.py").write_text("def f():\n    from megamft.data.sequences import g\n")
+    assert mutual_imports(package) == [("megamft.data.index_kernels", "megamft.data.sequences")]
+
+
 def test_arithmetic_imports_nothing_heavy():
     """Memory and FLOPs arithmetic loads without torch, megatron-core or numpy."""
     code = ("import sys, megamft.sizing.memory, megamft.sizing.flops, megamft.sizing.vocab, "

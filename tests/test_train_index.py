@@ -15,7 +15,8 @@ from megamft.config import load_config
 from megamft.data import index_kernels
 from megamft.data.dataset import load_data
 from megamft.data.index_cache import IndexCache
-from megamft.data.sequences import MODES, best_fit_groups, next_fit_groups
+from megamft.data.packing import best_fit_groups, next_fit_groups
+from megamft.data.sequences import MODES
 from megamft.data.train_index import IndexSharing
 from megamft.testing.distributed import launch
 

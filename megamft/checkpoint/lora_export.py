@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from megamft.checkpoint import global_view, hf_moe, tp_pieces
+from megamft.checkpoint.hf_tensors import to_hf
 from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, needed_mappings
 from megamft.config import MegamftConfig
 
@@ -126,8 +127,6 @@ def peft_adapter_tensors(ckpt: Path, cfg: MegamftConfig, mappings: list[Mapping]
 
 def _hf_adapters(mapping: Mapping, a: torch.Tensor, b: torch.Tensor, d: Dims, layer: int):
     """(Hugging Face module, A, B) for each projection a fused megatron linear is made of."""
-    from megamft.checkpoint.hf_convert import to_hf
-
     names = hf_names(mapping, layer)
     b_parts = to_hf(mapping, b, d)
     if mapping.kind == hf_moe.MOE_KIND and a.dim() == 3:  # routed experts: [experts, r, in]

@@ -7,7 +7,7 @@ after its bytes and the compiler's version, under the kernels root ($MEGAMFT_KER
 leaves nothing that looks complete and concurrent builders never see half a library. It needs no Python
 headers and releases the GIL while it runs (ctypes does), so the next epoch's index is built in a
 thread beside training. Without a compiler the same results come from the Python reference
-(sequences.best_fit_groups, sequences.next_fit_groups, a numpy interleave), much slower at scale; a
+(packing.best_fit_groups, packing.next_fit_groups, a numpy interleave), much slower at scale; a
 warning says so once.
 """
 
@@ -214,7 +214,7 @@ def next_fit(sizes: np.ndarray, capacity: int) -> np.ndarray:
     """Offsets of next-fit bins over items in order (bin r holds items offsets[r]:offsets[r+1])."""
     library = KERNELS.library()
     if library is None:
-        from megamft.data.sequences import next_fit_groups
+        from megamft.data.packing import next_fit_groups
 
         return _offsets([len(g) for g in next_fit_groups(np.asarray(sizes), capacity)])
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
@@ -225,11 +225,11 @@ def next_fit(sizes: np.ndarray, capacity: int) -> np.ndarray:
 
 def best_fit(sizes: np.ndarray, capacity: int, window: int, rng: np.random.Generator
              ) -> tuple[np.ndarray, np.ndarray]:
-    """(flat, offsets): best-fit decreasing per window (sequences.best_fit_groups), bin r holding the
+    """(flat, offsets): best-fit decreasing per window (packing.best_fit_groups), bin r holding the
     items flat[offsets[r]:offsets[r+1]]; the same bins, in the same order, as the Python reference."""
     library = KERNELS.library()
     if library is None:
-        from megamft.data.sequences import best_fit_groups
+        from megamft.data.packing import best_fit_groups
 
         groups = best_fit_groups(np.asarray(sizes), capacity, window, rng)
         flat = np.fromiter((i for g in groups for i in g), dtype=np.int32, count=sum(map(len, groups)))
