@@ -4,12 +4,14 @@ Each problem is a one-line Python function named after what it does and a consta
     def add_37(x):
         \"\"\"Return x plus 37.\"\"\"
 The answer is the function with its body (`return x + 37`). Four operations (add, sub, mul, const) and the
-constants 0..99 make 400 functions; those whose constant ends in 3 (40) are held out as HumanEval-format
-problems with tests (examples/toy_functions_eval.jsonl), the other 360 are training conversations. Passing a
-held-out problem needs the template and copying the constant from the prompt, nothing more: the numbers
-show the in-training evaluation working on a model this small, not coding ability.
+constants 0..19 make 80 functions; those whose constant ends in 3 (8) are held out, the other 72 are training
+conversations. Two HumanEval-format problem files with tests come with them: toy_functions_heldout.jsonl
+(the 8 held out: passing needs the template and copying the constant from the prompt) and
+toy_functions_seen.jsonl (16 of the training functions, constants 1, 5, 9, 17: their solutions are in the
+training data, so passing them is memorisation). Neither measures coding ability; they show the
+in-training evaluation and model selection at work on a model this small.
 
-    python examples/data/toy_functions.py --train data/toy/toy_functions.jsonl --problems examples/toy_functions_eval.jsonl
+    python examples/data/toy_functions.py --train data/toy/toy_functions.jsonl --problems examples/
 """
 
 from __future__ import annotations
@@ -28,8 +30,16 @@ CHECKS = (0, 1, -4, 12)
 """Arguments every held-out problem's test calls the function with."""
 
 
+CONSTANTS = range(20)
+
+
 def held_out(n: int) -> bool:
     return n % 10 == 3
+
+
+def seen(n: int) -> bool:
+    """Training functions also evaluated (memorisation)."""
+    return n % 4 == 1 and not held_out(n)
 
 
 def prompt(op: str, n: int) -> str:
@@ -57,12 +67,16 @@ def conversation(op: str, n: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=Path, help="write the 360 training conversations here (.jsonl)")
-    parser.add_argument("--problems", type=Path, help="write the 40 held-out problems here (.jsonl)")
+    parser.add_argument("--train", type=Path, help="write the 72 training conversations here (.jsonl)")
+    parser.add_argument("--problems", type=Path, metavar="FOLDER",
+                        help="write toy_functions_heldout.jsonl and toy_functions_seen.jsonl into this folder")
     args = parser.parse_args()
-    pairs = [(op, n) for op in OPERATIONS for n in range(100)]
+    pairs = [(op, n) for op in OPERATIONS for n in CONSTANTS]
+    problems = args.problems
     for path, lines in ((args.train, [conversation(*p) for p in pairs if not held_out(p[1])]),
-                        (args.problems, [problem(*p) for p in pairs if held_out(p[1])])):
+                        (problems and problems / "toy_functions_heldout.jsonl",
+                         [problem(*p) for p in pairs if held_out(p[1])]),
+                        (problems and problems / "toy_functions_seen.jsonl", [problem(*p) for p in pairs if seen(p[1])])):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
