@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU quickstart with code-execution evaluation during training (15 to 20 minutes measured on a
+# The CPU quickstart with code-execution evaluation during training (11 minutes measured on a
 # shared, busy 2-core machine; each of the three evaluations generates and runs 24 completions at TP=2):
 #   1. the embedded corpus (examples/data/build_embedded_dataset.sh, once) plus a toy task of templated
 #      one-line functions (examples/data/toy_functions.py), preprocessed together and decontaminated
