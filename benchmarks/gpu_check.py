@@ -13,6 +13,9 @@ in order, each in subprocesses with timeouts, each reported on its own:
                       mode, unfused and with loss.fused_cross_entropy (all modes but focal)
   checkpoint_resume   a run saving at half-way vs resuming from that checkpoint: the same losses
   lora                LoRA from that checkpoint, adapter-only saves
+  lora_te             the same LoRA fine-tune on Transformer Engine's spec (norms apart, adapters on TE's
+                      linears): its losses against the lora check's local spec; without TE, the clear refusal
+                      (dry run) or not run (GPU)
   hf_export           megamft-convert megatron-to-hf of both, loaded with transformers:
                       no missing or unexpected keys, logits equal megamft's own forward
   fused_ce_benchmark  benchmarks/fused_ce.py: fused kernels vs unfused torch, time and memory
@@ -54,7 +57,7 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--out", type=Path, help="report folder (gpu_check.json, work/)")
     parser.add_argument("--dry-run", action="store_true", default=os.environ.get("GPU_CHECK_DRY_RUN") == "1",
                         help="CPU mode: tiny model, fewer loss modes (also GPU_CHECK_DRY_RUN=1)")
-    parser.add_argument("--budget", type=float, help="seconds for all checks (default 420 GPU, 240 dry run)")
+    parser.add_argument("--budget", type=float, help="seconds for all checks (default 420 GPU, 280 dry run)")
     parser.add_argument("--jobs", type=int, help="loss-mode training runs at once (default 3 GPU, 1 dry run)")
     parser.add_argument("--only", nargs="+", choices=CHECKS, help="run these checks only (environment always runs)")
     parser.add_argument("--summarize", type=Path, metavar="OUTDIR", help="print the summary of a report and exit")

@@ -12,7 +12,7 @@
 # OUTDIR/gpu_check.json after each one (default OUTDIR: runs/gpu_check, runs/gpu_check_dry).
 #
 # Environment: GPU_CHECK_BUDGET seconds for everything, install included (default 420 on a GPU,
-# 240 dry; a hard stop follows 30 s later), GPU_CHECK_DRY_RUN=1 (same as --dry-run), PYTHON.
+# 280 dry; a hard stop follows 30 s later), GPU_CHECK_DRY_RUN=1 (same as --dry-run), PYTHON.
 # Then benchmarks/train_throughput.py runs within THROUGHPUT_BUDGET seconds (default 300 on a GPU,
 # 120 dry), writing OUTDIR/train_throughput.txt.
 # Exit status: 0 when every check passed.
@@ -40,7 +40,7 @@ if [[ $DRY == 1 ]]; then
         2) WH=${positional[0]}; OUT=${positional[1]} ;;
         *) usage >&2; exit 2 ;;
     esac
-    BUDGET=${GPU_CHECK_BUDGET:-240}
+    BUDGET=${GPU_CHECK_BUDGET:-280}
 else
     if [[ ${#positional[@]} -lt 1 || ${#positional[@]} -gt 2 ]]; then usage >&2; exit 2; fi
     WH=${positional[0]}

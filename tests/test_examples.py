@@ -26,13 +26,17 @@ def indexed_folder(tmp_path_factory):
         path = folder / f"{task}.jsonl"
         path.write_text("".join(json.dumps({"chat_rounds": turns}) + "\n" for turns in samples))
         tasks[task] = [str(path)]
+    tasks["toy_functions"] = tasks["code_completion"]  # the name quickstart_eval.yaml weights (its data's 4th task)
     preprocess(PreprocessOptions(tasks=tasks, out_dir=str(folder / "out"), progress=False))
     return folder / "out"
 
 
 def _load(path: Path, indexed_folder: Path):
-    overrides = [f"data.path={indexed_folder}"] if "source: indexed" in path.read_text() else []
-    return load_config(path, overrides)
+    """The config as its header says it runs: alone, or laid over another example (`Laid over X.yaml`)."""
+    base = re.search(r"Laid over (\S+\.yaml)", path.read_text())
+    paths = [path.parent / base.group(1), path] if base else [path]
+    indexed = any("source: indexed" in p.read_text() for p in paths)
+    return load_config(paths, [f"data.path={indexed_folder}"] if indexed else [])
 
 
 def _world_size(path: Path) -> int:

@@ -168,6 +168,64 @@ def test_humaneval_contamination_and_duplicates_are_dropped(tmp_path):
     _, manifest = run_preprocess(tmp_path, {"t": clean + [leaked, clean[0]]}, decontaminate=["humaneval"])
     assert manifest["tasks"][0]["dropped"] == {"contaminated": 1, "duplicate": 1}
     assert manifest["tasks"][0]["documents"] == 3
+    assert [b["name"] for b in manifest["decontaminated_against"]] == ["humaneval"]
+
+
+MBPP_PROBLEM = {"task_id": 11, "text": "Write a python function to remove first and last occurrence of a given "
+                 "character from the string.",
+                 "code": "def remove_Occ(s,ch): \n    for i in range(len(s)): \n        if (s[i] == ch): \n"
+                         "            s = s[0 : i] + s[i + 1:] \n            break\n    for i in range(len(s) - 1,-1,-1):"
+                         "  \n        if (s[i] == ch): \n            s = s[0 : i] + s[i + 1:] \n            break\n"
+                         "    return s ",
+                 "test_list": ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"']}
+CPP_PROBLEM = {"task_id": "CPP/0", "prompt": "/*\nCheck if in given vector of numbers, are any two numbers closer to "
+               "each other than given threshold.\n*/\n#include<stdio.h>\n#include<vector>\n#include<math.h>\n"
+               "using namespace std;\nbool has_close_elements(vector<float> numbers, float threshold){\n",
+               "canonical_solution": "    int i,j;\n    for (i=0;i<numbers.size();i++)\n    for (j=i+1;j<numbers."
+               "size();j++)\n    if (abs(numbers[i]-numbers[j])<threshold)\n    return true;\n\n    return false;\n}"
+               "\n\n", "test": "#undef NDEBUG\n#include<assert.h>\nint main(){\n    vector<float> a={1.0,2.0,3.9,"
+               "4.0,5.0,2.2};\n    assert (has_close_elements(a, 0.3)==true);\n}\n"}
+
+
+def test_samples_copying_any_configured_benchmark_are_dropped_and_the_manifest_names_the_files(tmp_path):
+    """An MBPP problem (its code) and a C++ HumanEval-X problem (prompt and solution), each copied into a training
+    sample, are dropped; the manifest names each benchmark file with the sha256 of its bytes (hashlib here)."""
+    import gzip
+    import hashlib
+
+    mbpp = write_jsonl(tmp_path / "bench" / "mbpp.jsonl", [json.dumps(MBPP_PROBLEM)])
+    cpp = tmp_path / "bench" / "humaneval_cpp.jsonl.gz"
+    cpp.write_bytes(gzip.compress((json.dumps(CPP_PROBLEM) + "\n").encode()))
+    clean = [as_line(c, "messages") for c in CONVERSATIONS]
+    from_mbpp = as_line([("user", "Remove the first and last occurrence of ch."),
+                         ("assistant", MBPP_PROBLEM["code"])], "messages")
+    from_cpp = as_line([("user", CPP_PROBLEM["prompt"]), ("assistant", CPP_PROBLEM["canonical_solution"])],
+                       "messages")
+    _, manifest = run_preprocess(tmp_path, {"t": clean + [from_mbpp, from_cpp]},
+                                 decontaminate=[str(mbpp), str(cpp)])
+    assert manifest["tasks"][0]["dropped"] == {"contaminated": 2}
+    assert manifest["tasks"][0]["documents"] == len(clean)
+    recorded = {Path(b["path"]).name: b for b in manifest["decontaminated_against"]}
+    assert recorded["mbpp.jsonl"]["sha256"] == hashlib.sha256(mbpp.read_bytes()).hexdigest()
+    assert recorded["humaneval_cpp.jsonl.gz"]["sha256"] == hashlib.sha256(cpp.read_bytes()).hexdigest()
+    assert [b["problems"] for b in manifest["decontaminated_against"]] == [1, 1]
+    from megamft.data.decontaminate import not_decontaminated
+
+    other = write_jsonl(tmp_path / "bench" / "other.jsonl", [json.dumps(MBPP_PROBLEM | {"task_id": 12})])
+    configured = {"mbpp": str(mbpp), "cpp": str(cpp), "other": str(other)}
+    assert not_decontaminated(configured, manifest) == ["other"]
+    mbpp.write_text(mbpp.read_text() + json.dumps(MBPP_PROBLEM | {"task_id": 13}) + "\n")  # edited since
+    assert not_decontaminated(configured, manifest) == ["mbpp", "other"]
+
+
+def test_a_benchmark_that_is_not_a_problem_file_is_refused_with_its_file_and_line(tmp_path):
+    bad = write_jsonl(tmp_path / "bench.jsonl", [json.dumps(MBPP_PROBLEM), json.dumps({"id": 3})])
+    with pytest.raises(PreprocessError, match=f"--decontaminate: {bad}:2: not a code problem"):
+        run_preprocess(tmp_path, {"t": [as_line(CONVERSATIONS[0], "messages")]}, decontaminate=[str(bad)])
+    with pytest.raises(PreprocessError, match="cannot read this benchmark file"):
+        run_preprocess(tmp_path, {"t": [as_line(CONVERSATIONS[0], "messages")]},
+                       decontaminate=[str(tmp_path / "missing.jsonl")])
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_train_on_all_learns_every_token(tmp_path):

