@@ -43,6 +43,9 @@ RUN_HERE = {
     "megamft-preprocess --config examples/data/preprocess.yaml": "--tokenizer data/stdlib/tokenizer.model",
     "torchrun --nproc-per-node 2 -m megamft train --config examples/quickstart_indexed.yaml":
         f"{SHORT_RUN} checkpoint.save_dir=runs/indexed",
+    "bash examples/run_cpu_eval_quickstart.sh":
+        f"{SHORT_RUN} eval.interval=2 eval.max_new_tokens=8 checkpoint.save_interval=2 "
+        "checkpoint.save_dir=runs/eval_quickstart",
 }
 """Commands run by test_documented_command_runs, with what is appended to each."""
 
