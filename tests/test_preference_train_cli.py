@@ -1,6 +1,6 @@
 """`megamft train` with loss.objective=dpo on megamft-preprocess'd pairs: it trains from DPO's ln 2, logs
 per-task preference metrics, resumes exactly after a kill (the stored reference read back), and DP=2 equals
-DP=1 (the reference and every step's loss)."""
+DP=1 (the reference and every step's loss); loss.reference_dir takes the reference from another checkpoint."""
 
 import json
 import math
@@ -99,3 +99,24 @@ def test_two_data_parallel_ranks_equal_one(pairs, uninterrupted, tmp_path):
     assert _losses(save_dir) == pytest.approx(_losses(uninterrupted), rel=1e-5)
     valid = [_scalars(d)[4]["valid/rewards/margin/sort"] for d in (save_dir, uninterrupted)]
     assert valid[0] == pytest.approx(valid[1], rel=1e-4, abs=1e-6)
+
+
+def _table(save_dir: Path) -> np.ndarray:
+    with np.load(save_dir / "reference_logps.npz") as stored:
+        return stored["task_0"]
+
+
+@pytest.mark.slow
+def test_reference_from_another_checkpoint(pairs, uninterrupted, tmp_path):
+    """Starting from the uninterrupted run's weights (step 4) with loss.reference_dir = a 2-step run: the table
+    is the one a run starting from the 2-step weights computes, and the first loss is not ln 2."""
+    short = tmp_path / "short"
+    assert _train(pairs, short, "train.train_steps=2").returncode == 0
+    from_short = _train(pairs, tmp_path / "from_short", f"checkpoint.load_dir={short}")
+    assert from_short.returncode == 0, from_short.stderr[-3000:]
+    other = _train(pairs, tmp_path / "other", f"checkpoint.load_dir={uninterrupted}", f"loss.reference_dir={short}")
+    assert other.returncode == 0, other.stderr[-3000:]
+    np.testing.assert_allclose(_table(tmp_path / "other"), _table(tmp_path / "from_short"), rtol=1e-6)
+    assert np.abs(_table(tmp_path / "other") - _table(uninterrupted)).max() > 1e-3
+    assert _losses(tmp_path / "other")[0] != pytest.approx(math.log(2), rel=1e-4)
+    assert _losses(tmp_path / "from_short")[0] == pytest.approx(math.log(2), rel=1e-6)

@@ -80,6 +80,8 @@ def _collect_garbage_every(interval: int):
 def _resume(run: Run, plan: run_folder.StartPlan) -> None:
     """Restore weights (and, resuming, iteration, consumed samples and balancer state) as planned;
     a preference run then reads or computes its reference log-probabilities."""
+    if run.preference is not None:  # loss.reference_dir: computed before the starting weights load
+        preference_run.reference_from_checkpoint(run, plan.load_dir is None or not plan.load_optimizer)
     loaded = _load(run, plan)
     if run.preference is not None:
         fresh = loaded is None or not plan.load_optimizer

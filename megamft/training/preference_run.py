@@ -15,11 +15,13 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from megatron.core import parallel_state
 
+from megamft.checkpoint import dist_checkpoint
 from megamft.config import ConfigError, MegamftConfig
 from megamft.data.dataset import MultitaskData
 from megamft.data.pairs import PairSchedule, pair_micro_batch, split_pairs
@@ -110,20 +112,34 @@ def count_pairs(run) -> None:
 
 
 def starting_model(cfg: MegamftConfig, load_dir: str | None) -> dict:
-    """What the reference of a fresh run is: the weights it loads, or its seeded initialization."""
+    """What the reference of a fresh run is: loss.reference_dir, the weights it loads, or its seeded
+    initialization."""
+    if cfg.loss.reference_dir:
+        return {"reference_dir": str(Path(cfg.loss.reference_dir).resolve())}
     if load_dir:
         return {"load_dir": str(load_dir)}
     return {"initialized": cfg.train.seed, "model": dataclasses.asdict(cfg.model)}
+
+
+def reference_from_checkpoint(run, fresh: bool) -> None:
+    """loss.reference_dir on a fresh start: load its weights and compute (or read) the table now."""
+    folder = run.cfg.loss.reference_dir
+    if not folder or not fresh or run.preference.setup.objective not in NEEDS_REFERENCE:
+        return
+    if distributed.is_logging_rank():
+        log.info("reference log-probabilities from loss.reference_dir=%s", folder)
+    dist_checkpoint.load(run.state, folder, run.cfg, load_optimizer=False)
+    attach_reference(run, starting_model(run.cfg, None), fresh=True)
 
 
 def attach_reference(run, model: dict, fresh: bool) -> None:
     """Read or compute the reference table (dpo, rpo) before the first step; LoRA: the base, adapters off."""
     pref = run.preference
     pref.reference_model = model
-    if pref.setup.objective not in NEEDS_REFERENCE:
+    if pref.setup.objective not in NEEDS_REFERENCE or pref.reference is not None:
         return
     identity = {"data": data_checks.checkpoint_data_identity(run.data) or str(run.cfg.data.path), "model": model}
-    lora = run.cfg.lora.enabled
+    lora = run.cfg.lora.enabled and not run.cfg.loss.reference_dir  # LoRA: the base is the starting model
     compute = lambda: _compute_reference(run, lora)  # noqa: E731
     folder = run.cfg.checkpoint.save_dir
     if not folder:
