@@ -47,6 +47,11 @@ def _losses(save_dir: Path) -> list[float]:
     return [steps[s]["train/loss"] for s in sorted(steps) if "train/loss" in steps[s]]
 
 
+def _table(save_dir: Path) -> np.ndarray:
+    with np.load(save_dir / "reference_logps.npz") as stored:
+        return stored["task_0"]
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pairs")
@@ -89,34 +94,48 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(pairs, uninterrup
     assert _losses(save_dir) == pytest.approx(_losses(uninterrupted), rel=1e-6)
 
 
-@pytest.mark.slow
-def test_two_data_parallel_ranks_equal_one(pairs, uninterrupted, tmp_path):
-    save_dir = tmp_path / "run"
-    done = _train(pairs, save_dir, ranks=2)
+@pytest.fixture(scope="module")
+def start(pairs, tmp_path_factory) -> Path:
+    """A 2-step run: weights that every layout loads (a fresh initialization depends on the layout)."""
+    save_dir = tmp_path_factory.mktemp("start") / "run"
+    assert _train(pairs, save_dir, "train.train_steps=2").returncode == 0
+    return save_dir
+
+
+@pytest.fixture(scope="module")
+def from_start(pairs, start, tmp_path_factory) -> Path:
+    """4 steps from `start`'s weights, one process: its reference is `start`'s model."""
+    save_dir = tmp_path_factory.mktemp("from_start") / "run"
+    done = _train(pairs, save_dir, f"checkpoint.load_dir={start}")
     assert done.returncode == 0, done.stderr[-3000:]
-    with np.load(save_dir / "reference_logps.npz") as two, np.load(uninterrupted / "reference_logps.npz") as one:
-        np.testing.assert_allclose(two["task_0"], one["task_0"], rtol=1e-6)
-    assert _losses(save_dir) == pytest.approx(_losses(uninterrupted), rel=1e-5)
-    valid = [_scalars(d)[4]["valid/rewards/margin/sort"] for d in (save_dir, uninterrupted)]
-    assert valid[0] == pytest.approx(valid[1], rel=1e-4, abs=1e-6)
+    assert _losses(save_dir)[0] == pytest.approx(math.log(2), rel=1e-6)
+    return save_dir
 
 
-def _table(save_dir: Path) -> np.ndarray:
-    with np.load(save_dir / "reference_logps.npz") as stored:
-        return stored["task_0"]
+LAYOUTS = {"dp2": (), "tp2": ("parallel.tensor_model_parallel_size=2",),
+           "pp2": ("parallel.pipeline_model_parallel_size=2",)}
 
 
 @pytest.mark.slow
-def test_reference_from_another_checkpoint(pairs, uninterrupted, tmp_path):
-    """Starting from the uninterrupted run's weights (step 4) with loss.reference_dir = a 2-step run: the table
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_two_ranks_equal_one(pairs, start, from_start, tmp_path, layout):
+    """The reference table, every step's loss and the held-out reward margin at DP=2, TP=2 or PP=2 against
+    the one-process run, all from the same weights (TP and PP sum in another order: float32 rounding)."""
+    save_dir = tmp_path / "run"
+    done = _train(pairs, save_dir, f"checkpoint.load_dir={start}", *LAYOUTS[layout], ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_allclose(_table(save_dir), _table(from_start), rtol=1e-5)
+    assert _losses(save_dir) == pytest.approx(_losses(from_start), rel=1e-5)
+    valid = [_scalars(d)[4]["valid/rewards/margin/sort"] for d in (save_dir, from_start)]
+    assert valid[0] == pytest.approx(valid[1], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_reference_from_another_checkpoint(pairs, uninterrupted, start, from_start, tmp_path):
+    """Starting from the uninterrupted run's weights (step 4) with loss.reference_dir = the 2-step run: the table
     is the one a run starting from the 2-step weights computes, and the first loss is not ln 2."""
-    short = tmp_path / "short"
-    assert _train(pairs, short, "train.train_steps=2").returncode == 0
-    from_short = _train(pairs, tmp_path / "from_short", f"checkpoint.load_dir={short}")
-    assert from_short.returncode == 0, from_short.stderr[-3000:]
-    other = _train(pairs, tmp_path / "other", f"checkpoint.load_dir={uninterrupted}", f"loss.reference_dir={short}")
+    other = _train(pairs, tmp_path / "other", f"checkpoint.load_dir={uninterrupted}", f"loss.reference_dir={start}")
     assert other.returncode == 0, other.stderr[-3000:]
-    np.testing.assert_allclose(_table(tmp_path / "other"), _table(tmp_path / "from_short"), rtol=1e-6)
+    np.testing.assert_allclose(_table(tmp_path / "other"), _table(from_start), rtol=1e-6)
     assert np.abs(_table(tmp_path / "other") - _table(uninterrupted)).max() > 1e-3
     assert _losses(tmp_path / "other")[0] != pytest.approx(math.log(2), rel=1e-4)
-    assert _losses(tmp_path / "from_short")[0] == pytest.approx(math.log(2), rel=1e-6)
