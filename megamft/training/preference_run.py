@@ -25,7 +25,13 @@ from megamft.checkpoint import dist_checkpoint
 from megamft.config import ConfigError, MegamftConfig
 from megamft.data.dataset import MultitaskData
 from megamft.data.pairs import PairSchedule, pair_micro_batch, split_pairs
-from megamft.loss.preference import NEEDS_REFERENCE, PairLogps, PreferenceSetup, batch_objective, metric_sums
+from megamft.loss.preference import (
+    NEEDS_REFERENCE,
+    PairLogps,
+    PreferenceSetup,
+    batch_objective,
+    metric_sums,
+)
 from megamft.platform import distributed
 from megamft.training import data_checks, reference_logps
 from megamft.training.preference_step import METRICS
@@ -60,11 +66,11 @@ def build(cfg: MegamftConfig, data: MultitaskData) -> PreferenceRun | None:
     valid = cfg.data.valid_samples_per_task
     if any(count <= valid for count in pairs_per_task):
         raise ConfigError(f"data.valid_samples_per_task={valid} holds out that many pairs per task, but the tasks "
-                          f"have {dict(zip(data.task_names, pairs_per_task))} pairs; lower it")
+                          f"have {dict(zip(data.task_names, pairs_per_task, strict=True))} pairs; lower it")
     try:
         schedule = PairSchedule(pairs_per_task, valid, train.global_batch_size // 2, cfg.data.seed)
     except ValueError as err:
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} (two sequences per pair): {err}")
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} (two sequences per pair): {err}") from None
     setup = PreferenceSetup(loss.objective, loss.beta, loss.label_smoothing, loss.rpo_alpha, loss.simpo_gamma)
     return PreferenceRun(setup, schedule, pairs_per_task, train.micro_batch_size // 2, cfg.data.seq_length)
 
