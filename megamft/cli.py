@@ -55,8 +55,19 @@ def _print_summary(result) -> None:
     for task in before.task_loss:
         print(f"  {task:<20} {before.task_loss[task]:7.3f} -> {after.task_loss[task]:7.3f}")
     print(f"  {'all tasks':<20} {before.loss:7.3f} -> {after.loss:7.3f}")
+    _print_preference(before, after)
     if result.last_checkpoint:
         print(f"checkpoint: {result.last_checkpoint}")
+
+
+def _print_preference(before, after) -> None:
+    """Preference objectives: each task's held-out preference accuracy, before -> after."""
+    if not before.preference:
+        return
+    print("held-out preference accuracy per task (before -> after):")
+    accuracy = "rewards/accuracy"
+    for task, value in before.preference[accuracy].items():
+        print(f"  {task:<20} {value:7.3f} -> {after.preference[accuracy][task]:7.3f}")
 
 
 def _print_best(result) -> None:

@@ -23,6 +23,11 @@ def _problems(*overrides, world_size=1):
     (["loss.objective=dpo", "loss.label_smoothing=0.5"], "loss.label_smoothing must be in [0, 0.5)"),
     (["loss.objective=dpo", "loss.beta=0"], "loss.beta must be > 0"),
     (["loss.objective=ipo"], "'loss.objective' must be one of"),
+    (["loss.objective=simpo", "loss.reference_dir=/x", "checkpoint.load_dir=/y"],
+     "loss.reference_dir applies to dpo and rpo"),
+    (["loss.objective=dpo", "loss.reference_dir=/x"], "loss.reference_dir needs checkpoint.load_dir"),
+    (["loss.objective=dpo", "train.micro_batch_size=3", "train.global_batch_size=6"],
+     "train.micro_batch_size=3 counts sequences, two per preference pair"),
 ])
 def test_meaningless_combinations_name_the_key(overrides, fragment):
     try:

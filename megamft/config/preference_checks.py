@@ -28,6 +28,16 @@ def preference_problems(cfg: MegamftConfig) -> list[str]:
                         "log-probabilities); set it to false")
     if loss.objective == "orpo" and loss.label_smoothing:
         problems.append("loss.label_smoothing applies to dpo, rpo and simpo, not to loss.objective=orpo; remove it")
+    for key in ("micro_batch_size", "global_batch_size"):
+        value = getattr(cfg.train, key)
+        if value % 2:
+            problems.append(f"train.{key}={value} counts sequences, two per preference pair (its chosen and "
+                            f"rejected answers, never split): make it even with {name}")
+    if loss.reference_dir and loss.objective not in ("dpo", "rpo"):
+        problems.append(f"loss.reference_dir applies to dpo and rpo; {name} has no reference: remove it")
+    elif loss.reference_dir and not cfg.checkpoint.load_dir:
+        problems.append("loss.reference_dir needs checkpoint.load_dir: the weights training starts from are "
+                        "loaded after the reference is computed")
     if cfg.parallel.context_parallel_size > 1:
         problems.append(f"{name} needs whole sequences on one rank: parallel.context_parallel_size must be 1 "
                         "(per-sequence log-probabilities over CP ranks are not implemented)")

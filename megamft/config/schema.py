@@ -358,6 +358,11 @@ class LossConfig:
     odds-ratio term's weight (ORPO: 0.1)."""
     label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0
     """dpo, rpo, simpo: the probability that a pair's preference is flipped (conservative DPO); 0: none."""
+    reference_dir: Optional[str] = None
+    """dpo, rpo: a checkpoint folder (its latest checkpoint) whose weights give the reference log-probabilities
+    instead of the starting model's; same architecture. At the first start its weights are loaded, every pair's
+    log-probabilities computed, then checkpoint.load_dir's weights loaded over them (no second model); the
+    table is stored in checkpoint.save_dir and read back on resume, as the default one."""
     rpo_alpha: NonNegative = 1.0
     """rpo: the weight of the chosen answers' mean token NLL added to DPO (RPO paper: 1.0)."""
     simpo_gamma: NonNegative = 0.5

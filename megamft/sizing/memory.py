@@ -23,6 +23,11 @@ Mixture of experts: routed experts are split over EP x expert-TP ranks and their
 Adam state over the expert data-parallel ranks (world / (ETP x EP x PP)); each
 token's activations go through top-k experts (k x 4 x expert ffn values, plus
 the permuted copies of its hidden state the all-to-all dispatcher keeps).
+
+The preference objectives (loss.objective dpo, rpo, orpo, simpo) count the same: a
+micro-batch is train.micro_batch_size sequences (half as many pairs), the loss adds
+per-sequence sums only, and there is no second model: the reference is a table of
+two float64 per pair on the host (megamft.training.reference_logps).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from megamft.platform.device import describe_runtime
 from megamft.platform.folder_lock import FolderLock
 from megamft.platform.output_folder import DestinationError
 from megamft.platform.shared_folder import NotSharedError, confirm_shared
-from megamft.training import data_checks, steps
+from megamft.training import data_checks, preference_run, steps
 from megamft.training.code_eval import CodeEvaluator
 from megamft.training.data_report import report_data
 from megamft.training.expert_stats import ExpertStats
@@ -78,9 +78,21 @@ def _collect_garbage_every(interval: int):
 
 
 def _resume(run: Run, plan: run_folder.StartPlan) -> None:
-    """Restore weights (and, resuming, iteration, consumed samples and balancer state) as planned."""
+    """Restore weights (and, resuming, iteration, consumed samples and balancer state) as planned;
+    a preference run then reads or computes its reference log-probabilities."""
+    if run.preference is not None:  # loss.reference_dir: computed before the starting weights load
+        preference_run.reference_from_checkpoint(run, plan.load_dir is None or not plan.load_optimizer)
+    loaded = _load(run, plan)
+    if run.preference is not None:
+        fresh = loaded is None or not plan.load_optimizer
+        model = preference_run.starting_model(run.cfg, plan.load_dir) if fresh else loaded.get(
+            preference_run.REFERENCE_MODEL)
+        preference_run.attach_reference(run, model, fresh)
+
+
+def _load(run: Run, plan: run_folder.StartPlan) -> dict | None:
     if plan.load_dir is None:
-        return
+        return None
     _check_tokenizer(run.cfg, plan.load_dir)
     loaded = dist_checkpoint.load(run.state, plan.load_dir, run.cfg, load_optimizer=plan.load_optimizer,
                                   iteration=plan.iteration)
@@ -88,12 +100,13 @@ def _resume(run: Run, plan: run_folder.StartPlan) -> None:
     # or, if that was adapter-only itself, its own base.
     run.lora_base = loaded.get(dist_checkpoint.LORA_BASE) or loaded["checkpoint"]
     if not plan.load_optimizer:
-        return  # weights only: a fresh fine-tune from these weights
+        return loaded  # weights only: a fresh fine-tune from these weights
     run.iteration, run.consumed = loaded["progress"]["iteration"], loaded["progress"]["consumed_samples"]
     run.result.task_samples = dict(loaded.get("task_samples", {}))
     run.selection.load_state_dict(loaded.get("selection"))
     if run.balancer is not None and "balancer" in loaded:
         run.balancer.load_state_dict(loaded["balancer"])
+    return loaded
 
 
 def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folder.StartPlan]:
@@ -131,9 +144,6 @@ def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folde
 
 
 def _build(cfg: MegamftConfig) -> Run:
-    if cfg.loss.objective != "sft":
-        raise ConfigError(f"loss.objective={cfg.loss.objective}: megamft train does not read preference pairs yet; "
-                          "the objectives run through megamft.training.preference_step and megamft.data.pairs")
     runtime = distributed.runtime()
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
@@ -174,6 +184,7 @@ def _build(cfg: MegamftConfig) -> Run:
     cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
     _check_token_ids(cfg, data)
     weights = static_task_weights(cfg, data.task_names)  # before the model: a mistake costs seconds
+    pairs = preference_run.build(cfg, data)
     selection, evaluator = Selection.from_config(cfg, data.task_names), CodeEvaluator.for_run(cfg, data.manifest)
     report_data(cfg, data, torch.distributed.get_rank())
     state = build_training_state(cfg, runtime, data.vocab_size, backend)
@@ -186,7 +197,7 @@ def _build(cfg: MegamftConfig) -> Run:
     return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)), weights,
                MetricsWriter.for_run(cfg, distributed.is_logging_rank(), data.vocab_size),
                async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None,
-               expert_stats=experts, selection=selection, evaluator=evaluator)
+               expert_stats=experts, selection=selection, evaluator=evaluator, preference=pairs)
 
 
 def _check_tokenizer(cfg: MegamftConfig, load_dir: str) -> None:

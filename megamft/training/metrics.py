@@ -148,6 +148,7 @@ class MetricsWriter:
             scalars[f"train/weight/{task}"] = weight
         for name, value in stats.router_losses.items():  # MoE auxiliary losses, apart from the task losses
             scalars[f"train/router/{name}"] = value
+        scalars.update(_preference_scalars("train", stats))
         self.scalars(step, scalars)
 
     def experts(self, step: int, counts, shares: dict, task_names: tuple[str, ...]) -> None:
@@ -174,6 +175,7 @@ class MetricsWriter:
             if math.isfinite(loss):
                 scalars[f"valid/loss/{task}"] = loss
                 scalars[f"valid/ppl/{task}"] = perplexity(loss)
+        scalars.update(_preference_scalars("valid", stats))
         self.scalars(step, scalars)
 
     def scalars(self, step: int, scalars: dict) -> None:
@@ -186,3 +188,9 @@ class MetricsWriter:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+
+
+def _preference_scalars(prefix: str, stats: StepStats) -> dict:
+    """Preference objectives: {prefix}/rewards/chosen/{task} (and rejected, margin, accuracy), finite ones."""
+    return {f"{prefix}/{name}/{task}": value for name, per_task in stats.preference.items()
+            for task, value in per_task.items() if math.isfinite(value)}

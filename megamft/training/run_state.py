@@ -58,6 +58,7 @@ class Run:
     expert_stats: ExpertStats | None = None  # MoE: tokens per task and expert over the log interval
     selection: Selection | None = None  # checkpoint.keep_best and early stopping
     evaluator: CodeEvaluator | None = None  # eval.problems: pass@k at the training layout
+    preference: object | None = None  # preference_run.PreferenceRun: loss.objective other than sft
 
     def finish_saves(self) -> None:
         if self.async_saves is not None:

@@ -13,6 +13,8 @@ def save(run: Run) -> None:
     if run.data.template is not None:  # what an export writes as its chat template
         extra["data_template"] = run.data.template
     extra["selection"] = run.selection.state_dict()
+    if run.preference is not None:  # a resumed run checks its stored reference against this
+        extra["reference_model"] = run.preference.reference_model
     path = dist_checkpoint.save(run.state, run.cfg.checkpoint.save_dir, run.iteration, run.consumed,
                                 run.cfg, extra=extra, async_saves=run.async_saves,
                                 lora_base=run.lora_base if run.cfg.lora.save_adapters_only else None,

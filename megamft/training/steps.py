@@ -20,6 +20,7 @@ from megamft.training.device_memory import memory_gb
 from megamft.training.expert_stats import expert_shares
 from megamft.training.measurements import measure, stops_early
 from megamft.training.metrics import TaskLossInterval, format_task_losses
+from megamft.training import preference_run
 from megamft.training.preemption import PreemptionWatch
 from megamft.training.run_state import Run, TrainingDiverged
 from megamft.training.saving import save_unless_saved
@@ -69,6 +70,8 @@ def _due(interval: int, run: Run) -> bool:
 
 def train_one_step(run: Run) -> StepStats:
     """Forward, backward and optimizer step over this rank's share of the next global batch."""
+    if run.preference is not None:
+        return preference_run.train_one_step(run, _loss_setup(run))
     train = run.cfg.train
     dp_rank, dp_size = data_parallel_position()
     rows = run.data.train_rows(run.consumed, train.global_batch_size, dp_rank, dp_size)
@@ -95,7 +98,10 @@ def tidy_up(run: Run) -> None:
 
 def advance(run: Run, stats: StepStats, bar) -> None:
     """Count the step done: samples per task, iteration and consumed samples, skips, the balancer's update."""
-    _count_task_samples(run)
+    if run.preference is not None:
+        preference_run.count_pairs(run)
+    else:
+        _count_task_samples(run)
     run.iteration += 1
     run.consumed += run.cfg.train.global_batch_size
     kill_point("step.done", run.iteration)
@@ -164,10 +170,12 @@ def log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: floa
         mfu += f" | syncs {stats.device_syncs}"
     mfu += "".join(f" | {name} {value:.4g}" for name, value in stats.router_losses.items())
     grad = "skipped" if stats.skipped else f"{stats.grad_norm or 0.0:.3f}"
+    # Preference objectives: the step's per-task preference accuracy and reward margin instead of token losses.
+    tasks = preference_run.format_metrics(stats.preference) if stats.preference else format_task_losses(task_losses)
     log.info(
         "step %d/%d | loss %.4f | %s | grad-norm %s | lr %.2e | %.0f tok/s | %.2f TFLOP/s/dev%s | "
         "mem %.3g GB | eta %d:%02d",
-        iteration, cfg.train.train_steps, stats.loss, format_task_losses(task_losses), grad,
+        iteration, cfg.train.train_steps, stats.loss, tasks, grad,
         stats.lr or 0.0, measured["tokens_per_second"], measured["tflops_per_device"], mfu,
         measured["memory_gb"], eta // 60, eta % 60,
     )

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megamft.config import ConfigError
 from megamft.data.dataset import MultitaskData
 from megamft.platform import distributed
+from megamft.training import preference_run
 from megamft.training.metrics import format_task_losses, present_task_losses
 from megamft.training.run_state import Run
 from megamft.training.step import StepStats, evaluate, evaluate_task_loss
@@ -64,6 +65,8 @@ def mixed_validation_batches(data: MultitaskData, micro_batch_size: int) -> list
 
 
 def validate(run: Run, label: str) -> StepStats | None:
+    if run.preference is not None:
+        return preference_run.validate(run, label)
     batches = validation_batches(run.data, run.cfg.train.micro_batch_size)
     if not batches:
         return None  # data.valid_samples_per_task=0: no validation set

@@ -1,0 +1,141 @@
+"""`megamft train` with loss.objective=dpo on megamft-preprocess'd pairs: it trains from DPO's ln 2, logs
+per-task preference metrics, resumes exactly after a kill (the stored reference read back), and DP=2 equals
+DP=1 (the reference and every step's loss); loss.reference_dir takes the reference from another checkpoint."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megamft.testing.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "data.seq_length=64",
+         "data.valid_samples_per_task=8", "train.micro_batch_size=4", "train.global_batch_size=8",
+         "train.train_steps=4", "train.lr_warmup_steps=1", "train.log_interval=1", "train.eval_interval=2",
+         "checkpoint.save_interval=1", "optimizer.lr=3e-3"]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def _train(data: Path, save_dir: Path, *args: str, ranks: int = 1, env: dict | None = None):
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
+    cmd = [sys.executable, *(launcher if ranks > 1 else []), "-m", "megamft", "train",
+           "--config", str(ROOT / "examples" / "dpo.yaml"), *SMALL, f"data.path={data}",
+           f"checkpoint.save_dir={save_dir}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env or _env(), cwd=ROOT)
+
+
+def _scalars(save_dir: Path) -> dict[int, dict]:
+    """The last value written for each step (a resumed run rewrites the steps after its checkpoint)."""
+    steps: dict[int, dict] = {}
+    for line in (save_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        steps.setdefault(record.pop("step"), {}).update(record)
+    return steps
+
+
+def _losses(save_dir: Path) -> list[float]:
+    steps = _scalars(save_dir)
+    return [steps[s]["train/loss"] for s in sorted(steps) if "train/loss" in steps[s]]
+
+
+def _table(save_dir: Path) -> np.ndarray:
+    with np.load(save_dir / "reference_logps.npz") as stored:
+        return stored["task_0"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("pairs")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "data" / "synthetic_preferences.py"),
+                    str(tmp / "pairs.jsonl"), "--pairs", "40"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "megamft.data.preprocess_cli", "--task", f"sort={tmp / 'pairs.jsonl'}",
+                    "--out", str(tmp / "data"), "--max-seq-length", "65", "--overlong", "drop", "--quiet"],
+                   check=True, cwd=ROOT, env=_env())
+    return tmp / "data"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pairs, tmp_path_factory) -> Path:
+    save_dir = tmp_path_factory.mktemp("whole") / "run"
+    done = _train(pairs, save_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step 4/4 | loss" in done.stderr and "sort acc " in done.stderr  # per-task metrics in the log line
+    assert "held-out preference accuracy per task" in done.stdout
+    return save_dir
+
+
+@pytest.mark.slow
+def test_dpo_trains_from_ln2_with_preference_metrics(uninterrupted):
+    steps = _scalars(uninterrupted)
+    assert steps[1]["train/loss"] == pytest.approx(math.log(2), rel=1e-6)  # the reference is the starting model
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+        assert f"train/{name}/sort" in steps[4] and f"valid/{name}/sort" in steps[4]
+    assert steps[4]["train/loss"] < math.log(2)
+    assert (uninterrupted / "reference_logps.npz").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(pairs, uninterrupted, tmp_path):
+    save_dir = tmp_path / "run"
+    killed = _train(pairs, save_dir, env=_env(MEGAMFT_KILL_AT="step.done@3"))
+    assert killed.returncode != 0 and "step 2/4" in killed.stderr and "step 3/4" not in killed.stderr
+    resumed = _train(pairs, save_dir, f"checkpoint.load_dir={save_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 3/4" in resumed.stderr and "step 2/4" not in resumed.stderr
+    assert _losses(save_dir) == pytest.approx(_losses(uninterrupted), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def start(pairs, tmp_path_factory) -> Path:
+    """A 2-step run: weights that every layout loads (a fresh initialization depends on the layout)."""
+    save_dir = tmp_path_factory.mktemp("start") / "run"
+    assert _train(pairs, save_dir, "train.train_steps=2").returncode == 0
+    return save_dir
+
+
+@pytest.fixture(scope="module")
+def from_start(pairs, start, tmp_path_factory) -> Path:
+    """4 steps from `start`'s weights, one process: its reference is `start`'s model."""
+    save_dir = tmp_path_factory.mktemp("from_start") / "run"
+    done = _train(pairs, save_dir, f"checkpoint.load_dir={start}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(save_dir)[0] == pytest.approx(math.log(2), rel=1e-6)
+    return save_dir
+
+
+LAYOUTS = {"dp2": (), "tp2": ("parallel.tensor_model_parallel_size=2",),
+           "pp2": ("parallel.pipeline_model_parallel_size=2",)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_two_ranks_equal_one(pairs, start, from_start, tmp_path, layout):
+    """The reference table, every step's loss and the held-out reward margin at DP=2, TP=2 or PP=2 against
+    the one-process run, all from the same weights (TP and PP sum in another order: float32 rounding)."""
+    save_dir = tmp_path / "run"
+    done = _train(pairs, save_dir, f"checkpoint.load_dir={start}", *LAYOUTS[layout], ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_allclose(_table(save_dir), _table(from_start), rtol=1e-5)
+    assert _losses(save_dir) == pytest.approx(_losses(from_start), rel=1e-5)
+    valid = [_scalars(d)[4]["valid/rewards/margin/sort"] for d in (save_dir, from_start)]
+    assert valid[0] == pytest.approx(valid[1], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_reference_from_another_checkpoint(pairs, uninterrupted, start, from_start, tmp_path):
+    """Starting from the uninterrupted run's weights (step 4) with loss.reference_dir = the 2-step run: the table
+    is the one a run starting from the 2-step weights computes, and the first loss is not ln 2."""
+    other = _train(pairs, tmp_path / "other", f"checkpoint.load_dir={uninterrupted}", f"loss.reference_dir={start}")
+    assert other.returncode == 0, other.stderr[-3000:]
+    np.testing.assert_allclose(_table(tmp_path / "other"), _table(from_start), rtol=1e-6)
+    assert np.abs(_table(tmp_path / "other") - _table(uninterrupted)).max() > 1e-3
+    assert _losses(tmp_path / "other")[0] != pytest.approx(math.log(2), rel=1e-4)
