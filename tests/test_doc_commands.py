@@ -32,8 +32,6 @@ RUN_HERE = {
     "torchrun --nproc-per-node 4 -m megamft train --config examples/quickstart.yaml "
     "parallel.pipeline_model_parallel_size=2": f"{SHORT_RUN} checkpoint.save_dir=runs/tp2pp2",
     "megamft check --config examples/quickstart.yaml --world-size 8": "",
-    "torchrun --nproc-per-node 2 -m megamft train --config examples/quickstart.yaml train.train_steps=160":
-        f"{SHORT_RUN} checkpoint.save_dir=runs/tp2",
     "megamft-preprocess --task code_completion=data/completion/ --task text_to_code=data/t2c.jsonl.gz "
     "--tokenizer /models/CodeLlama-34b-hf/tokenizer.model --template mftcoder --max-seq-length 4096 "
     "--overlong truncate --decontaminate humaneval --out data/codellama_mft": "",
@@ -41,8 +39,16 @@ RUN_HERE = {
     "--tokenizer /models/CodeLlama-34b-hf/tokenizer.model --template mftcoder --max-seq-length 4096 "
     "--overlong truncate --decontaminate humaneval --workers 16 --out data/codellama_mft": "",
     "megamft-preprocess --config examples/data/preprocess.yaml": "--tokenizer data/stdlib/tokenizer.model",
-    "torchrun --nproc-per-node 2 -m megamft train --config examples/quickstart_indexed.yaml":
-        f"{SHORT_RUN} checkpoint.save_dir=runs/indexed",
+    # docs/guides/alignment.md's workflow, in order (each uses the one before's output)
+    "torchrun --nproc-per-node 2 -m megamft train --config examples/quickstart.yaml": SHORT_RUN,
+    # the README's resume command: the same run again, one step further (runs/quickstart, just above)
+    "torchrun --nproc-per-node 2 -m megamft train --config examples/quickstart.yaml train.train_steps=160":
+        "train.train_steps=3 train.lr_warmup_steps=1 train.log_interval=1",
+    "python examples/data/synthetic_preferences.py runs/pairs.jsonl --pairs 200": "",
+    "megamft-preprocess --task sort=runs/pairs.jsonl --out runs/dpo_data --max-seq-length 129 --overlong drop": "",
+    "python -m megamft train --config examples/dpo.yaml checkpoint.load_dir=runs/quickstart": SHORT_RUN,
+    "megamft-convert megatron-to-hf --checkpoint runs/dpo --out release/dpo-model": "",
+    "megamft eval humaneval release/dpo-model --tokenizer byte --prompt-format completion --output he/ --n 1 --temperature 0 --k 1": "--limit 2",
     "bash examples/run_cpu_eval_quickstart.sh":
         f"{SHORT_RUN} eval.interval=2 eval.max_new_tokens=8 checkpoint.save_interval=2 "
         "checkpoint.save_dir=runs/eval_quickstart",
@@ -57,7 +63,7 @@ NOT_ON_A_CPU = {
                                                                       "(tests/test_hf_conversion.py converts tiny models)",
     "torchrun --nproc-per-node 8 -m megamft train --config my_run.yaml": "needs 8 GPUs and the 34B checkpoint",
     "megamft-convert megatron-to-hf --checkpoint runs/my_run": "needs the 34B run's checkpoint",
-    "megamft eval humaneval release/my-model": "needs a released model (tests/test_eval_humaneval.py evaluates "
+    "megamft eval humaneval release/my-model": "needs the 34B release (the alignment guide's workflow evaluates "
                                                "a tiny one)",
     "megamft build-kernels": "builds CUDA kernels: needs a CUDA build of torch",
     "git clone https://github.com/NVIDIA/apex": "apex: a CUDA build, on GPU machines",
@@ -67,8 +73,11 @@ NOT_ON_A_CPU = {
 }
 """Command prefixes that cannot run on a CPU machine, and why."""
 
-RUN_BY = {"bash benchmarks/gpu_check.sh --dry-run": "tests/test_gpu_check.py"}
-"""Commands another test runs as written (checked: that file holds the command's arguments)."""
+RUN_BY = {"bash benchmarks/gpu_check.sh --dry-run": "tests/test_gpu_check.py",
+          "torchrun --nproc-per-node 2 -m megamft train --config examples/quickstart_indexed.yaml":
+              "examples/run_cpu_quickstart.sh"}
+"""Commands run as written by another test, or by a script RUN_HERE runs (checked: that file holds the
+command's arguments)."""
 
 SUBSTITUTIONS = {"/models/CodeLlama-34b-hf/tokenizer.model": "data/stdlib/tokenizer.model"}
 PLACEHOLDER_INPUTS = {  # example input -> the embedded corpus' task it is made from
@@ -109,10 +118,11 @@ def test_every_documented_command_is_run_here_or_said_why_not():
 
 
 def test_commands_run_by_other_tests_are_there():
-    for command, test_file in RUN_BY.items():
-        script, *args = shlex.split(command)[1:]
-        text = (ROOT / test_file).read_text()
-        assert Path(script).name in text and all(arg in text for arg in args), (command, test_file)
+    for command, runner in RUN_BY.items():
+        program, *args = shlex.split(command)[1:]
+        text = (ROOT / runner).read_text()
+        assert Path(program).name in text and all(arg in text for arg in args), (command, runner)
+        assert runner.startswith("tests/") or f"bash {runner}" in RUN_HERE, runner
 
 
 def test_the_extraction_finds_the_readme_commands():
@@ -145,8 +155,11 @@ def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
         command = command.replace(placeholder, local)
     argv = shlex.split(command)
     if argv[0].startswith("megamft"):  # the console scripts, as python -m (the same entry points)
-        module = {"megamft": "megamft", "megamft-preprocess": "megamft.data.preprocess_cli"}[argv[0]]
+        module = {"megamft": "megamft", "megamft-preprocess": "megamft.data.preprocess_cli",
+                  "megamft-convert": "megamft.checkpoint.convert_cli"}[argv[0]]
         argv = [sys.executable, "-m", module, *argv[1:]]
+    elif argv[0] == "python":
+        argv = [sys.executable, *argv[1:]]
     elif argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
     elif argv[0].endswith(".sh"):

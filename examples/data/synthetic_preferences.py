@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import random
 
 
@@ -36,9 +37,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    with open(args.out, "w", encoding="utf-8") as f:
-        for record in records(args.pairs, args.seed):
-            f.write(json.dumps(record) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")  # renamed when complete: a kill leaves no short file
+    partial.write_text("".join(json.dumps(record) + "\n" for record in records(args.pairs, args.seed)))
+    partial.replace(out)
 
 
 if __name__ == "__main__":
