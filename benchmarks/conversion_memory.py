@@ -48,10 +48,21 @@ print(json.dumps({"baseline_mb": base, "peak_mb": rss_mb()}))
 def write_random_llama(folder: Path, layers: int, hidden: int, ffn: int, vocab: int) -> int:
     """A random bf16 Llama checkpoint, one shard per layer; returns its size in bytes."""
     folder.mkdir(parents=True)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": hidden // 128,
-              "num_key_value_heads": hidden // 128, "vocab_size": vocab, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 128,
+        "num_key_value_heads": hidden // 128,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     weight_map, total = {}, 0
 
@@ -63,29 +74,49 @@ def write_random_llama(folder: Path, layers: int, hidden: int, ffn: int, vocab: 
             total += t.numel() * t.element_size()
 
     rand = lambda *shape: torch.randn(*shape, dtype=torch.bfloat16) * 0.02  # noqa: E731
-    shard("embed.safetensors", {"model.embed_tokens.weight": rand(vocab, hidden),
-                                "lm_head.weight": rand(vocab, hidden), "model.norm.weight": rand(hidden)})
+    shard(
+        "embed.safetensors",
+        {
+            "model.embed_tokens.weight": rand(vocab, hidden),
+            "lm_head.weight": rand(vocab, hidden),
+            "model.norm.weight": rand(hidden),
+        },
+    )
     for i in range(layers):
         p = f"model.layers.{i}."
-        shard(f"layer{i}.safetensors", {
-            p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(hidden, hidden),
-            p + "self_attn.v_proj.weight": rand(hidden, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
-            p + "mlp.gate_proj.weight": rand(ffn, hidden), p + "mlp.up_proj.weight": rand(ffn, hidden),
-            p + "mlp.down_proj.weight": rand(hidden, ffn), p + "input_layernorm.weight": rand(hidden),
-            p + "post_attention_layernorm.weight": rand(hidden)})
+        shard(
+            f"layer{i}.safetensors",
+            {
+                p + "self_attn.q_proj.weight": rand(hidden, hidden),
+                p + "self_attn.k_proj.weight": rand(hidden, hidden),
+                p + "self_attn.v_proj.weight": rand(hidden, hidden),
+                p + "self_attn.o_proj.weight": rand(hidden, hidden),
+                p + "mlp.gate_proj.weight": rand(ffn, hidden),
+                p + "mlp.up_proj.weight": rand(ffn, hidden),
+                p + "mlp.down_proj.weight": rand(hidden, ffn),
+                p + "input_layernorm.weight": rand(hidden),
+                p + "post_attention_layernorm.weight": rand(hidden),
+            },
+        )
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return total
 
 
 def measure(mode: str, src: Path, dst: Path) -> float:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, mode, str(src), str(dst)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, mode, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     numbers = json.loads(out.stdout.strip().splitlines()[-1])
     return numbers["peak_mb"] - numbers["baseline_mb"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--ffn", type=int, default=4096)
@@ -93,13 +124,19 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        size_mb = write_random_llama(tmp / "hf", args.layers, args.hidden, args.ffn, args.vocab) / 2**20
+        size_mb = (
+            write_random_llama(tmp / "hf", args.layers, args.hidden, args.ffn, args.vocab) / 2**20
+        )
         largest_mb = max(args.vocab * args.hidden, 2 * args.ffn * args.hidden) * 2 / 2**20
-        print(f"checkpoint: {size_mb:.0f} MB bf16, largest megatron tensor chunk {largest_mb:.0f} MB")
+        print(
+            f"checkpoint: {size_mb:.0f} MB bf16, largest megatron tensor chunk {largest_mb:.0f} MB"
+        )
         naive = measure("naive", tmp / "hf", tmp / "unused")
-        rows = [("naive (all in memory)", naive),
-                ("hf-to-megatron", measure("hf-to-megatron", tmp / "hf", tmp / "megatron")),
-                ("megatron-to-hf", measure("megatron-to-hf", tmp / "megatron", tmp / "hf_out"))]
+        rows = [
+            ("naive (all in memory)", naive),
+            ("hf-to-megatron", measure("hf-to-megatron", tmp / "hf", tmp / "megatron")),
+            ("megatron-to-hf", measure("megatron-to-hf", tmp / "megatron", tmp / "hf_out")),
+        ]
         print(f"{'conversion':<24}{'peak above baseline':>22}{'x checkpoint':>14}{'x naive':>10}")
         for name, peak in rows:
             print(f"{name:<24}{peak:>19.0f} MB{peak / size_mb:>14.2f}{peak / naive:>10.2f}")

@@ -76,12 +76,29 @@ def make_folder(folder: Path, documents: int, seed: int = 0) -> dict:
         _sparse(folder / f"{name}_loss_mask.bin", tokens)
         _write_idx(folder / f"{name}_task_id.idx", np.ones(n, dtype=np.int32), 8, 2)
         _sparse(folder / f"{name}_task_id.bin", n * 2)
-        entries.append({"name": name, "id": task, "documents": n, "tokens": tokens, "learned_tokens": tokens,
-                        "truncated": 0, "dropped": {}, "max_token_id": VOCAB - 1, "prefix": name,
-                        "loss_mask_prefix": f"{name}_loss_mask", "task_id_prefix": f"{name}_task_id"})
-    manifest = {"format": "megamft-indexed/1", "tokenizer": {"vocab_size": VOCAB, "max_token_id": VOCAB - 1,
-                                                              "pad_id": 0}, "template": None,
-                "token_dtype": "uint16", "options": {}, "tasks": entries}
+        entries.append(
+            {
+                "name": name,
+                "id": task,
+                "documents": n,
+                "tokens": tokens,
+                "learned_tokens": tokens,
+                "truncated": 0,
+                "dropped": {},
+                "max_token_id": VOCAB - 1,
+                "prefix": name,
+                "loss_mask_prefix": f"{name}_loss_mask",
+                "task_id_prefix": f"{name}_task_id",
+            }
+        )
+    manifest = {
+        "format": "megamft-indexed/1",
+        "tokenizer": {"vocab_size": VOCAB, "max_token_id": VOCAB - 1, "pad_id": 0},
+        "template": None,
+        "token_dtype": "uint16",
+        "options": {},
+        "tasks": entries,
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return manifest
 
@@ -117,8 +134,11 @@ class Memory:
         self._stop.set()
         self._thread.join()
         now = self._read()
-        return {"peak_anon_mb": self.peak["RssAnon"] - self.base["RssAnon"],
-                "end_anon_mb": now["RssAnon"] - self.base["RssAnon"], "file_mb": now["RssFile"]}
+        return {
+            "peak_anon_mb": self.peak["RssAnon"] - self.base["RssAnon"],
+            "end_anon_mb": now["RssAnon"] - self.base["RssAnon"],
+            "file_mb": now["RssFile"],
+        }
 
 
 def measure_megatron(folder: Path, cache: Path, seq_length: int) -> dict:
@@ -131,21 +151,35 @@ def measure_megatron(folder: Path, cache: Path, seq_length: int) -> dict:
     from megamft.platform.distributed import free_port
 
     # BlendedDataset asks for the rank: a group of one process, as a single-GPU run has.
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
     manifest = json.loads((folder / "manifest.json").read_text())
     tokens = [t["tokens"] for t in manifest["tasks"]]
-    config = GPTDatasetConfig(random_seed=1234, sequence_length=seq_length, blend=(
-        [str(folder / t["prefix"]) for t in manifest["tasks"]], [float(n) for n in tokens]), split="100,0,0",
-        path_to_cache=str(cache), tokenizer=NullTokenizer(VOCAB), reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    config = GPTDatasetConfig(
+        random_seed=1234,
+        sequence_length=seq_length,
+        blend=([str(folder / t["prefix"]) for t in manifest["tasks"]], [float(n) for n in tokens]),
+        split="100,0,0",
+        path_to_cache=str(cache),
+        tokenizer=NullTokenizer(VOCAB),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
     samples = sum(tokens) // seq_length  # one epoch of every task's tokens
     memory = Memory()
     start = time.perf_counter()
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [samples, 0, 0], lambda: True, config).build()
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [samples, 0, 0], lambda: True, config
+    ).build()
     seconds = time.perf_counter() - start
     for i in range(0, len(train), max(len(train) // 1000, 1)):  # a thousand samples' index entries
         train.dataset_index[i], train.dataset_sample_index[i]
@@ -158,12 +192,22 @@ def measure_megamft(folder: Path, cache: Path, mode: str, seq_length: int, build
     from megamft.data import dataset
     from megamft.data.train_index import IndexSharing
 
-    cfg = load_config(None, ["data.source=indexed", f"data.path={folder}", f"data.index_cache={cache}",
-                             f"data.mode={mode}", f"data.seq_length={seq_length}"]).data
+    cfg = load_config(
+        None,
+        [
+            "data.source=indexed",
+            f"data.path={folder}",
+            f"data.index_cache={cache}",
+            f"data.mode={mode}",
+            f"data.seq_length={seq_length}",
+        ],
+    ).data
     from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: F401 (imported before timing)
 
     opened = time.perf_counter()
-    dataset._indexed_source(cfg)  # the data files checked and mapped: what every rank does, index or not
+    dataset._indexed_source(
+        cfg
+    )  # the data files checked and mapped: what every rank does, index or not
     open_seconds = time.perf_counter() - opened
     memory = Memory()
     start = time.perf_counter()
@@ -173,10 +217,17 @@ def measure_megamft(folder: Path, cache: Path, mode: str, seq_length: int, build
     for p in range(0, rows, max(rows // 1000, 1)):  # a thousand sequences read through the index
         data.train.row(p)
     data.train._ahead.result()  # the next epoch, prepared beside training
-    next_seconds = time.perf_counter() - start - seconds  # from the first step's rows to the next epoch's
+    next_seconds = (
+        time.perf_counter() - start - seconds
+    )  # from the first step's rows to the next epoch's
     result = memory.stop()
-    return {"seconds": seconds, "open_seconds": open_seconds, "next_epoch_wait_s": next_seconds,
-            "sequences": rows, **result}
+    return {
+        "seconds": seconds,
+        "open_seconds": open_seconds,
+        "next_epoch_wait_s": next_seconds,
+        "sequences": rows,
+        **result,
+    }
 
 
 def run_measure(args) -> None:
@@ -184,18 +235,34 @@ def run_measure(args) -> None:
     if args.measure == "megatron":
         out = measure_megatron(folder, cache, args.seq_length)
     else:
-        out = measure_megamft(folder, cache, args.mode, args.seq_length, args.measure == "megamft-build")
+        out = measure_megamft(
+            folder, cache, args.mode, args.seq_length, args.measure == "megamft-build"
+        )
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def _child(kind: str, folder: Path, cache: Path, seq_length: int, mode: str = "pack") -> dict:
-    command = [sys.executable, str(HERE), "--measure", kind, "--folder", str(folder), "--cache", str(cache),
-               "--seq-length", str(seq_length), "--mode", mode]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        str(HERE),
+        "--measure",
+        kind,
+        "--folder",
+        str(folder),
+        "--cache",
+        str(cache),
+        "--seq-length",
+        str(seq_length),
+        "--mode",
+        mode,
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ---------------------------------------------------------------- the table
@@ -207,27 +274,35 @@ def bench_size(work: Path, documents: int, seq_length: int, modes: list[str]) ->
     manifest = make_folder(folder, documents)
     made = time.perf_counter() - started
     tokens = sum(t["tokens"] for t in manifest["tasks"])
-    lines = [f"\n{documents:,} documents ({tokens / 1e9:.2f}B tokens, folder written in {made:.0f} s), "
-             f"seq_length {seq_length}:",
-             f"  {'index':<34} {'build s':>8} {'x mcore':>8} {'peak MiB':>9} {'x mcore':>8} {'reader MiB':>10} "
-             f"{'x mcore':>8} {'sequences':>11}"]
+    lines = [
+        f"\n{documents:,} documents ({tokens / 1e9:.2f}B tokens, folder written in {made:.0f} s), "
+        f"seq_length {seq_length}:",
+        f"  {'index':<34} {'build s':>8} {'x mcore':>8} {'peak MiB':>9} {'x mcore':>8} {'reader MiB':>10} "
+        f"{'x mcore':>8} {'sequences':>11}",
+    ]
     cache = work / f"cache-{documents}"
     shutil.rmtree(cache, ignore_errors=True)
     built = _child("megatron", folder, cache / "megatron", seq_length)
     read = _child("megatron", folder, cache / "megatron", seq_length)
-    lines.append(f"  {'megatron-core GPTDataset (blended)':<34} {built['seconds']:8.2f} {'1.00':>8} "
-                 f"{built['peak_anon_mb']:9.0f} {'1.00':>8} {read['end_anon_mb']:10.1f} {'1.00':>8} "
-                 f"{built['sequences']:11,}")
+    lines.append(
+        f"  {'megatron-core GPTDataset (blended)':<34} {built['seconds']:8.2f} {'1.00':>8} "
+        f"{built['peak_anon_mb']:9.0f} {'1.00':>8} {read['end_anon_mb']:10.1f} {'1.00':>8} "
+        f"{built['sequences']:11,}"
+    )
     for mode in modes:
         mine = _child("megamft-build", folder, cache / mode, seq_length, mode)
         reader = _child("megamft-read", folder, cache / mode, seq_length, mode)
-        lines.append(f"  {'megamft data.mode=' + mode:<34} {mine['seconds']:8.2f} "
-                     f"{mine['seconds'] / built['seconds']:8.2f} {mine['peak_anon_mb']:9.0f} "
-                     f"{mine['peak_anon_mb'] / max(built['peak_anon_mb'], 1):8.2f} {reader['end_anon_mb']:10.1f} "
-                     f"{reader['end_anon_mb'] / max(read['end_anon_mb'], 1):8.2f} {mine['sequences']:11,}")
-        lines.append(f"  {'':<34} next epoch ready {mine['next_epoch_wait_s']:.2f} s after the first; reader "
-                     f"start {reader['seconds']:.2f} s, peak {reader['peak_anon_mb']:.0f} MiB; data files "
-                     f"checked and opened in {mine['open_seconds']:.2f} s")
+        lines.append(
+            f"  {'megamft data.mode=' + mode:<34} {mine['seconds']:8.2f} "
+            f"{mine['seconds'] / built['seconds']:8.2f} {mine['peak_anon_mb']:9.0f} "
+            f"{mine['peak_anon_mb'] / max(built['peak_anon_mb'], 1):8.2f} {reader['end_anon_mb']:10.1f} "
+            f"{reader['end_anon_mb'] / max(read['end_anon_mb'], 1):8.2f} {mine['sequences']:11,}"
+        )
+        lines.append(
+            f"  {'':<34} next epoch ready {mine['next_epoch_wait_s']:.2f} s after the first; reader "
+            f"start {reader['seconds']:.2f} s, peak {reader['peak_anon_mb']:.0f} MiB; data files "
+            f"checked and opened in {mine['open_seconds']:.2f} s"
+        )
     shutil.rmtree(cache, ignore_errors=True)
     return lines
 
@@ -236,24 +311,44 @@ def train_run(work: Path, big: Path) -> list[str]:
     small = work / "docs-605"
     make_folder(small, 605)
     times = {}
-    for name, folder in (("605 documents", small), (big.name.replace("docs-", "") + " documents", big)):
-        command = [sys.executable, "-m", "megamft", "train", "--config", str(HERE.parent.parent / "examples" /
-                   "quickstart.yaml"), "parallel.tensor_model_parallel_size=1", "data.source=indexed",
-                   f"data.path={folder}", "data.max_samples_per_task=null", "train.train_steps=2",
-                   "train.lr_warmup_steps=0", f"data.index_cache={work / 'train-cache' / folder.name}",
-                   "checkpoint.save_dir=null", "data.valid_samples_per_task=4"]
+    for name, folder in (
+        ("605 documents", small),
+        (big.name.replace("docs-", "") + " documents", big),
+    ):
+        command = [
+            sys.executable,
+            "-m",
+            "megamft",
+            "train",
+            "--config",
+            str(HERE.parent.parent / "examples" / "quickstart.yaml"),
+            "parallel.tensor_model_parallel_size=1",
+            "data.source=indexed",
+            f"data.path={folder}",
+            "data.max_samples_per_task=null",
+            "train.train_steps=2",
+            "train.lr_warmup_steps=0",
+            f"data.index_cache={work / 'train-cache' / folder.name}",
+            "checkpoint.save_dir=null",
+            "data.valid_samples_per_task=4",
+        ]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         times[name] = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"training on {folder} failed:\n{done.stderr[-3000:]}")
     (small_s, big_s) = times.values()
-    return [f"\n2-step megamft train (examples/quickstart.yaml, TP=1): " +
-            ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f"; {big_s - small_s:+.1f} s"]
+    return [
+        "\n2-step megamft train (examples/quickstart.yaml, TP=1): "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+        + f"; {big_s - small_s:+.1f} s"
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--documents", nargs="+", type=float, default=[1e6, 1e7])
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--modes", nargs="+", default=["pack", "concat", "pad"])
@@ -269,12 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megamft.data import index_kernels
 
-    print(f"index kernels: {'compiled C' if index_kernels.compiled() else 'Python (no C compiler)'}; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"index kernels: {'compiled C' if index_kernels.compiled() else 'Python (no C compiler)'}; "
+        f"{os.cpu_count()} CPUs"
+    )
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         work = Path(scratch)
         for documents in args.documents:
-            print("\n".join(bench_size(work, int(documents), args.seq_length, args.modes)), flush=True)
+            print(
+                "\n".join(bench_size(work, int(documents), args.seq_length, args.modes)), flush=True
+            )
         if args.train_run:
             print("\n".join(train_run(work, work / f"docs-{int(args.documents[-1])}")))
     return 0

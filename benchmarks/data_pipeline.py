@@ -47,15 +47,26 @@ def write_corpus(folder: Path, copies: int) -> dict[str, list[str]]:
         with path.open("w", encoding="utf-8") as f:
             for k in range(copies):
                 for turns in samples:
-                    varied = [dict(t, content=(f"[variant {k}] " if k and t["role"] == "human" else "") + t["content"])
-                              for t in turns]
+                    varied = [
+                        dict(
+                            t,
+                            content=(f"[variant {k}] " if k and t["role"] == "human" else "")
+                            + t["content"],
+                        )
+                        for t in turns
+                    ]
                     f.write(json.dumps({"chat_rounds": varied}) + "\n")
         tasks[task] = [str(path)]
     return tasks
 
 
 def _texts(tasks: dict[str, list[str]]) -> list[list[dict]]:
-    return [json.loads(line)["chat_rounds"] for paths in tasks.values() for p in paths for line in open(p)]
+    return [
+        json.loads(line)["chat_rounds"]
+        for paths in tasks.values()
+        for p in paths
+        for line in open(p)
+    ]
 
 
 def naive_loop(tasks: dict[str, list[str]], tokenizer_path: str, out: Path) -> int:
@@ -80,9 +91,16 @@ def throughput(tasks, tokenizer_path: str, work: Path) -> dict[str, float]:
     rates = {}
     for workers in (1, 2):
         start = time.perf_counter()
-        manifest = preprocess(PreprocessOptions(tasks=tasks, out_dir=str(work / f"out{workers}"),
-                                                tokenizer=tokenizer_path, workers=workers, progress=False,
-                                                dedup=False))
+        manifest = preprocess(
+            PreprocessOptions(
+                tasks=tasks,
+                out_dir=str(work / f"out{workers}"),
+                tokenizer=tokenizer_path,
+                workers=workers,
+                progress=False,
+                dedup=False,
+            )
+        )
         seconds = time.perf_counter() - start
         tokens = sum(t["tokens"] for t in manifest["tasks"])
         rates[f"megamft-preprocess, {workers} worker(s)"] = tokens / seconds
@@ -118,33 +136,64 @@ def padding_table(folder: Path, micro_batch_size: int = 4) -> list[str]:
             rows = build_rows(tasks, docs, lengths, mode, seq, window=1000, seed=0)
             fractions[mode] = useful / (len(rows) * seq)
             if mode == "pack":
-                input_position = {(t, d): i for i, (t, d) in enumerate(zip(tasks.tolist(), docs.tolist()))}
-                packed_order = [input_position[(int(t), int(d))] for t, d in zip(rows.tasks, rows.docs)]
-                correlation = np.corrcoef(np.argsort(np.argsort(packed_order)), np.arange(len(packed_order)))[0, 1]
+                input_position = {
+                    (t, d): i for i, (t, d) in enumerate(zip(tasks.tolist(), docs.tolist()))
+                }
+                packed_order = [
+                    input_position[(int(t), int(d))] for t, d in zip(rows.tasks, rows.docs)
+                ]
+                correlation = np.corrcoef(
+                    np.argsort(np.argsort(packed_order)), np.arange(len(packed_order))
+                )[0, 1]
         pad_rows = build_rows(tasks, docs, lengths, "pad", seq, window=1, seed=0)
-        dynamic = sum(batch_length([pad_rows.row(r) for r in range(s, min(s + micro_batch_size, len(pad_rows)))],
-                                   stores, seq, 8) * len(range(s, min(s + micro_batch_size, len(pad_rows))))
-                      for s in range(0, len(pad_rows), micro_batch_size))
+        dynamic = sum(
+            batch_length(
+                [pad_rows.row(r) for r in range(s, min(s + micro_batch_size, len(pad_rows)))],
+                stores,
+                seq,
+                8,
+            )
+            * len(range(s, min(s + micro_batch_size, len(pad_rows))))
+            for s in range(0, len(pad_rows), micro_batch_size)
+        )
         fractions["dynamic"] = useful / dynamic
         ffd = build_rows(tasks, docs, lengths, "pack", seq, window=len(docs), seed=0)
         fractions["first-fit-decreasing, whole corpus"] = useful / (len(ffd) * seq)
-        lines.append(f"  seq {seq}: " + " | ".join(f"{k} {v:.2%}" for k, v in fractions.items())
-                     + f" | pack order rank-correlation with input {correlation:.3f}")
+        lines.append(
+            f"  seq {seq}: "
+            + " | ".join(f"{k} {v:.2%}" for k, v in fractions.items())
+            + f" | pack order rank-correlation with input {correlation:.3f}"
+        )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--copies", type=int, default=2, help="variants of the corpus in the larger input")
+    parser.add_argument(
+        "--copies", type=int, default=2, help="variants of the corpus in the larger input"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
         small = write_corpus(work / "embedded", copies=1)
-        tokenizer = str(train_sentencepiece([Path(p[0]) for p in small.values()], work / "tokenizer.model", 8000))
-        print(f"tokenizer: sentencepiece BPE, {load_tokenizer(tokenizer).vocab_size} pieces, trained on the embedded corpus")
-        for name, tasks in (("embedded corpus", small), (f"larger corpus ({args.copies} variants)",
-                                                          write_corpus(work / "larger", copies=args.copies))):
+        tokenizer = str(
+            train_sentencepiece(
+                [Path(p[0]) for p in small.values()], work / "tokenizer.model", 8000
+            )
+        )
+        print(
+            f"tokenizer: sentencepiece BPE, {load_tokenizer(tokenizer).vocab_size} pieces, trained on the embedded corpus"
+        )
+        for name, tasks in (
+            ("embedded corpus", small),
+            (
+                f"larger corpus ({args.copies} variants)",
+                write_corpus(work / "larger", copies=args.copies),
+            ),
+        ):
             rates = throughput(tasks, tokenizer, work / name.split()[0])
             manifest = json.loads((work / name.split()[0] / "out1" / "manifest.json").read_text())
             tokens = sum(t["tokens"] for t in manifest["tasks"])
@@ -152,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             limit = rates["tokenizer batch encode (limit)"]
             print(f"\n{name}: {samples} samples, {tokens / 1e6:.2f}M tokens")
             for label, rate in rates.items():
-                print(f"  {label:<45} {rate / 1e6:6.2f}M tokens/s  {rate / limit:6.1%} of batch encode")
+                print(
+                    f"  {label:<45} {rate / 1e6:6.2f}M tokens/s  {rate / limit:6.1%} of batch encode"
+                )
             print("non-padding fraction of each mode (micro-batch 4 for dynamic):")
             print("\n".join(padding_table(work / name.split()[0] / "out1")))
     return 0

@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megamft.loss.fused_ce import fused_multitask_cross_entropy
 from megamft.emulation import cpu_emulation
+from megamft.loss.fused_ce import fused_multitask_cross_entropy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -38,7 +38,8 @@ def unfused(logits, labels, weights, mask, task_ids, sample_index, tasks, sample
     x = logits.float()
     per_token = F.cross_entropy(x, labels, reduction="none")
     task_sums = torch.zeros(tasks, device=x.device, dtype=torch.float64).index_add_(
-        0, task_ids, (per_token * mask).double())
+        0, task_ids, (per_token * mask).double()
+    )
     (per_token * weights).sum().backward()
     return task_sums
 
@@ -54,6 +55,7 @@ def measure(fn, inputs, repeats: int, cuda: bool) -> tuple[float, float, float]:
 
     Without CUDA the strict emulation measures device memory and counts syncs (no timing by events).
     """
+
     def call():
         leaf = inputs[0].detach().clone().requires_grad_()
         fn(leaf, *inputs[1:])
@@ -70,7 +72,11 @@ def measure(fn, inputs, repeats: int, cuda: bool) -> tuple[float, float, float]:
             call()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats, (torch.cuda.max_memory_allocated() - base) / 2**20, float("nan")
+        return (
+            start.elapsed_time(end) / repeats,
+            (torch.cuda.max_memory_allocated() - base) / 2**20,
+            float("nan"),
+        )
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     began = time.perf_counter()
@@ -82,7 +88,9 @@ def measure(fn, inputs, repeats: int, cuda: bool) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 152064])
     parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["bf16", "fp32"])
@@ -93,18 +101,24 @@ def main() -> None:
         cpu_emulation.enable()
     device = "cuda"
     tokens = args.tokens if cuda else min(args.tokens, 1024)  # keep a CPU smoke run short
-    where = torch.cuda.get_device_name() if cuda else "CPU (torch fallback under the strict emulation)"
+    where = (
+        torch.cuda.get_device_name() if cuda else "CPU (torch fallback under the strict emulation)"
+    )
     print(f"device: {where}; tokens {tokens}")
-    print(f"{'dtype':<6}{'vocab':>8}{'unfused ms':>12}{'fused ms':>10}{'speed-up':>10}"
-          f"{'unfused MB':>12}{'fused MB':>10}{'memory':>8}" + ("" if cuda else f"{'syncs/call':>12}"))
+    print(
+        f"{'dtype':<6}{'vocab':>8}{'unfused ms':>12}{'fused ms':>10}{'speed-up':>10}"
+        f"{'unfused MB':>12}{'fused MB':>10}{'memory':>8}" + ("" if cuda else f"{'syncs/call':>12}")
+    )
     for dtype_name in args.dtype:
         for vocab in args.vocab:
             inputs = make_inputs(tokens, vocab, DTYPES[dtype_name], device)
             base_ms, base_mb, _ = measure(unfused, inputs, args.repeats, cuda)
             ours_ms, ours_mb, ours_syncs = measure(fused, inputs, args.repeats, cuda)
-            print(f"{dtype_name:<6}{vocab:>8}{base_ms:>12.2f}{ours_ms:>10.2f}{base_ms / ours_ms:>9.2f}x"
-                  f"{base_mb:>12.0f}{ours_mb:>10.0f}{ours_mb / base_mb if base_mb else float('nan'):>7.2f}x"
-                  + ("" if cuda else f"{ours_syncs:>12.1f}"))
+            print(
+                f"{dtype_name:<6}{vocab:>8}{base_ms:>12.2f}{ours_ms:>10.2f}{base_ms / ours_ms:>9.2f}x"
+                f"{base_mb:>12.0f}{ours_mb:>10.0f}{ours_mb / base_mb if base_mb else float('nan'):>7.2f}x"
+                + ("" if cuda else f"{ours_syncs:>12.1f}")
+            )
 
 
 if __name__ == "__main__":

@@ -53,21 +53,39 @@ def main(argv: list | None = None) -> int:
     if argv[:1] == ["_compare_export"]:
         compare_export(argv[1:])
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, help="report folder (gpu_check.json, work/)")
-    parser.add_argument("--dry-run", action="store_true", default=os.environ.get("GPU_CHECK_DRY_RUN") == "1",
-                        help="CPU mode: tiny model, fewer loss modes (also GPU_CHECK_DRY_RUN=1)")
-    parser.add_argument("--budget", type=float, help="seconds for all checks (default 420 GPU, 280 dry run)")
-    parser.add_argument("--jobs", type=int, help="loss-mode training runs at once (default 3 GPU, 1 dry run)")
-    parser.add_argument("--only", nargs="+", choices=CHECKS, help="run these checks only (environment always runs)")
-    parser.add_argument("--summarize", type=Path, metavar="OUTDIR", help="print the summary of a report and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=os.environ.get("GPU_CHECK_DRY_RUN") == "1",
+        help="CPU mode: tiny model, fewer loss modes (also GPU_CHECK_DRY_RUN=1)",
+    )
+    parser.add_argument(
+        "--budget", type=float, help="seconds for all checks (default 420 GPU, 280 dry run)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, help="loss-mode training runs at once (default 3 GPU, 1 dry run)"
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=CHECKS, help="run these checks only (environment always runs)"
+    )
+    parser.add_argument(
+        "--summarize", type=Path, metavar="OUTDIR", help="print the summary of a report and exit"
+    )
     args = parser.parse_args(argv)
     if args.summarize:
         return summarize(args.summarize)
     if not args.out:
         parser.error("--out is required")
     profile = DRY if args.dry_run else GPU
-    budget = args.budget if args.budget is not None else float(os.environ.get("GPU_CHECK_BUDGET", profile.budget_s))
+    budget = (
+        args.budget
+        if args.budget is not None
+        else float(os.environ.get("GPU_CHECK_BUDGET", profile.budget_s))
+    )
     return run(args.out, profile, budget, args.dry_run, args.jobs or profile.jobs, args.only)
 
 

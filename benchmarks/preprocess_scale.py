@@ -58,8 +58,10 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> int:
     with path.open("w", encoding="utf-8") as f:
         while written < target:
             lines = []
-            for size, start in zip(np.clip(rng.lognormal(8.0, 1.2, 64), 200, 400_000).astype(int),
-                                   rng.integers(0, len(blob), 64)):
+            for size, start in zip(
+                np.clip(rng.lognormal(8.0, 1.2, 64), 200, 400_000).astype(int),
+                rng.integers(0, len(blob), 64),
+            ):
                 text = f"# synthetic file {records}\n" + blob[start : start + size]
                 lines.append(json.dumps({"text": text}) + "\n")
                 records += 1
@@ -85,13 +87,18 @@ def make_tokenizer(corpus: Path, folder: Path) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8000, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=8000,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts(), trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None})
+    )
     return folder / "tokenizer.json"
 
 
@@ -113,10 +120,15 @@ class TreeMemory:
         while not self._stop.wait(0.02):
             try:
                 main = self._process.memory_info().rss
-                tree = main + sum(c.memory_info().rss for c in self._process.children(recursive=True))
+                tree = main + sum(
+                    c.memory_info().rss for c in self._process.children(recursive=True)
+                )
             except psutil.Error:
                 continue
-            self.main_mb, self.tree_mb = max(self.main_mb, main / 2**20), max(self.tree_mb, tree / 2**20)
+            self.main_mb, self.tree_mb = (
+                max(self.main_mb, main / 2**20),
+                max(self.tree_mb, tree / 2**20),
+            )
 
     def stop(self) -> None:
         self._stop.set()
@@ -124,9 +136,25 @@ class TreeMemory:
 
 
 def run_preprocess(corpus: Path, tokenizer: Path, out: Path, workers: int) -> dict:
-    command = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--task", f"code={corpus}",
-               "--tokenizer", str(tokenizer), "--template", "chatml", "--out", str(out), "--workers", str(workers),
-               "--max-seq-length", "4097", "--overlong", "split", "--quiet"]
+    command = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--task",
+        f"code={corpus}",
+        "--tokenizer",
+        str(tokenizer),
+        "--template",
+        "chatml",
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--max-seq-length",
+        "4097",
+        "--overlong",
+        "split",
+        "--quiet",
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     memory = TreeMemory(process.pid)
@@ -136,8 +164,15 @@ def run_preprocess(corpus: Path, tokenizer: Path, out: Path, workers: int) -> di
     if process.returncode != 0:
         raise RuntimeError(f"megamft-preprocess failed:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     task = json.loads((out / "manifest.json").read_text())["tasks"][0]
-    return {"seconds": seconds, "tokens": task["tokens"], "documents": task["documents"], "split": task["split"],
-            "pieces": task["pieces"], "main_mb": memory.main_mb, "tree_mb": memory.tree_mb}
+    return {
+        "seconds": seconds,
+        "tokens": task["tokens"],
+        "documents": task["documents"],
+        "split": task["split"],
+        "pieces": task["pieces"],
+        "main_mb": memory.main_mb,
+        "tree_mb": memory.tree_mb,
+    }
 
 
 def _same_output(a: Path, b: Path) -> bool:
@@ -146,7 +181,9 @@ def _same_output(a: Path, b: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--megabytes", type=int, default=2048, help="size of the synthetic corpus")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -156,26 +193,43 @@ def main(argv: list[str] | None = None) -> int:
         records = make_corpus(work / "corpus.jsonl", args.megabytes)
         eighth = make_corpus(work / "eighth.jsonl", max(args.megabytes // 8, 1))
         tokenizer = make_tokenizer(work / "corpus.jsonl", work / "tokenizer")
-        print(f"corpus: {args.megabytes:,} MB, {records:,} records (and an eighth: {eighth:,} records), "
-              f"written with its tokenizer in {time.perf_counter() - started:.0f} s")
-        runs = {w: run_preprocess(work / "corpus.jsonl", tokenizer, work / f"out{w}", w) for w in (1, 2)}
+        print(
+            f"corpus: {args.megabytes:,} MB, {records:,} records (and an eighth: {eighth:,} records), "
+            f"written with its tokenizer in {time.perf_counter() - started:.0f} s"
+        )
+        runs = {
+            w: run_preprocess(work / "corpus.jsonl", tokenizer, work / f"out{w}", w) for w in (1, 2)
+        }
         small = run_preprocess(work / "eighth.jsonl", tokenizer, work / "out-eighth", 2)
-        size = {name: (work / f"{name}.jsonl").stat().st_size / 2**20 for name in ("corpus", "eighth")}
-        print(f"megamft-preprocess --max-seq-length 4097 --overlong split: {runs[1]['documents']:,} documents "
-              f"({runs[1]['split']:,} records split into {runs[1]['pieces']:,} pieces), "
-              f"{runs[1]['tokens'] / 1e6:,.1f}M tokens")
-        print(f"  {'run':<28} {'seconds':>8} {'MB/s':>7} {'Mtokens/s':>10} {'x 1 worker':>10} {'main MiB':>9} "
-              f"{'tree MiB':>9}")
-        for name, run, mb in (("corpus, 1 worker", runs[1], size["corpus"]), ("corpus, 2 workers", runs[2],
-                              size["corpus"]), ("eighth of it, 2 workers", small, size["eighth"])):
-            print(f"  {name:<28} {run['seconds']:8.1f} {mb / run['seconds']:7.2f} "
-                  f"{run['tokens'] / run['seconds'] / 1e6:10.3f} "
-                  f"{(run['tokens'] / run['seconds']) / (runs[1]['tokens'] / runs[1]['seconds']):10.2f} "
-                  f"{run['main_mb']:9.0f} {run['tree_mb']:9.0f}")
-        print(f"peak memory, whole corpus over an eighth of it (2 workers): main "
-              f"{runs[2]['main_mb'] / small['main_mb']:.2f}x, tree {runs[2]['tree_mb'] / small['tree_mb']:.2f}x "
-              f"for 8x the input; outputs at 1 and 2 workers byte-identical: "
-              f"{_same_output(work / 'out1', work / 'out2')}")
+        size = {
+            name: (work / f"{name}.jsonl").stat().st_size / 2**20 for name in ("corpus", "eighth")
+        }
+        print(
+            f"megamft-preprocess --max-seq-length 4097 --overlong split: {runs[1]['documents']:,} documents "
+            f"({runs[1]['split']:,} records split into {runs[1]['pieces']:,} pieces), "
+            f"{runs[1]['tokens'] / 1e6:,.1f}M tokens"
+        )
+        print(
+            f"  {'run':<28} {'seconds':>8} {'MB/s':>7} {'Mtokens/s':>10} {'x 1 worker':>10} {'main MiB':>9} "
+            f"{'tree MiB':>9}"
+        )
+        for name, run, mb in (
+            ("corpus, 1 worker", runs[1], size["corpus"]),
+            ("corpus, 2 workers", runs[2], size["corpus"]),
+            ("eighth of it, 2 workers", small, size["eighth"]),
+        ):
+            print(
+                f"  {name:<28} {run['seconds']:8.1f} {mb / run['seconds']:7.2f} "
+                f"{run['tokens'] / run['seconds'] / 1e6:10.3f} "
+                f"{(run['tokens'] / run['seconds']) / (runs[1]['tokens'] / runs[1]['seconds']):10.2f} "
+                f"{run['main_mb']:9.0f} {run['tree_mb']:9.0f}"
+            )
+        print(
+            f"peak memory, whole corpus over an eighth of it (2 workers): main "
+            f"{runs[2]['main_mb'] / small['main_mb']:.2f}x, tree {runs[2]['tree_mb'] / small['tree_mb']:.2f}x "
+            f"for 8x the input; outputs at 1 and 2 workers byte-identical: "
+            f"{_same_output(work / 'out1', work / 'out2')}"
+        )
     return 0
 
 

@@ -30,15 +30,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
-LORA = ("lora.enabled=true", "lora.rank=8", "lora.alpha=16", "lora.save_adapters_only=true",
-        "train.precision=bf16", "checkpoint.load_optimizer=false")
+LORA = (
+    "lora.enabled=true",
+    "lora.rank=8",
+    "lora.alpha=16",
+    "lora.save_adapters_only=true",
+    "train.precision=bf16",
+    "checkpoint.load_optimizer=false",
+)
 
 
 def _train(out: Path, name: str, overrides: list[str], nproc: int) -> dict[int, float]:
     """One quickstart run (torchrun, the quickstart's 2 processes); its training loss per step."""
     save = out / name
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "-m", "megamft", "train",
-               "--config", str(QUICKSTART), f"checkpoint.save_dir={save}", "train.log_interval=1", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megamft",
+        "train",
+        "--config",
+        str(QUICKSTART),
+        f"checkpoint.save_dir={save}",
+        "train.log_interval=1",
+        *overrides,
+    ]
     started = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -66,34 +84,50 @@ def _summary(lora: dict[int, float], qlora: dict[int, float]) -> list[str]:
     diffs = [qlora[s] - lora[s] for s in steps]
     relative = [abs(d) / lora[s] for d, s in zip(diffs, steps)]
     last = steps[-5:]
-    return [f"steps compared: {len(steps)}",
-            f"mean difference QLoRA - LoRA: {statistics.mean(diffs):+.4f} nats "
-            f"(mean |difference| {statistics.mean(map(abs, diffs)):.4f}, max {max(map(abs, diffs)):.4f})",
-            f"mean |difference| / LoRA loss: {statistics.mean(relative):.4%} (max {max(relative):.4%})",
-            f"loss drop over the run: LoRA {lora[steps[0]] - lora[steps[-1]]:.4f}, "
-            f"QLoRA {qlora[steps[0]] - qlora[steps[-1]]:.4f}",
-            f"last {len(last)} steps' mean: LoRA {statistics.mean(lora[s] for s in last):.4f}, "
-            f"QLoRA {statistics.mean(qlora[s] for s in last):.4f}, "
-            f"ratio {statistics.mean(qlora[s] for s in last) / statistics.mean(lora[s] for s in last):.4f}"]
+    return [
+        f"steps compared: {len(steps)}",
+        f"mean difference QLoRA - LoRA: {statistics.mean(diffs):+.4f} nats "
+        f"(mean |difference| {statistics.mean(map(abs, diffs)):.4f}, max {max(map(abs, diffs)):.4f})",
+        f"mean |difference| / LoRA loss: {statistics.mean(relative):.4%} (max {max(relative):.4%})",
+        f"loss drop over the run: LoRA {lora[steps[0]] - lora[steps[-1]]:.4f}, "
+        f"QLoRA {qlora[steps[0]] - qlora[steps[-1]]:.4f}",
+        f"last {len(last)} steps' mean: LoRA {statistics.mean(lora[s] for s in last):.4f}, "
+        f"QLoRA {statistics.mean(qlora[s] for s in last):.4f}, "
+        f"ratio {statistics.mean(qlora[s] for s in last) / statistics.mean(lora[s] for s in last):.4f}",
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-steps", type=int, default=60, help="full fine-tuning steps of the base model")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--base-steps", type=int, default=60, help="full fine-tuning steps of the base model"
+    )
     parser.add_argument("--steps", type=int, default=40, help="LoRA steps of each contender")
-    parser.add_argument("--nproc", type=int, default=2, help="processes (the quickstart's TP=2 needs 2)")
-    parser.add_argument("--out", type=Path, help="folder for the runs (default: a new temporary folder)")
+    parser.add_argument(
+        "--nproc", type=int, default=2, help="processes (the quickstart's TP=2 needs 2)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for the runs (default: a new temporary folder)"
+    )
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="qlora_vs_lora_"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _train(out, "base", [f"train.train_steps={args.base_steps}"], args.nproc)
-    adapted = [*LORA, f"checkpoint.load_dir={out / 'base'}", f"train.train_steps={args.steps}",
-               "train.lr_warmup_steps=4"]
+    adapted = [
+        *LORA,
+        f"checkpoint.load_dir={out / 'base'}",
+        f"train.train_steps={args.steps}",
+        "train.lr_warmup_steps=4",
+    ]
     lora = _train(out, "lora_bf16", adapted, args.nproc)
     qlora = _train(out, "qlora_nf4", [*adapted, "lora.quantize_base=nf4"], args.nproc)
-    print(f"QLoRA (lora.quantize_base=nf4) vs bf16 LoRA on examples/quickstart.yaml: base {args.base_steps} "
-          f"full steps, then {args.steps} LoRA steps (rank 8, alpha 16, bf16), same seeds and data; runs in {out}")
+    print(
+        f"QLoRA (lora.quantize_base=nf4) vs bf16 LoRA on examples/quickstart.yaml: base {args.base_steps} "
+        f"full steps, then {args.steps} LoRA steps (rank 8, alpha 16, bf16), same seeds and data; runs in {out}"
+    )
     print("\n".join(_table(lora, qlora) + [""] + _summary(lora, qlora)))
 
 

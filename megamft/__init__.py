@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 # (The notices libraries print on import are silenced by the commands, in
 # megamft.entry_point, not here.)
 warnings.filterwarnings(
-    "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf",
-    category=UserWarning, module=r"megamft\.platform\.cpu_emulation",
+    "ignore",
+    message=r"The \.grad attribute of a Tensor that is not a leaf",
+    category=UserWarning,
+    module=r"megamft\.platform\.cpu_emulation",
 )

@@ -23,27 +23,39 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--world-size", type=int, required=True, help="processes it will run on")
     check.add_argument("overrides", nargs="*", help="section.key=value overrides")
     commands.add_parser(
-        "launch", help="torchrun (same arguments) that turns SIGTERM/SIGUSR1 into a save and a clean exit",
-        description="megamft launch [torchrun options] -m megamft train --config CONFIG.yaml ...")
+        "launch",
+        help="torchrun (same arguments) that turns SIGTERM/SIGUSR1 into a save and a clean exit",
+        description="megamft launch [torchrun options] -m megamft train --config CONFIG.yaml ...",
+    )
     kernels = commands.add_parser(
-        "build-kernels", help="build the fused cross-entropy CUDA kernels now (for an image, or before training)",
+        "build-kernels",
+        help="build the fused cross-entropy CUDA kernels now (for an image, or before training)",
         description="Build (or find built) the fused cross-entropy CUDA kernels for this machine's torch, CUDA and "
-                    "TORCH_CUDA_ARCH_LIST (else its GPUs), and print where they are.")
-    kernels.add_argument("--build-dir", help="kernels root folder (default: $MEGAMFT_KERNELS_DIR, else "
-                         "$TORCH_EXTENSIONS_DIR/megamft, else ~/.cache/megamft/kernels); point training at it "
-                         "with MEGAMFT_KERNELS_DIR")
+        "TORCH_CUDA_ARCH_LIST (else its GPUs), and print where they are.",
+    )
+    kernels.add_argument(
+        "--build-dir",
+        help="kernels root folder (default: $MEGAMFT_KERNELS_DIR, else "
+        "$TORCH_EXTENSIONS_DIR/megamft, else ~/.cache/megamft/kernels); point training at it "
+        "with MEGAMFT_KERNELS_DIR",
+    )
     kernels.add_argument("--verbose", action="store_true", help="show the compiler's output")
-    evaluation = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="benchmark",
-                                                                                    required=True)
+    evaluation = commands.add_parser("eval", help="evaluate a model").add_subparsers(
+        dest="benchmark", required=True
+    )
     from megamft.eval.cli import add_humaneval_arguments
 
-    add_humaneval_arguments(evaluation.add_parser("humaneval", help="HumanEval pass@k, sandboxed execution"))
+    add_humaneval_arguments(
+        evaluation.add_parser("humaneval", help="HumanEval pass@k, sandboxed execution")
+    )
     return parser
 
 
 def _print_summary(result) -> None:
     if result.preempted:
-        print(f"\npreempted: saved {result.last_checkpoint}; resume with checkpoint.load_dir=<save_dir>")
+        print(
+            f"\npreempted: saved {result.last_checkpoint}; resume with checkpoint.load_dir=<save_dir>"
+        )
         return
     before, after = result.valid_before, result.valid_after
     _print_skips(result)
@@ -74,11 +86,16 @@ def _print_best(result) -> None:
     """Model selection: the best measurement and the checkpoint kept for it (named `<save_dir>/best` too)."""
     best = result.best
     if result.stopped_early and best:
-        print(f"\nstopped early: {best['metric']} stopped improving (train.early_stopping_patience)")
+        print(
+            f"\nstopped early: {best['metric']} stopped improving (train.early_stopping_patience)"
+        )
     if not best:
         return
-    where = f": {best['checkpoint']} (also <save_dir>/best)" if best["checkpoint"] else \
-        " (no checkpoint kept for it: set checkpoint.keep_best)"
+    where = (
+        f": {best['checkpoint']} (also <save_dir>/best)"
+        if best["checkpoint"]
+        else " (no checkpoint kept for it: set checkpoint.keep_best)"
+    )
     print(f"best by {best['metric']}: {best['score']:.4g} at step {best['step']}{where}")
 
 
@@ -89,11 +106,17 @@ def _print_fast_settings(cfg) -> None:
     from megamft.platform.device import detect
 
     runtime = detect()
-    backend = attention_backend_for(cfg, runtime.transformer_engine, runtime.transformer_engine_problem)
+    backend = attention_backend_for(
+        cfg, runtime.transformer_engine, runtime.transformer_engine_problem
+    )
     where = "CUDA" if runtime.cuda else "no CUDA"
-    print(f"fast settings on this machine ({where}; Transformer Engine: {'yes' if runtime.transformer_engine else 'no'}; "
-          f"attention backend: {backend}):")
-    for setting in fast_settings(cfg, machine_for(runtime.cuda, runtime.transformer_engine, backend)):
+    print(
+        f"fast settings on this machine ({where}; Transformer Engine: {'yes' if runtime.transformer_engine else 'no'}; "
+        f"attention backend: {backend}):"
+    )
+    for setting in fast_settings(
+        cfg, machine_for(runtime.cuda, runtime.transformer_engine, backend)
+    ):
         print(f"  {setting.describe()}")
 
 
@@ -125,7 +148,9 @@ def _build_kernels(root: str | None, verbose: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"] and not {"-h", "--help"} & set(argv[1:2]):
-        from megamft.platform.launcher import main as launch  # torchrun's options pass through unparsed
+        from megamft.platform.launcher import (
+            main as launch,  # torchrun's options pass through unparsed
+        )
 
         return launch(argv[1:])
     return run_command("megamft", lambda: _run(argv))
@@ -155,13 +180,20 @@ def _run(argv: list[str]) -> int:
         return 0
     # MEGAMFT_LOG_LEVEL=DEBUG adds per-step detail (e.g. device synchronizations under the emulation).
     level = os.environ.get("MEGAMFT_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
-    set_device_max_connections(cfg)  # before any import that may start CUDA; initialize warns if needed
+    set_device_max_connections(
+        cfg
+    )  # before any import that may start CUDA; initialize warns if needed
     from megamft.training.preemption import PreemptionWatch
 
-    watch = PreemptionWatch(cfg.checkpoint.save_on_signal)  # before the slow imports: no signal is lost
+    watch = PreemptionWatch(
+        cfg.checkpoint.save_on_signal
+    )  # before the slow imports: no signal is lost
     from megamft.training.loop import run  # heavy imports only once the config is valid
 
     result = run(cfg, watch)

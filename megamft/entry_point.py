@@ -74,7 +74,11 @@ _OS_ADVICE = {
     errno.EIO: "input/output error (a failing disk or network file system); check that file system",
     errno.ESTALE: "stale file handle (the network file system lost it); check the mount, then run again",
 }
-_NO_PATH_NEEDED = (errno.ENOSPC, errno.EDQUOT, errno.EMFILE)  # said of the disk or the process, not a file
+_NO_PATH_NEEDED = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EMFILE,
+)  # said of the disk or the process, not a file
 
 
 class UsageError(UserError):
@@ -139,7 +143,11 @@ def os_error_line(err: OSError) -> str | None:
     advice = _OS_ADVICE.get(err.errno)
     if advice is None:
         return None
-    path = err.filename2 if err.filename2 is not None and err.errno in (errno.ENOSPC, errno.EDQUOT) else err.filename
+    path = (
+        err.filename2
+        if err.filename2 is not None and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        else err.filename
+    )
     if path is None:
         return advice if err.errno in _NO_PATH_NEEDED else None
     return f"{os.fsdecode(path)}: {advice}"
@@ -160,8 +168,11 @@ def _report_user_error(prog: str, err: UserError) -> int:
 
 def _report_bug(prog: str, err: BaseException) -> int:
     traceback.print_exc()
-    _say(prog, f"{_rank_prefix(_env_rank())}unexpected {type(err).__name__}: this is a bug in megamft, not a "
-               "mistake in your input; please report it with the traceback above")
+    _say(
+        prog,
+        f"{_rank_prefix(_env_rank())}unexpected {type(err).__name__}: this is a bug in megamft, not a "
+        "mistake in your input; please report it with the traceback above",
+    )
     return BUG_EXIT
 
 

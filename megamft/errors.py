@@ -32,4 +32,6 @@ class ReportedByAnotherRank(Exception):
     def __init__(self, rank: int, user_error: bool):
         self.rank, self.user_error = rank, user_error
         cause = "a mistake in the input" if user_error else "an error"
-        super().__init__(f"stopped because rank {rank} stopped first on {cause} (reported by that rank)")
+        super().__init__(
+            f"stopped because rank {rank} stopped first on {cause} (reported by that rank)"
+        )

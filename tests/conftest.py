@@ -1,10 +1,9 @@
-import pytest
-
-from megamft.testing.distributed import launch
-
 import jobs
+import pytest
 import training_runs
 from data_fixtures import make_hf_tokenizer, make_sentencepiece
+
+from megamft.testing.distributed import launch
 
 
 @pytest.fixture(scope="session")
@@ -30,5 +29,8 @@ def uninterrupted(tmp_path_factory) -> dict[int, float]:
 def tokenizers(tmp_path_factory) -> dict[str, str]:
     """The preprocessing tests' tokenizers by kind: byte, sentencepiece (Llama style), huggingface (Qwen style)."""
     folder = tmp_path_factory.mktemp("tokenizers")
-    return {"byte": "byte", "sentencepiece": str(make_sentencepiece(folder)),
-            "huggingface": str(make_hf_tokenizer(folder / "hf"))}
+    return {
+        "byte": "byte",
+        "sentencepiece": str(make_sentencepiece(folder)),
+        "huggingface": str(make_hf_tokenizer(folder / "hf")),
+    }

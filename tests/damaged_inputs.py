@@ -12,17 +12,31 @@ from pathlib import Path
 
 from data_fixtures import as_line, write_jsonl
 
-TINY_MODEL = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
-              "data.seq_length=128", "data.max_samples_per_task=8", "data.valid_samples_per_task=2",
-              "train.global_batch_size=2", "train.micro_batch_size=1", "train.train_steps=1",
-              "train.lr_warmup_steps=0", "parallel.tensor_model_parallel_size=1"]
+TINY_MODEL = [
+    "model.num_layers=1",
+    "model.hidden_size=32",
+    "model.ffn_hidden_size=64",
+    "model.num_attention_heads=4",
+    "data.seq_length=128",
+    "data.max_samples_per_task=8",
+    "data.valid_samples_per_task=2",
+    "train.global_batch_size=2",
+    "train.micro_batch_size=1",
+    "train.train_steps=1",
+    "train.lr_warmup_steps=0",
+    "parallel.tensor_model_parallel_size=1",
+]
 """`megamft train` overrides for a run that starts in seconds."""
 
 
 def conversations(tmp: Path, name: str = "data.jsonl", count: int = 12) -> Path:
     """A JSON Lines file of `count` distinct short conversations."""
-    lines = [as_line([("user", f"Add {i} and {i + 1}."), ("assistant", f"print({i} + {i + 1})")], "messages")
-             for i in range(count)]
+    lines = [
+        as_line(
+            [("user", f"Add {i} and {i + 1}."), ("assistant", f"print({i} + {i + 1})")], "messages"
+        )
+        for i in range(count)
+    ]
     return write_jsonl(tmp / name, lines)
 
 
@@ -35,7 +49,9 @@ def random_bytes(path: Path, size: int = 4096) -> Path:
 def tokenizer_json_not_json(tmp: Path) -> None:
     conversations(tmp)
     (tmp / "tok").mkdir()
-    (tmp / "tok" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0,\n')
+    (tmp / "tok" / "tokenizer.json").write_text(
+        '{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0,\n'
+    )
 
 
 def tokenizer_json_binary(tmp: Path) -> None:
@@ -60,10 +76,19 @@ def tiny_hf_model(tmp: Path) -> Path:
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp / "hf")
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
+        tmp / "hf"
+    )
     return tmp / "hf"
 
 
@@ -92,6 +117,7 @@ def data_damaged_on_rank_1(tmp: Path) -> None:
     damaged = sorted((tmp / "data-rank1").glob("*.bin"))[0]
     os.truncate(damaged, damaged.stat().st_size // 2)
     (tmp / "rank.sh").write_text(
-        '# torchrun runs this on every rank; rank 1 reads its own copy of the data\n'
+        "# torchrun runs this on every rank; rank 1 reads its own copy of the data\n"
         f'if [ "$RANK" = 1 ]; then data={tmp}/data-rank1; else data={tmp}/data; fi\n'
-        f'exec {sys.executable} -m megamft train "$@" data.source=indexed "data.path=$data"\n')
+        f'exec {sys.executable} -m megamft train "$@" data.source=indexed "data.path=$data"\n'
+    )

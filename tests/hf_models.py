@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import jobs
 import torch
 import transformers
 from safetensors.torch import load_file
 
 from megamft.checkpoint import hf_convert
 from megamft.testing.distributed import launch
-
-import jobs
 
 
 def tiny_model(config) -> torch.nn.Module:
@@ -28,8 +27,12 @@ def tiny_model(config) -> torch.nn.Module:
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
-                param.copy_(torch.randn_like(param) * 0.1 + ("norm" in pname and pname.endswith("weight")))
-            elif pname.endswith("gate.weight"):  # MoE routers (and Qwen's shared-expert gate): clear choices
+                param.copy_(
+                    torch.randn_like(param) * 0.1 + ("norm" in pname and pname.endswith("weight"))
+                )
+            elif pname.endswith(
+                "gate.weight"
+            ):  # MoE routers (and Qwen's shared-expert gate): clear choices
                 param.copy_(torch.randn_like(param))
     return model
 
@@ -57,20 +60,42 @@ def hf_logits(folder: Path, batch: torch.Tensor) -> torch.Tensor:
         return model(batch).logits
 
 
-def megamft_logits(checkpoint: Path, batch: torch.Tensor, world_size: int = 1, overrides=(),
-                   model_yaml: Path | None = None) -> torch.Tensor:
+def megamft_logits(
+    checkpoint: Path,
+    batch: torch.Tensor,
+    world_size: int = 1,
+    overrides=(),
+    model_yaml: Path | None = None,
+) -> torch.Tensor:
     """megamft's logits of a checkpoint, run on `world_size` ranks with these config overrides."""
     model_yaml = model_yaml or checkpoint / "megamft_model.yaml"
-    results = launch(jobs.converted_logits, world_size, timeout=180, kwargs=dict(
-        checkpoint=str(checkpoint), model_yaml=str(model_yaml), overrides=overrides, tokens=batch))
+    results = launch(
+        jobs.converted_logits,
+        world_size,
+        timeout=180,
+        kwargs=dict(
+            checkpoint=str(checkpoint),
+            model_yaml=str(model_yaml),
+            overrides=overrides,
+            tokens=batch,
+        ),
+    )
     return next(r for r in results if r is not None)
 
 
 def resave(checkpoint: Path, overrides, out_dir: Path, timeout: float = 180) -> None:
     """Load a converted checkpoint on 4 ranks laid out by `overrides` and save it to `out_dir`."""
-    launch(jobs.resave, 4, timeout=timeout, kwargs=dict(
-        checkpoint=str(checkpoint), model_yaml=str(checkpoint / "megamft_model.yaml"), overrides=overrides,
-        out_dir=str(out_dir)))
+    launch(
+        jobs.resave,
+        4,
+        timeout=timeout,
+        kwargs=dict(
+            checkpoint=str(checkpoint),
+            model_yaml=str(checkpoint / "megamft_model.yaml"),
+            overrides=overrides,
+            out_dir=str(out_dir),
+        ),
+    )
 
 
 def sharded_tensors(folder: Path) -> dict:
@@ -93,14 +118,22 @@ def assert_exports_bit_identical(resaved: Path, out_dir: Path, hf_dir: Path, nam
         assert torch.equal(back[key], tensor), (name, key)
 
 
-def assert_export_loads_in_transformers(hf_dir: Path, megatron_dir: Path, out_dir: Path, tokens: torch.Tensor) -> None:
+def assert_export_loads_in_transformers(
+    hf_dir: Path, megatron_dir: Path, out_dir: Path, tokens: torch.Tensor
+) -> None:
     """Exported without a template (megamft's own config.json), the checkpoint loads in transformers as
     `hf_dir`'s architecture with no missing or unexpected key, and computes `hf_dir`'s logits exactly."""
     exported = hf_convert.megatron_to_hf(megatron_dir, out_dir)
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        exported, output_loading_info=True
+    )
     assert not any(info.values()), info
-    assert type(model).__name__ == json.loads((hf_dir / "config.json").read_text())["architectures"][0]
-    torch.testing.assert_close(hf_logits(exported, tokens), hf_logits(hf_dir, tokens), rtol=0, atol=0)
+    assert (
+        type(model).__name__ == json.loads((hf_dir / "config.json").read_text())["architectures"][0]
+    )
+    torch.testing.assert_close(
+        hf_logits(exported, tokens), hf_logits(hf_dir, tokens), rtol=0, atol=0
+    )
 
 
 def parameter_counts(hf_dir: Path) -> tuple[int, int]:

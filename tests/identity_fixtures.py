@@ -7,16 +7,24 @@ import shutil
 def converted_with_template(tmp, spoil) -> None:
     """tmp/hf: a tiny Llama with a tokenizer; tmp/ckpt: its conversion; tmp/other: a copy of tmp/hf, spoilt."""
     import torch
+    from data_fixtures import make_hf_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from data_fixtures import make_hf_tokenizer
     from megamft.checkpoint.hf_convert import hf_to_megatron
     from megamft.data.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(str(make_hf_tokenizer(tmp / "hf"))).max_token_id + 1
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(str(tmp / "hf"))
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(str(tmp / "hf"))
     hf_to_megatron(tmp / "hf", tmp / "ckpt")
     shutil.copytree(tmp / "hf", tmp / "other")
     spoil(tmp / "other")
@@ -24,7 +32,9 @@ def converted_with_template(tmp, spoil) -> None:
 
 def other_size(folder) -> None:
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64, "intermediate_size": 128}))
+    (folder / "config.json").write_text(
+        json.dumps({**config, "hidden_size": 64, "intermediate_size": 128})
+    )
 
 
 def tokenizer_past_the_vocabulary(folder) -> None:
@@ -33,8 +43,16 @@ def tokenizer_past_the_vocabulary(folder) -> None:
     with_special_token_at(folder / "tokenizer.json", folder, token_id=70000)
 
 
-EXPORT = ["megamft-convert", "megatron-to-hf", "--checkpoint", "{tmp}/ckpt", "--out", "{tmp}/export",
-          "--hf-template", "{tmp}/other"]
+EXPORT = [
+    "megamft-convert",
+    "megatron-to-hf",
+    "--checkpoint",
+    "{tmp}/ckpt",
+    "--out",
+    "{tmp}/export",
+    "--hf-template",
+    "{tmp}/other",
+]
 
 
 def training_refusal(overrides: tuple[str, ...]) -> str | None:

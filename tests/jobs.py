@@ -10,11 +10,19 @@ import contextlib
 from megamft.config import load_config, validate
 
 TINY_MODEL = [
-    "model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64",
-    "model.num_attention_heads=4", "model.num_query_groups=2",
-    "data.seq_length=192", "data.max_samples_per_task=48", "data.valid_samples_per_task=8",
-    "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr_warmup_steps=1",
-    "train.log_interval=1", "optimizer.lr=1e-3",
+    "model.num_layers=4",
+    "model.hidden_size=32",
+    "model.ffn_hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "data.seq_length=192",
+    "data.max_samples_per_task=48",
+    "data.valid_samples_per_task=8",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.lr_warmup_steps=1",
+    "train.log_interval=1",
+    "optimizer.lr=1e-3",
 ]
 
 
@@ -23,8 +31,14 @@ def tiny_config(*overrides: str, config_files: tuple[str, ...] = ()):
 
     With config files, their model section replaces TINY_MODEL's; data/train overrides still apply.
     """
-    return load_config(list(config_files), [*TINY_MODEL, *overrides]) if not config_files else \
-        load_config(list(config_files), [o for o in TINY_MODEL if not o.startswith("model.")] + list(overrides))
+    return (
+        load_config(list(config_files), [*TINY_MODEL, *overrides])
+        if not config_files
+        else load_config(
+            list(config_files),
+            [o for o in TINY_MODEL if not o.startswith("model.")] + list(overrides),
+        )
+    )
 
 
 def first_batches(data, rows: int, micro_batch_size: int) -> list[dict]:
@@ -51,9 +65,9 @@ def tiny_model(*overrides: str):
 def save_initial_weights(save_dir: str, overrides: tuple[str, ...] = ()) -> None:
     """Build a model from the seed and save it untrained, as iteration 0."""
     from megamft.checkpoint import dist_checkpoint
+    from megamft.data.tokenizer import ByteTokenizer
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
-    from megamft.data.tokenizer import ByteTokenizer
 
     cfg = tiny_config(*overrides)
     runtime = distributed.initialize(cfg)
@@ -107,14 +121,26 @@ def loss_against_plain_torch() -> dict:
         ).view_as(batch["labels"])
         mask = batch["loss_mask"]
         loss_sum, count = float((per_token * mask).sum()), int(mask.sum())
-        stats = {"task_stats": torch.cat([task_sums(per_token * mask, batch["task_ids"], 3),
-                                          task_sums(mask, batch["task_ids"], 3)])}
+        stats = {
+            "task_stats": torch.cat(
+                [
+                    task_sums(per_token * mask, batch["task_ids"], 3),
+                    task_sums(mask, batch["task_ids"], 3),
+                ]
+            )
+        }
         task_of_row = batch["task_ids"][:, 0]
         return {
-            "per_token": per_token.float().cpu(), "reference": reference.cpu(), "loss_sum": loss_sum,
-            "count": count, "task_stats": stats["task_stats"].cpu(), "mask": mask.cpu(),
-            "task_of_row": task_of_row.cpu(), "vocab": logits.shape[-1],
+            "per_token": per_token.float().cpu(),
+            "reference": reference.cpu(),
+            "loss_sum": loss_sum,
+            "count": count,
+            "task_stats": stats["task_stats"].cpu(),
+            "mask": mask.cpu(),
+            "task_of_row": task_of_row.cpu(),
+            "vocab": logits.shape[-1],
         }
+
 
 def _load_converted(checkpoint: str, model_yaml: str, overrides: tuple[str, ...]):
     """Weights (and any LoRA adapters) of a checkpoint, at the layout the overrides ask for."""
@@ -123,7 +149,9 @@ def _load_converted(checkpoint: str, model_yaml: str, overrides: tuple[str, ...]
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
 
-    cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
+    cfg = load_config(
+        [model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides]
+    )
     runtime = distributed.initialize(cfg)
     state = build_training_state(cfg, runtime, cfg.model.vocab_size)
     dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
@@ -157,7 +185,9 @@ def resave(checkpoint: str, model_yaml: str, overrides: tuple[str, ...], out_dir
         distributed.shutdown()
 
 
-def packed_global_batch(rows: int = 8, seq: int = 32, vocab: int = 262, num_tasks: int = 3, seed: int = 0):
+def packed_global_batch(
+    rows: int = 8, seq: int = 32, vocab: int = 262, num_tasks: int = 3, seed: int = 0
+):
     """Rows packing 2-3 documents of different tasks, with block-diagonal causal attention."""
     import torch
 
@@ -177,52 +207,89 @@ def packed_global_batch(rows: int = 8, seq: int = 32, vocab: int = 262, num_task
     same_doc = sample_ids.unsqueeze(2) == sample_ids.unsqueeze(1)
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     attention_mask = ~(same_doc & causal).unsqueeze(1)  # True = masked out
-    return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, task_ids=task_ids,
-                sample_ids=sample_ids, position_ids=positions, attention_mask=attention_mask)
+    return dict(
+        tokens=tokens,
+        labels=labels,
+        loss_mask=loss_mask,
+        task_ids=task_ids,
+        sample_ids=sample_ids,
+        position_ids=positions,
+        attention_mask=attention_mask,
+    )
 
 
-def loss_modes_step(weights_dir: str, micro_batch_size: int, modes: tuple[str, ...],
-                    normalization: str = "global_batch") -> dict:
+def loss_modes_step(
+    weights_dir: str,
+    micro_batch_size: int,
+    modes: tuple[str, ...],
+    normalization: str = "global_batch",
+) -> dict:
     """One training step per loss mode on the same packed global batch; loss and full gradients."""
     import torch
     from megatron.core import parallel_state
 
     from megamft.checkpoint import dist_checkpoint
     from megamft.data.tokenizer import ByteTokenizer
-    from megamft.loss.balancers import CoBa, FAMO, FocalTaskWeights
+    from megamft.loss.balancers import FAMO, CoBa, FocalTaskWeights
     from megamft.loss.multitask import effective_task_weights
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
     from megamft.training.step import LossSetup, train_step
 
     world = int(__import__("os").environ["WORLD_SIZE"])
-    cfg = tiny_config(f"train.micro_batch_size={micro_batch_size}", "optimizer.use_distributed_optimizer=false")
+    cfg = tiny_config(
+        f"train.micro_batch_size={micro_batch_size}", "optimizer.use_distributed_optimizer=false"
+    )
     runtime = distributed.initialize(cfg)
     try:
         batch = packed_global_batch()
         rank, share = parallel_state.get_data_parallel_rank(), 8 // world
-        mine = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
-        micro = [{k: v[i:i + micro_batch_size] for k, v in mine.items()} for i in range(0, share, micro_batch_size)]
+        mine = {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
+        micro = [
+            {k: v[i : i + micro_batch_size] for k, v in mine.items()}
+            for i in range(0, share, micro_batch_size)
+        ]
         out = {}
         for mode in modes:
             state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
             dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
-            balancer = {"focal": FocalTaskWeights(3, 2.0), "coba": CoBa(3, warmup=2), "famo": FAMO(3)}.get(mode)
+            balancer = {
+                "focal": FocalTaskWeights(3, 2.0),
+                "coba": CoBa(3, warmup=2),
+                "famo": FAMO(3),
+            }.get(mode)
             if isinstance(balancer, CoBa):
-                balancer.set_normalizer(torch.tensor([1.2, 2.1, 3.3]))  # the evaluation before step 0
-            for step, losses in enumerate(([1.0, 2.0, 3.0], [0.5, 1.9, 2.0], [0.3, 1.8, 1.2]), start=1):
+                balancer.set_normalizer(
+                    torch.tensor([1.2, 2.1, 3.3])
+                )  # the evaluation before step 0
+            for step, losses in enumerate(
+                ([1.0, 2.0, 3.0], [0.5, 1.9, 2.0], [0.3, 1.8, 1.2]), start=1
+            ):
                 if balancer is not None:
                     balancer.before_step(step)
                     balancer.after_train_step(step, torch.tensor(losses))
                     balancer.observe_validation(step, torch.tensor(losses))
             if balancer is not None:
-                balancer.before_step(4)  # CoBa: past its warm-up, weights from the three measurements
+                balancer.before_step(
+                    4
+                )  # CoBa: past its warm-up, weights from the three measurements
             weights = effective_task_weights(mode, 3, torch.tensor([1.0, 2.0, 0.5]), balancer)
-            stats = train_step(state, micro, ("a", "b", "c"), LossSetup(mode, normalization, weights, 2.0))
-            grads = torch.cat([p.main_grad.detach().flatten().clone()
-                               for _, p in sorted(state.chunks[0].module.named_parameters())])
-            out[mode] = {"loss": stats.loss, "grad_norm": stats.grad_norm, "grads": grads,
-                         "weights": weights, "per_token": None}
+            stats = train_step(
+                state, micro, ("a", "b", "c"), LossSetup(mode, normalization, weights, 2.0)
+            )
+            grads = torch.cat(
+                [
+                    p.main_grad.detach().flatten().clone()
+                    for _, p in sorted(state.chunks[0].module.named_parameters())
+                ]
+            )
+            out[mode] = {
+                "loss": stats.loss,
+                "grad_norm": stats.grad_norm,
+                "grads": grads,
+                "weights": weights,
+                "per_token": None,
+            }
         return out
     finally:
         distributed.shutdown()
@@ -234,8 +301,8 @@ def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from megamft.sizing.architecture import query_width
-    from megamft.training.step import to_device
     from megamft.sizing.flops import model_flops
+    from megamft.training.step import to_device
 
     with tiny_model("data.seq_length=128", *overrides) as (cfg, data, state):
         model = state.chunks[0].module
@@ -244,9 +311,15 @@ def counted_training_flops(overrides: tuple[str, ...] = ()) -> dict:
             loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
             loss.backward()
         rows, seq = batch["tokens"].shape
-        return {"counted": counter.get_total_flops() / batch["tokens"].numel(),
-                "model_flops": model_flops(cfg, state.vocab_size, [seq] * rows) / (rows * seq),
-                "rows": rows, "seq": seq, "layers": cfg.model.num_layers, "query_width": query_width(cfg.model)}
+        return {
+            "counted": counter.get_total_flops() / batch["tokens"].numel(),
+            "model_flops": model_flops(cfg, state.vocab_size, [seq] * rows) / (rows * seq),
+            "rows": rows,
+            "seq": seq,
+            "layers": cfg.model.num_layers,
+            "query_width": query_width(cfg.model),
+        }
+
 
 def measured_memory(overrides: tuple[str, ...]) -> dict:
     """Bytes this rank really holds (weights, grad buffers, Adam state) and saves for backward."""
@@ -261,17 +334,38 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
         params = [p for chunk in state.chunks for p in chunk.module.parameters()]
         weights = sum(p.numel() * p.element_size() for p in params)
         # QLoRA's NF4 base is buffers (codes and statistics), not parameters
-        nf4 = [m for chunk in state.chunks for m in chunk.modules() if getattr(m, "weight_nf4", None) is not None]
+        nf4 = [
+            m
+            for chunk in state.chunks
+            for m in chunk.modules()
+            if getattr(m, "weight_nf4", None) is not None
+        ]
         weights += sum(m.base_nbytes() for m in nf4)
-        grads = sum(p.main_grad.numel() * p.main_grad.element_size() for p in params if hasattr(p, "main_grad"))
+        grads = sum(
+            p.main_grad.numel() * p.main_grad.element_size()
+            for p in params
+            if hasattr(p, "main_grad")
+        )
         inner = [opt.optimizer for opt in state.optimizer.chained_optimizers]
-        optimizer = sum(t.numel() * t.element_size() for o in inner for s in o.state.values()
-                        for k, t in s.items() if torch.is_tensor(t) and k != "step")
+        optimizer = sum(
+            t.numel() * t.element_size()
+            for o in inner
+            for s in o.state.values()
+            for k, t in s.items()
+            if torch.is_tensor(t) and k != "step"
+        )
         # 16-bit training: the fp32 master copies (megatron's distributed optimizer keeps this rank's shard)
-        masters = [p for o in state.optimizer.chained_optimizers
-                   for groups in (getattr(o, "shard_fp32_from_float16_groups", None) or
-                                  getattr(o, "fp32_from_float16_groups", None) or [])
-                   for group in groups for p in group]
+        masters = [
+            p
+            for o in state.optimizer.chained_optimizers
+            for groups in (
+                getattr(o, "shard_fp32_from_float16_groups", None)
+                or getattr(o, "fp32_from_float16_groups", None)
+                or []
+            )
+            for group in groups
+            for p in group
+        ]
         optimizer += sum(p.numel() * p.element_size() for p in masters)
         param_storages = {p.untyped_storage().data_ptr() for p in params}
         saved = {}
@@ -284,11 +378,17 @@ def measured_memory(overrides: tuple[str, ...]) -> dict:
 
         batch = to_device(batches[0])
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            state.chunks[0].module(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            state.chunks[0].module(
+                batch["tokens"], batch["position_ids"], None, labels=batch["labels"]
+            )
         world = torch.distributed.get_world_size()
         want = estimate(cfg, world, data.vocab_size)
-        return {"weights": (weights, want.weights), "gradients": (grads, want.gradients),
-                "optimizer": (optimizer, want.optimizer), "activations": (sum(saved.values()), want.activations)}
+        return {
+            "weights": (weights, want.weights),
+            "gradients": (grads, want.gradients),
+            "optimizer": (optimizer, want.optimizer),
+            "activations": (sum(saved.values()), want.activations),
+        }
 
 
 def lora_checks(overrides: tuple[str, ...], weights_dir: str) -> dict:
@@ -305,18 +405,29 @@ def lora_checks(overrides: tuple[str, ...], weights_dir: str) -> dict:
         model = state.chunks[0].module
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-        optimizer_params = sum(p.numel() for o in state.optimizer.chained_optimizers
-                               for g in o.optimizer.param_groups for p in g["params"])
+        optimizer_params = sum(
+            p.numel()
+            for o in state.optimizer.chained_optimizers
+            for g in o.optimizer.param_groups
+            for p in g["params"]
+        )
         for _ in range(2):
             train_step(state, first_batches(data, 8, 2), data.task_names)
-        changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n]))
+        changed = sorted(
+            n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])
+        )
         tokens = first_batches(data, 2, 2)[0]["tokens"][:, :64]
         with_adapters = full_logits(state.chunks, tokens)
         merge_lora(model)
         merged = full_logits(state.chunks, tokens)
-        return {"trainable": trainable, "changed": changed, "optimizer_params": optimizer_params,
-                "adapter_params": sum(p.numel() for n, p in before.items() if "lora_" in n),
-                "with_adapters": with_adapters, "merged": merged}
+        return {
+            "trainable": trainable,
+            "changed": changed,
+            "optimizer_params": optimizer_params,
+            "adapter_params": sum(p.numel() for n, p in before.items() if "lora_" in n),
+            "with_adapters": with_adapters,
+            "merged": merged,
+        }
 
 
 def packed_isolation() -> dict:
@@ -332,16 +443,27 @@ def packed_isolation() -> dict:
         rows = [row for row in data.train_rows(0, 16, 0, 1) if len(row[0]) >= 2][:3]
         packed = to_device(collate(rows, data.stores, "pack", cfg.data.seq_length, data.pad_id))
         with torch.no_grad():
-            together = model(packed["tokens"], packed["position_ids"], packed["attention_mask"],
-                             labels=packed["labels"])
+            together = model(
+                packed["tokens"],
+                packed["position_ids"],
+                packed["attention_mask"],
+                labels=packed["labels"],
+            )
             positions = torch.arange(cfg.data.seq_length, device="cuda").expand_as(packed["tokens"])
-            plain = model(packed["tokens"], positions, None,
-                          labels=packed["labels"])
-        (max_diff, unmasked_max_diff), documents = max_diffs_to_documents_alone(model, data, rows, together, plain)
-        return {"max_diff": max_diff, "unmasked_max_diff": unmasked_max_diff, "documents": documents}
+            plain = model(packed["tokens"], positions, None, labels=packed["labels"])
+        (max_diff, unmasked_max_diff), documents = max_diffs_to_documents_alone(
+            model, data, rows, together, plain
+        )
+        return {
+            "max_diff": max_diff,
+            "unmasked_max_diff": unmasked_max_diff,
+            "documents": documents,
+        }
 
 
-def max_diffs_to_documents_alone(model, data, rows: list, *packed_losses) -> tuple[list[float], int]:
+def max_diffs_to_documents_alone(
+    model, data, rows: list, *packed_losses
+) -> tuple[list[float], int]:
     """For each per-token loss tensor of the packed `rows`: the largest |difference| from the losses of
     each of its documents run alone (padded to its own length); and the number of documents."""
     import torch
@@ -355,9 +477,14 @@ def max_diffs_to_documents_alone(model, data, rows: list, *packed_losses) -> tup
             at = 0
             for k in range(len(docs)):
                 n = int(data.stores[tasks[k]].lengths[docs[k]]) - 1
-                alone = to_device(collate([(tasks[k : k + 1], docs[k : k + 1])], data.stores, "pad", n,
-                                          data.pad_id))
-                loss = model(alone["tokens"], alone["position_ids"], None, labels=alone["labels"])[0]
+                alone = to_device(
+                    collate(
+                        [(tasks[k : k + 1], docs[k : k + 1])], data.stores, "pad", n, data.pad_id
+                    )
+                )
+                loss = model(alone["tokens"], alone["position_ids"], None, labels=alone["labels"])[
+                    0
+                ]
                 for found, packed in zip(diffs, packed_losses):
                     found.append(float((packed[r, at : at + n] - loss).abs().max()))
                 at += n
@@ -385,7 +512,9 @@ def context_parallel_objective(context_parallel: int, modes: tuple[str, ...]) ->
         batches = first_batches(data, 8, 2)
         out = {}
         for mode in modes:
-            setup = LossSetup(mode=mode, task_weights=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+            setup = LossSetup(
+                mode=mode, task_weights=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+            )
             total = torch.zeros((), dtype=torch.float64, device="cuda")
             for batch in prepare(batches, setup, 3)[0]:
                 fake_loss = ((batch["tokens"] * 31 + batch["position_ids"] * 7) % 97).double() / 97
@@ -398,7 +527,9 @@ def context_parallel_objective(context_parallel: int, modes: tuple[str, ...]) ->
         distributed.shutdown()
 
 
-def loss_step_memory(fused: bool, upcast_logits: bool, vocab: int, tokens_per_micro_batch: int) -> dict:
+def loss_step_memory(
+    fused: bool, upcast_logits: bool, vocab: int, tokens_per_micro_batch: int
+) -> dict:
     """Emulated device memory that one bf16 training step adds above what the model already holds.
 
     upcast_logits=True plants the old behaviour: Float16Module's fp32 copy of the logits.
@@ -408,11 +539,18 @@ def loss_step_memory(fused: bool, upcast_logits: bool, vocab: int, tokens_per_mi
     from megamft.training import step as step_module
     from megamft.training.step import LossSetup, train_step
 
-    if upcast_logits:  # the isinstance check then never matches: fp32_output keeps its default, True
+    if (
+        upcast_logits
+    ):  # the isinstance check then never matches: fp32_output keeps its default, True
         step_module.Float16Module = type("NotFloat16Module", (), {})
     seq = 128
-    overrides = ("train.precision=bf16", f"model.vocab_size={vocab}", f"data.seq_length={seq}",
-                 "data.mode=pad", f"train.micro_batch_size={tokens_per_micro_batch // seq}")
+    overrides = (
+        "train.precision=bf16",
+        f"model.vocab_size={vocab}",
+        f"data.seq_length={seq}",
+        "data.mode=pad",
+        f"train.micro_batch_size={tokens_per_micro_batch // seq}",
+    )
     with tiny_model(*overrides) as (cfg, data, state):
         batches = first_batches(data, tokens_per_micro_batch // seq, tokens_per_micro_batch // seq)
         setup = LossSetup(mode="token", fused=fused)
@@ -420,21 +558,34 @@ def loss_step_memory(fused: bool, upcast_logits: bool, vocab: int, tokens_per_mi
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         stats = train_step(state, batches, data.task_names, setup)
-        return {"added": torch.cuda.max_memory_allocated() - before, "loss": stats.loss,
-                "padded_vocab": state.vocab_size}
+        return {
+            "added": torch.cuda.max_memory_allocated() - before,
+            "loss": stats.loss,
+            "padded_vocab": state.vocab_size,
+        }
 
 
 def device_syncs_per_step(overrides: tuple[str, ...]) -> list[int]:
     """Device-to-host synchronizations the strict emulation counted in each training step."""
-    return [s.device_syncs for s in train(("train.train_steps=3", "train.eval_interval=0", *overrides))["stats"]]
+    return [
+        s.device_syncs
+        for s in train(("train.train_steps=3", "train.eval_interval=0", *overrides))["stats"]
+    ]
 
 
-def converted_logits_of_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], tokens: list):
+def converted_logits_of_each(
+    checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], tokens: list
+):
     """converted_logits for several checkpoints in one launch (one process group, one layout)."""
     return _logits_of_each(checkpoints, overrides, tokens, out_dirs=None)
 
 
-def resave_each(checkpoints: list[tuple[str, str]], overrides: tuple[str, ...], out_dirs: list[str], tokens: list):
+def resave_each(
+    checkpoints: list[tuple[str, str]],
+    overrides: tuple[str, ...],
+    out_dirs: list[str],
+    tokens: list,
+):
     """resave for several checkpoints in one launch; also returns each one's logits at that layout."""
     return _logits_of_each(checkpoints, overrides, tokens, out_dirs)
 
@@ -452,7 +603,9 @@ def _logits_of_each(checkpoints, overrides, tokens, out_dirs: list[str] | None):
     runtime, results = None, []
     try:
         for i, ((checkpoint, model_yaml), case_tokens) in enumerate(zip(checkpoints, tokens)):
-            cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
+            cfg = load_config(
+                [model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides]
+            )
             runtime = runtime or distributed.initialize(cfg)
             state = build_training_state(cfg, runtime, cfg.model.vocab_size)
             dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
@@ -480,8 +633,11 @@ def collective_timeouts(minutes: float) -> dict | None:
     from megamft.platform import distributed
 
     distributed.initialize(tiny_config(f"parallel.distributed_timeout_minutes={minutes}"))
-    groups = {"world": (None, "cuda"), "data_parallel": (parallel_state.get_data_parallel_group(), "cuda"),
-              "host": (distributed.host_group(), "cpu")}
+    groups = {
+        "world": (None, "cuda"),
+        "data_parallel": (parallel_state.get_data_parallel_group(), "cuda"),
+        "host": (distributed.host_group(), "cpu"),
+    }
     if torch.distributed.get_rank() == 1:
         time.sleep(len(groups) * minutes * 60 + 5)
         return None

@@ -15,7 +15,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # ranks load this file by path; `jobs` lives beside it
+sys.path.insert(
+    0, str(Path(__file__).parent)
+)  # ranks load this file by path; `jobs` lives beside it
 
 KEY = "tiny"
 NAME = "megamft_tiny_ext"
@@ -42,12 +44,14 @@ def write_source(folder: Path, answer: int = 42) -> Path:
 
 def compile_into(source: Path, compiled: list | None = None):
     """build(folder) for kernel_cache.build_locked: torch's JIT build of `source` (appends to `compiled`)."""
+
     def build(folder: Path):
         from torch.utils.cpp_extension import load
 
         if compiled is not None:
             compiled.append(str(folder))
         return load(name=NAME, sources=[str(source)], build_directory=str(folder))
+
     return build
 
 
@@ -56,7 +60,8 @@ def build_or_load(folder: Path, source: Path, compiled: list | None = None):
     from megamft.loss import kernel_cache
 
     return kernel_cache.load_built(folder, KEY) or kernel_cache.build_locked(
-        folder, KEY, compile_into(source, compiled), poll_s=0.05)
+        folder, KEY, compile_into(source, compiled), poll_s=0.05
+    )
 
 
 def load_only(folder: Path):
@@ -89,11 +94,18 @@ def _scenario(name: str, root: Path, source: Path, local_rank: int, rank: int) -
             raise OSError(f"{folder}/{NAME}.so: cannot open shared object file: Permission denied")
         return load_only(folder)
 
-    decision = prepare_fused_kernels(local_rank, report=rank == 0, build=build, load=load, wait_s=120)
+    decision = prepare_fused_kernels(
+        local_rank, report=rank == 0, build=build, load=load, wait_s=120
+    )
     module = fused_ce.kernels()
-    return {"use_kernels": decision.use_kernels, "builders": decision.builders, "reason": decision.reason,
-            "compiled": compiled, "answer": module.answer() if module is not None else None,
-            "library": module.__file__ if module is not None else None}
+    return {
+        "use_kernels": decision.use_kernels,
+        "builders": decision.builders,
+        "reason": decision.reason,
+        "compiled": compiled,
+        "answer": module.answer() if module is not None else None,
+        "library": module.__file__ if module is not None else None,
+    }
 
 
 SCENARIOS = ("one_node", "builder_fails", "a_rank_cannot_load", "two_nodes")
@@ -105,13 +117,22 @@ def startup_scenarios(root: str, source: str) -> dict:
     import os
 
     from jobs import tiny_config
+
     from megamft.platform import distributed
 
     distributed.initialize(tiny_config())
     try:
         rank = int(os.environ["RANK"])
-        return {name: _scenario(name, Path(root), Path(source), 0 if name == "two_nodes" else
-                                distributed.local_rank(), rank) for name in SCENARIOS}
+        return {
+            name: _scenario(
+                name,
+                Path(root),
+                Path(source),
+                0 if name == "two_nodes" else distributed.local_rank(),
+                rank,
+            )
+            for name in SCENARIOS
+        }
     finally:
         distributed.shutdown()
 

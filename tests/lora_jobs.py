@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # ranks load this file by path; jobs.py lies beside it
+sys.path.insert(
+    0, str(Path(__file__).parent)
+)  # ranks load this file by path; jobs.py lies beside it
 
 from jobs import TINY_MODEL, tiny_config  # noqa: E402
 
@@ -16,9 +18,13 @@ def causal_batch(rows: int, seq: int, vocab: int, seed: int = 3) -> dict:
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (rows, seq), generator=g)
-    return dict(tokens=tokens, labels=torch.randint(0, vocab, (rows, seq), generator=g),
-                loss_mask=torch.ones(rows, seq), task_ids=torch.zeros(rows, seq, dtype=torch.long),
-                position_ids=torch.arange(seq).expand(rows, seq).contiguous())
+    return dict(
+        tokens=tokens,
+        labels=torch.randint(0, vocab, (rows, seq), generator=g),
+        loss_mask=torch.ones(rows, seq),
+        task_ids=torch.zeros(rows, seq, dtype=torch.long),
+        position_ids=torch.arange(seq).expand(rows, seq).contiguous(),
+    )
 
 
 def _state(model_yaml: str | None, overrides: tuple[str, ...], checkpoint: str | None):
@@ -30,10 +36,20 @@ def _state(model_yaml: str | None, overrides: tuple[str, ...], checkpoint: str |
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
 
-    cfg = load_config([model_yaml] if model_yaml else [], [
-        *([] if model_yaml else TINY_MODEL), "train.global_batch_size=2", "train.micro_batch_size=1",
-        "optimizer.use_distributed_optimizer=false", "optimizer.clip_grad=0.0", *overrides])
-    cfg.model.vocab_size = cfg.model.vocab_size or ByteTokenizer().vocab_size  # as training fills it in
+    cfg = load_config(
+        [model_yaml] if model_yaml else [],
+        [
+            *([] if model_yaml else TINY_MODEL),
+            "train.global_batch_size=2",
+            "train.micro_batch_size=1",
+            "optimizer.use_distributed_optimizer=false",
+            "optimizer.clip_grad=0.0",
+            *overrides,
+        ],
+    )
+    cfg.model.vocab_size = (
+        cfg.model.vocab_size or ByteTokenizer().vocab_size
+    )  # as training fills it in
     runtime = distributed.initialize(cfg)
     state = build_training_state(cfg, runtime, cfg.model.vocab_size)
     if checkpoint is not None:
@@ -41,8 +57,9 @@ def _state(model_yaml: str | None, overrides: tuple[str, ...], checkpoint: str |
     return cfg, state
 
 
-def logits_and_adapter_grads(checkpoint: str, model_yaml: str, overrides: tuple[str, ...], batch: dict,
-                             grads_dir: str | None) -> dict | None:
+def logits_and_adapter_grads(
+    checkpoint: str, model_yaml: str, overrides: tuple[str, ...], batch: dict, grads_dir: str | None
+) -> dict | None:
     """The logits of `batch` at this layout, and (with grads_dir) the adapters' gradients of the token-mean
     cross entropy over it, saved as if they were the adapters (a checkpoint any layout and the exporter read)."""
     import torch
@@ -60,7 +77,7 @@ def logits_and_adapter_grads(checkpoint: str, model_yaml: str, overrides: tuple[
         if grads_dir is None:
             return {"logits": logits.cpu()} if keep else None
         rows = batch["tokens"].shape[0]
-        micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(rows)]
+        micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(rows)]
         for chunk in state.chunks:
             chunk.train()
         train_step(state, micro, ("task",), LossSetup(mode="token"))
@@ -75,7 +92,9 @@ def logits_and_adapter_grads(checkpoint: str, model_yaml: str, overrides: tuple[
         distributed.shutdown()
 
 
-def quantized_shards(checkpoint: str | None, model_yaml: str | None, overrides: tuple[str, ...]) -> dict:
+def quantized_shards(
+    checkpoint: str | None, model_yaml: str | None, overrides: tuple[str, ...]
+) -> dict:
     """Each LoRA-aware linear's dequantized NF4 weight on this rank (by its seed name), its TP rank, and the
     bytes its base takes with the parameters it stands for."""
     from megatron.core import parallel_state
@@ -87,16 +106,23 @@ def quantized_shards(checkpoint: str | None, model_yaml: str | None, overrides: 
     try:
         _, state = _state(model_yaml, overrides, checkpoint)
         modules = dict(lora_modules(bare_model(state.chunks[0])))
-        return {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-                "weights": {name: m.dequantized_weight().cpu() for name, m in modules.items()},
-                "base_bytes": sum(m.base_nbytes() for m in modules.values()),
-                "base_params": sum(m.dequantized_weight().numel() for m in modules.values())}
+        return {
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "weights": {name: m.dequantized_weight().cpu() for name, m in modules.items()},
+            "base_bytes": sum(m.base_nbytes() for m in modules.values()),
+            "base_params": sum(m.dequantized_weight().numel() for m in modules.values()),
+        }
     finally:
         distributed.shutdown()
 
 
-def save_weights(checkpoint: str, model_yaml: str | None, overrides: tuple[str, ...], out_dir: str,
-                 merge: bool = False) -> None:
+def save_weights(
+    checkpoint: str,
+    model_yaml: str | None,
+    overrides: tuple[str, ...],
+    out_dir: str,
+    merge: bool = False,
+) -> None:
     """Load a checkpoint at a layout and save the weights the model computes with: a QLoRA model's base as its
     ranks dequantize it; with `merge`, the adapters merged in (per shard, as merge_lora does)."""
     from megamft.checkpoint import dist_checkpoint
@@ -129,24 +155,50 @@ def tiny_lora_layer_outputs(cases: list[tuple[float, bool, str]], seed: int) -> 
     try:
         config = transformer_config(cfg)
         for dropout, use_rslora, kind in cases:
-            lora = LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=dropout, use_rslora=use_rslora)
-            common = dict(config=config, init_method=torch.nn.init.normal_, bias=False, skip_bias_add=False,
-                          lora=lora)
-            layer = (LoraColumnParallelLinear(24, 40, gather_output=False, **common) if kind == "column" else
-                     LoraRowParallelLinear(24, 40, input_is_parallel=True, **common)).cuda()
+            lora = LoraConfig(
+                enabled=True, rank=4, alpha=8.0, dropout=dropout, use_rslora=use_rslora
+            )
+            common = dict(
+                config=config,
+                init_method=torch.nn.init.normal_,
+                bias=False,
+                skip_bias_add=False,
+                lora=lora,
+            )
+            layer = (
+                LoraColumnParallelLinear(24, 40, gather_output=False, **common)
+                if kind == "column"
+                else LoraRowParallelLinear(24, 40, input_is_parallel=True, **common)
+            ).cuda()
             with torch.no_grad():
-                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=torch.Generator().manual_seed(1)))
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(2)))
+                layer.lora_A.copy_(
+                    torch.randn(layer.lora_A.shape, generator=torch.Generator().manual_seed(1))
+                )
+                layer.lora_B.copy_(
+                    torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(2))
+                )
             layer.weight.requires_grad_(False)
-            x = torch.randn(5, 2, 24, generator=torch.Generator().manual_seed(4)).cuda().requires_grad_()
+            x = (
+                torch.randn(5, 2, 24, generator=torch.Generator().manual_seed(4))
+                .cuda()
+                .requires_grad_()
+            )
             layer.train()
             torch.manual_seed(seed)
             out, _ = layer(x)
             out.pow(2).sum().backward()
-            results.append({"x": x.detach().cpu(), "out": out.detach().cpu(), "x_grad": x.grad.cpu(),
-                            "weight": layer.weight.detach().cpu(), "A": layer.lora_A.detach().cpu(),
-                            "B": layer.lora_B.detach().cpu(), "A_grad": layer.lora_A.grad.cpu(),
-                            "B_grad": layer.lora_B.grad.cpu()})
+            results.append(
+                {
+                    "x": x.detach().cpu(),
+                    "out": out.detach().cpu(),
+                    "x_grad": x.grad.cpu(),
+                    "weight": layer.weight.detach().cpu(),
+                    "A": layer.lora_A.detach().cpu(),
+                    "B": layer.lora_B.detach().cpu(),
+                    "A_grad": layer.lora_A.grad.cpu(),
+                    "B_grad": layer.lora_B.grad.cpu(),
+                }
+            )
         return results
     finally:
         distributed.shutdown()
@@ -157,21 +209,31 @@ def te_spec_layer_against_local(overrides: tuple[str, ...]) -> dict:
     from the local LoRA spec, with the same weights: their outputs, adapter gradients and checkpoint keys."""
     import torch
     from megatron.core.transformer.spec_utils import build_module
+    from te_standins import STAND_INS
 
     from megamft.model.builder import transformer_config
     from megamft.model.lora_spec import te_separate_norm_layer_spec
     from megamft.model.spec import local_block_spec
     from megamft.platform import distributed
-    from te_standins import STAND_INS
 
-    cfg = tiny_config("train.precision=fp32", "lora.enabled=true", "lora.rank=4", "lora.targets=[all-linear]",
-                      *overrides)
+    cfg = tiny_config(
+        "train.precision=fp32",
+        "lora.enabled=true",
+        "lora.rank=4",
+        "lora.targets=[all-linear]",
+        *overrides,
+    )
     distributed.initialize(cfg)
     try:
         config = transformer_config(cfg)
-        te = build_module(te_separate_norm_layer_spec(cfg.lora, True, te=STAND_INS), config=config, layer_number=1)
-        local = build_module(local_block_spec(1, lora=cfg.lora, torch_attention=True).layer_specs[0], config=config,
-                             layer_number=1)
+        te = build_module(
+            te_separate_norm_layer_spec(cfg.lora, True, te=STAND_INS), config=config, layer_number=1
+        )
+        local = build_module(
+            local_block_spec(1, lora=cfg.lora, torch_attention=True).layer_specs[0],
+            config=config,
+            layer_number=1,
+        )
         generator = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for name, param in local.named_parameters():
@@ -181,7 +243,10 @@ def te_spec_layer_against_local(overrides: tuple[str, ...]) -> dict:
         if cfg.parallel.sequence_parallel:
             from megatron.core import parallel_state
 
-            rank, tp = parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tensor_model_parallel_size
+            rank, tp = (
+                parallel_state.get_tensor_model_parallel_rank(),
+                cfg.parallel.tensor_model_parallel_size,
+            )
             hidden = hidden.chunk(tp)[rank]
         outputs, grads = [], []
         for layer in (te, local):
@@ -190,7 +255,9 @@ def te_spec_layer_against_local(overrides: tuple[str, ...]) -> dict:
             out.pow(2).sum().backward()
             outputs.append(out.detach().cpu())
             grads.append({n: p.grad.cpu() for n, p in layer.named_parameters() if "lora_" in n})
-        keys = [sorted(layer.sharded_state_dict(prefix="decoder.layers.0.")) for layer in (te, local)]
+        keys = [
+            sorted(layer.sharded_state_dict(prefix="decoder.layers.0.")) for layer in (te, local)
+        ]
         types = {name: type(module).__name__ for name, module in te.named_modules()}
         return {"outputs": outputs, "grads": grads, "keys": keys, "types": types}
     finally:
@@ -200,19 +267,28 @@ def te_spec_layer_against_local(overrides: tuple[str, ...]) -> dict:
 def build_norm_owning_lora_linear() -> None:
     """Building a LoRA linear over TE's LayerNorm + linear (a stand-in) raises: its norm is fused in."""
     import pytest
+    from te_standins import TELayerNormColumnParallelLinear
 
     from megamft.config import LoraConfig
     from megamft.model.builder import transformer_config
     from megamft.model.lora import lora_linear_class
     from megamft.platform import distributed
-    from te_standins import TELayerNormColumnParallelLinear
 
     cfg = tiny_config()
     distributed.initialize(cfg)
     try:
         cls = lora_linear_class(TELayerNormColumnParallelLinear, "column")
         with pytest.raises(ValueError, match="un-normalized"):
-            cls(32, 64, config=transformer_config(cfg), init_method=lambda w: None, gather_output=False, bias=False,
-                skip_bias_add=False, is_expert=False, lora=LoraConfig(enabled=True, rank=2))
+            cls(
+                32,
+                64,
+                config=transformer_config(cfg),
+                init_method=lambda w: None,
+                gather_output=False,
+                bias=False,
+                skip_bias_add=False,
+                is_expert=False,
+                lora=LoraConfig(enabled=True, rank=2),
+            )
     finally:
         distributed.shutdown()

@@ -82,25 +82,42 @@ def run(mistake: Mistake, tmp: Path) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if k not in _JOB_VARIABLES}
         env.update({k: _filled(v, fill) for k, v in mistake.env.items()})
         if mistake.read_only or mistake.full:
-            argv = in_mount_namespace([sys.executable, *PROGRAMS[program], *args], [tmp / f for f in mistake.read_only],
-                                      [tmp / f for f in mistake.full])
-            done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=mistake.timeout)
+            argv = in_mount_namespace(
+                [sys.executable, *PROGRAMS[program], *args],
+                [tmp / f for f in mistake.read_only],
+                [tmp / f for f in mistake.full],
+            )
+            done = subprocess.run(
+                argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=mistake.timeout
+            )
         else:  # the same command, forked from the test server that has imported torch and megatron-core
             done = run_module(PROGRAMS[program][1], args, env, ROOT, mistake.timeout)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == mistake.exit_code, (done.returncode, done.stderr[-3000:])
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert len(lines) == mistake.lines, f"expected {mistake.lines} line(s) on stderr, got {len(lines)}:\n" + \
-        "\n".join(lines[-20:])
+    assert len(lines) == mistake.lines, (
+        f"expected {mistake.lines} line(s) on stderr, got {len(lines)}:\n" + "\n".join(lines[-20:])
+    )
     assert re.search(mistake.message, lines[0]), (mistake.message, lines[0])
-    for name, before in kept.items():  # every file there was is there, unchanged (caches may be added)
+    for (
+        name,
+        before,
+    ) in kept.items():  # every file there was is there, unchanged (caches may be added)
         after = _fingerprint(tmp / name)
         assert {path: after.get(path) for path in before} == before, f"{name} changed"
     return done
 
 
-_JOB_VARIABLES = ("MEGAMFT_DEBUG", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                  "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+_JOB_VARIABLES = (
+    "MEGAMFT_DEBUG",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def _filled(text: str, fill: dict[str, str]) -> str:
@@ -130,7 +147,9 @@ def in_mount_namespace(argv: list[str], read_only: list[Path], full: list[Path])
         folder.mkdir(parents=True, exist_ok=True)
         path = shlex.quote(str(folder))
         steps.append(f"mount -t tmpfs -o size=64k tmpfs {path}")
-        steps.append(f"{{ dd if=/dev/zero of={path}/filler bs=4k 2>/dev/null; true; }}")  # until no space is left
+        steps.append(
+            f"{{ dd if=/dev/zero of={path}/filler bs=4k 2>/dev/null; true; }}"
+        )  # until no space is left
     script = " && ".join(steps) + ' && exec "$@"'
     namespaces = ["--mount"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--mount"]
     return ["unshare", *namespaces, "--propagation", "private", "sh", "-c", script, "sh", *argv]

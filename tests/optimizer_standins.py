@@ -29,10 +29,28 @@ import torch
 class _GroupStepAdam(torch.optim.Optimizer):
     """Adam/AdamW whose step count is per param group, as both fused optimizers keep it."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, adam_w_mode=True,
-                 bias_correction=True, **unused):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                                  "bias_correction": bias_correction})
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        *,
+        adam_w_mode=True,
+        bias_correction=True,
+        **unused,
+    ):
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "bias_correction": bias_correction,
+            },
+        )
         self.adam_w_mode = adam_w_mode
 
     def _initialize(self, param) -> None:
@@ -60,7 +78,7 @@ class _GroupStepAdam(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 if group["bias_correction"]:
-                    m, v = m / (1 - beta1 ** step), v / (1 - beta2 ** step)
+                    m, v = m / (1 - beta1**step), v / (1 - beta2**step)
                 if self.adam_w_mode and group["weight_decay"]:
                     param.mul_(1 - group["lr"] * group["weight_decay"])
                 param.add_(-group["lr"] * m / (v.sqrt() + group["eps"]))
@@ -71,8 +89,11 @@ class TransformerEngineFusedAdam(_GroupStepAdam):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.name_to_dtype_map = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32,
-                                  "master_param": torch.float32}
+        self.name_to_dtype_map = {
+            "exp_avg": torch.float32,
+            "exp_avg_sq": torch.float32,
+            "master_param": torch.float32,
+        }
 
     def initialize_state(self, param, store_param_remainders=False):
         self._initialize(param)
@@ -91,7 +112,9 @@ class TransformerEngineFusedAdam(_GroupStepAdam):
         state_dict = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entries in state_dict["state"].items():
-            state_dict["state"][index] = {name: self.get_unscaled_state(params[index], name) for name in entries}
+            state_dict["state"][index] = {
+                name: self.get_unscaled_state(params[index], name) for name in entries
+            }
         return state_dict
 
     def load_state_dict(self, state_dict):

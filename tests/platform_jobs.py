@@ -17,7 +17,9 @@ def shared_folder_check(folder: str, own_folder_rank: int | None, own_folder: st
     distributed.initialize(load_config([], []))
     try:
         rank = int(os.environ["RANK"])
-        confirm_shared(folder, "checkpoint.save_dir", view=own_folder if rank == own_folder_rank else None)
+        confirm_shared(
+            folder, "checkpoint.save_dir", view=own_folder if rank == own_folder_rank else None
+        )
         return None
     except NotSharedError as err:
         return str(err)
@@ -25,7 +27,9 @@ def shared_folder_check(folder: str, own_folder_rank: int | None, own_folder: st
         distributed.shutdown()
 
 
-def device_connections_after_start(overrides: list[str], preset: dict[int, str]) -> tuple[str | None, list[str]]:
+def device_connections_after_start(
+    overrides: list[str], preset: dict[int, str]
+) -> tuple[str | None, list[str]]:
     """CUDA_DEVICE_MAX_CONNECTIONS once distributed.initialize has run in a process started without it
     (rank r starts with preset[r] if given), and the warnings megamft logged."""
     from megamft.platform import distributed

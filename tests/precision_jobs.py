@@ -5,12 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # ranks load this file by path; jobs.py lies beside it
+sys.path.insert(
+    0, str(Path(__file__).parent)
+)  # ranks load this file by path; jobs.py lies beside it
 
 from jobs import first_batches, tiny_config  # noqa: E402
 
 
-def first_step_main_gradients(weights: str, precision: str, overrides: tuple[str, ...] = ()) -> dict:
+def first_step_main_gradients(
+    weights: str, precision: str, overrides: tuple[str, ...] = ()
+) -> dict:
     """Train one step from `weights` at `precision`; return the optimizer's main gradients by parameter name.
 
     The main gradients are the fp32 copies the optimizer steps with, after it has
@@ -34,15 +38,26 @@ def first_step_main_gradients(weights: str, precision: str, overrides: tuple[str
         names = {p: n for n, p in dist_checkpoint.bare_model(state.chunks[0]).named_parameters()}
         grads = {}
         for optimizer in state.optimizer.chained_optimizers:  # megatron's DistributedOptimizer(s)
-            model_params = itertools.chain(*optimizer.model_float16_groups, *optimizer.model_fp32_groups)
-            main_params = itertools.chain(*optimizer.shard_fp32_from_float16_groups, *optimizer.shard_fp32_groups)
-            grads.update({names[p]: main.grad.detach().float().cpu().clone()
-                          for p, main in zip(model_params, main_params)})
-        return {"grads": grads, "grad_norm": stats.grad_norm, "loss_scale": stats.loss_scale,
-                "skipped": stats.skipped}
+            model_params = itertools.chain(
+                *optimizer.model_float16_groups, *optimizer.model_fp32_groups
+            )
+            main_params = itertools.chain(
+                *optimizer.shard_fp32_from_float16_groups, *optimizer.shard_fp32_groups
+            )
+            grads.update(
+                {
+                    names[p]: main.grad.detach().float().cpu().clone()
+                    for p, main in zip(model_params, main_params)
+                }
+            )
+        return {
+            "grads": grads,
+            "grad_norm": stats.grad_norm,
+            "loss_scale": stats.loss_scale,
+            "skipped": stats.skipped,
+        }
     finally:
         distributed.shutdown()
-
 
 
 def train_with_fused_adam(kind: str, overrides: tuple[str, ...]) -> dict:
@@ -59,6 +74,7 @@ def garbage_collections(overrides: tuple[str, ...]) -> dict:
     import gc
 
     from jobs import train
+
     from megamft.training import steps
 
     seen = {"during_training": []}

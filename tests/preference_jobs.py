@@ -28,8 +28,13 @@ def synthetic_pairs(seed: int = 0):
     return stores, pairs
 
 
-def preference_step(weights_dir: str, pairs_per_micro_batch: int, objective: str, steps: int = 1,
-                    layout: tuple[str, ...] = ()) -> dict:
+def preference_step(
+    weights_dir: str,
+    pairs_per_micro_batch: int,
+    objective: str,
+    steps: int = 1,
+    layout: tuple[str, ...] = (),
+) -> dict:
     """`steps` training steps of `objective` on the synthetic pairs, the reference computed first at this layout."""
     import torch
     from megatron.core import parallel_state
@@ -42,29 +47,49 @@ def preference_step(weights_dir: str, pairs_per_micro_batch: int, objective: str
     from megamft.training.setup import build_training_state
     from megamft.training.step import LossSetup, reference_logps, train_step
 
-    cfg = tiny_config(f"train.micro_batch_size={2 * pairs_per_micro_batch}", f"train.global_batch_size={2 * PAIRS}",
-                      "optimizer.use_distributed_optimizer=false", f"loss.objective={objective}", *layout)
+    cfg = tiny_config(
+        f"train.micro_batch_size={2 * pairs_per_micro_batch}",
+        f"train.global_batch_size={2 * PAIRS}",
+        "optimizer.use_distributed_optimizer=false",
+        f"loss.objective={objective}",
+        *layout,
+    )
     runtime = distributed.initialize(cfg)
     try:
         stores, pairs = synthetic_pairs()
-        cuts = split_pairs(pairs, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-                           pairs_per_micro_batch)
+        cuts = split_pairs(
+            pairs,
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+            pairs_per_micro_batch,
+        )
         micro = [pair_micro_batch(cut, stores, 16, 0) for cut in cuts]
         state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
         dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
         for batch, ref in zip(micro, reference_logps(state, micro, len(TASKS))):
             batch["ref_logps"] = ref
-        setup = LossSetup("task_token", task_weights=torch.tensor([1.0, 3.0]),
-                          preference=PreferenceSetup(objective, beta=0.5))
+        setup = LossSetup(
+            "task_token",
+            task_weights=torch.tensor([1.0, 3.0]),
+            preference=PreferenceSetup(objective, beta=0.5),
+        )
         history = []
         for _ in range(steps):
             stats = train_step(state, micro, TASKS, setup)
             if not history:
-                grads = torch.cat([p.main_grad.detach().flatten().clone()
-                                   for _, p in sorted(state.chunks[0].module.named_parameters())])
+                grads = torch.cat(
+                    [
+                        p.main_grad.detach().flatten().clone()
+                        for _, p in sorted(state.chunks[0].module.named_parameters())
+                    ]
+                )
             history.append(stats)
-        return {"loss": [s.loss for s in history], "grad_norm": history[0].grad_norm, "grads": grads,
-                "metrics": [s.preference for s in history]}
+        return {
+            "loss": [s.loss for s in history],
+            "grad_norm": history[0].grad_norm,
+            "grads": grads,
+            "metrics": [s.preference for s in history],
+        }
     finally:
         distributed.shutdown()
 
@@ -86,8 +111,13 @@ def reference_tables(weights_dir: str, lora: bool = False, steps: int = 3) -> di
     from megamft.training.step import LossSetup, train_step
 
     extra = ("lora.enabled=true", "lora.rank=4", "optimizer.lr=1e-2") if lora else ()
-    cfg = tiny_config("train.micro_batch_size=2", f"train.global_batch_size={2 * PAIRS}", "loss.objective=dpo",
-                      "optimizer.use_distributed_optimizer=false", *extra)
+    cfg = tiny_config(
+        "train.micro_batch_size=2",
+        f"train.global_batch_size={2 * PAIRS}",
+        "loss.objective=dpo",
+        "optimizer.use_distributed_optimizer=false",
+        *extra,
+    )
     runtime = distributed.initialize(cfg)
     try:
         stores, pairs = synthetic_pairs()
@@ -102,8 +132,12 @@ def reference_tables(weights_dir: str, lora: bool = False, steps: int = 3) -> di
         picked = logp.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1) * batch["loss_mask"]
         out["by_logits"] = picked.sum(dim=1)
         if lora:
-            cuts = split_pairs(pairs, parallel_state.get_data_parallel_rank(),
-                               parallel_state.get_data_parallel_world_size(), 1)
+            cuts = split_pairs(
+                pairs,
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(),
+                1,
+            )
             micro = [make(cut) for cut in cuts]
             start = out["start"]
             for batch, cut in zip(micro, cuts):
@@ -135,8 +169,9 @@ def rule_pairs(count: int, seed: int):
     return InMemoryDocuments(ids, masks)
 
 
-def preference_learning(weights_dir: str, objective: str, steps: int, train_pairs: int = 64,
-                        held_out: int = 32) -> dict:
+def preference_learning(
+    weights_dir: str, objective: str, steps: int, train_pairs: int = 64, held_out: int = 32
+) -> dict:
     """Train `objective` on rule pairs; preference accuracy on held-out pairs before and after.
 
     Accuracy: the fraction of held-out pairs whose chosen answer gains more log-probability relative to the
@@ -155,15 +190,21 @@ def preference_learning(weights_dir: str, objective: str, steps: int, train_pair
     from megamft.training.step import LossSetup, train_step
 
     per_step = 8
-    cfg = tiny_config("train.micro_batch_size=16", f"train.global_batch_size={2 * per_step}",
-                      f"train.train_steps={steps}", "optimizer.lr=3e-3", "optimizer.use_distributed_optimizer=false",
-                      f"loss.objective={objective}")
+    cfg = tiny_config(
+        "train.micro_batch_size=16",
+        f"train.global_batch_size={2 * per_step}",
+        f"train.train_steps={steps}",
+        "optimizer.lr=3e-3",
+        "optimizer.use_distributed_optimizer=false",
+        f"loss.objective={objective}",
+    )
     runtime = distributed.initialize(cfg)
     try:
         stores = [rule_pairs(train_pairs, 1), rule_pairs(held_out, 2)]
         state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
         dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
         make = lambda cut: pair_micro_batch(cut, stores, 16, 0)  # noqa: E731
+
         def table(task: int, count: int) -> np.ndarray:
             pairs = [(task, k) for k in range(count)]
             return reference_logps.compute(state, pairs, [train_pairs, held_out], make, 16)[task]

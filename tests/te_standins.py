@@ -44,13 +44,37 @@ class TENorm:
 
 
 class TEColumnParallelLinear(ColumnParallelLinear):
-    def __init__(self, input_size, output_size, *, config, init_method, gather_output, bias, skip_bias_add,
-                 is_expert, skip_weight_param_allocation=False, tp_comm_buffer_name=None, tp_group=None, stride=1):
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        *,
+        config,
+        init_method,
+        gather_output,
+        bias,
+        skip_bias_add,
+        is_expert,
+        skip_weight_param_allocation=False,
+        tp_comm_buffer_name=None,
+        tp_group=None,
+        stride=1,
+    ):
         if gather_output:
             raise ValueError("Transformer Engine linear layers do not support gather_output = True")
-        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
-                         gather_output=False, skip_bias_add=skip_bias_add, is_expert=is_expert,
-                         skip_weight_param_allocation=skip_weight_param_allocation, tp_group=tp_group, stride=stride)
+        super().__init__(
+            input_size,
+            output_size,
+            config=config,
+            init_method=init_method,
+            bias=bias,
+            gather_output=False,
+            skip_bias_add=skip_bias_add,
+            is_expert=is_expert,
+            skip_weight_param_allocation=skip_weight_param_allocation,
+            tp_group=tp_group,
+            stride=stride,
+        )
         self._tp_group = self.tp_group
 
     def forward(self, x):
@@ -58,12 +82,35 @@ class TEColumnParallelLinear(ColumnParallelLinear):
 
 
 class TERowParallelLinear(RowParallelLinear):
-    def __init__(self, input_size, output_size, *, config, init_method, bias, input_is_parallel, skip_bias_add,
-                 is_expert, tp_comm_buffer_name=None, tp_group=None):
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        *,
+        config,
+        init_method,
+        bias,
+        input_is_parallel,
+        skip_bias_add,
+        is_expert,
+        tp_comm_buffer_name=None,
+        tp_group=None,
+    ):
         if not input_is_parallel:
-            raise ValueError("Transformer Engine linear layers do not support input_is_parallel = False")
-        super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
-                         input_is_parallel=True, skip_bias_add=skip_bias_add, is_expert=is_expert, tp_group=tp_group)
+            raise ValueError(
+                "Transformer Engine linear layers do not support input_is_parallel = False"
+            )
+        super().__init__(
+            input_size,
+            output_size,
+            config=config,
+            init_method=init_method,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=skip_bias_add,
+            is_expert=is_expert,
+            tp_group=tp_group,
+        )
         self._tp_group = self.tp_group
 
     def forward(self, x):
@@ -80,5 +127,9 @@ class TEDotProductAttention(TorchCoreAttention):
     pass
 
 
-STAND_INS = TEModules(norm=TENorm, column_linear=TEColumnParallelLinear, row_linear=TERowParallelLinear,
-                      core_attention=TEDotProductAttention)
+STAND_INS = TEModules(
+    norm=TENorm,
+    column_linear=TEColumnParallelLinear,
+    row_linear=TERowParallelLinear,
+    core_attention=TEDotProductAttention,
+)

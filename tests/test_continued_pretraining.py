@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from data_fixtures import as_line, run_preprocess
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from data_fixtures import as_line, run_preprocess
 from megamft.config import load_config
 from megamft.data.dataset import load_data
 
@@ -17,12 +17,17 @@ LIMIT = 48  # --max-seq-length: data.seq_length 47 + 1
 
 
 def _code(i: int, lines: int) -> str:
-    return json.dumps({"text": "\n".join(f"def f{i}_{k}(x):\n    return x * {k} + {i}" for k in range(lines))})
+    return json.dumps(
+        {"text": "\n".join(f"def f{i}_{k}(x):\n    return x * {k} + {i}" for k in range(lines))}
+    )
 
 
 def _read(folder, name):
     """Every document's ids and mask, copied out of the maps (they close with their IndexedDataset)."""
-    tokens, masks = IndexedDataset(str(folder / name)), IndexedDataset(str(folder / f"{name}_loss_mask"))
+    tokens, masks = (
+        IndexedDataset(str(folder / name)),
+        IndexedDataset(str(folder / f"{name}_loss_mask")),
+    )
     return [(np.array(tokens[d]), np.array(masks[d])) for d in range(len(tokens))]
 
 
@@ -43,8 +48,9 @@ def corpus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpt")
     lines = [_code(i, 1 + (i * 7) % 9) for i in range(30)]
     whole, _ = run_preprocess(tmp / "whole", {"code": lines}, dedup=False)
-    split, manifest = run_preprocess(tmp / "split", {"code": lines}, dedup=False, max_seq_length=LIMIT,
-                                     overlong="split")
+    split, manifest = run_preprocess(
+        tmp / "split", {"code": lines}, dedup=False, max_seq_length=LIMIT, overlong="split"
+    )
     return _read(whole, "code"), _read(split, "code"), manifest, split
 
 
@@ -55,20 +61,33 @@ def test_split_pieces_rebuild_each_record_and_learn_every_label_once(corpus):
     cut = [p for p in expected if len(p) > 1]
     assert len(cut) > 10  # most records are cut
     assert (task["split"], task["pieces"], task["documents"]) == (
-        len(cut), sum(map(len, cut)), sum(map(len, expected)))
+        len(cut),
+        sum(map(len, cut)),
+        sum(map(len, expected)),
+    )
     assert not task["dropped"] and task["truncated"] == 0
     flat = [piece for record in expected for piece in record]
-    assert [(i.tolist(), m.tolist()) for i, m in pieces] == [(i.tolist(), m.tolist()) for i, m in flat]
+    assert [(i.tolist(), m.tolist()) for i, m in pieces] == [
+        (i.tolist(), m.tolist()) for i, m in flat
+    ]
     for (ids, mask), record in zip(whole, expected):  # every label in exactly one piece
         assert np.concatenate([m[1:] for _, m in record]).tolist() == mask[1:].tolist()
-        assert np.concatenate([record[0][0][:1]] + [i[1:] for i, _ in record]).tolist() == ids.tolist()
+        assert (
+            np.concatenate([record[0][0][:1]] + [i[1:] for i, _ in record]).tolist() == ids.tolist()
+        )
 
 
 def test_pieces_holding_only_a_prompt_are_dropped_and_counted(tmp_path):
-    lines = [as_line([("user", " ".join(f"word{k}" for k in range(n))), ("assistant", f"ok {n}")], "messages")
-             for n in (3, 25, 40)]
+    lines = [
+        as_line(
+            [("user", " ".join(f"word{k}" for k in range(n))), ("assistant", f"ok {n}")], "messages"
+        )
+        for n in (3, 25, 40)
+    ]
     whole, _ = run_preprocess(tmp_path / "whole", {"chat": lines})
-    folder, manifest = run_preprocess(tmp_path / "split", {"chat": lines}, max_seq_length=LIMIT, overlong="split")
+    folder, manifest = run_preprocess(
+        tmp_path / "split", {"chat": lines}, max_seq_length=LIMIT, overlong="split"
+    )
     expected = [_cut(ids, mask) for ids, mask in _read(whole, "chat")]
     kept = [p for record in expected for p in record if len(record) == 1 or p[1][1:].any()]
     task = manifest["tasks"][0]
@@ -84,9 +103,13 @@ def test_dedup_compares_whole_records_not_pieces(tmp_path):
     texts = [header + "def a():\n    return 1\n" * 3, header + "def b():\n    return 2\n" * 3]
     lines = [json.dumps({"text": t}) for t in texts + texts[:1]]
     whole, _ = run_preprocess(tmp_path / "whole", {"code": lines[:2]})
-    folder, manifest = run_preprocess(tmp_path / "split", {"code": lines}, max_seq_length=LIMIT, overlong="split")
+    folder, manifest = run_preprocess(
+        tmp_path / "split", {"code": lines}, max_seq_length=LIMIT, overlong="split"
+    )
     expected = [p for ids, mask in _read(whole, "code") for p in _cut(ids, mask)]
-    assert expected[0][0].tolist() == expected[len(_cut(*_read(whole, "code")[0]))][0].tolist()  # shared start
+    assert (
+        expected[0][0].tolist() == expected[len(_cut(*_read(whole, "code")[0]))][0].tolist()
+    )  # shared start
     task = manifest["tasks"][0]
     assert [i.tolist() for i, _ in _read(folder, "code")] == [i.tolist() for i, _ in expected]
     assert (task["split"], task["pieces"]) == (2, len(expected))
@@ -96,12 +119,22 @@ def test_dedup_compares_whole_records_not_pieces(tmp_path):
 @pytest.mark.parametrize("mode", ["concat", "pack"])
 def test_every_learned_token_of_the_split_records_is_trained_on(corpus, mode):
     whole, _, _, folder = corpus
-    cfg = load_config(None, ["data.source=indexed", f"data.path={folder}", f"data.seq_length={LIMIT - 1}",
-                             f"data.mode={mode}", "data.valid_samples_per_task=0"]).data
+    cfg = load_config(
+        None,
+        [
+            "data.source=indexed",
+            f"data.path={folder}",
+            f"data.seq_length={LIMIT - 1}",
+            f"data.mode={mode}",
+            "data.valid_samples_per_task=0",
+        ],
+    ).data
     data = load_data(cfg)
     rows = [data.train.row(p) for p in range(data.train.sequences_per_epoch())]
     batches = data.batches(rows, 4)
-    assert sum(int(b["loss_mask"].sum()) for b in batches) == sum(int(mask[1:].sum()) for _, mask in whole)
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == sum(
+        int(mask[1:].sum()) for _, mask in whole
+    )
     assert data.coverage.train.overlong == 0
     assert any(line.startswith("megamft-preprocess split ") for line in data.coverage.lines())
     eos = whole[0][0][-1]  # every text record ends with the end-of-document token, learned

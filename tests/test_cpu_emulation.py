@@ -9,13 +9,16 @@ import torch
 
 from megamft.emulation import cpu_emulation
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="emulation is for machines without CUDA")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="emulation is for machines without CUDA"
+)
 
 
 def _run_isolated(code: str) -> str:
     # The emulation patches process-wide state, so each check runs in a fresh interpreter.
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -2,10 +2,10 @@
 
 from collections import Counter
 
+import jobs
 import numpy as np
 import pytest
 
-import jobs
 from megamft.config import DataConfig
 from megamft.data.dataset import load_data
 from megamft.data.mixing import TaskMixture, quotas, sampling_weights
@@ -15,8 +15,11 @@ from megamft.testing.distributed import launch
 
 
 def _data(**fields):
-    return load_data(DataConfig(**{"seq_length": 192, "max_samples_per_task": 40, "valid_samples_per_task": 4,
-                                   **fields}))
+    return load_data(
+        DataConfig(
+            **{"seq_length": 192, "max_samples_per_task": 40, "valid_samples_per_task": 4, **fields}
+        )
+    )
 
 
 def test_corpus_has_every_task_and_is_deterministic():
@@ -27,7 +30,9 @@ def test_corpus_has_every_task_and_is_deterministic():
         for turns in samples:
             assert [t["role"] for t in turns] == ["human", "bot"]
             assert sum(len(t["content"]) for t in turns) <= 400
-    assert build_corpus(300, 5, seed=1) == build_corpus(300, 5, seed=1) != build_corpus(300, 5, seed=2)
+    assert (
+        build_corpus(300, 5, seed=1) == build_corpus(300, 5, seed=1) != build_corpus(300, 5, seed=2)
+    )
 
 
 def _epoch_documents(data) -> list[tuple[int, int]]:
@@ -40,10 +45,16 @@ def _epoch_documents(data) -> list[tuple[int, int]]:
 def test_an_epoch_holds_every_training_sample_once_and_no_validation_sample(mode):
     data = _data(mode=mode)
     seen = _epoch_documents(data)
-    train = {(task, int(d)) for task, docs in enumerate(data.train.mixture.train_docs) for d in docs}
+    train = {
+        (task, int(d)) for task, docs in enumerate(data.train.mixture.train_docs) for d in docs
+    }
     assert len(seen) == len(set(seen)) and set(seen) == train and len(train) > 100
-    valid = {(task, int(d)) for task, rows in enumerate(data.valid.values()) for r in range(len(rows))
-             for d in rows.row(r)[1]}
+    valid = {
+        (task, int(d))
+        for task, rows in enumerate(data.valid.values())
+        for r in range(len(rows))
+        for d in rows.row(r)[1]
+    }
     assert len(valid) == 3 * 4 and not valid & set(seen)
 
 
@@ -51,18 +62,27 @@ def test_an_epoch_holds_every_training_sample_once_and_no_validation_sample(mode
 def test_batches_keep_every_learned_token_shifted_onto_its_label(mode):
     data = _data(mode=mode)
     rows = data.train_rows(0, 8, 0, 1)
-    expected_learned = sum(int(data.stores[t].get(d)[1][1:].sum()) for tasks, docs in rows for t, d in zip(tasks, docs))
+    expected_learned = sum(
+        int(data.stores[t].get(d)[1][1:].sum()) for tasks, docs in rows for t, d in zip(tasks, docs)
+    )
     batches = data.batches(rows, 4)
     assert sum(int(b["loss_mask"].sum()) for b in batches) == expected_learned
     for b in batches:
-        assert (b["labels"][:, :-1][b["loss_mask"][:, 1:] > 0] == b["tokens"][:, 1:][b["loss_mask"][:, 1:] > 0]).all()
+        assert (
+            b["labels"][:, :-1][b["loss_mask"][:, 1:] > 0]
+            == b["tokens"][:, 1:][b["loss_mask"][:, 1:] > 0]
+        ).all()
     tasks, docs = rows[0]
     ids, _ = data.stores[tasks[0]].get(docs[0])
     n = min(len(ids) - 1, 192)
     assert batches[0]["tokens"][0, :n].tolist() == ids[:n].tolist()
     assert batches[0]["labels"][0, :n].tolist() == ids[1 : n + 1].tolist()
     if mode == "dynamic":
-        longest = max(int(data.stores[t].lengths[d]) - 1 for tasks, docs in rows[:4] for t, d in zip(tasks, docs))
+        longest = max(
+            int(data.stores[t].lengths[d]) - 1
+            for tasks, docs in rows[:4]
+            for t, d in zip(tasks, docs)
+        )
         assert batches[0]["tokens"].shape[1] == -(-longest // 8) * 8
     else:
         assert batches[0]["tokens"].shape[1] == 192
@@ -73,7 +93,10 @@ def test_packed_rows_restart_positions_and_block_attention_across_documents():
     row = next(r for r in data.train_rows(0, 16, 0, 1) if len(r[0]) >= 2)
     batch = collate([row], data.stores, "pack", 192, data.pad_id)
     first = int(data.stores[row[0][0]].lengths[row[1][0]]) - 1
-    assert batch["position_ids"][0, first].item() == 0 and batch["position_ids"][0, first - 1].item() == first - 1
+    assert (
+        batch["position_ids"][0, first].item() == 0
+        and batch["position_ids"][0, first - 1].item() == first - 1
+    )
     mask = batch["attention_mask"][0, 0]
     assert mask[first, first - 1].item() and not mask[first - 1, 0].item() and mask[0, 1].item()
     assert batch["sample_ids"][0, first].item() == 1 and batch["sample_ids"][0, 0].item() == 0
@@ -94,19 +117,31 @@ def test_packed_documents_give_the_same_losses_as_alone():
 def test_order_is_deterministic_disjoint_across_dp_and_resumable():
     data, again = _data(), _data()
     global_rows = data.train_rows(16, 8, 0, 1)
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(global_rows, again.train_rows(16, 8, 0, 1)))
+    assert all(
+        np.array_equal(a[1], b[1]) for a, b in zip(global_rows, again.train_rows(16, 8, 0, 1))
+    )
     shards = [r for rank in range(4) for r in data.train_rows(16, 8, rank, 4)]
-    assert [tuple(r[1]) for r in shards] == [tuple(r[1]) for r in global_rows]  # disjoint, and the whole batch
-    stream = [tuple(zip(*data.train_rows(8 * step, 8, 0, 1)[i])) for step in range(12) for i in range(8)]
+    assert [tuple(r[1]) for r in shards] == [
+        tuple(r[1]) for r in global_rows
+    ]  # disjoint, and the whole batch
+    stream = [
+        tuple(zip(*data.train_rows(8 * step, 8, 0, 1)[i])) for step in range(12) for i in range(8)
+    ]
     resumed = _data()  # a fresh process resuming at 40 sequences consumed
-    assert [tuple(zip(*r)) for step in range(5, 12) for r in resumed.train_rows(8 * step, 8, 0, 1)] == stream[40:]
+    assert [
+        tuple(zip(*r)) for step in range(5, 12) for r in resumed.train_rows(8 * step, 8, 0, 1)
+    ] == stream[40:]
 
 
 def test_sampling_weights_and_quotas():
     names = ["big", "mid", "small"]
     assert sampling_weights("proportional", [600, 300, 100], {}, names).tolist() == [0.6, 0.3, 0.1]
     assert np.allclose(sampling_weights("uniform", [600, 300, 100], {}, names), 1 / 3)
-    assert sampling_weights("weights", [600, 300, 100], {"big": 1, "small": 3}, names).tolist() == [0.25, 0, 0.75]
+    assert sampling_weights("weights", [600, 300, 100], {"big": 1, "small": 3}, names).tolist() == [
+        0.25,
+        0,
+        0.75,
+    ]
     with pytest.raises(ValueError, match="unknown task"):
         sampling_weights("weights", [1, 1, 1], {"other": 1}, names)
     assert quotas(np.array([1 / 3] * 3), 1000).tolist() == [334, 333, 333]
@@ -114,7 +149,9 @@ def test_sampling_weights_and_quotas():
 
 def test_mixing_honours_weights_within_sampling_error_and_upsamples_whole_passes():
     sizes = [1000, 100, 10]
-    mixture = TaskMixture([np.arange(n) for n in sizes], np.array([0.5, 0.3, 0.2]), epoch_samples=2000, seed=5)
+    mixture = TaskMixture(
+        [np.arange(n) for n in sizes], np.array([0.5, 0.3, 0.2]), epoch_samples=2000, seed=5
+    )
     tasks, docs = mixture.epoch(0)
     assert Counter(tasks.tolist()) == {0: 1000, 1: 600, 2: 400}
     head = Counter(tasks[:500].tolist())  # any window is a random sample of the mixture
@@ -124,13 +161,19 @@ def test_mixing_honours_weights_within_sampling_error_and_upsamples_whole_passes
     for start in range(0, 400, 10):  # 40 passes over the 10 small documents, each a permutation
         assert sorted(small[start : start + 10].tolist()) == list(range(10))
     big_next = mixture.epoch(1)[1][mixture.epoch(1)[0] == 0]
-    assert sorted(np.concatenate([docs[tasks == 0], big_next]).tolist()) == sorted(list(range(1000)) * 2)
+    assert sorted(np.concatenate([docs[tasks == 0], big_next]).tolist()) == sorted(
+        list(range(1000)) * 2
+    )
 
 
 def test_downsampled_task_continues_where_the_last_epoch_stopped():
-    mixture = TaskMixture([np.arange(100), np.arange(30)], np.array([0.5, 0.5]), epoch_samples=40, seed=1)
+    mixture = TaskMixture(
+        [np.arange(100), np.arange(30)], np.array([0.5, 0.5]), epoch_samples=40, seed=1
+    )
     taken = np.concatenate([d[t == 0] for t, d in (mixture.epoch(e) for e in range(5))])
-    assert sorted(taken.tolist()) == list(range(100))  # 20 per epoch: every document once in 5 epochs
+    assert sorted(taken.tolist()) == list(
+        range(100)
+    )  # 20 per epoch: every document once in 5 epochs
 
 
 def test_packing_keeps_padding_small_and_order_random():
@@ -158,12 +201,23 @@ def test_indexed_source_trains_the_same_data_as_preprocessed(tmp_path):
         path = tmp_path / f"{task}.jsonl"
         path.write_text("".join(json.dumps({"chat_rounds": turns}) + "\n" for turns in samples))
         paths[task] = [str(path)]
-    preprocess(PreprocessOptions(tasks=paths, out_dir=str(tmp_path / "out"), progress=False, dedup=False,
-                                 max_seq_length=193, overlong="drop"))
+    preprocess(
+        PreprocessOptions(
+            tasks=paths,
+            out_dir=str(tmp_path / "out"),
+            progress=False,
+            dedup=False,
+            max_seq_length=193,
+            overlong="drop",
+        )
+    )
     memory = _data()
     indexed = _data(source="indexed", path=str(tmp_path / "out"))
     assert indexed.task_names == memory.task_names and indexed.vocab_size == memory.vocab_size
-    for a, b in zip(memory.batches(memory.train_rows(0, 8, 0, 1), 4), indexed.batches(indexed.train_rows(0, 8, 0, 1), 4)):
+    for a, b in zip(
+        memory.batches(memory.train_rows(0, 8, 0, 1), 4),
+        indexed.batches(indexed.train_rows(0, 8, 0, 1), 4),
+    ):
         for key in ("tokens", "labels", "loss_mask", "task_ids", "position_ids"):
             assert (a[key] == b[key]).all(), key
 
@@ -179,8 +233,17 @@ def _preprocessed_corpus(folder, **options):
         path = folder / f"{task}.jsonl"
         path.write_text("".join(json.dumps({"chat_rounds": turns}) + "\n" for turns in samples))
         paths[task] = [str(path)]
-    preprocess(PreprocessOptions(tasks=paths, out_dir=str(folder / "out"), progress=False, dedup=False,
-                                 max_seq_length=193, overlong="drop", **options))
+    preprocess(
+        PreprocessOptions(
+            tasks=paths,
+            out_dir=str(folder / "out"),
+            progress=False,
+            dedup=False,
+            max_seq_length=193,
+            overlong="drop",
+            **options,
+        )
+    )
     return folder / "out"
 
 
@@ -191,14 +254,20 @@ def test_max_token_id_covers_every_sequence_of_both_sources(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     memory = _data()
-    in_memory = max(int(store.get(d)[0].max()) for store in memory.stores for d in range(len(store.lengths)))
+    in_memory = max(
+        int(store.get(d)[0].max()) for store in memory.stores for d in range(len(store.lengths))
+    )
     assert memory.max_token_id == max(in_memory, memory.pad_id)
     out = _preprocessed_corpus(tmp_path)
-    readers = [IndexedDataset(str(out / name)) for name in TASKS]  # megatron's own; kept: arrays live in its map
+    readers = [
+        IndexedDataset(str(out / name)) for name in TASKS
+    ]  # megatron's own; kept: arrays live in its map
     read_back = max(int(reader[d].max()) for reader in readers for d in range(len(reader)))
     assert _data(source="indexed", path=str(out)).max_token_id == max(read_back, memory.pad_id)
     manifest = json.loads((out / "manifest.json").read_text())
-    for task in manifest["tasks"]:  # an output written before max_token_id was recorded: read from the files
+    for task in manifest[
+        "tasks"
+    ]:  # an output written before max_token_id was recorded: read from the files
         del task["max_token_id"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert _data(source="indexed", path=str(out)).max_token_id == max(read_back, memory.pad_id)
@@ -212,12 +281,25 @@ def _truncate(path, keep: int = 8):
 DAMAGE = {  # what happens to the folder -> the file the error must name
     "truncated tokens": (lambda out: _truncate(out / "code_completion.bin"), "code_completion.bin"),
     "truncated index": (lambda out: _truncate(out / "text_to_code.idx"), "text_to_code.idx"),
-    "missing loss mask": (lambda out: (out / "code_to_docstring_loss_mask.bin").unlink(), "code_to_docstring_loss_mask.bin"),
-    "missing task ids": (lambda out: (out / "code_completion_task_id.idx").unlink(), "code_completion_task_id.idx"),
-    "files of another run": (lambda out: [(out / f"text_to_code.{e}").write_bytes((out / f"code_completion.{e}").read_bytes())
-                                          for e in ("bin", "idx")], "text_to_code.idx"),
-    "garbled manifest": (lambda out: (out / "manifest.json").write_text('{"format": "megamft-indexed/1", "tas'),
-                         "manifest.json"),
+    "missing loss mask": (
+        lambda out: (out / "code_to_docstring_loss_mask.bin").unlink(),
+        "code_to_docstring_loss_mask.bin",
+    ),
+    "missing task ids": (
+        lambda out: (out / "code_completion_task_id.idx").unlink(),
+        "code_completion_task_id.idx",
+    ),
+    "files of another run": (
+        lambda out: [
+            (out / f"text_to_code.{e}").write_bytes((out / f"code_completion.{e}").read_bytes())
+            for e in ("bin", "idx")
+        ],
+        "text_to_code.idx",
+    ),
+    "garbled manifest": (
+        lambda out: (out / "manifest.json").write_text('{"format": "megamft-indexed/1", "tas'),
+        "manifest.json",
+    ),
     "no manifest": (lambda out: (out / "manifest.json").unlink(), "manifest.json"),
 }
 
@@ -227,7 +309,9 @@ def test_a_damaged_data_folder_is_named_before_training(tmp_path, damage):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     out = _preprocessed_corpus(tmp_path)
-    if damage == "truncated tokens":  # megatron's reader alone: a numpy error naming no file, at the first bad read
+    if (
+        damage == "truncated tokens"
+    ):  # megatron's reader alone: a numpy error naming no file, at the first bad read
         _truncate(out / "code_completion.bin")
         dataset = IndexedDataset(str(out / "code_completion"))
         with pytest.raises(ValueError) as bare:
@@ -238,5 +322,7 @@ def test_a_damaged_data_folder_is_named_before_training(tmp_path, damage):
     with pytest.raises(ValueError) as err:
         _data(source="indexed", path=str(out))
     message = str(err.value)
-    assert str(out / file) in message.replace(f"data.path={out}: no manifest.json", f"{out / 'manifest.json'}")
+    assert str(out / file) in message.replace(
+        f"data.path={out}: no manifest.json", f"{out / 'manifest.json'}"
+    )
     assert f"megamft-preprocess --out {out}" in message

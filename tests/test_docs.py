@@ -20,8 +20,9 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("generate_reference_docs",
-                                                  ROOT / "tools" / "generate_reference_docs.py")
+    spec = importlib.util.spec_from_file_location(
+        "generate_reference_docs", ROOT / "tools" / "generate_reference_docs.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -30,17 +31,22 @@ def _generator():
 def test_config_reference_is_generated_from_the_schema():
     generator = _generator()
     committed = (ROOT / generator.CONFIG_MD).read_text()
-    assert committed == generator.config_reference(), \
+    assert committed == generator.config_reference(), (
         "docs/reference/config.md is stale: run python tools/generate_reference_docs.py"
+    )
 
 
-@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="argparse's help layout differs between Python versions; "
-                    "the committed file is generated under Python 3.11, the project's version")
+@pytest.mark.skipif(
+    sys.version_info[:2] != (3, 11),
+    reason="argparse's help layout differs between Python versions; "
+    "the committed file is generated under Python 3.11, the project's version",
+)
 def test_cli_reference_is_generated_from_the_parsers():
     generator = _generator()
     committed = (ROOT / generator.CLI_MD).read_text()
-    assert committed == generator.cli_reference(), \
+    assert committed == generator.cli_reference(), (
         "docs/reference/cli.md is stale: run python tools/generate_reference_docs.py"
+    )
 
 
 def test_every_schema_key_is_in_the_config_reference():

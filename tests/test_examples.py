@@ -10,7 +10,9 @@ from megamft.config import load_config, validate
 from megamft.sizing.memory import estimate
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-CONFIGS = sorted(p for p in EXAMPLES.rglob("*.yaml") if p.parent.name != "data")  # data/: preprocess configs
+CONFIGS = sorted(
+    p for p in EXAMPLES.rglob("*.yaml") if p.parent.name != "data"
+)  # data/: preprocess configs
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def indexed_folder(tmp_path_factory):
         path = folder / f"{task}.jsonl"
         path.write_text("".join(json.dumps({"chat_rounds": turns}) + "\n" for turns in samples))
         tasks[task] = [str(path)]
-    tasks["toy_functions"] = tasks["code_completion"]  # the name quickstart_eval.yaml weights (its data's 4th task)
+    tasks["toy_functions"] = tasks[
+        "code_completion"
+    ]  # the name quickstart_eval.yaml weights (its data's 4th task)
     preprocess(PreprocessOptions(tasks=tasks, out_dir=str(folder / "out"), progress=False))
     return folder / "out"
 
@@ -39,9 +43,15 @@ def pairs_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("pairs")
     path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"}) + "\n"
-                            for i in range(80)))
-    preprocess(PreprocessOptions(tasks={"pairs": [str(path)]}, out_dir=str(folder / "out"), progress=False))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"}) + "\n"
+            for i in range(80)
+        )
+    )
+    preprocess(
+        PreprocessOptions(tasks={"pairs": [str(path)]}, out_dir=str(folder / "out"), progress=False)
+    )
     return folder / "out"
 
 
@@ -69,8 +79,9 @@ def test_example_config_validates(path, indexed_folder, pairs_folder):
     validate(_load(path, indexed_folder, pairs_folder), _world_size(path))
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "Expected memory" in p.read_text()],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if "Expected memory" in p.read_text()], ids=lambda p: p.name
+)
 def test_stated_memory_is_the_estimate(path, indexed_folder, pairs_folder):
     cfg = _load(path, indexed_folder, pairs_folder)
     stated = float(re.search(r"= ([\d.]+) GB", path.read_text()).group(1))
@@ -81,9 +92,12 @@ def test_stated_memory_is_the_estimate(path, indexed_folder, pairs_folder):
     assert computed < (0.9 * 80 if cfg.model.num_experts else 80), computed
 
 
-
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "cluster"], ids=lambda p: p.name)
-def test_cluster_examples_save_asynchronously_with_dp_sharded_optimizer_state(path, indexed_folder, pairs_folder):
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if p.parent.name == "cluster"], ids=lambda p: p.name
+)
+def test_cluster_examples_save_asynchronously_with_dp_sharded_optimizer_state(
+    path, indexed_folder, pairs_folder
+):
     """Saves then cost the training loop only their hand-over, and no rank gathers its DP group's state."""
     cfg = _load(path, indexed_folder, pairs_folder)
     assert cfg.checkpoint.async_save and cfg.checkpoint.optimizer_format == "dp_sharded"

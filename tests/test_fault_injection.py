@@ -13,19 +13,25 @@ import signal
 import subprocess
 from pathlib import Path
 
+import jobs
 import pytest
 
 from megamft.checkpoint.layout import latest_iteration
 from megamft.platform.kill_points import ENV, MOMENTS
 from megamft.testing.forked_command import run_module
 
-import jobs
-
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 22
-COMMAND = [*jobs.TINY_MODEL, "model.num_layers=2", "data.max_samples_per_task=24", "data.valid_samples_per_task=4",
-           "train.eval_interval=0", f"train.train_steps={STEPS}", "checkpoint.save_interval=1",
-           "checkpoint.keep_last=2"]
+COMMAND = [
+    *jobs.TINY_MODEL,
+    "model.num_layers=2",
+    "data.max_samples_per_task=24",
+    "data.valid_samples_per_task=4",
+    "train.eval_interval=0",
+    f"train.train_steps={STEPS}",
+    "checkpoint.save_interval=1",
+    "checkpoint.keep_last=2",
+]
 STEP_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+)")
 
 
@@ -36,8 +42,14 @@ def _run(save_dir: Path, kill_at: str | None = None) -> subprocess.CompletedProc
     env.pop(ENV, None)
     if kill_at:
         env[ENV] = kill_at
-    return run_module("megamft", ["train", *COMMAND, f"checkpoint.save_dir={save_dir}"], env, ROOT, timeout=300,
-                      merge_output=True)
+    return run_module(
+        "megamft",
+        ["train", *COMMAND, f"checkpoint.save_dir={save_dir}"],
+        env,
+        ROOT,
+        timeout=300,
+        merge_output=True,
+    )
 
 
 def _losses(stderr: str) -> dict[int, str]:
@@ -67,11 +79,16 @@ def test_killed_anywhere_the_same_command_resumes_the_same_run(tmp_path):
         assert run.returncode == -signal.SIGKILL, (moment, run.returncode, run.stderr[-3000:])
         killed.append(moment)
         if before is not None:  # it resumed from the newest complete checkpoint there was
-            assert f"resuming {save_dir} at iteration {before}" in run.stderr, (moment, run.stderr[-2000:])
+            assert f"resuming {save_dir} at iteration {before}" in run.stderr, (
+                moment,
+                run.stderr[-2000:],
+            )
         got.update(_losses(run.stderr))
     final = _run(save_dir)
     assert final.returncode == 0, final.stderr[-3000:]
     got.update(_losses(final.stderr))
     assert len(killed) == 20 and latest_iteration(save_dir) == STEPS
-    assert got == want, {step: (got.get(step), want[step]) for step in want if got.get(step) != want[step]}
+    assert got == want, {
+        step: (got.get(step), want[step]) for step in want if got.get(step) != want[step]
+    }
     assert not list(save_dir.glob("*.partial"))  # every interrupted save was redone and completed

@@ -22,15 +22,27 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def no_scheduler(monkeypatch):
     """This test process as a run outside any scheduler unless a test says otherwise."""
-    for name in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+    for name in (
+        "SLURM_JOB_ID",
+        "SLURM_RESTART_COUNT",
+        "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_RESTART_COUNT",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
 def _other_host_lock(folder: Path, heartbeat_age: float, **job) -> dict:
     """The lock a run on another node writes (its pid means nothing on this host)."""
     now = time.time()
-    owner = {"host": "gpu-node-17", "pid": 4321, "started": now - 7200, "command": "training run",
-             "heartbeat": now - heartbeat_age, "token": "0" * 32, **job}
+    owner = {
+        "host": "gpu-node-17",
+        "pid": 4321,
+        "started": now - 7200,
+        "command": "training run",
+        "heartbeat": now - heartbeat_age,
+        "token": "0" * 32,
+        **job,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / LOCK_NAME).write_text(json.dumps(owner))
     return owner
@@ -44,7 +56,9 @@ def test_a_live_lock_from_another_host_is_refused_with_its_owner_named(tmp_path)
     _other_host_lock(tmp_path, heartbeat_age=60)
     with pytest.raises(DestinationError, match="in use") as refused:
         FolderLock(tmp_path, "training run").acquire()
-    assert "pid 4321 on gpu-node-17" in str(refused.value) and "last heartbeat 60 s ago" in str(refused.value)
+    assert "pid 4321 on gpu-node-17" in str(refused.value) and "last heartbeat 60 s ago" in str(
+        refused.value
+    )
     assert _held_by(tmp_path)["host"] == "gpu-node-17"  # untouched
 
 
@@ -59,7 +73,9 @@ def test_a_lock_from_another_host_without_heartbeat_for_the_limit_is_taken_over(
     assert not (tmp_path / LOCK_NAME).exists()
 
 
-def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host(tmp_path, monkeypatch):
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("SLURM_JOB_ID", "91234")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     _other_host_lock(tmp_path, heartbeat_age=5, slurm_job_id="91234", slurm_restart_count=0)
@@ -104,7 +120,9 @@ def test_a_live_holders_heartbeat_advances_and_stops_on_release(tmp_path):
     lock = FolderLock(tmp_path, "training run", heartbeat_interval=0.05).acquire()
     first = _held_by(tmp_path)["heartbeat"]
     assert _wait(lambda: _held_by(tmp_path)["heartbeat"] > first + 0.04)
-    assert _held_by(tmp_path)["started"] == pytest.approx(first, abs=1.0)  # the holding, not a new one
+    assert _held_by(tmp_path)["started"] == pytest.approx(
+        first, abs=1.0
+    )  # the holding, not a new one
     beating = lock._beating
     lock.release()
     assert not beating.is_alive() and not (tmp_path / LOCK_NAME).exists()
@@ -123,10 +141,18 @@ def test_a_holder_whose_lock_was_taken_over_stops_writing_over_the_new_owner(tmp
 
 def test_the_heartbeat_never_keeps_a_process_alive(tmp_path):
     """A process that ends while holding a lock (no release) exits at once; its lock stays, for the stale rules."""
-    code = ("import sys; from megamft.platform.folder_lock import FolderLock; "
-            "FolderLock(sys.argv[1], 'training run', heartbeat_interval=0.05).acquire(); print('held')")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys; from megamft.platform.folder_lock import FolderLock; "
+        "FolderLock(sys.argv[1], 'training run', heartbeat_interval=0.05).acquire(); print('held')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0 and done.stdout.strip() == "held", done.stderr
     left = _held_by(tmp_path)
     # Its process is gone: a run on this host takes the lock over at once.

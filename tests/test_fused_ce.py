@@ -25,10 +25,12 @@ def _case(tokens=40, vocab=300, tasks=4, seed=0, dtype=torch.float32, device="cp
     logits = (torch.randn(tokens, vocab, generator=g, device=device) * 3).to(dtype)
     labels = torch.randint(0, vocab, (tokens,), generator=g, device=device)
     mask = (torch.rand(tokens, generator=g, device=device) > 0.3).float()
-    mask[:3] = 0                                     # ignored tokens
-    task_ids = torch.randint(0, tasks - 1, (tokens,), generator=g, device=device)  # the last task stays empty
+    mask[:3] = 0  # ignored tokens
+    task_ids = torch.randint(
+        0, tasks - 1, (tokens,), generator=g, device=device
+    )  # the last task stays empty
     sample_index = torch.arange(tokens, device=device) // 3
-    sample_index[-1] = sample_index[-2] + 1          # a one-token sample
+    sample_index[-1] = sample_index[-2] + 1  # a one-token sample
     weights = mask * torch.rand(tokens, generator=g, device=device)
     return logits, labels, weights, mask, task_ids, sample_index, tasks, int(sample_index.max()) + 1
 
@@ -41,8 +43,12 @@ def _reference(logits, labels, weights, mask, task_ids, sample_index, tasks, sam
     total.backward()
     masked = (per_token * mask).double().detach()
     device = logits.device
-    task_sums = torch.zeros(tasks, dtype=torch.float64, device=device).index_add_(0, task_ids, masked)
-    sample_sums = torch.zeros(samples, dtype=torch.float64, device=device).index_add_(0, sample_index, masked)
+    task_sums = torch.zeros(tasks, dtype=torch.float64, device=device).index_add_(
+        0, task_ids, masked
+    )
+    sample_sums = torch.zeros(samples, dtype=torch.float64, device=device).index_add_(
+        0, sample_index, masked
+    )
     return total.detach(), per_token.detach(), task_sums, sample_sums, x.grad
 
 
@@ -76,14 +82,31 @@ def _tp2_rank(case_seed: int):
     try:
         rank = torch.distributed.get_rank()
         # on the (emulated) GPU, as on a GPU machine: NCCL groups refuse host tensors
-        logits, labels, weights, mask, task_ids, sample_index, tasks, samples = _cuda(_case(vocab=301, seed=case_seed))
+        logits, labels, weights, mask, task_ids, sample_index, tasks, samples = _cuda(
+            _case(vocab=301, seed=case_seed)
+        )
         bounds = [(0, 150), (150, 301)][rank]
-        shard = logits[:, bounds[0]:bounds[1]].clone().requires_grad_()
-        out = fused_multitask_cross_entropy(shard * 1, labels, weights, mask, task_ids, sample_index, tasks,
-                                            samples, vocab_start=bounds[0], tp_group=torch.distributed.group.WORLD)
+        shard = logits[:, bounds[0] : bounds[1]].clone().requires_grad_()
+        out = fused_multitask_cross_entropy(
+            shard * 1,
+            labels,
+            weights,
+            mask,
+            task_ids,
+            sample_index,
+            tasks,
+            samples,
+            vocab_start=bounds[0],
+            tp_group=torch.distributed.group.WORLD,
+        )
         out.total.backward()
-        return {"per_token": out.per_token_loss.cpu(), "total": out.total.detach().cpu(),
-                "task_sums": out.task_sums.cpu(), "grad": shard.grad.cpu(), "bounds": bounds}
+        return {
+            "per_token": out.per_token_loss.cpu(),
+            "total": out.total.detach().cpu(),
+            "task_sums": out.task_sums.cpu(),
+            "grad": shard.grad.cpu(),
+            "bounds": bounds,
+        }
     finally:
         torch.distributed.destroy_process_group()
 
@@ -110,6 +133,7 @@ def test_bf16_logits_are_read_without_an_fp32_copy_of_the_whole():
 
 # --- argument checks (CPU) -------------------------------------------------------------------------
 
+
 def _replace(case, index, value):
     case = list(case)
     case[index] = value
@@ -131,8 +155,16 @@ _BAD_ARGUMENTS = {
     "float64 logits": (0, lambda t: t.double(), "logits must be float32, bfloat16 or float16"),
     "integer logits": (0, lambda t: t.long(), "logits must be float32"),
     "1-D logits": (0, lambda t: t[:, 0], "logits must be [tokens, vocab shard]"),
-    "column-major logits": (0, lambda t: t.t().contiguous().t(), "logits must have contiguous, non-overlapping rows"),
-    "overlapping logits rows": (0, lambda t: t[:1].expand(t.shape[0], -1), "logits must have contiguous"),
+    "column-major logits": (
+        0,
+        lambda t: t.t().contiguous().t(),
+        "logits must have contiguous, non-overlapping rows",
+    ),
+    "overlapping logits rows": (
+        0,
+        lambda t: t[:1].expand(t.shape[0], -1),
+        "logits must have contiguous",
+    ),
     "float labels": (1, lambda t: t.float(), "labels must have an integer dtype"),
     "bool task_ids": (4, lambda t: t > 0, "task_ids must have an integer dtype"),
     "float sample_index": (5, lambda t: t.float(), "sample_index must have an integer dtype"),
@@ -168,12 +200,25 @@ def test_negative_vocab_start_is_refused():
         fused_multitask_cross_entropy(*_case(), vocab_start=-1)
 
 
-@pytest.mark.parametrize("name,index,value,message", [
-    ("task_ids", 4, 4, r"task_ids must lie in \[0, num_tasks=4\), got values in \[0, 4\]"),
-    ("task_ids", 4, -2, r"task_ids must lie in \[0, num_tasks=4\), got values in \[-2, 2\]"),
-    ("sample_index", 5, 99, r"sample_index must lie in \[0, num_samples=14\), got values in \[0, 99\]"),
-    ("sample_index", 5, -1, r"sample_index must lie in \[0, num_samples=14\), got values in \[-1, 13\]"),
-])
+@pytest.mark.parametrize(
+    "name,index,value,message",
+    [
+        ("task_ids", 4, 4, r"task_ids must lie in \[0, num_tasks=4\), got values in \[0, 4\]"),
+        ("task_ids", 4, -2, r"task_ids must lie in \[0, num_tasks=4\), got values in \[-2, 2\]"),
+        (
+            "sample_index",
+            5,
+            99,
+            r"sample_index must lie in \[0, num_samples=14\), got values in \[0, 99\]",
+        ),
+        (
+            "sample_index",
+            5,
+            -1,
+            r"sample_index must lie in \[0, num_samples=14\), got values in \[-1, 13\]",
+        ),
+    ],
+)
 def test_out_of_range_ids_raise_with_check_ids(name, index, value, message):
     case = _case()
     ids = case[index].clone()
@@ -208,6 +253,7 @@ def test_fp16_logits_match_the_reference():
 
 
 # --- determinism and -inf (CPU, torch path) --------------------------------------------------------
+
 
 def _outputs(out, grad):
     return [out.total, out.per_token_loss, out.task_sums, out.sample_sums, grad]
@@ -248,7 +294,9 @@ def test_rows_starting_with_neg_inf_give_no_nan_on_the_torch_path():
     for t in (out_total, task_sums, sample_sums, grad):
         assert torch.isfinite(t).all()
     assert torch.isfinite(per_token[:6]).all() and per_token[6] == float("inf")
-    assert torch.equal(grad[6], torch.zeros_like(grad[6])) and torch.equal(grad[5], torch.zeros_like(grad[5]))
+    assert torch.equal(grad[6], torch.zeros_like(grad[6])) and torch.equal(
+        grad[5], torch.zeros_like(grad[5])
+    )
     # against plain torch over the rows it can handle (every row but the all -inf one)
     keep = torch.ones(len(per_token), dtype=torch.bool)
     keep[6] = False
@@ -264,14 +312,19 @@ def test_rows_starting_with_neg_inf_give_no_nan_on_the_torch_path():
 
 def test_combine_of_an_all_neg_inf_shard_row_is_not_nan():
     minus_inf = float("-inf")
-    shard_a = RowStats(torch.tensor([minus_inf, 1.0]), torch.tensor([0.0, 2.0]), torch.tensor([0.0, 0.5]))
-    shard_b = RowStats(torch.tensor([minus_inf, minus_inf]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]))
+    shard_a = RowStats(
+        torch.tensor([minus_inf, 1.0]), torch.tensor([0.0, 2.0]), torch.tensor([0.0, 0.5])
+    )
+    shard_b = RowStats(
+        torch.tensor([minus_inf, minus_inf]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
+    )
     merged = _combine_shards([shard_a, shard_b])
     assert merged.row_max[0] == minus_inf and merged.row_sumexp[0] == 0
     torch.testing.assert_close(merged.row_sumexp[1], torch.tensor(2.0))
 
 
 # --- the just-in-time build's fallback (CPU) -------------------------------------------------------
+
 
 @pytest.fixture
 def fresh_kernels(monkeypatch, tmp_path):
@@ -301,26 +354,37 @@ def _kernels_warning():
     return [str(w.message) for w in caught if "fused cross entropy" in str(w.message)]
 
 
-@pytest.mark.parametrize("problem", ["no toolkit", "no ninja", "other major", "build error", "no architecture"])
+@pytest.mark.parametrize(
+    "problem", ["no toolkit", "no ninja", "other major", "build error", "no architecture"]
+)
 def test_kernels_fall_back_to_torch_with_one_clear_warning(fresh_kernels, tmp_path, problem):
     from torch.utils import cpp_extension
 
     if problem == "no architecture":  # no GPU visible (an image build) and no TORCH_CUDA_ARCH_LIST
         fresh_kernels.delenv("TORCH_CUDA_ARCH_LIST")
     fresh_kernels.setattr(cpp_extension, "is_ninja_available", lambda: problem != "no ninja")
-    home = None if problem == "no toolkit" else _fake_nvcc(tmp_path, "12.4" if problem == "other major" else "13.0")
+    home = (
+        None
+        if problem == "no toolkit"
+        else _fake_nvcc(tmp_path, "12.4" if problem == "other major" else "13.0")
+    )
     fresh_kernels.setattr(cpp_extension, "CUDA_HOME", home)
     if problem == "build error":
+
         def broken_build(**kwargs):
-            raise RuntimeError("Error building extension 'megamft_fused_ce': [1/3] nvcc ... -c fused_ce.cu\n"
-                               "FAILED: fused_ce.cuda.o\nfused_ce.cu(10): error: identifier \"oops\" is undefined\n")
+            raise RuntimeError(
+                "Error building extension 'megamft_fused_ce': [1/3] nvcc ... -c fused_ce.cu\n"
+                'FAILED: fused_ce.cuda.o\nfused_ce.cu(10): error: identifier "oops" is undefined\n'
+            )
+
         fresh_kernels.setattr(cpp_extension, "load", broken_build)
-    expected = {"no toolkit": "no CUDA toolkit found (nvcc / CUDA_HOME",
-                "no ninja": "pip install ninja",
-                "other major": "is 12.4 but torch was built with CUDA 13.0",
-                "build error": 'error: identifier "oops" is undefined',
-                "no architecture": "no GPU is visible to pick the CUDA architectures from: set TORCH_CUDA_ARCH_LIST"
-                }[problem]
+    expected = {
+        "no toolkit": "no CUDA toolkit found (nvcc / CUDA_HOME",
+        "no ninja": "pip install ninja",
+        "other major": "is 12.4 but torch was built with CUDA 13.0",
+        "build error": 'error: identifier "oops" is undefined',
+        "no architecture": "no GPU is visible to pick the CUDA architectures from: set TORCH_CUDA_ARCH_LIST",
+    }[problem]
     first = _kernels_warning()
     assert len(first) == 1 and expected in first[0] and "using the torch path" in first[0], first
     assert _kernels_warning() == []  # once per process
@@ -329,17 +393,29 @@ def test_kernels_fall_back_to_torch_with_one_clear_warning(fresh_kernels, tmp_pa
 
 def test_without_a_toolkit_the_warning_names_kernels_prebuilt_for_other_settings(fresh_kernels):
     from torch.utils import cpp_extension
+
     from megamft.loss import fused_ce_build, kernel_cache
 
     fresh_kernels.setattr(cpp_extension, "CUDA_HOME", None)
     fresh_kernels.setenv("TORCH_CUDA_ARCH_LIST", "8.0")  # an image prebuilt for A100s
     image = fused_ce_build.kernel_folder()
     image.mkdir(parents=True)
-    (image / kernel_cache.RECORD).write_text(json.dumps({"key": "k", "library": "lib.so", "sha256": "0",
-                                                          "settings": fused_ce_build.build_settings()}))
+    (image / kernel_cache.RECORD).write_text(
+        json.dumps(
+            {
+                "key": "k",
+                "library": "lib.so",
+                "sha256": "0",
+                "settings": fused_ce_build.build_settings(),
+            }
+        )
+    )
     fresh_kernels.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # run on H100s
     [warning] = _kernels_warning()
-    assert "no CUDA toolkit found" in warning and f"holds builds for other settings: {image.name}: arch" in warning
+    assert (
+        "no CUDA toolkit found" in warning
+        and f"holds builds for other settings: {image.name}: arch" in warning
+    )
     assert "code=sm_80" in warning and "(here ['-gencode=arch=compute_90,code=sm_90'])" in warning
 
 
@@ -351,21 +427,43 @@ def test_a_kernels_root_that_cannot_be_written_is_named(fresh_kernels, tmp_path)
     (tmp_path / "a-file").write_text("")
     fresh_kernels.setenv("MEGAMFT_KERNELS_DIR", str(tmp_path / "a-file" / "kernels"))
     [warning] = _kernels_warning()
-    assert f"no build of the kernels for these settings in {tmp_path / 'a-file' / 'kernels'}" in warning
-    assert "cannot be built there (Not a directory): set MEGAMFT_KERNELS_DIR to a writable folder" in warning
+    assert (
+        f"no build of the kernels for these settings in {tmp_path / 'a-file' / 'kernels'}"
+        in warning
+    )
+    assert (
+        "cannot be built there (Not a directory): set MEGAMFT_KERNELS_DIR to a writable folder"
+        in warning
+    )
 
 
 def test_kernel_sources_compile_with_nvcc(tmp_path):
-    nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
+    nvcc = shutil.which("nvcc") or (
+        "/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None
+    )
     if nvcc is None:
         pytest.skip("nvcc not installed")
-    proc = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90", "-c", str(ROOT / "csrc" / "fused_ce.cu"),
-                           "-o", str(tmp_path / "fused_ce.o")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            nvcc,
+            "-std=c++17",
+            "-O3",
+            "-arch=sm_90",
+            "-c",
+            str(ROOT / "csrc" / "fused_ce.cu"),
+            "-o",
+            str(tmp_path / "fused_ce.o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "fused_ce.o").stat().st_size > 0
 
 
 # --- GPU ------------------------------------------------------------------------------------------
+
 
 def _cuda(case):
     return [c.cuda() if isinstance(c, torch.Tensor) else c for c in case]
@@ -383,17 +481,30 @@ def test_build_kernels_prebuilds_what_a_process_without_a_toolkit_loads():
     from megamft.loss import fused_ce_build, kernel_cache
 
     root = kernel_cache.default_root()
-    proc = subprocess.run([sys.executable, "-m", "megamft", "build-kernels", "--build-dir", str(root)],
-                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megamft", "build-kernels", "--build-dir", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     folder = fused_ce_build.kernel_folder(root)
     assert f"ready in {folder} (" in proc.stdout and kernel_cache.read_record(folder) is not None
     # Another process loads it with no CUDA toolkit in sight, and builds nothing.
-    load = ("import sys; from megamft.loss.fused_ce_build import load_extension\n"
-            "m = load_extension(root=sys.argv[1]); print(m.__file__, m.shard_stats, m.finalize, m.backward_inplace)")
+    load = (
+        "import sys; from megamft.loss.fused_ce_build import load_extension\n"
+        "m = load_extension(root=sys.argv[1]); print(m.__file__, m.shard_stats, m.finalize, m.backward_inplace)"
+    )
     env = {**os.environ, "CUDA_HOME": "/nonexistent", "PATH": "/usr/bin:/bin"}
-    loaded = subprocess.run([sys.executable, "-c", load, str(root)], capture_output=True, text=True, timeout=300,
-                            cwd=ROOT, env=env)
+    loaded = subprocess.run(
+        [sys.executable, "-c", load, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.startswith(str(folder))
 
@@ -431,14 +542,20 @@ def test_kernels_handle_more_than_2_pow_31_logits_on_gpu():
     tokens, vocab = 16384, 152064  # 2.49e9 bf16 logits, 5 GB
     assert tokens * vocab > 2**31
     g = torch.Generator(device="cuda").manual_seed(0)
-    logits = torch.empty(tokens, vocab, dtype=torch.bfloat16, device="cuda").normal_(0, 2, generator=g)
+    logits = torch.empty(tokens, vocab, dtype=torch.bfloat16, device="cuda").normal_(
+        0, 2, generator=g
+    )
     labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
     mask = torch.ones(tokens, device="cuda")
     weights = mask / tokens
     task_ids = torch.arange(tokens, device="cuda") % 3
     sample_index = torch.arange(tokens, device="cuda") // 128
-    leaf = logits.clone().requires_grad_()  # second 5 GB copy: the loss writes its gradient over `leaf * 1`
-    out = fused_multitask_cross_entropy(leaf * 1, labels, weights, mask, task_ids, sample_index, 3, tokens // 128)
+    leaf = (
+        logits.clone().requires_grad_()
+    )  # second 5 GB copy: the loss writes its gradient over `leaf * 1`
+    out = fused_multitask_cross_entropy(
+        leaf * 1, labels, weights, mask, task_ids, sample_index, 3, tokens // 128
+    )
     out.total.backward()
     rows = torch.arange(tokens - 256, tokens, device="cuda")  # past element 2^31
     assert int(rows[0]) * vocab > 2**31
@@ -448,8 +565,12 @@ def test_kernels_handle_more_than_2_pow_31_logits_on_gpu():
     torch.testing.assert_close(out.per_token_loss[rows], want.detach(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(leaf.grad[rows].float(), x.grad, rtol=2e-2, atol=2e-5)
     head = torch.arange(0, 256, device="cuda")
-    torch.testing.assert_close(out.per_token_loss[head], F.cross_entropy(logits[head].float(), labels[head],
-                                                                         reduction="none"), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        out.per_token_loss[head],
+        F.cross_entropy(logits[head].float(), labels[head], reduction="none"),
+        rtol=2e-2,
+        atol=2e-2,
+    )
     assert torch.isfinite(out.total) and torch.isfinite(out.task_sums).all()
 
 
@@ -457,7 +578,9 @@ def test_kernels_handle_more_than_2_pow_31_logits_on_gpu():
 def test_kernels_are_bitwise_deterministic_on_gpu():
     _kernels_or_fail()
     case = _case(tokens=8192, vocab=32000, tasks=8, seed=4, device="cuda")
-    shuffled = case[5][torch.randperm(len(case[5]), device="cuda")]  # samples scattered over the tokens
+    shuffled = case[5][
+        torch.randperm(len(case[5]), device="cuda")
+    ]  # samples scattered over the tokens
     case = _replace(case, 5, shuffled.contiguous())
     first = _outputs(*_run(case))
     second = _outputs(*_run(case))
@@ -478,7 +601,11 @@ def test_neg_inf_rows_on_gpu_match_the_torch_path(dtype):
     out_total, per_token, task_sums, sample_sums, grad = got
     assert per_token[6].item() == float("inf")
     assert torch.isfinite(per_token[:6]).all() and torch.isfinite(out_total)
-    assert torch.isfinite(task_sums).all() and torch.isfinite(sample_sums).all() and torch.isfinite(grad).all()
+    assert (
+        torch.isfinite(task_sums).all()
+        and torch.isfinite(sample_sums).all()
+        and torch.isfinite(grad).all()
+    )
     assert not grad[5].any() and not grad[6].any()
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     for a, b in zip(got, want):
@@ -495,7 +622,9 @@ def test_unchecked_out_of_range_ids_are_skipped_by_the_kernels():
     labels[30], labels[31] = -100, 1 << 40  # no target anywhere: loss = logsumexp
     broken = _replace(_replace(_replace(case, 4, task_ids), 5, sample_index), 1, labels)
     got, _ = _run(broken, check_ids=False)
-    want, _ = _run([c.cpu() if isinstance(c, torch.Tensor) else c for c in broken], check_ids=False)  # torch path
+    want, _ = _run(
+        [c.cpu() if isinstance(c, torch.Tensor) else c for c in broken], check_ids=False
+    )  # torch path
     torch.cuda.synchronize()
     torch.testing.assert_close(got.task_sums.cpu(), want.task_sums, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.sample_sums.cpu(), want.sample_sums, rtol=1e-5, atol=1e-5)
@@ -518,8 +647,9 @@ def test_binding_checks_raise_instead_of_crashing():
     with pytest.raises(RuntimeError, match="logits must be a CUDA tensor"):
         impl.shard_stats(logits.cpu(), labels, 0)
     with pytest.raises(ValueError, match="task_ids must be on the logits' device"):
-        fused_multitask_cross_entropy(logits * 1, labels, weights, mask, task_ids.cpu(), sample_index, tasks,
-                                      samples)
+        fused_multitask_cross_entropy(
+            logits * 1, labels, weights, mask, task_ids.cpu(), sample_index, tasks, samples
+        )
     torch.cuda.synchronize()
 
 
@@ -538,6 +668,7 @@ class _ThreadAllReduce:
                 result = fold(result, other)
             self.barrier.wait()  # every rank has read the slots
             return result.clone()
+
         return reduce
 
 
@@ -546,7 +677,9 @@ def _combine_shards(shards):
     allreduce, results = _ThreadAllReduce(len(shards)), [None] * len(shards)
 
     def rank(r):
-        results[r] = combine(shards[r], allreduce.reducer(r, torch.maximum), allreduce.reducer(r, torch.add))
+        results[r] = combine(
+            shards[r], allreduce.reducer(r, torch.maximum), allreduce.reducer(r, torch.add)
+        )
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(shards))]
     for t in threads:
@@ -560,12 +693,24 @@ def _combine_shards(shards):
 def test_two_vocab_shards_combine_to_the_full_result_on_gpu():
     impl = _kernels_or_fail()
     logits, labels, weights, mask, task_ids, sample_index, tasks, samples = case = _case(
-        tokens=2048, vocab=32001, tasks=4, seed=9, device="cuda")
+        tokens=2048, vocab=32001, tasks=4, seed=9, device="cuda"
+    )
     bounds = [(0, 16000), (16000, 32001)]
-    shards = [RowStats(*impl.shard_stats(logits[:, a:b], labels, a)) for a, b in bounds]  # strided views
+    shards = [
+        RowStats(*impl.shard_stats(logits[:, a:b], labels, a)) for a, b in bounds
+    ]  # strided views
     merged = _combine_shards(shards)
     per_token, task_sums, sample_sums, total = impl.finalize(
-        merged.row_max, merged.row_sumexp, merged.row_target, weights, mask, task_ids, sample_index, tasks, samples)
+        merged.row_max,
+        merged.row_sumexp,
+        merged.row_target,
+        weights,
+        mask,
+        task_ids,
+        sample_index,
+        tasks,
+        samples,
+    )
     want_total, want_tok, want_tasks, want_samples, want_grad = _reference(*case)
     torch.testing.assert_close(per_token, want_tok, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(task_sums, want_tasks, rtol=1e-4, atol=1e-3)

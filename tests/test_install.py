@@ -34,15 +34,36 @@ def _environment_with_torch(tmp_path: Path, version: str | None) -> Path:
 
 def _planned_installs(python: Path, tmp_path: Path, *args: str) -> dict[str, str]:
     report = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--quiet",
-                           "--report", str(report), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            str(report),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    return {item["metadata"]["name"].lower(): item["metadata"]["version"]
-            for item in json.loads(report.read_text())["install"]}
+    return {
+        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", ["2.12.0", "2.14.0a0+nv26.10"])  # a release; an NGC container's build
+@pytest.mark.parametrize(
+    "version", ["2.12.0", "2.14.0a0+nv26.10"]
+)  # a release; an NGC container's build
 def test_installing_into_an_environment_keeps_its_torch(tmp_path, version):
     planned = _planned_installs(_environment_with_torch(tmp_path, version), tmp_path, ".")
     assert "megamft" in planned and "megatron-core" in planned
@@ -51,8 +72,9 @@ def test_installing_into_an_environment_keeps_its_torch(tmp_path, version):
 
 @pytest.mark.slow
 def test_the_cpu_install_takes_torch_cpu_build_and_no_cuda_package(tmp_path):
-    planned = _planned_installs(_environment_with_torch(tmp_path, None), tmp_path,
-                                "-c", "constraints/cpu.txt", ".[test]")
+    planned = _planned_installs(
+        _environment_with_torch(tmp_path, None), tmp_path, "-c", "constraints/cpu.txt", ".[test]"
+    )
     assert planned["torch"].endswith("+cpu"), planned["torch"]
     assert not [name for name in planned if name.startswith(("nvidia", "triton", "cuda"))], planned
 
@@ -66,7 +88,8 @@ def test_a_broken_transformer_engine_is_not_taken_as_present(tmp_path):
     (package / "pytorch").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "pytorch" / "__init__.py").write_text(
-        "raise ImportError('transformer_engine_torch.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
+        "raise ImportError('transformer_engine_torch.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n"
+    )
     env = {"PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}", "PATH": "/usr/bin:/bin"}
     probe = textwrap.dedent("""
         import json
@@ -74,7 +97,9 @@ def test_a_broken_transformer_engine_is_not_taken_as_present(tmp_path):
         usable, problem = transformer_engine_status()
         print(json.dumps({"found": _installed("transformer_engine"), "usable": usable, "problem": problem}))
     """)
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["found"]  # the package is there: a find_spec test would call it present
@@ -84,8 +109,25 @@ def test_a_broken_transformer_engine_is_not_taken_as_present(tmp_path):
         resolve_attention_backend("te", got["usable"], False, got["problem"])
     # megatron-core itself cannot import with it (tensor_parallel/random.py catches only ModuleNotFoundError):
     # the command says so in one line instead of a traceback from inside megatron.
-    done = subprocess.run([sys.executable, "-m", "megamft", "check", "--config", "examples/quickstart.yaml",
-                           "--world-size", "2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megamft",
+            "check",
+            "--config",
+            "examples/quickstart.yaml",
+            "--world-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Transformer Engine is installed but does not import" in lines[0], lines
+    assert len(lines) == 1 and "Transformer Engine is installed but does not import" in lines[0], (
+        lines
+    )

@@ -16,9 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+import kernel_jobs
 import pytest
 
-import kernel_jobs
 from megamft.loss import kernel_cache
 from megamft.platform.build_lock import LOCK_NAME, BuildLock, BuildOwner
 from megamft.testing.distributed import launch
@@ -44,8 +44,14 @@ def _env(**extra) -> dict:
 
 def _lock_of(folder: Path, **owner) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    fields = {"host": "other-node", "pid_namespace": None, "pid": 12345, "pid_start": None,
-              "started": time.time(), "token": "abc"} | owner
+    fields = {
+        "host": "other-node",
+        "pid_namespace": None,
+        "pid": 12345,
+        "pid_start": None,
+        "started": time.time(),
+        "token": "abc",
+    } | owner
     (folder / LOCK_NAME).write_text(json.dumps(fields))
 
 
@@ -56,6 +62,7 @@ def _dead_pid() -> int:
 
 
 # --- the build lock -------------------------------------------------------------------------------
+
 
 def test_a_lock_older_than_the_limit_is_taken_over(tmp_path, caplog):
     _lock_of(tmp_path, started=time.time() - 7200)  # another host: only its age tells
@@ -69,7 +76,9 @@ def test_a_lock_older_than_the_limit_is_taken_over(tmp_path, caplog):
 def test_a_young_lock_from_another_host_is_waited_for(tmp_path):
     _lock_of(tmp_path, started=time.time() - 60)
     acquired = threading.Event()
-    threading.Thread(target=lambda: (BuildLock(tmp_path, poll_s=0.05).acquire(), acquired.set()), daemon=True).start()
+    threading.Thread(
+        target=lambda: (BuildLock(tmp_path, poll_s=0.05).acquire(), acquired.set()), daemon=True
+    ).start()
     assert not acquired.wait(1.0)  # not taken over
     (tmp_path / LOCK_NAME).unlink()  # its builder finishes
     assert acquired.wait(10)
@@ -80,17 +89,33 @@ def test_a_lock_whose_builder_on_this_host_is_gone_is_taken_over(tmp_path, caplo
     me = BuildOwner.me()
     pid, pid_start = (_dead_pid(), me.pid_start) if case == "pid gone" else (os.getpid(), "1")
     _lock_of(tmp_path, host=me.host, pid_namespace=me.pid_namespace, pid=pid, pid_start=pid_start)
-    lock = _within(20, lambda: BuildLock(tmp_path, poll_s=0.05).acquire())  # young: 30 min limit not reached
-    expected = "its process is gone" if case == "pid gone" else "its pid now belongs to another process"
-    assert len(lock.stale_owners) == 1 and expected in lock.stale_owners[0] and f"pid {pid} " in caplog.text
+    lock = _within(
+        20, lambda: BuildLock(tmp_path, poll_s=0.05).acquire()
+    )  # young: 30 min limit not reached
+    expected = (
+        "its process is gone" if case == "pid gone" else "its pid now belongs to another process"
+    )
+    assert (
+        len(lock.stale_owners) == 1
+        and expected in lock.stale_owners[0]
+        and f"pid {pid} " in caplog.text
+    )
     lock.release()
 
 
 def test_a_live_builder_is_waited_for_with_progress_lines(tmp_path, caplog):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom megamft.platform.build_lock import BuildLock\n"
-         "with BuildLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(2)\n", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True, env=_env())
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom megamft.platform.build_lock import BuildLock\n"
+            "with BuildLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(2)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     assert holder.stdout.readline().strip() == "held"
     caplog.set_level("INFO", logger="megamft.platform.build_lock")
     began = time.monotonic()
@@ -105,7 +130,9 @@ def test_a_live_builder_is_waited_for_with_progress_lines(tmp_path, caplog):
 def _slow_compiler(tmp_path: Path, mark: Path) -> Path:
     """A C++ compiler that, asked to compile, says so in `mark` and then takes minutes."""
     script = tmp_path / "slow-c++"
-    script.write_text(f'#!/bin/sh\ncase " $* " in *" -c "*) touch {mark}; sleep 300;; esac\nexec c++ "$@"\n')
+    script.write_text(
+        f'#!/bin/sh\ncase " $* " in *" -c "*) touch {mark}; sleep 300;; esac\nexec c++ "$@"\n'
+    )
     script.chmod(0o755)
     return script
 
@@ -113,11 +140,16 @@ def _slow_compiler(tmp_path: Path, mark: Path) -> Path:
 def test_a_build_killed_midway_leaves_locks_that_the_next_build_clears(tmp_path, caplog):
     source = kernel_jobs.write_source(tmp_path / "src")
     folder, mark = tmp_path / "kernels" / "ext", tmp_path / "compiling"
-    killed = subprocess.Popen([sys.executable, str(ROOT / "tests" / "kernel_jobs.py"), str(folder), str(source)],
-                              env=_env(CXX=str(_slow_compiler(tmp_path, mark))), start_new_session=True)
+    killed = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "kernel_jobs.py"), str(folder), str(source)],
+        env=_env(CXX=str(_slow_compiler(tmp_path, mark))),
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while not mark.exists():
-        assert killed.poll() is None and time.monotonic() < deadline, "the build did not start compiling"
+        assert killed.poll() is None and time.monotonic() < deadline, (
+            "the build did not start compiling"
+        )
         time.sleep(0.1)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
@@ -128,19 +160,24 @@ def test_a_build_killed_midway_leaves_locks_that_the_next_build_clears(tmp_path,
     assert module.answer() == 42
     assert f"its process is gone (pid {killed.pid} on" in caplog.text
     assert not (folder / LOCK_NAME).exists()
-    if kernel_cache.torch_lock_blocks_when_left():  # torch <= 2.13: its FileBaton must go (>= 2.14: an flock)
+    if (
+        kernel_cache.torch_lock_blocks_when_left()
+    ):  # torch <= 2.13: its FileBaton must go (>= 2.14: an flock)
         assert "removed torch's build lock, left by a killed build" in caplog.text
         assert not (folder / kernel_cache.TORCH_BATON).exists()
 
 
 # --- complete builds ------------------------------------------------------------------------------
 
+
 def test_only_a_complete_build_of_the_same_sources_is_loaded(tmp_path):
     source = kernel_jobs.write_source(tmp_path / "src", answer=7)
     compiled = []
     folder = tmp_path / "kernels" / "ext"
     assert kernel_jobs.build_or_load(folder, source, compiled).answer() == 7 and len(compiled) == 1
-    assert kernel_jobs.build_or_load(folder, source, compiled).answer() == 7 and len(compiled) == 1  # loaded
+    assert (
+        kernel_jobs.build_or_load(folder, source, compiled).answer() == 7 and len(compiled) == 1
+    )  # loaded
     record = json.loads((folder / kernel_cache.RECORD).read_text())
     assert kernel_cache.load_built(folder, "another key") is None
     # A changed source (or setting) gives another key, hence another folder.
@@ -170,24 +207,38 @@ def test_the_kernels_root_follows_the_environment(monkeypatch, tmp_path):
     assert kernel_cache.build_folder(None, "ext", "k") == tmp_path / "torch" / "megamft" / "ext-k"
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert kernel_cache.build_folder(None, "ext", "k") == tmp_path / "cache" / "megamft" / "kernels" / "ext-k"
+    assert (
+        kernel_cache.build_folder(None, "ext", "k")
+        == tmp_path / "cache" / "megamft" / "kernels" / "ext-k"
+    )
 
 
 # --- start-up: once per node, agreed by every rank ------------------------------------------------
 
+
 def test_startup_builds_once_per_node_and_every_rank_agrees(tmp_path):
     source = kernel_jobs.write_source(tmp_path / "src")
-    ranks = launch(kernel_jobs.startup_scenarios, world_size=2,
-                   kwargs={"root": str(tmp_path / "kernels"), "source": str(source)}, timeout=300)
+    ranks = launch(
+        kernel_jobs.startup_scenarios,
+        world_size=2,
+        kwargs={"root": str(tmp_path / "kernels"), "source": str(source)},
+        timeout=300,
+    )
     one, fails, no_load, two = ([r[name] for r in ranks] for name in kernel_jobs.SCENARIOS)
     # One node (LOCAL_RANK 0 and 1): rank 0 compiles, rank 1 loads that build after the barrier.
-    assert [r["compiled"] for r in one] == [[str(tmp_path / "kernels" / "one_node" / "node" / "ext")], []]
+    assert [r["compiled"] for r in one] == [
+        [str(tmp_path / "kernels" / "one_node" / "node" / "ext")],
+        [],
+    ]
     assert all(r["use_kernels"] and r["builders"] == [0] and r["answer"] == 42 for r in one)
     assert one[0]["library"] == one[1]["library"]
     # The builder fails: every rank runs the torch path, for the builder's reason.
     for r in fails:
         assert not r["use_kernels"] and r["answer"] is None
-        assert r["reason"].startswith("rank 0 on ") and "(which built): no CUDA toolkit found" in r["reason"]
+        assert (
+            r["reason"].startswith("rank 0 on ")
+            and "(which built): no CUDA toolkit found" in r["reason"]
+        )
     # A rank cannot load what was built: no rank uses the kernels, not even the builder.
     for r in no_load:
         assert not r["use_kernels"] and r["answer"] is None and "rank 1 on " in r["reason"]
@@ -200,14 +251,25 @@ def test_startup_builds_once_per_node_and_every_rank_agrees(tmp_path):
 
 # --- the prebuild command -------------------------------------------------------------------------
 
+
 def test_build_kernels_without_a_cuda_torch_says_what_is_missing(tmp_path):
     import torch
 
     if torch.version.cuda is not None:
         pytest.skip("a CUDA build of torch: tests/test_fused_ce.py builds the kernels on a GPU")
-    proc = subprocess.run([sys.executable, "-m", "megamft", "build-kernels", "--build-dir", str(tmp_path / "k")],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "megamft", "build-kernels", "--build-dir", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=_env(),
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("megamft build-kernels: ") and "not a CUDA build" in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("megamft build-kernels: ")
+        and "not a CUDA build" in lines[0]
+    )
     assert not (tmp_path / "k").exists()

@@ -10,7 +10,9 @@ from megamft.testing.distributed import DistributedTestError, launch
 
 
 def _all_reduce_rank():
-    torch.distributed.init_process_group("gloo")  # stands for NCCL: the tensor lives on the (emulated) GPU
+    torch.distributed.init_process_group(
+        "gloo"
+    )  # stands for NCCL: the tensor lives on the (emulated) GPU
     value = torch.tensor([float(torch.distributed.get_rank() + 1)], device="cuda")
     torch.distributed.all_reduce(value)
     torch.distributed.destroy_process_group()

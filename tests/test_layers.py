@@ -61,8 +61,11 @@ def upward_imports(package: Path) -> list[str]:
 
 
 def test_every_package_has_a_layer():
-    packages = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
-                if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"}
+    packages = {
+        p.name.removesuffix(".py")
+        for p in PACKAGE.iterdir()
+        if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"
+    }
     assert packages <= set(RANK), f"give {sorted(packages - set(RANK))} a place in LAYERS"
 
 
@@ -74,10 +77,13 @@ def test_the_layer_check_finds_an_upward_import(tmp_path):
     """The check itself: checkpoint code importing training (as run_folder once did) is reported."""
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "run_folder.py").write_text(
-        "def bytes_needed(cfg):\n    from megamft.training.memory_estimate import checkpoint_bytes\n")
+        "def bytes_needed(cfg):\n    from megamft.training.memory_estimate import checkpoint_bytes\n"
+    )
     (tmp_path / "training").mkdir()
     (tmp_path / "training" / "loop.py").write_text("from megamft.checkpoint import run_folder\n")
-    assert upward_imports(tmp_path) == [f"{tmp_path.name}/checkpoint/run_folder.py imports megamft.training"]
+    assert upward_imports(tmp_path) == [
+        f"{tmp_path.name}/checkpoint/run_folder.py imports megamft.training"
+    ]
 
 
 def _module_name(file: Path, package: Path) -> str:
@@ -97,7 +103,9 @@ def mutual_imports(package: Path) -> list[tuple[str, str]]:
             elif isinstance(node, ast.Import):
                 found |= {alias.name for alias in node.names}
         imports[name] = {m for m in found if m in files and m != name}
-    return sorted({tuple(sorted((a, b))) for a in imports for b in imports[a] if a in imports.get(b, ())})
+    return sorted(
+        {tuple(sorted((a, b))) for a in imports for b in imports[a] if a in imports.get(b, ())}
+    )
 
 
 def test_no_two_modules_import_each_other():
@@ -109,14 +117,20 @@ def test_the_mutual_import_check_finds_a_pair(tmp_path):
     package = tmp_path / "megamft"
     (package / "data").mkdir(parents=True)
     (package / "data" / "sequences.py").write_text("from megamft.data import index_kernels\n")
-    (package / "data" / "index_kernels.py").write_text("def f():\n    from megamft.data.sequences import g\n")
+    (package / "data" / "index_kernels.py").write_text(
+        "def f():\n    from megamft.data.sequences import g\n"
+    )
     assert mutual_imports(package) == [("megamft.data.index_kernels", "megamft.data.sequences")]
 
 
 def test_arithmetic_imports_nothing_heavy():
     """Memory and FLOPs arithmetic loads without torch, megatron-core or numpy."""
-    code = ("import sys, megamft.sizing.memory, megamft.sizing.flops, megamft.sizing.vocab, "
-            "megamft.sizing.quantization\n"
-            "print(sorted(m for m in ('torch', 'megatron', 'numpy', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, megamft.sizing.memory, megamft.sizing.flops, megamft.sizing.vocab, "
+        "megamft.sizing.quantization\n"
+        "print(sorted(m for m in ('torch', 'megatron', 'numpy', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"

@@ -6,17 +6,16 @@ contracts of megatron's TE wrappers (megatron/core/extensions/transformer_engine
 local LoRA layer computes, with the same checkpoint keys.
 """
 
+import lora_jobs
 import pytest
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
+from te_standins import STAND_INS, TEColumnParallelLinear, TEDotProductAttention, TENorm
 
 from megamft.config import LoraConfig
 from megamft.model.lora import _LoraLinear
 from megamft.model.lora_spec import te_separate_norm_layer_spec
 from megamft.testing.distributed import launch
-
-import lora_jobs
-from te_standins import STAND_INS, TEColumnParallelLinear, TEDotProductAttention, TENorm
 
 LORA = LoraConfig(enabled=True, rank=4, targets=["all-linear"])
 
@@ -30,16 +29,26 @@ def test_the_te_lora_spec_keeps_te_modules_with_separate_norms():
     assert layer.input_layernorm is TENorm and layer.pre_mlp_layernorm is TENorm
     attention = layer.self_attention.submodules
     assert attention.core_attention is TEDotProductAttention
-    for owner, name, base in ((attention, "linear_qkv", TEColumnParallelLinear), (attention, "linear_proj", None),
-                              (layer.mlp.submodules, "linear_fc1", TEColumnParallelLinear),
-                              (layer.mlp.submodules, "linear_fc2", None)):
+    for owner, name, base in (
+        (attention, "linear_qkv", TEColumnParallelLinear),
+        (attention, "linear_proj", None),
+        (layer.mlp.submodules, "linear_fc1", TEColumnParallelLinear),
+        (layer.mlp.submodules, "linear_fc2", None),
+    ):
         spec = getattr(owner, name)
-        assert issubclass(spec.module, _LoraLinear) and issubclass(spec.module, base or STAND_INS.row_linear), name
+        assert issubclass(spec.module, _LoraLinear) and issubclass(
+            spec.module, base or STAND_INS.row_linear
+        ), name
         assert spec.params["lora"] is LORA
-    assert layer.mlp.submodules.linear_fc1.params["gated"] and not layer.mlp.submodules.linear_fc2.params["gated"]
+    assert (
+        layer.mlp.submodules.linear_fc1.params["gated"]
+        and not layer.mlp.submodules.linear_fc2.params["gated"]
+    )
     # the norms' weights keep the keys of TE's fused layer and of the local spec
-    assert layer.sharded_state_dict_keys_map == {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    assert layer.sharded_state_dict_keys_map == {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
 
 
 def test_only_adapted_linears_get_the_lora_class():
@@ -62,7 +71,9 @@ def test_moe_experts_use_te_linears_when_adapted():
 
 def test_qlora_refuses_transformer_engine():
     with pytest.raises(ValueError, match="local linears"):
-        te_separate_norm_layer_spec(LoraConfig(enabled=True, quantize_base="nf4"), gated=True, te=STAND_INS)
+        te_separate_norm_layer_spec(
+            LoraConfig(enabled=True, quantize_base="nf4"), gated=True, te=STAND_INS
+        )
 
 
 def test_a_linear_that_owns_its_norm_is_refused():
@@ -70,11 +81,16 @@ def test_a_linear_that_owns_its_norm_is_refused():
     launch(lora_jobs.build_norm_owning_lora_linear, 1, timeout=120)
 
 
-@pytest.mark.parametrize("overrides", [(), ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true")],
-                         ids=["tp1", "tp2-sp"])
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true")],
+    ids=["tp1", "tp2-sp"],
+)
 def test_te_lora_layer_computes_what_the_local_lora_layer_computes(overrides):
     world = 2 if overrides else 1
-    out = launch(lora_jobs.te_spec_layer_against_local, world, timeout=180, kwargs={"overrides": overrides})[0]
+    out = launch(
+        lora_jobs.te_spec_layer_against_local, world, timeout=180, kwargs={"overrides": overrides}
+    )[0]
     te_out, local_out = out["outputs"]
     torch.testing.assert_close(te_out, local_out, rtol=0, atol=0)
     te_grads, local_grads = out["grads"]
@@ -84,4 +100,6 @@ def test_te_lora_layer_computes_what_the_local_lora_layer_computes(overrides):
     te_keys, local_keys = out["keys"]
     assert te_keys == local_keys  # checkpoints move between the backends
     assert out["types"]["self_attention.linear_qkv"] == "LoraTEColumnParallelLinear"
-    assert out["types"]["input_layernorm"] == "MegamftRMSNorm"  # TENorm's stand-in: a separate norm module
+    assert (
+        out["types"]["input_layernorm"] == "MegamftRMSNorm"
+    )  # TENorm's stand-in: a separate norm module

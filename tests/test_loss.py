@@ -1,10 +1,9 @@
 """megatron's per-token loss (vocab-parallel CE inside GPTModel) equals plain torch on its logits."""
 
+import jobs
 import torch
 
 from megamft.testing.distributed import launch
-
-import jobs
 
 
 def test_megatron_loss_and_task_sums_match_plain_cross_entropy():

@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 
 from megamft.checkpoint import dist_checkpoint
-from megamft.checkpoint.layout import (BEST, LATEST, complete_iterations, iteration_dir, pointed_checkpoint,
-                                       write_atomically)
+from megamft.checkpoint.layout import (
+    BEST,
+    LATEST,
+    complete_iterations,
+    iteration_dir,
+    pointed_checkpoint,
+    write_atomically,
+)
 from megamft.config import ConfigError, load_config, validate
 from megamft.training.selection import Selection
 
@@ -47,7 +53,9 @@ def test_the_ranking_and_the_stall_count_follow_their_definition(seed):
         assert saved == (step in selection.kept())
         if stopped_at is None and selection.should_stop():
             stopped_at = step
-    ranked, stalled, stop = _reference(scores, keep, patience, min_delta, metric.startswith("valid/"))
+    ranked, stalled, stop = _reference(
+        scores, keep, patience, min_delta, metric.startswith("valid/")
+    )
     assert selection.ranked == ranked and selection.best_kept() == ranked[0][0]
     assert selection.stalled == stalled and stopped_at == stop
 
@@ -61,11 +69,15 @@ def test_a_restored_selection_continues_as_the_uninterrupted_one():
         if step <= 9:
             first.observe(step, {"valid/loss": score})
     resumed = Selection("valid/loss", 3, 4, 0.01)
-    assert resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as stored in a checkpoint
+    assert resumed.load_state_dict(
+        json.loads(json.dumps(first.state_dict()))
+    )  # as stored in a checkpoint
     for step, score in list(enumerate(scores, start=1))[9:]:
         resumed.observe(step, {"valid/loss": score})
     assert resumed.state_dict() == whole.state_dict()
-    assert not Selection("eval/he/pass@1", 3).load_state_dict(first.state_dict())  # another metric: not restored
+    assert not Selection("eval/he/pass@1", 3).load_state_dict(
+        first.state_dict()
+    )  # another metric: not restored
 
 
 def test_non_finite_scores_rank_last_and_never_improve():
@@ -108,31 +120,73 @@ def test_a_pointer_names_its_checkpoint(tmp_path):
         pointed_checkpoint(tmp_path / BEST)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["checkpoint.keep_best=2", "train.eval_interval=5"], "checkpoint.keep_best needs checkpoint.save_dir"),
-    (["train.early_stopping_patience=2"], "set train.eval_interval > 0"),
-    (["checkpoint.best_metric=valid/acc"], "give valid/loss, valid/loss/<task> or eval/<benchmark>/pass@<k>"),
-    (["checkpoint.best_metric=eval/he/pass@1", "train.early_stopping_patience=2", "eval.interval=5"],
-     "no benchmark 'he' in eval.problems"),
-    (["checkpoint.best_metric=eval/he/pass@10", "train.early_stopping_patience=2", "eval.interval=5",
-      "eval.problems={he: humaneval}"], "pass@10 is not measured; add 10 to eval.k"),
-    (["train.early_stopping_patience=2", "train.eval_interval=5", "data.valid_samples_per_task=0"],
-     "needs validation data"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["checkpoint.keep_best=2", "train.eval_interval=5"],
+            "checkpoint.keep_best needs checkpoint.save_dir",
+        ),
+        (["train.early_stopping_patience=2"], "set train.eval_interval > 0"),
+        (
+            ["checkpoint.best_metric=valid/acc"],
+            "give valid/loss, valid/loss/<task> or eval/<benchmark>/pass@<k>",
+        ),
+        (
+            [
+                "checkpoint.best_metric=eval/he/pass@1",
+                "train.early_stopping_patience=2",
+                "eval.interval=5",
+            ],
+            "no benchmark 'he' in eval.problems",
+        ),
+        (
+            [
+                "checkpoint.best_metric=eval/he/pass@10",
+                "train.early_stopping_patience=2",
+                "eval.interval=5",
+                "eval.problems={he: humaneval}",
+            ],
+            "pass@10 is not measured; add 10 to eval.k",
+        ),
+        (
+            [
+                "train.early_stopping_patience=2",
+                "train.eval_interval=5",
+                "data.valid_samples_per_task=0",
+            ],
+            "needs validation data",
+        ),
+    ],
+)
 def test_selection_settings_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(load_config([], overrides), 1)
 
 
 def test_a_task_the_data_does_not_have_is_refused_when_the_data_is_known():
-    cfg = load_config([], ["checkpoint.best_metric=valid/loss/nope", "train.early_stopping_patience=2",
-                           "train.eval_interval=2"])
+    cfg = load_config(
+        [],
+        [
+            "checkpoint.best_metric=valid/loss/nope",
+            "train.early_stopping_patience=2",
+            "train.eval_interval=2",
+        ],
+    )
     with pytest.raises(ConfigError, match="no task 'nope' in the data"):
         Selection.from_config(cfg, ("code_completion", "text_to_code"))
 
 
-def _simulated_peak(tmp: Path, keep_last: int, keep_best: int, steps: int, save_interval: int,
-                    eval_interval: int, async_save: bool, scores: list[float]) -> int:
+def _simulated_peak(
+    tmp: Path,
+    keep_last: int,
+    keep_best: int,
+    steps: int,
+    save_interval: int,
+    eval_interval: int,
+    async_save: bool,
+    scores: list[float],
+) -> int:
     """Save as the loop does (a measurement that ranks among the kept best, every save_interval, the end),
     publish (with async saves, after the next one started) and prune with dist_checkpoint.prune; the most
     checkpoint folders present at once."""
@@ -147,8 +201,11 @@ def _simulated_peak(tmp: Path, keep_last: int, keep_best: int, steps: int, save_
         dist_checkpoint.prune(tmp, keep_last, kept)
 
     for step in range(1, steps + 1):
-        ranks = bool(eval_interval) and step % eval_interval == 0 and \
-            selection.observe(step, {"valid/loss": scores[step - 1]})
+        ranks = (
+            bool(eval_interval)
+            and step % eval_interval == 0
+            and selection.observe(step, {"valid/loss": scores[step - 1]})
+        )
         if ranks or (save_interval and step % save_interval == 0) or step == steps:
             iteration_dir(tmp, step).with_name(f"iter_{step:07d}.partial").mkdir(parents=True)
             in_flight.append((step, selection.kept(), selection.best_kept()))
@@ -160,39 +217,81 @@ def _simulated_peak(tmp: Path, keep_last: int, keep_best: int, steps: int, save_
     return peak
 
 
-@pytest.mark.parametrize("keep_last,keep_best,save_interval,eval_interval,async_save", [
-    (1, 2, 4, 1, False), (2, 3, 0, 2, True), (1, 1, 5, 3, False), (3, 2, 2, 2, True)])
-def test_the_room_counted_covers_the_checkpoints_kept_for_their_score(tmp_path, keep_last, keep_best,
-                                                                     save_interval, eval_interval, async_save):
+@pytest.mark.parametrize(
+    "keep_last,keep_best,save_interval,eval_interval,async_save",
+    [(1, 2, 4, 1, False), (2, 3, 0, 2, True), (1, 1, 5, 3, False), (3, 2, 2, 2, True)],
+)
+def test_the_room_counted_covers_the_checkpoints_kept_for_their_score(
+    tmp_path, keep_last, keep_best, save_interval, eval_interval, async_save
+):
     from megamft.checkpoint import run_folder
 
     steps = 24
-    cfg = load_config([], [f"checkpoint.keep_last={keep_last}", f"checkpoint.keep_best={keep_best}",
-                           f"train.train_steps={steps}", f"checkpoint.save_interval={save_interval}",
-                           f"train.eval_interval={eval_interval}", f"checkpoint.async_save={async_save}"])
+    cfg = load_config(
+        [],
+        [
+            f"checkpoint.keep_last={keep_last}",
+            f"checkpoint.keep_best={keep_best}",
+            f"train.train_steps={steps}",
+            f"checkpoint.save_interval={save_interval}",
+            f"train.eval_interval={eval_interval}",
+            f"checkpoint.async_save={async_save}",
+        ],
+    )
     counted = run_folder.new_checkpoints_at_once(cfg, 0, 0)
-    worst = [float(step) for step in range(steps)]  # each measurement worse: the first ones stay the best
-    peak = _simulated_peak(tmp_path / "worst", keep_last, keep_best, steps, save_interval, eval_interval,
-                           async_save, worst)
-    assert peak == counted if save_interval else peak <= counted  # regular saves fill keep_last: the bound is met
+    worst = [
+        float(step) for step in range(steps)
+    ]  # each measurement worse: the first ones stay the best
+    peak = _simulated_peak(
+        tmp_path / "worst",
+        keep_last,
+        keep_best,
+        steps,
+        save_interval,
+        eval_interval,
+        async_save,
+        worst,
+    )
+    assert (
+        peak == counted if save_interval else peak <= counted
+    )  # regular saves fill keep_last: the bound is met
     rng = random.Random(keep_last * 10 + keep_best)
     for trial in range(5):
         scores = [rng.uniform(0, 1) for _ in range(steps)]
-        assert _simulated_peak(tmp_path / str(trial), keep_last, keep_best, steps, save_interval, eval_interval,
-                               async_save, scores) <= counted
+        assert (
+            _simulated_peak(
+                tmp_path / str(trial),
+                keep_last,
+                keep_best,
+                steps,
+                save_interval,
+                eval_interval,
+                async_save,
+                scores,
+            )
+            <= counted
+        )
 
 
 # ---- a training run: what it keeps, names and stops at ------------------------------------------------------
 
-RUN = ("model.num_layers=2", "data.valid_samples_per_task=2", "optimizer.lr=0.05", "train.eval_interval=1",
-       "checkpoint.keep_best=2", "checkpoint.keep_last=1", "train.early_stopping_patience=3",
-       "train.early_stopping_min_delta=1.0", "train.lr_decay_style=constant")  # steps change on resume
+RUN = (
+    "model.num_layers=2",
+    "data.valid_samples_per_task=2",
+    "optimizer.lr=0.05",
+    "train.eval_interval=1",
+    "checkpoint.keep_best=2",
+    "checkpoint.keep_last=1",
+    "train.early_stopping_patience=3",
+    "train.early_stopping_min_delta=1.0",
+    "train.lr_decay_style=constant",
+)  # steps change on resume
 
 
 def _train(save_dir: Path, steps: int) -> dict:
-    from megamft.testing.distributed import launch
-
     import jobs
+
+    from megamft.testing.distributed import launch
 
     overrides = (*RUN, f"train.train_steps={steps}", f"checkpoint.save_dir={save_dir}")
     return launch(jobs.train, 1, kwargs={"overrides": overrides}, timeout=300)[0]
@@ -218,13 +317,22 @@ def test_a_run_keeps_the_best_checkpoints_stops_on_a_stall_and_resumes_to_the_sa
     assert sorted(losses) == list(range(1, stop + 1))
     # On disk: the two best measured steps and the last one (keep_last=1); `best` names the best.
     assert complete_iterations(tmp_path / "whole") == sorted({step for step, _ in ranked} | {stop})
-    assert pointed_checkpoint(tmp_path / "whole" / BEST) == iteration_dir(tmp_path / "whole", ranked[0][0])
-    assert whole["best"] == {"metric": "valid/loss", "step": ranked[0][0], "score": ranked[0][1],
-                             "checkpoint": str(iteration_dir(tmp_path / "whole", ranked[0][0]))}
+    assert pointed_checkpoint(tmp_path / "whole" / BEST) == iteration_dir(
+        tmp_path / "whole", ranked[0][0]
+    )
+    assert whole["best"] == {
+        "metric": "valid/loss",
+        "step": ranked[0][0],
+        "score": ranked[0][1],
+        "checkpoint": str(iteration_dir(tmp_path / "whole", ranked[0][0])),
+    }
     # Stopped at step 4 by train.train_steps, then resumed: the same stop, the same checkpoints, the same best.
     first = _train(tmp_path / "split", 4)
     assert not first["stopped_early"] and len(first["loss"]) == 4
     resumed = _train(tmp_path / "split", 10)
     assert len(first["loss"]) + len(resumed["loss"]) == stop and resumed["stopped_early"]
     assert complete_iterations(tmp_path / "split") == complete_iterations(tmp_path / "whole")
-    assert resumed["best"] == {**whole["best"], "checkpoint": str(iteration_dir(tmp_path / "split", ranked[0][0]))}
+    assert resumed["best"] == {
+        **whole["best"],
+        "checkpoint": str(iteration_dir(tmp_path / "split", ranked[0][0])),
+    }

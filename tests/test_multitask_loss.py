@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megamft.loss.balancers import CoBa, FAMO, FocalTaskWeights
+from megamft.loss.balancers import FAMO, CoBa, FocalTaskWeights
 from megamft.loss.multitask import (
     BatchCounts,
     count,
@@ -62,7 +62,9 @@ def test_multitask_loss_uses_plain_cross_entropy():
     logits = torch.randn(2, 4, 11, requires_grad=True)
     labels = torch.randint(0, 11, (2, 4))
     out = multitask_loss(logits, labels, MASK, TASKS, 2, "token", SAMPLES)
-    reference = (F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none") * MASK.flatten()).sum() / 6
+    reference = (
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none") * MASK.flatten()
+    ).sum() / 6
     torch.testing.assert_close(out.loss, reference)
     out.loss.backward()
     assert logits.grad[0, 3].abs().sum() == 0  # unlearned token: no gradient
@@ -80,7 +82,9 @@ def _mftcoder_case(losses, mask, task_of_row, mode, weights):
     for task in sorted(set(task_of_row)):
         mine = [r for r in rows if task_of_row[r] == task]
         if mode == "task_token":
-            value = sum(float((losses[r] * mask[r]).sum()) for r in mine) / sum(float(mask[r].sum()) for r in mine)
+            value = sum(float((losses[r] * mask[r]).sum()) for r in mine) / sum(
+                float(mask[r].sum()) for r in mine
+            )
         else:
             value = sum(sample_mean[r] for r in mine) / len(mine)
         total += weights[task] * value
@@ -98,7 +102,9 @@ def test_modes_equal_mftcoder_formulas_on_a_fixed_batch(mode):
     tasks = torch.tensor(task_of_row).unsqueeze(1).expand(6, 10)
     weights = torch.tensor([1.0, 2.0, 0.5])
     ours = float(weigh_token_losses(losses, mask, tasks, 3, mode, task_weights=weights).loss)
-    assert ours == pytest.approx(_mftcoder_case(losses, mask, task_of_row, mode, weights.tolist()), rel=1e-6)
+    assert ours == pytest.approx(
+        _mftcoder_case(losses, mask, task_of_row, mode, weights.tolist()), rel=1e-6
+    )
 
 
 def _packed_batch(rows=8, seq=24, tasks=3, seed=0):
@@ -114,7 +120,9 @@ def _packed_batch(rows=8, seq=24, tasks=3, seed=0):
     return mask, task_ids, sample_ids
 
 
-@pytest.mark.parametrize("mode", ["token", "sample", "task_token", "task_sample", "focal", "coba", "famo"])
+@pytest.mark.parametrize(
+    "mode", ["token", "sample", "task_token", "task_sample", "focal", "coba", "famo"]
+)
 def test_split_invariance_with_packed_multitask_rows(mode):
     """Summing micro-batch losses weighted with global counts equals the whole-batch loss, grads too."""
     mask, task_ids, sample_ids = _packed_batch()
@@ -125,7 +133,9 @@ def test_split_invariance_with_packed_multitask_rows(mode):
     if balancer is not None:
         balancer.after_train_step(1, torch.tensor([1.0, 2.0, 3.0]))
         balancer.after_train_step(2, torch.tensor([0.5, 1.9, 2.0]))
-    whole = weigh_token_losses(per_token, mask, task_ids, 3, mode, sample_ids, static, balancer=balancer).loss
+    whole = weigh_token_losses(
+        per_token, mask, task_ids, 3, mode, sample_ids, static, balancer=balancer
+    ).loss
     (grad_whole,) = torch.autograd.grad(whole, per_token)
     counts = count(mask, task_ids, sample_ids, 3)  # the global batch's counts
     weights = effective_task_weights(mode, 3, static, balancer)
@@ -137,10 +147,21 @@ def test_split_invariance_with_packed_multitask_rows(mode):
             if mode == "focal":
                 from megamft.loss.multitask import focal_sample_factor, sample_index
 
-                factor = focal_sample_factor(per_token[rows], mask[rows],
-                                             *sample_index(sample_ids[rows], mask[rows].shape), 2.0)
-            w = token_weights(structural_mode(mode), mask[rows], task_ids[rows], sample_ids[rows], counts,
-                              weights, factor)
+                factor = focal_sample_factor(
+                    per_token[rows],
+                    mask[rows],
+                    *sample_index(sample_ids[rows], mask[rows].shape),
+                    2.0,
+                )
+            w = token_weights(
+                structural_mode(mode),
+                mask[rows],
+                task_ids[rows],
+                sample_ids[rows],
+                counts,
+                weights,
+                factor,
+            )
             parts = parts + (per_token[rows] * w.float()).sum()
         (grad_parts,) = torch.autograd.grad(parts, per_token)
         torch.testing.assert_close(parts, whole, rtol=1e-6, atol=0)
@@ -150,7 +171,9 @@ def test_split_invariance_with_packed_multitask_rows(mode):
 def test_counts_add_up_over_parts():
     mask, task_ids, sample_ids = _packed_batch()
     whole = count(mask, task_ids, sample_ids, 3)
-    halves = count(mask[:4], task_ids[:4], sample_ids[:4], 3) + count(mask[4:], task_ids[4:], sample_ids[4:], 3)
+    halves = count(mask[:4], task_ids[:4], sample_ids[:4], 3) + count(
+        mask[4:], task_ids[4:], sample_ids[4:], 3
+    )
     assert torch.equal(whole.as_tensor(), halves.as_tensor())
     assert torch.equal(BatchCounts.from_tensor(whole.as_tensor()).task_samples, whole.task_samples)
 
@@ -163,11 +186,22 @@ def test_unknown_mode_is_an_error():
 def test_context_parallel_split_keeps_every_mode_exact():
     """CP=2: weights computed on whole sequences, each rank keeping half the tokens, sum to the CP=1 objective."""
     import jobs
+
     from megamft.testing.distributed import launch
 
     modes = ("token", "sample", "task_token", "task_sample")
-    whole = launch(jobs.context_parallel_objective, 1, timeout=240, kwargs={"context_parallel": 1, "modes": modes})[0]
-    split = launch(jobs.context_parallel_objective, 2, timeout=240, kwargs={"context_parallel": 2, "modes": modes})
+    whole = launch(
+        jobs.context_parallel_objective,
+        1,
+        timeout=240,
+        kwargs={"context_parallel": 1, "modes": modes},
+    )[0]
+    split = launch(
+        jobs.context_parallel_objective,
+        2,
+        timeout=240,
+        kwargs={"context_parallel": 2, "modes": modes},
+    )
     for rank in split:
         assert rank["local_tokens"] * 2 == whole["local_tokens"]
         for mode in modes:

@@ -12,7 +12,6 @@ import signal
 import uuid
 
 import pytest
-
 from training_runs import kill_all, processes_with, start_ranks, wait_all, wait_for
 
 pytestmark = pytest.mark.slow
@@ -21,15 +20,24 @@ pytestmark = pytest.mark.slow
 def test_a_sigkilled_trainer_leaves_no_helper_process(tmp_path, monkeypatch):
     marker, writing = uuid.uuid4().hex, tmp_path / "writer-started"
     monkeypatch.setenv("MEGAMFT_TEST_RUN", marker)
-    monkeypatch.setenv("MEGAMFT_STALL_AT", "save.writing@2:120")  # the writer holds, the helpers alive
+    monkeypatch.setenv(
+        "MEGAMFT_STALL_AT", "save.writing@2:120"
+    )  # the writer holds, the helpers alive
     monkeypatch.setenv("MEGAMFT_STALL_MARKER", str(writing))
-    ranks = start_ranks(tmp_path, "run", f"checkpoint.save_dir={tmp_path / 'ckpt'}", "checkpoint.async_save=true",
-                        "checkpoint.save_interval=2")
+    ranks = start_ranks(
+        tmp_path,
+        "run",
+        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+        "checkpoint.async_save=true",
+        "checkpoint.save_interval=2",
+    )
     try:
         wait_for(writing.exists, what="the background writer of step 2's checkpoint")
         trainers = {rank.pid for rank in ranks}
         helpers = set(processes_with(marker)) - trainers
-        assert len(helpers) >= 3, helpers  # per rank at least its writer; the manager, the resource tracker
+        assert len(helpers) >= 3, (
+            helpers
+        )  # per rank at least its writer; the manager, the resource tracker
         for rank in ranks:
             rank.send_signal(signal.SIGKILL)
         assert wait_all(ranks, timeout=30) == [-signal.SIGKILL] * 2

@@ -11,40 +11,58 @@ The reference is an fp32 run from the same weights on the same batches.
 
 import os
 
+import jobs
+import precision_jobs
 import pytest
+from training_runs import ROOT
 
 from megamft.testing.distributed import launch
 from megamft.testing.forked_command import run_module
 
-import jobs
-import precision_jobs
-from training_runs import ROOT
-
 
 @pytest.fixture(scope="module")
 def fp32_first_step(initial_weights):
-    return launch(precision_jobs.first_step_main_gradients, 1,
-                  kwargs={"weights": initial_weights, "precision": "fp32"})[0]
+    return launch(
+        precision_jobs.first_step_main_gradients,
+        1,
+        kwargs={"weights": initial_weights, "precision": "fp32"},
+    )[0]
 
 
 def test_fp16_main_gradients_equal_fp32_after_unscaling(fp32_first_step, initial_weights):
     # A loss scale that does not overflow on this model, so the first step is taken.
-    got = launch(precision_jobs.first_step_main_gradients, 1,
-                 kwargs={"weights": initial_weights, "precision": "fp16",
-                         "overrides": ("optimizer.initial_loss_scale=256",)})[0]
+    got = launch(
+        precision_jobs.first_step_main_gradients,
+        1,
+        kwargs={
+            "weights": initial_weights,
+            "precision": "fp16",
+            "overrides": ("optimizer.initial_loss_scale=256",),
+        },
+    )[0]
     want = fp32_first_step["grads"]
     assert not got["skipped"] and got["loss_scale"] == 256
     assert set(got["grads"]) == set(want)
     for name, grad in want.items():
         assert grad.norm() > 0, name
         error = (got["grads"][name] - grad).norm() / grad.norm()
-        assert error < 2e-2, (name, float(error))  # fp16 activations: ~1e-3 typical; unscaled-by-256 would be ~1
-    assert abs(got["grad_norm"] - fp32_first_step["grad_norm"]) <= 2e-2 * fp32_first_step["grad_norm"]
+        assert error < 2e-2, (
+            name,
+            float(error),
+        )  # fp16 activations: ~1e-3 typical; unscaled-by-256 would be ~1
+    assert (
+        abs(got["grad_norm"] - fp32_first_step["grad_norm"]) <= 2e-2 * fp32_first_step["grad_norm"]
+    )
 
 
 def _train(initial_weights, *overrides):
-    common = ("train.train_steps=8", "train.log_interval=4", f"checkpoint.load_dir={initial_weights}",
-              "checkpoint.load_optimizer=false", "optimizer.lr=3e-3")
+    common = (
+        "train.train_steps=8",
+        "train.log_interval=4",
+        f"checkpoint.load_dir={initial_weights}",
+        "checkpoint.load_optimizer=false",
+        "optimizer.lr=3e-3",
+    )
     return launch(jobs.train, 1, kwargs={"overrides": common + overrides}, timeout=300)[0]
 
 
@@ -58,8 +76,14 @@ def test_fp16_learns_as_fp32_does(initial_weights):
 
 
 def _cli(tmp_path, *overrides):
-    args = ["train", *jobs.TINY_MODEL, "train.train_steps=6", "data.valid_samples_per_task=2", "train.precision=fp16",
-            *overrides]
+    args = [
+        "train",
+        *jobs.TINY_MODEL,
+        "train.train_steps=6",
+        "data.valid_samples_per_task=2",
+        "train.precision=fp16",
+        *overrides,
+    ]
     return run_module("megamft", args, dict(os.environ), ROOT, timeout=300)
 
 

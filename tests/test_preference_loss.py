@@ -62,8 +62,12 @@ class _TokenLogpModel:
     def __call__(self, labels, **_):
         learned = (labels[:, 1:] != -100).to(self.logps.dtype)
         zeros = torch.zeros_like(self.logps)
-        return SimpleNamespace(log_probs=self.logps * learned, entropy=zeros, mean_logits=zeros,
-                               is_top1=torch.zeros_like(self.logps, dtype=torch.bool))
+        return SimpleNamespace(
+            log_probs=self.logps * learned,
+            entropy=zeros,
+            mean_logits=zeros,
+            is_top1=torch.zeros_like(self.logps, dtype=torch.bool),
+        )
 
 
 def _accelerator():
@@ -73,14 +77,31 @@ def _accelerator():
 def _trl_dpo(logps, mask, ref, beta, loss_types, loss_weights):
     model = _TokenLogpModel(logps)
     trainer = SimpleNamespace(
-        model=model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=loss_weights, beta=beta,
-        label_smoothing=0.0, use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0,
+        model=model,
+        accelerator=_accelerator(),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=loss_types,
+        loss_weights=loss_weights,
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
         _tp_size=1,
     )
-    inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
-              "ref_chosen_logps": ref[:PAIRS], "ref_rejected_logps": ref[PAIRS:]}
-    return trl_dpo.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False), trainer._metrics["train"]
+    inputs = {
+        "input_ids": torch.zeros_like(mask),
+        "attention_mask": torch.ones_like(mask),
+        "completion_mask": mask,
+        "ref_chosen_logps": ref[:PAIRS],
+        "ref_rejected_logps": ref[PAIRS:],
+    }
+    return trl_dpo.DPOTrainer._compute_loss(
+        trainer, model, inputs, return_outputs=False
+    ), trainer._metrics["train"]
 
 
 def _grad(loss, leaf):
@@ -91,9 +112,13 @@ def _reference():
     return -torch.linspace(2.0, 5.0, 2 * PAIRS, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("objective_name,loss_types,weights", [
-    ("dpo", ["sigmoid"], [1.0]), ("rpo", ["sigmoid", "sft"], [1.0, 0.7]),
-])
+@pytest.mark.parametrize(
+    "objective_name,loss_types,weights",
+    [
+        ("dpo", ["sigmoid"], [1.0]),
+        ("rpo", ["sigmoid", "sft"], [1.0, 0.7]),
+    ],
+)
 def test_dpo_and_rpo_match_trl(objective_name, loss_types, weights):
     logps, mask = _per_token()
     ref = _reference()
@@ -102,14 +127,26 @@ def test_dpo_and_rpo_match_trl(objective_name, loss_types, weights):
     ours = batch_objective(setup, _pairs(logps, mask, ref))
     assert float(ours.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     torch.testing.assert_close(_grad(ours, logps), _grad(expected, logps), rtol=1e-10, atol=1e-14)
-    sums = metric_sums(setup, _pairs(logps, mask, ref), torch.zeros(PAIRS, dtype=torch.long), 1)[:, 0]
+    sums = metric_sums(setup, _pairs(logps, mask, ref), torch.zeros(PAIRS, dtype=torch.long), 1)[
+        :, 0
+    ]
     assert [float(v) / PAIRS for v in sums[:4]] == pytest.approx(
-        [metrics[k][0] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")])
+        [
+            metrics[k][0]
+            for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+        ]
+    )
 
 
 def _trl_cpo(chosen, rejected, loss_type, beta, smoothing, gamma=0.0):
-    trainer = SimpleNamespace(alpha=0.0, beta=beta, label_smoothing=smoothing, simpo_gamma=gamma,
-                              loss_type=loss_type, accelerator=_accelerator())
+    trainer = SimpleNamespace(
+        alpha=0.0,
+        beta=beta,
+        label_smoothing=smoothing,
+        simpo_gamma=gamma,
+        loss_type=loss_type,
+        accelerator=_accelerator(),
+    )
     losses, _, _ = CPOTrainer.cpo_loss(trainer, chosen, rejected)
     return losses.mean()
 
@@ -119,7 +156,9 @@ def test_dpo_label_smoothing_matches_trl_conservative_sigmoid():
     logps, mask = _per_token(1)
     ref = _reference()
     pairs = _pairs(logps, mask, ref)
-    expected = _trl_cpo(pairs.chosen - ref[:PAIRS], pairs.rejected - ref[PAIRS:], "sigmoid", 0.2, 0.1)
+    expected = _trl_cpo(
+        pairs.chosen - ref[:PAIRS], pairs.rejected - ref[PAIRS:], "sigmoid", 0.2, 0.1
+    )
     ours = batch_objective(PreferenceSetup("dpo", beta=0.2, label_smoothing=0.1), pairs)
     assert float(ours.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     torch.testing.assert_close(_grad(ours, logps), _grad(expected, logps), rtol=1e-10, atol=1e-14)
@@ -129,9 +168,17 @@ def test_dpo_label_smoothing_matches_trl_conservative_sigmoid():
 def test_simpo_matches_trl_cpo(smoothing):
     logps, mask = _per_token(2)
     pairs = _pairs(logps, mask)
-    expected = _trl_cpo(pairs.chosen / pairs.chosen_tokens, pairs.rejected / pairs.rejected_tokens, "simpo",
-                        2.0, smoothing, gamma=0.8)
-    ours = batch_objective(PreferenceSetup("simpo", beta=2.0, simpo_gamma=0.8, label_smoothing=smoothing), pairs)
+    expected = _trl_cpo(
+        pairs.chosen / pairs.chosen_tokens,
+        pairs.rejected / pairs.rejected_tokens,
+        "simpo",
+        2.0,
+        smoothing,
+        gamma=0.8,
+    )
+    ours = batch_objective(
+        PreferenceSetup("simpo", beta=2.0, simpo_gamma=0.8, label_smoothing=smoothing), pairs
+    )
     assert float(ours.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     torch.testing.assert_close(_grad(ours, logps), _grad(expected, logps), rtol=1e-10, atol=1e-14)
 
@@ -140,11 +187,22 @@ def test_orpo_matches_trl():
     logps, mask = _per_token(3)
     pairs = _pairs(logps, mask)
     chosen_mask = mask[:PAIRS, 1:].to(logps.dtype)
-    nll = -(logps[:PAIRS] * chosen_mask).sum() / chosen_mask.sum()  # TRL's cross-entropy mean over chosen tokens
-    forward = (pairs.chosen / pairs.chosen_tokens, pairs.rejected / pairs.rejected_tokens,
-               torch.zeros(1), torch.zeros(1), nll)
-    trainer = SimpleNamespace(beta=0.25, aux_loss_enabled=False, accelerator=_accelerator(),
-                              concatenated_forward=lambda model, batch: forward)
+    nll = (
+        -(logps[:PAIRS] * chosen_mask).sum() / chosen_mask.sum()
+    )  # TRL's cross-entropy mean over chosen tokens
+    forward = (
+        pairs.chosen / pairs.chosen_tokens,
+        pairs.rejected / pairs.rejected_tokens,
+        torch.zeros(1),
+        torch.zeros(1),
+        nll,
+    )
+    trainer = SimpleNamespace(
+        beta=0.25,
+        aux_loss_enabled=False,
+        accelerator=_accelerator(),
+        concatenated_forward=lambda model, batch: forward,
+    )
     trainer.odds_ratio_loss = lambda c, r: ORPOTrainer.odds_ratio_loss(trainer, c, r)
     expected, metrics = ORPOTrainer.get_batch_loss_metrics(trainer, None, {})
     setup = PreferenceSetup("orpo", beta=0.25)
@@ -159,7 +217,10 @@ def test_orpo_matches_trl():
 def test_dpo_at_policy_equal_reference_is_ln2():
     logps, mask = _per_token(4)
     pairs = _pairs(logps, mask)
-    pairs.ref_chosen, pairs.ref_rejected = pairs.chosen.detach().clone(), pairs.rejected.detach().clone()
+    pairs.ref_chosen, pairs.ref_rejected = (
+        pairs.chosen.detach().clone(),
+        pairs.rejected.detach().clone(),
+    )
     assert float(batch_objective(PreferenceSetup("dpo", beta=0.5), pairs).detach()) == math.log(2)
 
 
@@ -181,9 +242,15 @@ def test_any_cut_of_the_pairs_sums_to_the_whole(name):
         parts = parts + objective(setup, sub, v, u)
     assert float(parts.detach()) == pytest.approx(float(whole.detach()), rel=1e-12)
     torch.testing.assert_close(_grad(parts, logps), _grad(whole, logps), rtol=1e-10, atol=1e-14)
-    per_task = [batch_objective(setup, _pairs(logps[_rows(tasks, t)], mask[_rows(tasks, t)], ref[_rows(tasks, t)]))
-                for t in (0, 1)]
-    assert float(whole.detach()) == pytest.approx((2 * float(per_task[0]) + float(per_task[1])) / 3, rel=1e-12)
+    per_task = [
+        batch_objective(
+            setup, _pairs(logps[_rows(tasks, t)], mask[_rows(tasks, t)], ref[_rows(tasks, t)])
+        )
+        for t in (0, 1)
+    ]
+    assert float(whole.detach()) == pytest.approx(
+        (2 * float(per_task[0]) + float(per_task[1])) / 3, rel=1e-12
+    )
 
 
 def _rows(tasks, task):

@@ -15,10 +15,21 @@ import pytest
 from megamft.testing.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "data.seq_length=64",
-         "data.valid_samples_per_task=8", "train.micro_batch_size=4", "train.global_batch_size=8",
-         "train.train_steps=4", "train.lr_warmup_steps=1", "train.log_interval=1", "train.eval_interval=2",
-         "checkpoint.save_interval=1", "optimizer.lr=3e-3"]
+SMALL = [
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.ffn_hidden_size=64",
+    "data.seq_length=64",
+    "data.valid_samples_per_task=8",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.train_steps=4",
+    "train.lr_warmup_steps=1",
+    "train.log_interval=1",
+    "train.eval_interval=2",
+    "checkpoint.save_interval=1",
+    "optimizer.lr=3e-3",
+]
 
 
 def _env(**extra) -> dict:
@@ -26,11 +37,30 @@ def _env(**extra) -> dict:
 
 
 def _train(data: Path, save_dir: Path, *args: str, ranks: int = 1, env: dict | None = None):
-    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
-    cmd = [sys.executable, *(launcher if ranks > 1 else []), "-m", "megamft", "train",
-           "--config", str(ROOT / "examples" / "dpo.yaml"), *SMALL, f"data.path={data}",
-           f"checkpoint.save_dir={save_dir}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env or _env(), cwd=ROOT)
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(ranks),
+        "--master-port",
+        str(free_port()),
+    ]
+    cmd = [
+        sys.executable,
+        *(launcher if ranks > 1 else []),
+        "-m",
+        "megamft",
+        "train",
+        "--config",
+        str(ROOT / "examples" / "dpo.yaml"),
+        *SMALL,
+        f"data.path={data}",
+        f"checkpoint.save_dir={save_dir}",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=env or _env(), cwd=ROOT
+    )
 
 
 def _scalars(save_dir: Path) -> dict[int, dict]:
@@ -55,11 +85,36 @@ def _table(save_dir: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pairs")
-    subprocess.run([sys.executable, str(ROOT / "examples" / "data" / "synthetic_preferences.py"),
-                    str(tmp / "pairs.jsonl"), "--pairs", "40"], check=True, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "megamft.data.preprocess_cli", "--task", f"sort={tmp / 'pairs.jsonl'}",
-                    "--out", str(tmp / "data"), "--max-seq-length", "65", "--overlong", "drop", "--quiet"],
-                   check=True, cwd=ROOT, env=_env())
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "data" / "synthetic_preferences.py"),
+            str(tmp / "pairs.jsonl"),
+            "--pairs",
+            "40",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megamft.data.preprocess_cli",
+            "--task",
+            f"sort={tmp / 'pairs.jsonl'}",
+            "--out",
+            str(tmp / "data"),
+            "--max-seq-length",
+            "65",
+            "--overlong",
+            "drop",
+            "--quiet",
+        ],
+        check=True,
+        cwd=ROOT,
+        env=_env(),
+    )
     return tmp / "data"
 
 
@@ -68,7 +123,9 @@ def uninterrupted(pairs, tmp_path_factory) -> Path:
     save_dir = tmp_path_factory.mktemp("whole") / "run"
     done = _train(pairs, save_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "step 4/4 | loss" in done.stderr and "sort acc " in done.stderr  # per-task metrics in the log line
+    assert (
+        "step 4/4 | loss" in done.stderr and "sort acc " in done.stderr
+    )  # per-task metrics in the log line
     assert "held-out preference accuracy per task" in done.stdout
     return save_dir
 
@@ -76,7 +133,9 @@ def uninterrupted(pairs, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_dpo_trains_from_ln2_with_preference_metrics(uninterrupted):
     steps = _scalars(uninterrupted)
-    assert steps[1]["train/loss"] == pytest.approx(math.log(2), rel=1e-6)  # the reference is the starting model
+    assert steps[1]["train/loss"] == pytest.approx(
+        math.log(2), rel=1e-6
+    )  # the reference is the starting model
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
         assert f"train/{name}/sort" in steps[4] and f"valid/{name}/sort" in steps[4]
     assert steps[4]["train/loss"] < math.log(2)
@@ -87,7 +146,9 @@ def test_dpo_trains_from_ln2_with_preference_metrics(uninterrupted):
 def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(pairs, uninterrupted, tmp_path):
     save_dir = tmp_path / "run"
     killed = _train(pairs, save_dir, env=_env(MEGAMFT_KILL_AT="step.done@3"))
-    assert killed.returncode != 0 and "step 2/4" in killed.stderr and "step 3/4" not in killed.stderr
+    assert (
+        killed.returncode != 0 and "step 2/4" in killed.stderr and "step 3/4" not in killed.stderr
+    )
     resumed = _train(pairs, save_dir, f"checkpoint.load_dir={save_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step 3/4" in resumed.stderr and "step 2/4" not in resumed.stderr
@@ -112,8 +173,11 @@ def from_start(pairs, start, tmp_path_factory) -> Path:
     return save_dir
 
 
-LAYOUTS = {"dp2": (), "tp2": ("parallel.tensor_model_parallel_size=2",),
-           "pp2": ("parallel.pipeline_model_parallel_size=2",)}
+LAYOUTS = {
+    "dp2": (),
+    "tp2": ("parallel.tensor_model_parallel_size=2",),
+    "pp2": ("parallel.pipeline_model_parallel_size=2",),
+}
 
 
 @pytest.mark.slow
@@ -134,7 +198,12 @@ def test_two_ranks_equal_one(pairs, start, from_start, tmp_path, layout):
 def test_reference_from_another_checkpoint(pairs, uninterrupted, start, from_start, tmp_path):
     """Starting from the uninterrupted run's weights (step 4) with loss.reference_dir = the 2-step run: the table
     is the one a run starting from the 2-step weights computes, and the first loss is not ln 2."""
-    other = _train(pairs, tmp_path / "other", f"checkpoint.load_dir={uninterrupted}", f"loss.reference_dir={start}")
+    other = _train(
+        pairs,
+        tmp_path / "other",
+        f"checkpoint.load_dir={uninterrupted}",
+        f"loss.reference_dir={start}",
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     np.testing.assert_allclose(_table(tmp_path / "other"), _table(from_start), rtol=1e-6)
     assert np.abs(_table(tmp_path / "other") - _table(uninterrupted)).max() > 1e-3

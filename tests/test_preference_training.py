@@ -4,25 +4,36 @@ computed from the starting weights at the run's layout."""
 
 import math
 
+import preference_jobs
 import pytest
 import torch
 
 from megamft.testing.distributed import launch
 
-import preference_jobs
-
 
 def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=()):
-    return launch(preference_jobs.preference_step, world, timeout=300, kwargs=dict(
-        weights_dir=weights, pairs_per_micro_batch=pairs_per_micro_batch, objective=objective, steps=steps,
-        layout=layout))[0]
+    return launch(
+        preference_jobs.preference_step,
+        world,
+        timeout=300,
+        kwargs=dict(
+            weights_dir=weights,
+            pairs_per_micro_batch=pairs_per_micro_batch,
+            objective=objective,
+            steps=steps,
+            layout=layout,
+        ),
+    )[0]
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_tensor_and_pipeline_parallel_steps_equal_one_process(initial_weights, layout):
     """Two steps of rpo (reference, pair loss and chosen NLL) at TP=2 or PP=2 against one process; loss and
     grad norm (the gradients' shards are laid out differently)."""
-    parallel = {"tp2": "parallel.tensor_model_parallel_size=2", "pp2": "parallel.pipeline_model_parallel_size=2"}
+    parallel = {
+        "tp2": "parallel.tensor_model_parallel_size=2",
+        "pp2": "parallel.pipeline_model_parallel_size=2",
+    }
     whole = _run(initial_weights, 1, 2, "rpo", steps=2)
     split = _run(initial_weights, 2, 2, "rpo", steps=2, layout=(parallel[layout],))
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
@@ -34,40 +45,59 @@ def test_dp2_with_one_pair_per_micro_batch_equals_one_process_with_four(initial_
     whole, cut = _run(initial_weights, 1, 4, objective), _run(initial_weights, 2, 1, objective)
     assert abs(cut["loss"][0] - whole["loss"][0]) <= 1e-6 * abs(whole["loss"][0])
     assert abs(cut["grad_norm"] - whole["grad_norm"]) <= 1e-5 * whole["grad_norm"]
-    torch.testing.assert_close(cut["grads"], whole["grads"], rtol=1e-5, atol=1e-5 * whole["grads"].abs().max().item())
+    torch.testing.assert_close(
+        cut["grads"], whole["grads"], rtol=1e-5, atol=1e-5 * whole["grads"].abs().max().item()
+    )
     if objective == "dpo":  # policy == reference at the first step, whatever the task weights
         assert whole["loss"][0] == pytest.approx(math.log(2), rel=1e-6)
         assert cut["metrics"][0]["rewards/margin"] == {"a": 0.0, "b": 0.0}
 
 
 def _tables(weights, world, lora=False):
-    return launch(preference_jobs.reference_tables, world, timeout=300,
-                  kwargs=dict(weights_dir=weights, lora=lora))[0]
+    return launch(
+        preference_jobs.reference_tables,
+        world,
+        timeout=300,
+        kwargs=dict(weights_dir=weights, lora=lora),
+    )[0]
 
 
 def test_reference_table_is_the_same_at_dp2_and_matches_full_logits(initial_weights):
     one, two = _tables(initial_weights, 1), _tables(initial_weights, 2)
     for task in one["start"]:
-        torch.testing.assert_close(torch.from_numpy(two["start"][task]), torch.from_numpy(one["start"][task]),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            torch.from_numpy(two["start"][task]),
+            torch.from_numpy(one["start"][task]),
+            rtol=1e-6,
+            atol=1e-6,
+        )
     task, pair = preference_jobs.synthetic_pairs()[1][0]
-    torch.testing.assert_close(torch.from_numpy(one["start"][task][pair]), one["by_logits"].cpu(),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(one["start"][task][pair]), one["by_logits"].cpu(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_lora_base_with_adapters_off_is_the_starting_reference(initial_weights):
     out = _tables(initial_weights, 2, lora=True)
-    assert out["losses"][-1] < out["losses"][0]  # the adapters learned (the first step has lr 0: warm-up)
+    assert (
+        out["losses"][-1] < out["losses"][0]
+    )  # the adapters learned (the first step has lr 0: warm-up)
     for task in out["start"]:
         start = torch.from_numpy(out["start"][task])
-        torch.testing.assert_close(torch.from_numpy(out["adapters_off"][task]), start, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            torch.from_numpy(out["adapters_off"][task]), start, rtol=1e-6, atol=1e-6
+        )
         assert (torch.from_numpy(out["adapters_on"][task]) - start).abs().max() > 1e-3
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_a_tiny_run_learns_a_preference_rule_on_held_out_pairs(initial_weights, objective):
-    out = launch(preference_jobs.preference_learning, 1, timeout=600,
-                 kwargs=dict(weights_dir=initial_weights, objective=objective, steps=24))[0]
+    out = launch(
+        preference_jobs.preference_learning,
+        1,
+        timeout=600,
+        kwargs=dict(weights_dir=initial_weights, objective=objective, steps=24),
+    )[0]
     assert out["losses"][-1] < out["losses"][0]
     assert out["accuracy"] >= 0.8, out  # chance: 0.5

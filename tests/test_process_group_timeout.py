@@ -1,16 +1,17 @@
 """parallel.distributed_timeout_minutes is how long any collective waits for a missing rank."""
 
+import jobs
 import pytest
 
 from megamft.config import ConfigError, validate
 from megamft.testing.distributed import launch
 
-import jobs
-
 
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_timeout_must_be_positive(value):
-    with pytest.raises(ConfigError, match=rf"parallel.distributed_timeout_minutes must be > 0, got {value}"):
+    with pytest.raises(
+        ConfigError, match=rf"parallel.distributed_timeout_minutes must be > 0, got {value}"
+    ):
         validate(jobs.tiny_config(f"parallel.distributed_timeout_minutes={value}"), 1)
 
 

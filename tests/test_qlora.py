@@ -16,19 +16,21 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 
+import jobs  # noqa: E402
+import lora_jobs  # noqa: E402
+
 from megamft.checkpoint import global_view  # noqa: E402
 from megamft.checkpoint.layout import iteration_dir  # noqa: E402
 from megamft.testing.distributed import launch  # noqa: E402
-
-import jobs  # noqa: E402
-import lora_jobs  # noqa: E402
 
 QLORA = ("lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.quantize_base=nf4")
 TP2 = ("parallel.tensor_model_parallel_size=2",)
 
 
 def _bnb_round_trip(shard: torch.Tensor) -> torch.Tensor:
-    packed, state = bnb.quantize_4bit(shard.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, state = bnb.quantize_4bit(
+        shard.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True
+    )
     return bnb.dequantize_4bit(packed, state)
 
 
@@ -54,12 +56,22 @@ def _base_weight(checkpoint, name: str) -> torch.Tensor:
 
 def test_each_rank_holds_bitsandbytes_nf4_of_its_own_shard(initial_weights):
     base = iteration_dir(initial_weights, 0)
-    results = launch(lora_jobs.quantized_shards, 2, timeout=240, kwargs=dict(
-        checkpoint=initial_weights, model_yaml=None, overrides=QLORA + TP2 + ("train.precision=bf16",)))
+    results = launch(
+        lora_jobs.quantized_shards,
+        2,
+        timeout=240,
+        kwargs=dict(
+            checkpoint=initial_weights,
+            model_yaml=None,
+            overrides=QLORA + TP2 + ("train.precision=bf16",),
+        ),
+    )
     assert len(results[0]["weights"]) == 16  # 4 layers x qkv, proj, fc1, fc2
     for out in results:
         for name, weight in out["weights"].items():
-            shard = _rank_shard(name, _base_weight(base, name), out["tp_rank"], 2).to(torch.bfloat16)
+            shard = _rank_shard(name, _base_weight(base, name), out["tp_rank"], 2).to(
+                torch.bfloat16
+            )
             assert weight.dtype == torch.bfloat16
             assert torch.equal(weight, _bnb_round_trip(shard)), name
     # the whole tensor quantized at once is another quantization: what holds across layouts is per shard
@@ -68,8 +80,13 @@ def test_each_rank_holds_bitsandbytes_nf4_of_its_own_shard(initial_weights):
     assert not torch.equal(torch.cat([out["weights"][name] for out in results]), whole)
 
 
-QUICKSTART_MODEL = ("model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=352",
-                    "model.num_attention_heads=4", "model.num_query_groups=2")
+QUICKSTART_MODEL = (
+    "model.num_layers=4",
+    "model.hidden_size=128",
+    "model.ffn_hidden_size=352",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+)
 
 
 def test_the_nf4_base_takes_about_half_a_byte_per_parameter_as_estimated():
@@ -78,8 +95,12 @@ def test_the_nf4_base_takes_about_half_a_byte_per_parameter_as_estimated():
     from megamft.sizing.memory import quantized_base_bytes
 
     overrides = QLORA + QUICKSTART_MODEL + ("train.precision=bf16",)
-    out = launch(lora_jobs.quantized_shards, 1, timeout=240, kwargs=dict(
-        checkpoint=None, model_yaml=None, overrides=overrides))[0]
+    out = launch(
+        lora_jobs.quantized_shards,
+        1,
+        timeout=240,
+        kwargs=dict(checkpoint=None, model_yaml=None, overrides=overrides),
+    )[0]
     per_parameter = out["base_bytes"] / out["base_params"]
     # 4 bits + an 8-bit maximum per 64 values + an fp32 maximum per 256 blocks: 0.516; plus 1.1 KB of code
     # tables per tensor, which small matrices feel (bf16 would be 2 bytes)
@@ -94,16 +115,48 @@ def test_qlora_at_tp2_equals_lora_over_the_shards_it_dequantized(initial_weights
     dequantized weights, step for step; both learn."""
     fp32 = ("train.precision=fp32",)
     dequantized = tmp_path / "dequantized"
-    launch(lora_jobs.save_weights, 2, timeout=240, kwargs=dict(
-        checkpoint=initial_weights, model_yaml=None, overrides=QLORA + TP2 + fp32, out_dir=str(dequantized)))
-    common = ("lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.train_steps=3",
-              "checkpoint.load_optimizer=false", *fp32)
-    qlora = launch(jobs.train, 2, timeout=300, kwargs={"overrides": common + TP2 + (
-        "lora.quantize_base=nf4", f"checkpoint.load_dir={initial_weights}")})[0]
-    lora = launch(jobs.train, 1, timeout=300, kwargs={"overrides": common + (f"checkpoint.load_dir={dequantized}",)})[0]
+    launch(
+        lora_jobs.save_weights,
+        2,
+        timeout=240,
+        kwargs=dict(
+            checkpoint=initial_weights,
+            model_yaml=None,
+            overrides=QLORA + TP2 + fp32,
+            out_dir=str(dequantized),
+        ),
+    )
+    common = (
+        "lora.enabled=true",
+        "lora.rank=4",
+        "lora.alpha=8",
+        "train.train_steps=3",
+        "checkpoint.load_optimizer=false",
+        *fp32,
+    )
+    qlora = launch(
+        jobs.train,
+        2,
+        timeout=300,
+        kwargs={
+            "overrides": common
+            + TP2
+            + ("lora.quantize_base=nf4", f"checkpoint.load_dir={initial_weights}")
+        },
+    )[0]
+    lora = launch(
+        jobs.train,
+        1,
+        timeout=300,
+        kwargs={"overrides": common + (f"checkpoint.load_dir={dequantized}",)},
+    )[0]
     assert qlora["loss"][2] != qlora["loss"][0]
-    torch.testing.assert_close(torch.tensor(qlora["loss"]), torch.tensor(lora["loss"]), rtol=1e-5, atol=0)
-    torch.testing.assert_close(torch.tensor(qlora["grad_norm"]), torch.tensor(lora["grad_norm"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(qlora["loss"]), torch.tensor(lora["loss"]), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(qlora["grad_norm"]), torch.tensor(lora["grad_norm"]), rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.slow
@@ -116,20 +169,50 @@ def test_qlora_export_merges_what_the_ranks_computed_with(initial_weights, tmp_p
 
     bf16 = ("train.precision=bf16",)
     run = tmp_path / "run"
-    jobs_overrides = QLORA + TP2 + bf16 + ("train.train_steps=2", "optimizer.lr=0.05", "lora.save_adapters_only=true",
-                                          f"checkpoint.load_dir={initial_weights}", "checkpoint.load_optimizer=false",
-                                          f"checkpoint.save_dir={run}")
+    jobs_overrides = (
+        QLORA
+        + TP2
+        + bf16
+        + (
+            "train.train_steps=2",
+            "optimizer.lr=0.05",
+            "lora.save_adapters_only=true",
+            f"checkpoint.load_dir={initial_weights}",
+            "checkpoint.load_optimizer=false",
+            f"checkpoint.save_dir={run}",
+        )
+    )
     launch(jobs.train, 2, timeout=300, kwargs={"overrides": jobs_overrides})
     merged = tmp_path / "merged"
-    launch(lora_jobs.save_weights, 2, timeout=240, kwargs=dict(
-        checkpoint=str(run), model_yaml=None, overrides=QLORA + TP2 + bf16, out_dir=str(merged), merge=True))
-    ours, theirs = (hf_convert.megatron_to_hf(src, tmp_path / f"hf_{i}", dtype=torch.bfloat16)
-                    for i, src in enumerate((run, merged)))
-    exported = [{k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-                for p in (ours, theirs)]
+    launch(
+        lora_jobs.save_weights,
+        2,
+        timeout=240,
+        kwargs=dict(
+            checkpoint=str(run),
+            model_yaml=None,
+            overrides=QLORA + TP2 + bf16,
+            out_dir=str(merged),
+            merge=True,
+        ),
+    )
+    ours, theirs = (
+        hf_convert.megatron_to_hf(src, tmp_path / f"hf_{i}", dtype=torch.bfloat16)
+        for i, src in enumerate((run, merged))
+    )
+    exported = [
+        {k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        for p in (ours, theirs)
+    ]
     assert exported[0].keys() == exported[1].keys()
     for key, tensor in exported[1].items():
         assert torch.equal(exported[0][key], tensor), key
-    b = global_view.read_regions(iteration_dir(run, 2), [global_view.Region(
-        "decoder.layers.self_attention.linear_qkv.lora_B", (0, 0, 0), (1, 48, 4))])[0]
+    b = global_view.read_regions(
+        iteration_dir(run, 2),
+        [
+            global_view.Region(
+                "decoder.layers.self_attention.linear_qkv.lora_B", (0, 0, 0), (1, 48, 4)
+            )
+        ],
+    )[0]
     assert b.abs().max() > 1e-3  # the adapters were trained: the merge adds something

@@ -8,7 +8,11 @@ import time
 import pytest
 
 from megamft.platform.launcher import LaunchError, torchrun_arguments
-from megamft.platform.signals import PREEMPTION_SIGNALS, become_helper_process, preemption_signals_deferred
+from megamft.platform.signals import (
+    PREEMPTION_SIGNALS,
+    become_helper_process,
+    preemption_signals_deferred,
+)
 
 
 def _sleep(seconds: float) -> None:
@@ -85,5 +89,7 @@ def test_launch_keeps_torchruns_options_and_sets_the_agents_signals():
     with pytest.raises(LaunchError, match="--signals-to-handle"):
         torchrun_arguments(["--signals-to-handle=SIGTERM", "-m", "megamft", "train"])
     # The program's own arguments are not torchrun's.
-    assert torchrun_arguments(["-m", "prog", "--signals-to-handle", "x"])[:2] == ["--signals-to-handle",
-                                                                                  "SIGINT,SIGHUP,SIGQUIT"]
+    assert torchrun_arguments(["-m", "prog", "--signals-to-handle", "x"])[:2] == [
+        "--signals-to-handle",
+        "SIGINT,SIGHUP,SIGQUIT",
+    ]

@@ -6,21 +6,33 @@ import math
 
 from megamft.config import load_config
 from megamft.platform import distributed
-from megamft.training.steps import log_step
 from megamft.training.metrics import TaskLossInterval
 from megamft.training.step import StepStats
+from megamft.training.steps import log_step
 
 
 def _stats(losses: dict, tokens: dict) -> StepStats:
-    task_loss = {t: (losses[t] if tokens[t] else float("nan")) for t in tokens}  # as step.reduce_stats gives
-    return StepStats(loss=1.0, tokens=sum(tokens.values()), task_loss=task_loss, task_tokens=tokens, lr=1e-3,
-                     grad_norm=0.5)
+    task_loss = {
+        t: (losses[t] if tokens[t] else float("nan")) for t in tokens
+    }  # as step.reduce_stats gives
+    return StepStats(
+        loss=1.0,
+        tokens=sum(tokens.values()),
+        task_loss=task_loss,
+        task_tokens=tokens,
+        lr=1e-3,
+        grad_norm=0.5,
+    )
 
 
-def test_a_task_absent_from_the_whole_interval_is_shown_absent_and_the_others_as_interval_means(caplog, monkeypatch):
-    steps = [_stats({"a": 2.0, "b": 1.0}, {"a": 10, "b": 30, "c": 0}),
-             _stats({"a": 4.0}, {"a": 30, "b": 0, "c": 0}),
-             _stats({"a": 1.0, "b": 3.0}, {"a": 5, "b": 10, "c": 0})]
+def test_a_task_absent_from_the_whole_interval_is_shown_absent_and_the_others_as_interval_means(
+    caplog, monkeypatch
+):
+    steps = [
+        _stats({"a": 2.0, "b": 1.0}, {"a": 10, "b": 30, "c": 0}),
+        _stats({"a": 4.0}, {"a": 30, "b": 0, "c": 0}),
+        _stats({"a": 1.0, "b": 3.0}, {"a": 5, "b": 10, "c": 0}),
+    ]
     interval = TaskLossInterval()
     for stats in steps:
         interval.add(stats)
@@ -30,10 +42,18 @@ def test_a_task_absent_from_the_whole_interval_is_shown_absent_and_the_others_as
     assert math.isclose(means["b"], (1.0 * 30 + 3.0 * 10) / 40)
     assert means["c"] is None
     cfg = load_config(None, ["train.train_steps=3"])
-    monkeypatch.setattr(distributed, "is_logging_rank", lambda: True)  # one process, no megatron groups
+    monkeypatch.setattr(
+        distributed, "is_logging_rank", lambda: True
+    )  # one process, no megatron groups
     with caplog.at_level(logging.INFO, logger="megamft"):
-        log_step(cfg, 3, steps[-1], 0.1, {"tokens_per_second": 1.0, "tflops_per_device": 0.0, "memory_gb": 0.0},
-                  means)
+        log_step(
+            cfg,
+            3,
+            steps[-1],
+            0.1,
+            {"tokens_per_second": 1.0, "tflops_per_device": 0.0, "memory_gb": 0.0},
+            means,
+        )
     line = caplog.records[-1].getMessage()
     assert f"| a {means['a']:.3f} b {means['b']:.3f} c absent |" in line and "nan" not in line, line
 

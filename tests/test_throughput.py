@@ -1,22 +1,29 @@
 """The FLOP count behind TFLOP/s and MFU agrees with torch's own FLOP counter."""
 
+import jobs
 import pytest
 
 from megamft.testing.distributed import launch
-
-import jobs
-
 
 # StarCoder2's LayerNorm and GELU MLP and Qwen3's heads wider than hidden / heads. Linear biases are left
 # out: they add no matmul FLOPs, and under FlopCounterMode stacked on the strict device emulation the bias
 # gradient of megatron's linear comes back untagged (the same model trains without the counter).
 VARIANTS = {
     "llama": (),
-    "starcoder2-qwen3-variants": ("model.normalization=LayerNorm", "model.mlp_activation=gelu_tanh",
-                                  "model.kv_channels=16", "model.qk_layernorm=true"),
+    "starcoder2-qwen3-variants": (
+        "model.normalization=LayerNorm",
+        "model.mlp_activation=gelu_tanh",
+        "model.kv_channels=16",
+        "model.qk_layernorm=true",
+    ),
     # Mixture of experts: the router, the top-2 of 4 routed experts and a gated shared expert.
-    "moe": ("model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=48",
-            "model.moe_shared_expert_intermediate_size=32", "model.moe_shared_expert_gate=true"),
+    "moe": (
+        "model.num_experts=4",
+        "model.moe_router_topk=2",
+        "model.moe_ffn_hidden_size=48",
+        "model.moe_shared_expert_intermediate_size=32",
+        "model.moe_shared_expert_gate=true",
+    ),
     # Frozen weights: autograd skips their weight-gradient matmuls; the adapters train.
     "lora": ("lora.enabled=true", "lora.rank=4"),
 }

@@ -10,9 +10,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_export_stdlib_corpus(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "export_stdlib_corpus.py"), "--out", str(tmp_path),
-         "--samples-per-task", "5", "--max-chars", "600"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "export_stdlib_corpus.py"),
+            "--out",
+            str(tmp_path),
+            "--samples-per-task",
+            "5",
+            "--max-chars",
+            "600",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     files = sorted(p.name for p in tmp_path.iterdir())

@@ -19,10 +19,18 @@ from megamft.testing.distributed import _rank_env, free_port
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 SETTINGS = {
-    "model.num_layers": 2, "model.hidden_size": 32, "model.ffn_hidden_size": 64,
-    "data.seq_length": 192, "data.max_samples_per_task": 24, "data.valid_samples_per_task": 4,
-    "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.log_interval": 1,
-    "train.lr_warmup_steps": 1, "train.train_steps": STEPS, "parallel.tensor_model_parallel_size": 2,
+    "model.num_layers": 2,
+    "model.hidden_size": 32,
+    "model.ffn_hidden_size": 64,
+    "data.seq_length": 192,
+    "data.max_samples_per_task": 24,
+    "data.valid_samples_per_task": 4,
+    "train.global_batch_size": 8,
+    "train.micro_batch_size": 2,
+    "train.log_interval": 1,
+    "train.lr_warmup_steps": 1,
+    "train.train_steps": STEPS,
+    "parallel.tensor_model_parallel_size": 2,
 }
 COMMON = [f"{key}={value}" for key, value in SETTINGS.items()]
 
@@ -33,10 +41,25 @@ def start_ranks(tmp: Path, name: str, *overrides: str) -> list[subprocess.Popen]
     procs = []
     for rank in range(2):
         log = open(tmp / f"{name}-rank{rank}.log", "w")
-        cmd = [sys.executable, "-m", "megamft", "train", *COMMON, f"train.tensorboard_dir={tmp / name / 'tb'}",
-               *overrides]
-        procs.append(subprocess.Popen(cmd, env=_rank_env(rank, 2, port), stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True, cwd=ROOT))
+        cmd = [
+            sys.executable,
+            "-m",
+            "megamft",
+            "train",
+            *COMMON,
+            f"train.tensorboard_dir={tmp / name / 'tb'}",
+            *overrides,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=_rank_env(rank, 2, port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+        )
     return procs
 
 

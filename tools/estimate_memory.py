@@ -1,6 +1,6 @@
 """Estimate memory per device for a megamft config and world size.
 
-    python tools/estimate_memory.py --config examples/codellama-34b/full_32xh100.yaml --world-size 32
+python tools/estimate_memory.py --config examples/codellama-34b/full_32xh100.yaml --world-size 32
 """
 
 import argparse
@@ -16,11 +16,16 @@ def main(argv=None) -> int:
 def _estimate(argv) -> int:
     from megamft.sizing.memory import estimate
 
-    parser = ArgumentParser(prog="estimate_memory", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="estimate_memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", action="append", required=True, help="YAML config (repeatable)")
     parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--vocab-size", type=int, help="when model.vocab_size is unset (default 262, byte tokens)")
+    parser.add_argument(
+        "--vocab-size", type=int, help="when model.vocab_size is unset (default 262, byte tokens)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)

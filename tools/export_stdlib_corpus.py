@@ -22,12 +22,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(argv: list[str] | None) -> int:
-    parser = ArgumentParser(prog="export_stdlib_corpus", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="export_stdlib_corpus",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--max-chars", type=int, default=2000, help="longest sample, in characters")
     parser.add_argument("--samples-per-task", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=1234, help="order in which stdlib files are read")
+    parser.add_argument(
+        "--seed", type=int, default=1234, help="order in which stdlib files are read"
+    )
     args = parser.parse_args(argv)
     corpus = build_corpus(args.max_chars, args.samples_per_task, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -9,16 +9,22 @@ from .process import float_or_nan, last_error, run_cmd, tail
 from .report import finite
 
 # dtype, vocab, unfused ms, fused ms, speed-up x, unfused MB, fused MB, memory x, then any further columns
-_BENCH_ROW = re.compile(r"^(\w+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)x\s+(\S+)\s+(\S+)\s+(\S+)x(\s+.*)?$")
+_BENCH_ROW = re.compile(
+    r"^(\w+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)x\s+(\S+)\s+(\S+)\s+(\S+)x(\s+.*)?$"
+)
 
 
 def check_benchmark(ctx: Context, rec: dict) -> list:
     details = rec["details"]
     cmd = [ctx.python, "benchmarks/fused_ce.py", *ctx.profile.bench_args]
-    result = run_cmd(cmd, ctx.work / "logs" / "fused_ce_benchmark.log", ctx.timeout(10_000), ctx.env())
+    result = run_cmd(
+        cmd, ctx.work / "logs" / "fused_ce_benchmark.log", ctx.timeout(10_000), ctx.env()
+    )
     details.update(result.brief())
     lines = result.output.splitlines()
-    details["table"] = [ln for ln in lines if ln.startswith(("device:", "dtype")) or _BENCH_ROW.match(ln)]
+    details["table"] = [
+        ln for ln in lines if ln.startswith(("device:", "dtype")) or _BENCH_ROW.match(ln)
+    ]
     rows = details["rows"] = _rows(lines)
     problems = []
     if result.timed_out:
@@ -48,12 +54,21 @@ def _rows(lines: list) -> list:
         match = _BENCH_ROW.match(line)
         if match:
             g = match.groups()
-            row = {"dtype": g[0], "vocab": int(g[1]), "unfused_ms": float_or_nan(g[2]), "fused_ms": float_or_nan(g[3]),
-                   "speedup": float_or_nan(g[4]), "unfused_mb": float_or_nan(g[5]), "fused_mb": float_or_nan(g[6]),
-                   "memory_ratio": float_or_nan(g[7])}
+            row = {
+                "dtype": g[0],
+                "vocab": int(g[1]),
+                "unfused_ms": float_or_nan(g[2]),
+                "fused_ms": float_or_nan(g[3]),
+                "speedup": float_or_nan(g[4]),
+                "unfused_mb": float_or_nan(g[5]),
+                "fused_mb": float_or_nan(g[6]),
+                "memory_ratio": float_or_nan(g[7]),
+            }
             extras = (g[8] or "").split()
             for i, value in enumerate(extras):  # columns added later (e.g. syncs/call)
-                row[extra_names[i] if i < len(extra_names) else f"column_{9 + i}"] = float_or_nan(value)
+                row[extra_names[i] if i < len(extra_names) else f"column_{9 + i}"] = float_or_nan(
+                    value
+                )
             rows.append(row)
     return rows
 
@@ -62,7 +77,7 @@ def _arg_values(args: list, flag: str) -> list:
     if flag not in args:
         return []
     values = []
-    for value in args[args.index(flag) + 1:]:
+    for value in args[args.index(flag) + 1 :]:
         if value.startswith("--"):
             break
         values.append(value)

@@ -27,7 +27,7 @@ class Context:
     out: Path
     work: Path
     report: Report
-    deadline: float                    # monotonic, whole run
+    deadline: float  # monotonic, whole run
     dry: bool
     jobs: int
     python: str = sys.executable
@@ -36,19 +36,38 @@ class Context:
     cuda: bool | None = None
     full_checkpoint: Path | None = None
     lora_checkpoint: Path | None = None
-    lora_run: dict | None = None       # the lora check's overrides and run: lora_te's reference
+    lora_run: dict | None = None  # the lora check's overrides and run: lora_te's reference
     notes: dict = field(default_factory=dict)
 
     def left(self) -> float:
         return min(self.deadline, self.check_deadline) - time.monotonic()
 
     def env(self, **extra) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                            "ROLE_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1",
-                   TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   HF_HUB_DISABLE_TELEMETRY="1", MEGAMFT_COUNT_SYNCS="1")  # torch's sync debug mode per step
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k
+            not in {
+                "RANK",
+                "LOCAL_RANK",
+                "WORLD_SIZE",
+                "LOCAL_WORLD_SIZE",
+                "GROUP_RANK",
+                "ROLE_RANK",
+                "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID",
+            }
+        }
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            PYTHONUNBUFFERED="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            MEGAMFT_COUNT_SYNCS="1",
+        )  # torch's sync debug mode per step
         env.setdefault("OMP_NUM_THREADS", self.profile.omp_threads)
         env.update(extra)
         return env

@@ -17,7 +17,7 @@ from .process import kill_children, tail
 from .profiles import CHECKS, Profile
 from .pytest_check import check_pytest
 from .report import Report, now, say, summarize
-from .training_checks import check_loss_modes, check_lora, check_resume
+from .training_checks import check_lora, check_loss_modes, check_resume
 
 CHECK_FUNCTIONS = {
     "environment": check_environment,
@@ -29,7 +29,14 @@ CHECK_FUNCTIONS = {
     "hf_export": check_export,
     "fused_ce_benchmark": check_benchmark,
 }
-NEEDS_CUDA = {"train_loss_modes", "checkpoint_resume", "lora", "lora_te", "hf_export", "fused_ce_benchmark"}
+NEEDS_CUDA = {
+    "train_loss_modes",
+    "checkpoint_resume",
+    "lora",
+    "lora_te",
+    "hf_export",
+    "fused_ce_benchmark",
+}
 
 
 def run_checks(ctx: Context, only: list | None) -> None:
@@ -42,13 +49,17 @@ def run_checks(ctx: Context, only: list | None) -> None:
             continue
         left = ctx.deadline - time.monotonic()
         if left < 10:
-            rec.update(status="not_run", problems=[f"not run: the time budget ({ctx.report.data['budget_s']} s) "
-                                                   "was spent"])
+            rec.update(
+                status="not_run",
+                problems=[f"not run: the time budget ({ctx.report.data['budget_s']} s) was spent"],
+            )
             say(f"{name}: not run (time budget spent)")
             report.save()
             continue
         if name in NEEDS_CUDA and not ctx.dry and ctx.cuda is False:
-            rec.update(status="not_run", problems=["not run: CUDA is not available (see environment)"])
+            rec.update(
+                status="not_run", problems=["not run: CUDA is not available (see environment)"]
+            )
             report.save()
             continue
         _run_one(ctx, name, rec, left)
@@ -65,13 +76,18 @@ def _run_one(ctx: Context, name: str, rec: dict, left: float) -> None:
     try:
         problems = CHECK_FUNCTIONS[name](ctx, rec)
     except NotRun as why:
-        rec.update(status="not_run", seconds=round(time.monotonic() - began, 1), problems=[str(why)])
+        rec.update(
+            status="not_run", seconds=round(time.monotonic() - began, 1), problems=[str(why)]
+        )
         report.save()
         say(f"{name}: NOT RUN - {why}")
         return
     except Interrupted:
-        rec.update(status="interrupted", seconds=round(time.monotonic() - began, 1),
-                   problems=["interrupted (SIGTERM/SIGINT) while running"])
+        rec.update(
+            status="interrupted",
+            seconds=round(time.monotonic() - began, 1),
+            problems=["interrupted (SIGTERM/SIGINT) while running"],
+        )
         raise
     except Exception:  # noqa: BLE001 - one check's crash must not stop the others
         problems = [f"the check crashed: {traceback.format_exc().strip().splitlines()[-1]}"]
@@ -81,8 +97,10 @@ def _run_one(ctx: Context, name: str, rec: dict, left: float) -> None:
         problems.append(f"{name} reached its time limit ({cap:.0f} s)")
     rec.update(status="failed" if problems else "passed", seconds=seconds, problems=problems)
     report.save()
-    say(f"{name}: {rec['status'].upper()} in {seconds:.0f} s"
-        + (f" - {problems[0]}" if problems else ""))
+    say(
+        f"{name}: {rec['status'].upper()} in {seconds:.0f} s"
+        + (f" - {problems[0]}" if problems else "")
+    )
 
 
 def run(out: Path, profile: Profile, budget: float, dry: bool, jobs: int, only: list | None) -> int:
@@ -93,8 +111,11 @@ def run(out: Path, profile: Profile, budget: float, dry: bool, jobs: int, only: 
     report = Report(out, profile, budget)
     ctx = Context(profile, out, work, report, time.monotonic() + budget, dry, jobs)
     ctx.config_path = work / "train_config.yaml"
-    ctx.config_path.write_text("# written by benchmarks/gpu_check.py (JSON is YAML)\n"
-                               + json.dumps(profile.config, indent=2) + "\n")
+    ctx.config_path.write_text(
+        "# written by benchmarks/gpu_check.py (JSON is YAML)\n"
+        + json.dumps(profile.config, indent=2)
+        + "\n"
+    )
     report.data["train_config"] = profile.config
     report.save()
 

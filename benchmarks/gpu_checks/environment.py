@@ -25,17 +25,40 @@ def check_environment(ctx: Context, rec: dict) -> list:
     probe = {}
     for line in result.output.splitlines():
         if line.startswith(PROBE_MARK):
-            probe = json.loads(line[len(PROBE_MARK):])
+            probe = json.loads(line[len(PROBE_MARK) :])
     if not probe:
         return [f"environment probe failed (exit {result.rc}): {last_error(result.output)}"]
-    versions = {k: probe.get(k) for k in ("python", "torch", "torch_cuda", "cudnn", "numpy", "triton",
-                                          "megatron_core", "transformers", "tensorboard", "pytest",
-                                          "safetensors", "tokenizers", "sentencepiece")}
+    versions = {
+        k: probe.get(k)
+        for k in (
+            "python",
+            "torch",
+            "torch_cuda",
+            "cudnn",
+            "numpy",
+            "triton",
+            "megatron_core",
+            "transformers",
+            "tensorboard",
+            "pytest",
+            "safetensors",
+            "tokenizers",
+            "sentencepiece",
+        )
+    }
     versions.update(_git_info())
-    versions.update(megamft_path=probe.get("megamft_path"), megamft_csrc=probe.get("megamft_csrc"),
-                    nvcc=_nvcc_version(), ninja=shutil.which("ninja"), executable=probe.get("executable"),
-                    platform=probe.get("platform"))
-    gpu = {k: probe.get(k) for k in ("cuda_available", "device_count", "name", "memory_gb", "capability")}
+    versions.update(
+        megamft_path=probe.get("megamft_path"),
+        megamft_csrc=probe.get("megamft_csrc"),
+        nvcc=_nvcc_version(),
+        ninja=shutil.which("ninja"),
+        executable=probe.get("executable"),
+        platform=probe.get("platform"),
+    )
+    gpu = {
+        k: probe.get(k)
+        for k in ("cuda_available", "device_count", "name", "memory_gb", "capability")
+    }
     gpu["nvidia_smi"] = _nvidia_smi()
     with ctx.report.lock:
         ctx.report.data["versions"] = versions
@@ -46,10 +69,14 @@ def check_environment(ctx: Context, rec: dict) -> list:
             problems.append(f"{key} not importable: {probe.get(key + '_error', '?')}")
     if not ctx.dry:
         if not ctx.cuda:
-            problems.append("torch.cuda.is_available() is False on a GPU run (use --dry-run on a CPU machine)")
+            problems.append(
+                "torch.cuda.is_available() is False on a GPU run (use --dry-run on a CPU machine)"
+            )
         if not probe.get("megamft_csrc"):
-            problems.append("megamft._csrc (the CUDA sources) is not importable: install megamft, not just its "
-                            f"source tree ({probe.get('megamft_csrc_error')})")
+            problems.append(
+                "megamft._csrc (the CUDA sources) is not importable: install megamft, not just its "
+                f"source tree ({probe.get('megamft_csrc_error')})"
+            )
         if not versions["nvcc"]:
             problems.append("nvcc not found: the fused kernels are built just in time with it")
         if not versions["ninja"]:
@@ -62,9 +89,21 @@ def probe() -> None:
     import importlib.metadata
     import importlib.util
 
-    info = {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform()}
-    for dist in ("numpy", "triton", "transformers", "tensorboard", "pytest", "safetensors", "tokenizers",
-                 "sentencepiece"):
+    info = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+    }
+    for dist in (
+        "numpy",
+        "triton",
+        "transformers",
+        "tensorboard",
+        "pytest",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+    ):
         try:
             info[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -72,20 +111,28 @@ def probe() -> None:
     try:
         import torch
 
-        info.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                    cuda_available=torch.cuda.is_available())
+        info.update(
+            torch=torch.__version__,
+            torch_cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            cuda_available=torch.cuda.is_available(),
+        )
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            info.update(device_count=torch.cuda.device_count(), name=props.name,
-                        memory_gb=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}")
+            info.update(
+                device_count=torch.cuda.device_count(),
+                name=props.name,
+                memory_gb=round(props.total_memory / 2**30, 1),
+                capability=f"{props.major}.{props.minor}",
+            )
     except Exception as err:  # noqa: BLE001 - reported, not raised
         info["torch_error"] = repr(err)
     try:
         import megatron.core
 
-        info["megatron_core"] = getattr(megatron.core, "__version__", None) or importlib.metadata.version(
-            "megatron-core")
+        info["megatron_core"] = getattr(
+            megatron.core, "__version__", None
+        ) or importlib.metadata.version("megatron-core")
     except Exception as err:  # noqa: BLE001
         info["megatron_core_error"] = repr(err)
     try:
@@ -108,13 +155,23 @@ def _git_info() -> dict:
     info = {"megamft_commit": None, "megamft_dirty": None}
     if shutil.which("git") and (ROOT / ".git").exists():
         try:
-            head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  timeout=20)
+            head = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             if head.returncode == 0:
                 info["megamft_commit"] = head.stdout.strip()
-                status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "megamft", "csrc"],
-                                        capture_output=True, text=True, timeout=20)
-                info["megamft_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+                status = subprocess.run(
+                    ["git", "-C", str(ROOT), "status", "--porcelain", "--", "megamft", "csrc"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                )
+                info["megamft_dirty"] = (
+                    bool(status.stdout.strip()) if status.returncode == 0 else None
+                )
         except (OSError, subprocess.SubprocessError):
             pass
     # Identifies the code even where the checkout has no .git (a copied working tree).
@@ -128,7 +185,9 @@ def _git_info() -> dict:
 
 
 def _nvcc_version() -> str | None:
-    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).exists()), None)
+    nvcc = shutil.which("nvcc") or next(
+        (p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).exists()), None
+    )
     if not nvcc:
         return None
     try:
@@ -143,8 +202,12 @@ def _nvidia_smi() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return out.stdout.strip() or out.stderr.strip()
     except (OSError, subprocess.SubprocessError) as err:
         return repr(err)

@@ -38,26 +38,55 @@ def check_export(ctx: Context, rec: dict) -> list:
     return problems
 
 
-def _export_and_compare(ctx: Context, label: str, checkpoint: Path, tol: float, entry: dict) -> list:
+def _export_and_compare(
+    ctx: Context, label: str, checkpoint: Path, tol: float, entry: dict
+) -> list:
     """Export one checkpoint and compare its logits in transformers with megamft's; fills `entry`."""
     hf = ctx.work / f"hf_{label}"
     shutil.rmtree(hf, ignore_errors=True)
     say(f"  export {label}: megamft-convert megatron-to-hf")
-    export = run_cmd([ctx.python, "tools/convert_checkpoint.py", "megatron-to-hf", "--checkpoint", checkpoint,
-                      "--out", hf], ctx.work / "logs" / f"export_{label}.log", ctx.timeout(120), ctx.env())
+    export = run_cmd(
+        [
+            ctx.python,
+            "tools/convert_checkpoint.py",
+            "megatron-to-hf",
+            "--checkpoint",
+            checkpoint,
+            "--out",
+            hf,
+        ],
+        ctx.work / "logs" / f"export_{label}.log",
+        ctx.timeout(120),
+        ctx.env(),
+    )
     entry["export"] = export.brief()
     if export.rc != 0:
         entry["output_tail"] = tail(export.output)
         return [f"export {label}: exit {export.rc}: {last_error(export.output)}"]
     entry["files"] = sorted(p.name for p in hf.iterdir()) if hf.is_dir() else []
-    if "config.json" not in entry["files"] or not any(f.endswith(".safetensors") for f in entry["files"]):
+    if "config.json" not in entry["files"] or not any(
+        f.endswith(".safetensors") for f in entry["files"]
+    ):
         return [f"export {label}: no config.json or safetensors in {hf}"]
     say(f"  export {label}: transformers vs megamft logits")
     result_path = ctx.work / f"compare_{label}.json"
     result_path.unlink(missing_ok=True)
-    compare = run_cmd([ctx.python, str(ENTRY_SCRIPT), "_compare_export", "--checkpoint", checkpoint,
-                       "--hf", hf, "--result", result_path], ctx.work / "logs" / f"compare_{label}.log",
-                      ctx.timeout(120), ctx.env())
+    compare = run_cmd(
+        [
+            ctx.python,
+            str(ENTRY_SCRIPT),
+            "_compare_export",
+            "--checkpoint",
+            checkpoint,
+            "--hf",
+            hf,
+            "--result",
+            result_path,
+        ],
+        ctx.work / "logs" / f"compare_{label}.log",
+        ctx.timeout(120),
+        ctx.env(),
+    )
     entry["compare"] = compare.brief()
     if not result_path.is_file():
         entry["output_tail"] = tail(compare.output)
@@ -68,16 +97,20 @@ def _export_and_compare(ctx: Context, label: str, checkpoint: Path, tol: float, 
         return [f"compare {label}: {found['error']}"]
     problems = []
     if found.get("full_logits_error"):
-        problems.append(f"export {label}: megamft.model.inference.full_logits failed on this device "
-                        f"({found['full_logits_error']}); compared through a plain forward instead")
+        problems.append(
+            f"export {label}: megamft.model.inference.full_logits failed on this device "
+            f"({found['full_logits_error']}); compared through a plain forward instead"
+        )
     keys = {k: v for k, v in found["loading_info"].items() if v}
     if keys:
         problems.append(f"export {label}: transformers reports {keys}")
     allowed = tol * max(1.0, found["max_abs_logit"])
     entry["allowed_max_abs_diff"] = allowed
     if not found["max_abs_diff"] <= allowed:
-        problems.append(f"export {label}: logits differ from megamft's by {found['max_abs_diff']:.3g} "
-                        f"(allowed {allowed:.3g})")
+        problems.append(
+            f"export {label}: logits differ from megamft's by {found['max_abs_diff']:.3g} "
+            f"(allowed {allowed:.3g})"
+        )
     return problems
 
 
@@ -133,7 +166,9 @@ def _compare_export_logits(checkpoint: Path, hf: Path) -> dict:
     from megamft.config import from_dict
 
     iteration = dist_checkpoint.latest_iteration(checkpoint)
-    saved = json.loads((dist_checkpoint.complete_dir(checkpoint, iteration) / "megamft_config.json").read_text())
+    saved = json.loads(
+        (dist_checkpoint.complete_dir(checkpoint, iteration) / "megamft_config.json").read_text()
+    )
     cfg = from_dict(saved)
     # Both sides in fp32 from the same (bf16-trained) weights; a world of one process.
     cfg.train.precision = "fp32"
@@ -150,24 +185,35 @@ def _compare_export_logits(checkpoint: Path, hf: Path) -> dict:
 
     began = time.monotonic()
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
-                                                                        output_loading_info=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            hf, dtype=torch.float32, output_loading_info=True
+        )
     except TypeError:  # transformers < 4.56 names it torch_dtype
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32,
-                                                                        output_loading_info=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            hf, torch_dtype=torch.float32, output_loading_info=True
+        )
     model = model.to(device).eval()
     with torch.no_grad():
         theirs = model(tokens.to(device)).logits.float().cpu()
     hf_vocab = theirs.shape[-1]
     diff = (ours[..., :hf_vocab] - theirs).abs()
     return {
-        "device": device, "iteration": iteration, "tokens": list(tokens.shape),
-        "megamft_padded_vocab": ours.shape[-1], "hf_vocab": hf_vocab, "lora_parameters_in_megamft_model": adapters,
+        "device": device,
+        "iteration": iteration,
+        "tokens": list(tokens.shape),
+        "megamft_padded_vocab": ours.shape[-1],
+        "hf_vocab": hf_vocab,
+        "lora_parameters_in_megamft_model": adapters,
         "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
-        "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
         "max_abs_logit": float(theirs.abs().max()),
-        "argmax_agreement": float((ours[..., :hf_vocab].argmax(-1) == theirs.argmax(-1)).float().mean()),
-        "megamft_seconds": round(megamft_seconds, 1), "transformers_seconds": round(time.monotonic() - began, 1),
-        "transformers_version": transformers.__version__, "architecture": type(model).__name__,
+        "argmax_agreement": float(
+            (ours[..., :hf_vocab].argmax(-1) == theirs.argmax(-1)).float().mean()
+        ),
+        "megamft_seconds": round(megamft_seconds, 1),
+        "transformers_seconds": round(time.monotonic() - began, 1),
+        "transformers_version": transformers.__version__,
+        "architecture": type(model).__name__,
         **({"full_logits_error": inference_error} if inference_error else {}),
     }

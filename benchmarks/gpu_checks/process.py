@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: commands run here
-ENTRY_SCRIPT = Path(__file__).resolve().parents[1] / "gpu_check.py"  # children started as `gpu_check.py _probe` etc.
+ENTRY_SCRIPT = (
+    Path(__file__).resolve().parents[1] / "gpu_check.py"
+)  # children started as `gpu_check.py _probe` etc.
 
 _PORT_LOCK = threading.Lock()
 _PORTS_GIVEN: set[int] = set()
@@ -59,8 +61,13 @@ class CmdResult:
     output: str = ""
 
     def brief(self) -> dict:
-        return {"command": " ".join(map(str, self.command)), "rc": self.rc, "seconds": round(self.seconds, 1),
-                "timed_out": self.timed_out, "log": str(self.log)}
+        return {
+            "command": " ".join(map(str, self.command)),
+            "rc": self.rc,
+            "seconds": round(self.seconds, 1),
+            "timed_out": self.timed_out,
+            "log": str(self.log),
+        }
 
 
 def run_cmd(cmd: list, log: Path, timeout: float, env: dict | None = None) -> CmdResult:
@@ -73,8 +80,15 @@ def run_cmd(cmd: list, log: Path, timeout: float, env: dict | None = None) -> Cm
         out.flush()
         if timeout <= 0:
             return CmdResult(cmd, None, 0.0, True, log, "not started: no time left")
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
         with _PROCS_LOCK:
             _PROCS.add(proc)
         try:

@@ -71,9 +71,14 @@ class Report:
             self.data["updated_at"] = now()
             self.data["elapsed_s"] = round(time.monotonic() - self.began, 1)
             checks = self.data["checks"].values()
-            counts = {s: sum(c["status"] == s for c in checks) for s in ("passed", "failed", "not_run")}
-            self.data["summary"] = {**counts, "total": len(CHECKS),
-                                    "all_passed": counts["passed"] == len(CHECKS)}
+            counts = {
+                s: sum(c["status"] == s for c in checks) for s in ("passed", "failed", "not_run")
+            }
+            self.data["summary"] = {
+                **counts,
+                "total": len(CHECKS),
+                "all_passed": counts["passed"] == len(CHECKS),
+            }
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps(json_safe(self.data), indent=2) + "\n")
             os.replace(tmp, self.path)
@@ -88,9 +93,14 @@ def _install_log(out_dir: Path) -> list:
     for line in path.read_text().splitlines():
         parts = line.split("\t")
         if len(parts) >= 3:
-            steps.append({"step": parts[0], "rc": int(parts[1]) if parts[1].lstrip("-").isdigit() else parts[1],
-                          "seconds": float(parts[2]) if parts[2].replace(".", "").isdigit() else parts[2],
-                          **({"note": parts[3]} if len(parts) > 3 else {})})
+            steps.append(
+                {
+                    "step": parts[0],
+                    "rc": int(parts[1]) if parts[1].lstrip("-").isdigit() else parts[1],
+                    "seconds": float(parts[2]) if parts[2].replace(".", "").isdigit() else parts[2],
+                    **({"note": parts[3]} if len(parts) > 3 else {}),
+                }
+            )
     return steps
 
 
@@ -103,17 +113,25 @@ def summarize(path: Path) -> int:
         return 2
     data = json.loads(path.read_text())
     versions, gpu = data.get("versions", {}), data.get("gpu", {})
-    print(f"\nmegamft GPU check ({data.get('mode')}), {data.get('status')}, {data.get('elapsed_s')} s: {path}")
-    print(f"  python {versions.get('python')} | torch {versions.get('torch')} (CUDA {versions.get('torch_cuda')}) | "
-          f"megatron-core {versions.get('megatron_core')} | megamft {versions.get('megamft_commit') or '?'} "
-          f"(source {versions.get('megamft_source_sha256')})")
+    print(
+        f"\nmegamft GPU check ({data.get('mode')}), {data.get('status')}, {data.get('elapsed_s')} s: {path}"
+    )
+    print(
+        f"  python {versions.get('python')} | torch {versions.get('torch')} (CUDA {versions.get('torch_cuda')}) | "
+        f"megatron-core {versions.get('megatron_core')} | megamft {versions.get('megamft_commit') or '?'} "
+        f"(source {versions.get('megamft_source_sha256')})"
+    )
     if gpu.get("name"):
-        print(f"  GPU: {gpu.get('name')}, {gpu.get('memory_gb')} GB, compute capability {gpu.get('capability')}")
+        print(
+            f"  GPU: {gpu.get('name')}, {gpu.get('memory_gb')} GB, compute capability {gpu.get('capability')}"
+        )
     for name, rec in data.get("checks", {}).items():
         seconds = rec.get("seconds")
         first = (rec.get("problems") or [""])[0]
-        print(f"  {name:<20} {rec.get('status', '?').upper():<12} {'' if seconds is None else f'{seconds:6.1f} s'}"
-              f"  {first[:150]}")
+        print(
+            f"  {name:<20} {rec.get('status', '?').upper():<12} {'' if seconds is None else f'{seconds:6.1f} s'}"
+            f"  {first[:150]}"
+        )
     summary = data.get("summary", {})
     print(f"  {summary.get('passed', 0)}/{summary.get('total', len(CHECKS))} passed")
     return 0 if summary.get("all_passed") else 1

@@ -16,13 +16,21 @@ def check_loss_modes(ctx: Context, rec: dict) -> list:
     details = rec["details"]
     details["runs"] = {}
     details["concurrent_runs"] = ctx.jobs
-    runs = {f"{mode}{'_fused' if fused else ''}": [f"loss.mode={mode}", f"loss.fused_cross_entropy={str(fused).lower()}"]
-            for mode, fused in ctx.profile.modes}
+    runs = {
+        f"{mode}{'_fused' if fused else ''}": [
+            f"loss.mode={mode}",
+            f"loss.fused_cross_entropy={str(fused).lower()}",
+        ]
+        for mode, fused in ctx.profile.modes
+    }
     problems = []
 
     def one(name: str, overrides: list) -> None:
         if ctx.left() < 5:
-            entry = {"status": "not_run", "problems": [f"{name}: not run, the time budget was spent"]}
+            entry = {
+                "status": "not_run",
+                "problems": [f"{name}: not run, the time budget was spent"],
+            }
         else:
             say(f"  train {name}")
             try:
@@ -30,8 +38,10 @@ def check_loss_modes(ctx: Context, rec: dict) -> list:
             except Exception:  # noqa: BLE001 - reported with this run
                 entry = {"problems": [f"{name}: {traceback.format_exc().strip().splitlines()[-1]}"]}
             entry["status"] = "failed" if entry["problems"] else "passed"
-            say(f"  train {name}: {entry['status']}, final loss {entry.get('final_loss')}, "
-                f"{entry.get('tokens_per_s')} tok/s, mem {entry.get('memory_gb')} GB, {entry.get('seconds')} s")
+            say(
+                f"  train {name}: {entry['status']}, final loss {entry.get('final_loss')}, "
+                f"{entry.get('tokens_per_s')} tok/s, mem {entry.get('memory_gb')} GB, {entry.get('seconds')} s"
+            )
         with ctx.report.lock:
             details["runs"][name] = entry
             ctx.report.save()
@@ -64,12 +74,20 @@ def _fused_vs_unfused(ctx: Context, runs: dict) -> tuple[dict, list]:
         a, b = runs.get(mode, {}), runs.get(f"{mode}_fused", {})
         if fused and a.get("losses") and b.get("losses"):
             rel = abs(a["losses"][0] - b["losses"][0]) / max(abs(a["losses"][0]), 1e-12)
-            comparison[mode] = {"unfused_step1": a["losses"][0], "fused_step1": b["losses"][0], "rel_diff": rel,
-                                "unfused_tokens_per_s": a.get("tokens_per_s"), "fused_tokens_per_s": b.get("tokens_per_s"),
-                                "unfused_memory_gb": a.get("memory_gb"), "fused_memory_gb": b.get("memory_gb")}
+            comparison[mode] = {
+                "unfused_step1": a["losses"][0],
+                "fused_step1": b["losses"][0],
+                "rel_diff": rel,
+                "unfused_tokens_per_s": a.get("tokens_per_s"),
+                "fused_tokens_per_s": b.get("tokens_per_s"),
+                "unfused_memory_gb": a.get("memory_gb"),
+                "fused_memory_gb": b.get("memory_gb"),
+            }
             if not rel <= ctx.profile.fused_rel_tol:
-                problems.append(f"{mode}: step-1 loss fused {b['losses'][0]} vs unfused {a['losses'][0]} "
-                                f"(relative difference {rel:.2e} > {ctx.profile.fused_rel_tol})")
+                problems.append(
+                    f"{mode}: step-1 loss fused {b['losses'][0]} vs unfused {a['losses'][0]} "
+                    f"(relative difference {rel:.2e} > {ctx.profile.fused_rel_tol})"
+                )
     return comparison, problems
 
 
@@ -81,25 +99,41 @@ def check_resume(ctx: Context, rec: dict) -> list:
     for folder in (full, resumed):
         shutil.rmtree(folder, ignore_errors=True)
     say(f"  uninterrupted run, saving every {half} steps")
-    ref = train(ctx, "resume_reference", [f"checkpoint.save_dir={full}", f"checkpoint.save_interval={half}"],
-                expected_steps(ctx))
+    ref = train(
+        ctx,
+        "resume_reference",
+        [f"checkpoint.save_dir={full}", f"checkpoint.save_interval={half}"],
+        expected_steps(ctx),
+    )
     details["reference"] = ref
     ctx.report.save()
     problems = list(ref["problems"])
     if ref["rc"] == 0 and latest_iteration(full) == steps:
         ctx.full_checkpoint = full
     else:
-        return problems + [f"no complete checkpoint at step {steps} in {full} (latest: {latest_iteration(full)})"]
+        return problems + [
+            f"no complete checkpoint at step {steps} in {full} (latest: {latest_iteration(full)})"
+        ]
     say(f"  resume from step {half}")
     # Continue the run from another folder: an explicit resume (checkpoint.resume=auto would take
     # load_dir as a base, weights only).
-    res = train(ctx, "resume_continued", [f"checkpoint.load_dir={full}", f"checkpoint.load_iteration={half}",
-                                          "checkpoint.resume=never", f"checkpoint.save_dir={resumed}"],
-                expected_steps(ctx, half + 1))
+    res = train(
+        ctx,
+        "resume_continued",
+        [
+            f"checkpoint.load_dir={full}",
+            f"checkpoint.load_iteration={half}",
+            "checkpoint.resume=never",
+            f"checkpoint.save_dir={resumed}",
+        ],
+        expected_steps(ctx, half + 1),
+    )
     details["resumed"] = res
     problems += res["problems"]
     if res["rc"] == 0 and latest_iteration(resumed) != steps:
-        problems.append(f"the resumed run saved no step-{steps} checkpoint (latest: {latest_iteration(resumed)})")
+        problems.append(
+            f"the resumed run saved no step-{steps} checkpoint (latest: {latest_iteration(resumed)})"
+        )
     details["comparison"], mismatches = _resumed_vs_reference(ctx, ref, res)
     problems += mismatches
     details["tolerance"] = f"|diff| <= log rounding + {ctx.profile.resume_rel_tol} x |value|"
@@ -115,11 +149,22 @@ def _resumed_vs_reference(ctx: Context, ref: dict, res: dict) -> tuple[list, lis
         if step not in want:
             continue
         ref_loss, ref_norm = want[step]
-        diffs.append({"step": step, "reference_loss": ref_loss, "resumed_loss": loss,
-                      "reference_grad_norm": ref_norm, "resumed_grad_norm": norm})
+        diffs.append(
+            {
+                "step": step,
+                "reference_loss": ref_loss,
+                "resumed_loss": loss,
+                "reference_grad_norm": ref_norm,
+                "resumed_grad_norm": norm,
+            }
+        )
         if not abs(loss - ref_loss) <= 1.01e-4 + tol * abs(ref_loss):
             problems.append(f"step {step}: resumed loss {loss} != uninterrupted {ref_loss}")
-        if finite(norm) and finite(ref_norm) and not abs(norm - ref_norm) <= 1.01e-3 + 5 * tol * abs(ref_norm):
+        if (
+            finite(norm)
+            and finite(ref_norm)
+            and not abs(norm - ref_norm) <= 1.01e-3 + 5 * tol * abs(ref_norm)
+        ):
             problems.append(f"step {step}: resumed grad norm {norm} != uninterrupted {ref_norm}")
     return diffs, problems
 
@@ -130,8 +175,11 @@ def check_lora(ctx: Context, rec: dict) -> list:
     shutil.rmtree(folder, ignore_errors=True)
     overrides = ["lora.enabled=true", "lora.rank=8", f"checkpoint.save_dir={folder}"]
     if ctx.full_checkpoint:  # fine-tune the trained model with adapters, saving the adapters only
-        overrides += [f"checkpoint.load_dir={ctx.full_checkpoint}", "checkpoint.load_optimizer=false",
-                      "lora.save_adapters_only=true"]
+        overrides += [
+            f"checkpoint.load_dir={ctx.full_checkpoint}",
+            "checkpoint.load_optimizer=false",
+            "lora.save_adapters_only=true",
+        ]
     details["base"] = str(ctx.full_checkpoint) if ctx.full_checkpoint else "random initialization"
     run = train(ctx, "lora", overrides, expected_steps(ctx))
     details["run"] = run
@@ -148,6 +196,8 @@ def check_lora(ctx: Context, rec: dict) -> list:
             full_bytes = dir_bytes(ctx.full_checkpoint / f"iter_{steps:07d}")
             details["full_checkpoint_bytes"] = full_bytes
             if not lora_bytes < full_bytes:
-                problems.append(f"the adapter-only checkpoint ({lora_bytes} bytes) is not smaller than a full one "
-                                f"({full_bytes} bytes)")
+                problems.append(
+                    f"the adapter-only checkpoint ({lora_bytes} bytes) is not smaller than a full one "
+                    f"({full_bytes} bytes)"
+                )
     return problems

@@ -36,17 +36,24 @@ def parse_train_log(text: str) -> dict:
         syncs = _SYNCS.search(line)
         if syncs:
             device_syncs.append(int(syncs.group(1)))
-    out = {"steps": steps, "losses": losses, "grad_norms": grad_norms,
-           "final_loss": losses[-1] if losses else None,
-           "finite": bool(losses) and all(math.isfinite(x) for x in losses), "device_syncs": device_syncs,
-           "skipped_steps": len(re.findall(r"step \d+ skipped: non-finite", text))}
+    out = {
+        "steps": steps,
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "final_loss": losses[-1] if losses else None,
+        "finite": bool(losses) and all(math.isfinite(x) for x in losses),
+        "device_syncs": device_syncs,
+        "skipped_steps": len(re.findall(r"step \d+ skipped: non-finite", text)),
+    }
     out.update({k: last.get(k) for k in ("tokens_per_s", "tflops_per_device", "memory_gb")})
     valid = re.findall(r"valid \(after\) loss (\S+)", text)
     out["valid_after"] = float_or_nan(valid[-1]) if valid else None
     device = re.search(r"device: (.+)", text)
     out["device"] = device.group(1).strip() if device else None
     # loss.fused_cross_entropy on CUDA: the start-up's outcome (megamft.training.kernel_startup)
-    kernels = re.search(r"fused cross entropy: (CUDA kernels from \S+|the CUDA extension is not available .*)", text)
+    kernels = re.search(
+        r"fused cross entropy: (CUDA kernels from \S+|the CUDA extension is not available .*)", text
+    )
     out["fused_kernels"] = kernels.group(1) if kernels else None
     return out
 
@@ -54,7 +61,9 @@ def parse_train_log(text: str) -> dict:
 def train(ctx: Context, name: str, overrides: list, expect_steps: list) -> dict:
     """One `python -m megamft train` subprocess; returns what the report keeps about it."""
     cmd = [ctx.python, "-m", "megamft", "train", "--config", ctx.config_path, *overrides]
-    result = run_cmd(cmd, ctx.work / "logs" / f"{name}.log", ctx.timeout(ctx.profile.run_timeout_s), ctx.env())
+    result = run_cmd(
+        cmd, ctx.work / "logs" / f"{name}.log", ctx.timeout(ctx.profile.run_timeout_s), ctx.env()
+    )
     parsed = parse_train_log(result.output)
     problems = []
     if result.timed_out:
@@ -66,9 +75,13 @@ def train(ctx: Context, name: str, overrides: list, expect_steps: list) -> dict:
     if parsed["losses"] and not parsed["finite"]:
         problems.append(f"{name}: non-finite loss {parsed['losses']}")
     too_many = [n for n in parsed["device_syncs"] if n > ctx.profile.max_syncs_per_step]
-    if too_many:  # e.g. a per-layer host read (megatron's unfused RoPE on packed rows does one per layer)
-        problems.append(f"{name}: {max(too_many)} device-to-host synchronizations in a step "
-                        f"(limit {ctx.profile.max_syncs_per_step})")
+    if (
+        too_many
+    ):  # e.g. a per-layer host read (megatron's unfused RoPE on packed rows does one per layer)
+        problems.append(
+            f"{name}: {max(too_many)} device-to-host synchronizations in a step "
+            f"(limit {ctx.profile.max_syncs_per_step})"
+        )
     if parsed["skipped_steps"]:
         problems.append(f"{name}: {parsed['skipped_steps']} step(s) skipped for non-finite values")
     entry = {**result.brief(), **parsed, "problems": problems}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import random
+from pathlib import Path
 
 
 def records(pairs: int, seed: int) -> list[dict]:
@@ -26,8 +26,13 @@ def records(pairs: int, seed: int) -> list[dict]:
         seen.add(key)
         shuffled = numbers[:]
         rng.shuffle(shuffled)
-        out.append({"prompt": "sort: " + " ".join(map(str, shuffled)),
-                    "chosen": " ".join(map(str, numbers)), "rejected": " ".join(map(str, reversed(numbers)))})
+        out.append(
+            {
+                "prompt": "sort: " + " ".join(map(str, shuffled)),
+                "chosen": " ".join(map(str, numbers)),
+                "rejected": " ".join(map(str, reversed(numbers))),
+            }
+        )
     return out
 
 
@@ -39,8 +44,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")  # renamed when complete: a kill leaves no short file
-    partial.write_text("".join(json.dumps(record) + "\n" for record in records(args.pairs, args.seed)))
+    partial = out.with_name(
+        out.name + ".partial"
+    )  # renamed when complete: a kill leaves no short file
+    partial.write_text(
+        "".join(json.dumps(record) + "\n" for record in records(args.pairs, args.seed))
+    )
     partial.replace(out)
 
 

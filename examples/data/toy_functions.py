@@ -53,30 +53,57 @@ def solution(op: str, n: int) -> str:
 
 def problem(op: str, n: int) -> dict:
     """A HumanEval-format problem whose test compares the candidate with the operation on CHECKS."""
-    expected = {x: eval(OPERATIONS[op][1].format(n=n).removeprefix("return "), {"x": x}) for x in CHECKS}
+    expected = {
+        x: eval(OPERATIONS[op][1].format(n=n).removeprefix("return "), {"x": x}) for x in CHECKS
+    }
     asserts = "".join(f"    assert candidate({x}) == {y}\n" for x, y in expected.items())
-    return {"task_id": f"Toy/{op}_{n}", "prompt": prompt(op, n), "canonical_solution": solution(op, n),
-            "test": f"def check(candidate):\n{asserts}", "entry_point": f"{op}_{n}"}
+    return {
+        "task_id": f"Toy/{op}_{n}",
+        "prompt": prompt(op, n),
+        "canonical_solution": solution(op, n),
+        "test": f"def check(candidate):\n{asserts}",
+        "entry_point": f"{op}_{n}",
+    }
 
 
 def conversation(op: str, n: int) -> dict:
     """A training sample: the prompt as the user turn, the whole function as the answer (MFTCoder's schema)."""
     answer = f"def {op}_{n}(x):\n{solution(op, n)}".rstrip("\n")
-    return {"chat_rounds": [{"role": "human", "content": prompt(op, n)}, {"role": "bot", "content": answer}]}
+    return {
+        "chat_rounds": [
+            {"role": "human", "content": prompt(op, n)},
+            {"role": "bot", "content": answer},
+        ]
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=Path, help="write the 72 training conversations here (.jsonl)")
-    parser.add_argument("--problems", type=Path, metavar="FOLDER",
-                        help="write toy_functions_heldout.jsonl and toy_functions_seen.jsonl into this folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--train", type=Path, help="write the 72 training conversations here (.jsonl)"
+    )
+    parser.add_argument(
+        "--problems",
+        type=Path,
+        metavar="FOLDER",
+        help="write toy_functions_heldout.jsonl and toy_functions_seen.jsonl into this folder",
+    )
     args = parser.parse_args()
     pairs = [(op, n) for op in OPERATIONS for n in CONSTANTS]
     problems = args.problems
-    for path, lines in ((args.train, [conversation(*p) for p in pairs if not held_out(p[1])]),
-                        (problems and problems / "toy_functions_heldout.jsonl",
-                         [problem(*p) for p in pairs if held_out(p[1])]),
-                        (problems and problems / "toy_functions_seen.jsonl", [problem(*p) for p in pairs if seen(p[1])])):
+    for path, lines in (
+        (args.train, [conversation(*p) for p in pairs if not held_out(p[1])]),
+        (
+            problems and problems / "toy_functions_heldout.jsonl",
+            [problem(*p) for p in pairs if held_out(p[1])],
+        ),
+        (
+            problems and problems / "toy_functions_seen.jsonl",
+            [problem(*p) for p in pairs if seen(p[1])],
+        ),
+    ):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")

@@ -24,7 +24,9 @@ from megamft.platform.kill_points import kill_point
 def write_in_background(iteration: int, write, *args, **kwargs):
     """The background writer process: deaf to Ctrl-C (the trainer decides, and abandons the save)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # blocked since the fork; a pending one is dropped
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK, [signal.SIGINT]
+    )  # blocked since the fork; a pending one is dropped
     kill_point("save.writing", iteration)
     return write(*args, **kwargs)
 
@@ -50,7 +52,9 @@ class AsyncSaves:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self._queue = AsyncCallsQueue()
-        self._in_flight: list[_InFlight] = []  # in the queue's order: megatron finalizes them first in, first out
+        self._in_flight: list[
+            _InFlight
+        ] = []  # in the queue's order: megatron finalizes them first in, first out
 
     def schedule(self, request, partial: Path, iteration: int, save_dir: str | Path) -> None:
         # Ctrl-C reaches the whole process group: the writer forked here starts with SIGINT blocked, and
@@ -74,14 +78,16 @@ class AsyncSaves:
         first = self._in_flight[0]
         # A failed or interrupted finalization: the writers stop first, then the disk is asked (a full one
         # is named) and the folders go.
-        with unfinished_removed([save.partial for save in self._in_flight], first.iteration, first.save_dir):
+        with unfinished_removed(
+            [save.partial for save in self._in_flight], first.iteration, first.save_dir
+        ):
             try:
                 done = self._queue.maybe_finalize_async_calls(blocking=blocking)
             except BaseException:
                 self._stop_writers()
                 self._in_flight.clear()
                 raise
-        del self._in_flight[:len(done)]
+        del self._in_flight[: len(done)]
 
     def abandon(self) -> None:
         """Stop the background writers of every save not yet published and remove their folders."""

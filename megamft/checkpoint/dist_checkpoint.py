@@ -22,8 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -32,18 +31,28 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megamft.checkpoint import global_view, sharding
 from megamft.checkpoint.async_saves import AsyncSaves, write_in_background
-from megamft.checkpoint.layout import (BEST, CONFIG_FILE, DATA_IDENTITY_FILE, LATEST, CheckpointError,
-                                       complete_dir, complete_iterations, iteration_dir, latest_iteration, write_atomically)
 from megamft.checkpoint.global_view import tensor_index
+from megamft.checkpoint.layout import (
+    BEST,
+    CONFIG_FILE,
+    DATA_IDENTITY_FILE,
+    LATEST,
+    CheckpointError,
+    complete_dir,
+    complete_iterations,
+    iteration_dir,
+    latest_iteration,
+    write_atomically,
+)
 from megamft.checkpoint.save_failures import unfinished_removed
+from megamft.compat.megatron_fixes import keeps_step_per_parameter
 from megamft.config import MegamftConfig, to_dict
 from megamft.model.chunks import bare_model, gather_parameters
 from megamft.model.lora import ADAPTERS_ONLY
 from megamft.model.moe import ROUTER_LOSS_FIELDS
 from megamft.platform import distributed
-from megamft.platform.output_folder import publish
 from megamft.platform.kill_points import kill_point
-from megamft.compat.megatron_fixes import keeps_step_per_parameter
+from megamft.platform.output_folder import publish
 from megamft.platform.signals import preemption_signals_deferred
 
 log = logging.getLogger(__name__)
@@ -54,9 +63,11 @@ _OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
 
 def _layout() -> list:
     """What RNG states depend on: PP and TP sizes, and the platform (CUDA and CPU generator states differ)."""
-    return [parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_world_size(),
-            "cuda" if torch.cuda.is_available() else "cpu"]
+    return [
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        "cuda" if torch.cuda.is_available() else "cpu",
+    ]
 
 
 def _rng_state() -> ShardedObject:
@@ -66,9 +77,17 @@ def _rng_state() -> ShardedObject:
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
     }
-    position = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank())
-    return ShardedObject("rng_state", state, tuple(_layout()[:2]), position,
-                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+    position = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    )
+    return ShardedObject(
+        "rng_state",
+        state,
+        tuple(_layout()[:2]),
+        position,
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
 
 
 def _restore_rng(state: dict) -> None:
@@ -83,14 +102,23 @@ def _adapters(model_state: dict) -> dict:
 
 
 def _sharded_state(
-    state, consumed_samples: int, iteration: int, cfg: MegamftConfig, loading: bool, optimizer_metadata: dict | None,
-    extra: dict | None = None, with_rng: bool = False, adapters_only: bool = False,
+    state,
+    consumed_samples: int,
+    iteration: int,
+    cfg: MegamftConfig,
+    loading: bool,
+    optimizer_metadata: dict | None,
+    extra: dict | None = None,
+    with_rng: bool = False,
+    adapters_only: bool = False,
 ):
     """The sharded state dict to save or load; the optimizer's (in `optimizer_metadata`'s format) unless None."""
     # Adapter-only: LoRA layers leave their base out (an NF4 one is not dequantized for nothing).
     metadata = {ADAPTERS_ONLY: True} if adapters_only else None
-    model = {f"model{i}": bare_model(chunk).sharded_state_dict(metadata=metadata)
-             for i, chunk in enumerate(state.chunks)}
+    model = {
+        f"model{i}": bare_model(chunk).sharded_state_dict(metadata=metadata)
+        for i, chunk in enumerate(state.chunks)
+    }
     if adapters_only:  # the frozen base stays in its own checkpoint (`lora_base`)
         model = {name: _adapters(chunk_state) for name, chunk_state in model.items()}
     sharded = dict(model)
@@ -127,15 +155,21 @@ def _best_iteration(save_dir: str | Path) -> int | None:
         return None
 
 
-def _check_nothing_needed_is_absent(path: Path, keys, adapters_may_be_absent: bool,
-                                    base_may_be_absent: bool = False) -> None:
+def _check_nothing_needed_is_absent(
+    path: Path, keys, adapters_may_be_absent: bool, base_may_be_absent: bool = False
+) -> None:
     # Transformer Engine keeps layer metadata in `_extra_state`; checkpoints
     # converted from Hugging Face (or saved without TE) legitimately lack it.
     # A base checkpoint has no LoRA adapters when a LoRA fine-tune starts from it;
     # an adapter-only checkpoint has no base weights (they were loaded from the base).
-    needed = sorted(k for k in keys if not k.endswith("_extra_state") and "_extra_state/" not in k
-                    and not (adapters_may_be_absent and ".lora_" in k)
-                    and not (base_may_be_absent and ".lora_" not in k))
+    needed = sorted(
+        k
+        for k in keys
+        if not k.endswith("_extra_state")
+        and "_extra_state/" not in k
+        and not (adapters_may_be_absent and ".lora_" in k)
+        and not (base_may_be_absent and ".lora_" not in k)
+    )
     # Ranks see different keys (only the last stage owns output_layer): agree before
     # raising, so that no rank waits forever in the next collective.
     failed = torch.tensor([1 if needed else 0])
@@ -154,10 +188,14 @@ def model_differences(saved_model: dict, cfg: MegamftConfig) -> list[str]:
     """Model fields whose saved value differs from this config's (fields unset on either side skipped:
     they are derived at start, e.g. model.vocab_size from the tokenizer)."""
     current = to_dict(cfg)["model"]
-    return [f"model.{key}: checkpoint {saved_model.get(key)!r}, config {value!r}"
-            for key, value in sorted(current.items())
-            if value is not None and saved_model.get(key) is not None and saved_model.get(key) != value
-            and key not in _SAME_WEIGHTS_FIELDS]
+    return [
+        f"model.{key}: checkpoint {saved_model.get(key)!r}, config {value!r}"
+        for key, value in sorted(current.items())
+        if value is not None
+        and saved_model.get(key) is not None
+        and saved_model.get(key) != value
+        and key not in _SAME_WEIGHTS_FIELDS
+    ]
 
 
 # Fields that change how the weights are trained or computed, not what they mean: router-loss
@@ -179,13 +217,17 @@ def _check_model_matches(path: Path, common: dict, cfg: MegamftConfig) -> None:
         return
     if cfg.checkpoint.allow_config_change:
         if distributed.is_rank_zero_after_run():
-            log.warning("%s: loading into a changed model (checkpoint.allow_config_change=true): %s", path,
-                        "; ".join(differences))
+            log.warning(
+                "%s: loading into a changed model (checkpoint.allow_config_change=true): %s",
+                path,
+                "; ".join(differences),
+            )
         return
     raise CheckpointError(
         f"{path} was saved with another model section; differs in: {'; '.join(differences)}. Use the "
         "checkpoint's model section (its megamft_config.json, or megamft_model.yaml of a conversion), or set "
-        "checkpoint.allow_config_change=true if the change is deliberate")
+        "checkpoint.allow_config_change=true if the change is deliberate"
+    )
 
 
 @contextlib.contextmanager
@@ -193,14 +235,23 @@ def _naming_damage(path: Path):
     """An unreadable checkpoint: one error naming it and what to do, not a bare EOFError from deep inside."""
     try:
         yield
-    except (EOFError, OSError, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, CheckpointException,
-            CheckpointingException) as err:
+    except (
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+        CheckpointException,
+        CheckpointingException,
+    ) as err:
         earlier = sorted(p.name for p in path.parent.glob("iter_*") if p.is_dir() and p != path)
         hint = f" (also here: {', '.join(earlier[-3:])})" if earlier else ""
         raise CheckpointError(
             f"{path} cannot be read ({type(err).__name__}: {str(err)[:300]}). If one of its files was cut short "
             f"or corrupted, load an earlier checkpoint with checkpoint.load_iteration=N{hint} or restore the "
-            "folder from a copy; if it belongs to another model, check the model section") from err
+            "folder from a copy; if it belongs to another model, check the model section"
+        ) from err
 
 
 def _create_empty_optimizer_state(optimizer) -> None:
@@ -232,9 +283,17 @@ def _same_checkpoint(base: dict, folder: str | Path, iteration: int) -> bool:
 # block: a launcher that signals whole process groups cannot kill them mid-save.
 @preemption_signals_deferred()
 def save(
-    state, save_dir: str | Path, iteration: int, consumed_samples: int, cfg: MegamftConfig,
-    with_optimizer: bool = True, extra: dict | None = None, async_saves: AsyncSaves | None = None,
-    lora_base: dict | None = None, data_identity: dict | None = None, keep: set[int] = frozenset(),
+    state,
+    save_dir: str | Path,
+    iteration: int,
+    consumed_samples: int,
+    cfg: MegamftConfig,
+    with_optimizer: bool = True,
+    extra: dict | None = None,
+    async_saves: AsyncSaves | None = None,
+    lora_base: dict | None = None,
+    data_identity: dict | None = None,
+    keep: set[int] = frozenset(),
     best: int | None = None,
 ) -> Path:
     """Write a complete checkpoint for `iteration`; every rank must call this.
@@ -261,13 +320,24 @@ def save(
         kill_point("save.started", iteration)
         if lora_base is not None:
             if _same_checkpoint(lora_base, save_dir, iteration):
-                raise CheckpointError(f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
-                                 "base checkpoint; use another checkpoint.save_dir")
+                raise CheckpointError(
+                    f"saving adapters only at iteration {iteration} in {save_dir} would replace their "
+                    "base checkpoint; use another checkpoint.save_dir"
+                )
             extra = {**(extra or {}), LORA_BASE: lora_base}
         gather_parameters(state.chunks)
         metadata = sharding.content_metadata(cfg) if with_optimizer else None
-        sharded = _sharded_state(state, consumed_samples, iteration, cfg, False, metadata, extra,
-                                 with_rng=with_optimizer, adapters_only=lora_base is not None)
+        sharded = _sharded_state(
+            state,
+            consumed_samples,
+            iteration,
+            cfg,
+            False,
+            metadata,
+            extra,
+            with_rng=with_optimizer,
+            adapters_only=lora_base is not None,
+        )
 
         def finish() -> None:
             if rank == 0:
@@ -282,19 +352,30 @@ def save(
                 if best is not None and complete_dir(save_dir, best).is_dir():
                     write_atomically(Path(save_dir) / BEST, f"{best}\n")
                 if cfg.checkpoint.keep_last:
-                    base_here = lora_base and _same_checkpoint(lora_base, save_dir, lora_base["iteration"])
+                    base_here = lora_base and _same_checkpoint(
+                        lora_base, save_dir, lora_base["iteration"]
+                    )
                     spared = ({lora_base["iteration"]} if base_here else set()) | set(keep)
                     prune(save_dir, cfg.checkpoint.keep_last, spared)
 
         if async_saves is not None:
-            request = dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), async_sharded_save=True,
-                                              content_metadata=metadata)
+            request = dist_checkpointing.save(
+                sharded,
+                str(partial),
+                sharding.save_strategy(),
+                async_sharded_save=True,
+                content_metadata=metadata,
+            )
             if request.async_fn is not None:
-                request = request._replace(async_fn=functools.partial(write_in_background, iteration, request.async_fn))
+                request = request._replace(
+                    async_fn=functools.partial(write_in_background, iteration, request.async_fn)
+                )
             request.add_finalize_fn(finish)
             async_saves.schedule(request, partial, iteration, save_dir)
             return final
-        dist_checkpointing.save(sharded, str(partial), sharding.save_strategy(), content_metadata=metadata)
+        dist_checkpointing.save(
+            sharded, str(partial), sharding.save_strategy(), content_metadata=metadata
+        )
         torch.distributed.barrier()
         finish()
         torch.distributed.barrier()
@@ -302,7 +383,10 @@ def save(
 
 
 def load(
-    state, load_dir: str | Path, cfg: MegamftConfig, load_optimizer: bool = True,
+    state,
+    load_dir: str | Path,
+    cfg: MegamftConfig,
+    load_optimizer: bool = True,
     iteration: int | None = None,
 ) -> dict:
     """Restore a complete checkpoint (the latest by default).
@@ -313,11 +397,15 @@ def load(
     if iteration is None:
         iteration = latest_iteration(load_dir)
     if iteration is None:
-        raise CheckpointError(f"no complete checkpoint in {load_dir} (no '{LATEST}' file): give the save folder "
-                              "of a run, or a conversion's output, as checkpoint.load_dir")
+        raise CheckpointError(
+            f"no complete checkpoint in {load_dir} (no '{LATEST}' file): give the save folder "
+            "of a run, or a conversion's output, as checkpoint.load_dir"
+        )
     path = complete_dir(load_dir, iteration)
     if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{path} is not a complete megatron dist checkpoint (no metadata.json)")
+        raise CheckpointError(
+            f"{path} is not a complete megatron dist checkpoint (no metadata.json)"
+        )
     with _naming_damage(path):
         stored = tensor_index(path)
         common = global_view.read_common(path)
@@ -325,7 +413,9 @@ def load(
     base = common.get(LORA_BASE)
     if base is not None:  # adapter-only: the frozen weights come from the base checkpoint first
         if _same_checkpoint(base, load_dir, iteration):
-            raise CheckpointError(f"{path} holds adapters only and names itself as its base; its base weights are lost")
+            raise CheckpointError(
+                f"{path} holds adapters only and names itself as its base; its base weights are lost"
+            )
         load(state, base["dir"], cfg, load_optimizer=False, iteration=base["iteration"])
     if load_optimizer and not any(_OPTIMIZER_KEY.match(k) for k in stored):
         raise CheckpointError(
@@ -337,23 +427,38 @@ def load(
         _create_empty_optimizer_state(state.optimizer)
     # RNG streams come back only into the layout that saved them (they are per TP/PP rank).
     saved_layout = common.get("rng_layout")
-    if saved_layout is not None and len(saved_layout) == 2:  # saved before the platform was recorded: CPU
+    if (
+        saved_layout is not None and len(saved_layout) == 2
+    ):  # saved before the platform was recorded: CPU
         saved_layout = [*saved_layout, "cpu"]
     same_layout = load_optimizer and saved_layout == _layout()
     metadata = sharding.saved_metadata(common) if load_optimizer else None
-    sharded = _sharded_state(state, 0, iteration, cfg, True, metadata, with_rng=same_layout,
-                             adapters_only=base is not None)
+    sharded = _sharded_state(
+        state,
+        0,
+        iteration,
+        cfg,
+        True,
+        metadata,
+        with_rng=same_layout,
+        adapters_only=base is not None,
+    )
     if not any(".lora_" in key for key in stored):  # a base model for a new LoRA fine-tune
         for name in [k for k in sharded if k.startswith("model")]:
             sharded[name] = {k: v for k, v in sharded[name].items() if ".lora_" not in k}
     with _naming_damage(path):
-        loaded, _, absent = dist_checkpointing.load(sharded, str(path), sharding.load_strategy(path),
-                                                    strict=StrictHandling.RETURN_ALL)
+        loaded, _, absent = dist_checkpointing.load(
+            sharded, str(path), sharding.load_strategy(path), strict=StrictHandling.RETURN_ALL
+        )
     _check_nothing_needed_is_absent(path, absent, not load_optimizer)
     for i, chunk in enumerate(state.chunks):
         result = bare_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
-        _check_nothing_needed_is_absent(path, result.missing_keys + result.unexpected_keys, not load_optimizer,
-                                        base_may_be_absent=base is not None)
+        _check_nothing_needed_is_absent(
+            path,
+            result.missing_keys + result.unexpected_keys,
+            not load_optimizer,
+            base_may_be_absent=base is not None,
+        )
     if load_optimizer:
         state.optimizer.load_state_dict(loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])

@@ -26,9 +26,22 @@ from megamft.errors import UserError
 from megamft.platform.checksums import folder_digests
 
 SOURCE_FILE = "megamft_source.json"
-_STRUCTURE = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
-              "num_experts", "num_local_experts", "moe_intermediate_size", "num_experts_per_tok")
+_STRUCTURE = (
+    "architectures",
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "num_experts",
+    "num_local_experts",
+    "moe_intermediate_size",
+    "num_experts_per_tok",
+)
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # <|im_start|>, <|endoftext|>: strings that are special tokens wherever a chat template uses them (unlike <s>,
 # which MFTCoder's template writes as text for tokenizers that have no such token)
@@ -54,15 +67,22 @@ def checkpoint_digest(ckpt: Path) -> str:
 
 def source_identity(ckpt: Path, iteration: int, base: dict | None, template: Path | None) -> dict:
     """What megamft_source.json records of the export's source."""
-    record = {"checkpoint": str(ckpt.resolve()), "iteration": iteration, "digest": checkpoint_digest(ckpt)}
+    record = {
+        "checkpoint": str(ckpt.resolve()),
+        "iteration": iteration,
+        "digest": checkpoint_digest(ckpt),
+    }
     if base is not None:
         record["lora_base"] = dict(base)
     data = ckpt / DATA_IDENTITY_FILE
     if data.is_file():
         record["data"] = json.loads(data.read_text())
     if template is not None:
-        files = [p for p in sorted(template.iterdir()) if p.is_file() and p.suffix in (".json", ".model", ".txt",
-                                                                                       ".jinja")]
+        files = [
+            p
+            for p in sorted(template.iterdir())
+            if p.is_file() and p.suffix in (".json", ".model", ".txt", ".jinja")
+        ]
         record["template"] = {"folder": str(template.resolve()), "files": folder_digests(files)}
     return record
 
@@ -121,11 +141,18 @@ class _Vocabulary:
 
 
 def _token_text(value) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return (
+        value.get("content")
+        if isinstance(value, dict)
+        else value
+        if isinstance(value, str)
+        else None
+    )
 
 
-def tokenizer_problems(template: Path, vocab_size: int | None, chat_template: str | None,
-                       trained_with: dict | None) -> list[str]:
+def tokenizer_problems(
+    template: Path, vocab_size: int | None, chat_template: str | None, trained_with: dict | None
+) -> list[str]:
     """Why the template's tokenizer cannot be the model's: [] when it fits (or the template has none)."""
     try:
         vocabulary = _Vocabulary(template)
@@ -136,7 +163,9 @@ def tokenizer_problems(template: Path, vocab_size: int | None, chat_template: st
     name = vocabulary.file.name
     problems = []
     if vocab_size and vocabulary.largest >= vocab_size:
-        problems.append(f"{name} has ids up to {vocabulary.largest}, the model's vocabulary {vocab_size} rows")
+        problems.append(
+            f"{name} has ids up to {vocabulary.largest}, the model's vocabulary {vocab_size} rows"
+        )
     config_path = template / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
     named = {key: _token_text(config.get(key)) for key in _SPECIAL_KEYS}
@@ -147,7 +176,9 @@ def tokenizer_problems(template: Path, vocab_size: int | None, chat_template: st
     if trained_with and "sha256" in trained_with and not trained:
         return problems  # the training tokenizer itself: the chat template tokenizes as in training
     own = config.get("chat_template") if isinstance(config.get("chat_template"), str) else ""
-    if (template / "chat_template.jinja").is_file():  # read before tokenizer_config.json's by transformers
+    if (
+        template / "chat_template.jinja"
+    ).is_file():  # read before tokenizer_config.json's by transformers
         own = (template / "chat_template.jinja").read_text(encoding="utf-8")
     for token in sorted(set(_SPECIAL_LOOKING.findall(chat_template or own or ""))):
         if not vocabulary.has(token):
@@ -163,21 +194,33 @@ def _training_tokenizer_problems(template: Path, trained_with: dict | None) -> l
     name = _STANDARD_FILE.get(trained_with.get("kind"), trained_with.get("file"))
     path = template / str(name)
     if not path.is_file():
-        return [f"it has no {name}, while the training data was tokenized with a {trained_with.get('file')}"]
+        return [
+            f"it has no {name}, while the training data was tokenized with a {trained_with.get('file')}"
+        ]
     found = hashlib.sha256(path.read_bytes()).hexdigest()
     if found != trained_with["sha256"]:
-        return [f"its {name} is not the {trained_with.get('file')} the training data was tokenized with "
-                f"(sha256 {found[:12]}..., the data's {trained_with['sha256'][:12]}...)"]
+        return [
+            f"its {name} is not the {trained_with.get('file')} the training data was tokenized with "
+            f"(sha256 {found[:12]}..., the data's {trained_with['sha256'][:12]}...)"
+        ]
     return []
 
 
-def check_template(template: Path, described: str, exported: dict, vocab_size: int | None, chat_template: str | None,
-                   ckpt: Path) -> None:
+def check_template(
+    template: Path,
+    described: str,
+    exported: dict,
+    vocab_size: int | None,
+    chat_template: str | None,
+    ckpt: Path,
+) -> None:
     """Raise TemplateMismatch naming every way the template does not fit the exported model."""
     data = ckpt / DATA_IDENTITY_FILE
     trained_with = json.loads(data.read_text()).get("tokenizer") if data.is_file() else None
     problems = config_problems(template, exported)
     problems += tokenizer_problems(template, vocab_size, chat_template, trained_with)
     if problems:
-        raise TemplateMismatch(f"{described} does not fit the checkpoint's model: {'; '.join(problems)}. Give the "
-                               "Hugging Face folder of the model this checkpoint was trained from as --hf-template")
+        raise TemplateMismatch(
+            f"{described} does not fit the checkpoint's model: {'; '.join(problems)}. Give the "
+            "Hugging Face folder of the model this checkpoint was trained from as --hf-template"
+        )

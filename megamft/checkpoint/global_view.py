@@ -38,17 +38,19 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megamft.checkpoint.layout import LATEST, CheckpointError, iteration_dir, write_atomically
 from megamft.platform.output_folder import publish
 
 # What megatron's dist_checkpointing.load expects beside the tensor data.
 _MEGATRON_METADATA = {
-    "sharded_backend": "torch_dist", "sharded_backend_version": 1,
-    "common_backend": "torch", "common_backend_version": 1,
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
 }
 
 
@@ -101,7 +103,9 @@ class _ChunkSavePlanner(DefaultSavePlanner):
         chunk = self.chunk_of(write_item)
         tensor = chunk.produce()
         if tuple(tensor.shape) != tuple(chunk.shape):
-            raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)}, planned {chunk.shape}")
+            raise ValueError(
+                f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)}, planned {chunk.shape}"
+            )
         self._on_written(chunk)
         tensor = tensor.to(chunk.dtype).contiguous()
         if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
@@ -126,8 +130,11 @@ class _ChunkFileWriter(FileSystemWriter):
                 if name not in streams:
                     streams[name] = open(os.path.join(self.path, name), "wb")
                 data = planner.resolve_data(item)
-                results.append(_write_item(self.transforms, streams[name], data, item, name,
-                                           self.serialization_format))
+                results.append(
+                    _write_item(
+                        self.transforms, streams[name], data, item, name, self.serialization_format
+                    )
+                )
             for stream in streams.values():
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -140,7 +147,10 @@ class _ChunkFileWriter(FileSystemWriter):
 
 
 def write_checkpoint(
-    save_dir: str | Path, iteration: int, chunks: list[Chunk], common: dict,
+    save_dir: str | Path,
+    iteration: int,
+    chunks: list[Chunk],
+    common: dict,
     on_written: Callable[[Chunk], None] = lambda chunk: None,
 ) -> Path:
     """Write a megatron dist checkpoint (complete only once renamed) and point `latest` at it."""
@@ -161,7 +171,8 @@ def tensor_index(checkpoint_dir: str | Path) -> dict[str, TensorStorageMetadata]
     """Global key -> stored shape, dtype and chunks, for every tensor in a checkpoint."""
     metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
     return {
-        key: md for key, md in metadata.state_dict_metadata.items()
+        key: md
+        for key, md in metadata.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata)
     }
 
@@ -197,7 +208,9 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
             wanted = ChunkStorageMetadata(torch.Size(region.offsets), torch.Size(region.shape))
             for item in create_read_items_for_chunk_list(region.key, stored, [wanted]):
                 # dest_index names the region (a key may be read twice, at two offsets)
-                items.append(item.__class__(**{**item.__dict__, "dest_index": MetadataIndex(str(index))}))
+                items.append(
+                    item.__class__(**{**item.__dict__, "dest_index": MetadataIndex(str(index))})
+                )
         return LoadPlan(items)
 
     def resolve_tensor(self, read_item):
@@ -216,14 +229,22 @@ def read_regions(checkpoint_dir: str | Path, regions: Iterable[Region]) -> list[
     index = tensor_index(checkpoint_dir)
     missing = [r.key for r in regions if r.key not in index]
     if missing:
-        raise CheckpointError(f"{checkpoint_dir} has no tensor {missing[0]!r}: not a checkpoint of the model its "
-                              "config describes; check the checkpoint folder")
+        raise CheckpointError(
+            f"{checkpoint_dir} has no tensor {missing[0]!r}: not a checkpoint of the model its "
+            "config describes; check the checkpoint folder"
+        )
     for r in regions:
         stored = tuple(index[r.key].size)
-        if len(stored) != len(r.shape) or any(o + n > s for o, n, s in zip(r.offsets, r.shape, stored)):
-            raise CheckpointError(f"{checkpoint_dir}: region {r.offsets}+{r.shape} lies outside {r.key} {stored}: "
-                                  "the checkpoint does not match the model its config describes")
+        if len(stored) != len(r.shape) or any(
+            o + n > s for o, n, s in zip(r.offsets, r.shape, stored)
+        ):
+            raise CheckpointError(
+                f"{checkpoint_dir}: region {r.offsets}+{r.shape} lies outside {r.key} {stored}: "
+                "the checkpoint does not match the model its config describes"
+            )
     destinations = [torch.empty(r.shape, dtype=index[r.key].properties.dtype) for r in regions]
     reader = FileSystemReader(str(checkpoint_dir))
-    dcp_load({}, storage_reader=reader, planner=_RegionLoadPlanner(regions, destinations), no_dist=True)
+    dcp_load(
+        {}, storage_reader=reader, planner=_RegionLoadPlanner(regions, destinations), no_dist=True
+    )
     return destinations

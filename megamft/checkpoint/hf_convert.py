@@ -29,20 +29,32 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megamft.checkpoint import global_view, hf_moe, lora_export, tp_pieces
-from megamft.checkpoint.hf_tensors import megatron_shape, to_hf, to_megatron
 from megamft.checkpoint.export_checks import SOURCE_FILE, check_template, source_identity
+from megamft.checkpoint.hf_mappings import (
+    Dims,
+    Mapping,
+    hf_names,
+    hf_shapes,
+    layer_key,
+    layers_of,
+    needed_mappings,
+    stacked_layers,
+)
+from megamft.checkpoint.hf_tensors import megatron_shape, to_hf, to_megatron
 from megamft.checkpoint.layout import pointed_checkpoint
-from megamft.checkpoint.hf_mappings import (Dims, Mapping, hf_names, hf_shapes, layer_key, layers_of,
-                                            needed_mappings, stacked_layers)
-from megamft.checkpoint.tokenizer_files import copy_tokenizer, training_chat_template, write_chat_template
+from megamft.checkpoint.tokenizer_files import (
+    copy_tokenizer,
+    training_chat_template,
+    write_chat_template,
+)
 from megamft.config import MegamftConfig, ModelConfig, from_dict, to_dict
 from megamft.errors import UserError
-from megamft.sizing.architecture import is_gated
 from megamft.model.families import FAMILIES, Family, hf_config_from_model, model_config_from_hf
 from megamft.platform.kill_points import kill_point
 from megamft.platform.output_folder import check_destination, mark_output, written_beside
+from megamft.sizing.architecture import is_gated
 
-CONVERTED_OUTPUT = "hf-to-megatron"   # kinds of output folder (see output_folder)
+CONVERTED_OUTPUT = "hf-to-megatron"  # kinds of output folder (see output_folder)
 HF_EXPORT_OUTPUT = "megatron-to-hf"
 
 # Buffers some transformers versions store; derived from the config, never learned.
@@ -56,15 +68,21 @@ class ConversionError(UserError, ValueError):
 # ---------------------------------------------------------------- Hugging Face side
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
 
 
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConversionError(f"{path}: not valid JSON ({err}); the download may be cut short: fetch it "
-                              "again") from None
+        raise ConversionError(
+            f"{path}: not valid JSON ({err}); the download may be cut short: fetch it again"
+        ) from None
 
 
 def _open_safetensors(path: Path):
@@ -72,11 +90,14 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(path, "pt")
     except SafetensorError as err:
-        raise ConversionError(f"{path}: not a readable safetensors file ({err}); it may be cut short or "
-                              "damaged: download it again") from None
+        raise ConversionError(
+            f"{path}: not a readable safetensors file ({err}); it may be cut short or "
+            "damaged: download it again"
+        ) from None
     except FileNotFoundError:
-        raise ConversionError(f"{path} is missing (model.safetensors.index.json names it); download it "
-                              "again") from None
+        raise ConversionError(
+            f"{path} is missing (model.safetensors.index.json names it); download it again"
+        ) from None
 
 
 class SafetensorsFolder:
@@ -116,7 +137,9 @@ class SafetensorsFolder:
             return handle.get_tensor(name)
 
     def unconsumed(self) -> list[str]:
-        return sorted(n for n in set(self.weight_map) - self.consumed if not n.endswith(_IGNORED_HF_SUFFIXES))
+        return sorted(
+            n for n in set(self.weight_map) - self.consumed if not n.endswith(_IGNORED_HF_SUFFIXES)
+        )
 
 
 def _check_hf_shapes(source: SafetensorsFolder, mappings, d: Dims, model: ModelConfig) -> None:
@@ -144,17 +167,28 @@ def check_target_layout(model: ModelConfig, tp: int, pp: int) -> None:
         f"{what} ({value}) is not divisible by {name} ({size})"
         for what, value, name, size in (
             ("attention heads", d.heads, "TP", tp),
-            ("ffn hidden size", d.ffn, "TP", tp), ("padded vocab", d.padded_vocab, "TP", tp),
+            ("ffn hidden size", d.ffn, "TP", tp),
+            ("padded vocab", d.padded_vocab, "TP", tp),
             ("shared expert ffn size", model.moe_shared_expert_intermediate_size or 0, "TP", tp),
             ("layers", model.num_layers, "PP", pp),
         )
         if value % size
     ]
     if model.multi_latent_attention:  # megatron's local MLA splits its down projections over TP
-        problems += [f"{what} ({value}) is not divisible by TP ({tp})" for what, value in (
-            ("kv latent + rope width", d.kv_lora + d.rope_dim), ("q latent", d.q_lora or 0)) if value % tp]
-    elif d.groups % tp and tp % d.groups:  # fewer query groups than TP ranks: megatron replicates them
-        problems.append(f"query groups ({d.groups}) is not divisible by TP ({tp}) and does not divide it")
+        problems += [
+            f"{what} ({value}) is not divisible by TP ({tp})"
+            for what, value in (
+                ("kv latent + rope width", d.kv_lora + d.rope_dim),
+                ("q latent", d.q_lora or 0),
+            )
+            if value % tp
+        ]
+    elif (
+        d.groups % tp and tp % d.groups
+    ):  # fewer query groups than TP ranks: megatron replicates them
+        problems.append(
+            f"query groups ({d.groups}) is not divisible by TP ({tp}) and does not divide it"
+        )
     if problems:
         raise ConversionError("the model does not fit the target layout: " + "; ".join(problems))
 
@@ -173,9 +207,13 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None, tp: int 
     mappings = needed_mappings(model, family, hf_moe.is_fused(source.weight_map))
     _check_hf_shapes(source, mappings, d, model)
     planned = {n for m in mappings for layer in layers_of(m, model) for n in hf_names(m, layer)}
-    unplanned = sorted(n for n in set(source.weight_map) - planned if not n.endswith(_IGNORED_HF_SUFFIXES))
+    unplanned = sorted(
+        n for n in set(source.weight_map) - planned if not n.endswith(_IGNORED_HF_SUFFIXES)
+    )
     if unplanned:
-        raise ConversionError(f"{hf_dir}: {len(unplanned)} tensor(s) have no megatron counterpart: {unplanned[:5]}")
+        raise ConversionError(
+            f"{hf_dir}: {len(unplanned)} tensor(s) have no megatron counterpart: {unplanned[:5]}"
+        )
     check_target_layout(model, tp, pp)
     built = _LastBuilt()
     chunks = []
@@ -188,8 +226,19 @@ def plan_hf_to_megatron(hf_dir: Path, dtype: torch.dtype | None = None, tp: int 
             stage = tp_pieces.stage_of(mapping.megatron, layer, model.num_layers, pp)
             whole = _whole_tensor(mapping, layer, names, source, d, built)
             stacked = model.num_layers if layer is not None and stacked_layers(model) else None
-            chunks += [_chunk(layer_key(mapping, layer, model), layer, stacked, shape, piece, stored, whole,
-                              tp_pieces.file_of(stage, piece.tp_rank, tp)) for piece in layout]
+            chunks += [
+                _chunk(
+                    layer_key(mapping, layer, model),
+                    layer,
+                    stacked,
+                    shape,
+                    piece,
+                    stored,
+                    whole,
+                    tp_pieces.file_of(stage, piece.tp_rank, tp),
+                )
+                for piece in layout
+            ]
     return model, family, chunks, source
 
 
@@ -216,13 +265,18 @@ class _LastBuilt:
         return self.tensor
 
 
-def _whole_tensor(mapping, layer, names, source, d, built: _LastBuilt) -> Callable[[], torch.Tensor]:
+def _whole_tensor(
+    mapping, layer, names, source, d, built: _LastBuilt
+) -> Callable[[], torch.Tensor]:
     """One layer's (or the whole) megatron tensor of `mapping`, built once for all its pieces."""
-    return lambda: built.get((mapping.megatron, layer), lambda: to_megatron(mapping, [source.get(n) for n in names], d))
+    return lambda: built.get(
+        (mapping.megatron, layer), lambda: to_megatron(mapping, [source.get(n) for n in names], d)
+    )
 
 
 def _chunk(key, layer, num_layers, shape, piece, dtype, whole, file) -> global_view.Chunk:
     """One piece of a tensor; `num_layers`: the layer axis it is stacked on (None: a key of its own)."""
+
     def produce() -> torch.Tensor:
         tensor = whole()
         for dim, (start, length) in enumerate(zip(piece.offsets, piece.shape)):
@@ -231,13 +285,20 @@ def _chunk(key, layer, num_layers, shape, piece, dtype, whole, file) -> global_v
 
     if num_layers is None:
         return global_view.Chunk(key, piece.offsets, piece.shape, shape, dtype, produce, file)
-    return global_view.Chunk(key, (layer, *piece.offsets), (1, *piece.shape), (num_layers, *shape), dtype, produce,
-                             file)
+    return global_view.Chunk(
+        key, (layer, *piece.offsets), (1, *piece.shape), (num_layers, *shape), dtype, produce, file
+    )
 
 
-def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-                   progress: Callable[[global_view.Chunk], None] = lambda c: None, overwrite: bool = False,
-                   tp: int = 1, pp: int = 1) -> Path:
+def hf_to_megatron(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[global_view.Chunk], None] = lambda c: None,
+    overwrite: bool = False,
+    tp: int = 1,
+    pp: int = 1,
+) -> Path:
     """Convert a Hugging Face folder into a megamft checkpoint folder (iteration 0).
 
     Stored for a run at TP=`tp` x PP=`pp`: each rank of such a run (or of one whose TP divides
@@ -250,12 +311,17 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
     check_destination(out_dir, CONVERTED_OUTPUT, inputs=[hf_dir], overwrite=overwrite)
     model, _, chunks, source = plan_hf_to_megatron(hf_dir, dtype, tp, pp)
     cfg = MegamftConfig(model=model)
-    common = {"progress": {"iteration": 0, "consumed_samples": 0}, "config": json.dumps(to_dict(cfg))}
+    common = {
+        "progress": {"iteration": 0, "consumed_samples": 0},
+        "config": json.dumps(to_dict(cfg)),
+    }
     with written_beside(out_dir) as partial:
         copy_tokenizer(hf_dir, partial / "hf")
         shutil.copy2(hf_dir / "config.json", partial / "hf" / "config.json")
         path = global_view.write_checkpoint(partial, 0, chunks, common, on_written=progress)
-        assert not source.unconsumed(), source.unconsumed()  # planned above: every source tensor is written
+        assert not source.unconsumed(), (
+            source.unconsumed()
+        )  # planned above: every source tensor is written
         (path / "megamft_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         (partial / "megamft_model.yaml").write_text(
             "# model section of the converted checkpoint; pass it to `megamft train --config`\n"
@@ -276,7 +342,9 @@ def _checkpoint_dir(path: Path) -> Path:
         return path
     iteration = latest_iteration(path)
     if iteration is None:
-        raise ConversionError(f"{path}: neither a checkpoint nor a folder with a 'latest' checkpoint")
+        raise ConversionError(
+            f"{path}: neither a checkpoint nor a folder with a 'latest' checkpoint"
+        )
     return complete_dir(path, iteration)
 
 
@@ -289,7 +357,9 @@ def _base_weights(ckpt: Path) -> Path:
         return ckpt
     path = complete_dir(base["dir"], base["iteration"])
     if not (path / "metadata.json").is_file():
-        raise ConversionError(f"{ckpt} holds LoRA adapters only; its base checkpoint {path} is missing")
+        raise ConversionError(
+            f"{ckpt} holds LoRA adapters only; its base checkpoint {path} is missing"
+        )
     return path
 
 
@@ -298,9 +368,15 @@ def _config_of_checkpoint(ckpt: Path) -> MegamftConfig:
     return from_dict(json.loads(common["config"]), origin=str(ckpt / "common.pt"))
 
 
-def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
-                   dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
-                   progress: Callable[[int], None] = lambda layer: None, overwrite: bool = False) -> Path:
+def megatron_to_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    hf_template: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    progress: Callable[[int], None] = lambda layer: None,
+    overwrite: bool = False,
+) -> Path:
     """Export a megamft checkpoint (any TP/PP it was trained with) as a Hugging Face folder.
 
     Never writes over the checkpoint, its base or the template; an `out_dir` holding anything
@@ -309,12 +385,18 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     data was rendered with, when the checkpoint recorded it. A template that does not fit the
     model is refused (export_checks.check_template); megamft_source.json records the source.
     """
-    checkpoint = pointed_checkpoint(checkpoint)  # <save_dir>/best or <save_dir>/latest: the folder it names
+    checkpoint = pointed_checkpoint(
+        checkpoint
+    )  # <save_dir>/best or <save_dir>/latest: the folder it names
     ckpt = _checkpoint_dir(checkpoint)
     template = Path(hf_template) if hf_template else _default_template(checkpoint)
     base = global_view.read_common(ckpt).get("lora_base")
-    check_destination(out_dir, HF_EXPORT_OUTPUT, inputs=[checkpoint, ckpt, template, base and base["dir"]],
-                      overwrite=overwrite)
+    check_destination(
+        out_dir,
+        HF_EXPORT_OUTPUT,
+        inputs=[checkpoint, ckpt, template, base and base["dir"]],
+        overwrite=overwrite,
+    )
     cfg = _config_of_checkpoint(ckpt)
     model = cfg.model
     index = global_view.tensor_index(ckpt)
@@ -322,9 +404,17 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
     common = global_view.read_common(ckpt)
     chat_template = training_chat_template(common)
     if template:
-        described = f"--hf-template {template}" if hf_template else f"{template} (beside the checkpoint)"
-        check_template(template, described, hf_config_from_model(model, family, "float32"), model.vocab_size,
-                       chat_template, ckpt)
+        described = (
+            f"--hf-template {template}" if hf_template else f"{template} (beside the checkpoint)"
+        )
+        check_template(
+            template,
+            described,
+            hf_config_from_model(model, family, "float32"),
+            model.vocab_size,
+            chat_template,
+            ckpt,
+        )
     d = Dims.of(model)
     out_dir = Path(out_dir)
     with written_beside(out_dir) as partial:
@@ -338,7 +428,9 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
             tensors = global_view.read_regions(weights, regions)
             stacked = layer is not None and stacked_layers(model)
             if stacked:  # LoRA is refused on models whose layers differ (config validation)
-                tensors = lora_export.merged_layer(ckpt, index, cfg, regions, tensors, from_base=weights != ckpt)
+                tensors = lora_export.merged_layer(
+                    ckpt, index, cfg, regions, tensors, from_base=weights != ckpt
+                )
             for mapping, tensor in zip(group, tensors):
                 tensor = tensor[0] if stacked else tensor
                 stored_dtype = stored_dtype or tensor.dtype
@@ -355,30 +447,55 @@ def megatron_to_hf(checkpoint: str | Path, out_dir: str | Path, hf_template: str
         (partial / "config.json").write_text(json.dumps(config, indent=2))
         if template:
             copy_tokenizer(template, partial)
-        if chat_template is not None:  # prompts formatted as in training, not as the base model's template says
+        if (
+            chat_template is not None
+        ):  # prompts formatted as in training, not as the base model's template says
             write_chat_template(partial, chat_template)
         progress_state = common.get("progress", {})
-        (partial / SOURCE_FILE).write_text(json.dumps(
-            source_identity(ckpt, progress_state.get("iteration"), base, template), indent=2))
+        (partial / SOURCE_FILE).write_text(
+            json.dumps(
+                source_identity(ckpt, progress_state.get("iteration"), base, template), indent=2
+            )
+        )
         mark_output(partial, HF_EXPORT_OUTPUT, checkpoint=str(ckpt.resolve()))
     return out_dir
 
 
-def megatron_to_peft(checkpoint: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
-                     dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+def megatron_to_peft(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    hf_template: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the LoRA adapters of a megamft checkpoint as a PEFT adapter for the Hugging Face base
     (`hf_template`, or the hf/ folder a conversion left beside the base): adapter_config.json and
     adapter_model.safetensors (lora_export). Published like an export: complete or not at all."""
     ckpt = _checkpoint_dir(Path(checkpoint))
     base = global_view.read_common(ckpt).get("lora_base")
-    template = Path(hf_template) if hf_template else (_default_template(Path(checkpoint))
-                                                      or (base and _default_template(Path(base["dir"]))))
-    check_destination(out_dir, lora_export.PEFT_ADAPTER_OUTPUT, inputs=[checkpoint, ckpt, base and base["dir"]],
-                      overwrite=overwrite)
+    template = (
+        Path(hf_template)
+        if hf_template
+        else (
+            _default_template(Path(checkpoint)) or (base and _default_template(Path(base["dir"])))
+        )
+    )
+    check_destination(
+        out_dir,
+        lora_export.PEFT_ADAPTER_OUTPUT,
+        inputs=[checkpoint, ckpt, base and base["dir"]],
+        overwrite=overwrite,
+    )
     cfg = _config_of_checkpoint(ckpt)
     with written_beside(Path(out_dir)) as partial:
-        lora_export.write_peft_adapter(partial, ckpt, cfg, _family_for_export(cfg.model),
-                                       str(template.resolve()) if template else None, dtype)
+        lora_export.write_peft_adapter(
+            partial,
+            ckpt,
+            cfg,
+            _family_for_export(cfg.model),
+            str(template.resolve()) if template else None,
+            dtype,
+        )
         mark_output(partial, lora_export.PEFT_ADAPTER_OUTPUT, checkpoint=str(ckpt.resolve()))
     return Path(out_dir)
 
@@ -434,7 +551,9 @@ class _ShardWriter:
             code = re.search(r"\(os error (\d+)\)", str(err))
             if code is None:
                 raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(self.folder / file)) from err
+            raise OSError(
+                int(code.group(1)), os.strerror(int(code.group(1))), str(self.folder / file)
+            ) from err
         self.files.append(file)
         for name in self.pending:
             self.weight_map[name] = index

@@ -54,10 +54,21 @@ class Dims:
         groups = model.num_query_groups or model.num_attention_heads
         padded = padded_vocab_size(model.vocab_size, 1, model.make_vocab_size_divisible_by)
         mla = model.multi_latent_attention
-        return Dims(model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, groups,
-                    head_dim(model), model.vocab_size, padded, model.max_position_embeddings,
-                    model.v_head_dim if mla else head_dim(model), model.q_lora_rank, model.kv_lora_rank,
-                    model.qk_head_dim, model.qk_pos_emb_head_dim)
+        return Dims(
+            model.hidden_size,
+            model.ffn_hidden_size,
+            model.num_attention_heads,
+            groups,
+            head_dim(model),
+            model.vocab_size,
+            padded,
+            model.max_position_embeddings,
+            model.v_head_dim if mla else head_dim(model),
+            model.q_lora_rank,
+            model.kv_lora_rank,
+            model.qk_head_dim,
+            model.qk_pos_emb_head_dim,
+        )
 
 
 Shapes = Callable[[Dims], list[tuple[int, ...]]]
@@ -87,7 +98,11 @@ def _hidden(d: Dims):
 
 
 def _qkv_weights(d: Dims):
-    return [(d.heads * d.head_dim, d.hidden), (d.groups * d.head_dim, d.hidden), (d.groups * d.head_dim, d.hidden)]
+    return [
+        (d.heads * d.head_dim, d.hidden),
+        (d.groups * d.head_dim, d.hidden),
+        (d.groups * d.head_dim, d.hidden),
+    ]
 
 
 def _qkv_biases(d: Dims):
@@ -122,81 +137,265 @@ def _q_heads(d: Dims) -> int:
 _ATTN, _MLP = "decoder.layers.self_attention.", "decoder.layers.mlp."
 
 MAPPINGS = (
-    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", False,
-            lambda d: [(d.vocab, d.hidden)]),
-    Mapping("output_layer.weight", ("lm_head.weight",), "vocab", False, lambda d: [(d.vocab, d.hidden)],
-            lambda m: not m.tie_embeddings),
+    Mapping(
+        "embedding.word_embeddings.weight",
+        ("model.embed_tokens.weight",),
+        "vocab",
+        False,
+        lambda d: [(d.vocab, d.hidden)],
+    ),
+    Mapping(
+        "output_layer.weight",
+        ("lm_head.weight",),
+        "vocab",
+        False,
+        lambda d: [(d.vocab, d.hidden)],
+        lambda m: not m.tie_embeddings,
+    ),
     Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", False, _hidden),
-    Mapping("decoder.final_layernorm.bias", ("model.norm.bias",), "copy", False, _hidden, _layer_norm),
-    Mapping("embedding.position_embeddings.weight", ("transformer.wpe.weight",), "copy", False,
-            lambda d: [(d.positions, d.hidden)], lambda m: m.position_embedding == "learned_absolute"),
+    Mapping(
+        "decoder.final_layernorm.bias", ("model.norm.bias",), "copy", False, _hidden, _layer_norm
+    ),
+    Mapping(
+        "embedding.position_embeddings.weight",
+        ("transformer.wpe.weight",),
+        "copy",
+        False,
+        lambda d: [(d.positions, d.hidden)],
+        lambda m: m.position_embedding == "learned_absolute",
+    ),
     # attention
-    Mapping(_ATTN + "linear_qkv.layer_norm_weight", ("input_layernorm.weight",), "copy", True, _hidden, _not_mla),
-    Mapping(_ATTN + "linear_qkv.layer_norm_bias", ("input_layernorm.bias",), "copy", True, _hidden,
-            lambda m: _layer_norm(m) and _not_mla(m)),
-    Mapping(_ATTN + "linear_qkv.weight",
-            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv", True,
-            _qkv_weights, _not_mla),
-    Mapping(_ATTN + "linear_qkv.bias",
-            ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", True,
-            _qkv_biases, lambda m: (m.add_qkv_bias or m.add_bias_linear) and _not_mla(m)),
+    Mapping(
+        _ATTN + "linear_qkv.layer_norm_weight",
+        ("input_layernorm.weight",),
+        "copy",
+        True,
+        _hidden,
+        _not_mla,
+    ),
+    Mapping(
+        _ATTN + "linear_qkv.layer_norm_bias",
+        ("input_layernorm.bias",),
+        "copy",
+        True,
+        _hidden,
+        lambda m: _layer_norm(m) and _not_mla(m),
+    ),
+    Mapping(
+        _ATTN + "linear_qkv.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "qkv",
+        True,
+        _qkv_weights,
+        _not_mla,
+    ),
+    Mapping(
+        _ATTN + "linear_qkv.bias",
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        "qkv",
+        True,
+        _qkv_biases,
+        lambda m: (m.add_qkv_bias or m.add_bias_linear) and _not_mla(m),
+    ),
     # multi-latent attention (megatron's MLASelfAttention; its norms under Transformer Engine's fused names)
-    Mapping("decoder.layers.input_layernorm.weight", ("input_layernorm.weight",), "copy", True, _hidden, _mla),
-    Mapping(_ATTN + "linear_q_proj.weight", ("self_attn.q_proj.weight",), "copy", True,
-            lambda d: [(_q_heads(d), d.hidden)], lambda m: _mla(m) and m.q_lora_rank is None),
-    Mapping(_ATTN + "linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), "copy", True,
-            lambda d: [(d.q_lora, d.hidden)], lambda m: _mla(m) and m.q_lora_rank is not None),
-    Mapping(_ATTN + "linear_q_up_proj.layer_norm_weight", ("self_attn.q_a_layernorm.weight",), "copy", True,
-            lambda d: [(d.q_lora,)], lambda m: _mla(m) and m.q_lora_rank is not None),
-    Mapping(_ATTN + "linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), "copy", True,
-            lambda d: [(_q_heads(d), d.q_lora)], lambda m: _mla(m) and m.q_lora_rank is not None),
-    Mapping(_ATTN + "linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), "copy", True,
-            lambda d: [(d.kv_lora + d.rope_dim, d.hidden)], _mla),
-    Mapping(_ATTN + "linear_kv_up_proj.layer_norm_weight", ("self_attn.kv_a_layernorm.weight",), "copy", True,
-            lambda d: [(d.kv_lora,)], _mla),
-    Mapping(_ATTN + "linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), "copy", True,
-            lambda d: [(d.heads * (d.qk_dim + d.value_dim), d.kv_lora)], _mla),
-    Mapping(_ATTN + "q_layernorm.weight", ("self_attn.q_norm.weight",), "copy", True,
-            lambda d: [(d.head_dim,)], lambda m: m.qk_layernorm),
-    Mapping(_ATTN + "k_layernorm.weight", ("self_attn.k_norm.weight",), "copy", True,
-            lambda d: [(d.head_dim,)], lambda m: m.qk_layernorm),
-    Mapping(_ATTN + "linear_proj.weight", ("self_attn.o_proj.weight",), "copy", True,
-            lambda d: [(d.hidden, d.heads * d.value_dim)]),
-    Mapping(_ATTN + "linear_proj.bias", ("self_attn.o_proj.bias",), "copy", True, _hidden,
-            lambda m: m.add_bias_linear),
-    Mapping(_ATTN + "post_layernorm.weight", ("post_attention_layernorm.weight",), "copy", True, _hidden,
-            lambda m: m.post_sublayer_norms),
+    Mapping(
+        "decoder.layers.input_layernorm.weight",
+        ("input_layernorm.weight",),
+        "copy",
+        True,
+        _hidden,
+        _mla,
+    ),
+    Mapping(
+        _ATTN + "linear_q_proj.weight",
+        ("self_attn.q_proj.weight",),
+        "copy",
+        True,
+        lambda d: [(_q_heads(d), d.hidden)],
+        lambda m: _mla(m) and m.q_lora_rank is None,
+    ),
+    Mapping(
+        _ATTN + "linear_q_down_proj.weight",
+        ("self_attn.q_a_proj.weight",),
+        "copy",
+        True,
+        lambda d: [(d.q_lora, d.hidden)],
+        lambda m: _mla(m) and m.q_lora_rank is not None,
+    ),
+    Mapping(
+        _ATTN + "linear_q_up_proj.layer_norm_weight",
+        ("self_attn.q_a_layernorm.weight",),
+        "copy",
+        True,
+        lambda d: [(d.q_lora,)],
+        lambda m: _mla(m) and m.q_lora_rank is not None,
+    ),
+    Mapping(
+        _ATTN + "linear_q_up_proj.weight",
+        ("self_attn.q_b_proj.weight",),
+        "copy",
+        True,
+        lambda d: [(_q_heads(d), d.q_lora)],
+        lambda m: _mla(m) and m.q_lora_rank is not None,
+    ),
+    Mapping(
+        _ATTN + "linear_kv_down_proj.weight",
+        ("self_attn.kv_a_proj_with_mqa.weight",),
+        "copy",
+        True,
+        lambda d: [(d.kv_lora + d.rope_dim, d.hidden)],
+        _mla,
+    ),
+    Mapping(
+        _ATTN + "linear_kv_up_proj.layer_norm_weight",
+        ("self_attn.kv_a_layernorm.weight",),
+        "copy",
+        True,
+        lambda d: [(d.kv_lora,)],
+        _mla,
+    ),
+    Mapping(
+        _ATTN + "linear_kv_up_proj.weight",
+        ("self_attn.kv_b_proj.weight",),
+        "copy",
+        True,
+        lambda d: [(d.heads * (d.qk_dim + d.value_dim), d.kv_lora)],
+        _mla,
+    ),
+    Mapping(
+        _ATTN + "q_layernorm.weight",
+        ("self_attn.q_norm.weight",),
+        "copy",
+        True,
+        lambda d: [(d.head_dim,)],
+        lambda m: m.qk_layernorm,
+    ),
+    Mapping(
+        _ATTN + "k_layernorm.weight",
+        ("self_attn.k_norm.weight",),
+        "copy",
+        True,
+        lambda d: [(d.head_dim,)],
+        lambda m: m.qk_layernorm,
+    ),
+    Mapping(
+        _ATTN + "linear_proj.weight",
+        ("self_attn.o_proj.weight",),
+        "copy",
+        True,
+        lambda d: [(d.hidden, d.heads * d.value_dim)],
+    ),
+    Mapping(
+        _ATTN + "linear_proj.bias",
+        ("self_attn.o_proj.bias",),
+        "copy",
+        True,
+        _hidden,
+        lambda m: m.add_bias_linear,
+    ),
+    Mapping(
+        _ATTN + "post_layernorm.weight",
+        ("post_attention_layernorm.weight",),
+        "copy",
+        True,
+        _hidden,
+        lambda m: m.post_sublayer_norms,
+    ),
     # MLP
-    Mapping(_MLP + "linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",), "copy", True, _hidden),
-    Mapping(_MLP + "linear_fc1.layer_norm_bias", ("post_attention_layernorm.bias",), "copy", True, _hidden,
-            _layer_norm),
-    Mapping(_MLP + "linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up", True,
-            lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)], _dense_gated, moe_layers=False),
-    Mapping(_MLP + "linear_fc2.weight", ("mlp.down_proj.weight",), "copy", True,
-            lambda d: [(d.hidden, d.ffn)], _dense_gated, moe_layers=False),
-    Mapping(_MLP + "linear_fc1.weight", ("mlp.c_fc.weight",), "copy", True, lambda d: [(d.ffn, d.hidden)], _gelu),
-    Mapping(_MLP + "linear_fc2.weight", ("mlp.c_proj.weight",), "copy", True, lambda d: [(d.hidden, d.ffn)], _gelu),
-    Mapping(_MLP + "linear_fc1.bias", ("mlp.c_fc.bias",), "copy", True, lambda d: [(d.ffn,)],
-            lambda m: m.add_bias_linear and _gelu(m)),
-    Mapping(_MLP + "linear_fc2.bias", ("mlp.c_proj.bias",), "copy", True, _hidden,
-            lambda m: m.add_bias_linear and _gelu(m)),
-    Mapping(_MLP + "post_layernorm.weight", ("post_feedforward_layernorm.weight",), "copy", True, _hidden,
-            lambda m: m.post_sublayer_norms),
+    Mapping(
+        _MLP + "linear_fc1.layer_norm_weight",
+        ("post_attention_layernorm.weight",),
+        "copy",
+        True,
+        _hidden,
+    ),
+    Mapping(
+        _MLP + "linear_fc1.layer_norm_bias",
+        ("post_attention_layernorm.bias",),
+        "copy",
+        True,
+        _hidden,
+        _layer_norm,
+    ),
+    Mapping(
+        _MLP + "linear_fc1.weight",
+        ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+        "gate_up",
+        True,
+        lambda d: [(d.ffn, d.hidden), (d.ffn, d.hidden)],
+        _dense_gated,
+        moe_layers=False,
+    ),
+    Mapping(
+        _MLP + "linear_fc2.weight",
+        ("mlp.down_proj.weight",),
+        "copy",
+        True,
+        lambda d: [(d.hidden, d.ffn)],
+        _dense_gated,
+        moe_layers=False,
+    ),
+    Mapping(
+        _MLP + "linear_fc1.weight",
+        ("mlp.c_fc.weight",),
+        "copy",
+        True,
+        lambda d: [(d.ffn, d.hidden)],
+        _gelu,
+    ),
+    Mapping(
+        _MLP + "linear_fc2.weight",
+        ("mlp.c_proj.weight",),
+        "copy",
+        True,
+        lambda d: [(d.hidden, d.ffn)],
+        _gelu,
+    ),
+    Mapping(
+        _MLP + "linear_fc1.bias",
+        ("mlp.c_fc.bias",),
+        "copy",
+        True,
+        lambda d: [(d.ffn,)],
+        lambda m: m.add_bias_linear and _gelu(m),
+    ),
+    Mapping(
+        _MLP + "linear_fc2.bias",
+        ("mlp.c_proj.bias",),
+        "copy",
+        True,
+        _hidden,
+        lambda m: m.add_bias_linear and _gelu(m),
+    ),
+    Mapping(
+        _MLP + "post_layernorm.weight",
+        ("post_feedforward_layernorm.weight",),
+        "copy",
+        True,
+        _hidden,
+        lambda m: m.post_sublayer_norms,
+    ),
 )
 
 
-def needed_mappings(model: ModelConfig, family: Family | None = None, fused_experts: bool = False) -> list[Mapping]:
+def needed_mappings(
+    model: ModelConfig, family: Family | None = None, fused_experts: bool = False
+) -> list[Mapping]:
     """The model's mappings, under the family's names; MoE families add their experts' (per-expert or fused
     layout on disk)."""
     if model.add_bias_linear and is_gated(model):
         raise ValueError("biases on a gated MLP (mlp_bias) have no Hugging Face mapping in megamft")
     dense = [_as_stored(m, family) for m in MAPPINGS if m.needed(model)]
-    experts = hf_moe.expert_mappings(model, family.name, fused_experts) if family and family.moe else []
+    experts = (
+        hf_moe.expert_mappings(model, family.name, fused_experts) if family and family.moe else []
+    )
     names = [n for m in dense + experts for n in m.hf]
     if len(set(names)) != len(names):
         clash = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"{family.hf_architecture if family else 'the default table'} names two megatron "
-                         f"parameters {clash}: this model section has no export in that family")
+        raise ValueError(
+            f"{family.hf_architecture if family else 'the default table'} names two megatron "
+            f"parameters {clash}: this model section has no export in that family"
+        )
     return dense + experts
 
 
@@ -212,8 +411,12 @@ def _as_stored(mapping: Mapping, family: Optional[Family]) -> Mapping:
         return replace(mapping, hf=stored.names, fused=True)
     if stored.layout == "megatron":  # the stored tensor is megatron's own
         parts = mapping.shapes
-        return replace(mapping, hf=stored.names, kind="copy",
-                       shapes=lambda d: [(sum(s[0] for s in parts(d)), *parts(d)[0][1:])])
+        return replace(
+            mapping,
+            hf=stored.names,
+            kind="copy",
+            shapes=lambda d: [(sum(s[0] for s in parts(d)), *parts(d)[0][1:])],
+        )
     return replace(mapping, hf=stored.names)
 
 
@@ -233,7 +436,9 @@ def part_shapes(mapping: Mapping, d: Dims) -> list[tuple[int, ...]]:
 
 
 def hf_names(mapping: Mapping, layer: int | None) -> list[str]:
-    return [mapping.layer_prefix.format(i=layer) + n if mapping.per_layer else n for n in mapping.hf]
+    return [
+        mapping.layer_prefix.format(i=layer) + n if mapping.per_layer else n for n in mapping.hf
+    ]
 
 
 def layers_of(mapping, model: ModelConfig) -> list[int | None]:

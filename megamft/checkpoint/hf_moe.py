@@ -57,13 +57,17 @@ def _copy(megatron: str, hf: str, shape: tuple[int, ...]) -> ExpertMapping:
     return ExpertMapping(megatron, (hf,), (shape,), shape, lambda t: t[0], lambda t: [t])
 
 
-def _per_expert(megatron: str, names: list[tuple[str, ...]], shape: tuple[int, ...], parts: int) -> ExpertMapping:
+def _per_expert(
+    megatron: str, names: list[tuple[str, ...]], shape: tuple[int, ...], parts: int
+) -> ExpertMapping:
     """Stack experts; each expert's `parts` tensors are concatenated along dim 0 ([gate; up])."""
     experts = len(names)
     part_shape = (shape[0] // parts, *shape[1:])
 
     def join(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.cat(tensors[e * parts:(e + 1) * parts]) for e in range(experts)])
+        return torch.stack(
+            [torch.cat(tensors[e * parts : (e + 1) * parts]) for e in range(experts)]
+        )
 
     def split(tensor: torch.Tensor) -> list[torch.Tensor]:
         return [part for expert in tensor for part in expert.chunk(parts)]
@@ -109,18 +113,37 @@ def expert_mappings(model: ModelConfig, family: str, fused: bool = False) -> lis
         names = [prefix.format(e=i) for i in range(e)]
         mappings = [
             _copy(_ROUTER, router, (e, h)),
-            _per_expert(_FC1, [(n + gate + ".weight", n + up + ".weight") for n in names], (2 * f, h), 2),
+            _per_expert(
+                _FC1, [(n + gate + ".weight", n + up + ".weight") for n in names], (2 * f, h), 2
+            ),
             _per_expert(_FC2, [(n + down + ".weight",) for n in names], (h, f), 1),
         ]
-    shared, prefix = model.moe_shared_expert_intermediate_size, _SHARED.get(family, "mlp.shared_expert.")
+    shared, prefix = (
+        model.moe_shared_expert_intermediate_size,
+        _SHARED.get(family, "mlp.shared_expert."),
+    )
     if shared:
         mappings += [
-            ExpertMapping("decoder.layers.mlp.shared_experts.linear_fc1.weight",
-                          (prefix + "gate_proj.weight", prefix + "up_proj.weight"),
-                          ((shared, h), (shared, h)), (2 * shared, h), torch.cat, lambda t: list(t.chunk(2))),
-            _copy("decoder.layers.mlp.shared_experts.linear_fc2.weight", prefix + "down_proj.weight", (h, shared)),
+            ExpertMapping(
+                "decoder.layers.mlp.shared_experts.linear_fc1.weight",
+                (prefix + "gate_proj.weight", prefix + "up_proj.weight"),
+                ((shared, h), (shared, h)),
+                (2 * shared, h),
+                torch.cat,
+                lambda t: list(t.chunk(2)),
+            ),
+            _copy(
+                "decoder.layers.mlp.shared_experts.linear_fc2.weight",
+                prefix + "down_proj.weight",
+                (h, shared),
+            ),
         ]
         if model.moe_shared_expert_gate:
-            mappings.append(_copy("decoder.layers.mlp.shared_experts.gate_weight",
-                                  "mlp.shared_expert_gate.weight", (1, h)))
+            mappings.append(
+                _copy(
+                    "decoder.layers.mlp.shared_experts.gate_weight",
+                    "mlp.shared_expert_gate.weight",
+                    (1, h),
+                )
+            )
     return mappings

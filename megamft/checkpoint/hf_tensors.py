@@ -26,7 +26,9 @@ def megatron_shape(mapping: Mapping, d: Dims) -> tuple[int, ...]:
 def to_megatron(mapping: Mapping, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
     if mapping.kind == hf_moe.MOE_KIND:
         return mapping.join(tensors)
-    if mapping.fused:  # one tensor holding the parts one after another (Phi-3's qkv_proj, gate_up_proj)
+    if (
+        mapping.fused
+    ):  # one tensor holding the parts one after another (Phi-3's qkv_proj, gate_up_proj)
         tensors = list(tensors[0].split([s[0] for s in part_shapes(mapping, d)]))
     if mapping.kind == "copy":
         return tensors[0]

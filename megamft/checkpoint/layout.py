@@ -40,8 +40,11 @@ def complete_dir(save_dir: str | Path, iteration: int) -> Path:
 
 def complete_iterations(save_dir: str | Path) -> list[int]:
     """Iterations of the complete checkpoints in save_dir, oldest first."""
-    return sorted(int(p.name[len("iter_"):]) for p in Path(save_dir).glob("iter_*")
-                  if p.is_dir() and p.name[len("iter_"):].isdigit())
+    return sorted(
+        int(p.name[len("iter_") :])
+        for p in Path(save_dir).glob("iter_*")
+        if p.is_dir() and p.name[len("iter_") :].isdigit()
+    )
 
 
 def latest_iteration(save_dir: str | Path, pointer_name: str = LATEST) -> int | None:
@@ -51,8 +54,10 @@ def latest_iteration(save_dir: str | Path, pointer_name: str = LATEST) -> int | 
         return None
     text = pointer.read_text().strip()
     if not text.isdigit() or not complete_dir(save_dir, int(text)).is_dir():
-        raise CheckpointError(f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}; "
-                              "point it at one (or remove it to start afresh)")
+        raise CheckpointError(
+            f"{pointer} names '{text}', which is not a complete checkpoint in {save_dir}; "
+            "point it at one (or remove it to start afresh)"
+        )
     return int(text)
 
 

@@ -26,20 +26,26 @@ import torch
 from safetensors.torch import save_file
 
 from megamft.checkpoint import global_view, hf_moe, tp_pieces
-from megamft.checkpoint.hf_tensors import to_hf
 from megamft.checkpoint.hf_mappings import Dims, Mapping, hf_names, needed_mappings
+from megamft.checkpoint.hf_tensors import to_hf
 from megamft.config import MegamftConfig
 
 PEFT_ADAPTER_OUTPUT = "megatron-to-peft-adapter"  # kind of output folder (see output_folder)
-_BASE_LINEARS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+_BASE_LINEARS = (
+    "linear_qkv.weight",
+    "linear_proj.weight",
+    "linear_fc1.weight",
+    "linear_fc2.weight",
+)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------- merged into the weights
 
 
-def merged_layer(ckpt: Path, index: dict, cfg: MegamftConfig, regions: list, tensors: list,
-                 from_base: bool) -> list:
+def merged_layer(
+    ckpt: Path, index: dict, cfg: MegamftConfig, regions: list, tensors: list, from_base: bool
+) -> list:
     """One layer's tensors (regions of the base) with the run's adapters merged in. With `from_base` (an
     adapter-only checkpoint: the tensors are its base checkpoint's), a QLoRA run's base linears are first
     what its ranks computed with (nf4_as_trained), and the sum is rounded to the training precision, as the
@@ -49,7 +55,9 @@ def merged_layer(ckpt: Path, index: dict, cfg: MegamftConfig, regions: list, ten
     for i, region in enumerate(regions):
         if not region.key.endswith(_BASE_LINEARS):
             continue
-        tensor = nf4_as_trained(region.key, tensors[i][0], cfg).unsqueeze(0) if quantized else tensors[i]
+        tensor = (
+            nf4_as_trained(region.key, tensors[i][0], cfg).unsqueeze(0) if quantized else tensors[i]
+        )
         stem = region.key.removesuffix(".weight")
         if f"{stem}.lora_A" in index:
             a, b = _read_adapter(ckpt, index, stem, region.offsets[0])
@@ -59,12 +67,18 @@ def merged_layer(ckpt: Path, index: dict, cfg: MegamftConfig, regions: list, ten
     return merged
 
 
-def _read_adapter(ckpt: Path, index: dict, stem: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_adapter(
+    ckpt: Path, index: dict, stem: str, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A and B of one layer's linear (routed experts: stacked over experts)."""
     regions = []
     for name in ("lora_A", "lora_B"):
         shape = tuple(index[f"{stem}.{name}"].size)
-        regions.append(global_view.Region(f"{stem}.{name}", (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:])))
+        regions.append(
+            global_view.Region(
+                f"{stem}.{name}", (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:])
+            )
+        )
     a, b = global_view.read_regions(ckpt, regions)
     return a[0], b[0]
 
@@ -76,7 +90,11 @@ def nf4_as_trained(key: str, tensor: torch.Tensor, cfg: MegamftConfig) -> torch.
 
     p = cfg.parallel
     experts = ".experts.experts." in key
-    tp = (p.expert_tensor_parallel_size or p.tensor_model_parallel_size) if experts else p.tensor_model_parallel_size
+    tp = (
+        (p.expert_tensor_parallel_size or p.tensor_model_parallel_size)
+        if experts
+        else p.tensor_model_parallel_size
+    )
     split = tp_pieces.split_of(key, cfg.model.mlp_activation == "swiglu")
     dtype = _DTYPES[cfg.train.precision]
     out = torch.empty(tensor.shape, dtype=dtype)
@@ -84,12 +102,16 @@ def nf4_as_trained(key: str, tensor: torch.Tensor, cfg: MegamftConfig) -> torch.
         local = torch.cat([_narrow(tensor, piece) for piece in group], dim=split.axis)
         packed, statistics = quantize_nf4(local.to(dtype))
         back = statistics.dequantize(packed)
-        for piece, part in zip(group, back.split([piece.shape[split.axis] for piece in group], dim=split.axis)):
+        for piece, part in zip(
+            group, back.split([piece.shape[split.axis] for piece in group], dim=split.axis)
+        ):
             _narrow(out, piece).copy_(part)
     return out
 
 
-def _rank_shards(shape: tuple[int, ...], split: tp_pieces.Split, tp: int) -> list[list[tp_pieces.Piece]]:
+def _rank_shards(
+    shape: tuple[int, ...], split: tp_pieces.Split, tp: int
+) -> list[list[tp_pieces.Piece]]:
     """The pieces each training rank held as one local tensor (per expert for routed experts), in order."""
     groups: dict[tuple, list] = {}
     for piece in tp_pieces.pieces(shape, split, tp):
@@ -107,21 +129,30 @@ def _narrow(tensor: torch.Tensor, piece: tp_pieces.Piece) -> torch.Tensor:
 # ---------------------------------------------------------------- PEFT adapter
 
 
-def peft_adapter_tensors(ckpt: Path, cfg: MegamftConfig, mappings: list[Mapping],
-                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def peft_adapter_tensors(
+    ckpt: Path, cfg: MegamftConfig, mappings: list[Mapping], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """PEFT's key -> tensor for every adapted linear of every layer in the checkpoint."""
     index = global_view.tensor_index(ckpt)
     d = Dims.of(cfg.model)
     out = {}
     for mapping in mappings:
         stem = mapping.megatron.removesuffix(".weight")
-        if not mapping.per_layer or not mapping.megatron.endswith(_BASE_LINEARS) or f"{stem}.lora_A" not in index:
+        if (
+            not mapping.per_layer
+            or not mapping.megatron.endswith(_BASE_LINEARS)
+            or f"{stem}.lora_A" not in index
+        ):
             continue
         for layer in range(cfg.model.num_layers):
             a, b = _read_adapter(ckpt, index, stem, layer)
             for module, a_part, b_part in _hf_adapters(mapping, a, b, d, layer):
-                out[f"base_model.model.{module}.lora_A.weight"] = a_part.to(dtype or a_part.dtype).clone()
-                out[f"base_model.model.{module}.lora_B.weight"] = b_part.to(dtype or b_part.dtype).clone()
+                out[f"base_model.model.{module}.lora_A.weight"] = a_part.to(
+                    dtype or a_part.dtype
+                ).clone()
+                out[f"base_model.model.{module}.lora_B.weight"] = b_part.to(
+                    dtype or b_part.dtype
+                ).clone()
     return out
 
 
@@ -134,10 +165,15 @@ def _hf_adapters(mapping: Mapping, a: torch.Tensor, b: torch.Tensor, d: Dims, la
         a_parts = [a[i // per_expert] for i in range(len(names))]
     else:
         a_parts = [a] * len(names)
-    return [(name.removesuffix(".weight"), a_part, b_part) for name, a_part, b_part in zip(names, a_parts, b_parts)]
+    return [
+        (name.removesuffix(".weight"), a_part, b_part)
+        for name, a_part, b_part in zip(names, a_parts, b_parts)
+    ]
 
 
-def adapter_config(cfg: MegamftConfig, modules: list[str], all_linears: list[str], base: str | None) -> dict:
+def adapter_config(
+    cfg: MegamftConfig, modules: list[str], all_linears: list[str], base: str | None
+) -> dict:
     """PEFT's LoraConfig as adapter_config.json holds it.
 
     target_modules: the adapted modules' last names when those select exactly them among the base's
@@ -150,10 +186,19 @@ def adapter_config(cfg: MegamftConfig, modules: list[str], all_linears: list[str
     else:  # e.g. routed experts' gate_proj adapted but not the shared expert's
         targets = "^(" + "|".join(sorted({_pattern(m) for m in modules})) + ")$"
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-        "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "use_rslora": lora.use_rslora,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "use_rslora": lora.use_rslora,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
     }
 
 
@@ -162,17 +207,35 @@ def _pattern(module: str) -> str:
     return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in module.split("."))
 
 
-def write_peft_adapter(folder: Path, ckpt: Path, cfg: MegamftConfig, family, base: str | None,
-                       dtype: torch.dtype | None = None) -> None:
+def write_peft_adapter(
+    folder: Path,
+    ckpt: Path,
+    cfg: MegamftConfig,
+    family,
+    base: str | None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write adapter_config.json and adapter_model.safetensors into `folder`."""
     mappings = needed_mappings(cfg.model, family)
     tensors = peft_adapter_tensors(ckpt, cfg, mappings, dtype)
     if not tensors:
-        raise ValueError(f"{ckpt} holds no LoRA adapters (lora.enabled was false when it was saved)")
-    modules = sorted({k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                      for k in tensors if k.endswith(".lora_A.weight")})
-    all_linears = [name.removesuffix(".weight") for m in mappings if m.per_layer and m.megatron.endswith(_BASE_LINEARS)
-                   for layer in range(cfg.model.num_layers) for name in hf_names(m, layer)]
+        raise ValueError(
+            f"{ckpt} holds no LoRA adapters (lora.enabled was false when it was saved)"
+        )
+    modules = sorted(
+        {
+            k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            for k in tensors
+            if k.endswith(".lora_A.weight")
+        }
+    )
+    all_linears = [
+        name.removesuffix(".weight")
+        for m in mappings
+        if m.per_layer and m.megatron.endswith(_BASE_LINEARS)
+        for layer in range(cfg.model.num_layers)
+        for name in hf_names(m, layer)
+    ]
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     config = adapter_config(cfg, modules, all_linears, base)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -27,17 +27,36 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from megamft.checkpoint.layout import (CONFIG_FILE, DATA_IDENTITY_FILE, complete_dir, complete_iterations,
-                                       latest_iteration)
+from megamft.checkpoint.layout import (
+    CONFIG_FILE,
+    DATA_IDENTITY_FILE,
+    complete_dir,
+    complete_iterations,
+    latest_iteration,
+)
 from megamft.config import MegamftConfig, to_dict
 from megamft.config.loading import PATH_KEYS
 from megamft.data.identity import data_identity, identity_differences
 from megamft.data.manifest import DataIntegrityError, load_manifest
 from megamft.platform.folder_lock import FolderLock
-from megamft.platform.output_folder import TRAINING_OUTPUT, DestinationError, check_destination, mark_output
+from megamft.platform.output_folder import (
+    TRAINING_OUTPUT,
+    DestinationError,
+    check_destination,
+    mark_output,
+)
 from megamft.sizing.memory import checkpoint_bytes
+
 # What makes two runs the same run; everything else (steps, layout, intervals, paths) may change on resume.
-_RUN_DEFINING = ("model", "data", "loss", "lora", "train.seed", "train.global_batch_size", "train.precision")
+_RUN_DEFINING = (
+    "model",
+    "data",
+    "loss",
+    "lora",
+    "train.seed",
+    "train.global_batch_size",
+    "train.precision",
+)
 # Inside those, what may change between a run's restarts: the attention kernels compute the same model,
 # and how thoroughly the data is checked changes no data.
 _NOT_RUN_DEFINING = ("model.attention_backend", "model.flash_attention_impl", "data.verify")
@@ -65,18 +84,26 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _defining(flat: dict) -> dict:
-    return {k: v for k, v in flat.items()
-            if any(k == d or k.startswith(d + ".") for d in _RUN_DEFINING) and k not in _NOT_RUN_DEFINING}
+    return {
+        k: v
+        for k, v in flat.items()
+        if any(k == d or k.startswith(d + ".") for d in _RUN_DEFINING)
+        and k not in _NOT_RUN_DEFINING
+    }
 
 
 def _absolute_paths(flat: dict) -> dict:
     """Folders as absolute paths: configs saved before load_config made them absolute hold them relative
     (to the working directory, taken to be this one)."""
-    return {k: os.path.abspath(os.path.expanduser(v)) if k in PATH_KEYS and isinstance(v, str) else v
-            for k, v in flat.items()}
+    return {
+        k: os.path.abspath(os.path.expanduser(v)) if k in PATH_KEYS and isinstance(v, str) else v
+        for k, v in flat.items()
+    }
 
 
-def run_differences(saved: dict, current: MegamftConfig, data_by_content: bool = False) -> list[str]:
+def run_differences(
+    saved: dict, current: MegamftConfig, data_by_content: bool = False
+) -> list[str]:
     """Run-defining fields whose values differ, as 'field: saved -> now'.
 
     Fields unset on either side (None, derived at start such as model.vocab_size) are not compared;
@@ -84,9 +111,14 @@ def run_differences(saved: dict, current: MegamftConfig, data_by_content: bool =
     instead (data_differences), so data.path is not.
     """
     old, new = (_absolute_paths(_defining(_flatten(tree))) for tree in (saved, to_dict(current)))
-    return [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in sorted(new.items())
-            if value is not None and old.get(key) is not None and old.get(key) != value
-            and not (data_by_content and key == "data.path")]
+    return [
+        f"{key}: {old.get(key)!r} -> {value!r}"
+        for key, value in sorted(new.items())
+        if value is not None
+        and old.get(key) is not None
+        and old.get(key) != value
+        and not (data_by_content and key == "data.path")
+    ]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -130,9 +162,14 @@ def check_save_folder(cfg: MegamftConfig) -> int | None:
     if not ckpt.save_dir:
         return None
     base = ckpt.load_dir if ckpt.load_dir and not _same(ckpt.load_dir, ckpt.save_dir) else None
-    check_destination(ckpt.save_dir, TRAINING_OUTPUT, inputs=[base, cfg.data.path if cfg.data.source == "indexed"
-                                                              else None],
-                      overwrite=ckpt.overwrite, option="checkpoint.save_dir", recognise=_is_training_folder)
+    check_destination(
+        ckpt.save_dir,
+        TRAINING_OUTPUT,
+        inputs=[base, cfg.data.path if cfg.data.source == "indexed" else None],
+        overwrite=ckpt.overwrite,
+        option="checkpoint.save_dir",
+        recognise=_is_training_folder,
+    )
     _check_writable(Path(ckpt.save_dir))
     latest = latest_iteration(ckpt.save_dir)
     _check_room(cfg, latest)
@@ -147,12 +184,14 @@ def check_save_folder(cfg: MegamftConfig) -> int | None:
             f"checkpoint.save_dir {ckpt.save_dir} holds another run's checkpoints (latest iteration {latest}), "
             f"which differs in: {'; '.join(differences)}. Resume it with its settings, or choose another "
             "checkpoint.save_dir (checkpoint.allow_config_change=true resumes it anyway, "
-            "checkpoint.overwrite=true starts a new run over it)")
+            "checkpoint.overwrite=true starts a new run over it)"
+        )
     if ckpt.resume == "never" and not ckpt.overwrite and not _same(ckpt.load_dir, ckpt.save_dir):
         raise DestinationError(
             f"checkpoint.save_dir {ckpt.save_dir} already holds this run's checkpoints (latest iteration {latest}) "
             "and checkpoint.resume=never would start again over them. Use checkpoint.resume=auto to continue "
-            "it, another checkpoint.save_dir, or checkpoint.overwrite=true")
+            "it, another checkpoint.save_dir, or checkpoint.overwrite=true"
+        )
     return latest
 
 
@@ -164,8 +203,10 @@ def _check_writable(folder: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise DestinationError(f"checkpoint.save_dir {folder} cannot be written ({err.strerror}); choose a "
-                               "folder this user can write, on a file system with room for checkpoints") from None
+        raise DestinationError(
+            f"checkpoint.save_dir {folder} cannot be written ({err.strerror}); choose a "
+            "folder this user can write, on a file system with room for checkpoints"
+        ) from None
 
 
 def saves_ahead(cfg: MegamftConfig, start: int) -> int:
@@ -175,14 +216,20 @@ def saves_ahead(cfg: MegamftConfig, start: int) -> int:
     steps, interval = cfg.train.train_steps, cfg.checkpoint.save_interval
     if steps <= start:
         return 0
-    regular = steps // interval - start // interval + (1 if steps % interval else 0) if interval else 1
+    regular = (
+        steps // interval - start // interval + (1 if steps % interval else 0) if interval else 1
+    )
     measured = measurement_interval(cfg) if cfg.checkpoint.keep_best else 0
     return regular + (steps // measured - start // measured if measured else 0)
 
 
 def measurement_interval(cfg: MegamftConfig) -> int:
     """Steps between measurements of checkpoint.best_metric (0: only at the end of training)."""
-    return cfg.eval.interval if cfg.checkpoint.best_metric.startswith("eval/") else cfg.train.eval_interval
+    return (
+        cfg.eval.interval
+        if cfg.checkpoint.best_metric.startswith("eval/")
+        else cfg.train.eval_interval
+    )
 
 
 def new_checkpoints_at_once(cfg: MegamftConfig, start: int, existing: int) -> int:
@@ -219,7 +266,8 @@ def _check_room(cfg: MegamftConfig, latest: int | None) -> None:
             f"checkpoint(s) this run keeps there at once need (about {one / 2**30:.1f} GiB each; "
             f"checkpoint.keep_last={cfg.checkpoint.keep_last}, keep_best={cfg.checkpoint.keep_best}, "
             f"async_save={cfg.checkpoint.async_save}); free space, lower checkpoint.keep_last or keep_best, or "
-            "choose another folder")
+            "choose another folder"
+        )
 
 
 def _same(a: str | None, b: str | None) -> bool:
@@ -233,15 +281,27 @@ def plan_start(cfg: MegamftConfig, latest_in_save_dir: int | None) -> StartPlan:
         if latest_in_save_dir is not None and not ckpt.overwrite:
             rollback = _same(ckpt.load_dir, ckpt.save_dir) and ckpt.load_iteration is not None
             iteration = ckpt.load_iteration if rollback else latest_in_save_dir
-            return StartPlan(ckpt.save_dir, iteration, True,
-                             f"resuming {ckpt.save_dir} at iteration {iteration} (checkpoint.resume=auto)")
+            return StartPlan(
+                ckpt.save_dir,
+                iteration,
+                True,
+                f"resuming {ckpt.save_dir} at iteration {iteration} (checkpoint.resume=auto)",
+            )
         if ckpt.load_dir:
-            return StartPlan(ckpt.load_dir, ckpt.load_iteration, False,
-                             f"starting from the weights of {ckpt.load_dir} (a base: no optimizer state)")
+            return StartPlan(
+                ckpt.load_dir,
+                ckpt.load_iteration,
+                False,
+                f"starting from the weights of {ckpt.load_dir} (a base: no optimizer state)",
+            )
         return StartPlan(None, None, False, "starting from initial weights")
     if ckpt.load_dir:
-        return StartPlan(ckpt.load_dir, ckpt.load_iteration, ckpt.load_optimizer,
-                         f"loading {ckpt.load_dir} ({'resume' if ckpt.load_optimizer else 'weights only'})")
+        return StartPlan(
+            ckpt.load_dir,
+            ckpt.load_iteration,
+            ckpt.load_optimizer,
+            f"loading {ckpt.load_dir} ({'resume' if ckpt.load_optimizer else 'weights only'})",
+        )
     return StartPlan(None, None, False, "starting from initial weights")
 
 
@@ -274,6 +334,8 @@ def tokenizer_mismatch(data_manifest: dict, checkpoint_dir: str | Path) -> str |
         return None
     if file_sha256(model_file) == used["sha256"]:
         return None
-    return (f"the data was tokenized with another {used['file']} than the model's ({model_file}); re-run "
-            f"megamft-preprocess with --tokenizer {model_file}, or set checkpoint.allow_config_change=true "
-            "if the change is deliberate")
+    return (
+        f"the data was tokenized with another {used['file']} than the model's ({model_file}); re-run "
+        f"megamft-preprocess with --tokenizer {model_file}, or set checkpoint.allow_config_change=true "
+        "if the change is deliberate"
+    )

@@ -28,13 +28,13 @@ class SaveError(UserError, OSError):
 
 _SAVE_ADVICE = {
     errno.ENOSPC: "no space left on the device; free space there, lower checkpoint.keep_last, or choose another "
-                  "checkpoint.save_dir",
+    "checkpoint.save_dir",
     errno.EDQUOT: "disk quota exceeded; free space there, lower checkpoint.keep_last, or choose another "
-                  "checkpoint.save_dir",
+    "checkpoint.save_dir",
     errno.EFBIG: "file too large for this file system or this user's limit (ulimit -f); choose another "
-                 "checkpoint.save_dir or raise the limit",
+    "checkpoint.save_dir or raise the limit",
     errno.EROFS: "the file system became read-only (often after disk errors); check it, or choose another "
-                 "checkpoint.save_dir",
+    "checkpoint.save_dir",
     errno.EIO: "input/output error (a failing disk or network file system); check that file system",
 }
 
@@ -51,8 +51,10 @@ def disk_error(err: BaseException) -> OSError | None:
         if isinstance(current, OSError) and current.errno in _SAVE_ADVICE:
             return current
         if isinstance(current, CheckpointException):
-            todo += [failure[0] if isinstance(failure, tuple) else failure
-                     for failure in current.failures.values()]
+            todo += [
+                failure[0] if isinstance(failure, tuple) else failure
+                for failure in current.failures.values()
+            ]
         todo += [current.__cause__, current.__context__]
     return None
 
@@ -96,7 +98,9 @@ def unfinished_removed(partials: list[Path], iteration: int, save_dir: str | Pat
         if cause is None:
             raise
         advice = _SAVE_ADVICE[cause.errno]
-        refused = SaveError(f"{save_dir}: {advice} (the checkpoint of step {iteration} was not written; the "
-                            "earlier ones are as they were)")
+        refused = SaveError(
+            f"{save_dir}: {advice} (the checkpoint of step {iteration} was not written; the "
+            "earlier ones are as they were)"
+        )
         refused.errno = cause.errno
         raise refused from err

@@ -63,7 +63,9 @@ def optimizer_layout(chunks) -> dict:
     per buffer, as without ddp.overlap_grad_reduce; megatron's default grows with DP above 40)."""
     ddp = getattr(chunks[0], "ddp_config", None)
     return {
-        "optimizer.use_distributed_optimizer": ddp.use_distributed_optimizer if ddp is not None else None,
+        "optimizer.use_distributed_optimizer": ddp.use_distributed_optimizer
+        if ddp is not None
+        else None,
         "parallel.tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "parallel.pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "parallel.virtual_pipeline_model_parallel_size": len(chunks) if len(chunks) > 1 else None,
@@ -83,8 +85,11 @@ def check_loadable_at(path: Path, stored_keys, common: dict, layout: dict) -> No
     if not any(_DP_SHARDED_KEY.match(key) for key in stored_keys):
         return
     saved = common.get(LAYOUT_KEY, {})
-    differences = [f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
-                   for key, value in layout.items() if saved.get(key) != value]
+    differences = [
+        f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+        for key, value in layout.items()
+        if saved.get(key) != value
+    ]
     if not differences:
         return
     raise CheckpointError(
@@ -92,7 +97,8 @@ def check_loadable_at(path: Path, stored_keys, common: dict, layout: dict) -> No
         f"at the model-parallel layout that saved it (any DP size); differs in: {'; '.join(differences)}. "
         "Resume at the checkpoint's layout (its megamft_config.json), or resume there once with "
         "checkpoint.optimizer_format=reshardable and save (a reshardable checkpoint loads at any layout), "
-        "or set checkpoint.load_optimizer=false to start a new fine-tune from its weights")
+        "or set checkpoint.load_optimizer=false to start a new fine-tune from its weights"
+    )
 
 
 def save_strategy():
@@ -102,7 +108,9 @@ def save_strategy():
 
 def load_strategy(path: Path):
     """megatron's reader for `path`, each tensor every DP rank needs read by one rank and sent to the others."""
-    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), _dp_group())
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(path)), _dp_group()
+    )
 
 
 def _dp_group():

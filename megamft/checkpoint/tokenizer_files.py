@@ -15,8 +15,15 @@ from pathlib import Path
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", CHAT_TEMPLATE_FILE,
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    CHAT_TEMPLATE_FILE,
 )
 _CONFIG = "tokenizer_config.json"
 
@@ -38,7 +45,9 @@ def write_chat_template(folder: Path, source: str) -> None:
     config_path = folder / _CONFIG
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["chat_template"] = source  # also replaces a list of named templates: training used this one
+        config["chat_template"] = (
+            source  # also replaces a list of named templates: training used this one
+        )
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 

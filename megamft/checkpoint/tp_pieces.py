@@ -50,12 +50,27 @@ class Piece:
     tp_rank: int
 
 
-_REPLICATED_MODULES = ("final_layernorm", "q_layernorm", "k_layernorm", "router", "post_layernorm",
-                       "position_embeddings", "input_layernorm")
+_REPLICATED_MODULES = (
+    "final_layernorm",
+    "q_layernorm",
+    "k_layernorm",
+    "router",
+    "post_layernorm",
+    "position_embeddings",
+    "input_layernorm",
+)
 # Multi-latent attention's projections: ColumnParallelLinear in megatron's local MLA layer (the down
 # projections too, gathered after; Transformer Engine's layer keeps those whole: either loads these pieces).
-_COLUMN_MODULES = ("word_embeddings", "output_layer", "linear_qkv", "linear_q_proj", "linear_q_down_proj",
-                   "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
+_COLUMN_MODULES = (
+    "word_embeddings",
+    "output_layer",
+    "linear_qkv",
+    "linear_q_proj",
+    "linear_q_down_proj",
+    "linear_q_up_proj",
+    "linear_kv_down_proj",
+    "linear_kv_up_proj",
+)
 
 
 def split_of(key: str, gated: bool) -> Split:
@@ -79,13 +94,17 @@ def pieces(shape: tuple[int, ...], split: Split, tp: int) -> list[Piece]:
     """The chunks to store one layer's tensor of `shape` in, for TP=`tp`."""
     if split.per_expert:
         inner = pieces(shape[1:], replace(split, axis=split.axis - 1, per_expert=False), tp)
-        return [Piece((e, *p.offsets), (1, *p.shape), p.tp_rank) for e in range(shape[0]) for p in inner]
+        return [
+            Piece((e, *p.offsets), (1, *p.shape), p.tp_rank) for e in range(shape[0]) for p in inner
+        ]
     zeros = (0,) * len(shape)
     if split.axis is None:
         return [Piece(zeros, tuple(shape), 0)]
     count = tp * split.pieces_per_rank
     if shape[split.axis] % count:
-        raise ValueError(f"dimension {split.axis} of {tuple(shape)} does not split into {count} pieces")
+        raise ValueError(
+            f"dimension {split.axis} of {tuple(shape)} does not split into {count} pieces"
+        )
     size = shape[split.axis] // count
     return [
         Piece(_at(zeros, split.axis, i * size), _at(tuple(shape), split.axis, size), i % tp)
@@ -94,7 +113,7 @@ def pieces(shape: tuple[int, ...], split: Split, tp: int) -> list[Piece]:
 
 
 def _at(values: tuple[int, ...], axis: int, value: int) -> tuple[int, ...]:
-    return values[:axis] + (value,) + values[axis + 1:]
+    return values[:axis] + (value,) + values[axis + 1 :]
 
 
 def stage_of(key: str, layer: int | None, num_layers: int, pp: int) -> int:

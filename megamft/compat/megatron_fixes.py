@@ -32,10 +32,10 @@ def _checkpoint_manager_dies_with_its_trainer() -> None:
     """megatron's checkpoint writer collects its results through a multiprocessing Manager, started with
     spawn at the first save (filesystem_async._get_write_results_queue); the manager ignores SIGINT and
     outlives a trainer killed with SIGKILL, orphaned. The same manager, told to die with its trainer."""
+    import multiprocessing
     from multiprocessing.managers import SyncManager
 
     import megatron.core.dist_checkpointing.strategies.filesystem_async as filesystem_async
-    import multiprocessing
 
     from megamft.platform.signals import die_with_parent
 
@@ -86,7 +86,8 @@ def _load_dp_reshardable_state_without_autograd() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     DistributedOptimizer.load_parameter_state_from_dp_reshardable = torch.no_grad()(
-        DistributedOptimizer.load_parameter_state_from_dp_reshardable)
+        DistributedOptimizer.load_parameter_state_from_dp_reshardable
+    )
 
 
 def _save_fully_reshardable_state_from_its_own_offsets() -> None:
@@ -123,8 +124,10 @@ def _offsets_without_bucket_padding(buffer) -> dict:
     for bucket in buffer.buckets:
         padding_before.append(padding)
         padding += bucket.grad_data.numel() - bucket.numel_unpadded
-    return {param: (start - padding_before[bucket_id], end - padding_before[bucket_id], bucket_id)
-            for param, (start, end, bucket_id) in buffer.param_index_map.items()}
+    return {
+        param: (start - padding_before[bucket_id], end - padding_before[bucket_id], bucket_id)
+        for param, (start, end, bucket_id) in buffer.param_index_map.items()
+    }
 
 
 def _mla_without_transformer_engine() -> None:
@@ -166,8 +169,10 @@ def _keep_torch_adam_step_on_reshardable_load() -> None:
 
     @functools.wraps(original)
     def set_states(self, model_param, tensors):
-        if (keeps_step_per_parameter(self.optimizer)
-                and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8):
+        if (
+            keeps_step_per_parameter(self.optimizer)
+            and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+        ):
             group_index, group_order = self.model_param_group_index_map[model_param]
             main_param = self.optimizer.param_groups[group_index]["params"][group_order]
             state = self.optimizer.state[main_param]

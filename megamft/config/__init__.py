@@ -25,7 +25,20 @@ from megamft.config.schema import (
 from megamft.config.validation import data_parallel_size, validate
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "LoraConfig", "LossConfig", "MegamftConfig",
-    "ModelConfig", "ParallelConfig", "TrainConfig",
-    "apply_override", "data_parallel_size", "from_dict", "load_config", "to_dict", "validate",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LoraConfig",
+    "LossConfig",
+    "MegamftConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "apply_override",
+    "data_parallel_size",
+    "from_dict",
+    "load_config",
+    "to_dict",
+    "validate",
 ]

@@ -36,12 +36,33 @@ def _megatron_schemas() -> dict[str, type]:
 # megatron fields that megamft derives from its own sections; setting them in a
 # pass-through section would silently fight with those sections.
 _OWNED_TRANSFORMER_FIELDS = {
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-    "virtual_pipeline_model_parallel_size", "sequence_parallel", "normalization",
-    "gated_linear_unit", "activation_func", "add_bias_linear", "layernorm_epsilon",
-    "init_method_std", "params_dtype", "pipeline_dtype", "bf16", "fp16", "calculate_per_token_loss",
-    "add_qkv_bias", "kv_channels", "qk_layernorm", "window_size", "window_attn_skip_freq", "softmax_scale",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "context_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "sequence_parallel",
+    "normalization",
+    "gated_linear_unit",
+    "activation_func",
+    "add_bias_linear",
+    "layernorm_epsilon",
+    "init_method_std",
+    "params_dtype",
+    "pipeline_dtype",
+    "bf16",
+    "fp16",
+    "calculate_per_token_loss",
+    "add_qkv_bias",
+    "kv_channels",
+    "qk_layernorm",
+    "window_size",
+    "window_attn_skip_freq",
+    "softmax_scale",
     "layernorm_zero_centered_gamma",
 }
 _OWNED_FIELDS = {
@@ -65,7 +86,9 @@ def load_config(
     elif isinstance(paths, (str, Path)):
         paths = [paths]
     if any(not str(path).strip() for path in paths if isinstance(path, str)):
-        raise ConfigError("--config was given an empty path; give a YAML file, or leave --config out for the defaults")
+        raise ConfigError(
+            "--config was given an empty path; give a YAML file, or leave --config out for the defaults"
+        )
     cfg = MegamftConfig()
     for path in map(Path, paths):
         _apply_dict(cfg, _read_yaml(path), origin=str(path))
@@ -89,8 +112,10 @@ def make_paths_absolute(cfg: MegamftConfig) -> None:
         value = getattr(section, key)
         if value:
             setattr(section, key, os.path.abspath(os.path.expanduser(value)))
-    cfg.eval.problems = {name: path if path == PACKAGED_HUMANEVAL else os.path.abspath(os.path.expanduser(path))
-                         for name, path in cfg.eval.problems.items()}
+    cfg.eval.problems = {
+        name: path if path == PACKAGED_HUMANEVAL else os.path.abspath(os.path.expanduser(path))
+        for name, path in cfg.eval.problems.items()
+    }
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -102,8 +127,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"'{key}' is given twice (first on line {seen[key] + 1}); keep one",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"'{key}' is given twice (first on line {seen[key] + 1}); keep one",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -117,8 +145,10 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw == {}:
-        raise ConfigError(f"config file {path} is empty (no section in it): was it saved? Give the sections "
-                          "(model:, data:, train:, ...), or leave the file out for the defaults")
+        raise ConfigError(
+            f"config file {path} is empty (no section in it): was it saved? Give the sections "
+            "(model:, data:, train:, ...), or leave the file out for the defaults"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return raw
@@ -152,12 +182,16 @@ def apply_override(cfg: MegamftConfig, item: str) -> None:
     if not sep or "." not in dotted:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     if not text.strip():
-        raise ConfigError(f"override '{item}' has no value after '='; give one, or {dotted.strip()}=null to unset it")
+        raise ConfigError(
+            f"override '{item}' has no value after '='; give one, or {dotted.strip()}=null to unset it"
+        )
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
-        raise ConfigError(f"override '{item}': the value is not valid YAML; quote a string, write a list as "
-                          "[a,b] and a mapping as {a: 1}") from None
+        raise ConfigError(
+            f"override '{item}': the value is not valid YAML; quote a string, write a list as "
+            "[a,b] and a mapping as {a: 1}"
+        ) from None
     _set(cfg, dotted.strip(), value)
 
 
@@ -222,7 +256,9 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"'{dotted}' must be a string, got {value!r}")
         if not str(value).strip():
             what = "an empty path" if dotted in PATH_KEYS else "empty"
-            raise ConfigError(f"'{dotted}' is {what}; give a value, or {dotted}=null where it may be unset")
+            raise ConfigError(
+                f"'{dotted}' is {what}; give a value, or {dotted}=null where it may be unset"
+            )
         return str(value)
     if origin in (tuple, list):
         return _coerce_sequence(dotted, value, origin, args)
@@ -230,8 +266,10 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"'{dotted}' must be a mapping like {{name: value}}, got {value!r}")
         key_type, value_type = args
-        return {_coerce(f"{dotted}.{k}", k, key_type): _coerce(f"{dotted}.{k}", v, value_type)
-                for k, v in value.items()}
+        return {
+            _coerce(f"{dotted}.{k}", k, key_type): _coerce(f"{dotted}.{k}", v, value_type)
+            for k, v in value.items()
+        }
     raise ConfigError(f"'{dotted}' has type {annotation} and cannot be set from a config file")
 
 
@@ -239,14 +277,19 @@ def _coerce_sequence(dotted: str, value: Any, origin: type, args: tuple) -> list
     """A list (or tuple) given as one, each item of the annotated type; anything else refused with the forms
     a list is written in."""
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"'{dotted}' must be a list, got {value!r}: write [a, b] in YAML (or one '- a' line per "
-                          f"item), {dotted}=[a,b] on the command line, {dotted}=[a] for one item")
+        raise ConfigError(
+            f"'{dotted}' must be a list, got {value!r}: write [a, b] in YAML (or one '- a' line per "
+            f"item), {dotted}=[a,b] on the command line, {dotted}=[a] for one item"
+        )
     if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed number of items
         if len(value) != len(args):
             raise ConfigError(f"'{dotted}' must be a list of {len(args)} items, got {value!r}")
         return tuple(_coerce(f"{dotted}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     item_type = args[0] if args else Any
-    items = [v if item_type is Any else _coerce(f"{dotted}[{i}]", v, item_type) for i, v in enumerate(value)]
+    items = [
+        v if item_type is Any else _coerce(f"{dotted}[{i}]", v, item_type)
+        for i, v in enumerate(value)
+    ]
     return origin(items)
 
 

@@ -24,29 +24,44 @@ _BETA = Range(0, 1, high_open=True)
 MEGATRON_CHECKS: dict[str, dict[str, Range | tuple[str, ...]]] = {
     "optimizer": {
         "optimizer": ("adam", "sgd"),  # what get_megatron_optimizer builds
-        "lr": _NON_NEGATIVE, "min_lr": _NON_NEGATIVE,
-        "decoupled_lr": _NON_NEGATIVE, "decoupled_min_lr": _NON_NEGATIVE,
-        "weight_decay": _NON_NEGATIVE, "clip_grad": _NON_NEGATIVE,  # clip_grad 0: no clipping
-        "adam_beta1": _BETA, "adam_beta2": _BETA, "adam_eps": _POSITIVE, "sgd_momentum": _BETA,
-        "loss_scale": _POSITIVE, "initial_loss_scale": _POSITIVE, "min_loss_scale": _POSITIVE,
-        "loss_scale_window": Range(1), "hysteresis": Range(1),
+        "lr": _NON_NEGATIVE,
+        "min_lr": _NON_NEGATIVE,
+        "decoupled_lr": _NON_NEGATIVE,
+        "decoupled_min_lr": _NON_NEGATIVE,
+        "weight_decay": _NON_NEGATIVE,
+        "clip_grad": _NON_NEGATIVE,  # clip_grad 0: no clipping
+        "adam_beta1": _BETA,
+        "adam_beta2": _BETA,
+        "adam_eps": _POSITIVE,
+        "sgd_momentum": _BETA,
+        "loss_scale": _POSITIVE,
+        "initial_loss_scale": _POSITIVE,
+        "min_loss_scale": _POSITIVE,
+        "loss_scale_window": Range(1),
+        "hysteresis": Range(1),
         "optimizer_offload_fraction": Range(0, 1),
     },
     "ddp": {
-        "bucket_size": Range(1), "num_distributed_optimizer_instances": Range(1),
+        "bucket_size": Range(1),
+        "num_distributed_optimizer_instances": Range(1),
     },
     "transformer": {
-        "hidden_dropout": Range(0, 1), "attention_dropout": Range(0, 1),
+        "hidden_dropout": Range(0, 1),
+        "attention_dropout": Range(0, 1),
         "recompute_num_layers": Range(1),
-        "embedding_init_method_std": _POSITIVE, "moe_expert_capacity_factor": _POSITIVE,
+        "embedding_init_method_std": _POSITIVE,
+        "moe_expert_capacity_factor": _POSITIVE,
         "moe_router_topk_scaling_factor": _POSITIVE,
-        "moe_input_jitter_eps": _NON_NEGATIVE, "moe_router_bias_update_rate": _NON_NEGATIVE,
+        "moe_input_jitter_eps": _NON_NEGATIVE,
+        "moe_router_bias_update_rate": _NON_NEGATIVE,
         "cpu_offloading_num_layers": _NON_NEGATIVE,
     },
 }
 
 
-def megatron_problems(sections: dict[str, dict], num_layers: int, pipeline_stages: int) -> list[str]:
+def megatron_problems(
+    sections: dict[str, dict], num_layers: int, pipeline_stages: int
+) -> list[str]:
     """Every problem of the values in the pass-through sections (section name -> its dict)."""
     problems = []
     for section, values in sections.items():
@@ -56,7 +71,8 @@ def megatron_problems(sections: dict[str, dict], num_layers: int, pipeline_stage
     if problems:
         return problems
     return _optimizer_relations(sections.get("optimizer", {})) + _recompute_problems(
-        sections.get("transformer", {}), num_layers, pipeline_stages)
+        sections.get("transformer", {}), num_layers, pipeline_stages
+    )
 
 
 def _value_problems(key: str, value, check) -> list[str]:
@@ -77,14 +93,20 @@ def _value_problems(key: str, value, check) -> list[str]:
 def _optimizer_relations(opt: dict) -> list[str]:
     problems = []
     if "lr" in opt and opt["lr"] is None:
-        problems.append("optimizer.lr must be set (a finite number >= 0); megamft's default is 1e-3")
+        problems.append(
+            "optimizer.lr must be set (a finite number >= 0); megamft's default is 1e-3"
+        )
     for low, high in (("min_lr", "lr"), ("decoupled_min_lr", "decoupled_lr")):
         if opt.get(low) is not None and opt.get(high) is not None and opt[low] > opt[high]:
-            problems.append(f"optimizer.{low} ({opt[low]}) must not exceed optimizer.{high} ({opt[high]}): "
-                            "the schedule decays from the second down to the first")
+            problems.append(
+                f"optimizer.{low} ({opt[low]}) must not exceed optimizer.{high} ({opt[high]}): "
+                "the schedule decays from the second down to the first"
+            )
     floor, start = opt.get("min_loss_scale", 1.0), opt.get("initial_loss_scale")
     if start is not None and floor > start:
-        problems.append(f"optimizer.min_loss_scale ({floor}) must not exceed optimizer.initial_loss_scale ({start})")
+        problems.append(
+            f"optimizer.min_loss_scale ({floor}) must not exceed optimizer.initial_loss_scale ({start})"
+        )
     return problems
 
 
@@ -93,20 +115,35 @@ def _recompute_problems(transformer: dict, num_layers: int, pipeline_stages: int
     granularity = transformer.get("recompute_granularity")
     method, layers = transformer.get("recompute_method"), transformer.get("recompute_num_layers")
     if granularity is None:
-        unused = [f"transformer.{k}" for k in ("recompute_method", "recompute_num_layers")
-                  if transformer.get(k) is not None]
-        return [f"{' and '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing without "
-                "transformer.recompute_granularity=full; set it, or remove them"] if unused else []
+        unused = [
+            f"transformer.{k}"
+            for k in ("recompute_method", "recompute_num_layers")
+            if transformer.get(k) is not None
+        ]
+        return (
+            [
+                f"{' and '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing without "
+                "transformer.recompute_granularity=full; set it, or remove them"
+            ]
+            if unused
+            else []
+        )
     if granularity == "selective":
         if layers is not None:
-            return ["transformer.recompute_granularity=selective takes no transformer.recompute_num_layers "
-                    "(it recomputes the chosen modules of every layer); remove it"]
+            return [
+                "transformer.recompute_granularity=selective takes no transformer.recompute_num_layers "
+                "(it recomputes the chosen modules of every layer); remove it"
+            ]
         return []
     per_stage = max(num_layers // max(pipeline_stages, 1), 1)
     if method is None or layers is None:
-        return [f"transformer.recompute_granularity=full needs transformer.recompute_method (uniform or block) and "
-                f"transformer.recompute_num_layers (1 to {per_stage}, the layers of one pipeline stage)"]
+        return [
+            f"transformer.recompute_granularity=full needs transformer.recompute_method (uniform or block) and "
+            f"transformer.recompute_num_layers (1 to {per_stage}, the layers of one pipeline stage)"
+        ]
     if layers > per_stage:
-        return [f"transformer.recompute_num_layers ({layers}) exceeds the {per_stage} layer(s) of one pipeline "
-                "stage (model.num_layers / parallel.pipeline_model_parallel_size)"]
+        return [
+            f"transformer.recompute_num_layers ({layers}) exceeds the {per_stage} layer(s) of one pipeline "
+            "stage (model.num_layers / parallel.pipeline_model_parallel_size)"
+        ]
     return []

@@ -18,29 +18,45 @@ def preference_problems(cfg: MegamftConfig) -> list[str]:
         return problems
     name = f"loss.objective={loss.objective}"
     if loss.mode in _BALANCERS:
-        problems.append(f"loss.mode={loss.mode} balances per-task token losses of sft and does not apply to "
-                        f"{name}; use token (the mean over pairs) or task_token (per-task means, loss.task_weights)")
+        problems.append(
+            f"loss.mode={loss.mode} balances per-task token losses of sft and does not apply to "
+            f"{name}; use token (the mean over pairs) or task_token (per-task means, loss.task_weights)"
+        )
     if loss.normalization != "global_batch":
-        problems.append(f"loss.normalization={loss.normalization} does not apply to {name}: pairs are counted over "
-                        "the global batch; remove it")
+        problems.append(
+            f"loss.normalization={loss.normalization} does not apply to {name}: pairs are counted over "
+            "the global batch; remove it"
+        )
     if loss.fused_cross_entropy:
-        problems.append(f"loss.fused_cross_entropy is not wired to {name} yet (its per-sample sums are not read as "
-                        "log-probabilities); set it to false")
+        problems.append(
+            f"loss.fused_cross_entropy is not wired to {name} yet (its per-sample sums are not read as "
+            "log-probabilities); set it to false"
+        )
     if loss.objective == "orpo" and loss.label_smoothing:
-        problems.append("loss.label_smoothing applies to dpo, rpo and simpo, not to loss.objective=orpo; remove it")
+        problems.append(
+            "loss.label_smoothing applies to dpo, rpo and simpo, not to loss.objective=orpo; remove it"
+        )
     for key in ("micro_batch_size", "global_batch_size"):
         value = getattr(cfg.train, key)
         if value % 2:
-            problems.append(f"train.{key}={value} counts sequences, two per preference pair (its chosen and "
-                            f"rejected answers, never split): make it even with {name}")
+            problems.append(
+                f"train.{key}={value} counts sequences, two per preference pair (its chosen and "
+                f"rejected answers, never split): make it even with {name}"
+            )
     if loss.reference_dir and loss.objective not in ("dpo", "rpo"):
-        problems.append(f"loss.reference_dir applies to dpo and rpo; {name} has no reference: remove it")
+        problems.append(
+            f"loss.reference_dir applies to dpo and rpo; {name} has no reference: remove it"
+        )
     elif loss.reference_dir and not cfg.checkpoint.load_dir:
-        problems.append("loss.reference_dir needs checkpoint.load_dir: the weights training starts from are "
-                        "loaded after the reference is computed")
+        problems.append(
+            "loss.reference_dir needs checkpoint.load_dir: the weights training starts from are "
+            "loaded after the reference is computed"
+        )
     if cfg.parallel.context_parallel_size > 1:
-        problems.append(f"{name} needs whole sequences on one rank: parallel.context_parallel_size must be 1 "
-                        "(per-sequence log-probabilities over CP ranks are not implemented)")
+        problems.append(
+            f"{name} needs whole sequences on one rank: parallel.context_parallel_size must be 1 "
+            "(per-sequence log-probabilities over CP ranks are not implemented)"
+        )
     return problems
 
 
@@ -48,18 +64,32 @@ def _data_kind_problems(cfg: MegamftConfig) -> list[str]:
     """Preference objectives read preference tasks only (manifest "preference": true), sft none of them."""
     preference = cfg.loss.objective != "sft"
     if cfg.data.source != "indexed":
-        return [f"loss.objective={cfg.loss.objective} needs preference pairs: data.source=indexed, a "
-                "megamft-preprocess folder of chosen/rejected records"] if preference else []
+        return (
+            [
+                f"loss.objective={cfg.loss.objective} needs preference pairs: data.source=indexed, a "
+                "megamft-preprocess folder of chosen/rejected records"
+            ]
+            if preference
+            else []
+        )
     manifest = Path(cfg.data.path or "") / "manifest.json"
     try:
         tasks = json.loads(manifest.read_text())["tasks"]
     except (OSError, ValueError, KeyError, TypeError):
         return []  # validation's data checks name a missing or unreadable manifest
-    wrong = [t.get("name") for t in tasks if isinstance(t, dict) and bool(t.get("preference")) != preference]
+    wrong = [
+        t.get("name")
+        for t in tasks
+        if isinstance(t, dict) and bool(t.get("preference")) != preference
+    ]
     if not wrong:
         return []
     if preference:
-        return [f"loss.objective={cfg.loss.objective} needs preference pairs, but task(s) {wrong} of "
-                f"data.path={cfg.data.path} are not; preprocess chosen/rejected records for them"]
-    return [f"task(s) {wrong} of data.path={cfg.data.path} hold preference pairs; set loss.objective to dpo, rpo, "
-            "orpo or simpo (sft would learn the rejected answers too)"]
+        return [
+            f"loss.objective={cfg.loss.objective} needs preference pairs, but task(s) {wrong} of "
+            f"data.path={cfg.data.path} are not; preprocess chosen/rejected records for them"
+        ]
+    return [
+        f"task(s) {wrong} of data.path={cfg.data.path} hold preference pairs; set loss.objective to dpo, rpo, "
+        "orpo or simpo (sft would learn the rejected answers too)"
+    ]

@@ -301,7 +301,9 @@ class TrainConfig:
 class LossConfig:
     """How per-token losses of many tasks become one loss (see megamft.loss.multitask)."""
 
-    mode: Literal["token", "sample", "task_token", "task_sample", "focal", "coba", "famo"] = "task_token"
+    mode: Literal["token", "sample", "task_token", "task_sample", "focal", "coba", "famo"] = (
+        "task_token"
+    )
     """token/sample/task_token/task_sample: MFTCoder cases 1-4; focal, coba, famo: dynamic task weights."""
     normalization: Literal["global_batch", "per_microbatch"] = "global_batch"
     """Count tokens and samples over the whole global batch (exact), or per micro-batch as MFTCoder does."""
@@ -374,13 +376,26 @@ class LossConfig:
 # without their local index). A target selects each path it ends with at a dot: "linear_fc1" every MLP's
 # input projection (dense, routed experts, shared experts), "experts.linear_fc1" the routed experts' only.
 LORA_LINEARS = (
-    "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
-    "mlp.experts.linear_fc1", "mlp.experts.linear_fc2",
-    "mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2",
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+    "mlp.experts.linear_fc1",
+    "mlp.experts.linear_fc2",
+    "mlp.shared_experts.linear_fc1",
+    "mlp.shared_experts.linear_fc2",
 )
 ALL_LINEAR = "all-linear"
-LORA_TARGETS = (ALL_LINEAR, *sorted({".".join(path.split(".")[i:]) for path in LORA_LINEARS
-                                     for i in range(len(path.split(".")))}))
+LORA_TARGETS = (
+    ALL_LINEAR,
+    *sorted(
+        {
+            ".".join(path.split(".")[i:])
+            for path in LORA_LINEARS
+            for i in range(len(path.split(".")))
+        }
+    ),
+)
 LORA_QUANTIZATIONS = ("nf4",)
 
 
@@ -399,7 +414,9 @@ class LoraConfig:
     """Adapter rank r."""
     alpha: Positive = 16.0
     """Scale alpha: the adapter output is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
-    targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    targets: list[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    )
     """Which linears get adapters: all-linear, or paths in megatron's layer matched from the end at a dot:
     linear_qkv, linear_proj (attention), linear_fc1, linear_fc2 (every MLP's input and output: dense,
     routed experts, shared experts), mlp.linear_fc1 (the dense MLP's only), experts.linear_fc1,
@@ -424,7 +441,7 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         """What the adapter output B A x is multiplied by."""
-        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
     def adapted(self, path: str) -> bool:
         """Whether the linear at `path` (one of LORA_LINEARS) gets an adapter."""
@@ -539,4 +556,3 @@ class MegamftConfig:
     """Fields of megatron.core.distributed.DistributedDataParallelConfig."""
     transformer: dict = field(default_factory=dict)
     """Extra fields of megatron.core.transformer.TransformerConfig (e.g. recompute_granularity)."""
-

@@ -20,10 +20,14 @@ def sampling_weight_problems(data: DataConfig, tasks: list[str]) -> list[str]:
     weights = data.task_sampling_weights
     unknown = sorted(set(weights) - set(tasks))
     if unknown:
-        return [f"data.task_sampling_weights names unknown task(s) {unknown}; the data's tasks are {tasks}"]
+        return [
+            f"data.task_sampling_weights names unknown task(s) {unknown}; the data's tasks are {tasks}"
+        ]
     if not any(weights.get(name, 0.0) > 0 for name in tasks):
-        return [f"data.task_sampling_weights gives no task a weight > 0 (tasks it does not name weigh 0): no "
-                f"sample would be drawn; give one of {tasks} a positive weight"]
+        return [
+            f"data.task_sampling_weights gives no task a weight > 0 (tasks it does not name weigh 0): no "
+            f"sample would be drawn; give one of {tasks} a positive weight"
+        ]
     return []
 
 
@@ -32,11 +36,17 @@ def loss_weight_problems(loss: LossConfig, data: DataConfig, tasks: list[str]) -
     unknown = sorted(set(loss.task_weights) - set(tasks))
     if unknown:
         return [f"loss.task_weights names unknown task(s) {unknown}; the data's tasks are {tasks}"]
-    sampled = [name for name in tasks if data.task_sampling != "weights" or data.task_sampling_weights.get(name, 0) > 0]
+    sampled = [
+        name
+        for name in tasks
+        if data.task_sampling != "weights" or data.task_sampling_weights.get(name, 0) > 0
+    ]
     if sampled and not any(loss.task_weights.get(name, 1.0) > 0 for name in sampled):
         which = "every task" if len(sampled) == len(tasks) else f"every sampled task ({sampled})"
-        return [f"loss.task_weights gives {which} weight 0: nothing would be learned; give one a weight > 0 "
-                "(tasks it does not name weigh 1)"]
+        return [
+            f"loss.task_weights gives {which} weight 0: nothing would be learned; give one a weight > 0 "
+            "(tasks it does not name weigh 1)"
+        ]
     return []
 
 

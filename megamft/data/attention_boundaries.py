@@ -31,16 +31,27 @@ def packed_seq_params(batch: dict):
         raise ValueError("packed sequences with Transformer Engine need train.micro_batch_size=1")
     cu = batch["cu_seqlens"]
     longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
 
 
 def row_documents(batch: dict):
     """RowDocuments (the torch attention backend's boundaries) of a packed micro-batch of any size."""
     cu = batch["cu_seqlens"]
     length = batch["tokens"].shape[1]
-    return RowDocuments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=length,
-                        max_seqlen_kv=length, max_document_length=int((cu[1:] - cu[:-1]).max()))
+    return RowDocuments(
+        qkv_format="sbhd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=length,
+        max_seqlen_kv=length,
+        max_document_length=int((cu[1:] - cu[:-1]).max()),
+    )
 
 
 PACKED_ATTENTION = {"local": "mask", "te": "thd", "torch": "rows"}
@@ -51,4 +62,6 @@ def add_document_boundaries(batch: dict, packed_attention: str) -> None:
     """Give a packed micro-batch the boundaries its backend reads (a PACKED_ATTENTION value): the
     dense mask collate built ('mask'), or packed_seq_params from its cu_seqlens ('thd', 'rows')."""
     if packed_attention != "mask":
-        batch["packed_seq_params"] = (packed_seq_params if packed_attention == "thd" else row_documents)(batch)
+        batch["packed_seq_params"] = (
+            packed_seq_params if packed_attention == "thd" else row_documents
+        )(batch)

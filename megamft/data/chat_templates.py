@@ -31,7 +31,9 @@ _SYSTEM_AND_ALTERNATING_TURNS = """\
 
 # MFTCoder's published template (mftcoder_accelerate/src/tokenizer/chat_template.py), same strings,
 # plus the no-break-space cleaning its preprocessing applies to every content.
-_MFTCODER = _SYSTEM_AND_ALTERNATING_TURNS + """\
+_MFTCODER = (
+    _SYSTEM_AND_ALTERNATING_TURNS
+    + """\
 {%- set content = message['content'] | replace('\\u00a0', ' ') | replace('\\u202f', ' ') -%}
 {%- if loop.first and system is not none -%}
 {{ '<s>system\\n' + (system | replace('\\u00a0', ' ') | replace('\\u202f', ' ')) + '\\n' }}
@@ -43,6 +45,7 @@ _MFTCODER = _SYSTEM_AND_ALTERNATING_TURNS + """\
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ '<s>bot\\n' }}{%- endif -%}
 """
+)
 
 _CHATML = """\
 {{ PREFIX }}
@@ -54,13 +57,16 @@ _CHATML = """\
 """
 
 # A conversation ending with a question renders "[INST] q [/INST]": the generation prompt adds nothing.
-_LLAMA2 = _SYSTEM_AND_ALTERNATING_TURNS + """\
+_LLAMA2 = (
+    _SYSTEM_AND_ALTERNATING_TURNS
+    + """\
 {%- if asks -%}{{ PREFIX + '[INST] ' }}
 {%- if loop.first and system is not none -%}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{%- endif -%}
 {{ message['content'] + ' [/INST]' }}
 {%- else -%}{{ message['content'] + EOS }}{%- endif -%}
 {%- endfor -%}
 """
+)
 
 _SOURCES = {"mftcoder": _MFTCODER, "chatml": _CHATML, "llama2": _LLAMA2}
 

@@ -29,14 +29,24 @@ ROLE_NAMES = {
     "assistant": "assistant",
 }
 SCHEMA_KEYS = ("chat_rounds", "messages")
-_SCHEMA_ROLES = {"chat_rounds": {"user": "human", "assistant": "bot"},
-                 "messages": {"user": "user", "assistant": "assistant"}}
+_SCHEMA_ROLES = {
+    "chat_rounds": {"user": "human", "assistant": "bot"},
+    "messages": {"user": "user", "assistant": "assistant"},
+}
 _SCHEMA_ROLES.update({key: _SCHEMA_ROLES["messages"] for key in ("chosen", "rejected", "prompt")})
 PREFERENCE = "chosen/rejected"
 
 # MFTCoder's two-field records (prompt field, answer field), in the order MFTCoder tries them.
-PAIR_FIELDS = (("prompt", "answer"), ("prompt", "response"), ("input", "output"), ("instruction", "output"),
-               ("instruction", "response"), ("question", "response"), ("question", "answer"), ("query", "answer"))
+PAIR_FIELDS = (
+    ("prompt", "answer"),
+    ("prompt", "response"),
+    ("input", "output"),
+    ("instruction", "output"),
+    ("instruction", "response"),
+    ("question", "response"),
+    ("question", "answer"),
+    ("query", "answer"),
+)
 TEXT_KEY = "text"
 
 Turn = tuple[str, str]  # (role, content)
@@ -60,7 +70,9 @@ class Sample:
         """Every text of the record (what decontamination looks at)."""
         if self.form == "text":
             return [self.text]
-        return [content for _, content in self.turns] + ([self.rejected] if self.rejected is not None else [])
+        return [content for _, content in self.turns] + (
+            [self.rejected] if self.rejected is not None else []
+        )
 
     def halves(self) -> tuple["Sample", "Sample"]:
         """A preference record's two conversations: the prompt with the chosen answer, then with the rejected."""
@@ -94,7 +106,9 @@ def load_line(raw: bytes):
     try:
         sample = json.loads(text)
     except json.JSONDecodeError as err:
-        raise BadSample("malformed_json", f"malformed JSON ({err.msg} at column {err.colno})") from None
+        raise BadSample(
+            "malformed_json", f"malformed JSON ({err.msg} at column {err.colno})"
+        ) from None
     return sample
 
 
@@ -112,15 +126,25 @@ def parse_record(sample) -> Sample:
         raise BadSample("malformed_json", "a sample must be a JSON object")
     formats = record_formats(sample)
     if not formats:
-        raise BadSample("missing_field", "no 'chat_rounds', 'messages' or 'text' field and no two-field pair ("
-                        + ", ".join(f"{p}/{a}" for p, a in PAIR_FIELDS) + ")")
+        raise BadSample(
+            "missing_field",
+            "no 'chat_rounds', 'messages' or 'text' field and no two-field pair ("
+            + ", ".join(f"{p}/{a}" for p, a in PAIR_FIELDS)
+            + ")",
+        )
     if len(formats) > 1:
-        raise BadSample("ambiguous_record", f"fields of {len(formats)} formats ({', '.join(formats)}); keep the "
-                        f"fields of one (MFTCoder would silently read {_mftcoder_choice(formats)})")
+        raise BadSample(
+            "ambiguous_record",
+            f"fields of {len(formats)} formats ({', '.join(formats)}); keep the "
+            f"fields of one (MFTCoder would silently read {_mftcoder_choice(formats)})",
+        )
     form = formats[0]
     if ("/" not in form or form == PREFERENCE) and sample.get("system") not in (None, ""):
-        raise BadSample("misplaced_field", f"a top-level 'system' applies to two-field records only; in a "
-                        f"'{form}' record it would be ignored (give it as the first turn of a conversation)")
+        raise BadSample(
+            "misplaced_field",
+            f"a top-level 'system' applies to two-field records only; in a "
+            f"'{form}' record it would be ignored (give it as the first turn of a conversation)",
+        )
     if form == TEXT_KEY:
         return Sample(form="text", text=_text(sample[TEXT_KEY], TEXT_KEY))
     if form == PREFERENCE:
@@ -129,7 +153,10 @@ def parse_record(sample) -> Sample:
         prompt, answer = form.split("/")
         system = sample.get("system")
         turns = [("system", _text(system, "system"))] if system not in (None, "") else []
-        turns += [("user", _text(sample[prompt], prompt)), ("assistant", _text(sample[answer], answer))]
+        turns += [
+            ("user", _text(sample[prompt], prompt)),
+            ("assistant", _text(sample[answer], answer)),
+        ]
         return Sample(tuple(turns), form="pair")
     return Sample(tuple(conversation_turns(sample)))
 
@@ -168,9 +195,12 @@ def _check_role_order(key: str, roles: list[str]) -> None:
         expected = "user" if (index - start) % 2 == 0 else "assistant"
         if roles[index] != expected:
             found = "system" if roles[index] == "system" else names[roles[index]]
-            raise BadSample("bad_role_order", f"'{key}'[{index}]: role {found!r} where {names[expected]!r} must "
-                            f"come (after an optional first system turn, {names['user']!r} and "
-                            f"{names['assistant']!r} turns alternate, starting with {names['user']!r})")
+            raise BadSample(
+                "bad_role_order",
+                f"'{key}'[{index}]: role {found!r} where {names[expected]!r} must "
+                f"come (after an optional first system turn, {names['user']!r} and "
+                f"{names['assistant']!r} turns alternate, starting with {names['user']!r})",
+            )
     if roles[-1] != "assistant":
         raise BadSample("no_answer", f"'{key}': the conversation does not end with an answer")
 
@@ -184,7 +214,9 @@ def _turn(key: str, index: int, item) -> Turn:
             raise BadSample("missing_field", f"{where} has no '{field}'")
     role = item["role"]
     if not isinstance(role, str) or role not in ROLE_NAMES:
-        raise BadSample("unknown_role", f"{where}: unknown role {role!r} (expected one of {sorted(ROLE_NAMES)})")
+        raise BadSample(
+            "unknown_role", f"{where}: unknown role {role!r} (expected one of {sorted(ROLE_NAMES)})"
+        )
     return ROLE_NAMES[role], _text(item["content"], "content", where)
 
 
@@ -198,8 +230,11 @@ def _text(value, field: str, where: str = "") -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:  # a JSON escape such as "\ud800" decodes to a lone surrogate
-        raise BadSample("invalid_utf8", f"{where}'{field}' holds an unpaired surrogate "
-                        f"\\u{ord(value[err.start]):04x}, which is not text") from None
+        raise BadSample(
+            "invalid_utf8",
+            f"{where}'{field}' holds an unpaired surrogate "
+            f"\\u{ord(value[err.start]):04x}, which is not text",
+        ) from None
     return value
 
 
@@ -207,19 +242,30 @@ def preference_sample(sample: dict) -> Sample:
     """A preference pair, either format; its prompt turns in order (see `_check_role_order`)."""
     for key in ("chosen", "rejected"):
         if key not in sample:
-            raise BadSample("missing_field", f"a preference record needs 'chosen' and 'rejected'; '{key}' is missing")
+            raise BadSample(
+                "missing_field",
+                f"a preference record needs 'chosen' and 'rejected'; '{key}' is missing",
+            )
     if "prompt" in sample:
         prompt = _prompt_turns(sample["prompt"])
         chosen, rejected = (_answer(sample[key], key) for key in ("chosen", "rejected"))
         _check_role_order("prompt", [role for role, _ in prompt] + ["assistant"])
     else:
-        chosen_turns, rejected_turns = (_turn_list(sample[key], key) for key in ("chosen", "rejected"))
+        chosen_turns, rejected_turns = (
+            _turn_list(sample[key], key) for key in ("chosen", "rejected")
+        )
         prompt, chosen, rejected = chosen_turns[:-1], chosen_turns[-1][1], rejected_turns[-1][1]
         if rejected_turns[:-1] != prompt:
-            raise BadSample("different_prompts", "'chosen' and 'rejected' differ before their last turn; the two "
-                            "answers of a pair must follow the same prompt")
+            raise BadSample(
+                "different_prompts",
+                "'chosen' and 'rejected' differ before their last turn; the two "
+                "answers of a pair must follow the same prompt",
+            )
     if chosen == rejected:
-        raise BadSample("identical_answers", "'chosen' and 'rejected' give the same answer: the pair teaches nothing")
+        raise BadSample(
+            "identical_answers",
+            "'chosen' and 'rejected' give the same answer: the pair teaches nothing",
+        )
     return Sample(tuple(prompt) + (("assistant", chosen),), form="preference", rejected=rejected)
 
 
@@ -244,7 +290,10 @@ def _answer(value, key: str) -> str:
     if isinstance(value, list):
         turns = [_turn(key, i, item) for i, item in enumerate(value)]
         if len(turns) != 1 or turns[0][0] != "assistant":
-            raise BadSample("bad_role_order", f"'{key}' after a 'prompt' must be one answer: a string or a list of "
-                            "one assistant turn")
+            raise BadSample(
+                "bad_role_order",
+                f"'{key}' after a 'prompt' must be one answer: a string or a list of "
+                "one assistant turn",
+            )
         return turns[0][1]
     return _text(value, key)

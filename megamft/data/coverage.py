@@ -41,26 +41,43 @@ class CutCount:
     """cut_learned and nothing_learned measured on a seeded sample of the overlong samples."""
 
     def add(self, other: "CutCount") -> None:
-        for name in ("samples", "tokens", "overlong", "cut_tokens", "cut_learned", "nothing_learned", "too_short"):
+        for name in (
+            "samples",
+            "tokens",
+            "overlong",
+            "cut_tokens",
+            "cut_learned",
+            "nothing_learned",
+            "too_short",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.longest = max(self.longest, other.longest)
         self.estimated = self.estimated or other.estimated
 
 
-def count_cuts(store, docs: np.ndarray, seq_length: int, seed: int = 0, exact_limit: int = EXACT_LIMIT) -> CutCount:
+def count_cuts(
+    store, docs: np.ndarray, seq_length: int, seed: int = 0, exact_limit: int = EXACT_LIMIT
+) -> CutCount:
     """How the documents `docs` of `store` (lengths, loss_mask(doc)) fit sequences of seq_length positions;
     the learned tokens are counted on at most `exact_limit` overlong samples (a seeded choice, scaled)."""
     lengths = store.lengths[docs]
     keep = seq_length + 1
     over = docs[lengths > keep]
-    count = CutCount(samples=len(docs), tokens=int(lengths.sum(dtype=np.int64)), longest=int(lengths.max(initial=0)),
-                     overlong=len(over), cut_tokens=int((lengths[lengths > keep] - keep).sum(dtype=np.int64)),
-                     too_short=int((lengths < 2).sum()))
+    count = CutCount(
+        samples=len(docs),
+        tokens=int(lengths.sum(dtype=np.int64)),
+        longest=int(lengths.max(initial=0)),
+        overlong=len(over),
+        cut_tokens=int((lengths[lengths > keep] - keep).sum(dtype=np.int64)),
+        too_short=int((lengths < 2).sum()),
+    )
     looked = over
     if len(over) > exact_limit:
         looked = np.random.default_rng(seed).choice(over, exact_limit, replace=False)
         count.estimated = True
-    looked = np.sort(looked)  # the masks read in file order: sequential reads, not tens of thousands of seeks
+    looked = np.sort(
+        looked
+    )  # the masks read in file order: sequential reads, not tens of thousands of seeks
     learned, emptied = 0, 0
     for doc in looked.tolist():
         mask = store.loss_mask(doc)
@@ -103,7 +120,9 @@ class DataCoverage:
         fields = dict(record)
         for name in ("train", "valid"):
             fields[name] = CutCount(**fields[name])
-        fields["train_per_task"] = {task: CutCount(**c) for task, c in fields["train_per_task"].items()}
+        fields["train_per_task"] = {
+            task: CutCount(**c) for task, c in fields["train_per_task"].items()
+        }
         return cls(**fields)
 
     def lines(self) -> list[str]:
@@ -111,56 +130,88 @@ class DataCoverage:
         lines = [self._cut_line()]
         left = sum(self.left_out_by_source.values())
         if left:
-            lines.append(f"the embedded corpus left out {left:,} sample(s) longer than data.seq_length + 1 = "
-                         f"{self.seq_length + 1} tokens ({_per_task(self.left_out_by_source)}): it is cut to fit "
-                         "data.seq_length in characters, and the template's markup made these longer in tokens")
+            lines.append(
+                f"the embedded corpus left out {left:,} sample(s) longer than data.seq_length + 1 = "
+                f"{self.seq_length + 1} tokens ({_per_task(self.left_out_by_source)}): it is cut to fit "
+                "data.seq_length in characters, and the template's markup made these longer in tokens"
+            )
         cut, dropped = sum(self.preprocess_cut.values()), sum(self.preprocess_dropped.values())
         if cut or dropped:
-            lines.append(f"megamft-preprocess already cut {cut:,} and dropped {dropped:,} sample(s) longer than "
-                         f"--max-seq-length {self.preprocess_max_seq_length} tokens (cut: "
-                         f"{_per_task(self.preprocess_cut) or 'none'}; dropped: "
-                         f"{_per_task(self.preprocess_dropped) or 'none'})")
+            lines.append(
+                f"megamft-preprocess already cut {cut:,} and dropped {dropped:,} sample(s) longer than "
+                f"--max-seq-length {self.preprocess_max_seq_length} tokens (cut: "
+                f"{_per_task(self.preprocess_cut) or 'none'}; dropped: "
+                f"{_per_task(self.preprocess_dropped) or 'none'})"
+            )
         split = {task: n for task, n in self.preprocess_split.items() if n[0]}
         if split:
-            lines.append(f"megamft-preprocess split {sum(n[0] for n in split.values()):,} sample(s) longer than "
-                         f"--max-seq-length {self.preprocess_max_seq_length} tokens into "
-                         f"{sum(n[1] for n in split.values()):,} pieces, every label learned once ("
-                         + ", ".join(f"{task} {n[0]:,} into {n[1]:,}" for task, n in split.items()) + ")"
-                         + (f"; {sum(n[2] for n in split.values()):,} piece(s) holding no learned token dropped"
-                            if any(n[2] for n in split.values()) else ""))
+            lines.append(
+                f"megamft-preprocess split {sum(n[0] for n in split.values()):,} sample(s) longer than "
+                f"--max-seq-length {self.preprocess_max_seq_length} tokens into "
+                f"{sum(n[1] for n in split.values()):,} pieces, every label learned once ("
+                + ", ".join(f"{task} {n[0]:,} into {n[1]:,}" for task, n in split.items())
+                + ")"
+                + (
+                    f"; {sum(n[2] for n in split.values()):,} piece(s) holding no learned token dropped"
+                    if any(n[2] for n in split.values())
+                    else ""
+                )
+            )
         if self.train.too_short:
-            lines.append(f"{self.train.too_short:,} training sample(s) of fewer than 2 tokens are left out "
-                         "(no position to learn)")
-        lines += [f"task {task} gets no training sample in any data epoch: {why}"
-                  for task, why in self.unsampled_tasks.items()]
+            lines.append(
+                f"{self.train.too_short:,} training sample(s) of fewer than 2 tokens are left out "
+                "(no position to learn)"
+            )
+        lines += [
+            f"task {task} gets no training sample in any data epoch: {why}"
+            for task, why in self.unsampled_tasks.items()
+        ]
         return lines
 
     def _cut_line(self) -> str:
         t, s = self.train, self.seq_length
         if not t.overlong:
-            return (f"no training sample exceeds data.seq_length={s} (+1 for the shifted label; the longest has "
-                    f"{t.longest:,} tokens)")
+            return (
+                f"no training sample exceeds data.seq_length={s} (+1 for the shifted label; the longest has "
+                f"{t.longest:,} tokens)"
+            )
         about = "about " if t.estimated else ""
-        tasks = ", ".join(f"{name} {c.overlong:,}" for name, c in self.train_per_task.items() if c.overlong)
-        emptied = (f"; {about}{t.nothing_learned:,} keep no learned token and train on nothing"
-                   if t.nothing_learned else "")
-        valid = (f" Validation samples cut too: {self.valid.overlong:,} of {self.valid.samples:,}."
-                 if self.valid.overlong else "")
-        return (f"{t.overlong:,} of {t.samples:,} training samples ({t.overlong / max(t.samples, 1):.1%}; {tasks}) "
-                f"exceed data.seq_length={s} (+1 for the shifted label; the longest has {t.longest:,} tokens) and "
-                f"keep their first {s + 1} tokens: {t.cut_tokens:,} tokens cut "
-                f"({t.cut_tokens / max(t.tokens, 1):.1%} of all training tokens), {about}{t.cut_learned:,} of them "
-                f"learned{emptied}.{valid} Raise data.seq_length, or cut them at preprocessing "
-                f"(megamft-preprocess --max-seq-length {s + 1} --overlong split keeps every token, in pieces; "
-                "--overlong truncate or drop)")
+        tasks = ", ".join(
+            f"{name} {c.overlong:,}" for name, c in self.train_per_task.items() if c.overlong
+        )
+        emptied = (
+            f"; {about}{t.nothing_learned:,} keep no learned token and train on nothing"
+            if t.nothing_learned
+            else ""
+        )
+        valid = (
+            f" Validation samples cut too: {self.valid.overlong:,} of {self.valid.samples:,}."
+            if self.valid.overlong
+            else ""
+        )
+        return (
+            f"{t.overlong:,} of {t.samples:,} training samples ({t.overlong / max(t.samples, 1):.1%}; {tasks}) "
+            f"exceed data.seq_length={s} (+1 for the shifted label; the longest has {t.longest:,} tokens) and "
+            f"keep their first {s + 1} tokens: {t.cut_tokens:,} tokens cut "
+            f"({t.cut_tokens / max(t.tokens, 1):.1%} of all training tokens), {about}{t.cut_learned:,} of them "
+            f"learned{emptied}.{valid} Raise data.seq_length, or cut them at preprocessing "
+            f"(megamft-preprocess --max-seq-length {s + 1} --overlong split keeps every token, in pieces; "
+            "--overlong truncate or drop)"
+        )
 
 
 def _per_task(counts: dict[str, int]) -> str:
     return ", ".join(f"{task} {n:,}" for task, n in counts.items() if n)
 
 
-def measure(cfg, names: list[str], stores: list, splits: list[tuple[np.ndarray, np.ndarray]],
-            quotas: np.ndarray, epoch_samples: int) -> DataCoverage:
+def measure(
+    cfg,
+    names: list[str],
+    stores: list,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    quotas: np.ndarray,
+    epoch_samples: int,
+) -> DataCoverage:
     """The coverage of a run's data: `splits` holds each task's (train, valid) documents, `quotas` its
     samples per data epoch (mixing.TaskMixture); `cfg` is the DataConfig."""
     coverage = DataCoverage(cfg.seq_length)
@@ -178,16 +229,22 @@ def measure(cfg, names: list[str], stores: list, splits: list[tuple[np.ndarray, 
     return coverage
 
 
-def unsampled_tasks(names: list[str], quotas: np.ndarray, sampling: str, epoch_samples: int) -> dict[str, str]:
+def unsampled_tasks(
+    names: list[str], quotas: np.ndarray, sampling: str, epoch_samples: int
+) -> dict[str, str]:
     """Tasks whose share of a data epoch rounds to no sample, with the keys that would change it."""
     why = {}
     for name, quota in zip(names, quotas.tolist()):
         if quota > 0:
             continue
         if sampling == "weights":
-            why[name] = (f"data.task_sampling_weights gives it no share of the {epoch_samples:,} samples of an "
-                         "epoch; raise its weight, or data.epoch_samples")
+            why[name] = (
+                f"data.task_sampling_weights gives it no share of the {epoch_samples:,} samples of an "
+                "epoch; raise its weight, or data.epoch_samples"
+            )
         else:
-            why[name] = (f"its share of the {epoch_samples:,} samples of an epoch (data.task_sampling={sampling}) "
-                         "rounds to 0; raise data.epoch_samples, or use data.task_sampling=uniform")
+            why[name] = (
+                f"its share of the {epoch_samples:,} samples of an epoch (data.task_sampling={sampling}) "
+                "rounds to 0; raise data.epoch_samples, or use data.task_sampling=uniform"
+            )
     return why

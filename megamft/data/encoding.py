@@ -13,7 +13,7 @@ from megamft.data.tokenizer import special_splitter
 
 @dataclass
 class EncodedSample:
-    ids: np.ndarray   # int32
+    ids: np.ndarray  # int32
     mask: np.ndarray  # uint8: 1 where the token is learned
 
 
@@ -31,7 +31,10 @@ class EncodedBatch:
 
     def samples(self) -> list[EncodedSample]:
         o = self.offsets
-        return [EncodedSample(self.ids[o[i] : o[i + 1]], self.mask[o[i] : o[i + 1]]) for i in range(len(o) - 1)]
+        return [
+            EncodedSample(self.ids[o[i] : o[i + 1]], self.mask[o[i] : o[i + 1]])
+            for i in range(len(o) - 1)
+        ]
 
 
 @dataclass
@@ -92,6 +95,8 @@ class SegmentEncoder:
             pieces = self._split(text)
             plain = [p for p in pieces if isinstance(p, str)]
             encoded = iter(self.tokenizer.encode_batch(plain))
-            ids = list(chain.from_iterable([p] if isinstance(p, int) else next(encoded) for p in pieces))
+            ids = list(
+                chain.from_iterable([p] if isinstance(p, int) else next(encoded) for p in pieces)
+            )
             self._cache[text] = ids
         return ids

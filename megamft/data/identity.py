@@ -26,9 +26,15 @@ def data_identity(manifest: dict) -> dict | None:
     records = manifest.get(CHECKSUMS)
     if not isinstance(records, dict):
         return None
-    tasks = {entry["name"]: {name: record_digest(records[name]) for name in task_files(entry)}
-             for entry in sorted(manifest["tasks"], key=lambda e: e["id"])}
-    return {"tasks": tasks, "tokenizer": manifest.get("tokenizer"), "template": _digest(manifest.get("template"))}
+    tasks = {
+        entry["name"]: {name: record_digest(records[name]) for name in task_files(entry)}
+        for entry in sorted(manifest["tasks"], key=lambda e: e["id"])
+    }
+    return {
+        "tasks": tasks,
+        "tokenizer": manifest.get("tokenizer"),
+        "template": _digest(manifest.get("template")),
+    }
 
 
 def identity_differences(saved: dict, now: dict) -> list[str]:
@@ -41,8 +47,11 @@ def identity_differences(saved: dict, now: dict) -> list[str]:
         elif task not in before:
             differences.append(f"task {task} is new")
         else:
-            changed = [name for name in sorted(set(before[task]) | set(after[task]))
-                       if before[task].get(name) != after[task].get(name)]
+            changed = [
+                name
+                for name in sorted(set(before[task]) | set(after[task]))
+                if before[task].get(name) != after[task].get(name)
+            ]
             if changed:
                 differences.append(f"task {task}: {', '.join(changed)} changed")
     if saved.get("tokenizer") != now.get("tokenizer"):

@@ -55,7 +55,9 @@ class IndexFile:
     extra: dict = field(default_factory=dict)
 
 
-def write_index_file(path: Path, key: str, kind: str, arrays: dict[str, np.ndarray], extra: dict) -> None:
+def write_index_file(
+    path: Path, key: str, kind: str, arrays: dict[str, np.ndarray], extra: dict
+) -> None:
     """Write `arrays` and `extra` to `path` atomically (a partial file renamed when complete)."""
     arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
     layout, crc, offset = [], 0, 0
@@ -65,8 +67,17 @@ def write_index_file(path: Path, key: str, kind: str, arrays: dict[str, np.ndarr
         padding = -array.nbytes % _ALIGN
         crc = zlib.crc32(bytes(padding), crc)
         offset += array.nbytes + padding
-    header = json.dumps({"format": FORMAT, "key": key, "kind": kind, "arrays": layout, "extra": extra,
-                         "payload": offset, "crc32": crc}).encode()
+    header = json.dumps(
+        {
+            "format": FORMAT,
+            "key": key,
+            "kind": kind,
+            "arrays": layout,
+            "extra": extra,
+            "payload": offset,
+            "crc32": crc,
+        }
+    ).encode()
     start = _payload_start(len(header))
     partial = path.with_name(f"{path.name}{PARTIAL}.{socket.gethostname()}.{os.getpid()}")
     try:
@@ -96,22 +107,31 @@ def read_index_file(path: Path, key: str, kind: str, verify: bool = True) -> Ind
     with handle:
         header = _header(handle, path)
         if header.get("format") != FORMAT or header.get("kind") != kind:
-            raise IndexFileProblem(f"{path} is a {header.get('kind')!r} index file of format "
-                                   f"{header.get('format')!r}, not a {kind!r} file of format {FORMAT}")
+            raise IndexFileProblem(
+                f"{path} is a {header.get('kind')!r} index file of format "
+                f"{header.get('format')!r}, not a {kind!r} file of format {FORMAT}"
+            )
         if header.get("key") != key:
-            raise IndexFileProblem(f"{path} belongs to another data or data section (key "
-                                   f"{str(header.get('key'))[:16]}..., expected {key[:16]}...)")
+            raise IndexFileProblem(
+                f"{path} belongs to another data or data section (key "
+                f"{str(header.get('key'))[:16]}..., expected {key[:16]}...)"
+            )
         start = _payload_start(_LENGTH.unpack(_peek(handle, len(MAGIC), _LENGTH.size))[0])
         size, expected = os.fstat(handle.fileno()).st_size, start + int(header["payload"])
         if size != expected:
-            raise IndexFileProblem(f"{path} has {size} bytes, its header promises {expected}: truncated or "
-                                   "extended")
+            raise IndexFileProblem(
+                f"{path} has {size} bytes, its header promises {expected}: truncated or extended"
+            )
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
     payload = memoryview(mapped)[start:] if mapped is not None else memoryview(b"")
     if verify and zlib.crc32(payload) != header["crc32"]:
         raise IndexFileProblem(f"{path}: its contents do not match their checksum (damaged)")
-    arrays = {name: np.frombuffer(mapped, dtype=np.dtype(dtype), count=count, offset=start + offset)
-              if count else np.zeros(0, dtype=np.dtype(dtype)) for name, dtype, count, offset in header["arrays"]}
+    arrays = {
+        name: np.frombuffer(mapped, dtype=np.dtype(dtype), count=count, offset=start + offset)
+        if count
+        else np.zeros(0, dtype=np.dtype(dtype))
+        for name, dtype, count, offset in header["arrays"]
+    }
     return IndexFile(arrays, header.get("extra") or {})
 
 
@@ -123,8 +143,10 @@ def _peek(handle, offset: int, size: int) -> bytes:
 def _header(handle, path: Path) -> dict:
     head = handle.read(len(MAGIC) + _LENGTH.size)
     if len(head) < len(MAGIC) + _LENGTH.size or not head.startswith(MAGIC):
-        raise IndexFileProblem(f"{path} is not a megamft index file (its header is missing or damaged)")
-    length = _LENGTH.unpack(head[len(MAGIC):])[0]
+        raise IndexFileProblem(
+            f"{path} is not a megamft index file (its header is missing or damaged)"
+        )
+    length = _LENGTH.unpack(head[len(MAGIC) :])[0]
     raw = handle.read(length) if length <= _MAX_HEADER else b""
     try:
         header = json.loads(raw)
@@ -156,7 +178,9 @@ class IndexCache:
         record = self.folder / "key.json"
         if not record.is_file():
             partial = record.with_name(f"key.json{PARTIAL}.{socket.gethostname()}.{os.getpid()}")
-            partial.write_text(json.dumps({"key": self.key, **self.description}, indent=2, sort_keys=True) + "\n")
+            partial.write_text(
+                json.dumps({"key": self.key, **self.description}, indent=2, sort_keys=True) + "\n"
+            )
             os.replace(partial, record)
         now = time.time()
         for leftover in self.folder.glob(f"*{PARTIAL}.*"):
@@ -166,7 +190,9 @@ class IndexCache:
             except OSError:
                 pass
 
-    def write(self, name: str, kind: str, arrays: dict[str, np.ndarray], extra: dict | None = None) -> None:
+    def write(
+        self, name: str, kind: str, arrays: dict[str, np.ndarray], extra: dict | None = None
+    ) -> None:
         write_index_file(self.path(name), self.key, kind, arrays, extra or {})
 
     def read(self, name: str, kind: str, verify: bool = True) -> IndexFile:

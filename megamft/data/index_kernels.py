@@ -27,20 +27,47 @@ import numpy as np
 log = logging.getLogger("megamft")
 SOURCE = Path(__file__).with_name("index_kernels.c")
 LIBRARY = "index_kernels.so"
-ROOT_ENV = "MEGAMFT_KERNELS_DIR"  # the same root as the fused loss kernels (megamft.loss.kernel_cache)
+ROOT_ENV = (
+    "MEGAMFT_KERNELS_DIR"  # the same root as the fused loss kernels (megamft.loss.kernel_cache)
+)
 
 _i32p = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
 _i64p = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
 _u16p = np.ctypeslib.ndpointer(np.uint16, flags="C_CONTIGUOUS")
 _i64 = ctypes.c_int64
 _SIGNATURES = {
-    "megamft_interleave": [_u16p, _i64, ctypes.c_int32, _i32p, _i64p, _i64p, ctypes.POINTER(ctypes.c_void_p),
-                           ctypes.c_int32,
-                           _u16p, _i32p, _i32p],
+    "megamft_interleave": [
+        _u16p,
+        _i64,
+        ctypes.c_int32,
+        _i32p,
+        _i64p,
+        _i64p,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_int32,
+        _u16p,
+        _i32p,
+        _i32p,
+    ],
     "megamft_next_fit": [_i32p, _i64, ctypes.c_int32, _i64p],
-    "megamft_best_fit": [_i32p, _i64, ctypes.c_int32, _i64, _i32p, _i32p, _i32p, _i64p, ctypes.POINTER(_i64)],
+    "megamft_best_fit": [
+        _i32p,
+        _i64,
+        ctypes.c_int32,
+        _i64,
+        _i32p,
+        _i32p,
+        _i32p,
+        _i64p,
+        ctypes.POINTER(_i64),
+    ],
     "megamft_group_items": [_i32p, _i32p, _i64, _i32p, _i64, _i32p, _i64p],
-    "megamft_shuffle": [ctypes.c_void_p, _i64, _i64, np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS")],
+    "megamft_shuffle": [
+        ctypes.c_void_p,
+        _i64,
+        _i64,
+        np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS"),
+    ],
 }
 
 
@@ -57,7 +84,9 @@ def _compiler() -> tuple[str, str] | None:
     if found is None:
         return None
     try:
-        version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run(
+            [found, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return found, (version.splitlines() or [""])[0]
@@ -68,8 +97,13 @@ def _build(folder: Path, compiler: str) -> Path:
     target = folder / LIBRARY
     partial = folder / f"{LIBRARY}.{os.getpid()}.{threading.get_ident()}.partial"
     try:
-        subprocess.run([compiler, "-O3", "-shared", "-fPIC", "-std=c99", "-o", str(partial), str(SOURCE)],
-                       check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run(
+            [compiler, "-O3", "-shared", "-fPIC", "-std=c99", "-o", str(partial), str(SOURCE)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -105,10 +139,14 @@ class _Kernels:
             return None
         compiler = _compiler()
         if compiler is None:
-            log.warning("no C compiler (cc, or $CC): the training index is built in Python, much slower for "
-                        "millions of samples; install gcc or clang to build it in C")
+            log.warning(
+                "no C compiler (cc, or $CC): the training index is built in Python, much slower for "
+                "millions of samples; install gcc or clang to build it in C"
+            )
             return None
-        key = hashlib.sha256(SOURCE.read_bytes() + compiler[1].encode() + os.uname().machine.encode())
+        key = hashlib.sha256(
+            SOURCE.read_bytes() + compiler[1].encode() + os.uname().machine.encode()
+        )
         folder = kernels_root() / f"data-index-{key.hexdigest()[:16]}"
         try:
             if (folder / LIBRARY).is_file():
@@ -119,9 +157,13 @@ class _Kernels:
             return _load(_build(folder, compiler[0]))
         except (OSError, subprocess.SubprocessError) as err:
             detail = getattr(err, "stderr", None) or err
-            log.warning("the training index's C kernels could not be built in %s (%s): it is built in Python, "
-                        "much slower for millions of samples; set %s to a writable folder", folder,
-                        str(detail).strip()[:500], ROOT_ENV)
+            log.warning(
+                "the training index's C kernels could not be built in %s (%s): it is built in Python, "
+                "much slower for millions of samples; set %s to a writable folder",
+                folder,
+                str(detail).strip()[:500],
+                ROOT_ENV,
+            )
             return None
 
 
@@ -148,20 +190,37 @@ def shuffle(rng: np.random.Generator, x: np.ndarray) -> None:
     """rng.shuffle(x) for a 1-d contiguous array of 2-, 4- or 8-byte items, in place: the same permutation
     and the same generator state after it (rng must be numpy's PCG64 Generator, as default_rng gives)."""
     library = KERNELS.library()
-    if library is None or x.ndim != 1 or not x.flags.c_contiguous or x.itemsize not in (2, 4, 8) \
-            or rng.bit_generator.state.get("bit_generator") != "PCG64":
+    if (
+        library is None
+        or x.ndim != 1
+        or not x.flags.c_contiguous
+        or x.itemsize not in (2, 4, 8)
+        or rng.bit_generator.state.get("bit_generator") != "PCG64"
+    ):
         rng.shuffle(x)
         return
     with rng.bit_generator.lock:
         state = rng.bit_generator.state
         pcg = state["state"]
-        words = np.array([pcg["state"] >> 64, pcg["state"] & _MASK64, pcg["inc"] >> 64, pcg["inc"] & _MASK64,
-                          state["has_uint32"], state["uinteger"]], dtype=np.uint64)
+        words = np.array(
+            [
+                pcg["state"] >> 64,
+                pcg["state"] & _MASK64,
+                pcg["inc"] >> 64,
+                pcg["inc"] & _MASK64,
+                state["has_uint32"],
+                state["uinteger"],
+            ],
+            dtype=np.uint64,
+        )
         library.megamft_shuffle(x.ctypes.data, len(x), x.itemsize, words)
         w = [int(v) for v in words]
-        rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": (w[0] << 64) | w[1],
-                                                                      "inc": (w[2] << 64) | w[3]},
-                                   "has_uint32": w[4], "uinteger": w[5]}
+        rng.bit_generator.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": (w[0] << 64) | w[1], "inc": (w[2] << 64) | w[3]},
+            "has_uint32": w[4],
+            "uinteger": w[5],
+        }
 
 
 def permutation(rng: np.random.Generator, x: np.ndarray | int) -> np.ndarray:
@@ -174,23 +233,39 @@ def permutation(rng: np.random.Generator, x: np.ndarray | int) -> np.ndarray:
     return x
 
 
-def interleave(tasks: np.ndarray, streams: list[np.ndarray], lengths: list[np.ndarray], seq_length: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def interleave(
+    tasks: np.ndarray, streams: list[np.ndarray], lengths: list[np.ndarray], seq_length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tasks, docs, sizes) of the documents of an epoch: the k-th occurrence of task t in `tasks` is
     `streams[t][k]`; sizes = `clip(length - 1, 0, seq_length)`; documents of size 0 are left out."""
     library = KERNELS.library()
     if library is None:
         return _interleave_python(tasks, streams, lengths, seq_length)
     tasks = np.ascontiguousarray(tasks, dtype=np.uint16)
-    flat = np.concatenate(streams).astype(np.int32, copy=False) if streams else np.zeros(0, np.int32)
+    flat = (
+        np.concatenate(streams).astype(np.int32, copy=False) if streams else np.zeros(0, np.int32)
+    )
     stops = np.cumsum([len(s) for s in streams], dtype=np.int64)
     starts = np.ascontiguousarray(stops - [len(s) for s in streams], dtype=np.int64)
-    arrays = [np.ascontiguousarray(a, dtype=np.int32) for a in lengths]  # megatron's are int32 maps already
+    arrays = [
+        np.ascontiguousarray(a, dtype=np.int32) for a in lengths
+    ]  # megatron's are int32 maps already
     pointers = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
     out_tasks = np.empty(len(tasks), np.uint16)
     docs, sizes = np.empty(len(tasks), np.int32), np.empty(len(tasks), np.int32)
-    kept = library.megamft_interleave(tasks, len(tasks), len(streams), flat, starts, stops,
-                                      pointers, int(seq_length), out_tasks, docs, sizes)
+    kept = library.megamft_interleave(
+        tasks,
+        len(tasks),
+        len(streams),
+        flat,
+        starts,
+        stops,
+        pointers,
+        int(seq_length),
+        out_tasks,
+        docs,
+        sizes,
+    )
     if kept < 0:
         raise ValueError("a task occurs more often in the epoch than its stream holds")
     return out_tasks[:kept], docs[:kept], sizes[:kept]
@@ -204,8 +279,11 @@ def _interleave_python(tasks, streams, lengths, seq_length):
         if int(where.sum()) > len(stream):
             raise ValueError("a task occurs more often in the epoch than its stream holds")
         docs[where] = stream[: int(where.sum())]
-        sizes[where] = np.clip(np.asarray(lengths[task])[stream[: int(where.sum())]].astype(np.int64) - 1, 0,
-                               seq_length)
+        sizes[where] = np.clip(
+            np.asarray(lengths[task])[stream[: int(where.sum())]].astype(np.int64) - 1,
+            0,
+            seq_length,
+        )
     keep = sizes > 0
     return tasks[keep].astype(np.uint16), docs[keep], sizes[keep]
 
@@ -223,8 +301,9 @@ def next_fit(sizes: np.ndarray, capacity: int) -> np.ndarray:
     return offsets[: bins + 1].copy() if 2 * bins < len(sizes) else offsets[: bins + 1]
 
 
-def best_fit(sizes: np.ndarray, capacity: int, window: int, rng: np.random.Generator
-             ) -> tuple[np.ndarray, np.ndarray]:
+def best_fit(
+    sizes: np.ndarray, capacity: int, window: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """(flat, offsets): best-fit decreasing per window (packing.best_fit_groups), bin r holding the
     items flat[offsets[r]:offsets[r+1]]; the same bins, in the same order, as the Python reference."""
     library = KERNELS.library()
@@ -232,20 +311,28 @@ def best_fit(sizes: np.ndarray, capacity: int, window: int, rng: np.random.Gener
         from megamft.data.packing import best_fit_groups
 
         groups = best_fit_groups(np.asarray(sizes), capacity, window, rng)
-        flat = np.fromiter((i for g in groups for i in g), dtype=np.int32, count=sum(map(len, groups)))
+        flat = np.fromiter(
+            (i for g in groups for i in g), dtype=np.int32, count=sum(map(len, groups))
+        )
         return flat, _offsets([len(g) for g in groups])
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
     n, window = len(sizes), max(int(window), 1)
     item_bin, order, emit = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)
     segments = np.empty(2 * (-(-n // window)) + 2, np.int64)
     count = _i64(0)
-    bins = _check(library.megamft_best_fit(sizes, n, int(capacity), window, item_bin, order, emit, segments,
-                                           ctypes.byref(count)), "packing")
+    bins = _check(
+        library.megamft_best_fit(
+            sizes, n, int(capacity), window, item_bin, order, emit, segments, ctypes.byref(count)
+        ),
+        "packing",
+    )
     for start, length in segments[: 2 * count.value].reshape(-1, 2).tolist():
         if length > 1:  # a permutation of fewer than 2 draws nothing from the generator
             emit[start : start + length] = emit[start : start + length][rng.permutation(length)]
     flat, offsets = np.empty(n, np.int32), np.empty(bins + 1, np.int64)
-    _check(library.megamft_group_items(item_bin, order, n, emit[:bins], bins, flat, offsets), "packing")
+    _check(
+        library.megamft_group_items(item_bin, order, n, emit[:bins], bins, flat, offsets), "packing"
+    )
     return flat, offsets
 
 

@@ -26,8 +26,17 @@ from megamft.data.sequences import Rows, build_rows
 
 INDEX_RULES = 1
 """Raised whenever the rules that compute the index (mixing, packing, split) change: a new cache key."""
-_CONFIG_KEYS = ("seq_length", "mode", "pack_window", "task_sampling", "task_sampling_weights", "epoch_samples",
-                "max_samples_per_task", "valid_samples_per_task", "seed")
+_CONFIG_KEYS = (
+    "seq_length",
+    "mode",
+    "pack_window",
+    "task_sampling",
+    "task_sampling_weights",
+    "epoch_samples",
+    "max_samples_per_task",
+    "valid_samples_per_task",
+    "seed",
+)
 """The data section's fields the index depends on (not pad_to_multiple_of: dynamic lengths are chosen per
 micro-batch when batches are made)."""
 
@@ -45,7 +54,9 @@ class Plan:
     coverage: DataCoverage
 
     def weights(self, cfg: DataConfig, names: list[str]) -> np.ndarray:
-        return sampling_weights(cfg.task_sampling, self.train_sizes, cfg.task_sampling_weights, names)
+        return sampling_weights(
+            cfg.task_sampling, self.train_sizes, cfg.task_sampling_weights, names
+        )
 
     def quota(self, cfg: DataConfig, names: list[str]) -> np.ndarray:
         return quotas(self.weights(cfg, names), self.epoch_samples)
@@ -58,28 +69,50 @@ def check_sizes(cfg: DataConfig, names: list[str], stores: list) -> None:
     """Every task holds more samples than the validation split takes (cheap: every rank checks it)."""
     for name, store in zip(names, stores):
         if len(store.lengths) <= cfg.valid_samples_per_task:
-            dropped = (f" (the embedded corpus left out {store.left_out} longer than data.seq_length + 1 tokens; "
-                       "raise data.seq_length)") if store.left_out else ""
-            raise ConfigError(f"task {name}: only {len(store.lengths)} samples{dropped}, not more than "
-                              f"data.valid_samples_per_task={cfg.valid_samples_per_task}; lower it or add data")
+            dropped = (
+                (
+                    f" (the embedded corpus left out {store.left_out} longer than data.seq_length + 1 tokens; "
+                    "raise data.seq_length)"
+                )
+                if store.left_out
+                else ""
+            )
+            raise ConfigError(
+                f"task {name}: only {len(store.lengths)} samples{dropped}, not more than "
+                f"data.valid_samples_per_task={cfg.valid_samples_per_task}; lower it or add data"
+            )
         if len(store.lengths) >= 2**31:
-            raise ConfigError(f"task {name}: {len(store.lengths):,} samples; a task holds at most 2^31 - 1 "
-                              "(split it into several tasks)")
+            raise ConfigError(
+                f"task {name}: {len(store.lengths):,} samples; a task holds at most 2^31 - 1 "
+                "(split it into several tasks)"
+            )
 
 
 def compute_plan(cfg: DataConfig, names: list[str], stores: list) -> Plan:
     """The split, validation rows and coverage of the data."""
     splits, valid = [], []
     for task, store in enumerate(stores):
-        train, held_out = split_train_valid(len(store.lengths), cfg.valid_samples_per_task,
-                                            cfg.max_samples_per_task, cfg.seed, task)
+        train, held_out = split_train_valid(
+            len(store.lengths), cfg.valid_samples_per_task, cfg.max_samples_per_task, cfg.seed, task
+        )
         splits.append((train, held_out))
-        valid.append(build_rows(np.full(len(held_out), task), held_out, store.lengths[held_out], cfg.mode,
-                                cfg.seq_length, cfg.pack_window, cfg.seed))
+        valid.append(
+            build_rows(
+                np.full(len(held_out), task),
+                held_out,
+                store.lengths[held_out],
+                cfg.mode,
+                cfg.seq_length,
+                cfg.pack_window,
+                cfg.seed,
+            )
+        )
     train_docs = [train for train, _ in splits]
     sizes = [len(d) for d in train_docs]
     epoch_samples = cfg.epoch_samples or sum(sizes)
-    quota = quotas(sampling_weights(cfg.task_sampling, sizes, cfg.task_sampling_weights, names), epoch_samples)
+    quota = quotas(
+        sampling_weights(cfg.task_sampling, sizes, cfg.task_sampling_weights, names), epoch_samples
+    )
     for task, (docs, share) in enumerate(zip(train_docs, quota)):
         if share > 0 and len(docs) == 0:
             raise ValueError(f"task {names[task]} has a sampling weight but no training documents")
@@ -89,14 +122,25 @@ def compute_plan(cfg: DataConfig, names: list[str], stores: list) -> Plan:
 
 def write_plan(cache: IndexCache, plan: Plan) -> None:
     """split.idx first, plan.idx last: a plan.idx on disk means both are whole."""
-    cache.write("split.idx", "split", {f"train.{t}": docs for t, docs in enumerate(plan.train_docs)})
+    cache.write(
+        "split.idx", "split", {f"train.{t}": docs for t, docs in enumerate(plan.train_docs)}
+    )
     arrays = {}
     for t, rows in enumerate(plan.valid):
         arrays |= {f"valid.{t}.tasks": rows.tasks, f"valid.{t}.docs": rows.docs}
         if rows.offsets is not None:
             arrays[f"valid.{t}.offsets"] = rows.offsets
-    cache.write("plan.idx", "plan", arrays, {"train_sizes": plan.train_sizes, "epoch_samples": plan.epoch_samples,
-                                             "coverage": plan.coverage.record(), "tasks": len(plan.valid)})
+    cache.write(
+        "plan.idx",
+        "plan",
+        arrays,
+        {
+            "train_sizes": plan.train_sizes,
+            "epoch_samples": plan.epoch_samples,
+            "coverage": plan.coverage.record(),
+            "tasks": len(plan.valid),
+        },
+    )
 
 
 def read_plan(cache: IndexCache, split: bool) -> Plan:
@@ -104,11 +148,20 @@ def read_plan(cache: IndexCache, split: bool) -> Plan:
     leaves the training documents unread (empty lists) until `read_split`."""
     plan = cache.read("plan.idx", "plan")
     extra, arrays = plan.extra, plan.arrays
-    valid = [Rows(arrays[f"valid.{t}.tasks"], arrays[f"valid.{t}.docs"], arrays.get(f"valid.{t}.offsets"))
-             for t in range(int(extra["tasks"]))]
+    valid = [
+        Rows(
+            arrays[f"valid.{t}.tasks"], arrays[f"valid.{t}.docs"], arrays.get(f"valid.{t}.offsets")
+        )
+        for t in range(int(extra["tasks"]))
+    ]
     train_docs = read_split(cache, len(valid)) if split else []
-    return Plan(train_docs, valid, [int(n) for n in extra["train_sizes"]], int(extra["epoch_samples"]),
-                DataCoverage.from_record(extra["coverage"]))
+    return Plan(
+        train_docs,
+        valid,
+        [int(n) for n in extra["train_sizes"]],
+        int(extra["epoch_samples"]),
+        DataCoverage.from_record(extra["coverage"]),
+    )
 
 
 def read_split(cache: IndexCache, tasks: int) -> list[np.ndarray]:
@@ -126,8 +179,12 @@ def cache_root(cfg: DataConfig) -> Path | None:
 
 def cache_key(cfg: DataConfig, source: dict) -> tuple[str, dict]:
     """(sha256 hex, what it was made of) of the index for this data section and source identity."""
-    described = {"format": FORMAT, "rules": INDEX_RULES, "source": source,
-                 "data": {k: getattr(cfg, k) for k in _CONFIG_KEYS}}
+    described = {
+        "format": FORMAT,
+        "rules": INDEX_RULES,
+        "source": source,
+        "data": {k: getattr(cfg, k) for k in _CONFIG_KEYS},
+    }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest(), described
 
 
@@ -139,4 +196,7 @@ def folder_identity(folder: Path, manifest_file: Path, entries: list[dict]) -> d
         for key in ("prefix", "loss_mask_prefix"):
             stat = os.stat(folder / f"{entry[key]}.idx")
             files[f"{entry[key]}.idx"] = [stat.st_size, stat.st_mtime_ns]
-    return {"manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(), "files": files}
+    return {
+        "manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
+        "files": files,
+    }

@@ -26,8 +26,16 @@ from megamft.platform.checksums import BlockDigest
 
 _HEADER = b"MMIDIDX\x00\x00"
 _FIELDS = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
-_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
-                np.float32: 7, np.uint16: 8}
+_DTYPE_CODES = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 PARTIAL_SUFFIX = ".partial"
 
@@ -57,8 +65,10 @@ class IndexedWriter:
         low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
         if high > self._range.max or low < self._range.min:
             bad = high if high > self._range.max else low
-            raise ValueError(f"{self.prefix.name}.bin: value {bad} does not fit its dtype "
-                             f"{np.dtype(self.dtype).name} (it would be stored wrapped); nothing was written")
+            raise ValueError(
+                f"{self.prefix.name}.bin: value {bad} does not fit its dtype "
+                f"{np.dtype(self.dtype).name} (it would be stored wrapped); nothing was written"
+            )
         data = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
         self._bin.write(data)
         self._digests[".bin"].update(data)
@@ -72,8 +82,12 @@ class IndexedWriter:
         np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(self.dtype).itemsize, out=pointers[1:])
         documents = np.arange(len(lengths) + 1, dtype=np.int64)
         with open(self._partial(".idx"), "wb") as idx:
-            for part in (_HEADER + _FIELDS.pack(1, _DTYPE_CODES[self.dtype], len(lengths), len(documents)),
-                         lengths.tobytes(), pointers.tobytes(), documents.tobytes()):
+            for part in (
+                _HEADER + _FIELDS.pack(1, _DTYPE_CODES[self.dtype], len(lengths), len(documents)),
+                lengths.tobytes(),
+                pointers.tobytes(),
+                documents.tobytes(),
+            ):
                 idx.write(part)
                 self._digests[".idx"].update(part)
             idx.flush()
@@ -81,7 +95,9 @@ class IndexedWriter:
 
     def checksums(self) -> dict[str, dict]:
         """{file name: block record} of the .bin and .idx written (after `finish`)."""
-        return {self.prefix.name + suffix: digest.record() for suffix, digest in self._digests.items()}
+        return {
+            self.prefix.name + suffix: digest.record() for suffix, digest in self._digests.items()
+        }
 
     def publish(self) -> None:
         for suffix in (".bin", ".idx"):
@@ -123,16 +139,21 @@ def read_index(path: Path) -> IndexInfo:
         head = f.read(len(_HEADER) + _FIELDS.size)
     if len(head) < len(_HEADER) + _FIELDS.size or not head.startswith(_HEADER):
         raise DamagedIndex("not a megatron index file (its header is missing or damaged)")
-    version, code, sequences, documents = _FIELDS.unpack(head[len(_HEADER):])
+    version, code, sequences, documents = _FIELDS.unpack(head[len(_HEADER) :])
     if version != 1 or code not in _CODE_DTYPES:
         raise DamagedIndex(f"unknown index version {version} or dtype code {code}")
     expected = len(head) + sequences * (4 + 8) + documents * 8
     if size != expected:
-        raise DamagedIndex(f"{size} bytes, but its header promises {expected} "
-                          f"({sequences} sequences): the file is truncated or damaged")
+        raise DamagedIndex(
+            f"{size} bytes, but its header promises {expected} "
+            f"({sequences} sequences): the file is truncated or damaged"
+        )
     # A map, not a copy: a rank reads 10^8 lengths (400 MB) at start-up without holding them.
-    lengths = np.memmap(path, dtype=np.int32, mode="r", shape=(sequences,), offset=len(head)) if sequences \
+    lengths = (
+        np.memmap(path, dtype=np.int32, mode="r", shape=(sequences,), offset=len(head))
+        if sequences
         else np.zeros(0, dtype=np.int32)
+    )
     return IndexInfo(_CODE_DTYPES[code], lengths)
 
 

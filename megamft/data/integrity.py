@@ -20,8 +20,9 @@ from megamft.data.manifest import DataIntegrityError, rerun_hint
 
 
 def _damaged(folder: Path, file: Path, problem: str) -> DataIntegrityError:
-    return DataIntegrityError(f"{file}: {problem}. The data folder is damaged or mixes two runs; "
-                              f"{rerun_hint(folder)}")
+    return DataIntegrityError(
+        f"{file}: {problem}. The data folder is damaged or mixes two runs; {rerun_hint(folder)}"
+    )
 
 
 def check_pair(folder: Path, prefix: str, dtype, documents: int, tokens: int) -> IndexInfo:
@@ -34,17 +35,27 @@ def check_pair(folder: Path, prefix: str, dtype, documents: int, tokens: int) ->
     except (OSError, DamagedIndex) as err:
         raise _damaged(folder, idx, getattr(err, "strerror", None) or str(err)) from None
     if np.dtype(info.dtype) != np.dtype(dtype):
-        raise _damaged(folder, idx, f"holds {np.dtype(info.dtype).name} values, the manifest says {np.dtype(dtype).name}")
+        raise _damaged(
+            folder,
+            idx,
+            f"holds {np.dtype(info.dtype).name} values, the manifest says {np.dtype(dtype).name}",
+        )
     held = int(info.lengths.sum(dtype=np.int64))
     if len(info.lengths) != documents or held != tokens:
-        raise _damaged(folder, idx, f"indexes {len(info.lengths)} samples of {held} tokens, "
-                                    f"the manifest says {documents} samples of {tokens} tokens")
+        raise _damaged(
+            folder,
+            idx,
+            f"indexes {len(info.lengths)} samples of {held} tokens, "
+            f"the manifest says {documents} samples of {tokens} tokens",
+        )
     if not bin_.is_file():
         raise _damaged(folder, bin_, "missing")
     size = bin_.stat().st_size
     if size != info.bin_bytes:
         what = "truncated" if size < info.bin_bytes else "longer than its index says"
-        raise _damaged(folder, bin_, f"{size} bytes, but its index {idx.name} needs {info.bin_bytes}: {what}")
+        raise _damaged(
+            folder, bin_, f"{size} bytes, but its index {idx.name} needs {info.bin_bytes}: {what}"
+        )
     return info
 
 
@@ -55,8 +66,11 @@ def check_task(folder: Path, entry: dict, token_dtype: str) -> None:
     mask = check_pair(folder, entry["loss_mask_prefix"], np.uint8, documents, tokens)
     check_pair(folder, entry["task_id_prefix"], np.uint16, documents, documents)
     if not np.array_equal(ids.lengths, mask.lengths):
-        raise _damaged(folder, folder / f"{entry['loss_mask_prefix']}.idx",
-                       f"its sample lengths differ from those of {entry['prefix']}.idx")
+        raise _damaged(
+            folder,
+            folder / f"{entry['loss_mask_prefix']}.idx",
+            f"its sample lengths differ from those of {entry['prefix']}.idx",
+        )
 
 
 def largest_token_id(folder: Path, entry: dict, token_dtype: str) -> int:

@@ -15,7 +15,9 @@ from megamft.errors import UserError
 from megamft.platform.checksums import is_record
 
 MANIFEST = "manifest.json"
-CHECKSUMS = "checksums"  # {file name: block record (platform/checksums.py)} of every file a task reads
+CHECKSUMS = (
+    "checksums"  # {file name: block record (platform/checksums.py)} of every file a task reads
+)
 FORMAT = "megamft-indexed/1"
 OUTPUT_KIND = "megamft-preprocess"  # the output_folder marker's kind for a preprocess --out folder
 _TASK_KEYS = ("name", "id", "documents", "tokens", "prefix", "loss_mask_prefix", "task_id_prefix")
@@ -44,10 +46,17 @@ def load_manifest(folder: str | Path, option: str = "data.path") -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         partial = any(folder.glob("*.partial")) if folder.is_dir() else False
-        state = ("holds only the .partial files of a run that did not finish" if partial
-                 else "does not exist" if not folder.exists() else "is not a finished megamft-preprocess output")
-        raise DataIntegrityError(f"{option}={folder}: no {MANIFEST}; the folder {state}. "
-                                 f"Run megamft-preprocess --out {folder} first")
+        state = (
+            "holds only the .partial files of a run that did not finish"
+            if partial
+            else "does not exist"
+            if not folder.exists()
+            else "is not a finished megamft-preprocess output"
+        )
+        raise DataIntegrityError(
+            f"{option}={folder}: no {MANIFEST}; the folder {state}. "
+            f"Run megamft-preprocess --out {folder} first"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -68,7 +77,10 @@ def _manifest_problem(manifest) -> str | None:
         missing = [k for k in _TASK_KEYS if not isinstance(task, dict) or k not in task]
         if missing:
             return f"tasks[{index}] has no {', '.join(missing)}"
-        if any(Path(str(task[k])).name != str(task[k]) for k in ("prefix", "loss_mask_prefix", "task_id_prefix")):
+        if any(
+            Path(str(task[k])).name != str(task[k])
+            for k in ("prefix", "loss_mask_prefix", "task_id_prefix")
+        ):
             return f"tasks[{index}] names a file outside the folder"
     if not isinstance(manifest.get("tokenizer"), dict) or "vocab_size" not in manifest["tokenizer"]:
         return "no tokenizer vocab_size"
@@ -92,5 +104,8 @@ def _checksums_problem(manifest: dict) -> str | None:
 
 def task_files(entry: dict) -> list[str]:
     """The six file names of one task of a manifest."""
-    return [entry[key] + suffix for key in ("prefix", "loss_mask_prefix", "task_id_prefix")
-            for suffix in (".bin", ".idx")]
+    return [
+        entry[key] + suffix
+        for key in ("prefix", "loss_mask_prefix", "task_id_prefix")
+        for suffix in (".bin", ".idx")
+    ]

@@ -24,12 +24,15 @@ _PASS_SALT = 104729
 _EPOCH_SALT = 1299709
 
 
-def split_train_valid(num_documents: int, valid: int, max_train: int | None, seed: int,
-                      task_id: int) -> tuple[np.ndarray, np.ndarray]:
+def split_train_valid(
+    num_documents: int, valid: int, max_train: int | None, seed: int, task_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, valid) document indices of one task: a seeded split, the same on every rank."""
     order = _permutation(np.random.default_rng([seed, _SPLIT_SALT, task_id]), num_documents)
     valid_docs = np.sort(order[:valid])
-    if max_train is None or max_train >= num_documents - len(valid_docs):  # all the others: no sort needed
+    if max_train is None or max_train >= num_documents - len(
+        valid_docs
+    ):  # all the others: no sort needed
         return np.delete(np.arange(num_documents, dtype=order.dtype), valid_docs), valid_docs
     return np.sort(order[valid:][:max_train]), valid_docs
 
@@ -40,7 +43,9 @@ def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
     return index_kernels.permutation(rng, n)
 
 
-def sampling_weights(kind: str, sizes: list[int], explicit: dict[str, float], names: list[str]) -> np.ndarray:
+def sampling_weights(
+    kind: str, sizes: list[int], explicit: dict[str, float], names: list[str]
+) -> np.ndarray:
     """Normalised per-task probabilities: 'proportional' to size, 'uniform', or explicit 'weights'."""
     if kind == "proportional":
         weights = np.asarray(sizes, dtype=np.float64)
@@ -49,7 +54,9 @@ def sampling_weights(kind: str, sizes: list[int], explicit: dict[str, float], na
     else:
         unknown = sorted(set(explicit) - set(names))
         if unknown:
-            raise ConfigError(f"data.task_sampling_weights names unknown task(s) {unknown}; tasks are {names}")
+            raise ConfigError(
+                f"data.task_sampling_weights names unknown task(s) {unknown}; tasks are {names}"
+            )
         weights = np.asarray([float(explicit.get(name, 0.0)) for name in names])
     if (weights < 0).any() or weights.sum() <= 0:
         raise ConfigError("data.task_sampling_weights must be non-negative with a positive sum")
@@ -90,8 +97,10 @@ class TaskMixture:
         for p in range(start // n, (stop - 1) // n + 1):
             low, high = max(start - p * n, 0), min(stop - p * n, n)
             # docs[rng.permutation(n)]: the same swaps made on a copy of docs
-            passed = index_kernels.permutation(np.random.default_rng([self.seed, _PASS_SALT, task, p]),
-                                               np.asarray(docs, dtype=np.int32))
+            passed = index_kernels.permutation(
+                np.random.default_rng([self.seed, _PASS_SALT, task, p]),
+                np.asarray(docs, dtype=np.int32),
+            )
             parts.append(passed[low:high])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -100,12 +109,16 @@ class TaskMixture:
         rng = np.random.default_rng([self.seed, _EPOCH_SALT, epoch])
         # The permutation of an array depends on its length alone: uint16 gives the int64 order in a quarter
         # of the memory.
-        return index_kernels.permutation(rng, np.repeat(np.arange(len(self.quota), dtype=np.uint16), self.quota))
+        return index_kernels.permutation(
+            rng, np.repeat(np.arange(len(self.quota), dtype=np.uint16), self.quota)
+        )
 
     def epoch_streams(self, epoch: int) -> list[np.ndarray]:
         """Per task, its documents of data epoch `epoch`, in order (int32)."""
-        return [self._task_stream(task, epoch * int(quota), (epoch + 1) * int(quota))
-                for task, quota in enumerate(self.quota)]
+        return [
+            self._task_stream(task, epoch * int(quota), (epoch + 1) * int(quota))
+            for task, quota in enumerate(self.quota)
+        ]
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(task, document) of every document of data epoch `epoch`.

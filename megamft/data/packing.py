@@ -10,7 +10,9 @@ import bisect
 import numpy as np
 
 
-def best_fit_groups(sizes: np.ndarray, capacity: int, window: int, rng: np.random.Generator) -> list[list[int]]:
+def best_fit_groups(
+    sizes: np.ndarray, capacity: int, window: int, rng: np.random.Generator
+) -> list[list[int]]:
     """Pack items (sizes in order) into bins of `capacity`, best-fit decreasing per window of items.
 
     Bins still open when a window ends stay open for the next one, so small

@@ -15,26 +15,38 @@ import torch
 from megamft.data.sequences import collate
 
 
-def pair_micro_batch(pairs: list[tuple[int, int]], stores, length: int, pad_id: int,
-                     ref_logps: torch.Tensor | None = None) -> dict:
+def pair_micro_batch(
+    pairs: list[tuple[int, int]],
+    stores,
+    length: int,
+    pad_id: int,
+    ref_logps: torch.Tensor | None = None,
+) -> dict:
     """The micro-batch of `pairs`, each (task, pair index), padded to `length` positions."""
-    rows = [(np.array([task]), np.array([2 * pair + half])) for task, pair in pairs for half in (0, 1)]
+    rows = [
+        (np.array([task]), np.array([2 * pair + half])) for task, pair in pairs for half in (0, 1)
+    ]
     batch = collate(rows, stores, "pad", length, pad_id)
     row = torch.arange(len(rows)).unsqueeze(1).expand(-1, length)
     batch["pair_ids"] = (row // 2).clone()
     batch["pair_half"] = torch.where(batch["padding"], -1, row % 2)
-    batch["ref_logps"] = torch.zeros(len(pairs), 2, dtype=torch.float64) if ref_logps is None else ref_logps
+    batch["ref_logps"] = (
+        torch.zeros(len(pairs), 2, dtype=torch.float64) if ref_logps is None else ref_logps
+    )
     return batch
 
 
-def split_pairs(pairs: list[tuple[int, int]], dp_rank: int, dp_size: int, pairs_per_micro_batch: int
-                ) -> list[list[tuple[int, int]]]:
+def split_pairs(
+    pairs: list[tuple[int, int]], dp_rank: int, dp_size: int, pairs_per_micro_batch: int
+) -> list[list[tuple[int, int]]]:
     """This DP rank's share of a global batch of pairs, cut into micro-batches of whole pairs."""
     if len(pairs) % (dp_size * pairs_per_micro_batch):
-        raise ValueError(f"{len(pairs)} pairs do not fill {dp_size} ranks x micro-batches of {pairs_per_micro_batch}")
+        raise ValueError(
+            f"{len(pairs)} pairs do not fill {dp_size} ranks x micro-batches of {pairs_per_micro_batch}"
+        )
     share = len(pairs) // dp_size
-    mine = pairs[dp_rank * share:(dp_rank + 1) * share]
-    return [mine[i:i + pairs_per_micro_batch] for i in range(0, share, pairs_per_micro_batch)]
+    mine = pairs[dp_rank * share : (dp_rank + 1) * share]
+    return [mine[i : i + pairs_per_micro_batch] for i in range(0, share, pairs_per_micro_batch)]
 
 
 class PairSchedule:
@@ -45,7 +57,9 @@ class PairSchedule:
     very pairs an uninterrupted one would have used.
     """
 
-    def __init__(self, pairs_per_task: list[int], valid_per_task: int, pairs_per_step: int, seed: int):
+    def __init__(
+        self, pairs_per_task: list[int], valid_per_task: int, pairs_per_step: int, seed: int
+    ):
         rng = np.random.default_rng(seed)
         self.train, self.valid = [], []
         for task, count in enumerate(pairs_per_task):
@@ -53,18 +67,22 @@ class PairSchedule:
             self.valid += [(task, int(k)) for k in order[:valid_per_task]]
             self.train += [(task, int(k)) for k in order[valid_per_task:]]
         if len(self.train) < pairs_per_step:
-            raise ValueError(f"{len(self.train)} training pairs cannot fill a step of {pairs_per_step}")
+            raise ValueError(
+                f"{len(self.train)} training pairs cannot fill a step of {pairs_per_step}"
+            )
         self.pairs_per_step, self.seed = pairs_per_step, seed
         self._epochs: dict[int, list[tuple[int, int]]] = {}
 
     def _epoch(self, epoch: int) -> list[tuple[int, int]]:
         if epoch not in self._epochs:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
-            self._epochs = {epoch: [self.train[i] for i in order]}  # one epoch kept: constant memory
+            self._epochs = {
+                epoch: [self.train[i] for i in order]
+            }  # one epoch kept: constant memory
         return self._epochs[epoch]
 
     def step(self, step: int) -> list[tuple[int, int]]:
         """The global batch of `step` (0-based): whole steps per epoch, the epoch's remainder left out."""
         per_epoch = len(self.train) // self.pairs_per_step
         epoch, index = divmod(step, per_epoch)
-        return self._epoch(epoch)[index * self.pairs_per_step:(index + 1) * self.pairs_per_step]
+        return self._epoch(epoch)[index * self.pairs_per_step : (index + 1) * self.pairs_per_step]

@@ -35,18 +35,34 @@ from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import token_dtype
 from megamft.data.manifest import FORMAT, MANIFEST
 from megamft.data.preprocess_formats import RecordParser, check_columns
-from megamft.data.preprocess_inputs import (PreprocessError, TaskInputs, check_task_names, damage_kind, input_files,
-                                            read_chunks, task_inputs)
-from megamft.data.preprocess_sources import DEFAULT_SOURCE_EXTENSIONS, SourceRules, input_root
+from megamft.data.preprocess_inputs import (
+    PreprocessError,
+    TaskInputs,
+    check_task_names,
+    damage_kind,
+    input_files,
+    read_chunks,
+    task_inputs,
+)
 from megamft.data.preprocess_output import OutputFolder, report_stale_lock
+from megamft.data.preprocess_sources import DEFAULT_SOURCE_EXTENSIONS, SourceRules, input_root
 from megamft.data.templates import get_template
 from megamft.data.tokenizer import file_sha256, load_tokenizer
 from megamft.platform.kill_points import kill_point
 from megamft.platform.signals import become_helper_process, helper_spawn_context
 
-MAX_SKIPPED_LISTED = 1000  # entries of a task's folders not read, listed in the manifest (all are counted)
+MAX_SKIPPED_LISTED = (
+    1000  # entries of a task's folders not read, listed in the manifest (all are counted)
+)
 
-__all__ = ["FORMAT", "MANIFEST", "PreprocessError", "PreprocessOptions", "input_files", "preprocess"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "PreprocessError",
+    "PreprocessOptions",
+    "input_files",
+    "preprocess",
+]
 
 
 @dataclass
@@ -91,8 +107,11 @@ class PreprocessOptions:
 
     def source_rules(self) -> SourceRules:
         extensions = self.source_extensions
-        return SourceRules(tuple(extensions) if isinstance(extensions, list) else extensions, self.source_max_bytes,
-                           self.source_max_line_length)
+        return SourceRules(
+            tuple(extensions) if isinstance(extensions, list) else extensions,
+            self.source_max_bytes,
+            self.source_max_line_length,
+        )
 
 
 @dataclass
@@ -127,17 +146,21 @@ class TaskReport:
 class ChunkResult:
     file: str
     lines: int
-    ids: np.ndarray               # kept samples, concatenated
+    ids: np.ndarray  # kept samples, concatenated
     mask: np.ndarray
     lengths: np.ndarray
     digests: list[bytes]
     bad: list[tuple[int, str, str]]  # (line, kind, reason): errors unless --on-bad-line skip
     truncated: int
-    dropped: Counter                 # by policy: --overlong drop, --decontaminate
-    paired: np.ndarray = None        # bool per kept sample: a half of a preference pair (pairs are consecutive)
-    first_lines: dict = field(default_factory=dict)  # paired (bool) -> first line of that kind of record
+    dropped: Counter  # by policy: --overlong drop, --decontaminate
+    paired: np.ndarray = (
+        None  # bool per kept sample: a half of a preference pair (pairs are consecutive)
+    )
+    first_lines: dict = field(
+        default_factory=dict
+    )  # paired (bool) -> first line of that kind of record
     record: np.ndarray | None = None  # --overlong split: each piece's sample (chunk-local), and
-    cut: np.ndarray | None = None     # whether that sample was cut into several pieces
+    cut: np.ndarray | None = None  # whether that sample was cut into several pieces
 
 
 class _Encoder:
@@ -150,10 +173,16 @@ class _Encoder:
         self.tokenizer = load_tokenizer(options.tokenizer)
         self.template, _ = get_template(options.template, self.tokenizer)
         self.segments = SegmentEncoder(self.tokenizer)
-        self.guard = ContaminationGuard(options.decontaminate, options.ngram) if options.decontaminate else None
+        self.guard = (
+            ContaminationGuard(options.decontaminate, options.ngram)
+            if options.decontaminate
+            else None
+        )
         self.parse = RecordParser(options.columns)
 
-    def chunk(self, file: str, first: int, raw_lines: list[bytes], read_error: str | None = None) -> ChunkResult:
+    def chunk(
+        self, file: str, first: int, raw_lines: list[bytes], read_error: str | None = None
+    ) -> ChunkResult:
         bad, numbers, conversations, paired, dropped = [], [], [], [], Counter()
         for number, raw in enumerate(raw_lines, start=first):
             if isinstance(raw, bytes) and not raw.strip():
@@ -174,7 +203,9 @@ class _Encoder:
         batch = self.segments.encode(conversations)
         paired = np.asarray(paired, dtype=bool)
         _learn_last_answer_only(batch, paired)
-        return self._finish(file, len(raw_lines), np.asarray(numbers, dtype=np.int64), batch, bad, dropped, paired)
+        return self._finish(
+            file, len(raw_lines), np.asarray(numbers, dtype=np.int64), batch, bad, dropped, paired
+        )
 
     def _finish(self, file, line_count, numbers, batch, bad, dropped, paired) -> ChunkResult:
         """Apply --train-on-all and --max-seq-length/--overlong to a chunk's samples (pairs kept or dropped whole)."""
@@ -185,8 +216,10 @@ class _Encoder:
         if limit and (lengths > limit).any():
             over = _pairwise(lengths > limit, paired)
             if self.options.overlong in ("truncate", "split") and paired.any():
-                raise PreprocessError(f"{file}: --overlong {self.options.overlong} would cut the answers of preference "
-                                      "pairs; use --overlong drop or a larger --max-seq-length")
+                raise PreprocessError(
+                    f"{file}: --overlong {self.options.overlong} would cut the answers of preference "
+                    "pairs; use --overlong drop or a larger --max-seq-length"
+                )
             if self.options.overlong == "truncate":
                 lengths = np.minimum(lengths, limit)
                 # A sample whose answers all lie past the cut teaches nothing.
@@ -200,11 +233,29 @@ class _Encoder:
                 return self._split(file, line_count, numbers, batch, limit, bad, dropped)
             else:
                 keep &= ~over
-                bad += [(int(n), "overlong", f"{int(length)} tokens, longer than --max-seq-length {limit}; "
-                         "or set --overlong truncate|drop|split") for n, length in zip(numbers[over], lengths[over])]
+                bad += [
+                    (
+                        int(n),
+                        "overlong",
+                        f"{int(length)} tokens, longer than --max-seq-length {limit}; "
+                        "or set --overlong truncate|drop|split",
+                    )
+                    for n, length in zip(numbers[over], lengths[over])
+                ]
         ids, mask, lengths = _gather(batch, keep, lengths)
-        return self._result(file, line_count, numbers, ids, mask, lengths, bad, truncated, dropped, paired[keep],
-                            paired)
+        return self._result(
+            file,
+            line_count,
+            numbers,
+            ids,
+            mask,
+            lengths,
+            bad,
+            truncated,
+            dropped,
+            paired[keep],
+            paired,
+        )
 
     def _split(self, file, line_count, numbers, batch, limit, bad, dropped) -> ChunkResult:
         """--overlong split: every sample as pieces of at most `limit` tokens, piece k starting at token
@@ -215,38 +266,99 @@ class _Encoder:
         cut = (batch.lengths > limit)[owner]
         ids, mask, lengths = _take(batch.ids, batch.mask, starts, lengths)
         piece_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        learned = (np.add.reduceat(mask.astype(np.int64), piece_starts) - mask[piece_starts] if len(lengths)
-                   else np.zeros(0, np.int64))
+        learned = (
+            np.add.reduceat(mask.astype(np.int64), piece_starts) - mask[piece_starts]
+            if len(lengths)
+            else np.zeros(0, np.int64)
+        )
         keep = ~(cut & (learned == 0))  # a piece of a prompt alone teaches nothing
         if not keep.all():
             dropped["piece_without_answer"] += int(np.count_nonzero(~keep))
             ids, mask, lengths = _take(ids, mask, piece_starts[keep], lengths[keep])
             owner, k, cut = owner[keep], k[keep], cut[keep]
         offsets = batch.offsets
-        samples = [hashlib.blake2b(batch.ids[a:b].tobytes() + batch.mask[a:b].tobytes(), digest_size=12).digest()
-                   for a, b in zip(offsets[:-1], offsets[1:])]
-        digests = [hashlib.blake2b(samples[o] + piece.to_bytes(8, "little"), digest_size=12).digest() if whole
-                   else samples[o] for o, piece, whole in zip(owner.tolist(), k.tolist(), cut.tolist())]
-        unpaired = np.zeros(len(batch.lengths), dtype=bool)  # pairs are refused with --overlong split
-        return self._result(file, line_count, numbers, ids, mask, lengths, bad, 0, dropped, unpaired[owner],
-                            unpaired, digests, owner, cut)
+        samples = [
+            hashlib.blake2b(
+                batch.ids[a:b].tobytes() + batch.mask[a:b].tobytes(), digest_size=12
+            ).digest()
+            for a, b in zip(offsets[:-1], offsets[1:])
+        ]
+        digests = [
+            hashlib.blake2b(samples[o] + piece.to_bytes(8, "little"), digest_size=12).digest()
+            if whole
+            else samples[o]
+            for o, piece, whole in zip(owner.tolist(), k.tolist(), cut.tolist())
+        ]
+        unpaired = np.zeros(
+            len(batch.lengths), dtype=bool
+        )  # pairs are refused with --overlong split
+        return self._result(
+            file,
+            line_count,
+            numbers,
+            ids,
+            mask,
+            lengths,
+            bad,
+            0,
+            dropped,
+            unpaired[owner],
+            unpaired,
+            digests,
+            owner,
+            cut,
+        )
 
-    def _result(self, file, line_count, numbers, ids, mask, lengths, bad, truncated, dropped, kept_paired,
-                paired, digests=None, record=None, cut=None) -> ChunkResult:
+    def _result(
+        self,
+        file,
+        line_count,
+        numbers,
+        ids,
+        mask,
+        lengths,
+        bad,
+        truncated,
+        dropped,
+        kept_paired,
+        paired,
+        digests=None,
+        record=None,
+        cut=None,
+    ) -> ChunkResult:
         """The chunk's kept samples (or pieces), their digests for --dedup, and what was counted on the way;
         `paired` flags each encoded sample as a half of a preference pair, `kept_paired` each kept one."""
         if digests is None:
             starts = np.concatenate([[0], np.cumsum(lengths)])
-            digests = [hashlib.blake2b(ids[a:b].tobytes() + mask[a:b].tobytes(), digest_size=12).digest()
-                       for a, b in zip(starts[:-1], starts[1:])]
-        first_lines = {bool(kind): int(numbers[paired == kind][0]) for kind in (False, True) if (paired == kind).any()}
-        return ChunkResult(file=file, lines=line_count, ids=ids, mask=mask, lengths=lengths, digests=digests,
-                           bad=sorted(set(bad)), truncated=truncated, dropped=dropped, paired=kept_paired,
-                           first_lines=first_lines, record=record, cut=cut)
+            digests = [
+                hashlib.blake2b(ids[a:b].tobytes() + mask[a:b].tobytes(), digest_size=12).digest()
+                for a, b in zip(starts[:-1], starts[1:])
+            ]
+        first_lines = {
+            bool(kind): int(numbers[paired == kind][0])
+            for kind in (False, True)
+            if (paired == kind).any()
+        }
+        return ChunkResult(
+            file=file,
+            lines=line_count,
+            ids=ids,
+            mask=mask,
+            lengths=lengths,
+            digests=digests,
+            bad=sorted(set(bad)),
+            truncated=truncated,
+            dropped=dropped,
+            paired=kept_paired,
+            first_lines=first_lines,
+            record=record,
+            cut=cut,
+        )
 
 
-def split_pieces(starts: np.ndarray, lengths: np.ndarray, limit: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def split_pieces(
+    starts: np.ndarray, lengths: np.ndarray, limit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(sample, k, start, length) of every piece: a sample of L <= limit tokens is one piece; a longer one
     gives ceil((L - 1) / (limit - 1)) pieces, piece k its tokens k(limit-1) .. k(limit-1) + limit."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -286,7 +398,9 @@ def _gather(batch, keep: np.ndarray, lengths: np.ndarray):
 
 def _take(ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
     """ids and mask of the spans [starts[i], starts[i] + lengths[i]), concatenated; and the lengths."""
-    index = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+    index = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(
+        lengths.sum()
+    )
     return ids[index], mask[index], lengths
 
 
@@ -348,8 +462,10 @@ _WHOLE_NUMBERS = ("workers", "ngram", "chunk_lines", "max_seq_length")
 _SWITCHES = ("train_on_all", "dedup", "overwrite", "progress")
 _CHOICES = {"on_bad_line": ("error", "skip"), "overlong": (None, "truncate", "drop", "split")}
 _LINE_HINT = "fix the line, or pass --on-bad-line skip to drop and count such lines"
-_DAMAGE_HINT = ("re-create the file, or pass --on-bad-line skip to keep the lines before this one "
-                "and count the file as dropped")
+_DAMAGE_HINT = (
+    "re-create the file, or pass --on-bad-line skip to keep the lines before this one "
+    "and count the file as dropped"
+)
 
 
 def _flag(key: str) -> str:
@@ -359,31 +475,42 @@ def _flag(key: str) -> str:
 def _check_options(options: PreprocessOptions) -> None:
     """Every option checked before any input is read or any folder touched."""
     if not isinstance(options.tasks, dict) or not options.tasks:
-        raise PreprocessError("no task given: use --task NAME=PATH[,PATH...] (repeatable) or 'tasks:' in --config")
+        raise PreprocessError(
+            "no task given: use --task NAME=PATH[,PATH...] (repeatable) or 'tasks:' in --config"
+        )
     check_task_names(list(options.tasks))
     if not isinstance(options.out_dir, (str, os.PathLike)) or not str(options.out_dir).strip():
         raise PreprocessError("no output folder: pass --out DIR")
     for key in _WHOLE_NUMBERS:
         value = getattr(options, key)
-        if not (value is None and key == "max_seq_length") and (not isinstance(value, int) or isinstance(value, bool)):
+        if not (value is None and key == "max_seq_length") and (
+            not isinstance(value, int) or isinstance(value, bool)
+        ):
             raise PreprocessError(f"{_flag(key)}: expected a whole number, got {value!r}")
     for key in _SWITCHES:
         if not isinstance(getattr(options, key), bool):
-            raise PreprocessError(f"{_flag(key)}: expected true or false, got {getattr(options, key)!r}")
+            raise PreprocessError(
+                f"{_flag(key)}: expected true or false, got {getattr(options, key)!r}"
+            )
     for key, allowed in _CHOICES.items():
         if getattr(options, key) not in allowed:
-            raise PreprocessError(f"{_flag(key)}: {getattr(options, key)!r} is not one of "
-                                  f"{', '.join(a for a in allowed if a)}")
+            raise PreprocessError(
+                f"{_flag(key)}: {getattr(options, key)!r} is not one of "
+                f"{', '.join(a for a in allowed if a)}"
+            )
     if options.workers < 1 or options.ngram < 1 or options.chunk_lines < 1:
         raise PreprocessError("--workers, --ngram and the chunk size must be at least 1")
     if options.overlong and not options.max_seq_length:
         raise PreprocessError("--overlong needs --max-seq-length")
     if options.max_seq_length is not None and options.max_seq_length < 2:
         raise PreprocessError("--max-seq-length must be at least 2")
-    if not isinstance(options.decontaminate, list) or any(not isinstance(b, str) or not b.strip()
-                                                          for b in options.decontaminate):
-        raise PreprocessError(f"--decontaminate {options.decontaminate!r}: expected a list of benchmarks, each "
-                              "'humaneval' or the path of a problem file (.jsonl, .jsonl.gz)")
+    if not isinstance(options.decontaminate, list) or any(
+        not isinstance(b, str) or not b.strip() for b in options.decontaminate
+    ):
+        raise PreprocessError(
+            f"--decontaminate {options.decontaminate!r}: expected a list of benchmarks, each "
+            "'humaneval' or the path of a problem file (.jsonl, .jsonl.gz)"
+        )
     check_columns(options.columns)
     options.source_rules().check()
 
@@ -411,8 +538,13 @@ def preprocess(options: PreprocessOptions) -> dict:
     tokenizer, template_identity = _load_tokenizer(options)
     benchmarks = _describe_benchmarks(options)
     rules = options.source_rules()
-    found = {name: task_inputs(name, paths, options.columns, rules) for name, paths in options.tasks.items()}
-    inputs = [input_root(path) for paths in options.tasks.values() for path in paths] + list(tokenizer.files)
+    found = {
+        name: task_inputs(name, paths, options.columns, rules)
+        for name, paths in options.tasks.items()
+    }
+    inputs = [input_root(path) for paths in options.tasks.values() for path in paths] + list(
+        tokenizer.files
+    )
     # Wide enough for every id the tokenizer can emit, not only its vocab_size.
     dtype = token_dtype(tokenizer.max_token_id + 1)
     with OutputFolder(options.out_dir, inputs, options.overwrite) as folder:
@@ -421,9 +553,13 @@ def preprocess(options: PreprocessOptions) -> dict:
             reports = _process_tasks(options, found, folder, dtype)
             for report in reports:
                 skipped = found[report.name].skipped
-                report.skipped_inputs, report.skipped_input_count = skipped[:MAX_SKIPPED_LISTED], len(skipped)
+                report.skipped_inputs, report.skipped_input_count = (
+                    skipped[:MAX_SKIPPED_LISTED],
+                    len(skipped),
+                )
             manifest = _manifest(options, tokenizer, template_identity, dtype, reports) | {
-                "decontaminated_against": benchmarks}
+                "decontaminated_against": benchmarks
+            }
             folder.publish(manifest)
         except OSError as err:
             raise PreprocessError(_io_failure(err, folder)) from None
@@ -431,51 +567,99 @@ def preprocess(options: PreprocessOptions) -> dict:
 
 
 def _io_failure(err: OSError, folder: OutputFolder) -> str:
-    advice = ("free space on that file system or choose another --out" if err.errno == errno.ENOSPC
-              else "check the file, its permissions and the file system")
-    kept = ("the previous output there was partly replaced; run again" if folder.replacing
-            else "any previous output there is as it was")
-    return (f"{err.filename or folder.path}: {err.strerror or err}; the run stopped and removed its partial files "
-            f"from {folder.path}; {kept} ({advice})")
+    advice = (
+        "free space on that file system or choose another --out"
+        if err.errno == errno.ENOSPC
+        else "check the file, its permissions and the file system"
+    )
+    kept = (
+        "the previous output there was partly replaced; run again"
+        if folder.replacing
+        else "any previous output there is as it was"
+    )
+    return (
+        f"{err.filename or folder.path}: {err.strerror or err}; the run stopped and removed its partial files "
+        f"from {folder.path}; {kept} ({advice})"
+    )
 
 
-def _manifest(options: PreprocessOptions, tokenizer, template_identity: dict, dtype, reports) -> dict:
+def _manifest(
+    options: PreprocessOptions, tokenizer, template_identity: dict, dtype, reports
+) -> dict:
     return {
         "format": FORMAT,
         "tokenizer": tokenizer.identity(),
         "template": template_identity,
         "token_dtype": np.dtype(dtype).name,
-        "options": {k: v for k, v in asdict(options).items()
-                    if k in ("max_seq_length", "overlong", "on_bad_line", "train_on_all", "decontaminate",
-                             "ngram", "dedup", "columns", "source_extensions", "source_max_bytes",
-                             "source_max_line_length")},
-        "tasks": [asdict(r) | {"prefix": r.name, "loss_mask_prefix": f"{r.name}_loss_mask",
-                               "task_id_prefix": f"{r.name}_task_id"} for r in reports],
+        "options": {
+            k: v
+            for k, v in asdict(options).items()
+            if k
+            in (
+                "max_seq_length",
+                "overlong",
+                "on_bad_line",
+                "train_on_all",
+                "decontaminate",
+                "ngram",
+                "dedup",
+                "columns",
+                "source_extensions",
+                "source_max_bytes",
+                "source_max_line_length",
+            )
+        },
+        "tasks": [
+            asdict(r)
+            | {
+                "prefix": r.name,
+                "loss_mask_prefix": f"{r.name}_loss_mask",
+                "task_id_prefix": f"{r.name}_task_id",
+            }
+            for r in reports
+        ],
     }
 
 
-def _process_tasks(options: PreprocessOptions, found: dict, folder: OutputFolder, dtype) -> list[TaskReport]:
+def _process_tasks(
+    options: PreprocessOptions, found: dict, folder: OutputFolder, dtype
+) -> list[TaskReport]:
     pool = None
     if options.workers > 1:  # a dead worker raises BrokenProcessPool here rather than hanging
-        pool = ProcessPoolExecutor(options.workers, helper_spawn_context(), _init_pool_worker, (options,))
+        pool = ProcessPoolExecutor(
+            options.workers, helper_spawn_context(), _init_pool_worker, (options,)
+        )
     else:
         _init_worker(options)
     bar = _Progress(options.progress)
     try:
-        return [_process_task(task_id, name, found[name], options, pool, dtype, folder, bar)
-                for task_id, name in enumerate(options.tasks)]
+        return [
+            _process_task(task_id, name, found[name], options, pool, dtype, folder, bar)
+            for task_id, name in enumerate(options.tasks)
+        ]
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _process_task(task_id: int, name: str, inputs: TaskInputs, options: PreprocessOptions, pool, dtype,
-                  folder: OutputFolder, bar) -> TaskReport:
+def _process_task(
+    task_id: int,
+    name: str,
+    inputs: TaskInputs,
+    options: PreprocessOptions,
+    pool,
+    dtype,
+    folder: OutputFolder,
+    bar,
+) -> TaskReport:
     files = inputs.files
     # Each input's documents, in order: document i of the task comes from the input whose running count passes i.
-    report = TaskReport(name, task_id, inputs=[{"path": str(p), "sha256": file_sha256(p), "documents": 0}
-                                               for p in files])
+    report = TaskReport(
+        name,
+        task_id,
+        inputs=[{"path": str(p), "sha256": file_sha256(p), "documents": 0} for p in files],
+    )
     by_path = {entry["path"]: entry for entry in report.inputs}
     tokens = folder.writer(name, dtype)
     masks = folder.writer(f"{name}_loss_mask", np.uint8)
@@ -483,7 +667,9 @@ def _process_task(task_id: int, name: str, inputs: TaskInputs, options: Preproce
     seen: set[bytes] = set()
     dropped: Counter = Counter()
     bar.set_description(name)
-    results = _ordered_results(options, read_chunks(inputs, options.chunk_lines, options.source_rules()), pool)
+    results = _ordered_results(
+        options, read_chunks(inputs, options.chunk_lines, options.source_rules()), pool
+    )
     for chunk, result in enumerate(results, start=1):
         kill_point("preprocess.chunk", chunk)
         _count_bad_lines(result, options, dropped, report)
@@ -512,19 +698,25 @@ def _process_task(task_id: int, name: str, inputs: TaskInputs, options: Preproce
         bar.advance(result.lines, int(lengths.sum()))
     report.dropped = {k: v for k, v in sorted(dropped.items()) if v}
     if report.documents == 0:
-        raise PreprocessError(f"task {name}: no sample left from {', '.join(map(str, files))} "
-                              f"(dropped: {report.dropped or 'none'})")
+        raise PreprocessError(
+            f"task {name}: no sample left from {', '.join(map(str, files))} "
+            f"(dropped: {report.dropped or 'none'})"
+        )
     return report
 
 
-def _count_bad_lines(result: ChunkResult, options: PreprocessOptions, dropped: Counter, report: TaskReport) -> None:
+def _count_bad_lines(
+    result: ChunkResult, options: PreprocessOptions, dropped: Counter, report: TaskReport
+) -> None:
     """Stop at the first bad line (FILE:LINE: reason), or count each by its kind under --on-bad-line skip."""
     for line, kind, reason in result.bad:
         if options.on_bad_line == "error":
             hint = _DAMAGE_HINT if kind == damage_kind(result.file) else _LINE_HINT
             raise PreprocessError(f"{result.file}:{line}: {reason} ({hint})")
         dropped[kind] += 1
-        if kind == damage_kind(result.file):  # the manifest says which file was cut short, and where
+        if kind == damage_kind(
+            result.file
+        ):  # the manifest says which file was cut short, and where
             entry = next(e for e in report.inputs if e["path"] == result.file)
             entry["unread_from_line"] = line
 
@@ -538,8 +730,10 @@ def _check_one_kind(name: str, report: TaskReport, result: ChunkResult, document
     other = not report.preference
     if other in result.first_lines:
         what = "a preference pair" if other else "a record that is not a preference pair"
-        raise PreprocessError(f"{result.file}:{result.first_lines[other]}: {what} in task {name}, whose records "
-                              "before it are of the other kind; give preference pairs a task of their own")
+        raise PreprocessError(
+            f"{result.file}:{result.first_lines[other]}: {what} in task {name}, whose records "
+            "before it are of the other kind; give preference pairs a task of their own"
+        )
 
 
 def _kept(result: ChunkResult, seen: set[bytes], dedup: bool) -> list[int]:
@@ -575,8 +769,13 @@ class _Progress:
         from tqdm import tqdm
 
         # In a log file (a batch job) a line every 30 s, not a redraw per chunk.
-        self._bar = tqdm(unit=" lines", disable=not enabled, smoothing=0.1, dynamic_ncols=True,
-                         mininterval=0.1 if sys.stderr.isatty() else 30)
+        self._bar = tqdm(
+            unit=" lines",
+            disable=not enabled,
+            smoothing=0.1,
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30,
+        )
         self._tokens = 0
         self._start = time.perf_counter()
 

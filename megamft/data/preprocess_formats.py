@@ -21,14 +21,24 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from megamft.data.conversation import PAIR_FIELDS, SCHEMA_KEYS, TEXT_KEY, BadSample, Sample, load_line, parse_record
+from megamft.data.conversation import (
+    PAIR_FIELDS,
+    SCHEMA_KEYS,
+    TEXT_KEY,
+    BadSample,
+    Sample,
+    load_line,
+    parse_record,
+)
 from megamft.errors import MissingPackage, UserError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIX = ".parquet"
 RECORD_SUFFIXES = (*JSONL_SUFFIXES, PARQUET_SUFFIX)
 RECORD_FILES = ".jsonl, .jsonl.gz, .jsonl.zst or .parquet"
-RECORD_FIELDS = tuple(dict.fromkeys((*SCHEMA_KEYS, *(f for pair in PAIR_FIELDS for f in pair), "system", TEXT_KEY)))
+RECORD_FIELDS = tuple(
+    dict.fromkeys((*SCHEMA_KEYS, *(f for pair in PAIR_FIELDS for f in pair), "system", TEXT_KEY))
+)
 """Every top-level field some record format reads."""
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -48,8 +58,10 @@ def require(package: str, what: str):
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise MissingPackage(f"{what} needs the {package} package, which is not installed: "
-                             f"pip install 'megamft[data]' (or pip install {package})") from None
+        raise MissingPackage(
+            f"{what} needs the {package} package, which is not installed: "
+            f"pip install 'megamft[data]' (or pip install {package})"
+        ) from None
 
 
 def columns_text(columns: dict[str, str]) -> str:
@@ -58,15 +70,22 @@ def columns_text(columns: dict[str, str]) -> str:
 
 def check_columns(columns) -> dict[str, str]:
     """--columns FIELD=COLUMN: each FIELD a record field, each COLUMN named once."""
-    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
-                                                for k, v in columns.items()):
-        raise PreprocessError(f"--columns {columns!r}: expected FIELD=COLUMN pairs (a mapping in --config)")
+    if not isinstance(columns, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in columns.items()
+    ):
+        raise PreprocessError(
+            f"--columns {columns!r}: expected FIELD=COLUMN pairs (a mapping in --config)"
+        )
     unknown = sorted(set(columns) - set(RECORD_FIELDS))
     if unknown:
-        raise PreprocessError(f"--columns: {', '.join(unknown)} is not a record field; the fields are "
-                          f"{', '.join(RECORD_FIELDS)} (--columns FIELD=COLUMN reads FIELD from COLUMN)")
+        raise PreprocessError(
+            f"--columns: {', '.join(unknown)} is not a record field; the fields are "
+            f"{', '.join(RECORD_FIELDS)} (--columns FIELD=COLUMN reads FIELD from COLUMN)"
+        )
     if len(set(columns.values())) < len(columns):
-        raise PreprocessError(f"--columns {columns_text(columns)}: a column is named for two fields; name each once")
+        raise PreprocessError(
+            f"--columns {columns_text(columns)}: a column is named for two fields; name each once"
+        )
     return dict(columns)
 
 
@@ -89,8 +108,11 @@ class RecordParser:
         except BadSample as err:
             if err.kind != "missing_field":
                 raise
-            raise BadSample(err.kind, f"{err} (read with --columns {columns_text(self.columns)}; "
-                            f"the line's fields: {', '.join(map(str, record)) or 'none'})") from None
+            raise BadSample(
+                err.kind,
+                f"{err} (read with --columns {columns_text(self.columns)}; "
+                f"the line's fields: {', '.join(map(str, record)) or 'none'})",
+            ) from None
 
 
 def project(record: dict, columns: dict[str, str]) -> dict:
@@ -102,7 +124,11 @@ def field_columns(columns: dict[str, str]) -> list[tuple[str, str]]:
     """(record field, the column it is read from) for every field; a column mapped to a field is not also
     read as the field of its own name (`--columns prompt=question` does not read a `question` field)."""
     mapped = set(columns.values())
-    return [(f, columns[f]) if f in columns else (f, f) for f in RECORD_FIELDS if f in columns or f not in mapped]
+    return [
+        (f, columns[f]) if f in columns else (f, f)
+        for f in RECORD_FIELDS
+        if f in columns or f not in mapped
+    ]
 
 
 def check_record_file(task: str, path: Path, columns: dict[str, str]) -> None:
@@ -117,11 +143,15 @@ def check_record_file(task: str, path: Path, columns: dict[str, str]) -> None:
     for suffix, magic in compressed.items():
         kind = "gzip" if suffix == ".gz" else "zstd"
         if name.endswith(suffix) and head and not head.startswith(magic):
-            raise PreprocessError(f"task {task}: {path} is named {suffix} but is not {kind}-compressed; "
-                              "rename it to .jsonl")
+            raise PreprocessError(
+                f"task {task}: {path} is named {suffix} but is not {kind}-compressed; "
+                "rename it to .jsonl"
+            )
         if name.endswith(".jsonl") and head.startswith(magic):
-            raise PreprocessError(f"task {task}: {path} is {kind}-compressed but named .jsonl; "
-                              f"rename it to .jsonl{suffix}")
+            raise PreprocessError(
+                f"task {task}: {path} is {kind}-compressed but named .jsonl; "
+                f"rename it to .jsonl{suffix}"
+            )
     if name.endswith(".zst"):
         require("zstandard", f"reading {path}")
     if name.endswith(PARQUET_SUFFIX):
@@ -135,17 +165,22 @@ def parquet_fields(task: str | None, path: Path, columns: dict[str, str]) -> dic
     try:
         names = pq.ParquetFile(path).schema_arrow.names
     except _arrow_errors() as err:
-        raise PreprocessError(f"{task}{path} is not a readable Parquet file ({err}); "
-                          "re-create it or leave it out") from None
+        raise PreprocessError(
+            f"{task}{path} is not a readable Parquet file ({err}); re-create it or leave it out"
+        ) from None
     missing = [f"{f}={c}" for f, c in columns.items() if c not in names]
     if missing:
-        raise PreprocessError(f"{task}{path} has no column for --columns {', '.join(missing)}; "
-                          f"its columns: {', '.join(names)}")
+        raise PreprocessError(
+            f"{task}{path} has no column for --columns {', '.join(missing)}; "
+            f"its columns: {', '.join(names)}"
+        )
     fields = {f: c for f, c in field_columns(columns) if c in names}
     if not fields:
-        raise PreprocessError(f"{task}{path} has no column of a record field ({', '.join(RECORD_FIELDS)}); "
-                          f"its columns: {', '.join(names)}. Map one with --columns FIELD=COLUMN, "
-                          "e.g. --columns text=content")
+        raise PreprocessError(
+            f"{task}{path} has no column of a record field ({', '.join(RECORD_FIELDS)}); "
+            f"its columns: {', '.join(names)}. Map one with --columns FIELD=COLUMN, "
+            "e.g. --columns text=content"
+        )
     return fields
 
 
@@ -166,7 +201,9 @@ def json_lines(path: Path) -> Iterator[bytes]:
         with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
             yield from f
     except EOFError:
-        raise DamagedInput("the gzip file is truncated (it ends before its end-of-stream marker)") from None
+        raise DamagedInput(
+            "the gzip file is truncated (it ends before its end-of-stream marker)"
+        ) from None
     except (gzip.BadGzipFile, zlib.error) as err:
         raise DamagedInput(f"the gzip data is corrupt ({err})") from None
 
@@ -188,7 +225,11 @@ def _zstd_lines(path: Path) -> Iterator[bytes]:
                 yield from lines
                 block = b""
                 if stream.eof:  # the next frame starts in what this one left
-                    block, stream, fed = stream.unused_data, zstd.ZstdDecompressor().decompressobj(), False
+                    block, stream, fed = (
+                        stream.unused_data,
+                        zstd.ZstdDecompressor().decompressobj(),
+                        False,
+                    )
     if fed and not stream.eof:
         raise DamagedInput("the zstd file is truncated (it ends inside a frame)")
     if pending:
@@ -207,8 +248,12 @@ def parquet_batches(path: Path, columns: dict[str, str], rows: int) -> Iterator[
     try:
         with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
             for group in range(parquet.num_row_groups):
-                for batch in parquet.iter_batches(batch_size=rows, row_groups=[group], columns=list(by_column),
-                                                  use_threads=False):
-                    yield [{by_column[c]: v for c, v in row.items() if v is not None} for row in batch.to_pylist()]
+                for batch in parquet.iter_batches(
+                    batch_size=rows, row_groups=[group], columns=list(by_column), use_threads=False
+                ):
+                    yield [
+                        {by_column[c]: v for c, v in row.items() if v is not None}
+                        for row in batch.to_pylist()
+                    ]
     except _arrow_errors() as err:
         raise DamagedInput(f"the Parquet data cannot be read ({err})") from None

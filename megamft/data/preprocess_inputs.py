@@ -22,8 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from megamft.data.preprocess_formats import (PARQUET_SUFFIX, RECORD_FILES, RECORD_SUFFIXES, DamagedInput,
-                                             PreprocessError, check_record_file, json_lines, parquet_batches)
+from megamft.data.preprocess_formats import (
+    PARQUET_SUFFIX,
+    RECORD_FILES,
+    RECORD_SUFFIXES,
+    DamagedInput,
+    PreprocessError,
+    check_record_file,
+    json_lines,
+    parquet_batches,
+)
 from megamft.data.preprocess_sources import SourceRules, read_document, skip_reason, source_folder
 
 SUFFIXES = RECORD_SUFFIXES
@@ -38,14 +46,20 @@ def check_task_names(names: list[str]) -> None:
     owners: dict[str, tuple[str, str]] = {}  # casefolded file stem -> (task, stem)
     for name in names:
         if not isinstance(name, str) or not _TASK_NAME.match(name) or len(name) > MAX_TASK_NAME:
-            raise PreprocessError(f"task name {name!r}: use at most {MAX_TASK_NAME} letters, digits, '_', '-', '.', "
-                                  "starting with a letter or digit and not ending with '.' (it names the output files)")
+            raise PreprocessError(
+                f"task name {name!r}: use at most {MAX_TASK_NAME} letters, digits, '_', '-', '.', "
+                "starting with a letter or digit and not ending with '.' (it names the output files)"
+            )
         for suffix in DERIVED_SUFFIXES:
             stem = name + suffix
             other = owners.get(stem.casefold())
             if other is not None:
-                same = (f"would both write {stem}.bin" if other[1] == stem else f"would write {other[1]}.bin and "
-                        f"{stem}.bin, one file on a case-insensitive file system (macOS, Windows)")
+                same = (
+                    f"would both write {stem}.bin"
+                    if other[1] == stem
+                    else f"would write {other[1]}.bin and "
+                    f"{stem}.bin, one file on a case-insensitive file system (macOS, Windows)"
+                )
                 raise PreprocessError(f"tasks {other[0]!r} and {name!r} {same}; rename one of them")
             owners[stem.casefold()] = (name, stem)
 
@@ -72,8 +86,12 @@ def input_files(task: str, paths: list[str]) -> list[Path]:
     return files
 
 
-def task_inputs(task: str, paths: list[str], columns: dict[str, str] | None = None,
-                rules: SourceRules | None = None) -> TaskInputs:
+def task_inputs(
+    task: str,
+    paths: list[str],
+    columns: dict[str, str] | None = None,
+    rules: SourceRules | None = None,
+) -> TaskInputs:
     """The files of one task and what its folders hold unread; PreprocessError for a bad input."""
     if not isinstance(paths, (list, tuple)) or not paths:
         raise PreprocessError(f"task {task}: expected a path or a list of paths, got {paths!r}")
@@ -89,8 +107,10 @@ def task_inputs(task: str, paths: list[str], columns: dict[str, str] | None = No
     for path in files:
         key = path.resolve()
         if key in seen:
-            raise PreprocessError(f"task {task}: {path} is named twice (also as {seen[key]}); "
-                                  "its samples would be read twice. Name each file or folder once")
+            raise PreprocessError(
+                f"task {task}: {path} is named twice (also as {seen[key]}); "
+                "its samples would be read twice. Name each file or folder once"
+            )
         seen[key] = path
     for path in files:
         if path not in inputs.sources:
@@ -100,31 +120,41 @@ def task_inputs(task: str, paths: list[str], columns: dict[str, str] | None = No
 
 def _files_of(task: str, spec, rules: SourceRules) -> tuple[list[Path], list[dict]]:
     if not isinstance(spec, str) or not spec.strip() or spec.strip() == "sources:":
-        raise PreprocessError(f"task {task}: an empty input path ({spec!r}); a stray comma in "
-                              "--task NAME=PATH,PATH? Every path must name a file or a folder")
+        raise PreprocessError(
+            f"task {task}: an empty input path ({spec!r}); a stray comma in "
+            "--task NAME=PATH,PATH? Every path must name a file or a folder"
+        )
     sources = source_folder(spec)
     if sources is not None:
         if not sources.is_dir():
-            raise PreprocessError(f"task {task}: {spec}: {sources} is not a folder (sources:FOLDER reads "
-                                  "the source files under a folder)")
+            raise PreprocessError(
+                f"task {task}: {spec}: {sources} is not a folder (sources:FOLDER reads "
+                "the source files under a folder)"
+            )
         found, skipped = folder_files(sources, lambda path: skip_reason(path, rules))
         if not found:
-            raise PreprocessError(f"task {task}: folder {sources} has no source file to read (hidden files and "
-                                  f"folders are not read){'; it holds ' + describe_skipped(skipped) if skipped else ''}")
+            raise PreprocessError(
+                f"task {task}: folder {sources} has no source file to read (hidden files and "
+                f"folders are not read){'; it holds ' + describe_skipped(skipped) if skipped else ''}"
+            )
         return found, skipped
     path = Path(spec)
     if path.is_dir():
         found, skipped = folder_files(path)
         if not found:
             unread = f"; it holds {describe_skipped(skipped)}" if skipped else ""
-            raise PreprocessError(f"task {task}: folder {path} has no {RECORD_FILES} files "
-                                  f"(hidden files and folders are not read; sources:{path} reads "
-                                  f"source files){unread}")
+            raise PreprocessError(
+                f"task {task}: folder {path} has no {RECORD_FILES} files "
+                f"(hidden files and folders are not read; sources:{path} reads "
+                f"source files){unread}"
+            )
         return found, skipped
     if path.is_file():
         if not path.name.endswith(SUFFIXES):
-            raise PreprocessError(f"task {task}: {path} is not a {RECORD_FILES} file; give record files "
-                                  "or folders holding them (or sources:FOLDER for a folder of source files)")
+            raise PreprocessError(
+                f"task {task}: {path} is not a {RECORD_FILES} file; give record files "
+                "or folders holding them (or sources:FOLDER for a folder of source files)"
+            )
         return [path], []
     if path.exists():
         raise PreprocessError(f"task {task}: {path} is neither a file nor a folder")
@@ -135,8 +165,9 @@ def _record_file(path: Path) -> tuple[str, None] | None:
     return None if path.name.endswith(SUFFIXES) else (f"not {RECORD_FILES}", None)
 
 
-def folder_files(folder: Path, skip_reason: Callable[[Path], tuple[str, str | None] | None] = _record_file
-                 ) -> tuple[list[Path], list[dict]]:
+def folder_files(
+    folder: Path, skip_reason: Callable[[Path], tuple[str, str | None] | None] = _record_file
+) -> tuple[list[Path], list[dict]]:
     """The files under `folder` that `skip_reason` keeps (record files by default), sorted, links followed,
     each real folder and file once; and {"path", "reason"[, "detail"]} of every entry not read."""
     found: list[Path] = []
@@ -145,7 +176,9 @@ def folder_files(folder: Path, skip_reason: Callable[[Path], tuple[str, str | No
     seen_files: dict[Path, Path] = {}
 
     def skip(path: Path, reason: str, detail: str | None = None) -> None:
-        skipped.append({"path": str(path), "reason": reason, **({"detail": detail} if detail else {})})
+        skipped.append(
+            {"path": str(path), "reason": reason, **({"detail": detail} if detail else {})}
+        )
 
     def walk(directory: Path) -> None:
         real = directory.resolve()
@@ -188,18 +221,23 @@ def describe_skipped(skipped: list[dict], names: int = 3) -> str:
     by_reason: dict[str, list[str]] = {}
     for entry in skipped:
         by_reason.setdefault(entry["reason"], []).append(Path(entry["path"]).name)
-    parts = [f"{len(files)} {reason} ({', '.join(files[:names])}{', ...' if len(files) > names else ''})"
-             for reason, files in by_reason.items()]
+    parts = [
+        f"{len(files)} {reason} ({', '.join(files[:names])}{', ...' if len(files) > names else ''})"
+        for reason, files in by_reason.items()
+    ]
     return f"{len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} not read: {', '.join(parts)}"
 
 
 def damage_kind(file: str) -> str:
     """How a file that ends in damage is counted under --on-bad-line skip: corrupt_gzip, corrupt_zstd, ..."""
-    return next((kind for suffix, kind in _DAMAGE_KINDS.items() if file.endswith(suffix)), "unreadable_file")
+    return next(
+        (kind for suffix, kind in _DAMAGE_KINDS.items() if file.endswith(suffix)), "unreadable_file"
+    )
 
 
-def read_chunks(inputs: TaskInputs | list[Path], chunk_lines: int, rules: SourceRules | None = None
-                ) -> Iterator[tuple[str, int, list, str | None]]:
+def read_chunks(
+    inputs: TaskInputs | list[Path], chunk_lines: int, rules: SourceRules | None = None
+) -> Iterator[tuple[str, int, list, str | None]]:
     """(file, number of the chunk's first line or row, items, read error or None), in input order.
 
     An item is a raw JSON line (bytes) or a record (a dict: a Parquet row, a
@@ -225,7 +263,9 @@ def _parquet_rows(path: Path, columns: dict[str, str], chunk_lines: int) -> Iter
         yield from batch
 
 
-def _chunks(path: Path, items: Iterator, chunk_lines: int) -> Iterator[tuple[str, int, list, str | None]]:
+def _chunks(
+    path: Path, items: Iterator, chunk_lines: int
+) -> Iterator[tuple[str, int, list, str | None]]:
     chunk: list = []
     first = 1
     try:

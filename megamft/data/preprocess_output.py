@@ -25,8 +25,13 @@ from megamft.data.indexed import PARTIAL_SUFFIX, IndexedWriter
 from megamft.data.manifest import CHECKSUMS, MANIFEST, OUTPUT_KIND, read_manifest, task_files
 from megamft.data.preprocess_inputs import PreprocessError
 from megamft.platform.folder_lock import LOCK_NAME, FolderLock
-from megamft.platform.output_folder import (OUTPUT_MARKER, DestinationError, check_destination, mark_output,
-                                            output_kind)
+from megamft.platform.output_folder import (
+    OUTPUT_MARKER,
+    DestinationError,
+    check_destination,
+    mark_output,
+    output_kind,
+)
 
 
 def written_by_preprocess(folder: Path) -> bool:
@@ -43,12 +48,21 @@ def check_not_an_input(out: str | Path, inputs: list) -> None:
     dest = Path(out).expanduser().resolve()
     for source in inputs:
         src = Path(source).expanduser().resolve()
-        relation = ("is the input" if src == dest else "holds the input" if dest in src.parents
-                    else "lies inside the input" if src in dest.parents else None)
+        relation = (
+            "is the input"
+            if src == dest
+            else "holds the input"
+            if dest in src.parents
+            else "lies inside the input"
+            if src in dest.parents
+            else None
+        )
         if relation:
-            raise PreprocessError(f"--out {out} {relation} {source}; writing there could overwrite or mix with "
-                                  "what this run reads, with or without --overwrite. Choose a folder outside "
-                                  "the inputs and the tokenizer's folder for --out")
+            raise PreprocessError(
+                f"--out {out} {relation} {source}; writing there could overwrite or mix with "
+                "what this run reads, with or without --overwrite. Choose a folder outside "
+                "the inputs and the tokenizer's folder for --out"
+            )
 
 
 def _quiet_unlink(path: Path) -> None:
@@ -73,15 +87,23 @@ class OutputFolder:
     def __enter__(self) -> "OutputFolder":
         check_not_an_input(self.path, self.inputs)
         try:
-            check_destination(self.path, OUTPUT_KIND, self.inputs, self.overwrite, "--out",
-                              recognise=written_by_preprocess)
+            check_destination(
+                self.path,
+                OUTPUT_KIND,
+                self.inputs,
+                self.overwrite,
+                "--out",
+                recognise=written_by_preprocess,
+            )
             self._created = not self.path.exists()
             self._lock = FolderLock(self.path, "preprocess run").acquire()
         except DestinationError as err:
             raise PreprocessError(str(err)) from None
         except OSError as err:
-            raise PreprocessError(f"--out {self.path} cannot be written ({err.strerror}); "
-                                  "choose a folder this user can write") from None
+            raise PreprocessError(
+                f"--out {self.path} cannot be written ({err.strerror}); "
+                "choose a folder this user can write"
+            ) from None
         self.takeover = self._lock.takeover
         ours = output_kind(self.path) == OUTPUT_KIND or written_by_preprocess(self.path)
         self._marked = output_kind(self.path) == OUTPUT_KIND
@@ -106,7 +128,9 @@ class OutputFolder:
         new manifest last."""
         for writer in self.writers:
             writer.finish()
-        manifest[CHECKSUMS] = {name: record for writer in self.writers for name, record in writer.checksums().items()}
+        manifest[CHECKSUMS] = {
+            name: record for writer in self.writers for name, record in writer.checksums().items()
+        }
         partial = self.path / (MANIFEST + PARTIAL_SUFFIX)
         with open(partial, "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -154,5 +178,7 @@ class OutputFolder:
 
 def report_stale_lock(folder: OutputFolder) -> None:
     if folder.takeover is not None:
-        print(f"megamft-preprocess: took over the lock of a run that is gone ({folder.takeover})",
-              file=sys.stderr)
+        print(
+            f"megamft-preprocess: took over the lock of a run that is gone ({folder.takeover})",
+            file=sys.stderr,
+        )

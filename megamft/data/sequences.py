@@ -47,17 +47,38 @@ def positions_of(lengths: np.ndarray, seq_length: int) -> np.ndarray:
     return np.clip(lengths - 1, 0, seq_length)
 
 
-def build_rows(tasks: np.ndarray, docs: np.ndarray, lengths: np.ndarray, mode: str, seq_length: int,
-               window: int, seed: int) -> Rows:
+def build_rows(
+    tasks: np.ndarray,
+    docs: np.ndarray,
+    lengths: np.ndarray,
+    mode: str,
+    seq_length: int,
+    window: int,
+    seed: int,
+) -> Rows:
     """Sequences of the documents (tasks[i], docs[i]) whose lengths are `lengths[i]`, in order."""
     sizes = positions_of(np.asarray(lengths, dtype=np.int64), seq_length)
     keep = np.flatnonzero(sizes > 0)
-    return rows_of_sizes(np.asarray(tasks)[keep].astype(np.uint16), np.asarray(docs)[keep],
-                         sizes[keep].astype(np.int32), mode, seq_length, window, seed)
+    return rows_of_sizes(
+        np.asarray(tasks)[keep].astype(np.uint16),
+        np.asarray(docs)[keep],
+        sizes[keep].astype(np.int32),
+        mode,
+        seq_length,
+        window,
+        seed,
+    )
 
 
-def rows_of_sizes(tasks: np.ndarray, docs: np.ndarray, sizes: np.ndarray, mode: str, seq_length: int,
-                  window: int, seed: int) -> Rows:
+def rows_of_sizes(
+    tasks: np.ndarray,
+    docs: np.ndarray,
+    sizes: np.ndarray,
+    mode: str,
+    seq_length: int,
+    window: int,
+    seed: int,
+) -> Rows:
     """Sequences of documents that fill `sizes` (1..seq_length) positions each: the modes' rule, computed by
     the index kernels (compiled; megamft.data.packing's Python functions where no compiler is found)."""
     from megamft.data import index_kernels
@@ -65,7 +86,9 @@ def rows_of_sizes(tasks: np.ndarray, docs: np.ndarray, sizes: np.ndarray, mode: 
     if mode in ("pad", "dynamic"):
         return Rows(tasks, docs)
     if mode == "pack":
-        flat, offsets = index_kernels.best_fit(sizes, seq_length, window, np.random.default_rng(seed))
+        flat, offsets = index_kernels.best_fit(
+            sizes, seq_length, window, np.random.default_rng(seed)
+        )
         return Rows(tasks[flat], docs[flat], offsets)
     if mode == "concat":
         return Rows(tasks, docs, index_kernels.next_fit(sizes, seq_length))
@@ -75,8 +98,14 @@ def rows_of_sizes(tasks: np.ndarray, docs: np.ndarray, sizes: np.ndarray, mode: 
 # ---------------------------------------------------------------- collation
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length: int, pad_id: int,
-            dense_mask: bool = True) -> dict:
+def collate(
+    rows: list[tuple[np.ndarray, np.ndarray]],
+    stores,
+    mode: str,
+    length: int,
+    pad_id: int,
+    dense_mask: bool = True,
+) -> dict:
     """One micro-batch of `length` positions from rows of (tasks, docs); stores[task].get(doc) gives ids, mask.
 
     pack mode: `cu_seqlens` always; the dense [b, 1, s, s] `attention_mask` only with dense_mask
@@ -108,9 +137,18 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray]], stores, mode: str, length
         task_ids[r, at:] = row_tasks[-1] if len(row_tasks) else 0
         sample_ids[r, at:] = len(row_tasks)  # padding: a block of its own
         padding[r, at:] = True
-    batch = {name: torch.from_numpy(value) for name, value in (
-        ("tokens", tokens), ("labels", labels), ("loss_mask", loss_mask), ("task_ids", task_ids),
-        ("sample_ids", sample_ids), ("position_ids", position_ids), ("padding", padding))}
+    batch = {
+        name: torch.from_numpy(value)
+        for name, value in (
+            ("tokens", tokens),
+            ("labels", labels),
+            ("loss_mask", loss_mask),
+            ("task_ids", task_ids),
+            ("sample_ids", sample_ids),
+            ("position_ids", position_ids),
+            ("padding", padding),
+        )
+    }
     if mode == "pack":
         if dense_mask:
             batch["attention_mask"] = document_attention_mask(batch["sample_ids"])
@@ -135,8 +173,16 @@ def document_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     return ~(same & causal).unsqueeze(1)
 
 
-def batch_length(rows: list[tuple[np.ndarray, np.ndarray]], stores, seq_length: int, multiple: int) -> int:
+def batch_length(
+    rows: list[tuple[np.ndarray, np.ndarray]], stores, seq_length: int, multiple: int
+) -> int:
     """dynamic mode: the longest document of the rows, rounded up to `multiple`, at most seq_length."""
-    longest = max((stores[t].lengths[d] - 1 for row_tasks, row_docs in rows
-                   for t, d in zip(row_tasks.tolist(), row_docs.tolist())), default=1)
+    longest = max(
+        (
+            stores[t].lengths[d] - 1
+            for row_tasks, row_docs in rows
+            for t, d in zip(row_tasks.tolist(), row_docs.tolist())
+        ),
+        default=1,
+    )
     return int(min(seq_length, -(-max(longest, 1) // multiple) * multiple))

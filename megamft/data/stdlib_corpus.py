@@ -46,7 +46,10 @@ def _functions(path: Path) -> Iterator[tuple[str, str]]:
             continue
         doc_node = node.body[0]
         indent = node.col_offset
-        kept = lines[node.lineno - 1 : doc_node.lineno - 1] + lines[doc_node.end_lineno : node.end_lineno]
+        kept = (
+            lines[node.lineno - 1 : doc_node.lineno - 1]
+            + lines[doc_node.end_lineno : node.end_lineno]
+        )
         code = "\n".join(line[indent:] for line in kept)
         yield code, doc.strip()
 
@@ -57,11 +60,17 @@ def _samples_for(code: str, doc: str) -> dict[str, list[dict]]:
     cut = max(1, len(code_lines) // 3)
     return {
         "code_completion": [
-            {"role": "human", "content": "Complete this Python function:\n" + "\n".join(code_lines[:cut])},
+            {
+                "role": "human",
+                "content": "Complete this Python function:\n" + "\n".join(code_lines[:cut]),
+            },
             {"role": "bot", "content": "\n".join(code_lines[cut:])},
         ],
         "text_to_code": [
-            {"role": "human", "content": f"Write a Python function `{signature}` that does this:\n{doc}"},
+            {
+                "role": "human",
+                "content": f"Write a Python function `{signature}` that does this:\n{doc}",
+            },
             {"role": "bot", "content": code},
         ],
         "code_to_docstring": [

@@ -50,14 +50,23 @@ def mftcoder(sample: Sample | list[Turn], tokenizer) -> list[Segment]:
     if sample.form == "text":
         return [(mftcoder_content(sample.text), True, WHOLE), end]
     turns = list(sample.turns)
-    system = MFTCODER_TAGS["system"] + mftcoder_content(turns.pop(0)[1]) if turns[0][0] == "system" else ""
+    system = (
+        MFTCODER_TAGS["system"] + mftcoder_content(turns.pop(0)[1])
+        if turns[0][0] == "system"
+        else ""
+    )
     segments: list[Segment] = []
     if system and sample.form == "chat":
         segments.append((system, False, WHOLE))
         system = ""
     for role, content in turns:
         if role == "user":
-            question = system + MFTCODER_TAGS["user"] + mftcoder_content(content) + MFTCODER_TAGS["assistant"]
+            question = (
+                system
+                + MFTCODER_TAGS["user"]
+                + mftcoder_content(content)
+                + MFTCODER_TAGS["assistant"]
+            )
             segments.append((question, False, WHOLE))
             system = ""
         else:
@@ -69,8 +78,10 @@ def mftcoder(sample: Sample | list[Turn], tokenizer) -> list[Segment]:
 
 def document(sample: Sample, tokenizer) -> list[Segment]:
     """A text record under any template but mftcoder: the model's own prefix (BOS), the text, EOS; all learned."""
-    return [(i, True, MARKUP) for i in tokenizer.prefix_ids] + [(sample.text, True, CONTENT),
-                                                                (tokenizer.eos_id, True, MARKUP)]
+    return [(i, True, MARKUP) for i in tokenizer.prefix_ids] + [
+        (sample.text, True, CONTENT),
+        (tokenizer.eos_id, True, MARKUP),
+    ]
 
 
 def chatml(sample: Sample | list[Turn], tokenizer) -> list[Segment]:
@@ -100,13 +111,19 @@ def llama2(sample: Sample | list[Turn], tokenizer) -> list[Segment]:
     rounds = turns[1:] if system is not None else turns
     roles = [role for role, _ in rounds]
     if roles != ["user", "assistant"] * (len(rounds) // 2) or len(rounds) % 2:
-        raise BadSample("bad_conversation", "template llama2 needs user/assistant turns in alternation")
+        raise BadSample(
+            "bad_conversation", "template llama2 needs user/assistant turns in alternation"
+        )
     segments: list[Segment] = []
     for index in range(0, len(rounds), 2):
         segments += [(i, False, MARKUP) for i in tokenizer.prefix_ids]
         segments.append(("[INST] ", False, MARKUP))
         if index == 0 and system is not None:
-            segments += [("<<SYS>>\n", False, MARKUP), (system, False, CONTENT), ("\n<</SYS>>\n\n", False, MARKUP)]
+            segments += [
+                ("<<SYS>>\n", False, MARKUP),
+                (system, False, CONTENT),
+                ("\n<</SYS>>\n\n", False, MARKUP),
+            ]
         segments += [
             (rounds[index][1], False, CONTENT),
             (" [/INST]", False, MARKUP),
@@ -130,7 +147,9 @@ class HFChatTemplate:
         def raise_exception(message):
             raise BadSample("template_error", f"chat_template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        )
         env.globals["raise_exception"] = raise_exception
         self._template = env.from_string(source)
         self._variables = {k: _token_text(v) for k, v in config.items() if k.endswith("_token")}
@@ -138,12 +157,17 @@ class HFChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self._variables)
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self._variables
+            )
         except BadSample:
             raise
-        except Exception as err:  # whatever the template raises on this conversation is this line's error
-            raise BadSample("template_error", f"chat_template failed ({type(err).__name__}: {err})") from None
+        except (
+            Exception
+        ) as err:  # whatever the template raises on this conversation is this line's error
+            raise BadSample(
+                "template_error", f"chat_template failed ({type(err).__name__}: {err})"
+            ) from None
 
     def __call__(self, sample: Sample | list[Turn], tokenizer) -> list[Segment]:
         sample = as_sample(sample)
@@ -159,10 +183,18 @@ class HFChatTemplate:
                 continue
             prompt = self.render(messages[:index], add_generation_prompt=True)
             answered = self.render(messages[: index + 1], add_generation_prompt=False)
-            if not (answered.startswith(prompt) and full.startswith(answered) and len(prompt) >= done):
-                raise BadSample("template_error", "chat_template does not render conversations incrementally, "
-                                "so answer spans cannot be found; use --template mftcoder|chatml|llama2")
-            segments += [(full[done : len(prompt)], False, RENDERED), (full[len(prompt) : len(answered)], True, RENDERED)]
+            if not (
+                answered.startswith(prompt) and full.startswith(answered) and len(prompt) >= done
+            ):
+                raise BadSample(
+                    "template_error",
+                    "chat_template does not render conversations incrementally, "
+                    "so answer spans cannot be found; use --template mftcoder|chatml|llama2",
+                )
+            segments += [
+                (full[done : len(prompt)], False, RENDERED),
+                (full[len(prompt) : len(answered)], True, RENDERED),
+            ]
             done = len(answered)
         segments.append((full[done:], False, RENDERED))
         return [s for s in segments if s[0] != ""]
@@ -172,7 +204,11 @@ def _token_text(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-BUILTIN_TEMPLATES: dict[str, TemplateFn] = {"mftcoder": mftcoder, "chatml": chatml, "llama2": llama2}
+BUILTIN_TEMPLATES: dict[str, TemplateFn] = {
+    "mftcoder": mftcoder,
+    "chatml": chatml,
+    "llama2": llama2,
+}
 TEMPLATE_NAMES = (*BUILTIN_TEMPLATES, "hf")
 
 
@@ -190,8 +226,14 @@ def get_template(name: str, tokenizer) -> tuple[TemplateFn, dict]:
         if isinstance(source, list):  # named templates: take the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
         if not source:
-            raise TemplateError("--template hf needs a Hugging Face tokenizer whose tokenizer_config.json "
-                                "has a chat_template")
+            raise TemplateError(
+                "--template hf needs a Hugging Face tokenizer whose tokenizer_config.json "
+                "has a chat_template"
+            )
         template = HFChatTemplate(source, config)
-        return template, {"name": "hf", "chat_template_sha256": template.sha256, "chat_template": source}
+        return template, {
+            "name": "hf",
+            "chat_template_sha256": template.sha256,
+            "chat_template": source,
+        }
     raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")

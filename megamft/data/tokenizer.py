@@ -30,7 +30,9 @@ class Tokenizer(Protocol):
     pad_id: int
     prefix_ids: tuple[int, ...]
     specials: dict[str, int]  # special token string -> id
-    parses_specials: bool  # encode_batch itself turns special-token strings in a text into their ids
+    parses_specials: (
+        bool  # encode_batch itself turns special-token strings in a text into their ids
+    )
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -60,8 +62,13 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def identity(self) -> dict:
-        return {"kind": "byte", "vocab_size": self.vocab_size, "max_token_id": self.max_token_id,
-                "eos_id": self.eos_id, "pad_id": self.pad_id}
+        return {
+            "kind": "byte",
+            "vocab_size": self.vocab_size,
+            "max_token_id": self.max_token_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
 
 
 def file_sha256(path: Path) -> str:
@@ -92,9 +99,14 @@ class SentencePieceTokenizer:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
             proto = sentencepiece_model_pb2.ModelProto()
             proto.ParseFromString(self.path.read_bytes())
-        except (RuntimeError, OSError) as err:  # sentencepiece's own, for a file it cannot parse or read
-            raise TokenizerError(f"{self.path}: not a readable sentencepiece model ({err}); give the model's own "
-                                 "tokenizer.model (a complete copy), or 'byte'") from err
+        except (
+            RuntimeError,
+            OSError,
+        ) as err:  # sentencepiece's own, for a file it cannot parse or read
+            raise TokenizerError(
+                f"{self.path}: not a readable sentencepiece model ({err}); give the model's own "
+                "tokenizer.model (a complete copy), or 'byte'"
+            ) from err
         proto.normalizer_spec.add_dummy_prefix = False
         self._encoder = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.vocab_size = self._sp.get_piece_size()
@@ -109,8 +121,14 @@ class SentencePieceTokenizer:
         self.specials = {
             piece: i
             for i, piece in ((i, self._sp.id_to_piece(i)) for i in range(self.vocab_size))
-            if self._sp.is_control(i) or (piece.startswith("<") and piece.endswith(">") and len(piece) > 2
-                                          and not self._sp.is_byte(i) and not self._sp.is_unknown(i))
+            if self._sp.is_control(i)
+            or (
+                piece.startswith("<")
+                and piece.endswith(">")
+                and len(piece) > 2
+                and not self._sp.is_byte(i)
+                and not self._sp.is_unknown(i)
+            )
         }
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -120,15 +138,23 @@ class SentencePieceTokenizer:
         return self._sp.decode(list(ids))
 
     def identity(self) -> dict:
-        return {"kind": "sentencepiece", "file": self.path.name, "sha256": file_sha256(self.path),
-                "vocab_size": self.vocab_size, "max_token_id": self.max_token_id, "eos_id": self.eos_id,
-                "pad_id": self.pad_id}
+        return {
+            "kind": "sentencepiece",
+            "file": self.path.name,
+            "sha256": file_sha256(self.path),
+            "vocab_size": self.vocab_size,
+            "max_token_id": self.max_token_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
 
 
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` (Qwen, DeepSeek style), with its `tokenizer_config.json` if beside it."""
 
-    parses_specials = True  # its added tokens are found in any text, as transformers' encode finds them
+    parses_specials = (
+        True  # its added tokens are found in any text, as transformers' encode finds them
+    )
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
@@ -138,17 +164,23 @@ class HFTokenizer:
         try:
             self._tok = _Tokenizer.from_file(str(self.path))
         except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
-            raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json ({err}); give the model's own "
-                                 "tokenizer.json (a complete copy), a sentencepiece .model, or 'byte'") from err
+            raise TokenizerError(
+                f"{self.path}: not a Hugging Face tokenizer.json ({err}); give the model's own "
+                "tokenizer.json (a complete copy), a sentencepiece .model, or 'byte'"
+            ) from err
         config_path = self.path.parent / "tokenizer_config.json"
         self.config = _read_json(config_path) if config_path.exists() else {}
         self.files = (self.path, config_path) if config_path.exists() else (self.path,)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # Not vocab_size - 1: added tokens keep the ids the file gives them, which may lie past the count.
         self.max_token_id = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
-        self.specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self.specials = {
+            t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
+        }
         self.prefix_ids = tuple(self._added_in_front())
-        self.eos_id = self._special_id(self.config.get("eos_token"), ("</s>", "<|endoftext|>", "<|im_end|>"))
+        self.eos_id = self._special_id(
+            self.config.get("eos_token"), ("</s>", "<|endoftext|>", "<|im_end|>")
+        )
         bos = self._special_id(self.config.get("bos_token"), ("<s>",), required=False)
         self.bos_id = bos
         pad = self._special_id(self.config.get("pad_token"), (), required=False)
@@ -184,9 +216,15 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def identity(self) -> dict:
-        out = {"kind": "huggingface", "file": self.path.name, "sha256": file_sha256(self.path),
-               "vocab_size": self.vocab_size, "max_token_id": self.max_token_id, "eos_id": self.eos_id,
-               "pad_id": self.pad_id}
+        out = {
+            "kind": "huggingface",
+            "file": self.path.name,
+            "sha256": file_sha256(self.path),
+            "vocab_size": self.vocab_size,
+            "max_token_id": self.max_token_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
         config_path = self.path.parent / "tokenizer_config.json"
         if config_path.exists():
             out["config_sha256"] = file_sha256(config_path)
@@ -197,10 +235,14 @@ def _read_json(path: Path) -> dict:
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"{path}: not valid JSON ({err}); give the model's own tokenizer_config.json, "
-                             "or remove it") from None
+        raise TokenizerError(
+            f"{path}: not valid JSON ({err}); give the model's own tokenizer_config.json, "
+            "or remove it"
+        ) from None
     if not isinstance(loaded, dict):
-        raise TokenizerError(f"{path}: expected a JSON object; give the model's own tokenizer_config.json")
+        raise TokenizerError(
+            f"{path}: expected a JSON object; give the model's own tokenizer_config.json"
+        )
     return loaded
 
 
@@ -210,8 +252,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec)
     if not path.exists():
-        raise TokenizerError(f"tokenizer {spec!r} not found: give 'byte', a sentencepiece .model file, "
-                             "or a Hugging Face tokenizer.json (or its folder)")
+        raise TokenizerError(
+            f"tokenizer {spec!r} not found: give 'byte', a sentencepiece .model file, "
+            "or a Hugging Face tokenizer.json (or its folder)"
+        )
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     if path.suffix == ".json" or (path / "tokenizer.json").exists():
@@ -223,7 +267,9 @@ def special_splitter(specials: dict[str, int]):
     """A function cutting markup text into plain pieces and special-token ids."""
     if not specials:
         return lambda text: [text] if text else []
-    pattern = re.compile("(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
+    pattern = re.compile(
+        "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
+    )
 
     def split(text: str) -> list[str | int]:
         pieces: list[str | int] = []

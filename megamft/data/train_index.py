@@ -54,18 +54,28 @@ class IndexSharing:
     """How long a reader waits for a file before it builds its own copy in memory (a builder that is gone)."""
 
 
-def epoch_rows(mixture: TaskMixture, lengths: list[np.ndarray], mode: str, seq_length: int, window: int,
-               seed: int, epoch: int) -> Rows:
+def epoch_rows(
+    mixture: TaskMixture,
+    lengths: list[np.ndarray],
+    mode: str,
+    seq_length: int,
+    window: int,
+    seed: int,
+    epoch: int,
+) -> Rows:
     """The sequences of data epoch `epoch` (each task's document lengths in `lengths`)."""
-    tasks, docs, sizes = index_kernels.interleave(mixture.epoch_tasks(epoch), mixture.epoch_streams(epoch),
-                                                  lengths, seq_length)
+    tasks, docs, sizes = index_kernels.interleave(
+        mixture.epoch_tasks(epoch), mixture.epoch_streams(epoch), lengths, seq_length
+    )
     return rows_of_sizes(tasks, docs, sizes, mode, seq_length, window, seed + epoch)
 
 
 class EpochSource:
     """Epoch rows: built in memory, or from the cache (written by the builder, read by the others)."""
 
-    def __init__(self, build: Callable[[int], Rows], cache: IndexCache | None, sharing: IndexSharing):
+    def __init__(
+        self, build: Callable[[int], Rows], cache: IndexCache | None, sharing: IndexSharing
+    ):
         self._build, self.cache, self.sharing = build, cache, sharing
 
     def obtain(self, epoch: int) -> Rows:
@@ -76,7 +86,9 @@ class EpochSource:
     @staticmethod
     def _checked(rows: Rows) -> Rows:
         if len(rows) == 0:
-            raise ValueError("a data epoch has no sequence: check data.epoch_samples and the task weights")
+            raise ValueError(
+                "a data epoch has no sequence: check data.epoch_samples and the task weights"
+            )
         return rows
 
     def _say(self, message: str, *args) -> None:
@@ -96,13 +108,23 @@ class EpochSource:
         try:
             self.cache.write(name, "epoch", _arrays_of(rows), {"epoch": epoch})
             if self.sharing.speaks:
-                log.info("training index: data epoch %d, %s sequences, built and written to %s in %.1f s", epoch,
-                         f"{len(rows):,}", self.cache.folder, time.perf_counter() - started)
+                log.info(
+                    "training index: data epoch %d, %s sequences, built and written to %s in %.1f s",
+                    epoch,
+                    f"{len(rows):,}",
+                    self.cache.folder,
+                    time.perf_counter() - started,
+                )
             self.cache.path(name + FAILED).unlink(missing_ok=True)
             return _read_epoch(self.cache, epoch, verify=False)  # mapped: no private copy kept
         except OSError as err:
-            self._say("the training index of data epoch %d could not be written to %s (%s): kept in memory; "
-                      "the other ranks build their own", epoch, self.cache.folder, err.strerror or err)
+            self._say(
+                "the training index of data epoch %d could not be written to %s (%s): kept in memory; "
+                "the other ranks build their own",
+                epoch,
+                self.cache.folder,
+                err.strerror or err,
+            )
             try:
                 self.cache.path(name + FAILED).write_text(f"{err}\n")
             except OSError:
@@ -117,14 +139,20 @@ class EpochSource:
             if name in listed:
                 try:
                     return _read_epoch(self.cache, epoch)
-                except IndexFileProblem as err:  # the builder replaces a damaged file: wait for the new one
+                except (
+                    IndexFileProblem
+                ) as err:  # the builder replaces a damaged file: wait for the new one
                     problem = err
             if name + FAILED in listed:
                 break
             time.sleep(pause)
             pause = min(2 * pause, 1.0)
-        self._say("the training index of data epoch %d did not come from its builder (%s): built in memory "
-                  "here", epoch, problem or "no file written")
+        self._say(
+            "the training index of data epoch %d did not come from its builder (%s): built in memory "
+            "here",
+            epoch,
+            problem or "no file written",
+        )
         return self._checked(self._build(epoch))
 
 
@@ -139,7 +167,9 @@ def _read_epoch(cache: IndexCache, epoch: int, verify: bool = True) -> Rows:
     name = IndexCache.epoch_name(epoch)
     file = cache.read(name, "epoch", verify)
     if file.extra.get("epoch") != epoch:
-        raise IndexFileProblem(f"{cache.path(name)} holds data epoch {file.extra.get('epoch')}, not {epoch}")
+        raise IndexFileProblem(
+            f"{cache.path(name)} holds data epoch {file.extra.get('epoch')}, not {epoch}"
+        )
     arrays = file.arrays
     return Rows(arrays["tasks"], arrays["docs"], arrays.get("offsets"))
 
@@ -149,8 +179,9 @@ class _Ahead:
 
     def __init__(self, epoch: int, obtain: Callable[[int], Rows]):
         self.epoch, self._rows, self._error = epoch, None, None
-        self._thread = threading.Thread(target=self._run, args=(obtain,), name=f"megamft-index-{epoch}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(obtain,), name=f"megamft-index-{epoch}", daemon=True
+        )
         self._thread.start()
 
     def _run(self, obtain) -> None:

@@ -30,8 +30,13 @@ def conversation_texts(files: Iterable[Path]) -> Iterator[str]:
                 yield from sample.contents()
 
 
-def train_sentencepiece(files: list[Path], out: Path, vocab_size: int, specials: list[str] = (),
-                        max_texts: int = 200_000) -> Path:
+def train_sentencepiece(
+    files: list[Path],
+    out: Path,
+    vocab_size: int,
+    specials: list[str] = (),
+    max_texts: int = 200_000,
+) -> Path:
     """Write `out` (a .model file) atomically; returns its path."""
     import sentencepiece
 
@@ -52,7 +57,10 @@ def train_sentencepiece(files: list[Path], out: Path, vocab_size: int, specials:
         shuffle_input_sentence=True,
         seed_sentencepiece_size=200_000,
         num_threads=1,  # deterministic model for a given input
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
         user_defined_symbols=list(specials),
         minloglevel=2,
     )

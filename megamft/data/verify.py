@@ -29,8 +29,10 @@ SAMPLE_EVERY = 64
 
 
 def damaged_message(folder: Path, mismatch: Mismatch) -> str:
-    return (f"{mismatch.path}: {mismatch.problem}: the file is not the one megamft-preprocess wrote (edited, "
-            f"replaced or damaged since); {rerun_hint(folder)}")
+    return (
+        f"{mismatch.path}: {mismatch.problem}: the file is not the one megamft-preprocess wrote (edited, "
+        f"replaced or damaged since); {rerun_hint(folder)}"
+    )
 
 
 def _whole(name: str) -> bool:
@@ -48,7 +50,9 @@ def _sampled(path: Path, record: dict, rng: random.Random) -> list:
 class DataCheck:
     """Hashes the manifest's files on background threads from construction; `problem` waits for the answer."""
 
-    def __init__(self, folder: Path, manifest: dict, mode: str = "full", threads: int | None = None):
+    def __init__(
+        self, folder: Path, manifest: dict, mode: str = "full", threads: int | None = None
+    ):
         if mode not in MODES:
             raise ValueError(f"unknown verification mode {mode!r}; one of {', '.join(MODES)}")
         self.folder, self.mode = Path(folder), mode
@@ -58,7 +62,11 @@ class DataCheck:
         units = []
         for name in files:
             path = self.folder / name
-            units += all_blocks(path, records[name]) if mode == "full" else _sampled(path, records[name], rng)
+            units += (
+                all_blocks(path, records[name])
+                if mode == "full"
+                else _sampled(path, records[name], rng)
+            )
         self.files = len(files)
         self._started = time.perf_counter()
         self._check = BlockCheck(units, threads or hashing_threads()).start()
@@ -74,14 +82,21 @@ class DataCheck:
         asked = time.perf_counter()
         mismatch = self._check.wait()
         if self.seconds is None:
-            self.seconds, self.waited = time.perf_counter() - self._started, time.perf_counter() - asked
+            self.seconds, self.waited = (
+                time.perf_counter() - self._started,
+                time.perf_counter() - asked,
+            )
         return None if mismatch is None else damaged_message(self.folder, mismatch)
 
     def stop(self) -> None:
         self._check.stop()
 
     def summary(self) -> str:
-        hint = "; data.verify=sampled reads less" if self.mode == "full" and self.waited >= 10 else ""
-        return (f"{self.files} data files checked against their checksums ({self.mode}: "
-                f"{self.bytes / 2**20:.1f} MiB hashed in {self.seconds or 0:.1f} s, training waited "
-                f"{self.waited:.1f} s{hint})")
+        hint = (
+            "; data.verify=sampled reads less" if self.mode == "full" and self.waited >= 10 else ""
+        )
+        return (
+            f"{self.files} data files checked against their checksums ({self.mode}: "
+            f"{self.bytes / 2**20:.1f} MiB hashed in {self.seconds or 0:.1f} s, training waited "
+            f"{self.waited:.1f} s{hint})"
+        )

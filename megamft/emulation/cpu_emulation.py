@@ -71,7 +71,10 @@ def enable(strict: bool | None = None) -> None:
         strict_device.patch_collectives()
         strict_device.StrictDeviceMode().__enter__()
     _enabled = True
-    log.debug("CUDA not available: megatron-core runs on the CPU through megamft's emulation (strict=%s)", _strict)
+    log.debug(
+        "CUDA not available: megatron-core runs on the CPU through megamft's emulation (strict=%s)",
+        _strict,
+    )
 
 
 def is_strict() -> bool:
@@ -112,12 +115,17 @@ def _plain_cpu(device):
 def _cuda_type_name(cpu_name: str) -> str:
     # 'torch.FloatTensor' -> 'torch.cuda.FloatTensor', as megatron's checks expect.
     if cpu_name.startswith("torch.") and not cpu_name.startswith("torch.cuda."):
-        return "torch.cuda." + cpu_name[len("torch."):]
+        return "torch.cuda." + cpu_name[len("torch.") :]
     return cpu_name
 
 
-_NEW_METHODS = {torch.Tensor.new_tensor, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty,
-                torch.Tensor.new_full}
+_NEW_METHODS = {
+    torch.Tensor.new_tensor,
+    torch.Tensor.new_zeros,
+    torch.Tensor.new_ones,
+    torch.Tensor.new_empty,
+    torch.Tensor.new_full,
+}
 _DEVICE_GETTER = torch.Tensor.device
 _IS_CUDA_GETTER = torch.Tensor.is_cuda
 _IS_CPU_GETTER = torch.Tensor.is_cpu
@@ -147,15 +155,27 @@ def _backward_with(mode, func, args, kwargs) -> None:
     bound = {**dict(zip(names, args)), **kwargs}
     tensors = bound["tensors"]
     tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(bound.get("grad_tensors"), len(tensors)),
-                        is_grads_batched=False)
+    grads = _make_grads(
+        tensors,
+        _tensor_or_tensors_to_tuple(bound.get("grad_tensors"), len(tensors)),
+        is_grads_batched=False,
+    )
     create_graph = bool(bound.get("create_graph"))
     retain_graph = bound.get("retain_graph")
     inputs = bound.get("inputs")
-    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    inputs = (
+        () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    )
     with mode:
-        _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph,
-                             create_graph, inputs, allow_unreachable=True, accumulate_grad=True)
+        _engine_run_backward(
+            tensors,
+            grads,
+            create_graph if retain_graph is None else retain_graph,
+            create_graph,
+            inputs,
+            allow_unreachable=True,
+            accumulate_grad=True,
+        )
 
 
 class _CudaToCpuMode(TorchFunctionMode):
@@ -177,7 +197,9 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _as_cpu_device(kwargs["device"])
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if func is torch.Tensor.to:  # t.to(device), t.to("cuda"), t.to(0): device given positionally
+        if (
+            func is torch.Tensor.to
+        ):  # t.to(device), t.to("cuda"), t.to(0): device given positionally
             args = tuple(_as_cpu_device(a) if not isinstance(a, torch.Tensor) else a for a in args)
         return func(*args, **kwargs)
 
@@ -192,8 +214,13 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.get_device:
             return 0 if strict_device.on_gpu(args[0]) else -1
         if func is torch.Tensor.cuda:
-            return strict_device.move(func, args, {"non_blocking": kwargs.get("non_blocking", False)}, "gpu",
-                                      lambda f, a, k: a[0])
+            return strict_device.move(
+                func,
+                args,
+                {"non_blocking": kwargs.get("non_blocking", False)},
+                "gpu",
+                lambda f, a, k: a[0],
+            )
         if func is torch.Tensor.cpu:
             return strict_device.move(func, args, kwargs, "host", _call)
         if func is torch.Tensor.to:
@@ -219,7 +246,9 @@ class _CudaToCpuMode(TorchFunctionMode):
             # as_tensor(t, device=...) may return t itself: the other side needs a copy, as on a GPU.
             source = next((a for a in args if isinstance(a, torch.Tensor) and a is out), None)
             if source is not None and strict_device.on_gpu(source) != on_gpu:
-                return strict_device.move(func, (source,), {}, "gpu" if on_gpu else "host", lambda f, a, k: a[0])
+                return strict_device.move(
+                    func, (source,), {}, "gpu" if on_gpu else "host", lambda f, a, k: a[0]
+                )
             strict_device.set_on_gpu(out, on_gpu)
         return out
 

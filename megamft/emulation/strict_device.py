@@ -45,8 +45,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 STRICT_ENV = "MEGAMFT_STRICT_DEVICE"
 EMULATED_GPU = torch.device("cpu", 1)
 REPORTED_GPU = torch.device("cuda", 0)
-MISMATCH = ("Expected all tensors to be on the same device, but found at least two devices, "
-            "cuda:0 and cpu! (when checking argument for {op})")
+MISMATCH = (
+    "Expected all tensors to be on the same device, but found at least two devices, "
+    "cuda:0 and cpu! (when checking argument for {op})"
+)
 NCCL_HOST_TENSOR = "No backend type associated with device type cpu"
 
 _TAG = "_megamft_on_gpu"
@@ -59,6 +61,7 @@ def requested() -> bool:
 
 
 # ---- tags -------------------------------------------------------------------------------------------------
+
 
 class _Stats:
     syncs = 0
@@ -95,7 +98,11 @@ def _tagged(tensor) -> bool:
     # Callers run with torch functions disabled: `.device` would answer the emulated one.
     try:
         return getattr(tensor.untyped_storage(), _TAG, None) is not None
-    except (RuntimeError, NotImplementedError, AttributeError):  # sparse and other storage-less tensors
+    except (
+        RuntimeError,
+        NotImplementedError,
+        AttributeError,
+    ):  # sparse and other storage-less tensors
         return False
 
 
@@ -180,6 +187,7 @@ def is_gpu_device(device) -> bool:
 
 # ---- the dispatch mode --------------------------------------------------------------------------------------
 
+
 def _tensors(value, out: list) -> list:
     if isinstance(value, torch.Tensor):
         out.append(value)
@@ -191,19 +199,39 @@ def _tensors(value, out: list) -> list:
 
 # Ops that legitimately take tensors of both devices.
 _MIXED_OK = {
-    _aten.copy_.default, _aten._to_copy.default, _aten.lift_fresh.default, _aten.detach.default,
-    _aten.alias.default, _aten._copy_from.default, _aten._copy_from_and_resize.default,
-    _aten._has_compatible_shallow_copy_type.default, _aten.is_same_size.default,
-    _aten.set_.source_Storage, _aten.set_.source_Storage_storage_offset, _aten.set_.source_Tensor,
+    _aten.copy_.default,
+    _aten._to_copy.default,
+    _aten.lift_fresh.default,
+    _aten.detach.default,
+    _aten.alias.default,
+    _aten._copy_from.default,
+    _aten._copy_from_and_resize.default,
+    _aten._has_compatible_shallow_copy_type.default,
+    _aten.is_same_size.default,
+    _aten.set_.source_Storage,
+    _aten.set_.source_Storage_storage_offset,
+    _aten.set_.source_Tensor,
     _aten.set_.default,
 }
 # Indexing accepts host index tensors into a device tensor.
-_INDEXING = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default,
-             _aten._index_put_impl_.default}
+_INDEXING = {
+    _aten.index.Tensor,
+    _aten.index_put_.default,
+    _aten.index_put.default,
+    _aten._index_put_impl_.default,
+}
 # Outputs whose shape depends on the data: the host must wait for the device.
-_DATA_DEPENDENT = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten._unique2.default,
-                   _aten.unique_dim.default, _aten.unique_consecutive.default, _aten.masked_select.default,
-                   _aten.repeat_interleave.Tensor, _aten.equal.default, _aten.bincount.default}
+_DATA_DEPENDENT = {
+    _aten._local_scalar_dense.default,
+    _aten.nonzero.default,
+    _aten._unique2.default,
+    _aten.unique_dim.default,
+    _aten.unique_consecutive.default,
+    _aten.masked_select.default,
+    _aten.repeat_interleave.Tensor,
+    _aten.equal.default,
+    _aten.bincount.default,
+}
 
 
 def _describe(tensor: torch.Tensor) -> str:
@@ -213,8 +241,14 @@ def _describe(tensor: torch.Tensor) -> str:
 
 def _mismatch(func, tensors=()) -> RuntimeError:
     # CUDA's message, then what megamft knows beyond it: which operands were where.
-    detail = f" [megamft strict emulation; operands: {', '.join(map(_describe, tensors))}]" if tensors else ""
-    return RuntimeError(MISMATCH.format(op=f"{func.__name__} in method wrapper_CUDA_{func.__name__}") + detail)
+    detail = (
+        f" [megamft strict emulation; operands: {', '.join(map(_describe, tensors))}]"
+        if tensors
+        else ""
+    )
+    return RuntimeError(
+        MISMATCH.format(op=f"{func.__name__} in method wrapper_CUDA_{func.__name__}") + detail
+    )
 
 
 def _check_mixing(func, args, kwargs) -> bool:
@@ -247,17 +281,32 @@ def _pointwise(func) -> bool:
 
 
 # Not tagged pointwise, yet CUDA takes a host scalar tensor there too.
-_SCALAR_OK = {_aten.where.self, _aten.masked_fill.Tensor, _aten.masked_fill_.Tensor, _aten.fill_.Tensor,
-              _aten.fill.Tensor, _aten.clamp.Tensor, _aten.clamp_.Tensor, _aten.lerp.Tensor, _aten.lerp_.Tensor,
-              _aten._foreach_mul_.Tensor, _aten._foreach_mul.Tensor, _aten._foreach_add_.Tensor,
-              _aten._foreach_div_.Tensor}
+_SCALAR_OK = {
+    _aten.where.self,
+    _aten.masked_fill.Tensor,
+    _aten.masked_fill_.Tensor,
+    _aten.fill_.Tensor,
+    _aten.fill.Tensor,
+    _aten.clamp.Tensor,
+    _aten.clamp_.Tensor,
+    _aten.lerp.Tensor,
+    _aten.lerp_.Tensor,
+    _aten._foreach_mul_.Tensor,
+    _aten._foreach_mul.Tensor,
+    _aten._foreach_add_.Tensor,
+    _aten._foreach_div_.Tensor,
+}
 
 
 def _counts_as_sync(func, args, kwargs) -> bool:
     if func in _DATA_DEPENDENT:
         return True
-    if func in (_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default,
-                _aten._index_put_impl_.default):  # a device mask becomes indices on the host first,
+    if func in (
+        _aten.index.Tensor,
+        _aten.index_put_.default,
+        _aten.index_put.default,
+        _aten._index_put_impl_.default,
+    ):  # a device mask becomes indices on the host first,
         masks = [i for i in args[1] if i is not None and i.dtype in (torch.bool, torch.uint8)]
         if func is not _aten.index.Tensor and _becomes_masked_fill(args):
             return False  # ... except `t[mask] = scalar`, which CUDA runs as masked_fill_
@@ -271,7 +320,12 @@ def _becomes_masked_fill(args) -> bool:
     """index_put_(self, [mask], value) with one boolean mask, a one-element value and no accumulation."""
     indices = [i for i in args[1] if i is not None]
     accumulate = len(args) > 3 and args[3]
-    return (len(indices) == 1 and indices[0].dtype == torch.bool and args[2].numel() == 1 and not accumulate)
+    return (
+        len(indices) == 1
+        and indices[0].dtype == torch.bool
+        and args[2].numel() == 1
+        and not accumulate
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,6 +360,7 @@ class StrictDeviceMode(TorchDispatchMode):
 
 # ---- function-level moves and reads -------------------------------------------------------------------------
 
+
 def _target_of_to(args, kwargs):
     """'gpu', 'host' or None for Tensor.to's overloads."""
     device = kwargs.get("device")
@@ -339,8 +394,9 @@ def move(func, args, kwargs, target: str | None, call):
 
 
 # Tensor methods that read device memory from the host, or refuse to (numpy).
-_SYNCING_READS = frozenset({torch.Tensor.tolist, torch.Tensor.__repr__, torch.Tensor.__str__,
-                            torch.Tensor.__format__})
+_SYNCING_READS = frozenset(
+    {torch.Tensor.tolist, torch.Tensor.__repr__, torch.Tensor.__str__, torch.Tensor.__format__}
+)
 _REFUSED_READS = frozenset({torch.Tensor.numpy, torch.Tensor.__array__})
 
 
@@ -349,8 +405,10 @@ def read(func, args, kwargs, call):
     if not (args and isinstance(args[0], torch.Tensor) and on_gpu(args[0])):
         return call(func, args, kwargs)
     if func in _REFUSED_READS:
-        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the "
-                        "tensor to host memory first.")
+        raise TypeError(
+            "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the "
+            "tensor to host memory first."
+        )
     count_sync()
     with quiet_syncs():
         return call(func, args, kwargs)
@@ -364,12 +422,34 @@ def is_read(func) -> bool:
 
 _host_groups: dict[int, object] = {}
 _exempt = threading.local()
-_COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single",
-                "all_to_all", "send", "recv", "isend", "irecv", "gather", "scatter")
+_COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "all_to_all_single",
+    "all_to_all",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "gather",
+    "scatter",
+)
 # torch moves these objects' tensors to the group's device itself.
-_OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
-                       "send_object_list", "recv_object_list")
+_OBJECT_COLLECTIVES = (
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "scatter_object_list",
+    "send_object_list",
+    "recv_object_list",
+)
 
 
 def is_host_group(group) -> bool:

@@ -18,22 +18,47 @@ def vllm_available() -> bool:
 class TransformersGenerator:
     """`model.generate` of transformers, one prompt at a time, seeded per call."""
 
-    def __init__(self, folder: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self, folder: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+    ):
         from transformers import AutoModelForCausalLM
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto").to(self.device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto")
+            .to(self.device)
+            .eval()
+        )
 
     @torch.no_grad()
-    def generate(self, ids: list[int], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                 eos_id: int, pad_id: int, seed: int) -> list[list[int]]:
+    def generate(
+        self,
+        ids: list[int],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        eos_id: int,
+        pad_id: int,
+        seed: int,
+    ) -> list[list[int]]:
         torch.manual_seed(seed)
         prompt = torch.tensor([ids], device=self.device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                  num_return_sequences=n, eos_token_id=eos_id, pad_token_id=pad_id, **sampling)
-        return [_until_eos(row[len(ids):].tolist(), eos_id) for row in out]
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            if temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
+        out = self.model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            **sampling,
+        )
+        return [_until_eos(row[len(ids) :].tolist(), eos_id) for row in out]
 
 
 class VLLMGenerator:
@@ -47,8 +72,13 @@ class VLLMGenerator:
     def generate(self, ids, n, temperature, top_p, max_new_tokens, eos_id, pad_id, seed):
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                max_tokens=max_new_tokens, seed=seed)
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p if temperature > 0 else 1.0,
+            max_tokens=max_new_tokens,
+            seed=seed,
+        )
         result = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
         return [_until_eos(list(o.token_ids), eos_id) for o in result.outputs]
 

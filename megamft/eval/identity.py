@@ -24,7 +24,11 @@ def model_identity(folder: Path) -> dict[str, str]:
     weights = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     identity = folder_digests(weights)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model = {k: v for k, v in config.items() if k not in _NOT_THE_MODEL} if isinstance(config, dict) else config
+    model = (
+        {k: v for k, v in config.items() if k not in _NOT_THE_MODEL}
+        if isinstance(config, dict)
+        else config
+    )
     identity["config.json"] = hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()
     return identity
 
@@ -32,7 +36,11 @@ def model_identity(folder: Path) -> dict[str, str]:
 def tokenizer_identity(tokenizer) -> dict[str, str]:
     """{file: digest} of the files the tokenizer was read from (its kind, for one that has none)."""
     files = list(getattr(tokenizer, "files", ()))
-    return folder_digests(files) if files else {"kind": json.dumps(tokenizer.identity(), sort_keys=True)}
+    return (
+        folder_digests(files)
+        if files
+        else {"kind": json.dumps(tokenizer.identity(), sort_keys=True)}
+    )
 
 
 def identity_differences(saved: dict, now: dict) -> list[str]:
@@ -40,7 +48,9 @@ def identity_differences(saved: dict, now: dict) -> list[str]:
     differences = []
     for part in ("model", "tokenizer"):
         before, after = saved.get(part, {}), now.get(part, {})
-        files = [name for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+        files = [
+            name for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)
+        ]
         if files:
             differences.append(f"the {part} differs ({', '.join(files)})")
     return differences

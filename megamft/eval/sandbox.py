@@ -48,7 +48,9 @@ exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs --inh-cap
 """.format(folders=" ".join(WORLD_WRITABLE), uid=NOBODY)
 
 
-_PYTHON_NEEDS_MB = 64  # address space Python 3.11 maps to start (measured ~30 MB; headroom for imports)
+_PYTHON_NEEDS_MB = (
+    64  # address space Python 3.11 maps to start (measured ~30 MB; headroom for imports)
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Limits:
 
 @dataclass
 class Outcome:
-    status: str          # passed | failed | timeout
+    status: str  # passed | failed | timeout
     returncode: int | None
     seconds: float
     stderr_tail: str
@@ -75,9 +77,24 @@ def _namespaces_work() -> bool:
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")):
         return False
     try:
-        probe = subprocess.run(["unshare", "--pid", "--net", "--mount", "--ipc", "--uts", "--fork", "--kill-child",
-                                "sh", "-c", "mount --make-rprivate / && setpriv --reuid=65534 --regid=65534 "
-                                "--clear-groups true"], capture_output=True, timeout=30)
+        probe = subprocess.run(
+            [
+                "unshare",
+                "--pid",
+                "--net",
+                "--mount",
+                "--ipc",
+                "--uts",
+                "--fork",
+                "--kill-child",
+                "sh",
+                "-c",
+                "mount --make-rprivate / && setpriv --reuid=65534 --regid=65534 "
+                "--clear-groups true",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -86,24 +103,36 @@ def _namespaces_work() -> bool:
 class Sandbox:
     """Runs programs under `limits`; `isolation='auto'` uses namespaces where they work, 'basic' never."""
 
-    def __init__(self, limits: Limits = Limits(), isolation: str = "auto", python: str | None = None):
+    def __init__(
+        self, limits: Limits = Limits(), isolation: str = "auto", python: str | None = None
+    ):
         if isolation not in ("auto", "basic"):
             raise EvaluationError(f"isolation must be 'auto' or 'basic', not {isolation!r}")
         self.limits = limits
         self.namespaces = isolation == "auto" and _namespaces_work()
         self.drop_user = os.geteuid() == 0
-        measures = ["separate process", "time limit + process-group kill", "rlimits (AS, CPU, FSIZE, CORE, NPROC)",
-                    "own temporary working directory", "clean environment"]
+        measures = [
+            "separate process",
+            "time limit + process-group kill",
+            "rlimits (AS, CPU, FSIZE, CORE, NPROC)",
+            "own temporary working directory",
+            "clean environment",
+        ]
         if self.namespaces:
-            measures += ["PID/network/mount/IPC/UTS namespaces", f"user nobody ({NOBODY})",
-                         "world-writable folders read-only"]
+            measures += [
+                "PID/network/mount/IPC/UTS namespaces",
+                f"user nobody ({NOBODY})",
+                "world-writable folders read-only",
+            ]
         elif self.drop_user:
             measures += [f"user nobody ({NOBODY})"]
         self._tools: dict[str, dict[str, str]] = {"python": {}}
         self._running: set[int] = set()  # process groups of the programs running now
         self._refusing = False
         self._guard = threading.Lock()
-        self.python, version = self._usable_python([python] if python else [sys.executable, "/usr/bin/python3"])
+        self.python, version = self._usable_python(
+            [python] if python else [sys.executable, "/usr/bin/python3"]
+        )
         self.isolation = measures + [f"interpreter {self.python} (Python {version})"]
 
     def prepare(self, name: str, where: str = "the problems") -> None:
@@ -116,23 +145,33 @@ class Sandbox:
         """The first interpreter the sandbox user can run (a venv under /root is out of nobody's reach)."""
         for candidate in candidates:
             self.python = candidate
-            probe = self.run("import sys; sys.stderr.write(sys.version.split()[0])") \
-                if os.path.exists(candidate) else None
+            probe = (
+                self.run("import sys; sys.stderr.write(sys.version.split()[0])")
+                if os.path.exists(candidate)
+                else None
+            )
             if probe and probe.status == "passed":
                 return candidate, probe.stderr_tail
             if probe and self._starts_with_room(candidate):
                 raise EvaluationError(
                     f"{candidate} does not start within the sandbox's limits (--memory-mb "
                     f"{self.limits.memory_bytes // 2**20}, --timeout {self.limits.timeout_s:g}): raise them; Python "
-                    f"needs about {_PYTHON_NEEDS_MB} MB of address space and a second to start")
-        raise EvaluationError(f"the sandbox user cannot run any of {candidates}; give a Python it can run "
-                              "(--sandbox-python)")
+                    f"needs about {_PYTHON_NEEDS_MB} MB of address space and a second to start"
+                )
+        raise EvaluationError(
+            f"the sandbox user cannot run any of {candidates}; give a Python it can run "
+            "(--sandbox-python)"
+        )
 
     def _starts_with_room(self, candidate: str) -> bool:
         """Whether `candidate` starts under generous limits (then the configured ones were too small)."""
         configured = self.limits
-        self.limits = Limits(timeout_s=30.0, memory_bytes=4 * 2**30, file_bytes=configured.file_bytes,
-                             processes=configured.processes)
+        self.limits = Limits(
+            timeout_s=30.0,
+            memory_bytes=4 * 2**30,
+            file_bytes=configured.file_bytes,
+            processes=configured.processes,
+        )
         try:
             return self.run("pass").status == "passed"
         finally:
@@ -142,9 +181,13 @@ class Sandbox:
         """In the child before exec: resource limits, inherited by everything it starts."""
         cpu = int(self.limits.timeout_s) + 1
         memory = resource.RLIMIT_AS if lang.limit_address_space else resource.RLIMIT_DATA
-        for which, value in ((memory, self.limits.memory_bytes), (resource.RLIMIT_CPU, cpu),
-                             (resource.RLIMIT_FSIZE, self.limits.file_bytes), (resource.RLIMIT_CORE, 0),
-                             (resource.RLIMIT_NPROC, self.limits.processes)):
+        for which, value in (
+            (memory, self.limits.memory_bytes),
+            (resource.RLIMIT_CPU, cpu),
+            (resource.RLIMIT_FSIZE, self.limits.file_bytes),
+            (resource.RLIMIT_CORE, 0),
+            (resource.RLIMIT_NPROC, self.limits.processes),
+        ):
             resource.setrlimit(which, (value, value))
         if self.drop_user and not self.namespaces:
             os.setgroups([])
@@ -157,12 +200,28 @@ class Sandbox:
         else:
             command = ["/bin/sh", "-c", lang.script(self._tools[lang.name], program)]
         if self.namespaces:
-            return ["unshare", "--pid", "--net", "--mount", "--ipc", "--uts", "--fork", "--kill-child",
-                    "sh", "-c", _NAMESPACE_SCRIPT, "sandbox", workdir, *command]
+            return [
+                "unshare",
+                "--pid",
+                "--net",
+                "--mount",
+                "--ipc",
+                "--uts",
+                "--fork",
+                "--kill-child",
+                "sh",
+                "-c",
+                _NAMESPACE_SCRIPT,
+                "sandbox",
+                workdir,
+                *command,
+            ]
         return command
 
     def _environment(self, workdir: str, lang: Language) -> dict:
-        folders = dict.fromkeys([*(os.path.dirname(t) for t in self._tools[lang.name].values()), "/usr/bin", "/bin"])
+        folders = dict.fromkeys(
+            [*(os.path.dirname(t) for t in self._tools[lang.name].values()), "/usr/bin", "/bin"]
+        )
         return {"PATH": ":".join(folders), "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
 
     def run(self, program: str, language_name: str = "python") -> Outcome:
@@ -175,7 +234,9 @@ class Sandbox:
                 f.write(program)
             if self.drop_user:
                 os.chown(workdir, NOBODY, NOBODY)
-            with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a stray child cannot hold it open
+            with (
+                tempfile.TemporaryFile() as stderr
+            ):  # a file, not a pipe: a stray child cannot hold it open
                 return self._wait(workdir, lang, program, stderr)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -201,10 +262,16 @@ class Sandbox:
             if self._refusing:
                 return Outcome("failed", None, 0.0, "not run: the evaluation was interrupted")
             try:
-                process = subprocess.Popen(self._command(workdir, lang, program), cwd=workdir,
-                                           env=self._environment(workdir, lang), stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-                                           preexec_fn=lambda: self._limit(lang))
+                process = subprocess.Popen(
+                    self._command(workdir, lang, program),
+                    cwd=workdir,
+                    env=self._environment(workdir, lang),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    start_new_session=True,
+                    preexec_fn=lambda: self._limit(lang),
+                )
             except OSError as err:  # e.g. the sandbox user may not run this interpreter
                 return Outcome("failed", None, time.monotonic() - start, f"could not start: {err}")
             self._running.add(process.pid)
@@ -220,7 +287,9 @@ class Sandbox:
                 self._running.discard(process.pid)
         seconds = time.monotonic() - start
         stderr.seek(0)
-        tail = stderr.read()[-2000:].decode("utf-8", "replace").replace(workdir + "/", "")  # same text every run
+        tail = (
+            stderr.read()[-2000:].decode("utf-8", "replace").replace(workdir + "/", "")
+        )  # same text every run
         if status == "passed" and lang.failure_text and lang.failure_text in tail:
             status = "failed"
         return Outcome(status, returncode, seconds, tail)

@@ -105,10 +105,18 @@ class CoBa(TaskBalancer):
     `static_weights="multiply"` keeps the static weights as a factor.
     """
 
-    def __init__(self, num_tasks: int, warmup: int = 100, history: int = 200, temperature: float = 5.0,
-                 update_interval: int = 1, min_weight: float | None = None,
-                 divergence_history: str = "all", clamp_divergence: bool = False,
-                 static_weights: str = "replace"):
+    def __init__(
+        self,
+        num_tasks: int,
+        warmup: int = 100,
+        history: int = 200,
+        temperature: float = 5.0,
+        update_interval: int = 1,
+        min_weight: float | None = None,
+        divergence_history: str = "all",
+        clamp_divergence: bool = False,
+        static_weights: str = "replace",
+    ):
         self.num_tasks = num_tasks
         self.warmup = warmup
         self.history = history
@@ -119,12 +127,12 @@ class CoBa(TaskBalancer):
         self.clamp_divergence = clamp_divergence
         self.static_weights = static_weights
         self.normalizer: torch.Tensor | None = None
-        self._pending: list[torch.Tensor] = []     # raw measurements not yet read to the host
-        self.losses: list[torch.Tensor] = []       # normalized measurements, host float64
+        self._pending: list[torch.Tensor] = []  # raw measurements not yet read to the host
+        self.losses: list[torch.Tensor] = []  # normalized measurements, host float64
         self.task_slopes: list[torch.Tensor] = []  # per-task slopes, one per update since warm-up
-        self.worst_slopes: list[float] = []        # slope of the worst task's loss, one per update
+        self.worst_slopes: list[float] = []  # slope of the worst task's loss, one per update
         self._weights: torch.Tensor | None = None  # None until the first update
-        self.divergence: float | None = None       # the last update's divergence factor (for logs)
+        self.divergence: float | None = None  # the last update's divergence factor (for logs)
 
     # --- schedule -----------------------------------------------------------------------------
     def wants_validation(self, step: int) -> bool:
@@ -160,7 +168,9 @@ class CoBa(TaskBalancer):
         if not self._pending:
             return
         if self.normalizer is None:
-            raise RuntimeError("CoBa needs the per-task loss before step 0 (set_normalizer) before measurements")
+            raise RuntimeError(
+                "CoBa needs the per-task loss before step 0 (set_normalizer) before measurements"
+            )
         raw = torch.stack(self._pending).double().cpu()
         self._pending = []
         self.losses += list(raw / self.normalizer.clamp(min=_TINY))
@@ -170,15 +180,19 @@ class CoBa(TaskBalancer):
         if not self.losses:
             return  # nothing measured yet (warm-up shorter than the first measurement)
         start = max(0, step // self.update_interval - self.history)
-        window = torch.stack(self.losses[-(step - start):])              # [measurements, tasks]
-        slopes = torch.tensor([nonzero_slope(window[:, t]) for t in range(self.num_tasks)], dtype=torch.float64)
+        window = torch.stack(self.losses[-(step - start) :])  # [measurements, tasks]
+        slopes = torch.tensor(
+            [nonzero_slope(window[:, t]) for t in range(self.num_tasks)], dtype=torch.float64
+        )
         self.task_slopes.append(slopes)
         self.worst_slopes.append(nonzero_slope(window.max(dim=1).values))
         k = self.num_tasks
         rcs = torch.softmax(k * slopes / slopes.abs().sum().clamp(min=_TINY), dim=0)
         # MFTCoder indexes the slope list (which starts at warm-up) by `start`; it fails where that
         # runs past the list (history < warmup / interval), so keep at least the latest slopes.
-        own = torch.stack(self.task_slopes[min(start, len(self.task_slopes) - 1):])  # [updates, tasks]
+        own = torch.stack(
+            self.task_slopes[min(start, len(self.task_slopes) - 1) :]
+        )  # [updates, tasks]
         acs = torch.softmax(-own.shape[0] * slopes / own.abs().sum(dim=0).clamp(min=_TINY), dim=0)
         divergence = self.divergence = self._divergence()
         weights = torch.softmax(k * (divergence * rcs + (1 - divergence) * acs), dim=0)
@@ -187,7 +201,11 @@ class CoBa(TaskBalancer):
         self._weights = weights
 
     def _divergence(self) -> float:
-        worst = self.worst_slopes if self.divergence_history == "all" else self.worst_slopes[-self.history:]
+        worst = (
+            self.worst_slopes
+            if self.divergence_history == "all"
+            else self.worst_slopes[-self.history :]
+        )
         worst = torch.tensor(worst, dtype=torch.float64)
         n = len(worst)
         scaled = -n * worst / worst.abs().sum().clamp(min=_TINY)
@@ -197,14 +215,20 @@ class CoBa(TaskBalancer):
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         self._read_pending()
-        return {"normalizer": self.normalizer, "losses": [t.clone() for t in self.losses],
-                "task_slopes": [t.clone() for t in self.task_slopes], "worst_slopes": list(self.worst_slopes),
-                "weights": None if self._weights is None else self._weights.clone()}
+        return {
+            "normalizer": self.normalizer,
+            "losses": [t.clone() for t in self.losses],
+            "task_slopes": [t.clone() for t in self.task_slopes],
+            "worst_slopes": list(self.worst_slopes),
+            "weights": None if self._weights is None else self._weights.clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "normalizer" not in state:
-            raise ConfigError("this checkpoint's CoBa state comes from an older megamft whose CoBa measured "
-                              "differently; resume with checkpoint.load_optimizer=false or loss.mode other than coba")
+            raise ConfigError(
+                "this checkpoint's CoBa state comes from an older megamft whose CoBa measured "
+                "differently; resume with checkpoint.load_optimizer=false or loss.mode other than coba"
+            )
         self.normalizer = state["normalizer"]
         self._pending = []
         self.losses = [t.clone() for t in state["losses"]]
@@ -224,7 +248,9 @@ class FAMO(TaskBalancer):
     tasks that improved most.
     """
 
-    def __init__(self, num_tasks: int, lr: float = 0.025, decay: float = 1e-3, min_loss: float = 1e-8):
+    def __init__(
+        self, num_tasks: int, lr: float = 0.025, decay: float = 1e-3, min_loss: float = 1e-8
+    ):
         self.lr = lr
         self.decay = decay
         self.min_loss = min_loss
@@ -237,7 +263,9 @@ class FAMO(TaskBalancer):
     def weights(self) -> torch.Tensor:
         z = self.task_probabilities()
         known = torch.isfinite(self.last_loss)
-        inverse = torch.where(known, 1 / self.last_loss.clamp(min=self.min_loss), torch.ones_like(z))
+        inverse = torch.where(
+            known, 1 / self.last_loss.clamp(min=self.min_loss), torch.ones_like(z)
+        )
         weights = z * inverse
         return weights / weights.sum()
 
@@ -246,8 +274,11 @@ class FAMO(TaskBalancer):
         both = torch.isfinite(loss) & torch.isfinite(self.last_loss)
         if both.any():
             improvement = torch.where(
-                both, torch.log(self.last_loss.clamp(min=self.min_loss)) - torch.log(loss.clamp(min=self.min_loss)),
-                torch.zeros_like(loss))
+                both,
+                torch.log(self.last_loss.clamp(min=self.min_loss))
+                - torch.log(loss.clamp(min=self.min_loss)),
+                torch.zeros_like(loss),
+            )
             z = self.task_probabilities()
             # d(z . d)/d xi = J_softmax^T d = z * (d - z . d)
             grad = z * (improvement - (z * improvement).sum())
@@ -267,10 +298,17 @@ def make_balancer(loss_cfg, num_tasks: int):
     if loss_cfg.mode == "focal":
         return FocalTaskWeights(num_tasks, loss_cfg.focal_gamma)
     if loss_cfg.mode == "coba":
-        return CoBa(num_tasks, warmup=loss_cfg.coba_warmup, history=loss_cfg.coba_history,
-                    temperature=loss_cfg.coba_temperature, update_interval=loss_cfg.coba_update_interval,
-                    min_weight=loss_cfg.coba_min_weight, divergence_history=loss_cfg.coba_divergence_history,
-                    clamp_divergence=loss_cfg.coba_clamp_divergence, static_weights=loss_cfg.coba_static_weights)
+        return CoBa(
+            num_tasks,
+            warmup=loss_cfg.coba_warmup,
+            history=loss_cfg.coba_history,
+            temperature=loss_cfg.coba_temperature,
+            update_interval=loss_cfg.coba_update_interval,
+            min_weight=loss_cfg.coba_min_weight,
+            divergence_history=loss_cfg.coba_divergence_history,
+            clamp_divergence=loss_cfg.coba_clamp_divergence,
+            static_weights=loss_cfg.coba_static_weights,
+        )
     if loss_cfg.mode == "famo":
         return FAMO(num_tasks, loss_cfg.famo_lr, loss_cfg.famo_decay)
     return None

@@ -61,8 +61,16 @@ from typing import Callable
 import torch
 
 from megamft.loss.fused_ce_build import (  # noqa: F401 - the build's names, re-exported
-    EXTENSION_NAME, SOURCES, KernelsNotBuilt, ToolkitMissing, build_extension, failure_reason, load_extension,
-    source_dir, toolkit_problem)
+    EXTENSION_NAME,
+    SOURCES,
+    KernelsNotBuilt,
+    ToolkitMissing,
+    build_extension,
+    failure_reason,
+    load_extension,
+    source_dir,
+    toolkit_problem,
+)
 
 log = logging.getLogger(__name__)
 _VOCAB_CHUNK = 8192
@@ -74,8 +82,10 @@ _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def warn_fallback(reason: str) -> None:
     """The one warning (log and RuntimeWarning) that the torch path runs instead of the kernels, and why."""
-    message = (f"fused cross entropy: the CUDA extension is not available ({reason}); "
-               "using the torch path (same results, slower, more memory)")
+    message = (
+        f"fused cross entropy: the CUDA extension is not available ({reason}); "
+        "using the torch path (same results, slower, more memory)"
+    )
     log.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
@@ -133,10 +143,12 @@ def shard_stats_torch(logits: torch.Tensor, labels: torch.Tensor, vocab_start: i
     row_max = torch.full((tokens,), float("-inf"), device=logits.device)
     row_sumexp = torch.zeros(tokens, device=logits.device)
     for start in range(0, vocab, _VOCAB_CHUNK):
-        chunk = logits[:, start:start + _VOCAB_CHUNK].float()
+        chunk = logits[:, start : start + _VOCAB_CHUNK].float()
         new_max = torch.maximum(row_max, chunk.max(dim=1).values)
         shift = _finite_or_zero(new_max)
-        row_sumexp = row_sumexp * torch.exp(row_max - shift) + torch.exp(chunk - shift[:, None]).sum(dim=1)
+        row_sumexp = row_sumexp * torch.exp(row_max - shift) + torch.exp(
+            chunk - shift[:, None]
+        ).sum(dim=1)
         row_max = new_max
     local = labels - vocab_start
     inside = (local >= 0) & (local < vocab)
@@ -163,6 +175,7 @@ def tp_reducers(group) -> tuple[Reduce, Reduce]:
         def reduce(tensor):
             torch.distributed.all_reduce(tensor, op=op, group=group)
             return tensor
+
         return reduce
 
     return reducer(torch.distributed.ReduceOp.MAX), reducer(torch.distributed.ReduceOp.SUM)
@@ -174,39 +187,54 @@ def _segment_sums(values: torch.Tensor, ids: torch.Tensor, count: int) -> torch.
     if count == 0:
         return sums
     inside = (ids >= 0) & (ids < count)
-    return sums.index_add_(0, torch.where(inside, ids, torch.zeros_like(ids)),
-                           torch.where(inside, values, torch.zeros_like(values)))
+    return sums.index_add_(
+        0,
+        torch.where(inside, ids, torch.zeros_like(ids)),
+        torch.where(inside, values, torch.zeros_like(values)),
+    )
 
 
 def finalize_torch(stats: RowStats, weights, mask, task_ids, sample_index, num_tasks, num_samples):
     """(per-token loss, per-task masked sums, per-sample masked sums, weighted total)."""
     per_token = torch.log(stats.row_sumexp) + stats.row_max - stats.row_target
-    per_token = torch.where(torch.isneginf(stats.row_max), torch.full_like(per_token, float("inf")), per_token)
+    per_token = torch.where(
+        torch.isneginf(stats.row_max), torch.full_like(per_token, float("inf")), per_token
+    )
     # weight 0 / mask 0 contributes exactly 0, even where the loss is inf or NaN
     masked = torch.where(mask != 0, per_token * mask, torch.zeros_like(per_token)).double()
     weighted = per_token.double() * weights.double()
     weighted = torch.where(weights != 0, weighted, torch.zeros_like(weighted))
-    return (per_token, _segment_sums(masked, task_ids, num_tasks), _segment_sums(masked, sample_index, num_samples),
-            weighted.sum())
+    return (
+        per_token,
+        _segment_sums(masked, task_ids, num_tasks),
+        _segment_sums(masked, sample_index, num_samples),
+        weighted.sum(),
+    )
 
 
-def backward_inplace_torch(logits, labels, vocab_start: int, stats: RowStats, scaled_weights) -> None:
+def backward_inplace_torch(
+    logits, labels, vocab_start: int, stats: RowStats, scaled_weights
+) -> None:
     """Overwrite logits with (softmax - onehot) * weight, chunk by chunk, without a host sync."""
     vocab = logits.shape[1]
     local = labels - vocab_start
     shift = _finite_or_zero(stats.row_max)[:, None]
     sumexp = stats.row_sumexp
-    sumexp = torch.where(sumexp > 0, sumexp, torch.ones_like(sumexp))[:, None]  # a row of only -inf: p = 0
+    sumexp = torch.where(sumexp > 0, sumexp, torch.ones_like(sumexp))[
+        :, None
+    ]  # a row of only -inf: p = 0
     weight = scaled_weights[:, None]
     ignored = (scaled_weights == 0)[:, None]
     for start in range(0, vocab, _VOCAB_CHUNK):
-        chunk = logits[:, start:start + _VOCAB_CHUNK]
+        chunk = logits[:, start : start + _VOCAB_CHUNK]
         width = chunk.shape[1]
         grad = torch.exp(chunk.float() - shift) / sumexp
         hit = ((local >= start) & (local < start + width))[:, None]
         column = (local - start).clamp(0, width - 1)[:, None]
         picked = grad.gather(1, column)
-        grad.scatter_(1, column, torch.where(hit, picked - 1.0, picked))  # one column per row: deterministic
+        grad.scatter_(
+            1, column, torch.where(hit, picked - 1.0, picked)
+        )  # one column per row: deterministic
         grad.mul_(weight).masked_fill_(ignored, 0.0)  # weight 0: an exact 0 row
         chunk.copy_(grad)
 
@@ -217,8 +245,19 @@ def _use_kernels(logits: torch.Tensor):
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, weights, mask, task_ids, sample_index, num_tasks, num_samples,
-                vocab_start, group):
+    def forward(
+        ctx,
+        logits,
+        labels,
+        weights,
+        mask,
+        task_ids,
+        sample_index,
+        num_tasks,
+        num_samples,
+        vocab_start,
+        group,
+    ):
         impl = _use_kernels(logits)
         if impl is not None:
             stats = RowStats(*impl.shard_stats(logits, labels, vocab_start))
@@ -228,9 +267,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
         args = (weights.float(), mask.float(), task_ids, sample_index)
         if impl is not None:
             per_token, task_sums, sample_sums, total = impl.finalize(
-                stats.row_max, stats.row_sumexp, stats.row_target, *args, num_tasks, num_samples)
+                stats.row_max, stats.row_sumexp, stats.row_target, *args, num_tasks, num_samples
+            )
         else:
-            per_token, task_sums, sample_sums, total = finalize_torch(stats, *args, num_tasks, num_samples)
+            per_token, task_sums, sample_sums, total = finalize_torch(
+                stats, *args, num_tasks, num_samples
+            )
         ctx.save_for_backward(logits, labels, stats.row_max, stats.row_sumexp, weights.float())
         ctx.vocab_start = vocab_start
         ctx.mark_non_differentiable(per_token, task_sums, sample_sums)
@@ -244,16 +286,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if impl is not None:
             impl.backward_inplace(logits, labels, ctx.vocab_start, row_max, row_sumexp, scaled)
         else:
-            backward_inplace_torch(logits, labels, ctx.vocab_start, RowStats(row_max, row_sumexp, None), scaled)
+            backward_inplace_torch(
+                logits, labels, ctx.vocab_start, RowStats(row_max, row_sumexp, None), scaled
+            )
         return logits, None, None, None, None, None, None, None, None, None
 
 
 @dataclass
 class FusedOutput:
-    total: torch.Tensor            # sum_i w_i * loss_i, differentiable
-    per_token_loss: torch.Tensor   # [tokens]
-    task_sums: torch.Tensor        # [num_tasks] sum of mask * loss
-    sample_sums: torch.Tensor      # [num_samples] sum of mask * loss
+    total: torch.Tensor  # sum_i w_i * loss_i, differentiable
+    per_token_loss: torch.Tensor  # [tokens]
+    task_sums: torch.Tensor  # [num_tasks] sum of mask * loss
+    sample_sums: torch.Tensor  # [num_samples] sum of mask * loss
 
 
 def _is_integer(dtype: torch.dtype) -> bool:
@@ -265,22 +309,40 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
-def _validate(logits, labels, token_weights, loss_mask, task_ids, sample_index, num_tasks, num_samples,
-              vocab_start, check_ids: bool) -> None:
+def _validate(
+    logits,
+    labels,
+    token_weights,
+    loss_mask,
+    task_ids,
+    sample_index,
+    num_tasks,
+    num_samples,
+    vocab_start,
+    check_ids: bool,
+) -> None:
     """Raise ValueError naming the first bad argument (see the module docstring)."""
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a tensor, got {type(logits).__name__}")
     if logits.dtype not in _LOGITS_DTYPES:
         raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] == 0:
-        raise ValueError(f"logits must be [tokens, vocab shard] with vocab >= 1, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be [tokens, vocab shard] with vocab >= 1, got shape {tuple(logits.shape)}"
+        )
     tokens, vocab = logits.shape
     if (vocab > 1 and logits.stride(1) != 1) or (tokens > 1 and logits.stride(0) < vocab):
-        raise ValueError(f"logits must have contiguous, non-overlapping rows, got strides {logits.stride()}")
+        raise ValueError(
+            f"logits must have contiguous, non-overlapping rows, got strides {logits.stride()}"
+        )
     device = logits.device
-    for name, tensor, kind in (("labels", labels, "integer"), ("token_weights", token_weights, "floating"),
-                               ("loss_mask", loss_mask, "floating"), ("task_ids", task_ids, "integer"),
-                               ("sample_index", sample_index, "integer")):
+    for name, tensor, kind in (
+        ("labels", labels, "integer"),
+        ("token_weights", token_weights, "floating"),
+        ("loss_mask", loss_mask, "floating"),
+        ("task_ids", task_ids, "integer"),
+        ("sample_index", sample_index, "integer"),
+    ):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")
         if tensor.device != device:
@@ -290,7 +352,9 @@ def _validate(logits, labels, token_weights, loss_mask, task_ids, sample_index, 
         if kind == "floating" and not tensor.dtype.is_floating_point:
             raise ValueError(f"{name} must have a floating dtype, got {tensor.dtype}")
         if tensor.dim() != 1 or tensor.shape[0] != tokens:
-            raise ValueError(f"{name} must be 1-D with one entry per token ({tokens}), got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must be 1-D with one entry per token ({tokens}), got shape {tuple(tensor.shape)}"
+            )
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     _check_count("num_tasks", num_tasks)
@@ -299,28 +363,64 @@ def _validate(logits, labels, token_weights, loss_mask, task_ids, sample_index, 
     if check_ids and tokens > 0:
         # one device-to-host sync for both ranges
         lo_task, hi_task, lo_sample, hi_sample = torch.stack(
-            [task_ids.min().long(), task_ids.max().long(), sample_index.min().long(), sample_index.max().long()]
+            [
+                task_ids.min().long(),
+                task_ids.max().long(),
+                sample_index.min().long(),
+                sample_index.max().long(),
+            ]
         ).tolist()
         if lo_task < 0 or hi_task >= num_tasks:
-            raise ValueError(f"task_ids must lie in [0, num_tasks={num_tasks}), got values in [{lo_task}, {hi_task}]")
+            raise ValueError(
+                f"task_ids must lie in [0, num_tasks={num_tasks}), got values in [{lo_task}, {hi_task}]"
+            )
         if lo_sample < 0 or hi_sample >= num_samples:
-            raise ValueError(f"sample_index must lie in [0, num_samples={num_samples}), "
-                             f"got values in [{lo_sample}, {hi_sample}]")
+            raise ValueError(
+                f"sample_index must lie in [0, num_samples={num_samples}), "
+                f"got values in [{lo_sample}, {hi_sample}]"
+            )
 
 
 def fused_multitask_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor, loss_mask: torch.Tensor,
-    task_ids: torch.Tensor, sample_index: torch.Tensor, num_tasks: int, num_samples: int,
-    vocab_start: int = 0, tp_group=None, check_ids: bool = True,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor,
+    loss_mask: torch.Tensor,
+    task_ids: torch.Tensor,
+    sample_index: torch.Tensor,
+    num_tasks: int,
+    num_samples: int,
+    vocab_start: int = 0,
+    tp_group=None,
+    check_ids: bool = True,
 ) -> FusedOutput:
     """Cross entropy over a [tokens, vocab shard] slice with weighted total and segmented sums.
 
     All tensors must be on ``logits.device`` (ValueError otherwise, see the module docstring).
     ``check_ids=False`` skips the one-sync range check of task_ids / sample_index.
     """
-    _validate(logits, labels, token_weights, loss_mask, task_ids, sample_index, num_tasks, num_samples,
-              vocab_start, check_ids)
+    _validate(
+        logits,
+        labels,
+        token_weights,
+        loss_mask,
+        task_ids,
+        sample_index,
+        num_tasks,
+        num_samples,
+        vocab_start,
+        check_ids,
+    )
     total, per_token, task_sums, sample_sums = _FusedCrossEntropy.apply(
-        logits, labels.long(), token_weights, loss_mask, task_ids.long(), sample_index.long(),
-        num_tasks, num_samples, vocab_start, tp_group)
+        logits,
+        labels.long(),
+        token_weights,
+        loss_mask,
+        task_ids.long(),
+        sample_index.long(),
+        num_tasks,
+        num_samples,
+        vocab_start,
+        tp_group,
+    )
     return FusedOutput(total, per_token, task_sums, sample_sums)

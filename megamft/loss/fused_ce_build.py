@@ -63,22 +63,28 @@ def toolkit_problem() -> str | None:
     cuda_home = cpp_extension.CUDA_HOME
     nvcc = Path(cuda_home, "bin", "nvcc") if cuda_home else None
     if nvcc is None or not nvcc.exists():
-        return (f"no CUDA toolkit found (nvcc / CUDA_HOME; CUDA_HOME={cuda_home!r}): install the CUDA "
-                f"{torch.version.cuda.split('.')[0]}.x toolkit (nvcc) matching torch.version.cuda="
-                f"{torch.version.cuda} and set CUDA_HOME to it")
+        return (
+            f"no CUDA toolkit found (nvcc / CUDA_HOME; CUDA_HOME={cuda_home!r}): install the CUDA "
+            f"{torch.version.cuda.split('.')[0]}.x toolkit (nvcc) matching torch.version.cuda="
+            f"{torch.version.cuda} and set CUDA_HOME to it"
+        )
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed: pip install ninja"
     try:
-        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            [str(nvcc), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"could not run {nvcc} --version: {exc}"
     found = re.search(r"release (\d+)\.(\d+)", out)
     if found is None:
         return f"could not read the CUDA version from {nvcc} --version"
     if found.group(1) != torch.version.cuda.split(".")[0]:
-        return (f"the CUDA toolkit at {cuda_home} is {found.group(1)}.{found.group(2)} but torch was built "
-                f"with CUDA {torch.version.cuda}: install a CUDA {torch.version.cuda.split('.')[0]}.x toolkit "
-                f"(or a torch built for CUDA {found.group(1)}) and point CUDA_HOME at it")
+        return (
+            f"the CUDA toolkit at {cuda_home} is {found.group(1)}.{found.group(2)} but torch was built "
+            f"with CUDA {torch.version.cuda}: install a CUDA {torch.version.cuda.split('.')[0]}.x toolkit "
+            f"(or a torch built for CUDA {found.group(1)}) and point CUDA_HOME at it"
+        )
     return None
 
 
@@ -88,8 +94,11 @@ def arch_flags() -> list[str]:
 
     wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     if wanted in ("", "native") and torch.cuda.device_count() == 0:
-        raise ToolkitMissing(toolkit_problem() or "no GPU is visible to pick the CUDA architectures from: set "
-                             "TORCH_CUDA_ARCH_LIST (9.0+PTX for H100, what a build on one picks)")
+        raise ToolkitMissing(
+            toolkit_problem()
+            or "no GPU is visible to pick the CUDA architectures from: set "
+            "TORCH_CUDA_ARCH_LIST (9.0+PTX for H100, what a build on one picks)"
+        )
     try:
         return sorted(cpp_extension._get_cuda_arch_flags())
     except ValueError as exc:
@@ -100,9 +109,15 @@ def build_settings() -> dict:
     """Everything besides the sources that the built library depends on (its folder's key covers both)."""
     if torch.version.cuda is None:
         raise ToolkitMissing(toolkit_problem())
-    return {"extension": EXTENSION_NAME, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": f"{sys.version_info.major}.{sys.version_info.minor}", "cflags": list(EXTRA_CFLAGS),
-            "cuda_cflags": list(EXTRA_CUDA_CFLAGS), "arch": arch_flags()}
+    return {
+        "extension": EXTENSION_NAME,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "cflags": list(EXTRA_CFLAGS),
+        "cuda_cflags": list(EXTRA_CUDA_CFLAGS),
+        "arch": arch_flags(),
+    }
 
 
 def _target(build_directory, sources, root) -> tuple[Path, Path, str, dict]:
@@ -110,8 +125,11 @@ def _target(build_directory, sources, root) -> tuple[Path, Path, str, dict]:
     folder = Path(sources) if sources is not None else source_dir()
     settings = build_settings()
     key = kernel_cache.build_key([folder / name for name in SOURCES], settings)
-    target = Path(build_directory) if build_directory is not None else kernel_cache.build_folder(
-        root, EXTENSION_NAME, key)
+    target = (
+        Path(build_directory)
+        if build_directory is not None
+        else kernel_cache.build_folder(root, EXTENSION_NAME, key)
+    )
     return folder, target, key, settings
 
 
@@ -120,8 +138,12 @@ def kernel_folder(root: str | Path | None = None) -> Path:
     return _target(None, None, root)[1]
 
 
-def build_extension(verbose: bool = False, build_directory: str | Path | None = None, sources: Path | None = None,
-                    root: str | Path | None = None) -> ModuleType:
+def build_extension(
+    verbose: bool = False,
+    build_directory: str | Path | None = None,
+    sources: Path | None = None,
+    root: str | Path | None = None,
+) -> ModuleType:
     """Load the extension, building it first when its folder holds no complete build; raises on any problem.
 
     ToolkitMissing: what to install (no complete build and no toolkit, ninja, or matching CUDA);
@@ -139,16 +161,23 @@ def build_extension(verbose: bool = False, build_directory: str | Path | None = 
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise KernelsNotBuilt(f"no build of the kernels for these settings in {target.parent}, and it cannot be "
-                              f"built there ({exc.strerror}): set MEGAMFT_KERNELS_DIR to a writable folder"
-                              f"{_other_builds(target, settings)}") from exc
+        raise KernelsNotBuilt(
+            f"no build of the kernels for these settings in {target.parent}, and it cannot be "
+            f"built there ({exc.strerror}): set MEGAMFT_KERNELS_DIR to a writable folder"
+            f"{_other_builds(target, settings)}"
+        ) from exc
 
     def build(directory: Path) -> ModuleType:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(name=EXTENSION_NAME, sources=[str(folder / name) for name in SOURCES],
-                                  extra_cflags=list(EXTRA_CFLAGS), extra_cuda_cflags=list(EXTRA_CUDA_CFLAGS),
-                                  verbose=verbose, build_directory=str(directory))
+        return cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(folder / name) for name in SOURCES],
+            extra_cflags=list(EXTRA_CFLAGS),
+            extra_cuda_cflags=list(EXTRA_CUDA_CFLAGS),
+            verbose=verbose,
+            build_directory=str(directory),
+        )
 
     return kernel_cache.build_locked(target, key, build, settings)
 
@@ -159,14 +188,20 @@ def _other_builds(target: Path, settings: dict) -> str:
     for sibling in sorted(target.parent.glob(f"{EXTENSION_NAME}-*")):
         built = (kernel_cache.read_record(sibling) or {}).get("settings")
         if sibling != target and isinstance(built, dict):
-            differ = [f"{name} {built.get(name)} (here {value})" for name, value in settings.items()
-                      if built.get(name) != value]
+            differ = [
+                f"{name} {built.get(name)} (here {value})"
+                for name, value in settings.items()
+                if built.get(name) != value
+            ]
             notes.append(f"{sibling.name}: {', '.join(differ) or 'other sources'}")
     return f"; {target.parent} holds builds for other settings: {'; '.join(notes)}" if notes else ""
 
 
-def load_extension(build_directory: str | Path | None = None, sources: Path | None = None,
-                   root: str | Path | None = None) -> ModuleType:
+def load_extension(
+    build_directory: str | Path | None = None,
+    sources: Path | None = None,
+    root: str | Path | None = None,
+) -> ModuleType:
     """The extension as built by build_extension (same arguments); never builds: KernelsNotBuilt if absent."""
     _, target, key, _ = _target(build_directory, sources, root)
     module = kernel_cache.load_built(target, key)
@@ -180,8 +215,10 @@ def first_lines(error: BaseException, count: int = 12) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    errors = [line for line in lines[1:] if re.search(r"error|undefined|fatal|no such file", line, re.I)]
-    picked = [lines[0]] + (errors or lines[1:])[:count - 1]
+    errors = [
+        line for line in lines[1:] if re.search(r"error|undefined|fatal|no such file", line, re.I)
+    ]
+    picked = [lines[0]] + (errors or lines[1:])[: count - 1]
     return "\n".join(line[:300] for line in picked)
 
 

@@ -110,9 +110,14 @@ def load_built(folder: str | Path, key: str) -> ModuleType | None:
 
 
 def _write_record(folder: Path, key: str, library: Path, settings: dict | None) -> None:
-    record = {"key": key, "library": library.name, "sha256": _sha256(library), "settings": settings or {},
-              "built_at": time.strftime("%Y-%m-%d %H:%M:%S"), "built_by": f"pid {os.getpid()} on "
-                                                                        f"{socket.gethostname()}"}
+    record = {
+        "key": key,
+        "library": library.name,
+        "sha256": _sha256(library),
+        "settings": settings or {},
+        "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "built_by": f"pid {os.getpid()} on {socket.gethostname()}",
+    }
     partial = folder / f"{RECORD}.partial"
     partial.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(partial, folder / RECORD)
@@ -134,8 +139,14 @@ def _clear_torch_baton(folder: Path, lock: BuildLock) -> None:
     baton.unlink(missing_ok=True)
 
 
-def build_locked(folder: str | Path, key: str, build: Callable[[Path], ModuleType], settings: dict | None = None,
-                 stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0) -> ModuleType:
+def build_locked(
+    folder: str | Path,
+    key: str,
+    build: Callable[[Path], ModuleType],
+    settings: dict | None = None,
+    stale_after_s: float = STALE_AFTER_S,
+    poll_s: float = 1.0,
+) -> ModuleType:
     """build(folder) under the folder's BuildLock, recorded as complete; a build finished meanwhile is loaded."""
     folder = Path(folder)
     with BuildLock(folder, stale_after_s=stale_after_s, poll_s=poll_s) as lock:

@@ -42,10 +42,14 @@ class BatchCounts:
 
     @staticmethod
     def zeros(num_tasks: int) -> "BatchCounts":
-        return BatchCounts(torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.float64))
+        return BatchCounts(
+            torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.float64)
+        )
 
     def __add__(self, other: "BatchCounts") -> "BatchCounts":
-        return BatchCounts(self.task_tokens + other.task_tokens, self.task_samples + other.task_samples)
+        return BatchCounts(
+            self.task_tokens + other.task_tokens, self.task_samples + other.task_samples
+        )
 
     def as_tensor(self) -> torch.Tensor:
         return torch.cat([self.task_tokens, self.task_samples])
@@ -72,7 +76,9 @@ def sample_keys(sample_ids: torch.Tensor | None, shape: torch.Size, device=None)
     return (rows * width + sample_ids.long()).reshape(-1)
 
 
-def sample_index(sample_ids: torch.Tensor | None, shape: torch.Size, device=None) -> tuple[torch.Tensor, int]:
+def sample_index(
+    sample_ids: torch.Tensor | None, shape: torch.Size, device=None
+) -> tuple[torch.Tensor, int]:
     """(index of each token's sample among the batch's samples, [tokens]; number of samples).
 
     Without sample ids each row is one sample. Data-dependent (unique): compute it on the
@@ -84,11 +90,18 @@ def sample_index(sample_ids: torch.Tensor | None, shape: torch.Size, device=None
 
 def _per_sample(values: torch.Tensor, index: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Per-sample sums of per-token values."""
-    return torch.zeros(num_samples, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    return torch.zeros(num_samples, dtype=values.dtype, device=values.device).index_add_(
+        0, index, values
+    )
 
 
-def count(loss_mask: torch.Tensor, task_ids: torch.Tensor, sample_ids: torch.Tensor | None,
-          num_tasks: int, samples: tuple[torch.Tensor, int] | None = None) -> BatchCounts:
+def count(
+    loss_mask: torch.Tensor,
+    task_ids: torch.Tensor,
+    sample_ids: torch.Tensor | None,
+    num_tasks: int,
+    samples: tuple[torch.Tensor, int] | None = None,
+) -> BatchCounts:
     """Counts of one micro-batch (add them up, and all-reduce over DP, for a global batch).
 
     `samples`: `sample_index` of this micro-batch, when already computed.
@@ -97,15 +110,22 @@ def count(loss_mask: torch.Tensor, task_ids: torch.Tensor, sample_ids: torch.Ten
     tasks = task_ids.reshape(-1)
     index, num_samples = samples or sample_index(sample_ids, loss_mask.shape, loss_mask.device)
     per_sample_tokens = _per_sample(mask, index, num_samples)
-    sample_task = torch.zeros(num_samples, dtype=torch.long, device=tasks.device).scatter_(0, index, tasks)
+    sample_task = torch.zeros(num_samples, dtype=torch.long, device=tasks.device).scatter_(
+        0, index, tasks
+    )
     has_tokens = (per_sample_tokens > 0).double()
     zeros = torch.zeros(num_tasks, dtype=torch.float64, device=mask.device)
     return BatchCounts(zeros.index_add(0, tasks, mask), zeros.index_add(0, sample_task, has_tokens))
 
 
 def token_weights(
-    mode: str, loss_mask: torch.Tensor, task_ids: torch.Tensor, sample_ids: torch.Tensor | None,
-    counts: BatchCounts, task_weights: torch.Tensor, sample_factor: torch.Tensor | None = None,
+    mode: str,
+    loss_mask: torch.Tensor,
+    task_ids: torch.Tensor,
+    sample_ids: torch.Tensor | None,
+    counts: BatchCounts,
+    task_weights: torch.Tensor,
+    sample_factor: torch.Tensor | None = None,
     samples: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """w_i for every token of a micro-batch, given the normalizing counts (float64, on the mask's device).
@@ -114,7 +134,10 @@ def token_weights(
     """
     mask = loss_mask.reshape(-1).double()
     tasks = task_ids.reshape(-1)
-    token_counts, sample_counts = counts.task_tokens.to(mask.device), counts.task_samples.to(mask.device)
+    token_counts, sample_counts = (
+        counts.task_tokens.to(mask.device),
+        counts.task_samples.to(mask.device),
+    )
     present = token_counts > 0
     if mode == "token":
         weights = mask / token_counts.sum().clamp(min=1)
@@ -140,8 +163,13 @@ def _sample_tokens(mask: torch.Tensor, index: torch.Tensor, num_samples: int) ->
     return _per_sample(mask, index, num_samples).clamp(min=1)[index]
 
 
-def focal_sample_factor(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, index: torch.Tensor,
-                        num_samples: int, gamma: float) -> torch.Tensor:
+def focal_sample_factor(
+    per_token_loss: torch.Tensor,
+    loss_mask: torch.Tensor,
+    index: torch.Tensor,
+    num_samples: int,
+    gamma: float,
+) -> torch.Tensor:
     """(1 - p_s)^gamma per token, p_s = exp(-mean loss of its sample); no gradient.
 
     `index`, `num_samples`: from `sample_index`, computed where the ids are (no sync on the device).
@@ -159,16 +187,23 @@ def focal_sample_factor(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, i
 class LossOutput:
     """What the pure function returns."""
 
-    loss: torch.Tensor          # scalar, differentiable
-    task_loss: torch.Tensor     # [num_tasks] mean token loss per task (nan if absent)
-    task_tokens: torch.Tensor   # [num_tasks] learned tokens per task
+    loss: torch.Tensor  # scalar, differentiable
+    task_loss: torch.Tensor  # [num_tasks] mean token loss per task (nan if absent)
+    task_tokens: torch.Tensor  # [num_tasks] learned tokens per task
     task_weights: torch.Tensor  # [num_tasks] weights used
 
 
 def multitask_loss(
-    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, task_ids: torch.Tensor,
-    num_tasks: int, mode: str = "task_token", sample_ids: torch.Tensor | None = None,
-    task_weights: torch.Tensor | None = None, focal_gamma: float = 2.0, balancer=None,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    task_ids: torch.Tensor,
+    num_tasks: int,
+    mode: str = "task_token",
+    sample_ids: torch.Tensor | None = None,
+    task_weights: torch.Tensor | None = None,
+    focal_gamma: float = 2.0,
+    balancer=None,
 ) -> LossOutput:
     """The multitask loss of one batch, no process group needed.
 
@@ -177,14 +212,29 @@ def multitask_loss(
     megamft.loss.balancers) supplies the dynamic task weights of those modes.
     """
     per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return weigh_token_losses(per_token.view_as(labels), loss_mask, task_ids, num_tasks, mode, sample_ids,
-                              task_weights, focal_gamma, balancer)
+    return weigh_token_losses(
+        per_token.view_as(labels),
+        loss_mask,
+        task_ids,
+        num_tasks,
+        mode,
+        sample_ids,
+        task_weights,
+        focal_gamma,
+        balancer,
+    )
 
 
 def weigh_token_losses(
-    per_token: torch.Tensor, loss_mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
-    mode: str = "task_token", sample_ids: torch.Tensor | None = None, task_weights: torch.Tensor | None = None,
-    focal_gamma: float = 2.0, balancer=None,
+    per_token: torch.Tensor,
+    loss_mask: torch.Tensor,
+    task_ids: torch.Tensor,
+    num_tasks: int,
+    mode: str = "task_token",
+    sample_ids: torch.Tensor | None = None,
+    task_weights: torch.Tensor | None = None,
+    focal_gamma: float = 2.0,
+    balancer=None,
 ) -> LossOutput:
     """multitask_loss from per-token losses [B, S] instead of logits."""
     if mode not in MODES:
@@ -193,20 +243,33 @@ def weigh_token_losses(
     weights = effective_task_weights(mode, num_tasks, task_weights, balancer)
     factor = None
     if mode == "focal":
-        factor = focal_sample_factor(per_token, loss_mask, *sample_index(sample_ids, loss_mask.shape,
-                                                                          loss_mask.device), focal_gamma)
-    w = token_weights(structural_mode(mode), loss_mask, task_ids, sample_ids, counts, weights, factor)
+        factor = focal_sample_factor(
+            per_token,
+            loss_mask,
+            *sample_index(sample_ids, loss_mask.shape, loss_mask.device),
+            focal_gamma,
+        )
+    w = token_weights(
+        structural_mode(mode), loss_mask, task_ids, sample_ids, counts, weights, factor
+    )
     loss = (per_token * w.to(per_token.dtype)).sum()
     sums = task_sums(per_token.detach() * loss_mask, task_ids, num_tasks)
-    task_loss = torch.where(counts.task_tokens > 0, sums / counts.task_tokens.clamp(min=1),
-                            torch.full_like(sums, float("nan")))
+    task_loss = torch.where(
+        counts.task_tokens > 0,
+        sums / counts.task_tokens.clamp(min=1),
+        torch.full_like(sums, float("nan")),
+    )
     return LossOutput(loss, task_loss, counts.task_tokens, weights)
 
 
-def effective_task_weights(mode: str, num_tasks: int, static: torch.Tensor | None, balancer) -> torch.Tensor:
+def effective_task_weights(
+    mode: str, num_tasks: int, static: torch.Tensor | None, balancer
+) -> torch.Tensor:
     """Static task weights combined with the balancer's dynamic ones (static x dynamic, except CoBa's
     default, whose weights replace the static ones once it starts updating); all ones by default."""
-    weights = torch.ones(num_tasks, dtype=torch.float64) if static is None else static.double().cpu()
+    weights = (
+        torch.ones(num_tasks, dtype=torch.float64) if static is None else static.double().cpu()
+    )
     if mode in ("coba", "famo", "focal"):
         if balancer is None:
             raise ValueError(f"loss mode {mode!r} needs its balancer state")

@@ -75,7 +75,9 @@ def _smoothed_sigmoid_loss(logits: torch.Tensor, smoothing: float) -> torch.Tens
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (Maechler 2012)."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return torch.where(
+        x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x))
+    )
 
 
 def rewards(setup: PreferenceSetup, pairs: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +90,9 @@ def rewards(setup: PreferenceSetup, pairs: PairLogps) -> tuple[torch.Tensor, tor
 
 
 def _averages(pairs: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
-    return pairs.chosen / pairs.chosen_tokens.clamp(min=1), pairs.rejected / pairs.rejected_tokens.clamp(min=1)
+    return pairs.chosen / pairs.chosen_tokens.clamp(
+        min=1
+    ), pairs.rejected / pairs.rejected_tokens.clamp(min=1)
 
 
 def pair_losses(setup: PreferenceSetup, pairs: PairLogps) -> torch.Tensor:
@@ -101,20 +105,29 @@ def pair_losses(setup: PreferenceSetup, pairs: PairLogps) -> torch.Tensor:
         return _smoothed_sigmoid_loss(setup.beta * delta, setup.label_smoothing)
     chosen, rejected = _averages(pairs)
     if setup.objective == "simpo":
-        return _smoothed_sigmoid_loss(setup.beta * (chosen - rejected) - setup.simpo_gamma, setup.label_smoothing)
+        return _smoothed_sigmoid_loss(
+            setup.beta * (chosen - rejected) - setup.simpo_gamma, setup.label_smoothing
+        )
     if setup.objective == "orpo":
         log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
         return -setup.beta * F.logsigmoid(log_odds)
-    raise ValueError(f"not a preference objective: {setup.objective!r}; choose from {PREFERENCE_OBJECTIVES}")
+    raise ValueError(
+        f"not a preference objective: {setup.objective!r}; choose from {PREFERENCE_OBJECTIVES}"
+    )
 
 
-def objective(setup: PreferenceSetup, pairs: PairLogps, pair_weight: torch.Tensor,
-              nll_weight: torch.Tensor) -> torch.Tensor:
+def objective(
+    setup: PreferenceSetup, pairs: PairLogps, pair_weight: torch.Tensor, nll_weight: torch.Tensor
+) -> torch.Tensor:
     """sum_p v_p l_p + c sum_p u_p (-chosen_p): this slice's share of the global-batch objective (scalar)."""
     losses = pair_losses(setup, pairs)
     loss = (losses * pair_weight.to(losses.dtype)).sum()
     if setup.nll_coefficient:
-        loss = loss + setup.nll_coefficient * (-_at_least_fp32(pairs.chosen) * nll_weight.to(losses.dtype)).sum()
+        loss = (
+            loss
+            + setup.nll_coefficient
+            * (-_at_least_fp32(pairs.chosen) * nll_weight.to(losses.dtype)).sum()
+        )
     return loss
 
 
@@ -138,12 +151,15 @@ def count_pairs(task_ids: torch.Tensor, chosen_tokens: torch.Tensor, num_tasks: 
     """Counts of one slice of pairs (add them up, and all-reduce over DP, for a global batch)."""
     zeros = torch.zeros(num_tasks, dtype=torch.float64)
     tasks = task_ids.reshape(-1).long()
-    return PairCounts(zeros.index_add(0, tasks, torch.ones_like(tasks, dtype=torch.float64)),
-                      zeros.index_add(0, tasks, chosen_tokens.reshape(-1).double()))
+    return PairCounts(
+        zeros.index_add(0, tasks, torch.ones_like(tasks, dtype=torch.float64)),
+        zeros.index_add(0, tasks, chosen_tokens.reshape(-1).double()),
+    )
 
 
-def pair_weights(task_ids: torch.Tensor, counts: PairCounts, task_weights: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_weights(
+    task_ids: torch.Tensor, counts: PairCounts, task_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_p, u_p) of each pair given the global batch's counts, float64 [P] each.
 
     Without task weights: v = 1/P and u = 1/N_c over the whole global batch (TRL's
@@ -154,15 +170,24 @@ def pair_weights(task_ids: torch.Tensor, counts: PairCounts, task_weights: torch
     tasks = task_ids.reshape(-1).long()
     if task_weights is None:
         v = torch.full(tasks.shape, 1.0 / max(float(counts.pairs.sum()), 1.0), dtype=torch.float64)
-        u = torch.full(tasks.shape, 1.0 / max(float(counts.chosen_tokens.sum()), 1.0), dtype=torch.float64)
+        u = torch.full(
+            tasks.shape, 1.0 / max(float(counts.chosen_tokens.sum()), 1.0), dtype=torch.float64
+        )
         return v, u
     a = task_weights.double() * (counts.pairs > 0)
     share = a[tasks] / a.sum().clamp(min=1e-30)
-    return share / counts.pairs.clamp(min=1)[tasks], share / counts.chosen_tokens.clamp(min=1)[tasks]
+    return share / counts.pairs.clamp(min=1)[tasks], share / counts.chosen_tokens.clamp(min=1)[
+        tasks
+    ]
 
 
-def batch_objective(setup: PreferenceSetup, pairs: PairLogps, task_ids: torch.Tensor | None = None,
-                    num_tasks: int = 1, task_weights: torch.Tensor | None = None) -> torch.Tensor:
+def batch_objective(
+    setup: PreferenceSetup,
+    pairs: PairLogps,
+    task_ids: torch.Tensor | None = None,
+    num_tasks: int = 1,
+    task_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The objective of a batch of pairs that is its own global batch (no process group)."""
     task_ids = torch.zeros(pairs.chosen.shape, dtype=torch.long) if task_ids is None else task_ids
     counts = count_pairs(task_ids, pairs.chosen_tokens, num_tasks)
@@ -170,13 +195,22 @@ def batch_objective(setup: PreferenceSetup, pairs: PairLogps, task_ids: torch.Te
     return objective(setup, pairs, v, u)
 
 
-def metric_sums(setup: PreferenceSetup, pairs: PairLogps, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+def metric_sums(
+    setup: PreferenceSetup, pairs: PairLogps, task_ids: torch.Tensor, num_tasks: int
+) -> torch.Tensor:
     """Per-task sums of (chosen reward, rejected reward, margin, correct, pairs), float64 [5, num_tasks].
 
     Sums, so that micro-batches and DP ranks add up; divide by the last row for the means.
     """
     chosen, rejected = rewards(setup, pairs)
-    rows = torch.stack([chosen, rejected, chosen - rejected, (chosen > rejected).to(chosen.dtype),
-                        torch.ones_like(chosen)]).double()
+    rows = torch.stack(
+        [
+            chosen,
+            rejected,
+            chosen - rejected,
+            (chosen > rejected).to(chosen.dtype),
+            torch.ones_like(chosen),
+        ]
+    ).double()
     out = torch.zeros(5, num_tasks, dtype=torch.float64, device=rows.device)
     return out.index_add_(1, task_ids.reshape(-1).long().to(rows.device), rows)

@@ -71,9 +71,11 @@ def _varlen_keywords() -> frozenset[str]:
     except ImportError:
         keywords = frozenset()
     if not {"scale", "window_size"} <= keywords:
-        log.warning("torch %s has no usable varlen_attn (scale and window_size): packed rows and windows take "
-                    "SDPA with a dense mask, quadratic in the sequence length; torch 2.13 (megamft's pin) has it",
-                    torch.__version__)
+        log.warning(
+            "torch %s has no usable varlen_attn (scale and window_size): packed rows and windows take "
+            "SDPA with a dense mask, quadratic in the sequence length; torch 2.13 (megamft's pin) has it",
+            torch.__version__,
+        )
         return frozenset()
     return keywords
 
@@ -87,8 +89,14 @@ def varlen_available(query: torch.Tensor) -> bool:
     padding SDPA adds.
     """
     head_dim = query.shape[-1]
-    return (torch.cuda.is_available() and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
-            and head_dim % 8 == 0 and head_dim <= 256 and bool(_varlen_keywords()))
+    return (
+        torch.cuda.is_available()
+        and query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and bool(_varlen_keywords())
+    )
 
 
 class TorchCoreAttention(MegatronModule):
@@ -110,24 +118,36 @@ class TorchCoreAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ValueError("the torch attention backend has no context parallelism; "
-                             "use model.attention_backend=te (Transformer Engine) for context_parallel_size > 1")
+            raise ValueError(
+                "the torch attention backend has no context parallelism; "
+                "use model.attention_backend=te (Transformer Engine) for context_parallel_size > 1"
+            )
         self.window = None
-        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number
+        ):
             left, right = config.window_size
             if right != 0:
-                raise ValueError(f"the torch attention backend takes causal windows only: window_size=(left, 0), "
-                                 f"got {tuple(config.window_size)}")
+                raise ValueError(
+                    f"the torch attention backend takes causal windows only: window_size=(left, 0), "
+                    f"got {tuple(config.window_size)}"
+                )
             self.window = (left, 0)
         if config.softmax_type != "vanilla":
-            raise ValueError(f"the torch attention backend supports softmax_type='vanilla' only, "
-                             f"not {config.softmax_type!r}")
+            raise ValueError(
+                f"the torch attention backend supports softmax_type='vanilla' only, "
+                f"not {config.softmax_type!r}"
+            )
         self.attn_mask_type = attn_mask_type
-        head_dim = k_channels or config.kv_channels  # multi-latent attention: queries/keys wider than values
+        head_dim = (
+            k_channels or config.kv_channels
+        )  # multi-latent attention: queries/keys wider than values
         self.softcap = softcap
         # megatron's apply_query_key_layer_scaling divides the scale by the layer number and its
         # softmax multiplies it back: no net effect on the result, so it is not repeated here.
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        )
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(
@@ -143,33 +163,57 @@ class TorchCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("the torch attention backend takes no attention_bias")
         if packed_seq_params is not None and not isinstance(packed_seq_params, RowDocuments):
-            raise ValueError(f"the torch attention backend reads packed rows as RowDocuments, got "
-                             f"{type(packed_seq_params).__name__} (qkv_format={packed_seq_params.qkv_format!r})")
+            raise ValueError(
+                f"the torch attention backend reads packed rows as RowDocuments, got "
+                f"{type(packed_seq_params).__name__} (qkv_format={packed_seq_params.qkv_format!r})"
+            )
         s, b = query.shape[:2]
         value_width = value.shape[-1]
         query, key, value = _one_head_width(query, key, value)
         dropout = self.dropout if self.training else 0.0
         documents = packed_seq_params
         flash_varlen = dropout == 0.0 and varlen_available(query) and self.softcap is None
-        if flash_varlen and documents is None and self.window is not None and attention_mask is None:
-            documents = whole_rows(b, s, query.device)  # varlen's window keeps plain rows linear too
+        if (
+            flash_varlen
+            and documents is None
+            and self.window is not None
+            and attention_mask is None
+        ):
+            documents = whole_rows(
+                b, s, query.device
+            )  # varlen's window keeps plain rows linear too
         with self._dropout_rng(dropout):
             if flash_varlen and documents is not None:
                 window = self.window or (-1, 0)
-                context = flash_varlen_attention(query, key, value, documents, self.softmax_scale, window)
+                context = flash_varlen_attention(
+                    query, key, value, documents, self.softmax_scale, window
+                )
             else:
                 allowed = None if attention_mask is None else ~attention_mask
                 if packed_seq_params is not None:
                     allowed = block_diagonal_causal(packed_seq_params.cu_seqlens_q, b, s)
                 if self.window is not None:
-                    window = sliding_window_causal(s, self.window[0], query.device, keys=key.shape[0])
+                    window = sliding_window_causal(
+                        s, self.window[0], query.device, keys=key.shape[0]
+                    )
                     allowed = window if allowed is None else allowed & window
-                causal = allowed is None and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+                causal = (
+                    allowed is None
+                    and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+                )
                 if self.softcap is None:
                     context = _sdpa(query, key, value, allowed, causal, dropout, self.softmax_scale)
                 else:
-                    context = softcapped_attention(query, key, value, allowed, causal, dropout, self.softmax_scale,
-                                                   self.softcap)
+                    context = softcapped_attention(
+                        query,
+                        key,
+                        value,
+                        allowed,
+                        causal,
+                        dropout,
+                        self.softmax_scale,
+                        self.softcap,
+                    )
         return context[..., :value_width].reshape(s, b, -1)
 
     def _dropout_rng(self, dropout: float):
@@ -191,18 +235,27 @@ def _one_head_width(query, key, value):
     return query, key, value
 
 
-def _sdpa(query, key, value, allowed: Optional[torch.Tensor], causal: bool, dropout: float, scale: float):
+def _sdpa(
+    query, key, value, allowed: Optional[torch.Tensor], causal: bool, dropout: float, scale: float
+):
     """[s, b, h, d] in and out; `allowed` in SDPA's convention (True = may attend)."""
     q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=causal,
-        scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        q,
+        k,
+        v,
+        attn_mask=allowed,
+        dropout_p=dropout,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.permute(2, 0, 1, 3)
 
 
-def flash_varlen_attention(query, key, value, documents: RowDocuments, scale: float,
-                           window: tuple[int, int]) -> torch.Tensor:
+def flash_varlen_attention(
+    query, key, value, documents: RowDocuments, scale: float, window: tuple[int, int]
+) -> torch.Tensor:
     """Flash attention over the documents of the flattened rows; [s, b, h, d] in and out.
 
     window: (-1, 0) causal, (left, 0) causal within a sliding window.
@@ -212,26 +265,47 @@ def flash_varlen_attention(query, key, value, documents: RowDocuments, scale: fl
     s, b = query.shape[:2]
     q, k, v = (t.transpose(0, 1).reshape(b * s, *t.shape[2:]) for t in (query, key, value))
     longest = documents.max_document_length or s
-    grouped = {"enable_gqa": True} if q.shape[1] != k.shape[1] and "enable_gqa" in _varlen_keywords() else {}
+    grouped = (
+        {"enable_gqa": True}
+        if q.shape[1] != k.shape[1] and "enable_gqa" in _varlen_keywords()
+        else {}
+    )
     # window_size must be a tuple: varlen_attn takes the causal kernel only for exactly (-1, 0).
-    out = varlen_attn(q, k, v, documents.cu_seqlens_q, documents.cu_seqlens_kv, longest, longest,
-                      scale=scale, window_size=tuple(window), **grouped)
+    out = varlen_attn(
+        q,
+        k,
+        v,
+        documents.cu_seqlens_q,
+        documents.cu_seqlens_kv,
+        longest,
+        longest,
+        scale=scale,
+        window_size=tuple(window),
+        **grouped,
+    )
     return out.reshape(b, s, *out.shape[1:]).transpose(0, 1)
 
 
 def whole_rows(rows: int, length: int, device) -> RowDocuments:
     """Each row one document: cu_seqlens 0, s, 2s, ... made on the device (no host copy, no sync)."""
     cu_seqlens = torch.arange(0, (rows + 1) * length, length, dtype=torch.int32, device=device)
-    return RowDocuments(cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=length,
-                        max_seqlen_kv=length, qkv_format="sbhd", max_document_length=length)
+    return RowDocuments(
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=length,
+        max_seqlen_kv=length,
+        qkv_format="sbhd",
+        max_document_length=length,
+    )
 
 
 def sliding_window_causal(length: int, left: int, device, keys: int | None = None) -> torch.Tensor:
     """[s, keys] boolean, True where query i may attend key j: i - left <= j <= i, the queries being the
     last `length` of the `keys` positions (keys > length when decoding over a KV cache)."""
     keys = keys or length
-    behind = (torch.arange(length, device=device) + keys - length).view(-1, 1) - \
-        torch.arange(keys, device=device).view(1, -1)
+    behind = (torch.arange(length, device=device) + keys - length).view(-1, 1) - torch.arange(
+        keys, device=device
+    ).view(1, -1)
     return (behind >= 0) & (behind <= left)
 
 
@@ -246,8 +320,10 @@ def block_diagonal_causal(cu_seqlens: torch.Tensor, rows: int, length: int) -> t
     return ((document.unsqueeze(2) == document.unsqueeze(1)) & causal).unsqueeze(1)
 
 
-_FLASH_PACKAGES = {"FA3": "flash_attn_interface (FlashAttention-3's hopper/ build)",
-                   "FA4": "flash_attn.cute (FlashAttention's CuTe DSL kernels)"}
+_FLASH_PACKAGES = {
+    "FA3": "flash_attn_interface (FlashAttention-3's hopper/ build)",
+    "FA4": "flash_attn.cute (FlashAttention's CuTe DSL kernels)",
+}
 
 
 def activate_flash_attention(impl: str | None, cuda: bool) -> str:
@@ -259,11 +335,15 @@ def activate_flash_attention(impl: str | None, cuda: bool) -> str:
     from torch.nn import attention
 
     if impl not in attention.list_flash_attention_impls():
-        raise ConfigError(f"model.flash_attention_impl={impl}: this torch ({torch.__version__}) offers "
-                         f"{attention.list_flash_attention_impls()}; remove the key or upgrade torch")
+        raise ConfigError(
+            f"model.flash_attention_impl={impl}: this torch ({torch.__version__}) offers "
+            f"{attention.list_flash_attention_impls()}; remove the key or upgrade torch"
+        )
     try:
         attention.activate_flash_attention_impl(impl)
     except (ImportError, RuntimeError) as error:
-        raise ConfigError(f"model.flash_attention_impl={impl} needs {_FLASH_PACKAGES[impl]} installed for this "
-                          f"torch ({error}); install it or remove the key to use torch's FlashAttention-2") from error
+        raise ConfigError(
+            f"model.flash_attention_impl={impl} needs {_FLASH_PACKAGES[impl]} installed for this "
+            f"torch ({error}); install it or remove the key to use torch's FlashAttention-2"
+        ) from error
     return f"{impl} (model.flash_attention_impl)"

@@ -33,11 +33,13 @@ def check_backend_honours_window(cfg: MegamftConfig, backend: str) -> None:
         raise ConfigError(
             f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
             f"({cfg.data.seq_length}): transformer.masked_softmax_fusion must stay off with megatron-core's local "
-            "attention, whose fused softmax kernel ignores the window")
+            "attention, whose fused softmax kernel ignores the window"
+        )
     if cfg.data.mode != "pack":
         return
     raise ConfigError(
         f"model.sliding_window ({cfg.model.sliding_window}) is shorter than data.seq_length "
         f"({cfg.data.seq_length}) and data.mode=pack: megatron-core's local attention replaces the packed "
         "documents' mask with its window mask. Use data.mode=pad|dynamic, a data.seq_length up to the "
-        "window, or model.attention_backend=torch (or auto)")
+        "window, or model.attention_backend=torch (or auto)"
+    )

@@ -17,14 +17,20 @@ from megamft.config import ModelConfig
 def backend_problem(model: ModelConfig, backend: str) -> Optional[str]:
     """Why an attention backend (te, torch or local) would not compute this model (None: it would)."""
     if model.attention_logit_softcap and backend != "torch":
-        return (f"model.attention_logit_softcap={model.attention_logit_softcap} (attention soft-capping) is "
-                f"computed by the torch attention backend only; model.attention_backend={backend} has no soft-cap")
+        return (
+            f"model.attention_logit_softcap={model.attention_logit_softcap} (attention soft-capping) is "
+            f"computed by the torch attention backend only; model.attention_backend={backend} has no soft-cap"
+        )
     if backend != "te":
         return None
     if model.post_sublayer_norms:
-        return ("model.post_sublayer_norms (norms after attention and MLP) are built in megatron's local layer "
-                "only; use model.attention_backend=torch")
+        return (
+            "model.post_sublayer_norms (norms after attention and MLP) are built in megatron's local layer "
+            "only; use model.attention_backend=torch"
+        )
     if model.multi_latent_attention or model.moe_first_dense_layers:
-        return ("model.multi_latent_attention / model.moe_first_dense_layers (DeepSeek-V2) are built in megatron's "
-                "local layer only; use model.attention_backend=torch")
+        return (
+            "model.multi_latent_attention / model.moe_first_dense_layers (DeepSeek-V2) are built in megatron's "
+            "local layer only; use model.attention_backend=torch"
+        )
     return None

@@ -11,13 +11,18 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megamft.compat import megatron_fixes
 from megamft.config import MegamftConfig
-from megamft.sizing.architecture import is_gated
 from megamft.model.attention_window import window_size
-from megamft.model.rope import (apply_llama3_scaling, linear_interpolation_factor, megatron_yarn_attributes,
-                                mla_rope_fields, position_embedding_type)
 from megamft.model.moe import moe_transformer_fields
+from megamft.model.rope import (
+    apply_llama3_scaling,
+    linear_interpolation_factor,
+    megatron_yarn_attributes,
+    mla_rope_fields,
+    position_embedding_type,
+)
 from megamft.model.softcap import apply_final_logit_softcap
 from megamft.model.spec import gpt_layer_spec
+from megamft.sizing.architecture import is_gated
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,10 +33,18 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 # model.mlp_activation -> megatron's activation_func (gated ones apply it to the gate half of fc1)
-ACTIVATIONS = {"swiglu": F.silu, "geglu_tanh": gelu_tanh, "geglu": F.gelu, "gelu_tanh": gelu_tanh, "gelu": F.gelu}
+ACTIVATIONS = {
+    "swiglu": F.silu,
+    "geglu_tanh": gelu_tanh,
+    "geglu": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    "gelu": F.gelu,
+}
 
 
-def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) -> TransformerConfig:
+def transformer_config(
+    cfg: MegamftConfig, fast: dict[str, bool] | None = None
+) -> TransformerConfig:
     """megamft's model/parallel/train sections, the fast settings decided for this machine
     (model.fast_settings), then the `transformer:` pass-through."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -47,13 +60,15 @@ def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) 
         gated_linear_unit=is_gated(m),
         activation_func=ACTIVATIONS[m.mlp_activation],
         layernorm_zero_centered_gamma=m.zero_centered_norm_weight,
-        softmax_scale=m.attention_scale_dim ** -0.5 if m.attention_scale_dim else None,
+        softmax_scale=m.attention_scale_dim**-0.5 if m.attention_scale_dim else None,
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         kv_channels=m.kv_channels,
         qk_layernorm=m.qk_layernorm,
         window_size=window_size(cfg),
-        window_attn_skip_freq=[int(w) for w in m.sliding_window_layers] if m.sliding_window_layers else None,
+        window_attn_skip_freq=[int(w) for w in m.sliding_window_layers]
+        if m.sliding_window_layers
+        else None,
         init_method_std=m.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -82,8 +97,14 @@ def transformer_config(cfg: MegamftConfig, fast: dict[str, bool] | None = None) 
         # wrong loss, no error). The unbatched path keeps the directions apart.
         fields["batch_p2p_comm"] = False
     if m.multi_latent_attention:
-        fields.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
-                      qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, **mla_rope_fields(m))
+        fields.update(
+            q_lora_rank=m.q_lora_rank,
+            kv_lora_rank=m.kv_lora_rank,
+            qk_head_dim=m.qk_head_dim,
+            qk_pos_emb_head_dim=m.qk_pos_emb_head_dim,
+            v_head_dim=m.v_head_dim,
+            **mla_rope_fields(m),
+        )
     fields.update(fast or {})
     fields.update(cfg.transformer)
     config = (MLATransformerConfig if m.multi_latent_attention else TransformerConfig)(**fields)
@@ -103,21 +124,34 @@ def build_model_chunks(
     megatron_fixes.apply()
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
-    layers_per_chunk = cfg.model.num_layers // (cfg.parallel.pipeline_model_parallel_size * (vpp or 1))
+    layers_per_chunk = cfg.model.num_layers // (
+        cfg.parallel.pipeline_model_parallel_size * (vpp or 1)
+    )
     chunks = []
     for stage in stages:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_layer_spec(layers_per_chunk, attention_backend, cfg.model, cfg.lora,
-                                                  get_transformer_layer_offset(config, vp_stage=stage)),
+            transformer_layer_spec=gpt_layer_spec(
+                layers_per_chunk,
+                attention_backend,
+                cfg.model,
+                cfg.lora,
+                get_transformer_layer_offset(config, vp_stage=stage),
+            ),
             vocab_size=vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=False, vp_stage=stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=False, vp_stage=stage
+            ),
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
             position_embedding_type=(
-                "learned_absolute" if cfg.model.position_embedding == "learned_absolute"
-                else position_embedding_type(cfg.model)),
+                "learned_absolute"
+                if cfg.model.position_embedding == "learned_absolute"
+                else position_embedding_type(cfg.model)
+            ),
             rotary_base=cfg.model.rotary_base,
             seq_len_interpolation_factor=linear_interpolation_factor(cfg.model),
             vp_stage=stage,
@@ -142,7 +176,6 @@ def scale_embeddings(gpt_model) -> None:
 
     def scale(module, inputs, output):
         # a host scalar rounded to the dtype: no device tensor is made per call
-        return output * float(torch.tensor(module.config.hidden_size ** 0.5, dtype=output.dtype))
+        return output * float(torch.tensor(module.config.hidden_size**0.5, dtype=output.dtype))
 
     embedding.register_forward_hook(scale)
-

@@ -25,7 +25,9 @@ class Machine:
     transformer_engine: bool
     backend: str  # the attention backend: te, torch or local
     grad_accumulation_kernel: bool = False  # apex's fused_weight_gradient_mlp_cuda imports
-    fused_moe_permute: bool = False  # TE's fused token permutation (megatron's moe_utils.fused_permute)
+    fused_moe_permute: bool = (
+        False  # TE's fused token permutation (megatron's moe_utils.fused_permute)
+    )
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,20 @@ def _gradient_accumulation_fusion(cfg: MegamftConfig, machine: Machine) -> tuple
     if cfg.lora.enabled:
         return False, "LoRA freezes the base weights: no weight gradients to accumulate"
     if not machine.grad_accumulation_kernel:
-        return False, ("needs apex's fused_weight_gradient_mlp_cuda extension (megatron's own linears, the output "
-                       "layer included, refuse it without)")
+        return False, (
+            "needs apex's fused_weight_gradient_mlp_cuda extension (megatron's own linears, the output "
+            "layer included, refuse it without)"
+        )
     return True, "weight gradients accumulate into fp32 main_grad inside the GEMM"
 
 
 def _bias_activation_fusion(cfg: MegamftConfig, machine: Machine) -> tuple[bool, str]:
     if cfg.model.mlp_activation != "swiglu":
         # megatron's fused GELU and GEGLU kernels compute GELU's tanh approximation whatever activation_func is
-        return False, f"megamft fuses SwiGLU only, not model.mlp_activation={cfg.model.mlp_activation}"
+        return (
+            False,
+            f"megamft fuses SwiGLU only, not model.mlp_activation={cfg.model.mlp_activation}",
+        )
     return True, "SwiGLU (and its bias) in one kernel"
 
 
@@ -79,14 +86,20 @@ def _apply_rope_fusion(cfg: MegamftConfig, machine: Machine) -> tuple[bool, str]
     if is_yarn(cfg.model) and not cfg.model.multi_latent_attention:
         # megatron-core's apply_rotary_pos_emb drops YaRN's attention factor (mscale) in the fused thd kernel
         return False, "YaRN's attention factor is applied by megatron's unfused RoPE only"
-    return True, "TE's fused RoPE; for packed rows (thd) it avoids megatron's per-layer host read of the boundaries"
+    return (
+        True,
+        "TE's fused RoPE; for packed rows (thd) it avoids megatron's per-layer host read of the boundaries",
+    )
 
 
 def _moe_grouped_gemm(cfg: MegamftConfig, machine: Machine) -> tuple[bool, str]:
     if not cfg.model.num_experts:
         return False, "a dense model"
     if machine.backend != "te":
-        return False, "TE's grouped GEMM serves the te backend (the local spec runs one MLP per expert)"
+        return (
+            False,
+            "TE's grouped GEMM serves the te backend (the local spec runs one MLP per expert)",
+        )
     return True, "all local experts in one grouped GEMM"
 
 
@@ -105,7 +118,10 @@ def _tp_comm_overlap(cfg: MegamftConfig, machine: Machine) -> tuple[bool, str]:
     if p.tensor_model_parallel_size < 2 or not p.sequence_parallel:
         return False, "needs tensor parallelism with sequence parallel"
     if cfg.data.mode == "dynamic":
-        return False, "needs one sequence length for every micro-batch (data.mode=dynamic varies it)"
+        return (
+            False,
+            "needs one sequence length for every micro-batch (data.mode=dynamic varies it)",
+        )
     if cfg.train.precision == "fp32":
         return False, "runs in bf16/fp16"
     return True, "TP all-gathers and reduce-scatters overlapped with the GEMMs"
@@ -128,7 +144,11 @@ def fast_settings(cfg: MegamftConfig, machine: Machine) -> list[FastSetting]:
     settings = []
     for field, rule in _RULES.items():
         if field in cfg.transformer:
-            settings.append(FastSetting(field, bool(cfg.transformer[field]), "set in the transformer section", True))
+            settings.append(
+                FastSetting(
+                    field, bool(cfg.transformer[field]), "set in the transformer section", True
+                )
+            )
         elif not machine.cuda:
             settings.append(FastSetting(field, False, "needs CUDA"))
         else:

@@ -75,7 +75,9 @@ def generating(chunks):
             model.train(mode)
 
 
-def _stage_forward(models, tokens: torch.Tensor, positions: torch.Tensor, context) -> torch.Tensor | None:
+def _stage_forward(
+    models, tokens: torch.Tensor, positions: torch.Tensor, context
+) -> torch.Tensor | None:
     """One pass through every pipeline stage and virtual chunk: the last position's logits
     [rows, vocab] on the last stage, None elsewhere."""
     first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
@@ -86,11 +88,16 @@ def _stage_forward(models, tokens: torch.Tensor, positions: torch.Tensor, contex
         first, last = first_stage and index == 0, last_stage and index == len(models) - 1
         if not first:
             shape = (tokens.shape[1], tokens.shape[0], config.hidden_size)
-            received = torch.empty(shape, dtype=config.pipeline_dtype or config.params_dtype,
-                                   device=torch.cuda.current_device())
+            received = torch.empty(
+                shape,
+                dtype=config.pipeline_dtype or config.params_dtype,
+                device=torch.cuda.current_device(),
+            )
             recv_from_prev_pipeline_rank_(received)
             model.set_input_tensor(received)
-        output = model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+        output = model(
+            tokens, positions, None, inference_context=context, runtime_gather_output=True
+        )
         if not last:
             send_to_next_pipeline_rank(output.contiguous())
     return output[:, -1, :].float() if last_stage else None
@@ -104,7 +111,9 @@ def _choose(logits: torch.Tensor, sampling: Sampling, generators: list) -> torch
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     ordered, order = probs.sort(dim=-1, descending=True)
-    outside = ordered.cumsum(dim=-1) - ordered > sampling.top_p  # the mass before a token already reaches top_p
+    outside = (
+        ordered.cumsum(dim=-1) - ordered > sampling.top_p
+    )  # the mass before a token already reaches top_p
     ordered = ordered.masked_fill(outside, 0.0)
     picks = [torch.multinomial(row, 1, generator=g) for row, g in zip(ordered, generators)]
     return order.gather(-1, torch.cat(picks).view(-1, 1)).view(-1)
@@ -112,7 +121,9 @@ def _choose(logits: torch.Tensor, sampling: Sampling, generators: list) -> torch
 
 def _generators(seed: int, rows: int) -> list[torch.Generator]:
     """One generator per row on the logits' device (the CPU under the emulation), apart from torch's own."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    )
     return [torch.Generator(device=device).manual_seed(seed * 1000003 + row) for row in range(rows)]
 
 
@@ -124,8 +135,16 @@ def _still_running(running: bool, lockstep) -> bool:
 
 
 @torch.no_grad()
-def generate(models, prompt: list[int] | None, n: int, max_new_tokens: int, eos_id: int, sampling: Sampling,
-             seed: int = 0, lockstep=None) -> list[list[int]]:
+def generate(
+    models,
+    prompt: list[int] | None,
+    n: int,
+    max_new_tokens: int,
+    eos_id: int,
+    sampling: Sampling,
+    seed: int = 0,
+    lockstep=None,
+) -> list[list[int]]:
     """n continuations of `prompt` (each up to its EOS, which is left out), on every rank of the replica.
 
     `models`: from `generating`. A rank whose replica has no prompt left passes None and takes part in
@@ -150,5 +169,8 @@ def generate(models, prompt: list[int] | None, n: int, max_new_tokens: int, eos_
             if not done[row]:
                 out[row].append(token)
         step += 1
-        tokens, positions = chosen.view(n, 1), torch.full((n, 1), context.sequence_len_offset, device=device)
+        tokens, positions = (
+            chosen.view(n, 1),
+            torch.full((n, 1), context.sequence_len_offset, device=device),
+        )
     return out if prompt is not None else []

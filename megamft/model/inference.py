@@ -10,7 +10,11 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 def _collect_logits(output: torch.Tensor):
     # megatron's loss_func protocol: (loss, token count, data to keep)
     full = gather_from_tensor_model_parallel_region(output)
-    return output.new_zeros(()), torch.ones((), dtype=torch.int, device=output.device), {"logits": full.detach()}
+    return (
+        output.new_zeros(()),
+        torch.ones((), dtype=torch.int, device=output.device),
+        {"logits": full.detach()},
+    )
 
 
 def _forward_step(data_iterator, model):
@@ -22,7 +26,10 @@ def _forward_step(data_iterator, model):
 def full_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
     """[batch, seq, padded vocab] logits (on the device) on the last pipeline stage; None on other stages."""
     tokens = tokens.to(torch.cuda.current_device())
-    batch = {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)}
+    batch = {
+        "tokens": tokens,
+        "position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
+    }
     iterators = [iter([batch]) for _ in chunks]
     for chunk in chunks:
         chunk.eval()

@@ -41,7 +41,10 @@ from megatron.core.tensor_parallel import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
 from megamft.config import LoraConfig
 from megamft.model.nf4 import nf4_linear, quantize_nf4
@@ -54,22 +57,41 @@ ADAPTERS_ONLY = "megamft_lora_adapters_only"
 class _LoraLinear:
     """The adapter and the NF4 base shared by every LoRA-aware linear (a mixin before the megatron class)."""
 
-    def _init_lora(self, kind: str, lora: LoraConfig | None, quantize_base: str | None, gated: bool,
-                   is_expert: bool, input_is_parallel: bool = True) -> None:
-        if hasattr(self, "layer_norm_weight"):  # Transformer Engine's LayerNorm + linear in one module
-            raise ValueError(f"LoRA cannot wrap {type(self).__name__}: its norm is fused into the linear, so the "
-                             "adapter would read the un-normalized input; use a spec whose norms are separate "
-                             "modules (model/spec.py)")
-        self._lora_kind, self._lora_gated, self._lora_input_is_parallel = kind, gated, input_is_parallel
+    def _init_lora(
+        self,
+        kind: str,
+        lora: LoraConfig | None,
+        quantize_base: str | None,
+        gated: bool,
+        is_expert: bool,
+        input_is_parallel: bool = True,
+    ) -> None:
+        if hasattr(
+            self, "layer_norm_weight"
+        ):  # Transformer Engine's LayerNorm + linear in one module
+            raise ValueError(
+                f"LoRA cannot wrap {type(self).__name__}: its norm is fused into the linear, so the "
+                "adapter would read the un-normalized input; use a spec whose norms are separate "
+                "modules (model/spec.py)"
+            )
+        self._lora_kind, self._lora_gated, self._lora_input_is_parallel = (
+            kind,
+            gated,
+            input_is_parallel,
+        )
         # megatron's group: Transformer Engine's wrappers keep it in _tp_group (TE's own tp_group is None
         # for experts), megatron's local linears in tp_group.
         self._lora_tp = getattr(self, "_tp_group", None) or self.tp_group
         tp = self._lora_tp.size()
         expert_parallel = self.config.expert_model_parallel_size > 1
-        explicit_comm = is_expert and (tp > 1 or expert_parallel)  # the token dispatcher communicates
+        explicit_comm = is_expert and (
+            tp > 1 or expert_parallel
+        )  # the token dispatcher communicates
         if explicit_comm and tp > 1 and lora is not None:
-            raise ValueError("LoRA on routed experts needs parallel.expert_tensor_parallel_size=1: megatron does "
-                             "not reduce the gradients of adapter halves replicated over expert-TP ranks")
+            raise ValueError(
+                "LoRA on routed experts needs parallel.expert_tensor_parallel_size=1: megatron does "
+                "not reduce the gradients of adapter halves replicated over expert-TP ranks"
+            )
         self._lora_comm = not explicit_comm and tp > 1
         self._lora_sequence_parallel = self._lora_comm and self.config.sequence_parallel
         self.lora_A = self.lora_B = None
@@ -85,13 +107,27 @@ class _LoraLinear:
         column = self._lora_kind == "column"
         # A starts at zero here; init_adapters gives it its layout-independent values once the model is built.
         self.lora_A = torch.nn.Parameter(torch.zeros(lora.rank, in_local, **like))
-        self.lora_B = torch.nn.Parameter(torch.zeros(out_local if column else self.weight.shape[0], lora.rank, **like))
+        self.lora_B = torch.nn.Parameter(
+            torch.zeros(out_local if column else self.weight.shape[0], lora.rank, **like)
+        )
         sharded, replicated = (self.lora_B, self.lora_A) if column else (self.lora_A, self.lora_B)
-        sharded.tensor_model_parallel, sharded.partition_dim, sharded.partition_stride = True, 0 if column else 1, 1
-        if is_expert:  # like megatron's expert weights: whole on their rank, reduced over expert-DP with EP
-            replicated.tensor_model_parallel, replicated.partition_dim, replicated.partition_stride = True, 0, 1
+        sharded.tensor_model_parallel, sharded.partition_dim, sharded.partition_stride = (
+            True,
+            0 if column else 1,
+            1,
+        )
+        if (
+            is_expert
+        ):  # like megatron's expert weights: whole on their rank, reduced over expert-DP with EP
+            (
+                replicated.tensor_model_parallel,
+                replicated.partition_dim,
+                replicated.partition_stride,
+            ) = True, 0, 1
         elif self._lora_sequence_parallel:
-            replicated.sequence_parallel = True  # its gradient comes from sequence shards: summed over TP
+            replicated.sequence_parallel = (
+                True  # its gradient comes from sequence shards: summed over TP
+            )
         for param in (self.lora_A, self.lora_B):
             param.allreduce = not (is_expert and expert_parallel)
         self.lora_scale, self.lora_dropout = lora.scale, lora.dropout
@@ -111,16 +147,26 @@ class _LoraLinear:
     def _column_delta(self, x: torch.Tensor, gather_output: bool = False) -> torch.Tensor:
         u = torch.nn.functional.linear(self._dropped(x, self._lora_sequence_parallel), self.lora_A)
         if self._lora_sequence_parallel:
-            u = gather_from_sequence_parallel_region(u, group=self._lora_tp)  # backward reduce-scatters
+            u = gather_from_sequence_parallel_region(
+                u, group=self._lora_tp
+            )  # backward reduce-scatters
         elif self._lora_comm:
-            u = copy_to_tensor_model_parallel_region(u, group=self._lora_tp)  # backward all-reduces (r-sized)
+            u = copy_to_tensor_model_parallel_region(
+                u, group=self._lora_tp
+            )  # backward all-reduces (r-sized)
         delta = self.lora_scale * torch.nn.functional.linear(u, self.lora_B)
-        return gather_from_tensor_model_parallel_region(delta, group=self._lora_tp) if gather_output else delta
+        return (
+            gather_from_tensor_model_parallel_region(delta, group=self._lora_tp)
+            if gather_output
+            else delta
+        )
 
     def _row_delta(self, x: torch.Tensor) -> torch.Tensor:
         if not self._lora_input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, group=self._lora_tp)
-        u = torch.nn.functional.linear(self._dropped(x, self._lora_comm), self.lora_A)  # partial sum
+        u = torch.nn.functional.linear(
+            self._dropped(x, self._lora_comm), self.lora_A
+        )  # partial sum
         if self._lora_sequence_parallel:
             u = reduce_scatter_to_sequence_parallel_region(u, group=self._lora_tp)
         elif self._lora_comm:
@@ -154,7 +200,9 @@ class _LoraLinear:
 
     def dequantized_weight(self) -> torch.Tensor:
         """The base weight this layer computes with (NF4 dequantized, or the weight itself)."""
-        return self.weight_nf4.dequantize(self.weight) if self.weight_nf4 is not None else self.weight
+        return (
+            self.weight_nf4.dequantize(self.weight) if self.weight_nf4 is not None else self.weight
+        )
 
     def base_nbytes(self) -> int:
         """Bytes the frozen base weight takes on this rank (NF4: codes and statistics)."""
@@ -174,13 +222,18 @@ class _LoraLinear:
             sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
             if self.weight_nf4 is not None:  # read (and written) as the full-precision base
                 weight = {"weight": self.dequantized_weight()}
-                sharded.update(make_sharded_tensors_for_checkpoint(weight, prefix, {"weight": 0 if column else 1},
-                                                                   sharded_offsets, **groups))
+                sharded.update(
+                    make_sharded_tensors_for_checkpoint(
+                        weight, prefix, {"weight": 0 if column else 1}, sharded_offsets, **groups
+                    )
+                )
         if self.lora_A is None:
             return sharded
         adapters = {"lora_A": self.lora_A, "lora_B": self.lora_B}
         axis = {"lora_B": 0} if column else {"lora_A": 1}
-        sharded.update(make_sharded_tensors_for_checkpoint(adapters, prefix, axis, sharded_offsets, **groups))
+        sharded.update(
+            make_sharded_tensors_for_checkpoint(adapters, prefix, axis, sharded_offsets, **groups)
+        )
         if self._lora_gated:  # fc1's rows are [gate; up] per rank, like its weight: same resharding
             key = f"{prefix}lora_B"
             sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets)
@@ -195,7 +248,9 @@ class _LoraLinear:
             del self.weight
             self.weight_nf4 = None
             self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if self.lora_A is not None:  # summed in fp32, as the export merges (checkpoint/lora_export.py)
+        if (
+            self.lora_A is not None
+        ):  # summed in fp32, as the export merges (checkpoint/lora_export.py)
             delta = self.lora_scale * (self.lora_B.float() @ self.lora_A.float())
             self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
             self.lora_A = self.lora_B = None
@@ -204,14 +259,28 @@ class _LoraLinear:
 class LoraColumnParallelLinear(_LoraLinear, ColumnParallelLinear):
     """megatron's ColumnParallelLinear with an optional adapter and an optional NF4 base."""
 
-    def __init__(self, input_size, output_size, *, lora: LoraConfig | None = None, quantize_base: str | None = None,
-                 gated: bool = False, **kwargs):
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        *,
+        lora: LoraConfig | None = None,
+        quantize_base: str | None = None,
+        gated: bool = False,
+        **kwargs,
+    ):
         super().__init__(input_size, output_size, **kwargs)
         self._init_lora("column", lora, quantize_base, gated, kwargs.get("is_expert", False))
 
-    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None,
-                runtime_gather_output: bool | None = None):
-        output, bias = super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ):
+        output, bias = super().forward(
+            input_, weight=weight, runtime_gather_output=runtime_gather_output
+        )
         if self.lora_A is None:
             return output, bias
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -221,11 +290,25 @@ class LoraColumnParallelLinear(_LoraLinear, ColumnParallelLinear):
 class LoraRowParallelLinear(_LoraLinear, RowParallelLinear):
     """megatron's RowParallelLinear with an optional adapter and an optional NF4 base."""
 
-    def __init__(self, input_size, output_size, *, lora: LoraConfig | None = None, quantize_base: str | None = None,
-                 gated: bool = False, **kwargs):
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        *,
+        lora: LoraConfig | None = None,
+        quantize_base: str | None = None,
+        gated: bool = False,
+        **kwargs,
+    ):
         super().__init__(input_size, output_size, **kwargs)
-        self._init_lora("row", lora, quantize_base, gated, kwargs.get("is_expert", False),
-                        kwargs["input_is_parallel"])
+        self._init_lora(
+            "row",
+            lora,
+            quantize_base,
+            gated,
+            kwargs.get("is_expert", False),
+            kwargs["input_is_parallel"],
+        )
 
     def forward(self, input_: torch.Tensor):
         output, bias = super().forward(input_)
@@ -255,8 +338,15 @@ def lora_linear_class(base: type, kind: str) -> type:
             return output, bias
         return output + (self._column_delta(x) if kind == "column" else self._row_delta(x)), bias
 
-    return type(f"Lora{base.__name__}", (_LoraLinear, base), {"__init__": __init__, "forward": forward,
-                                                             "__doc__": f"{base.__name__} with a LoRA adapter."})
+    return type(
+        f"Lora{base.__name__}",
+        (_LoraLinear, base),
+        {
+            "__init__": __init__,
+            "forward": forward,
+            "__doc__": f"{base.__name__} with a LoRA adapter.",
+        },
+    )
 
 
 def lora_modules(model: torch.nn.Module):
@@ -299,7 +389,7 @@ def init_adapters(model: torch.nn.Module, seed: int) -> None:
             a = _full_init(rank, local, seed, name)
         else:
             tp, tp_rank = module._lora_tp.size(), module._lora_tp.rank()
-            a = _full_init(rank, local * tp, seed, name)[:, tp_rank * local:(tp_rank + 1) * local]
+            a = _full_init(rank, local * tp, seed, name)[:, tp_rank * local : (tp_rank + 1) * local]
         module.lora_A.copy_(a)
 
 

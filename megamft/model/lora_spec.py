@@ -30,8 +30,10 @@ from megamft.config import LoraConfig
 from megamft.model.lora import LoraColumnParallelLinear, LoraRowParallelLinear, lora_linear_class
 
 # Norm keys as the local spec and TE's fused linears save them: checkpoints move between the specs.
-NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-             "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
 
 
 def _linears(layer: ModuleSpec):
@@ -42,20 +44,31 @@ def _linears(layer: ModuleSpec):
     mlp = layer.submodules.mlp
     parts = [("mlp", mlp)]
     if hasattr(mlp.submodules, "experts"):  # an MoE layer: its experts and shared expert are MLPs
-        parts = [("mlp.experts", mlp.submodules.experts), ("mlp.shared_experts", mlp.submodules.shared_experts)]
+        parts = [
+            ("mlp.experts", mlp.submodules.experts),
+            ("mlp.shared_experts", mlp.submodules.shared_experts),
+        ]
     for stem, spec in parts:
         if spec is not None and getattr(spec.submodules, "linear_fc1", None) is not None:
             yield f"{stem}.linear_fc1", spec.submodules, "linear_fc1"
             yield f"{stem}.linear_fc2", spec.submodules, "linear_fc2"
 
 
-def with_lora(layer: ModuleSpec, lora: LoraConfig, gated: bool, column: type = LoraColumnParallelLinear,
-              row: type = LoraRowParallelLinear) -> ModuleSpec:
+def with_lora(
+    layer: ModuleSpec,
+    lora: LoraConfig,
+    gated: bool,
+    column: type = LoraColumnParallelLinear,
+    row: type = LoraRowParallelLinear,
+) -> ModuleSpec:
     """A copy of `layer` whose linears are LoRA-aware: adapters where lora.targets select them, and an NF4
     base on every linear with lora.quantize_base. `gated`: the MLPs are SwiGLU (fc1 is [gate; up])."""
     layer = copy.deepcopy(layer)
     for path, owner, name in _linears(layer):
-        params = {"lora": lora if lora.adapted(path) else None, "gated": gated and name == "linear_fc1"}
+        params = {
+            "lora": lora if lora.adapted(path) else None,
+            "gated": gated and name == "linear_fc1",
+        }
         if lora.quantize_base:
             params["quantize_base"] = lora.quantize_base
         if params["lora"] is None and "quantize_base" not in params:
@@ -86,12 +99,22 @@ class TEModules:
         )
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
-        return TEModules(TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention,
-                         TESpecProvider().layer_norm(for_qk=True))
+        return TEModules(
+            TENorm,
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+            TEDotProductAttention,
+            TESpecProvider().layer_norm(for_qk=True),
+        )
 
 
-def te_separate_norm_layer_spec(lora: LoraConfig, gated: bool, qk_layernorm: bool = False,
-                                num_experts: int | None = None, te: TEModules | None = None) -> ModuleSpec:
+def te_separate_norm_layer_spec(
+    lora: LoraConfig,
+    gated: bool,
+    qk_layernorm: bool = False,
+    num_experts: int | None = None,
+    te: TEModules | None = None,
+) -> ModuleSpec:
     """Transformer Engine's layer for LoRA: TENorm, then TE's column/row linears with adapters, TE's attention.
 
     The layer's structure is megatron's (TransformerLayer, SelfAttention, MLP or MoELayer); routed
@@ -100,10 +123,15 @@ def te_separate_norm_layer_spec(lora: LoraConfig, gated: bool, qk_layernorm: boo
     """
     te = te or TEModules.megatron()
     if lora.quantize_base:
-        raise ValueError("lora.quantize_base needs megatron's local linears: Transformer Engine's compute from "
-                         "their own weights; use model.attention_backend=torch")
-    layer = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
-                                                   qk_layernorm=qk_layernorm))
+        raise ValueError(
+            "lora.quantize_base needs megatron's local linears: Transformer Engine's compute from "
+            "their own weights; use model.attention_backend=torch"
+        )
+    layer = copy.deepcopy(
+        get_gpt_layer_local_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm
+        )
+    )
     sub = layer.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = te.norm
     attention = sub.self_attention.submodules
@@ -113,9 +141,18 @@ def te_separate_norm_layer_spec(lora: LoraConfig, gated: bool, qk_layernorm: boo
     for _, owner, name in _linears(layer):
         local = getattr(owner, name)
         setattr(owner, name, te.column_linear if local is ColumnParallelLinear else te.row_linear)
-    if num_experts and not any(lora.adapted(p) for p in ("mlp.experts.linear_fc1", "mlp.experts.linear_fc2")):
-        grouped = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=True)
+    if num_experts and not any(
+        lora.adapted(p) for p in ("mlp.experts.linear_fc1", "mlp.experts.linear_fc2")
+    ):
+        grouped = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=True
+        )
         sub.mlp.submodules.experts = grouped.submodules.mlp.submodules.experts
     sub.sharded_state_dict_keys_map = dict(NORM_KEYS)
-    return with_lora(layer, lora, gated, lora_linear_class(te.column_linear, "column"),
-                     lora_linear_class(te.row_linear, "row"))
+    return with_lora(
+        layer,
+        lora,
+        gated,
+        lora_linear_class(te.column_linear, "column"),
+        lora_linear_class(te.row_linear, "row"),
+    )

@@ -102,15 +102,23 @@ class MoeFamily:
         """Extra megamft model fields for this config.json."""
         experts = next((hf[k] for k in self.experts_keys if hf.get(k)), None)
         if not experts:
-            raise UnsupportedMoE(f"{source}: none of {list(self.experts_keys)} gives the number of experts")
+            raise UnsupportedMoE(
+                f"{source}: none of {list(self.experts_keys)} gives the number of experts"
+            )
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-            raise UnsupportedMoE(f"{source}: dense layers between MoE layers (mlp_only_layers, decoder_sparse_step "
-                                 "!= 1) are not supported; every layer must be an MoE layer")
+            raise UnsupportedMoE(
+                f"{source}: dense layers between MoE layers (mlp_only_layers, decoder_sparse_step "
+                "!= 1) are not supported; every layer must be an MoE layer"
+            )
         if hf.get("router_jitter_noise"):
-            raise UnsupportedMoE(f"{source}: router_jitter_noise is not supported (megatron's jitter differs)")
+            raise UnsupportedMoE(
+                f"{source}: router_jitter_noise is not supported (megatron's jitter differs)"
+            )
         if self.never_normalizes_topk and hf.get("norm_topk_prob"):
-            raise UnsupportedMoE(f"{source}: norm_topk_prob true: transformers' router for this family ignores "
-                                 "it (DeepSeek's own code renormalises); set it false to train what transformers runs")
+            raise UnsupportedMoE(
+                f"{source}: norm_topk_prob true: transformers' router for this family ignores "
+                "it (DeepSeek's own code renormalises); set it false to train what transformers runs"
+            )
         normalize = self.always_normalizes_topk or bool(hf.get("norm_topk_prob", False))
         fields = dict(
             num_experts=int(experts),
@@ -119,11 +127,14 @@ class MoeFamily:
             moe_router_pre_softmax=not normalize,
         )
         if self.shared_expert:
-            fields.update(moe_shared_expert_intermediate_size=int(hf["shared_expert_intermediate_size"]),
-                          moe_shared_expert_gate=True)
+            fields.update(
+                moe_shared_expert_intermediate_size=int(hf["shared_expert_intermediate_size"]),
+                moe_shared_expert_gate=True,
+            )
         if self.shared_experts_key and hf.get(self.shared_experts_key):
             fields["moe_shared_expert_intermediate_size"] = int(hf[self.shared_experts_key]) * int(
-                hf[self.expert_size_key])
+                hf[self.expert_size_key]
+            )
         fields.update(self._layer_and_routing_fields(hf, fields["moe_router_topk"], source))
         return fields
 
@@ -132,7 +143,9 @@ class MoeFamily:
         if self.first_dense_key and hf.get(self.first_dense_key):
             dense = int(hf[self.first_dense_key])
             if dense >= hf["num_hidden_layers"]:
-                raise UnsupportedMoE(f"{source}: {self.first_dense_key}={dense} leaves no MoE layer")
+                raise UnsupportedMoE(
+                    f"{source}: {self.first_dense_key}={dense} leaves no MoE layer"
+                )
             fields["moe_first_dense_layers"] = dense
         if self.scaling_key and hf.get(self.scaling_key, 1.0) != 1.0:
             fields["moe_router_topk_scaling_factor"] = float(hf[self.scaling_key])
@@ -146,29 +159,40 @@ class MoeFamily:
                         f"{source}: {method_key}=group_limited_greedy with {groups_key}={groups}, "
                         f"{chosen_key}={chosen}, num_experts_per_tok={topk}: transformers ranks groups by their "
                         f"best expert, megatron-core by the sum of their top num_experts_per_tok // {chosen_key} "
-                        "experts; they agree only when that is 1")
+                        "experts; they agree only when that is 1"
+                    )
                 fields.update(moe_router_num_groups=int(groups), moe_router_group_topk=int(chosen))
             elif method != "greedy":
-                raise UnsupportedMoE(f"{source}: {method_key}={method!r} is not supported "
-                                     "(greedy, group_limited_greedy)")
+                raise UnsupportedMoE(
+                    f"{source}: {method_key}={method!r} is not supported "
+                    "(greedy, group_limited_greedy)"
+                )
         return fields
 
     def hf_fields(self, model: ModelConfig) -> dict:
         """config.json keys that transformers reads for this model's experts."""
         fields = {key: model.num_experts for key in self.experts_keys}
-        fields.update({
-            self.expert_size_key: model.moe_ffn_hidden_size or model.ffn_hidden_size,
-            "num_experts_per_tok": model.moe_router_topk,
-            "output_router_logits": False,
-            "router_aux_loss_coef": model.moe_aux_loss_coeff,
-        })
+        fields.update(
+            {
+                self.expert_size_key: model.moe_ffn_hidden_size or model.ffn_hidden_size,
+                "num_experts_per_tok": model.moe_router_topk,
+                "output_router_logits": False,
+                "router_aux_loss_coef": model.moe_aux_loss_coeff,
+            }
+        )
         if not self.always_normalizes_topk:
-            fields.update(norm_topk_prob=not model.moe_router_pre_softmax, decoder_sparse_step=1, mlp_only_layers=[])
+            fields.update(
+                norm_topk_prob=not model.moe_router_pre_softmax,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            )
         if self.shared_expert:
             fields["shared_expert_intermediate_size"] = model.moe_shared_expert_intermediate_size
         if self.shared_experts_key:
             expert = model.moe_ffn_hidden_size or model.ffn_hidden_size
-            fields[self.shared_experts_key] = (model.moe_shared_expert_intermediate_size or 0) // expert
+            fields[self.shared_experts_key] = (
+                model.moe_shared_expert_intermediate_size or 0
+            ) // expert
         if self.first_dense_key:
             fields[self.first_dense_key] = model.moe_first_dense_layers
         if self.scaling_key:
@@ -176,17 +200,32 @@ class MoeFamily:
         if self.group_keys:
             method_key, groups_key, chosen_key = self.group_keys
             grouped = bool(model.moe_router_group_topk)
-            fields.update({method_key: "group_limited_greedy" if grouped else "greedy",
-                           groups_key: model.moe_router_num_groups, chosen_key: model.moe_router_group_topk})
+            fields.update(
+                {
+                    method_key: "group_limited_greedy" if grouped else "greedy",
+                    groups_key: model.moe_router_num_groups,
+                    chosen_key: model.moe_router_group_topk,
+                }
+            )
         return fields
 
 
 MIXTRAL = MoeFamily(("num_local_experts",), "intermediate_size", always_normalizes_topk=True)
-QWEN2_MOE = MoeFamily(("num_experts",), "moe_intermediate_size", always_normalizes_topk=False, shared_expert=True)
+QWEN2_MOE = MoeFamily(
+    ("num_experts",), "moe_intermediate_size", always_normalizes_topk=False, shared_expert=True
+)
 # Published Qwen3-MoE configs say num_experts; transformers 5 aliases it and saves num_local_experts.
-QWEN3_MOE = MoeFamily(("num_experts", "num_local_experts"), "moe_intermediate_size", always_normalizes_topk=False)
+QWEN3_MOE = MoeFamily(
+    ("num_experts", "num_local_experts"), "moe_intermediate_size", always_normalizes_topk=False
+)
 # DeepSeek-V2, V2-Lite, DeepSeek-Coder-V2(-Lite): softmax then top k, never renormalised, scaled; dense first layers.
-DEEPSEEK_V2 = MoeFamily(("n_routed_experts",), "moe_intermediate_size", always_normalizes_topk=False,
-                        never_normalizes_topk=True, shared_experts_key="n_shared_experts",
-                        first_dense_key="first_k_dense_replace", scaling_key="routed_scaling_factor",
-                        group_keys=("topk_method", "n_group", "topk_group"))
+DEEPSEEK_V2 = MoeFamily(
+    ("n_routed_experts",),
+    "moe_intermediate_size",
+    always_normalizes_topk=False,
+    never_normalizes_topk=True,
+    shared_experts_key="n_shared_experts",
+    first_dense_key="first_k_dense_replace",
+    scaling_key="routed_scaling_factor",
+    group_keys=("topk_method", "n_group", "topk_group"),
+)

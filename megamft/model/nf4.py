@@ -20,15 +20,15 @@ import torch
 from megamft.sizing.quantization import BLOCK
 
 
-
 def _functional():
     try:
         import bitsandbytes.functional as bnb
     except ImportError as err:  # an optional extra: only QLoRA runs need it
-        raise ImportError("lora.quantize_base=nf4 needs bitsandbytes: pip install '.[qlora]' "
-                          f"(bitsandbytes==0.50.2) ({err})") from err
+        raise ImportError(
+            "lora.quantize_base=nf4 needs bitsandbytes: pip install '.[qlora]' "
+            f"(bitsandbytes==0.50.2) ({err})"
+        ) from err
     return bnb
-
 
 
 class NF4Statistics(torch.nn.Module):
@@ -60,11 +60,22 @@ class NF4Statistics(torch.nn.Module):
         """bitsandbytes' QuantState of the tensor."""
         from bitsandbytes.functional import QuantState
 
-        nested = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=self.nested_blocksize,
-                            dtype=torch.float32)
-        return QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=self.code,
-                          blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype, offset=self.offset,
-                          state2=nested)
+        nested = QuantState(
+            absmax=self.nested_absmax,
+            code=self.nested_code,
+            blocksize=self.nested_blocksize,
+            dtype=torch.float32,
+        )
+        return QuantState(
+            absmax=self.absmax,
+            shape=torch.Size(self.shape),
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=nested,
+        )
 
     def dequantize(self, packed: torch.Tensor) -> torch.Tensor:
         """The tensor as bitsandbytes gives it back, in the dtype it was quantized from."""
@@ -80,8 +91,9 @@ class NF4Statistics(torch.nn.Module):
 
 def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, NF4Statistics]:
     """(packed 4-bit codes, statistics) of `weight`, by bitsandbytes' quantize_4bit."""
-    packed, state = _functional().quantize_4bit(weight.detach().contiguous(), quant_type="nf4", blocksize=BLOCK,
-                                                compress_statistics=True)
+    packed, state = _functional().quantize_4bit(
+        weight.detach().contiguous(), quant_type="nf4", blocksize=BLOCK, compress_statistics=True
+    )
     return packed, NF4Statistics(state, tuple(weight.shape), weight.dtype)
 
 
@@ -104,13 +116,25 @@ class _FrozenNF4Linear(torch.autograd.Function):
         return grad_input, None, None, None, None, None
 
 
-def nf4_linear(input, packed, statistics: NF4Statistics, bias, gradient_accumulation_fusion, allreduce_dgrad,
-               sequence_parallel, tp_group, grad_output_buffer=None, wgrad_deferral_limit=None):
+def nf4_linear(
+    input,
+    packed,
+    statistics: NF4Statistics,
+    bias,
+    gradient_accumulation_fusion,
+    allreduce_dgrad,
+    sequence_parallel,
+    tp_group,
+    grad_output_buffer=None,
+    wgrad_deferral_limit=None,
+):
     """megatron's linear_with_frozen_weight (tensor_parallel/layers.py), same arguments, over an NF4 weight."""
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
     from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
     tp_group = get_tensor_model_parallel_group_if_none(tp_group)
     if sequence_parallel:
-        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+        input = gather_from_sequence_parallel_region(
+            input, tensor_parallel_output_grad=True, group=tp_group
+        )
     return _FrozenNF4Linear.apply(input, packed, statistics, bias, allreduce_dgrad, tp_group)

@@ -17,7 +17,10 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
 
 class _MegamftNorm(torch.nn.Module):
@@ -30,9 +33,13 @@ class _MegamftNorm(torch.nn.Module):
         # Where megatron puts its own parameters: the current GPU unless use_cpu_initialization.
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         make = torch.zeros if self.zero_centered else torch.ones  # the identity either way
-        self.weight = torch.nn.Parameter(make(hidden_size, dtype=config.params_dtype, device=device))
+        self.weight = torch.nn.Parameter(
+            make(hidden_size, dtype=config.params_dtype, device=device)
+        )
         if bias:
-            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
+            self.bias = torch.nn.Parameter(
+                torch.zeros(hidden_size, dtype=config.params_dtype, device=device)
+            )
         for param in self.parameters():
             param.sequence_parallel = config.sequence_parallel
 
@@ -47,8 +54,13 @@ class _MegamftNorm(torch.nn.Module):
         """
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets,
-            tp_group=parallel_state.get_tensor_model_parallel_group(), dp_cp_group=metadata["dp_cp_group"])
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            {},
+            sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
 
 class MegamftRMSNorm(_MegamftNorm):
@@ -70,7 +82,8 @@ class MegamftLayerNorm(_MegamftNorm):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = torch.nn.functional.layer_norm(
-            hidden.float(), (hidden.shape[-1],), self.scale(), self.bias.float(), eps=self.eps)
+            hidden.float(), (hidden.shape[-1],), self.scale(), self.bias.float(), eps=self.eps
+        )
         return normed.to(hidden.dtype)
 
 

@@ -22,8 +22,16 @@ import torch.nn.functional as F
 from megamft.config import ModelConfig
 
 
-def softcapped_attention(query, key, value, allowed: Optional[torch.Tensor], causal: bool, dropout: float,
-                         scale: float, cap: float) -> torch.Tensor:
+def softcapped_attention(
+    query,
+    key,
+    value,
+    allowed: Optional[torch.Tensor],
+    causal: bool,
+    dropout: float,
+    scale: float,
+    cap: float,
+) -> torch.Tensor:
     """softmax(cap * tanh(q k^T * scale / cap), masked) v; [s, b, heads, dim] in and out.
 
     `allowed`: SDPA's convention (True = may attend), broadcast over [b, heads, s, s].

@@ -18,7 +18,9 @@ from megamft.model.norm import norm_class
 
 
 def _post_norm(config):
-    return norm_class(config.normalization)(config, config.hidden_size, eps=config.layernorm_epsilon)
+    return norm_class(config.normalization)(
+        config, config.hidden_size, eps=config.layernorm_epsilon
+    )
 
 
 def _normed(norm, output, bias):

@@ -28,8 +28,13 @@ def initialize_userbuffers(cfg: MegamftConfig, config: TransformerConfig) -> boo
         return False
     from transformer_engine.pytorch.module import base
 
-    wanted = {"shape": userbuffer_shape(cfg), "tp_size": cfg.parallel.tensor_model_parallel_size,
-              "use_fp8": bool(config.fp8), "dtype": config.params_dtype, "bootstrap_backend": "nccl"}
+    wanted = {
+        "shape": userbuffer_shape(cfg),
+        "tp_size": cfg.parallel.tensor_model_parallel_size,
+        "use_fp8": bool(config.fp8),
+        "dtype": config.params_dtype,
+        "bootstrap_backend": "nccl",
+    }
     accepted = inspect.signature(base.initialize_ub).parameters
     base.initialize_ub(**{key: value for key, value in wanted.items() if key in accepted})
     return True

@@ -46,7 +46,7 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rfind(")") + 2:].split()  # after "pid (command) ": field 3 (state) onwards
+    fields = text[text.rfind(")") + 2 :].split()  # after "pid (command) ": field 3 (state) onwards
     return fields[0], fields[19]
 
 
@@ -64,15 +64,21 @@ class BuildOwner:
     host: str
     pid_namespace: str | None  # two containers may share a hostname but not their pids
     pid: int
-    pid_start: str | None      # tells a reused pid from the builder's own process
-    started: float             # time.time() when the lock was taken
-    token: str                 # unique per acquisition
+    pid_start: str | None  # tells a reused pid from the builder's own process
+    started: float  # time.time() when the lock was taken
+    token: str  # unique per acquisition
 
     @classmethod
     def me(cls) -> "BuildOwner":
         stat = _proc_stat(os.getpid())
-        return cls(socket.gethostname(), _pid_namespace(), os.getpid(), stat[1] if stat else None,
-                   time.time(), uuid.uuid4().hex)
+        return cls(
+            socket.gethostname(),
+            _pid_namespace(),
+            os.getpid(),
+            stat[1] if stat else None,
+            time.time(),
+            uuid.uuid4().hex,
+        )
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}, lock taken {time.time() - self.started:.0f} s ago"
@@ -111,15 +117,22 @@ def _read(path: Path) -> tuple[BuildOwner | None, os.stat_result] | None:
 class BuildLock:
     """Exclusive use of a build folder by one process on any host that shares it (see the module docstring)."""
 
-    def __init__(self, folder: str | Path, stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0,
-                 progress_every_s: float = 30.0):
+    def __init__(
+        self,
+        folder: str | Path,
+        stale_after_s: float = STALE_AFTER_S,
+        poll_s: float = 1.0,
+        progress_every_s: float = 30.0,
+    ):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.stale_after_s = stale_after_s
         self.poll_s = poll_s
         self.progress_every_s = progress_every_s
         self.owner: BuildOwner | None = None
-        self.stale_owners: list[str] = []  # who held the stale locks taken over, and why they were stale
+        self.stale_owners: list[
+            str
+        ] = []  # who held the stale locks taken over, and why they were stale
 
     def acquire(self) -> "BuildLock":
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -144,9 +157,14 @@ class BuildLock:
                     continue
                 if time.monotonic() - last_note >= self.progress_every_s:
                     last_note = time.monotonic()
-                    log.info("waiting for the build in %s by %s (waited %.0f s; a lock older than %.0f min is "
-                             "taken over)", self.folder, held[0].describe() if held[0] else "an unknown process",
-                             last_note - began, self.stale_after_s / 60)
+                    log.info(
+                        "waiting for the build in %s by %s (waited %.0f s; a lock older than %.0f min is "
+                        "taken over)",
+                        self.folder,
+                        held[0].describe() if held[0] else "an unknown process",
+                        last_note - began,
+                        self.stale_after_s / 60,
+                    )
                 time.sleep(self.poll_s)
         finally:
             mine.unlink(missing_ok=True)
@@ -164,7 +182,9 @@ class BuildLock:
             return f"it was taken {age / 60:.1f} min ago, over the {self.stale_after_s / 60:.1f} min limit ({who})"
         return None
 
-    def _take_over(self, held: tuple[BuildOwner | None, os.stat_result], reason: str, me: BuildOwner) -> None:
+    def _take_over(
+        self, held: tuple[BuildOwner | None, os.stat_result], reason: str, me: BuildOwner
+    ) -> None:
         """Remove the stale lock judged in `held`, unless another process replaced it meanwhile."""
         aside = self.folder / f"{LOCK_NAME}.stale.{me.token}"
         try:
@@ -190,8 +210,12 @@ class BuildLock:
         if held is not None and held[0] is not None and held[0].token == self.owner.token:
             self.path.unlink(missing_ok=True)
         else:
-            log.warning("%s: the build lock was taken over by another process while this one built "
-                        "(it held it over %.0f min)", self.folder, self.stale_after_s / 60)
+            log.warning(
+                "%s: the build lock was taken over by another process while this one built "
+                "(it held it over %.0f min)",
+                self.folder,
+                self.stale_after_s / 60,
+            )
         self.owner = None
 
     def __enter__(self) -> "BuildLock":

@@ -68,10 +68,14 @@ def record_digest(record: dict) -> str:
 
 
 def is_record(value) -> bool:
-    return (isinstance(value, dict) and isinstance(value.get("bytes"), int)
-            and isinstance(value.get("block_bytes"), int) and value["block_bytes"] > 0
-            and isinstance(value.get("blocks"), list)
-            and len(value["blocks"]) == -(-value["bytes"] // value["block_bytes"]))
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("bytes"), int)
+        and isinstance(value.get("block_bytes"), int)
+        and value["block_bytes"] > 0
+        and isinstance(value.get("blocks"), list)
+        and len(value["blocks"]) == -(-value["bytes"] // value["block_bytes"])
+    )
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,11 @@ def block_mismatch(path: Path, record: dict, block: int) -> Mismatch | None:
     if found == expected:
         return None
     end = min(start + size, record["bytes"]) - 1
-    return Mismatch(path, f"bytes {start}-{end} differ from the recorded content "
-                          f"(sha256 expected {expected[:16]}..., found {found[:16]}...)")
+    return Mismatch(
+        path,
+        f"bytes {start}-{end} differ from the recorded content "
+        f"(sha256 expected {expected[:16]}..., found {found[:16]}...)",
+    )
 
 
 class BlockCheck:
@@ -109,14 +116,18 @@ class BlockCheck:
 
     def __init__(self, units: list[tuple[Path, dict, int]], threads: int):
         self.units = units
-        self.bytes = sum(min(r["block_bytes"], r["bytes"] - b * r["block_bytes"]) for _, r, b in units)
+        self.bytes = sum(
+            min(r["block_bytes"], r["bytes"] - b * r["block_bytes"]) for _, r, b in units
+        )
         self._queue: queue.Queue = queue.Queue()
         for unit in units:
             self._queue.put(unit)
         self._stop = threading.Event()
         self._found: list[Mismatch] = []
-        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"megamft-checksum-{i}")
-                         for i in range(max(1, min(threads, len(units))))]
+        self._threads = [
+            threading.Thread(target=self._work, daemon=True, name=f"megamft-checksum-{i}")
+            for i in range(max(1, min(threads, len(units))))
+        ]
 
     def start(self) -> "BlockCheck":
         for thread in self._threads:
@@ -178,8 +189,10 @@ def folder_digests(paths: list[Path], threads: int | None = None) -> dict[str, s
             except OSError as err:
                 failures.append(err)
 
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(threads or hashing_threads(),
-                                                                                     len(paths))))]
+    workers = [
+        threading.Thread(target=work, daemon=True)
+        for _ in range(max(1, min(threads or hashing_threads(), len(paths))))
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-TE_REBUILD_HINT = ("rebuild it against this torch (pip install --no-build-isolation 'transformer_engine[pytorch]', "
-                   "after torch), use a container that ships both, or uninstall it")
+TE_REBUILD_HINT = (
+    "rebuild it against this torch (pip install --no-build-isolation 'transformer_engine[pytorch]', "
+    "after torch), use a container that ships both, or uninstall it"
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,10 @@ def broken_transformer_engine_message() -> str | None:
     problem = transformer_engine_import_problem()
     if problem is None:
         return None
-    return (f"Transformer Engine is installed but does not import ({problem}); megatron-core cannot start "
-            f"with it: {TE_REBUILD_HINT}")
+    return (
+        f"Transformer Engine is installed but does not import ({problem}); megatron-core cannot start "
+        f"with it: {TE_REBUILD_HINT}"
+    )
 
 
 def detect() -> Runtime:
@@ -86,20 +90,27 @@ def detect() -> Runtime:
         from megatron.core.models.gpt import gpt_layer_specs
 
         apex = gpt_layer_specs.HAVE_APEX
-    return Runtime(cuda=cuda, transformer_engine=usable, apex=apex, transformer_engine_problem=problem)
+    return Runtime(
+        cuda=cuda, transformer_engine=usable, apex=apex, transformer_engine_problem=problem
+    )
 
 
 def describe_runtime(runtime: Runtime) -> str:
     """One line for the log."""
     if not runtime.cuda:
         return "device: CPU (megatron-core GPU paths emulated, gloo backend)"
-    extras = [name for name, on in (("Transformer Engine", runtime.transformer_engine),
-                                    ("apex", runtime.apex)) if on]
+    extras = [
+        name
+        for name, on in (("Transformer Engine", runtime.transformer_engine), ("apex", runtime.apex))
+        if on
+    ]
     line = (
         f"device: {torch.cuda.get_device_name()} x{torch.cuda.device_count()} "
         f"(nccl; {', '.join(extras) if extras else 'local spec, no TE/apex'})"
     )
     if runtime.transformer_engine_problem:
-        line += (f"; Transformer Engine is installed but does not import ({runtime.transformer_engine_problem}): "
-                 f"not used; {TE_REBUILD_HINT}")
+        line += (
+            f"; Transformer Engine is installed but does not import ({runtime.transformer_engine_problem}): "
+            f"not used; {TE_REBUILD_HINT}"
+        )
     return line

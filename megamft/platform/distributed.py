@@ -12,8 +12,8 @@ import time
 import torch
 
 from megamft.config import MegamftConfig
-from megamft.errors import ReportedByAnotherRank, UserError
 from megamft.emulation import cpu_emulation
+from megamft.errors import ReportedByAnotherRank, UserError
 from megamft.platform.device import Runtime, detect
 from megamft.platform.signals import helpers_die_with_this_process
 
@@ -74,13 +74,17 @@ def set_device_max_connections(cfg: MegamftConfig) -> str | None:
         return None
     given = os.environ.get(DEVICE_MAX_CONNECTIONS)
     if given is not None and given != "1":
-        return (f"{DEVICE_MAX_CONNECTIONS}={given} is set, but tensor/context parallelism overlaps its "
-                "communication only with 1; unset it (megamft sets 1 where the layout needs it)")
+        return (
+            f"{DEVICE_MAX_CONNECTIONS}={given} is set, but tensor/context parallelism overlaps its "
+            "communication only with 1; unset it (megamft sets 1 where the layout needs it)"
+        )
     if given is None:
         os.environ[DEVICE_MAX_CONNECTIONS] = "1"
         if torch.cuda.is_initialized():
-            return (f"{DEVICE_MAX_CONNECTIONS}=1 was set after CUDA started in this process, too late to take "
-                    "effect; export it before starting the workers")
+            return (
+                f"{DEVICE_MAX_CONNECTIONS}=1 was set after CUDA started in this process, too late to take "
+                "effect; export it before starting the workers"
+            )
     return None
 
 
@@ -139,10 +143,15 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
         if "EADDRINUSE" not in str(err):  # the code name torch's socket layer reports
             raise
         port = os.environ["MASTER_PORT"]
-        advice = ("unset MASTER_PORT (a single process then takes a free port) or set a free one"
-                  if world_size_from_env() == 1 else "set a free MASTER_PORT for every rank")
-        raise PortInUse(f"MASTER_PORT={port} is in use by another process on this machine (another run?): "
-                        f"{advice}") from None
+        advice = (
+            "unset MASTER_PORT (a single process then takes a free port) or set a free one"
+            if world_size_from_env() == 1
+            else "set a free MASTER_PORT for every rank"
+        )
+        raise PortInUse(
+            f"MASTER_PORT={port} is in use by another process on this machine (another run?): "
+            f"{advice}"
+        ) from None
 
 
 _runtime: Runtime | None = None
@@ -220,9 +229,15 @@ def claim_report(err: Exception) -> Exception | None:
     mine = json.dumps([rank, user, str(err)])
     try:
         first = _first_failure(mine)
-    except (RuntimeError, KeyError, ValueError):  # the store left with rank 0, which held it (no torchrun)
+    except (
+        RuntimeError,
+        KeyError,
+        ValueError,
+    ):  # the store left with rank 0, which held it (no torchrun)
         if not user:
-            return ReportedByAnotherRank(0, False)  # this rank's error is most likely rank 0 leaving
+            return ReportedByAnotherRank(
+                0, False
+            )  # this rank's error is most likely rank 0 leaving
         first = mine  # in doubt, say the mistake this rank found
     first_rank, first_user, first_message = json.loads(first)
     if first == mine or (user and (not first_user or first_message != str(err))):
@@ -234,7 +249,11 @@ def claim_report(err: Exception) -> Exception | None:
 
 def _first_failure(mine: str) -> str:
     """Record `mine` as the job's first failure unless one is recorded; the one recorded."""
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                       is_master=False, timeout=datetime.timedelta(seconds=2))
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=2),
+    )
     key = f"{FIRST_FAILURE_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # per torchrun attempt
     return store.compare_set(key, "", mine).decode()

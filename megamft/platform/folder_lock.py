@@ -76,10 +76,18 @@ class LockOwner:
         env = os.environ
         now = time.time()
         elastic = env.get("TORCHELASTIC_RUN_ID")
-        return cls(socket.gethostname(), os.getpid(), now, command, now, uuid.uuid4().hex,
-                   env.get("SLURM_JOB_ID") or None, int(env.get("SLURM_RESTART_COUNT") or 0),
-                   elastic if elastic not in (None, "", "none") else None,
-                   int(env.get("TORCHELASTIC_RESTART_COUNT") or 0))
+        return cls(
+            socket.gethostname(),
+            os.getpid(),
+            now,
+            command,
+            now,
+            uuid.uuid4().hex,
+            env.get("SLURM_JOB_ID") or None,
+            int(env.get("SLURM_RESTART_COUNT") or 0),
+            elastic if elastic not in (None, "", "none") else None,
+            int(env.get("TORCHELASTIC_RESTART_COUNT") or 0),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "LockOwner":
@@ -108,18 +116,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def stale_reason(owner: LockOwner | None, me: LockOwner, stale_after: float = STALE_AFTER_S) -> str | None:
+def stale_reason(
+    owner: LockOwner | None, me: LockOwner, stale_after: float = STALE_AFTER_S
+) -> str | None:
     """Why `owner`'s lock may be taken over by `me`, or None when it is live (see the module docstring)."""
     if owner is None:
         return "the lock file cannot be read"
-    if owner.slurm_job_id and owner.slurm_job_id == me.slurm_job_id \
-            and owner.slurm_restart_count != me.slurm_restart_count:
-        return (f"SLURM job {owner.slurm_job_id} was requeued (restart {owner.slurm_restart_count} -> "
-                f"{me.slurm_restart_count}): its earlier run has ended")
-    if owner.elastic_run_id and owner.elastic_run_id == me.elastic_run_id \
-            and owner.elastic_restart_count != me.elastic_restart_count:
-        return (f"torchelastic run {owner.elastic_run_id} restarted its workers (restart "
-                f"{owner.elastic_restart_count} -> {me.elastic_restart_count}): its earlier workers have ended")
+    if (
+        owner.slurm_job_id
+        and owner.slurm_job_id == me.slurm_job_id
+        and owner.slurm_restart_count != me.slurm_restart_count
+    ):
+        return (
+            f"SLURM job {owner.slurm_job_id} was requeued (restart {owner.slurm_restart_count} -> "
+            f"{me.slurm_restart_count}): its earlier run has ended"
+        )
+    if (
+        owner.elastic_run_id
+        and owner.elastic_run_id == me.elastic_run_id
+        and owner.elastic_restart_count != me.elastic_restart_count
+    ):
+        return (
+            f"torchelastic run {owner.elastic_run_id} restarted its workers (restart "
+            f"{owner.elastic_restart_count} -> {me.elastic_restart_count}): its earlier workers have ended"
+        )
     if owner.host == me.host and not _alive(owner.pid):
         return f"its process {owner.pid} is no longer running on {owner.host}"
     if owner.heartbeat is not None and time.time() - owner.heartbeat > stale_after:
@@ -134,8 +154,13 @@ class FolderLock:
     `heartbeat_interval` and `stale_after` default to the module's documented limits.
     """
 
-    def __init__(self, folder: str | Path, command: str, heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
-                 stale_after: float = STALE_AFTER_S):
+    def __init__(
+        self,
+        folder: str | Path,
+        command: str,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
+        stale_after: float = STALE_AFTER_S,
+    ):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.command = command
@@ -170,7 +195,9 @@ class FolderLock:
                 return self
         finally:
             mine.unlink(missing_ok=True)
-        raise DestinationError(f"could not lock {self.folder}: another process keeps taking {self.path}")
+        raise DestinationError(
+            f"could not lock {self.folder}: another process keeps taking {self.path}"
+        )
 
     def _private_file(self, me: LockOwner) -> Path:
         return self.folder / f"{LOCK_NAME}.{me.host}.{me.pid}.{me.token[:8]}"
@@ -197,15 +224,17 @@ class FolderLock:
             raise DestinationError(
                 f"{self.folder} is in use by another megamft {owner.command}: {owner.describe()}. Wait for it "
                 f"to finish, or use another folder; if that process is gone, delete {self.path} (a lock whose "
-                f"heartbeat is {self.stale_after:.0f} s old is taken over by itself)")
+                f"heartbeat is {self.stale_after:.0f} s old is taken over by itself)"
+            )
         self.takeover = f"{owner.describe() if owner else self.path}: {why}"
         self.path.unlink(missing_ok=True)
 
     def _start_heartbeat(self, me: LockOwner) -> None:
         self._me = me
         self._stop.clear()
-        self._beating = threading.Thread(target=self._beat, name=f"megamft lock heartbeat {self.folder}",
-                                         daemon=True)  # never keeps the process alive
+        self._beating = threading.Thread(
+            target=self._beat, name=f"megamft lock heartbeat {self.folder}", daemon=True
+        )  # never keeps the process alive
         self._beating.start()
 
     def _beat(self) -> None:
@@ -220,8 +249,12 @@ class FolderLock:
         """Write a new heartbeat; False (and an error logged) if the lock is no longer ours."""
         current = self.owner()
         if current is None or current.token != self._me.token:
-            log.error("%s is no longer held by this process (now: %s): another run judged it stale; "
-                      "stop one of the two runs", self.path, current.describe() if current else "no lock")
+            log.error(
+                "%s is no longer held by this process (now: %s): another run judged it stale; "
+                "stop one of the two runs",
+                self.path,
+                current.describe() if current else "no lock",
+            )
             return False
         beat = dataclasses.replace(self._me, heartbeat=time.time())
         private = self._private_file(beat)

@@ -23,20 +23,20 @@ STALL_MARKER_ENV = "MEGAMFT_STALL_MARKER"
 
 # In the order they happen within one iteration.
 MOMENTS = (
-    "step.done",        # the optimizer step is applied, nothing saved yet
-    "save.started",     # the .partial folder exists
-    "save.written",     # every shard is written, not yet renamed
-    "save.published",   # renamed into place, `latest` not yet moved
-    "save.pointed",     # `latest` names the new checkpoint, old ones not yet pruned
+    "step.done",  # the optimizer step is applied, nothing saved yet
+    "save.started",  # the .partial folder exists
+    "save.written",  # every shard is written, not yet renamed
+    "save.published",  # renamed into place, `latest` not yet moved
+    "save.pointed",  # `latest` names the new checkpoint, old ones not yet pruned
 )
 ASYNC_MOMENTS = (
-    "save.writing",     # an asynchronous save's background writer is about to write (async saves only)
+    "save.writing",  # an asynchronous save's background writer is about to write (async saves only)
 )
 # Other commands' moments, numbered by their own progress.
 COMMAND_MOMENTS = (
     "preprocess.chunk",  # megamft-preprocess received chunk N (from 1) of a task, not yet written
-    "export.layer",      # megatron-to-hf has converted layer N (from 0) into its temporary folder
-    "eval.problem",      # megamft eval has recorded problem N (from 0) in its results
+    "export.layer",  # megatron-to-hf has converted layer N (from 0) into its temporary folder
+    "eval.problem",  # megamft eval has recorded problem N (from 0) in its results
 )
 
 

@@ -61,7 +61,8 @@ def torchrun_arguments(argv: list[str]) -> list[str]:
         if arg.split("=")[0] in ("--signals-to-handle", "--signals_to_handle"):
             raise LaunchError(
                 f"{arg!r}: the agent's signals are set by megamft launch "
-                f"({STOP_NOW_SIGNALS}; SIGTERM and SIGUSR1 go to the workers); use torchrun itself to choose")
+                f"({STOP_NOW_SIGNALS}; SIGTERM and SIGUSR1 go to the workers); use torchrun itself to choose"
+            )
     return ["--signals-to-handle", STOP_NOW_SIGNALS, *argv]
 
 
@@ -74,7 +75,8 @@ def _launch(argv: list[str]) -> int:
     arguments = torchrun_arguments(argv)
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, _pass_to_workers)
-    from torch.distributed import DistNetworkError, run as torchrun  # here: the parsing above must stay quick
+    from torch.distributed import DistNetworkError  # here: the parsing above must stay quick
+    from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
@@ -92,14 +94,19 @@ def _launch(argv: list[str]) -> int:
     except SignalException as err:  # SIGINT, SIGHUP or SIGQUIT: the agent stopped its workers
         if debugging():
             traceback.print_exc()
-        print(f"megamft launch: stopped by {err.sigval.name}; every worker was stopped", file=sys.stderr,
-              flush=True)
+        print(
+            f"megamft launch: stopped by {err.sigval.name}; every worker was stopped",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + int(err.sigval)
     except DistNetworkError as err:
         if "EADDRINUSE" not in str(err):
             raise
-        raise LaunchError(f"port {args.master_port} is in use (another job on this node?): choose a free one "
-                          "with --master-port, or leave it out on a single node") from err
+        raise LaunchError(
+            f"port {args.master_port} is in use (another job on this node?): choose a free one "
+            "with --master-port, or leave it out on a single node"
+        ) from err
     return 0
 
 
@@ -123,14 +130,19 @@ def _report_failed_worker(err) -> int:
     code = failure.exitcode
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-        how = f"was killed by {name}" + (" (out of memory? see dmesg)" if -code == signal.SIGKILL else "")
+        how = f"was killed by {name}" + (
+            " (out of memory? see dmesg)" if -code == signal.SIGKILL else ""
+        )
         status = 128 - code
     else:
-        how = {2: "stopped on a mistake in the input (exit code 2), reported in the workers' output",
-               1: "failed (exit code 1); its traceback is in the workers' output"}.get(
-            code, f"failed (exit code {code}); see the workers' output")
+        how = {
+            2: "stopped on a mistake in the input (exit code 2), reported in the workers' output",
+            1: "failed (exit code 1); its traceback is in the workers' output",
+        }.get(code, f"failed (exit code {code}); see the workers' output")
         status = code
-    print(f"megamft launch: rank {rank} {how}; every worker was stopped", file=sys.stderr, flush=True)
+    print(
+        f"megamft launch: rank {rank} {how}; every worker was stopped", file=sys.stderr, flush=True
+    )
     return status
 
 

@@ -55,11 +55,19 @@ def output_kind(folder: str | Path) -> str | None:
 
 def mark_output(folder: str | Path, kind: str, **details) -> None:
     """Say what this folder is (written before it is published)."""
-    (Path(folder) / OUTPUT_MARKER).write_text(json.dumps({"kind": kind, **details}, indent=2) + "\n")
+    (Path(folder) / OUTPUT_MARKER).write_text(
+        json.dumps({"kind": kind, **details}, indent=2) + "\n"
+    )
 
 
-def check_destination(destination: str | Path, kind: str, inputs=(), overwrite: bool = False,
-                      option: str = "--out", recognise=None) -> None:
+def check_destination(
+    destination: str | Path,
+    kind: str,
+    inputs=(),
+    overwrite: bool = False,
+    option: str = "--out",
+    recognise=None,
+) -> None:
     """Refuse a destination that would destroy inputs or someone else's work.
 
     `inputs`: paths the command reads. `recognise(folder) -> bool` may accept
@@ -73,7 +81,8 @@ def check_destination(destination: str | Path, kind: str, inputs=(), overwrite: 
         if _inside(_resolved(source), dest):
             raise DestinationError(
                 f"{option} {destination} holds the input {source}; replacing it would destroy that input. "
-                f"Choose a new folder for {option}")
+                f"Choose a new folder for {option}"
+            )
     if dest.exists() and not dest.is_dir():
         raise DestinationError(f"{option} {destination} is a file, not a folder; choose a folder")
     if not dest.is_dir() or not any(dest.iterdir()):
@@ -85,7 +94,8 @@ def check_destination(destination: str | Path, kind: str, inputs=(), overwrite: 
     what = f"a megamft {found} output" if found else "files that megamft did not write"
     raise DestinationError(
         f"{option} {destination} is not empty and holds {what}, not a {kind} output; nothing was written. "
-        f"Choose an empty or new folder, or pass --overwrite to write into it anyway")
+        f"Choose an empty or new folder, or pass --overwrite to write into it anyway"
+    )
 
 
 def publish(partial: Path, final: Path) -> None:

@@ -61,7 +61,10 @@ def confirm_shared(folder: str | Path, what: str, view: str | Path | None = None
         raise NotSharedError(f"{what} {folder} cannot be written ({content})")
     try:
         seen = [None] * torch.distributed.get_world_size()
-        me = (socket.gethostname(), sees_probe(Path(view if view is not None else folder), name, content))
+        me = (
+            socket.gethostname(),
+            sees_probe(Path(view if view is not None else folder), name, content),
+        )
         torch.distributed.all_gather_object(seen, me, group=group)
     finally:
         if rank == 0:
@@ -71,8 +74,11 @@ def confirm_shared(folder: str | Path, what: str, view: str | Path | None = None
         if not ok:
             blind.setdefault(host, []).append(rank)
     if blind:
-        where = "; ".join(f"{host} (ranks {', '.join(map(str, ranks))})" for host, ranks in blind.items())
+        where = "; ".join(
+            f"{host} (ranks {', '.join(map(str, ranks))})" for host, ranks in blind.items()
+        )
         raise NotSharedError(
             f"{what} {folder} is not the same folder on every node: rank 0 wrote a file there that these do "
             f"not see: {where}. {what} must be on a file system shared by every node (NFS, Lustre, GPFS...), "
-            "mounted at the same path")
+            "mounted at the same path"
+        )

@@ -66,7 +66,9 @@ def become_helper_process() -> None:
     """Ignore the preemption signals and Ctrl-C, and die with the parent (Linux); for helper processes only."""
     for sig in HELPER_IGNORES:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELPER_IGNORES)  # ignored now: a pending one is dropped
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK, HELPER_IGNORES
+    )  # ignored now: a pending one is dropped
     die_with_parent()
 
 
@@ -78,7 +80,9 @@ class _HelperProcess(context.SpawnProcess):
         try:
             super().start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one that came meanwhile is delivered now
+            signal.pthread_sigmask(
+                signal.SIG_SETMASK, previous
+            )  # one that came meanwhile is delivered now
 
 
 class _HelperSpawnContext(context.SpawnContext):
@@ -123,4 +127,3 @@ def _note_forking_thread() -> None:
 def _die_with_parent_if_main_forked() -> None:
     if _forked_by_main_thread:
         die_with_parent()
-

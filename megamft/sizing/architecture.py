@@ -41,8 +41,12 @@ def fc1_width(m: ModelConfig) -> int:
 def linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in, out) of each of a dense layer's linear projections, by megatron's module name (LoRA's targets)."""
     h, q = m.hidden_size, query_width(m)
-    return {"linear_qkv": (h, q + 2 * kv_width(m)), "linear_proj": (q, h),
-            "linear_fc1": (h, fc1_width(m)), "linear_fc2": (m.ffn_hidden_size, h)}
+    return {
+        "linear_qkv": (h, q + 2 * kv_width(m)),
+        "linear_proj": (q, h),
+        "linear_fc1": (h, fc1_width(m)),
+        "linear_fc2": (m.ffn_hidden_size, h),
+    }
 
 
 def layer_linears(m: ModelConfig) -> dict[str, tuple[int, int, int]]:
@@ -50,17 +54,32 @@ def layer_linears(m: ModelConfig) -> dict[str, tuple[int, int, int]]:
     lora.targets select, LORA_LINEARS): attention, then the dense MLP or the routed experts (copies: one per
     expert) and the shared expert."""
     h, q = m.hidden_size, query_width(m)
-    linears = {"self_attention.linear_qkv": (h, q + 2 * kv_width(m), 1), "self_attention.linear_proj": (q, h, 1)}
+    linears = {
+        "self_attention.linear_qkv": (h, q + 2 * kv_width(m), 1),
+        "self_attention.linear_proj": (q, h, 1),
+    }
     gate = 2 if m.mlp_activation == "swiglu" else 1
     if not m.num_experts:
-        return {**linears, "mlp.linear_fc1": (h, fc1_width(m), 1), "mlp.linear_fc2": (m.ffn_hidden_size, h, 1)}
+        return {
+            **linears,
+            "mlp.linear_fc1": (h, fc1_width(m), 1),
+            "mlp.linear_fc2": (m.ffn_hidden_size, h, 1),
+        }
     expert = m.moe_ffn_hidden_size or m.ffn_hidden_size
-    linears.update({"mlp.experts.linear_fc1": (h, gate * expert, m.num_experts),
-                    "mlp.experts.linear_fc2": (expert, h, m.num_experts)})
+    linears.update(
+        {
+            "mlp.experts.linear_fc1": (h, gate * expert, m.num_experts),
+            "mlp.experts.linear_fc2": (expert, h, m.num_experts),
+        }
+    )
     shared = m.moe_shared_expert_intermediate_size
     if shared:
-        linears.update({"mlp.shared_experts.linear_fc1": (h, gate * shared, 1),
-                        "mlp.shared_experts.linear_fc2": (shared, h, 1)})
+        linears.update(
+            {
+                "mlp.shared_experts.linear_fc1": (h, gate * shared, 1),
+                "mlp.shared_experts.linear_fc2": (shared, h, 1),
+            }
+        )
     return linears
 
 
@@ -75,9 +94,16 @@ def attention_parameters(m: ModelConfig) -> int:
     if m.multi_latent_attention:
         heads, rope = m.num_attention_heads, m.qk_pos_emb_head_dim
         q_out = heads * (m.qk_head_dim + rope)
-        query = h * q_out if m.q_lora_rank is None else h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * q_out
-        key_value = h * (m.kv_lora_rank + rope) + m.kv_lora_rank + m.kv_lora_rank * heads * (
-            m.qk_head_dim + m.v_head_dim)
+        query = (
+            h * q_out
+            if m.q_lora_rank is None
+            else h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * q_out
+        )
+        key_value = (
+            h * (m.kv_lora_rank + rope)
+            + m.kv_lora_rank
+            + m.kv_lora_rank * heads * (m.qk_head_dim + m.v_head_dim)
+        )
         return query + key_value + heads * m.v_head_dim * h + (h if m.add_bias_linear else 0)
     qkv_out, q = query_width(m) + 2 * kv_width(m), query_width(m)
     biases = qkv_out + h if m.add_bias_linear else (qkv_out if m.add_qkv_bias else 0)
@@ -93,7 +119,9 @@ def layer_parameters(m: ModelConfig, moe_layer: bool | None = None) -> int:
     """
     h, f = m.hidden_size, m.ffn_hidden_size
     moe_layer = bool(m.num_experts) if moe_layer is None else moe_layer
-    if moe_layer:  # the router, the shared expert and its gate; the experts: expert_layer_parameters
+    if (
+        moe_layer
+    ):  # the router, the shared expert and its gate; the experts: expert_layer_parameters
         mlp = m.num_experts * h + 3 * h * (m.moe_shared_expert_intermediate_size or 0)
         mlp += h if m.moe_shared_expert_gate else 0
     else:
@@ -104,7 +132,11 @@ def layer_parameters(m: ModelConfig, moe_layer: bool | None = None) -> int:
 
 def expert_layer_parameters(m: ModelConfig) -> int:
     """Parameters of one MoE layer's routed experts (0 for a dense model)."""
-    return 3 * m.num_experts * m.hidden_size * (m.moe_ffn_hidden_size or m.ffn_hidden_size) if m.num_experts else 0
+    return (
+        3 * m.num_experts * m.hidden_size * (m.moe_ffn_hidden_size or m.ffn_hidden_size)
+        if m.num_experts
+        else 0
+    )
 
 
 def is_moe_layer(model: ModelConfig, layer: int) -> bool:

@@ -35,9 +35,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamft.config import MegamftConfig, data_parallel_size
-from megamft.sizing.architecture import (expert_layer_parameters, is_column_parallel, is_gated, layer_linears,
-                                        layer_parameters, query_width)
-from megamft.sizing.architecture import is_moe_layer
+from megamft.sizing.architecture import (
+    expert_layer_parameters,
+    is_column_parallel,
+    is_gated,
+    is_moe_layer,
+    layer_linears,
+    layer_parameters,
+    query_width,
+)
 from megamft.sizing.quantization import quantized_bytes
 from megamft.sizing.vocab import padded_vocab_size
 
@@ -59,15 +65,19 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         gb = 2**30
-        return (f"weights {self.weights / gb:.1f} GB + gradients {self.gradients / gb:.1f} GB + optimizer "
-                f"{self.optimizer / gb:.1f} GB + activations {self.activations / gb:.1f} GB = "
-                f"{self.total / gb:.1f} GB per device")
+        return (
+            f"weights {self.weights / gb:.1f} GB + gradients {self.gradients / gb:.1f} GB + optimizer "
+            f"{self.optimizer / gb:.1f} GB + activations {self.activations / gb:.1f} GB = "
+            f"{self.total / gb:.1f} GB per device"
+        )
 
 
 def _expert_split(cfg: MegamftConfig) -> int:
     """Ranks one layer's routed experts are split over: EP x expert TP."""
     p = cfg.parallel
-    return p.expert_model_parallel_size * (p.expert_tensor_parallel_size or p.tensor_model_parallel_size)
+    return p.expert_model_parallel_size * (
+        p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    )
 
 
 def stage_layers(cfg: MegamftConfig, first: bool) -> range:
@@ -88,7 +98,9 @@ def stage_parameters(cfg: MegamftConfig, vocab_size: int, first: bool, last: boo
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     vocab = padded_vocab_size(vocab_size, tp, m.make_vocab_size_divisible_by)
     layers = stage_layers(cfg, first)
-    total = sum(layer_parameters(m, is_moe_layer(m, i)) for i in layers) / tp + stage_expert_parameters(cfg, first)
+    total = sum(
+        layer_parameters(m, is_moe_layer(m, i)) for i in layers
+    ) / tp + stage_expert_parameters(cfg, first)
     if first:
         total += vocab * m.hidden_size / tp
         if m.position_embedding == "learned_absolute":  # replicated on every TP rank
@@ -131,10 +143,14 @@ def _mlp_values(cfg: MegamftConfig) -> float:
     """Values per position the MLP keeps for backward on one rank."""
     m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
-    if not m.num_experts:  # SwiGLU keeps fc1's [gate; up] output and the product; GELU fc1's output and its GELU
+    if (
+        not m.num_experts
+    ):  # SwiGLU keeps fc1's [gate; up] output and the product; GELU fc1's output and its GELU
         return (4 if is_gated(m) else 2) * m.ffn_hidden_size / tp
     expert_tp = p.expert_tensor_parallel_size or tp
-    routed = m.moe_router_topk * (4 * (m.moe_ffn_hidden_size or m.ffn_hidden_size) / expert_tp + 2 * m.hidden_size)
+    routed = m.moe_router_topk * (
+        4 * (m.moe_ffn_hidden_size or m.ffn_hidden_size) / expert_tp + 2 * m.hidden_size
+    )
     shared = 4 * (m.moe_shared_expert_intermediate_size or 0) / tp
     return routed + shared + m.num_experts  # router probabilities
 
@@ -147,7 +163,9 @@ def attention_values_per_position(cfg: MegamftConfig) -> float:
     in fp32; q, k, v and the context are counted with the hidden-sized values.
     """
     m = cfg.model
-    if m.attention_logit_softcap:  # softcap.softcapped_attention keeps tanh's output, the softmax's, the probabilities
+    if (
+        m.attention_logit_softcap
+    ):  # softcap.softcapped_attention keeps tanh's output, the softmax's, the probabilities
         return 3 * m.num_attention_heads * cfg.data.seq_length
     if m.attention_backend == "local":
         return m.num_attention_heads * cfg.data.seq_length
@@ -158,20 +176,30 @@ def local_linears(cfg: MegamftConfig) -> dict[str, tuple[float, float, float]]:
     """(in, out, copies) of each linear of a layer as one rank holds it: TP-split (routed experts: expert-TP
     split, num_experts / EP of them)."""
     m, p = cfg.model, cfg.parallel
-    tp, etp = p.tensor_model_parallel_size, p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    tp, etp = (
+        p.tensor_model_parallel_size,
+        p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+    )
     local = {}
     for path, (fan_in, fan_out, copies) in layer_linears(m).items():
         expert = path.startswith("mlp.experts.")
         split, held = (etp, copies / p.expert_model_parallel_size) if expert else (tp, copies)
-        local[path] = (fan_in, fan_out / split, held) if is_column_parallel(path) else (fan_in / split, fan_out, held)
+        local[path] = (
+            (fan_in, fan_out / split, held)
+            if is_column_parallel(path)
+            else (fan_in / split, fan_out, held)
+        )
     return local
 
 
 def adapter_parameters(cfg: MegamftConfig) -> float:
     """LoRA parameters one rank holds: r x (in + out) per adapted linear, as the rank holds it (a column
     layer's B and a row layer's A are TP-split, the other factor whole)."""
-    per_layer = sum(cfg.lora.rank * (fan_in + fan_out) * copies
-                    for path, (fan_in, fan_out, copies) in local_linears(cfg).items() if cfg.lora.adapted(path))
+    per_layer = sum(
+        cfg.lora.rank * (fan_in + fan_out) * copies
+        for path, (fan_in, fan_out, copies) in local_linears(cfg).items()
+        if cfg.lora.adapted(path)
+    )
     return per_layer * cfg.model.num_layers / cfg.parallel.pipeline_model_parallel_size
 
 
@@ -187,8 +215,14 @@ def adapter_values(cfg: MegamftConfig) -> float:
         routed = m.moe_router_topk if path.startswith("mlp.experts.") else 1
         kept = cfg.lora.rank
         if cfg.lora.dropout:
-            sequence_shard = p.sequence_parallel and is_column_parallel(path) and not path.startswith("mlp.experts.")
-            kept += (fan_in / (p.tensor_model_parallel_size if sequence_shard else 1)) * (1 + 1 / value)
+            sequence_shard = (
+                p.sequence_parallel
+                and is_column_parallel(path)
+                and not path.startswith("mlp.experts.")
+            )
+            kept += (fan_in / (p.tensor_model_parallel_size if sequence_shard else 1)) * (
+                1 + 1 / value
+            )
         values += routed * kept
     return values
 
@@ -223,14 +257,19 @@ def estimate(cfg: MegamftConfig, world_size: int, vocab_size: int) -> MemoryEsti
         # state shards over the expert data-parallel ranks, the rest over DP.
         expert_dp = world_size // (_expert_split(cfg) * pp)
         per_param = 8 + (4 if value == 2 else 0)
-        optimizer_bytes = ((trained - experts) / (dp if distributed else 1)
-                           + experts / (expert_dp if distributed else 1)) * per_param
+        optimizer_bytes = (
+            (trained - experts) / (dp if distributed else 1)
+            + experts / (expert_dp if distributed else 1)
+        ) * per_param
         weights = params * value
-        if cfg.lora.enabled and cfg.lora.quantize_base:  # the base linears in 4 bits, the rest as trained
+        if (
+            cfg.lora.enabled and cfg.lora.quantize_base
+        ):  # the base linears in 4 bits, the rest as trained
             quantized, nf4_bytes = quantized_base_bytes(cfg)
             weights += nf4_bytes - quantized * value
-        candidate = MemoryEstimate(weights, trained * 4, optimizer_bytes,
-                                   activation_bytes(cfg, vocab_size, first, last))
+        candidate = MemoryEstimate(
+            weights, trained * 4, optimizer_bytes, activation_bytes(cfg, vocab_size, first, last)
+        )
         if best is None or candidate.total > best.total:
             best = candidate
     return best
@@ -242,9 +281,17 @@ def checkpoint_bytes(cfg: MegamftConfig, vocab_size: int) -> float:
     Adapter-only LoRA checkpoints hold the adapters and their state; other LoRA checkpoints
     the frozen base weights too.
     """
-    whole = MegamftConfig(model=cfg.model, lora=cfg.lora, train=cfg.train)  # TP = PP = 1: the whole model
+    whole = MegamftConfig(
+        model=cfg.model, lora=cfg.lora, train=cfg.train
+    )  # TP = PP = 1: the whole model
     weights = stage_parameters(whole, vocab_size, first=True, last=True)
     trained = adapter_parameters(whole) if cfg.lora.enabled else weights
-    state = trained * (8 + (4 if _BYTES[cfg.train.precision] == 2 else 0))  # Adam moments (+ fp32 master)
-    stored = trained if cfg.lora.enabled and cfg.lora.save_adapters_only else weights + (trained if cfg.lora.enabled else 0)
+    state = trained * (
+        8 + (4 if _BYTES[cfg.train.precision] == 2 else 0)
+    )  # Adam moments (+ fp32 master)
+    stored = (
+        trained
+        if cfg.lora.enabled and cfg.lora.save_adapters_only
+        else weights + (trained if cfg.lora.enabled else 0)
+    )
     return stored * _BYTES[cfg.train.precision] + state

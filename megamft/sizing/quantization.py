@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-BLOCK = 64          # values per NF4 block (bitsandbytes' default for 4-bit)
+BLOCK = 64  # values per NF4 block (bitsandbytes' default for 4-bit)
 NESTED_BLOCK = 256  # block maxima per double-quantization block
 
 

@@ -31,7 +31,9 @@ def load_reads(checkpoint: str, model_yaml: str, overrides: tuple[str, ...] = ()
     from megamft.platform import distributed
     from megamft.training.setup import build_training_state
 
-    cfg = load_config([model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides])
+    cfg = load_config(
+        [model_yaml], ["train.global_batch_size=2", "train.micro_batch_size=1", *overrides]
+    )
     runtime = distributed.initialize(cfg)
     try:
         state = build_training_state(cfg, runtime, cfg.model.vocab_size)
@@ -39,7 +41,9 @@ def load_reads(checkpoint: str, model_yaml: str, overrides: tuple[str, ...] = ()
         before = bytes_read()
         dist_checkpoint.load(state, checkpoint, cfg, load_optimizer=False)
         read = bytes_read() - before
-        held = sum(p.numel() * p.element_size() for chunk in state.chunks for p in chunk.parameters())
+        held = sum(
+            p.numel() * p.element_size() for chunk in state.chunks for p in chunk.parameters()
+        )
         return {"read": read, "held": held}
     finally:
         distributed.shutdown()

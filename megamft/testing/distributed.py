@@ -70,9 +70,16 @@ def _start_rank(workdir: Path, rank: int, world_size: int, port: int, log):
     env = _rank_env(rank, world_size, port)
     context = forkserver.context()
     if context is None:
-        return subprocess.Popen([sys.executable, "-m", "megamft.testing._worker", str(workdir)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    process = context.Process(target=_forked_rank_main, args=(str(workdir), env, log.name), daemon=False)
+        return subprocess.Popen(
+            [sys.executable, "-m", "megamft.testing._worker", str(workdir)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    process = context.Process(
+        target=_forked_rank_main, args=(str(workdir), env, log.name), daemon=False
+    )
     process.start()
     return _ForkedRank(process)
 
@@ -80,9 +87,14 @@ def _start_rank(workdir: Path, rank: int, world_size: int, port: int, log):
 def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
     )
     return env
 
@@ -134,8 +146,10 @@ def _wait(procs: list, workdir: Path, timeout: float) -> None:
             if failed:
                 raise DistributedTestError(_failure_report(failed[0], procs, workdir))
             if time.monotonic() > deadline:
-                logs = "\n".join(f"--- rank {r} ---\n{_tail(workdir / f'rank{r}.log', 1500)}"
-                                 for r in range(len(procs)))
+                logs = "\n".join(
+                    f"--- rank {r} ---\n{_tail(workdir / f'rank{r}.log', 1500)}"
+                    for r in range(len(procs))
+                )
                 raise DistributedTestError(f"launch timed out after {timeout:.0f}s\n{logs}")
             time.sleep(0.05)
         failed = [r for r, proc in enumerate(procs) if proc.returncode != 0]
@@ -150,7 +164,7 @@ def _failure_report(rank: int, procs: list, workdir: Path) -> str:
     # failed rank whose traceback is not one of those, if any.
     failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
     for candidate in failed:
-        text = (workdir / f"error{candidate}.txt")
+        text = workdir / f"error{candidate}.txt"
         if text.exists() and "Connection closed by peer" not in text.read_text():
             rank = candidate
             break

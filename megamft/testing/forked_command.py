@@ -26,29 +26,57 @@ from pathlib import Path
 from megamft.testing import forkserver
 
 
-def run_module(module: str, args: list[str], env: dict[str, str], cwd: str | Path, timeout: float,
-               merge_output: bool = False) -> subprocess.CompletedProcess:
+def run_module(
+    module: str,
+    args: list[str],
+    env: dict[str, str],
+    cwd: str | Path,
+    timeout: float,
+    merge_output: bool = False,
+) -> subprocess.CompletedProcess:
     """The finished command: its exit status (negative: killed by that signal), stdout and stderr
     (`merge_output`: both in stderr, in the order written)."""
     command = [sys.executable, "-m", module, *args]
     context = forkserver.context()
     if context is None:
         if not merge_output:
-            return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                                  start_new_session=True)
-        done = subprocess.run(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout, start_new_session=True)
+            return subprocess.run(
+                command,
+                env=env,
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                start_new_session=True,
+            )
+        done = subprocess.run(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
         return subprocess.CompletedProcess(command, done.returncode, "", done.stdout)
     with tempfile.TemporaryDirectory(prefix="megamft-command-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        process = context.Process(target=_forked_main, daemon=False, args=(
-            module, args, env, str(cwd), str(out), str(err if not merge_output else out)))
+        process = context.Process(
+            target=_forked_main,
+            daemon=False,
+            args=(module, args, env, str(cwd), str(out), str(err if not merge_output else out)),
+        )
         process.start()
         try:
             process.join(timeout)
             if process.exitcode is None:
-                raise subprocess.TimeoutExpired(command, timeout, out.read_text(errors="replace"),
-                                                err.read_text(errors="replace") if err.exists() else "")
+                raise subprocess.TimeoutExpired(
+                    command,
+                    timeout,
+                    out.read_text(errors="replace"),
+                    err.read_text(errors="replace") if err.exists() else "",
+                )
         finally:
             _kill_session(process.pid)
             process.join()
@@ -71,7 +99,9 @@ def _kill_session(pid: int) -> None:
         time.sleep(0.01)
 
 
-def _forked_main(module: str, args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+def _forked_main(
+    module: str, args: list[str], env: dict[str, str], cwd: str, out: str, err: str
+) -> None:
     forkserver.become_fresh_process(env, out, err, cwd)
     sys.argv = [module, *args]
     code = 0

@@ -24,14 +24,19 @@ PRELOADED = ("torch", "megatron.core", "megamft.training.loop", "megamft.testing
 
 def context():
     """The multiprocessing context whose server holds the preloaded imports; None where it cannot be used."""
-    if os.environ.get(VARIABLE, "1") == "0" or "forkserver" not in multiprocessing.get_all_start_methods():
+    if (
+        os.environ.get(VARIABLE, "1") == "0"
+        or "forkserver" not in multiprocessing.get_all_start_methods()
+    ):
         return None
     forkserver = multiprocessing.get_context("forkserver")
     forkserver.set_forkserver_preload(list(PRELOADED))
     return forkserver
 
 
-def become_fresh_process(env: dict[str, str], stdout: str, stderr: str, cwd: str | None = None) -> None:
+def become_fresh_process(
+    env: dict[str, str], stdout: str, stderr: str, cwd: str | None = None
+) -> None:
     """In a forked process: a session of its own (so a kill of its group reaches what it starts), stdin from
     /dev/null, output appended to the given files, `env` as its whole environment, `cwd`, and the thread
     count OMP_NUM_THREADS asks for (the server read that variable before the fork)."""

@@ -47,8 +47,10 @@ def eval_tokenizer_spec(cfg: MegamftConfig, manifest: dict | None) -> str:
         return cfg.eval.tokenizer
     if cfg.data.source == "stdlib":
         return cfg.data.tokenizer
-    raise ConfigError("eval.problems with data.source=indexed needs eval.tokenizer: the tokenizer data.path was "
-                      "preprocessed with (its manifest records the tokenizer's checksum, not its path)")
+    raise ConfigError(
+        "eval.problems with data.source=indexed needs eval.tokenizer: the tokenizer data.path was "
+        "preprocessed with (its manifest records the tokenizer's checksum, not its path)"
+    )
 
 
 def eval_template(cfg: MegamftConfig, manifest: dict | None) -> str:
@@ -64,8 +66,10 @@ def _check_same_tokenizer(tokenizer, manifest: dict | None, spec: str) -> None:
     trained = (manifest or {}).get("tokenizer", {})
     now = tokenizer.identity()
     if "sha256" in trained and trained.get("sha256") != now.get("sha256"):
-        raise ConfigError(f"eval.tokenizer={spec} is not the tokenizer data.path was preprocessed with "
-                          f"({trained.get('file')}, sha256 {trained['sha256'][:12]}...); give that one")
+        raise ConfigError(
+            f"eval.tokenizer={spec} is not the tokenizer data.path was preprocessed with "
+            f"({trained.get('file')}, sha256 {trained['sha256'][:12]}...); give that one"
+        )
 
 
 def _warn_if_not_decontaminated(problems: dict[str, str], manifest: dict | None) -> None:
@@ -74,10 +78,13 @@ def _warn_if_not_decontaminated(problems: dict[str, str], manifest: dict | None)
         return
     missing = not_decontaminated(problems, manifest)
     if missing:
-        log.warning("eval.problems %s: the training data was not decontaminated against %s (its manifest names "
-                    "the benchmark files it was checked against); pass@k may count memorised problems. Run "
-                    "megamft-preprocess with --decontaminate-eval <this config> to drop samples that copy them",
-                    ", ".join(missing), "this file" if len(missing) == 1 else "these files")
+        log.warning(
+            "eval.problems %s: the training data was not decontaminated against %s (its manifest names "
+            "the benchmark files it was checked against); pass@k may count memorised problems. Run "
+            "megamft-preprocess with --decontaminate-eval <this config> to drop samples that copy them",
+            ", ".join(missing),
+            "this file" if len(missing) == 1 else "these files",
+        )
 
 
 @dataclass
@@ -102,10 +109,14 @@ class CodeEvaluator:
             problems = load_problems(None if path == PACKAGED_HUMANEVAL else path)[: e.limit]
             for lang in sorted({p.language for p in problems}):
                 find_tools(language(lang), f"eval.problems.{name}")
-            self.benchmarks.append(Benchmark(name, problems, [builder.ids(p.prompt) for p in problems]))
+            self.benchmarks.append(
+                Benchmark(name, problems, [builder.ids(p.prompt) for p in problems])
+            )
         _warn_if_not_decontaminated(e.problems, manifest)
         self.sampling = Sampling(e.temperature, e.top_p, self.tokenizer.vocab_size)
-        self.sandbox = Sandbox(Limits(e.timeout_s, e.memory_mb * 2**20)) if _runs_programs() else None
+        self.sandbox = (
+            Sandbox(Limits(e.timeout_s, e.memory_mb * 2**20)) if _runs_programs() else None
+        )
 
     @classmethod
     def for_run(cls, cfg: MegamftConfig, manifest: dict | None) -> "CodeEvaluator | None":
@@ -115,7 +126,9 @@ class CodeEvaluator:
         return cls(cfg, manifest, out)
 
     def due(self, step: int, final: bool = False) -> bool:
-        return step != self.last_step and (final or bool(self.cfg.interval and step % self.cfg.interval == 0))
+        return step != self.last_step and (
+            final or bool(self.cfg.interval and step % self.cfg.interval == 0)
+        )
 
     def run(self, chunks, step: int) -> dict[str, float]:
         """Evaluate every benchmark now: {"eval/<name>/pass@<k>": value}, the same on every rank."""
@@ -129,19 +142,40 @@ class CodeEvaluator:
 
     def _evaluate(self, chunks, benchmark: Benchmark) -> list[dict]:
         """This replica's problems generated and run; every replica's records, in problem order."""
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        dp_rank, dp_size = (
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+        )
         mine = list(range(dp_rank, len(benchmark.problems), dp_size))
-        calls = -(-len(benchmark.problems) // dp_size)  # the same number on every replica (lockstep)
+        calls = -(
+            -len(benchmark.problems) // dp_size
+        )  # the same number on every replica (lockstep)
         lockstep = parallel_state.get_data_parallel_group_gloo()
         e, samples = self.cfg, []
         with generating(chunks) as models:
             for call in range(calls):
                 index = mine[call] if call < len(mine) else None
                 prompt = benchmark.prompts[index] if index is not None else None
-                samples.append(generate(models, prompt, e.n, e.max_new_tokens, self.tokenizer.eos_id,
-                                        self.sampling, e.seed + (index or 0), lockstep))
-        local = [self._solve(benchmark.problems[i], benchmark.prompts[i], s) for i, s in zip(mine, samples)] \
-            if self.sandbox is not None else []
+                samples.append(
+                    generate(
+                        models,
+                        prompt,
+                        e.n,
+                        e.max_new_tokens,
+                        self.tokenizer.eos_id,
+                        self.sampling,
+                        e.seed + (index or 0),
+                        lockstep,
+                    )
+                )
+        local = (
+            [
+                self._solve(benchmark.problems[i], benchmark.prompts[i], s)
+                for i, s in zip(mine, samples)
+            ]
+            if self.sandbox is not None
+            else []
+        )
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, local, group=distributed.host_group())
         order = {p.task_id: i for i, p in enumerate(benchmark.problems)}
@@ -149,22 +183,46 @@ class CodeEvaluator:
 
     def _solve(self, problem: Problem, prompt: list[int], samples: list[list[int]]) -> dict:
         texts = [self.tokenizer.decode(s) for s in samples]
-        completions = [truncate_completion(t, problem.stop, problem.stop_kept) if self.cfg.prompt_format ==
-                       "completion" else code_from_answer(t) for t in texts]
+        completions = [
+            truncate_completion(t, problem.stop, problem.stop_kept)
+            if self.cfg.prompt_format == "completion"
+            else code_from_answer(t)
+            for t in texts
+        ]
         outcomes = run_completions(self.sandbox, problem, completions, self.cfg.workers)
-        return {"task_id": problem.task_id, "prompt_tokens": len(prompt), "n": len(outcomes),
-                "correct": sum(o.status == "passed" for o in outcomes),
-                "samples": [{"completion": c, "status": o.status, "seconds": round(o.seconds, 3),
-                             "error": o.stderr_tail[-500:] if o.status != "passed" else ""}
-                            for c, o in zip(completions, outcomes)]}
+        return {
+            "task_id": problem.task_id,
+            "prompt_tokens": len(prompt),
+            "n": len(outcomes),
+            "correct": sum(o.status == "passed" for o in outcomes),
+            "samples": [
+                {
+                    "completion": c,
+                    "status": o.status,
+                    "seconds": round(o.seconds, 3),
+                    "error": o.stderr_tail[-500:] if o.status != "passed" else "",
+                }
+                for c, o in zip(completions, outcomes)
+            ],
+        }
 
-    def _report(self, benchmark: Benchmark, records: list[dict], step: int, seconds: float) -> dict[str, float]:
+    def _report(
+        self, benchmark: Benchmark, records: list[dict], step: int, seconds: float
+    ) -> dict[str, float]:
         counts = [(r["n"], r["correct"]) for r in records]
-        scores = {f"eval/{benchmark.name}/pass@{k}": mean_pass_at_k(counts, k) for k in sorted(set(self.cfg.k))}
+        scores = {
+            f"eval/{benchmark.name}/pass@{k}": mean_pass_at_k(counts, k)
+            for k in sorted(set(self.cfg.k))
+        }
         if distributed.is_logging_rank():
-            log.info("step %d eval %s: %s (%d problems, %.1f s)", step, benchmark.name,
-                     " ".join(f"{name.rsplit('/', 1)[1]} {value:.3f}" for name, value in scores.items()),
-                     len(records), seconds)
+            log.info(
+                "step %d eval %s: %s (%d problems, %.1f s)",
+                step,
+                benchmark.name,
+                " ".join(f"{name.rsplit('/', 1)[1]} {value:.3f}" for name, value in scores.items()),
+                len(records),
+                seconds,
+            )
             self._write(benchmark.name, records, scores, step)
         return scores
 
@@ -174,12 +232,19 @@ class CodeEvaluator:
         folder = self.out_dir / f"step_{step:07d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        summary = {"benchmark": name, "step": step, "problems": len(records), "pass_at_k": scores,
-                   "sandbox": self.sandbox.isolation if self.sandbox else None}
+        summary = {
+            "benchmark": name,
+            "step": step,
+            "problems": len(records),
+            "pass_at_k": scores,
+            "sandbox": self.sandbox.isolation if self.sandbox else None,
+        }
         (folder / f"{name}.summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _runs_programs() -> bool:
     """The rank of each replica that runs its completions: last pipeline stage, tensor rank 0."""
-    return parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-        parallel_state.get_tensor_model_parallel_rank() == 0
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )

@@ -22,10 +22,17 @@ log = logging.getLogger("megamft")
 
 def report_unverified(data: MultitaskData) -> None:
     """Say once (on the logging rank) that a manifest without checksums leaves the content unchecked."""
-    if data.manifest is not None and CHECKSUMS not in data.manifest and distributed.is_logging_rank():
-        log.warning("data.path %s: its manifest.json records no checksums (written by an older "
-                    "megamft-preprocess), so the files' content is not verified, only their sizes; re-run "
-                    "megamft-preprocess to record them", data.cfg.path)
+    if (
+        data.manifest is not None
+        and CHECKSUMS not in data.manifest
+        and distributed.is_logging_rank()
+    ):
+        log.warning(
+            "data.path %s: its manifest.json records no checksums (written by an older "
+            "megamft-preprocess), so the files' content is not verified, only their sizes; re-run "
+            "megamft-preprocess to record them",
+            data.cfg.path,
+        )
 
 
 def wait_for_checksums(data: MultitaskData) -> None:

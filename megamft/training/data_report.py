@@ -45,9 +45,13 @@ def tasks_absent_from_run(cfg: MegamftConfig, data: MultitaskData) -> dict[str, 
         return {}
     present = data.train.tasks_of_first(run_sequences)
     quotas = data.train.quota
-    return {name: (f"none of the {run_sequences:,} sequences this run trains on (train.train_steps x "
-                   f"train.global_batch_size, of {per_epoch:,} in a data epoch) holds one of its {int(quota):,} "
-                   "samples per epoch; raise train.train_steps or the task's share (data.task_sampling, "
-                   "data.task_sampling_weights)")
-            for task, (name, quota) in enumerate(zip(data.task_names, quotas.tolist()))
-            if quota > 0 and task not in present}
+    return {
+        name: (
+            f"none of the {run_sequences:,} sequences this run trains on (train.train_steps x "
+            f"train.global_batch_size, of {per_epoch:,} in a data epoch) holds one of its {int(quota):,} "
+            "samples per epoch; raise train.train_steps or the task's share (data.task_sampling, "
+            "data.task_sampling_weights)"
+        )
+        for task, (name, quota) in enumerate(zip(data.task_names, quotas.tolist()))
+        if quota > 0 and task not in present
+    }

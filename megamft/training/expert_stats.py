@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
 
+
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
@@ -24,13 +25,31 @@ def _in_backward() -> bool:
 class ExpertStats:
     """Device-side counts of routed tokens per (layer, task, expert) over a log interval."""
 
-    def __init__(self, chunks: list, num_layers: int, num_tasks: int, num_experts: int, sequence_parallel: bool):
-        self.counts = torch.zeros(num_layers, num_tasks + 1, num_experts, dtype=torch.long,
-                                  device=torch.cuda.current_device())
+    def __init__(
+        self,
+        chunks: list,
+        num_layers: int,
+        num_tasks: int,
+        num_experts: int,
+        sequence_parallel: bool,
+    ):
+        self.counts = torch.zeros(
+            num_layers,
+            num_tasks + 1,
+            num_experts,
+            dtype=torch.long,
+            device=torch.cuda.current_device(),
+        )
         self.sequence_parallel = sequence_parallel
-        self._current_tasks: torch.Tensor | None = None  # [batch, seq] task ids of the micro-batch in flight
-        self._handles = [module.register_forward_hook(self._count)
-                         for chunk in chunks for module in chunk.modules() if isinstance(module, TopKRouter)]
+        self._current_tasks: torch.Tensor | None = (
+            None  # [batch, seq] task ids of the micro-batch in flight
+        )
+        self._handles = [
+            module.register_forward_hook(self._count)
+            for chunk in chunks
+            for module in chunk.modules()
+            if isinstance(module, TopKRouter)
+        ]
 
     def route_tasks(self, batch: dict) -> None:
         """Note the task of each token of the micro-batch about to be forwarded ([batch, seq] routed_task_ids,
@@ -50,7 +69,7 @@ class ExpertStats:
         if tasks.numel() != num_tokens:
             rows = num_tokens // tasks.shape[1]
             start = parallel_state.get_tensor_model_parallel_rank() * rows
-            tasks = tasks[start:start + rows]
+            tasks = tasks[start : start + rows]
         return tasks.reshape(-1)
 
     def read(self) -> torch.Tensor:
@@ -60,10 +79,16 @@ class ExpertStats:
         """
         counts = self.counts.clone()
         self.counts.zero_()
-        torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        torch.distributed.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+        torch.distributed.all_reduce(
+            counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+        torch.distributed.all_reduce(
+            counts, group=parallel_state.get_pipeline_model_parallel_group()
+        )
         if self.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(counts, group=parallel_state.get_tensor_model_parallel_group())
+            torch.distributed.all_reduce(
+                counts, group=parallel_state.get_tensor_model_parallel_group()
+            )
         return counts.cpu()
 
     def close(self) -> None:

@@ -49,13 +49,19 @@ def index_sharing(cfg: DataConfig) -> IndexSharing:
     name, content = probe[0]
     if name is None:
         if speaks:
-            log.warning("data.index_cache=%s cannot be written (%s): every rank builds the training index in memory; "
-                        "set data.index_cache to a writable folder", folder, content)
+            log.warning(
+                "data.index_cache=%s cannot be written (%s): every rank builds the training index in memory; "
+                "set data.index_cache to a writable folder",
+                folder,
+                content,
+            )
         return IndexSharing(builder=True, wait=wait, speaks=speaks, use_cache=False)
     try:
         seen = [None] * torch.distributed.get_world_size()
         host = socket.gethostname()
-        torch.distributed.all_gather_object(seen, (host, sees_probe(folder, name, content)), group=group)
+        torch.distributed.all_gather_object(
+            seen, (host, sees_probe(folder, name, content)), group=group
+        )
         if seen[rank][1]:
             builder = 0
         else:  # this node's own folder: its first rank writes it
@@ -68,6 +74,9 @@ def index_sharing(cfg: DataConfig) -> IndexSharing:
     finally:
         if rank == 0:
             (folder / name).unlink(missing_ok=True)
-    return IndexSharing(builder=builder == rank, wait=wait, speaks=speaks or builder == rank,
-                        use_cache=bool(able[builder]))
-
+    return IndexSharing(
+        builder=builder == rank,
+        wait=wait,
+        speaks=speaks or builder == rank,
+        use_cache=bool(able[builder]),
+    )

@@ -45,9 +45,9 @@ class Attempt:
 
     rank: int
     host: str
-    built: bool            # this rank ran the build (local rank 0)
-    problem: str | None    # why this rank has no kernels; None: it loaded them
-    folder: str | None     # where the loaded library lies
+    built: bool  # this rank ran the build (local rank 0)
+    problem: str | None  # why this rank has no kernels; None: it loaded them
+    folder: str | None  # where the loaded library lies
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ class KernelDecision:
     """What every rank agreed on."""
 
     use_kernels: bool
-    builders: list[int]    # the ranks that built (or loaded from their folder first): one per node
-    reason: str | None     # why the torch path runs
-    folder: str | None     # the reporting rank's kernel folder (when used)
+    builders: list[int]  # the ranks that built (or loaded from their folder first): one per node
+    reason: str | None  # why the torch path runs
+    folder: str | None  # the reporting rank's kernel folder (when used)
 
 
 def _attempt(step: Callable[[], ModuleType]) -> tuple[ModuleType | None, str | None]:
@@ -77,8 +77,13 @@ def _decide(attempts: list[Attempt], me: Attempt) -> KernelDecision:
     return KernelDecision(False, builders, reason, None)
 
 
-def prepare_fused_kernels(local_rank: int, report: bool, build: Callable[[], ModuleType] = build_extension,
-                          load: Callable[[], ModuleType] = load_extension, wait_s: float = WAIT_S) -> KernelDecision:
+def prepare_fused_kernels(
+    local_rank: int,
+    report: bool,
+    build: Callable[[], ModuleType] = build_extension,
+    load: Callable[[], ModuleType] = load_extension,
+    wait_s: float = WAIT_S,
+) -> KernelDecision:
     """Steps 1-4 of the module docstring; every rank calls it, once the process group exists.
 
     The agreed module (or None) is handed to fused_ce.adopt_kernels; `report`: this rank logs the outcome.
@@ -89,19 +94,27 @@ def prepare_fused_kernels(local_rank: int, report: bool, build: Callable[[], Mod
     finally:
         torch.distributed.destroy_process_group(group)
     if report and decision.use_kernels:
-        log.info("fused cross entropy: CUDA kernels from %s (built or loaded by ranks %s, loaded by the others)",
-                 decision.folder, decision.builders)
+        log.info(
+            "fused cross entropy: CUDA kernels from %s (built or loaded by ranks %s, loaded by the others)",
+            decision.folder,
+            decision.builders,
+        )
     elif report:
         fused_ce.warn_fallback(decision.reason)
     return decision
 
 
-def _prepare(group, local_rank: int, build: Callable[[], ModuleType], load: Callable[[], ModuleType]) -> KernelDecision:
+def _prepare(
+    group, local_rank: int, build: Callable[[], ModuleType], load: Callable[[], ModuleType]
+) -> KernelDecision:
     rank = torch.distributed.get_rank()
     module, problem = None, None
     if local_rank == 0:
-        log.info("rank %d: building or loading the fused cross-entropy kernels for this node (a first build takes "
-                 "minutes; `megamft build-kernels` prebuilds them)", rank)
+        log.info(
+            "rank %d: building or loading the fused cross-entropy kernels for this node (a first build takes "
+            "minutes; `megamft build-kernels` prebuilds them)",
+            rank,
+        )
         module, problem = _attempt(build)
     torch.distributed.barrier(group=group)
     if local_rank != 0:

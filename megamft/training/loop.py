@@ -47,13 +47,21 @@ def static_task_weights(cfg: MegamftConfig, task_names: tuple[str, ...]) -> torc
     problems = loss_weight_problems(cfg.loss, cfg.data, list(task_names))
     if problems:
         raise ConfigError(problems)
-    return torch.tensor([cfg.loss.task_weights.get(name, 1.0) for name in task_names], dtype=torch.float64)
+    return torch.tensor(
+        [cfg.loss.task_weights.get(name, 1.0) for name in task_names], dtype=torch.float64
+    )
 
 
 def _progress_bar(run: Run):
     interactive = distributed.is_logging_rank() and sys.stderr.isatty()
-    return tqdm(total=run.cfg.train.train_steps, initial=run.iteration, disable=not interactive,
-                desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=run.cfg.train.train_steps,
+        initial=run.iteration,
+        disable=not interactive,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 def _train_loop(run: Run, watch: PreemptionWatch) -> None:
@@ -81,12 +89,17 @@ def _resume(run: Run, plan: run_folder.StartPlan) -> None:
     """Restore weights (and, resuming, iteration, consumed samples and balancer state) as planned;
     a preference run then reads or computes its reference log-probabilities."""
     if run.preference is not None:  # loss.reference_dir: computed before the starting weights load
-        preference_run.reference_from_checkpoint(run, plan.load_dir is None or not plan.load_optimizer)
+        preference_run.reference_from_checkpoint(
+            run, plan.load_dir is None or not plan.load_optimizer
+        )
     loaded = _load(run, plan)
     if run.preference is not None:
         fresh = loaded is None or not plan.load_optimizer
-        model = preference_run.starting_model(run.cfg, plan.load_dir) if fresh else loaded.get(
-            preference_run.REFERENCE_MODEL)
+        model = (
+            preference_run.starting_model(run.cfg, plan.load_dir)
+            if fresh
+            else loaded.get(preference_run.REFERENCE_MODEL)
+        )
         preference_run.attach_reference(run, model, fresh)
 
 
@@ -94,14 +107,22 @@ def _load(run: Run, plan: run_folder.StartPlan) -> dict | None:
     if plan.load_dir is None:
         return None
     _check_tokenizer(run.cfg, plan.load_dir)
-    loaded = dist_checkpoint.load(run.state, plan.load_dir, run.cfg, load_optimizer=plan.load_optimizer,
-                                  iteration=plan.iteration)
+    loaded = dist_checkpoint.load(
+        run.state,
+        plan.load_dir,
+        run.cfg,
+        load_optimizer=plan.load_optimizer,
+        iteration=plan.iteration,
+    )
     # Adapter-only saves point at the weights under the adapters: the loaded checkpoint,
     # or, if that was adapter-only itself, its own base.
     run.lora_base = loaded.get(dist_checkpoint.LORA_BASE) or loaded["checkpoint"]
     if not plan.load_optimizer:
         return loaded  # weights only: a fresh fine-tune from these weights
-    run.iteration, run.consumed = loaded["progress"]["iteration"], loaded["progress"]["consumed_samples"]
+    run.iteration, run.consumed = (
+        loaded["progress"]["iteration"],
+        loaded["progress"]["consumed_samples"],
+    )
     run.result.task_samples = dict(loaded.get("task_samples", {}))
     run.selection.load_state_dict(loaded.get("selection"))
     if run.balancer is not None and "balancer" in loaded:
@@ -138,7 +159,11 @@ def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folde
         raise
     if distributed.is_logging_rank():
         if takeover:
-            log.warning("%s: took over the lock of a run that is gone (%s)", cfg.checkpoint.save_dir, takeover)
+            log.warning(
+                "%s: took over the lock of a run that is gone (%s)",
+                cfg.checkpoint.save_dir,
+                takeover,
+            )
         log.info("%s", detail.reason)
     return lock, detail
 
@@ -147,32 +172,52 @@ def _build(cfg: MegamftConfig) -> Run:
     runtime = distributed.runtime()
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
-    if cfg.loss.fused_cross_entropy and runtime.cuda:  # on the CPU the torch path runs: nothing to build
+    if (
+        cfg.loss.fused_cross_entropy and runtime.cuda
+    ):  # on the CPU the torch path runs: nothing to build
         prepare_fused_kernels(distributed.local_rank(), distributed.is_logging_rank())
-    backend = attention_backend_for(cfg, runtime.transformer_engine, runtime.transformer_engine_problem)
+    backend = attention_backend_for(
+        cfg, runtime.transformer_engine, runtime.transformer_engine_problem
+    )
     if distributed.is_logging_rank():
-        log.info("attention backend: %s (model.attention_backend=%s)", backend, cfg.model.attention_backend)
+        log.info(
+            "attention backend: %s (model.attention_backend=%s)",
+            backend,
+            cfg.model.attention_backend,
+        )
         if runtime.transformer_engine and backend != "te" and cfg.lora.quantize_base:
-            log.info("QLoRA: megatron's local linears (the NF4 base) with torch attention instead of "
-                     "Transformer Engine's layer")
+            log.info(
+                "QLoRA: megatron's local linears (the NF4 base) with torch attention instead of "
+                "Transformer Engine's layer"
+            )
     if backend == "torch":
         flash = activate_flash_attention(cfg.model.flash_attention_impl, runtime.cuda)
         if distributed.is_logging_rank():
             log.info("flash attention: %s", flash)
     elif cfg.model.flash_attention_impl and distributed.is_logging_rank():
-        log.warning("model.flash_attention_impl=%s ignored: the %s backend does not run torch's flash kernels",
-                    cfg.model.flash_attention_impl, backend)
+        log.warning(
+            "model.flash_attention_impl=%s ignored: the %s backend does not run torch's flash kernels",
+            cfg.model.flash_attention_impl,
+            backend,
+        )
     if cfg.parallel.context_parallel_size > 1 and backend != "te":
-        raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine's attention, without QLoRA: "
-                         "the torch and local attention backends have no context parallelism "
-                         "(pip install '.[gpu]' on a CUDA machine)")
+        raise ConfigError(
+            "parallel.context_parallel_size > 1 needs Transformer Engine's attention, without QLoRA: "
+            "the torch and local attention backends have no context parallelism "
+            "(pip install '.[gpu]' on a CUDA machine)"
+        )
     check_backend_honours_window(cfg, backend)
     if backend == "te" and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
-        raise ConfigError("data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
-                         "go to TE as one 'thd' sequence); or use model.attention_backend=torch, or "
-                         "data.mode=pad|dynamic")
-    data = load_data(cfg.data, verify=distributed.local_rank() == 0,  # one checking rank per node
-                     sharing=index_sharing(cfg.data))
+        raise ConfigError(
+            "data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
+            "go to TE as one 'thd' sequence); or use model.attention_backend=torch, or "
+            "data.mode=pad|dynamic"
+        )
+    data = load_data(
+        cfg.data,
+        verify=distributed.local_rank() == 0,  # one checking rank per node
+        sharing=index_sharing(cfg.data),
+    )
     data_checks.report_unverified(data)
     data.packed_attention = PACKED_ATTENTION[backend]
     if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
@@ -185,19 +230,38 @@ def _build(cfg: MegamftConfig) -> Run:
     _check_token_ids(cfg, data)
     weights = static_task_weights(cfg, data.task_names)  # before the model: a mistake costs seconds
     pairs = preference_run.build(cfg, data)
-    selection, evaluator = Selection.from_config(cfg, data.task_names), CodeEvaluator.for_run(cfg, data.manifest)
+    selection, evaluator = (
+        Selection.from_config(cfg, data.task_names),
+        CodeEvaluator.for_run(cfg, data.manifest),
+    )
     report_data(cfg, data, torch.distributed.get_rank())
     state = build_training_state(cfg, runtime, data.vocab_size, backend)
     if distributed.is_logging_rank():
-        log.info("fast settings: %s", "; ".join(setting.describe() for setting in state.fast_settings))
+        log.info(
+            "fast settings: %s", "; ".join(setting.describe() for setting in state.fast_settings)
+        )
     experts = None
     if cfg.model.num_experts:
-        experts = ExpertStats(state.chunks, cfg.model.num_layers, len(data.task_names), cfg.model.num_experts,
-                              cfg.parallel.sequence_parallel)
-    return Run(cfg, state, data, make_balancer(cfg.loss, len(data.task_names)), weights,
-               MetricsWriter.for_run(cfg, distributed.is_logging_rank(), data.vocab_size),
-               async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None,
-               expert_stats=experts, selection=selection, evaluator=evaluator, preference=pairs)
+        experts = ExpertStats(
+            state.chunks,
+            cfg.model.num_layers,
+            len(data.task_names),
+            cfg.model.num_experts,
+            cfg.parallel.sequence_parallel,
+        )
+    return Run(
+        cfg,
+        state,
+        data,
+        make_balancer(cfg.loss, len(data.task_names)),
+        weights,
+        MetricsWriter.for_run(cfg, distributed.is_logging_rank(), data.vocab_size),
+        async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None,
+        expert_stats=experts,
+        selection=selection,
+        evaluator=evaluator,
+        preference=pairs,
+    )
 
 
 def _check_tokenizer(cfg: MegamftConfig, load_dir: str) -> None:
@@ -219,8 +283,10 @@ def _check_token_ids(cfg: MegamftConfig, data: MultitaskData) -> None:
     """
     largest = data.max_token_id
     if largest >= cfg.model.vocab_size:
-        raise ConfigError(f"the data holds token id {largest}, but model.vocab_size is {cfg.model.vocab_size}: "
-                         "tokenize the data with the model's own tokenizer (megamft-preprocess --tokenizer)")
+        raise ConfigError(
+            f"the data holds token id {largest}, but model.vocab_size is {cfg.model.vocab_size}: "
+            "tokenize the data with the model's own tokenizer (megamft-preprocess --tokenizer)"
+        )
 
 
 def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
@@ -239,7 +305,11 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
         data_checks.wait_for_checksums(current.data)
         start = current.iteration
         if start >= cfg.train.train_steps and distributed.is_logging_rank():
-            log.info("already at step %d of train.train_steps=%d: nothing to train", start, cfg.train.train_steps)
+            log.info(
+                "already at step %d of train.train_steps=%d: nothing to train",
+                start,
+                cfg.train.train_steps,
+            )
         current.result.valid_before = validate(current, "valid (before)")
         start_coba(current, current.result.valid_before)
         if cfg.eval.at_start and current.iteration == 0:

@@ -38,6 +38,12 @@ def stops_early(run) -> bool:
     run.result.stopped_early = True
     if distributed.is_logging_rank():
         step, score = run.selection.best
-        log.info("early stopping after step %d: %s did not improve for %d measurements (best %.4g at step %d)",
-                 run.iteration, run.selection.metric, run.selection.stalled, score, step)
+        log.info(
+            "early stopping after step %d: %s did not improve for %d measurements (best %.4g at step %d)",
+            run.iteration,
+            run.selection.metric,
+            run.selection.stalled,
+            score,
+            step,
+        )
     return True

@@ -87,7 +87,10 @@ class TaskLossInterval:
 
     def means(self) -> dict[str, float | None]:
         """Per task, its mean token loss over the interval, None when it had no learned token."""
-        return {task: self._sums[task] / tokens if tokens else None for task, tokens in self._tokens.items()}
+        return {
+            task: self._sums[task] / tokens if tokens else None
+            for task, tokens in self._tokens.items()
+        }
 
     def reset(self) -> None:
         self._sums.clear()
@@ -96,12 +99,17 @@ class TaskLossInterval:
 
 def present_task_losses(stats: StepStats) -> dict[str, float | None]:
     """One step's (or validation's) task losses, None for a task with no learned token in it."""
-    return {task: loss if stats.task_tokens.get(task, 0) else None for task, loss in stats.task_loss.items()}
+    return {
+        task: loss if stats.task_tokens.get(task, 0) else None
+        for task, loss in stats.task_loss.items()
+    }
 
 
 def format_task_losses(values: dict[str, float | None]) -> str:
     """'a 1.234 b absent': each task's loss, or 'absent' for a task that had no learned token."""
-    return " ".join(f"{name} {'absent' if value is None else f'{value:.3f}'}" for name, value in values.items())
+    return " ".join(
+        f"{name} {'absent' if value is None else f'{value:.3f}'}" for name, value in values.items()
+    )
 
 
 class MetricsWriter:
@@ -128,16 +136,28 @@ class MetricsWriter:
             sinks.append(WandbSink(cfg))
         writer = cls(sinks)
         memory = estimate(cfg, torch.distributed.get_world_size(), vocab_size)
-        writer.scalars(0, {f"memory/estimate_gb/{part}": getattr(memory, part) / 2**30
-                           for part in ("weights", "gradients", "optimizer", "activations")}
-                       | {"memory/estimate_gb": memory.total / 2**30})
+        writer.scalars(
+            0,
+            {
+                f"memory/estimate_gb/{part}": getattr(memory, part) / 2**30
+                for part in ("weights", "gradients", "optimizer", "activations")
+            }
+            | {"memory/estimate_gb": memory.total / 2**30},
+        )
         return writer
 
-    def train(self, step: int, stats: StepStats, tokens_per_second: float, extra: dict | None = None) -> None:
+    def train(
+        self, step: int, stats: StepStats, tokens_per_second: float, extra: dict | None = None
+    ) -> None:
         if not self.sinks:
             return
-        scalars = {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
-                   "train/tokens_per_second": tokens_per_second, "train/skipped": float(stats.skipped)}
+        scalars = {
+            "train/loss": stats.loss,
+            "train/lr": stats.lr,
+            "train/grad_norm": stats.grad_norm,
+            "train/tokens_per_second": tokens_per_second,
+            "train/skipped": float(stats.skipped),
+        }
         scalars.update({f"train/{k}": v for k, v in (extra or {}).items()})
         for task, loss in stats.task_loss.items():
             if math.isfinite(loss):
@@ -146,27 +166,43 @@ class MetricsWriter:
             scalars[f"train/tokens/{task}"] = stats.task_tokens[task]
         for task, weight in stats.task_weights.items():
             scalars[f"train/weight/{task}"] = weight
-        for name, value in stats.router_losses.items():  # MoE auxiliary losses, apart from the task losses
+        for (
+            name,
+            value,
+        ) in stats.router_losses.items():  # MoE auxiliary losses, apart from the task losses
             scalars[f"train/router/{name}"] = value
         scalars.update(_preference_scalars("train", stats))
         self.scalars(step, scalars)
 
     def experts(self, step: int, counts, shares: dict, task_names: tuple[str, ...]) -> None:
         """MoE: each task's share of routed tokens per expert (scalars) and per layer (TensorBoard histograms)."""
-        self.scalars(step, {f"experts/{task}/expert_{e:03d}": float(v) for task, share in shares.items()
-                            for e, v in enumerate(share)})
+        self.scalars(
+            step,
+            {
+                f"experts/{task}/expert_{e:03d}": float(v)
+                for task, share in shares.items()
+                for e, v in enumerate(share)
+            },
+        )
         if self._tensorboard is None:
             return
         for t, task in enumerate(task_names):
             for layer in range(counts.shape[0]):
                 per_expert = counts[layer, t].double()
-                if per_expert.sum() > 0:  # one bucket per expert, its height the tokens routed there
+                if (
+                    per_expert.sum() > 0
+                ):  # one bucket per expert, its height the tokens routed there
                     self._tensorboard.add_histogram_raw(
-                        f"experts/{task}/layer_{layer}", min=0, max=len(per_expert) - 1, num=float(per_expert.sum()),
+                        f"experts/{task}/layer_{layer}",
+                        min=0,
+                        max=len(per_expert) - 1,
+                        num=float(per_expert.sum()),
                         sum=float((per_expert * torch.arange(len(per_expert))).sum()),
                         sum_squares=float((per_expert * torch.arange(len(per_expert)) ** 2).sum()),
-                        bucket_limits=[e + 0.5 for e in range(len(per_expert))], bucket_counts=per_expert.tolist(),
-                        global_step=step)
+                        bucket_limits=[e + 0.5 for e in range(len(per_expert))],
+                        bucket_counts=per_expert.tolist(),
+                        global_step=step,
+                    )
         self._tensorboard.flush()
 
     def valid(self, step: int, stats: StepStats) -> None:
@@ -192,5 +228,9 @@ class MetricsWriter:
 
 def _preference_scalars(prefix: str, stats: StepStats) -> dict:
     """Preference objectives: {prefix}/rewards/chosen/{task} (and rejected, margin, accuracy), finite ones."""
-    return {f"{prefix}/{name}/{task}": value for name, per_task in stats.preference.items()
-            for task, value in per_task.items() if math.isfinite(value)}
+    return {
+        f"{prefix}/{name}/{task}": value
+        for name, per_task in stats.preference.items()
+        for task, value in per_task.items()
+        if math.isfinite(value)
+    }

@@ -32,7 +32,9 @@ class PreemptionWatch:
         from megamft.platform import distributed
 
         flag = torch.tensor([1 if self._received is not None else 0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=distributed.host_group())
+        torch.distributed.all_reduce(
+            flag, op=torch.distributed.ReduceOp.MAX, group=distributed.host_group()
+        )
         return bool(flag.item())
 
     def close(self) -> None:

@@ -53,7 +53,9 @@ class PreferenceRun:
     pairs_per_micro_batch: int
     length: int
     reference: dict[int, np.ndarray] | None = None  # per task, [pairs, 2]; dpo and rpo only
-    reference_model: object = None  # what the reference was computed from (saved with every checkpoint)
+    reference_model: object = (
+        None  # what the reference was computed from (saved with every checkpoint)
+    )
 
 
 def build(cfg: MegamftConfig, data: MultitaskData) -> PreferenceRun | None:
@@ -65,22 +67,34 @@ def build(cfg: MegamftConfig, data: MultitaskData) -> PreferenceRun | None:
     pairs_per_task = [len(store.lengths) // 2 for store in data.stores]
     valid = cfg.data.valid_samples_per_task
     if any(count <= valid for count in pairs_per_task):
-        raise ConfigError(f"data.valid_samples_per_task={valid} holds out that many pairs per task, but the tasks "
-                          f"have {dict(zip(data.task_names, pairs_per_task, strict=True))} pairs; lower it")
+        raise ConfigError(
+            f"data.valid_samples_per_task={valid} holds out that many pairs per task, but the tasks "
+            f"have {dict(zip(data.task_names, pairs_per_task, strict=True))} pairs; lower it"
+        )
     try:
         schedule = PairSchedule(pairs_per_task, valid, train.global_batch_size // 2, cfg.data.seed)
     except ValueError as err:
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} (two sequences per pair): {err}") from None
-    setup = PreferenceSetup(loss.objective, loss.beta, loss.label_smoothing, loss.rpo_alpha, loss.simpo_gamma)
-    return PreferenceRun(setup, schedule, pairs_per_task, train.micro_batch_size // 2, cfg.data.seq_length)
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} (two sequences per pair): {err}"
+        ) from None
+    setup = PreferenceSetup(
+        loss.objective, loss.beta, loss.label_smoothing, loss.rpo_alpha, loss.simpo_gamma
+    )
+    return PreferenceRun(
+        setup, schedule, pairs_per_task, train.micro_batch_size // 2, cfg.data.seq_length
+    )
 
 
 def _check_lengths(cfg: MegamftConfig, data: MultitaskData) -> None:
     longest = max(int(store.lengths.max()) for store in data.stores if len(store.lengths))
-    if longest - 1 > cfg.data.seq_length:  # a document of n tokens makes n-1 positions (inputs, labels)
-        raise ConfigError(f"a preference document has {longest} tokens but data.seq_length is "
-                          f"{cfg.data.seq_length}: pairs are never cut; raise data.seq_length to {longest - 1} or "
-                          "preprocess with --max-seq-length and --overlong drop")
+    if (
+        longest - 1 > cfg.data.seq_length
+    ):  # a document of n tokens makes n-1 positions (inputs, labels)
+        raise ConfigError(
+            f"a preference document has {longest} tokens but data.seq_length is "
+            f"{cfg.data.seq_length}: pairs are never cut; raise data.seq_length to {longest - 1} or "
+            "preprocess with --max-seq-length and --overlong drop"
+        )
 
 
 def _micro_batch(run, pairs: list[tuple[int, int]]) -> dict:
@@ -93,8 +107,12 @@ def _micro_batch(run, pairs: list[tuple[int, int]]) -> dict:
 
 def _my_micro_batches(run, pairs: list[tuple[int, int]]) -> list[dict]:
     """This DP rank's whole-pair micro-batches of a global batch of pairs."""
-    cuts = split_pairs(pairs, parallel_state.get_data_parallel_rank(),
-                       parallel_state.get_data_parallel_world_size(), run.preference.pairs_per_micro_batch)
+    cuts = split_pairs(
+        pairs,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+        run.preference.pairs_per_micro_batch,
+    )
     return [_micro_batch(run, cut) for cut in cuts]
 
 
@@ -106,7 +124,12 @@ def step_pairs(run) -> list[tuple[int, int]]:
 def train_one_step(run, setup: LossSetup) -> StepStats:
     """One optimizer step of the objective on the next global batch of pairs."""
     micro = _my_micro_batches(run, step_pairs(run))
-    return train_step(run.state, micro, run.data.task_names, dataclasses.replace(setup, preference=run.preference.setup))
+    return train_step(
+        run.state,
+        micro,
+        run.data.task_names,
+        dataclasses.replace(setup, preference=run.preference.setup),
+    )
 
 
 def count_pairs(run) -> None:
@@ -144,8 +167,13 @@ def attach_reference(run, model: dict, fresh: bool) -> None:
     pref.reference_model = model
     if pref.setup.objective not in NEEDS_REFERENCE or pref.reference is not None:
         return
-    identity = {"data": data_checks.checkpoint_data_identity(run.data) or str(run.cfg.data.path), "model": model}
-    lora = run.cfg.lora.enabled and not run.cfg.loss.reference_dir  # LoRA: the base is the starting model
+    identity = {
+        "data": data_checks.checkpoint_data_identity(run.data) or str(run.cfg.data.path),
+        "model": model,
+    }
+    lora = (
+        run.cfg.lora.enabled and not run.cfg.loss.reference_dir
+    )  # LoRA: the base is the starting model
     compute = lambda: _compute_reference(run, lora)  # noqa: E731
     folder = run.cfg.checkpoint.save_dir
     if not folder:
@@ -153,16 +181,25 @@ def attach_reference(run, model: dict, fresh: bool) -> None:
         return
     pref.reference = reference_logps.obtain(folder, identity, compute, may_compute=fresh or lora)
     if distributed.is_logging_rank():
-        log.info("reference log-probabilities of %d pairs: %s", sum(pref.pairs_per_task),
-                 f"{folder}/{reference_logps.FILE}")
+        log.info(
+            "reference log-probabilities of %d pairs: %s",
+            sum(pref.pairs_per_task),
+            f"{folder}/{reference_logps.FILE}",
+        )
 
 
 def _compute_reference(run, lora: bool) -> dict[int, np.ndarray]:
     pref = run.preference
     pairs = [(task, k) for task, count in enumerate(pref.pairs_per_task) for k in range(count)]
-    make = lambda cut: pair_micro_batch(cut, run.data.stores, pref.length, run.data.pad_id)  # noqa: E731
-    compute = lambda: reference_logps.compute(run.state, pairs, pref.pairs_per_task, make,  # noqa: E731
-                                              pref.pairs_per_micro_batch)
+
+    def make(cut):
+        return pair_micro_batch(cut, run.data.stores, pref.length, run.data.pad_id)
+
+    def compute():
+        return reference_logps.compute(
+            run.state, pairs, pref.pairs_per_task, make, pref.pairs_per_micro_batch
+        )
+
     if not lora:
         return compute()
     with reference_logps.adapters_disabled(run.state.chunks[0].module):
@@ -177,17 +214,29 @@ def validate(run, label: str) -> StepStats | None:
         return None
     policy = _pair_table(run, pairs)
     reference = pref.reference
-    ref = (torch.from_numpy(np.stack([reference[t][k] for t, k in pairs])) if reference is not None
-           else torch.zeros(len(pairs), 2, dtype=torch.float64))
-    tokens = torch.tensor([[_answer_tokens(run, t, 2 * k + h) for h in (0, 1)] for t, k in pairs], dtype=torch.float64)
+    ref = (
+        torch.from_numpy(np.stack([reference[t][k] for t, k in pairs]))
+        if reference is not None
+        else torch.zeros(len(pairs), 2, dtype=torch.float64)
+    )
+    tokens = torch.tensor(
+        [[_answer_tokens(run, t, 2 * k + h) for h in (0, 1)] for t, k in pairs], dtype=torch.float64
+    )
     logps = PairLogps(policy[:, 0], policy[:, 1], tokens[:, 0], tokens[:, 1], ref[:, 0], ref[:, 1])
     tasks = torch.tensor([t for t, _ in pairs])
     num_tasks = len(run.data.task_names)
     loss = float(batch_objective(pref.setup, logps, tasks, num_tasks))
     sums = metric_sums(pref.setup, logps, tasks, num_tasks)
-    metrics = {name: {task: float(sums[row, t] / sums[4, t]) if sums[4, t] else float("nan")
-                      for t, task in enumerate(run.data.task_names)} for row, name in enumerate(METRICS)}
-    stats = StepStats(loss=loss, tokens=int(tokens.sum()), task_loss={}, task_tokens={}, preference=metrics)
+    metrics = {
+        name: {
+            task: float(sums[row, t] / sums[4, t]) if sums[4, t] else float("nan")
+            for t, task in enumerate(run.data.task_names)
+        }
+        for row, name in enumerate(METRICS)
+    }
+    stats = StepStats(
+        loss=loss, tokens=int(tokens.sum()), task_loss={}, task_tokens={}, preference=metrics
+    )
     if distributed.is_logging_rank():
         log.info("%s loss %.4f | %s", label, loss, format_metrics(metrics))
         run.metrics.valid(run.iteration, stats)
@@ -203,7 +252,9 @@ def _pair_table(run, pairs: list[tuple[int, int]]) -> torch.Tensor:
     """[pairs, 2] log-probabilities of the answers under the current weights (every rank)."""
     pref = run.preference
     make = lambda cut: pair_micro_batch(cut, run.data.stores, pref.length, run.data.pad_id)  # noqa: E731
-    table = reference_logps.compute(run.state, pairs, pref.pairs_per_task, make, pref.pairs_per_micro_batch)
+    table = reference_logps.compute(
+        run.state, pairs, pref.pairs_per_task, make, pref.pairs_per_micro_batch
+    )
     return torch.stack([torch.from_numpy(table[task][pair]) for task, pair in pairs])
 
 
@@ -213,5 +264,7 @@ def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
     parts = []
     for task in tasks:
         acc, margin = metrics["rewards/accuracy"][task], metrics["rewards/margin"][task]
-        parts.append(f"{task} absent" if math.isnan(acc) else f"{task} acc {acc:.3f} margin {margin:.4g}")
+        parts.append(
+            f"{task} absent" if math.isnan(acc) else f"{task} acc {acc:.3f} margin {margin:.4g}"
+        )
     return " | ".join(parts)

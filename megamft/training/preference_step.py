@@ -29,12 +29,20 @@ from megamft.loss.preference import (
 PAIR_KEYS = ("pair_chosen", "pair_rejected", "pair_tasks", "pair_weight", "nll_weight", "ref_logps")
 
 
-def pair_samples(batch: dict, sample_index: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, ...]:
+def pair_samples(
+    batch: dict, sample_index: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, ...]:
     """(sample index of each pair's chosen half, of its rejected half, task of each pair) of a micro-batch."""
     index = sample_index.reshape(-1)
-    half = torch.full((num_samples,), -1, dtype=torch.long).scatter_(0, index, batch["pair_half"].reshape(-1))
-    pair = torch.zeros(num_samples, dtype=torch.long).scatter_(0, index, batch["pair_ids"].reshape(-1))
-    task = torch.zeros(num_samples, dtype=torch.long).scatter_(0, index, batch["task_ids"].reshape(-1))
+    half = torch.full((num_samples,), -1, dtype=torch.long).scatter_(
+        0, index, batch["pair_half"].reshape(-1)
+    )
+    pair = torch.zeros(num_samples, dtype=torch.long).scatter_(
+        0, index, batch["pair_ids"].reshape(-1)
+    )
+    task = torch.zeros(num_samples, dtype=torch.long).scatter_(
+        0, index, batch["task_ids"].reshape(-1)
+    )
     num_pairs = int(batch["ref_logps"].shape[0])
     chosen, rejected = torch.full((num_pairs,), -1), torch.full((num_pairs,), -1)
     chosen[pair[half == 0]] = torch.nonzero(half == 0).flatten()
@@ -53,16 +61,30 @@ def global_pair_counts(micro_batches: list[dict], num_tasks: int) -> PairCounts:
     return PairCounts.from_tensor(flat)
 
 
-def prepare_pairs(micro_batches: list[dict], indices: list[tuple[torch.Tensor, int]], num_tasks: int,
-                  task_weights: torch.Tensor | None) -> list[dict]:
+def prepare_pairs(
+    micro_batches: list[dict],
+    indices: list[tuple[torch.Tensor, int]],
+    num_tasks: int,
+    task_weights: torch.Tensor | None,
+) -> list[dict]:
     """Each micro-batch with its pairs' sample indices and weights (host side, before the forward pass)."""
     located = []
     for batch, (sample_index, num_samples) in zip(micro_batches, indices):
-        chosen, rejected, tasks = pair_samples(batch, sample_index.view(batch["loss_mask"].shape), num_samples)
+        chosen, rejected, tasks = pair_samples(
+            batch, sample_index.view(batch["loss_mask"].shape), num_samples
+        )
         learned = torch.zeros(num_samples, dtype=torch.float64).index_add_(
-            0, sample_index.reshape(-1), batch["loss_mask"].reshape(-1).double())
-        located.append(dict(batch, pair_chosen=chosen, pair_rejected=rejected, pair_tasks=tasks,
-                            chosen_tokens=learned[chosen]))
+            0, sample_index.reshape(-1), batch["loss_mask"].reshape(-1).double()
+        )
+        located.append(
+            dict(
+                batch,
+                pair_chosen=chosen,
+                pair_rejected=rejected,
+                pair_tasks=tasks,
+                chosen_tokens=learned[chosen],
+            )
+        )
     counts = global_pair_counts(located, num_tasks)
     for batch in located:
         v, u = pair_weights(batch["pair_tasks"], counts, task_weights)
@@ -88,8 +110,9 @@ def pair_logps(per_token_loss: torch.Tensor, batch: dict) -> PairLogps:
     return PairLogps(logps[c], logps[r], tokens[c], tokens[r], ref[:, 0], ref[:, 1])
 
 
-def preference_loss_func(setup: PreferenceSetup, total_tokens: float, num_tasks: int, batch: dict,
-                         output: torch.Tensor):
+def preference_loss_func(
+    setup: PreferenceSetup, total_tokens: float, num_tasks: int, batch: dict, output: torch.Tensor
+):
     """megatron's loss_func for a preference micro-batch (see step._loss_func for the K scaling).
 
     Stats: the objective's share, then metric_sums (chosen and rejected rewards, margin, correct, pairs per task).
@@ -118,10 +141,18 @@ def reduce_preference_stats(outputs: list[dict], task_names: tuple[str, ...]) ->
     for out in outputs:
         stats += out["preference_stats"]
     torch.distributed.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-    torch.distributed.broadcast(stats, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.broadcast(
+        stats,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
     values = stats.cpu()
     sums = values[1:].view(5, num_tasks)
-    metrics = {name: {task: float(sums[row, t] / sums[4, t]) if sums[4, t] else float("nan")
-                      for t, task in enumerate(task_names)} for row, name in enumerate(METRICS)}
+    metrics = {
+        name: {
+            task: float(sums[row, t] / sums[4, t]) if sums[4, t] else float("nan")
+            for t, task in enumerate(task_names)
+        }
+        for row, name in enumerate(METRICS)
+    }
     return float(values[0]), metrics

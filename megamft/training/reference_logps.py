@@ -45,12 +45,20 @@ def load(folder: str | Path, identity: dict) -> dict[int, np.ndarray] | None:
     with np.load(path) as stored:
         saved = json.loads(str(stored["identity"]))
         if str(stored["key"]) != reference_key(identity):
-            changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-            raise ReferenceMismatch(f"{path}: the reference log-probabilities were computed for other "
-                                    f"{', '.join(changed) or 'inputs'}; a resumed run cannot recompute them (its "
-                                    "starting model is gone): resume with the data and model it started with, or "
-                                    "start a new run in another checkpoint.save_dir")
-        return {int(name.split("_")[1]): stored[name] for name in stored.files if name.startswith("task_")}
+            changed = sorted(
+                k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k)
+            )
+            raise ReferenceMismatch(
+                f"{path}: the reference log-probabilities were computed for other "
+                f"{', '.join(changed) or 'inputs'}; a resumed run cannot recompute them (its "
+                "starting model is gone): resume with the data and model it started with, or "
+                "start a new run in another checkpoint.save_dir"
+            )
+        return {
+            int(name.split("_")[1]): stored[name]
+            for name in stored.files
+            if name.startswith("task_")
+        }
 
 
 def save(folder: str | Path, identity: dict, logps: dict[int, np.ndarray]) -> Path:
@@ -59,16 +67,25 @@ def save(folder: str | Path, identity: dict, logps: dict[int, np.ndarray]) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{FILE}.partial")
     with open(partial, "wb") as f:
-        np.savez(f, key=np.array(reference_key(identity)), identity=np.array(json.dumps(identity, sort_keys=True)),
-                 **{f"task_{task}": values for task, values in logps.items()})
+        np.savez(
+            f,
+            key=np.array(reference_key(identity)),
+            identity=np.array(json.dumps(identity, sort_keys=True)),
+            **{f"task_{task}": values for task, values in logps.items()},
+        )
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
     return path
 
 
-def compute(state, pairs: list[tuple[int, int]], pairs_per_task: list[int], make_batch, pairs_per_micro_batch: int
-            ) -> dict[int, np.ndarray]:
+def compute(
+    state,
+    pairs: list[tuple[int, int]],
+    pairs_per_task: list[int],
+    make_batch,
+    pairs_per_micro_batch: int,
+) -> dict[int, np.ndarray]:
     """Every pair's log-probabilities under the model as it is, on every rank.
 
     pairs: every (task, pair) of the data; make_batch(list of pairs) gives their micro-batch.
@@ -77,39 +94,54 @@ def compute(state, pairs: list[tuple[int, int]], pairs_per_task: list[int], make
     """
     from megamft.training.step import reference_logps
 
-    rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    rank, size = (
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
     offsets = np.concatenate([[0], np.cumsum(pairs_per_task)])
     table = torch.zeros(int(offsets[-1]), 2, dtype=torch.float64)
     mine = pairs[rank::size]
-    cuts = [mine[i:i + pairs_per_micro_batch] for i in range(0, len(mine), pairs_per_micro_batch)]
+    cuts = [mine[i : i + pairs_per_micro_batch] for i in range(0, len(mine), pairs_per_micro_batch)]
     per_rank = -(-len(pairs) // size)
     rounds = -(-per_rank // pairs_per_micro_batch)  # the same on every rank: collectives match
-    for index in range(rounds):  # one micro-batch per schedule; a rank with fewer repeats one, unread
+    for index in range(
+        rounds
+    ):  # one micro-batch per schedule; a rank with fewer repeats one, unread
         cut = cuts[index] if index < len(cuts) else (cuts or [pairs[:1]])[-1]
         for values in reference_logps(state, [make_batch(cut)], len(pairs_per_task)):
             if index < len(cuts):
                 table[torch.tensor([int(offsets[task]) + pair for task, pair in cut])] = values
     _share(table)
-    return {task: table[offsets[task]:offsets[task + 1]].numpy() for task in range(len(pairs_per_task))}
+    return {
+        task: table[offsets[task] : offsets[task + 1]].numpy()
+        for task in range(len(pairs_per_task))
+    }
 
 
 def _share(table: torch.Tensor) -> None:
     """Sum the ranks' shares over DP (each pair was computed by one rank), then copy the last stage's."""
     device_table = table.to(torch.cuda.current_device())
     torch.distributed.all_reduce(device_table, group=parallel_state.get_data_parallel_group())
-    torch.distributed.broadcast(device_table, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.broadcast(
+        device_table,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
     table.copy_(device_table.cpu())
 
 
-def obtain(folder: str | Path, identity: dict, compute_all, may_compute: bool) -> dict[int, np.ndarray]:
+def obtain(
+    folder: str | Path, identity: dict, compute_all, may_compute: bool
+) -> dict[int, np.ndarray]:
     """The stored table if its key matches; else computed (fresh runs only) and stored by the first rank."""
     stored = load(folder, identity)
     if stored is not None:
         return stored
     if not may_compute:
-        raise ReferenceMismatch(f"{Path(folder) / FILE} is missing: a resumed run cannot recompute the reference "
-                                "log-probabilities of the model it started from; restore the file or start anew")
+        raise ReferenceMismatch(
+            f"{Path(folder) / FILE} is missing: a resumed run cannot recompute the reference "
+            "log-probabilities of the model it started from; restore the file or start anew"
+        )
     logps = compute_all()
     if torch.distributed.get_rank() == 0:
         save(folder, identity, logps)

@@ -30,14 +30,18 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
 
 # megatron's tracker names -> the names megamft logs.
 TRACKED = {"load_balancing_loss": "load_balancing", "z_loss": "z_loss"}
 
 
-def scale_to_global_batch(config, coefficients: tuple[float, float], learned_tokens: float,
-                          routed_tokens: float) -> None:
+def scale_to_global_batch(
+    config, coefficients: tuple[float, float], learned_tokens: float, routed_tokens: float
+) -> None:
     """Give megatron the coefficients that make its auxiliary gradients `coefficients` x the token-weighted mean."""
     ratio = learned_tokens / routed_tokens if learned_tokens > 0 else 1.0
     if config.sequence_parallel:
@@ -62,7 +66,9 @@ def reduced(config, num_microbatches: int) -> torch.Tensor | None:
     if not tracker:
         return None
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    sequence_parallel = config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1
+    sequence_parallel = (
+        config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1
+    )
     values = []
     for name in TRACKED:
         entry = tracker.get(name)
@@ -70,11 +76,20 @@ def reduced(config, num_microbatches: int) -> torch.Tensor | None:
             values.append(torch.full((), float("nan"), device=torch.cuda.current_device()))
             continue
         total = entry["values"].sum().double()
-        torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True),
-                                     op=torch.distributed.ReduceOp.AVG)
+        torch.distributed.all_reduce(
+            total, group=parallel_state.get_pipeline_model_parallel_group()
+        )
+        torch.distributed.all_reduce(
+            total,
+            group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+            op=torch.distributed.ReduceOp.AVG,
+        )
         if sequence_parallel:
-            op = torch.distributed.ReduceOp.SUM if name == "load_balancing_loss" else torch.distributed.ReduceOp.AVG
+            op = (
+                torch.distributed.ReduceOp.SUM
+                if name == "load_balancing_loss"
+                else torch.distributed.ReduceOp.AVG
+            )
             torch.distributed.all_reduce(total, group=tp_group, op=op)
         values.append(total / (num_microbatches * config.num_layers))  # every layer is an MoE layer
     clear_aux_losses_tracker()

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megamft.checkpoint import dist_checkpoint
-from megamft.data.dataset import MultitaskData
 from megamft.config import MegamftConfig
+from megamft.data.dataset import MultitaskData
 from megamft.errors import UserError
 from megamft.training.code_eval import CodeEvaluator
 from megamft.training.expert_stats import ExpertStats
@@ -34,7 +34,9 @@ class RunResult:
     skipped_steps: int = 0
     loss_scale_skips: int = 0  # fp16 steps the loss scaler skipped while calibrating its scale
     task_samples: dict[str, int] = field(default_factory=dict)  # training samples consumed per task
-    best: dict | None = None  # model selection: metric, step, score and checkpoint of the best measurement
+    best: dict | None = (
+        None  # model selection: metric, step, score and checkpoint of the best measurement
+    )
     stopped_early: bool = False  # train.early_stopping_patience measurements without improvement
 
 
@@ -54,7 +56,9 @@ class Run:
     skipped_in_a_row: int = 0
     async_saves: dist_checkpoint.AsyncSaves | None = None
     lora_base: dict | None = None  # base weights of adapter-only checkpoints
-    coba_stream: list | None = None  # CoBa's sampled validation micro-batches on this rank, built once
+    coba_stream: list | None = (
+        None  # CoBa's sampled validation micro-batches on this rank, built once
+    )
     expert_stats: ExpertStats | None = None  # MoE: tokens per task and expert over the log interval
     selection: Selection | None = None  # checkpoint.keep_best and early stopping
     evaluator: CodeEvaluator | None = None  # eval.problems: pass@k at the training layout

@@ -15,11 +15,19 @@ def save(run: Run) -> None:
     extra["selection"] = run.selection.state_dict()
     if run.preference is not None:  # a resumed run checks its stored reference against this
         extra["reference_model"] = run.preference.reference_model
-    path = dist_checkpoint.save(run.state, run.cfg.checkpoint.save_dir, run.iteration, run.consumed,
-                                run.cfg, extra=extra, async_saves=run.async_saves,
-                                lora_base=run.lora_base if run.cfg.lora.save_adapters_only else None,
-                                data_identity=data_checks.checkpoint_data_identity(run.data),
-                                keep=run.selection.kept(), best=run.selection.best_kept())
+    path = dist_checkpoint.save(
+        run.state,
+        run.cfg.checkpoint.save_dir,
+        run.iteration,
+        run.consumed,
+        run.cfg,
+        extra=extra,
+        async_saves=run.async_saves,
+        lora_base=run.lora_base if run.cfg.lora.save_adapters_only else None,
+        data_identity=data_checks.checkpoint_data_identity(run.data),
+        keep=run.selection.kept(),
+        best=run.selection.best_kept(),
+    )
     run.result.last_checkpoint = str(path)
 
 

@@ -28,7 +28,10 @@ def validation_scores(stats) -> dict[str, float]:
     """A validation's StepStats as metric names: valid/loss and valid/loss/<task>."""
     if stats is None:
         return {}
-    return {"valid/loss": stats.loss, **{f"valid/loss/{task}": loss for task, loss in stats.task_loss.items()}}
+    return {
+        "valid/loss": stats.loss,
+        **{f"valid/loss/{task}": loss for task, loss in stats.task_loss.items()},
+    }
 
 
 @dataclass
@@ -52,8 +55,12 @@ class Selection:
         problems = unknown_task_problems(cfg.checkpoint.best_metric, task_names)
         if problems and (cfg.checkpoint.keep_best or cfg.train.early_stopping_patience):
             raise ConfigError(problems)
-        return cls(cfg.checkpoint.best_metric, cfg.checkpoint.keep_best, cfg.train.early_stopping_patience,
-                   cfg.train.early_stopping_min_delta)
+        return cls(
+            cfg.checkpoint.best_metric,
+            cfg.checkpoint.keep_best,
+            cfg.train.early_stopping_patience,
+            cfg.train.early_stopping_min_delta,
+        )
 
     @property
     def active(self) -> bool:
@@ -77,7 +84,9 @@ class Selection:
             self.stalled += 1
         if not self.keep:
             return False
-        self.ranked = sorted([*self.ranked, (step, score)], key=lambda pair: (self._key(pair[1]), pair[0]))
+        self.ranked = sorted(
+            [*self.ranked, (step, score)], key=lambda pair: (self._key(pair[1]), pair[0])
+        )
         self.ranked = self.ranked[: self.keep]
         return any(kept == step for kept, _ in self.ranked)
 
@@ -93,8 +102,13 @@ class Selection:
         return bool(self.patience) and self.stalled >= self.patience
 
     def state_dict(self) -> dict:
-        return {"metric": self.metric, "ranked": [list(pair) for pair in self.ranked],
-                "best": list(self.best) if self.best else None, "stalled": self.stalled, "last_step": self.last_step}
+        return {
+            "metric": self.metric,
+            "ranked": [list(pair) for pair in self.ranked],
+            "best": list(self.best) if self.best else None,
+            "stalled": self.stalled,
+            "last_step": self.last_step,
+        }
 
     def load_state_dict(self, state: dict | None) -> bool:
         """Restore a saved ranking; False (nothing restored) when none was saved or it ranks another metric."""

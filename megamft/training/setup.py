@@ -16,20 +16,24 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megamft.config import MegamftConfig
-from megamft.model.lora import apply_lora
 from megamft.model.builder import build_model_chunks, transformer_config
-from megamft.sizing.vocab import padded_vocab_size
 from megamft.model.fast_settings import FastSetting, fast_settings, machine_for, transformer_fields
+from megamft.model.lora import apply_lora
 from megamft.model.spec import attention_backend_for
 from megamft.model.userbuffers import initialize_userbuffers
 from megamft.platform.device import Runtime
+from megamft.sizing.vocab import padded_vocab_size
 
 # fp16's first loss scale: megatron's default (2^32) suits a loss averaged over the tokens of a
 # micro-batch; megamft's per-token loss (calculate_per_token_loss) backpropagates sums, whose
 # gradients are larger by about the tokens of a rank's step, so the scale settles far lower and
 # every halving from 2^32 would cost a skipped step. 2^16 is torch.amp's GradScaler default.
-_OPTIMIZER_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "use_distributed_optimizer": True,
-                       "initial_loss_scale": 2.0**16}
+_OPTIMIZER_DEFAULTS = {
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "use_distributed_optimizer": True,
+    "initial_loss_scale": 2.0**16,
+}
 
 
 @dataclass
@@ -48,8 +52,10 @@ def optimizer_config(cfg: MegamftConfig) -> OptimizerConfig:
     fields = {**_OPTIMIZER_DEFAULTS, **cfg.optimizer}
     fields["bf16"] = cfg.train.precision == "bf16"
     fields["fp16"] = cfg.train.precision == "fp16"
-    fields["params_dtype"] = torch.float32 if cfg.train.precision == "fp32" else (
-        torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    fields["params_dtype"] = (
+        torch.float32
+        if cfg.train.precision == "fp32"
+        else (torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
     )
     return OptimizerConfig(**fields)
 
@@ -68,8 +74,9 @@ def _wire_grad_sync(config: TransformerConfig, chunks: list, ddp: DistributedDat
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
 
-def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int,
-                         backend: str | None = None) -> TrainingState:
+def build_training_state(
+    cfg: MegamftConfig, runtime: Runtime, vocab_size: int, backend: str | None = None
+) -> TrainingState:
     """Build this rank's model chunks, wrap them in megatron DDP, make the optimizer.
 
     backend: the attention backend the caller already resolved (attention_backend_for) or None.
@@ -79,7 +86,8 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int,
     config = transformer_config(cfg, transformer_fields(fast))
     initialize_userbuffers(cfg, config)
     padded = padded_vocab_size(
-        cfg.model.vocab_size or vocab_size, cfg.parallel.tensor_model_parallel_size,
+        cfg.model.vocab_size or vocab_size,
+        cfg.parallel.tensor_model_parallel_size,
         cfg.model.make_vocab_size_divisible_by,
     )
     modules = build_model_chunks(cfg, config, padded, backend)
@@ -105,7 +113,9 @@ def build_training_state(cfg: MegamftConfig, runtime: Runtime, vocab_size: int,
     # the gradients by the same scale (fp16's dynamic loss scale, 1 otherwise). Without it fp16
     # gradients are divided by a scale that was never applied and vanish.
     config.grad_scale_func = optimizer.scale_loss
-    return TrainingState(chunks, optimizer, lr_scheduler(cfg, optimizer, opt_cfg), config, padded, fast)
+    return TrainingState(
+        chunks, optimizer, lr_scheduler(cfg, optimizer, opt_cfg), config, padded, fast
+    )
 
 
 def lr_scheduler(cfg: MegamftConfig, optimizer, opt: OptimizerConfig) -> OptimizerParamScheduler:

@@ -16,16 +16,22 @@ from megamft.loss.multitask import effective_task_weights
 from megamft.platform import distributed
 from megamft.platform.kill_points import kill_point
 from megamft.sizing.flops import tflops_per_device
+from megamft.training import preference_run
 from megamft.training.device_memory import memory_gb
 from megamft.training.expert_stats import expert_shares
 from megamft.training.measurements import measure, stops_early
 from megamft.training.metrics import TaskLossInterval, format_task_losses
-from megamft.training import preference_run
 from megamft.training.preemption import PreemptionWatch
 from megamft.training.run_state import Run, TrainingDiverged
 from megamft.training.saving import save_unless_saved
 from megamft.training.step import LossSetup, StepStats, train_step
-from megamft.training.validation import coba_measurement, data_parallel_position, pipelined, task_loss_tensor, validate
+from megamft.training.validation import (
+    coba_measurement,
+    data_parallel_position,
+    pipelined,
+    task_loss_tensor,
+    validate,
+)
 
 log = logging.getLogger("megamft")
 
@@ -58,7 +64,11 @@ def run_steps(run: Run, watch: PreemptionWatch, bar) -> None:
         tidy_up(run)
         advance(run, stats, bar)
         report(run, stats, window)
-        measure(run, validate(run, "valid") if _due(run.cfg.train.eval_interval, run) else None, save_unless_saved)
+        measure(
+            run,
+            validate(run, "valid") if _due(run.cfg.train.eval_interval, run) else None,
+            save_unless_saved,
+        )
         save_if_due(run)
         if stops_early(run) or stopped_for_preemption(run, watch):
             return
@@ -80,7 +90,9 @@ def train_one_step(run: Run) -> StepStats:
         run.balancer.before_step(run.iteration)
     before_forward = run.expert_stats.route_tasks if run.expert_stats is not None else None
     with counting_syncs() as syncs:  # each one stalls the host until the GPU's queue drains
-        stats = train_step(run.state, batches, run.data.task_names, _loss_setup(run), before_forward)
+        stats = train_step(
+            run.state, batches, run.data.task_names, _loss_setup(run), before_forward
+        )
     stats.device_syncs = syncs.value
     if syncs.value is not None:
         log.debug("step %d: %d device-to-host synchronizations", run.iteration + 1, syncs.value)
@@ -139,8 +151,11 @@ def stopped_for_preemption(run: Run, watch: PreemptionWatch) -> bool:
     run.result.preempted = True
     save_unless_saved(run)
     if distributed.is_logging_rank():
-        log.warning("preemption signal: stopped after step %d, checkpoint %s", run.iteration,
-                    run.result.last_checkpoint)
+        log.warning(
+            "preemption signal: stopped after step %d, checkpoint %s",
+            run.iteration,
+            run.result.last_checkpoint,
+        )
     return True
 
 
@@ -149,8 +164,14 @@ def _throughput(run: Run, stats: StepStats, seconds: float) -> dict:
     tokens_per_second = stats.tokens / max(seconds, 1e-9)
     # Model FLOPs count every token position computed, learned or not.
     rows_per_second = run.cfg.train.global_batch_size / max(seconds, 1e-9)
-    tflops = tflops_per_device(run.cfg, run.state.vocab_size, rows_per_second, torch.distributed.get_world_size())
-    values = {"tokens_per_second": tokens_per_second, "tflops_per_device": tflops, "memory_gb": memory_gb()}
+    tflops = tflops_per_device(
+        run.cfg, run.state.vocab_size, rows_per_second, torch.distributed.get_world_size()
+    )
+    values = {
+        "tokens_per_second": tokens_per_second,
+        "tflops_per_device": tflops,
+        "memory_gb": memory_gb(),
+    }
     if run.cfg.train.peak_tflops_per_device:
         values["mfu"] = tflops / run.cfg.train.peak_tflops_per_device
     if stats.loss_scale is not None:
@@ -158,35 +179,60 @@ def _throughput(run: Run, stats: StepStats, seconds: float) -> dict:
     return values
 
 
-def log_step(cfg: MegamftConfig, iteration: int, stats: StepStats, seconds: float, measured: dict,
-              task_losses: dict[str, float | None]) -> None:
+def log_step(
+    cfg: MegamftConfig,
+    iteration: int,
+    stats: StepStats,
+    seconds: float,
+    measured: dict,
+    task_losses: dict[str, float | None],
+) -> None:
     """One line per log interval: the step's loss, each task's mean loss over the interval (`task_losses`),
     and `seconds`, the mean step time of the interval."""
     if not distributed.is_logging_rank():
         return
     eta = int(seconds * (cfg.train.train_steps - iteration))
     mfu = f" | MFU {measured['mfu']:.1%}" if "mfu" in measured else ""
-    if stats.device_syncs is not None:  # counted under the CPU emulation, or on CUDA with MEGAMFT_COUNT_SYNCS=1
+    if (
+        stats.device_syncs is not None
+    ):  # counted under the CPU emulation, or on CUDA with MEGAMFT_COUNT_SYNCS=1
         mfu += f" | syncs {stats.device_syncs}"
     mfu += "".join(f" | {name} {value:.4g}" for name, value in stats.router_losses.items())
     grad = "skipped" if stats.skipped else f"{stats.grad_norm or 0.0:.3f}"
     # Preference objectives: the step's per-task preference accuracy and reward margin instead of token losses.
-    tasks = preference_run.format_metrics(stats.preference) if stats.preference else format_task_losses(task_losses)
+    tasks = (
+        preference_run.format_metrics(stats.preference)
+        if stats.preference
+        else format_task_losses(task_losses)
+    )
     log.info(
         "step %d/%d | loss %.4f | %s | grad-norm %s | lr %.2e | %.0f tok/s | %.2f TFLOP/s/dev%s | "
         "mem %.3g GB | eta %d:%02d",
-        iteration, cfg.train.train_steps, stats.loss, tasks, grad,
-        stats.lr or 0.0, measured["tokens_per_second"], measured["tflops_per_device"], mfu,
-        measured["memory_gb"], eta // 60, eta % 60,
+        iteration,
+        cfg.train.train_steps,
+        stats.loss,
+        tasks,
+        grad,
+        stats.lr or 0.0,
+        measured["tokens_per_second"],
+        measured["tflops_per_device"],
+        mfu,
+        measured["memory_gb"],
+        eta // 60,
+        eta % 60,
     )
 
 
 def _loss_setup(run: Run) -> LossSetup:
     loss = run.cfg.loss
-    weights = effective_task_weights(loss.mode, len(run.data.task_names), run.static_weights, run.balancer)
+    weights = effective_task_weights(
+        loss.mode, len(run.data.task_names), run.static_weights, run.balancer
+    )
     m = run.cfg.model
     router = (m.moe_aux_loss_coeff, m.moe_z_loss_coeff) if m.num_experts else None
-    return LossSetup(loss.mode, loss.normalization, weights, loss.focal_gamma, loss.fused_cross_entropy, router)
+    return LossSetup(
+        loss.mode, loss.normalization, weights, loss.focal_gamma, loss.fused_cross_entropy, router
+    )
 
 
 def _after_step(run: Run, stats: StepStats) -> None:
@@ -214,14 +260,22 @@ def _check_skipped(run: Run, stats: StepStats) -> None:
     if stats.overflow and stats.loss_scale is not None and stats.loss_scale > floor:
         run.result.loss_scale_skips += 1
         if distributed.is_logging_rank():
-            log.info("step %d skipped by the fp16 loss scaler: gradients overflowed, loss scale now %g "
-                     "(expected while the scale calibrates; %d such steps so far)", run.iteration,
-                     stats.loss_scale, run.result.loss_scale_skips)
+            log.info(
+                "step %d skipped by the fp16 loss scaler: gradients overflowed, loss scale now %g "
+                "(expected while the scale calibrates; %d such steps so far)",
+                run.iteration,
+                stats.loss_scale,
+                run.result.loss_scale_skips,
+            )
         return
     run.skipped_in_a_row += 1
     run.result.skipped_steps += 1
     if distributed.is_logging_rank():
-        log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", run.iteration, run.skipped_in_a_row)
+        log.warning(
+            "step %d skipped: non-finite loss or gradient (%d in a row)",
+            run.iteration,
+            run.skipped_in_a_row,
+        )
     if run.skipped_in_a_row > run.cfg.train.max_skipped_steps:
         raise TrainingDiverged(
             f"{run.skipped_in_a_row} steps in a row had a non-finite loss or gradient (limit "
@@ -235,12 +289,18 @@ def _check_gradient_moved(run: Run, stats: StepStats) -> None:
     if stats.grad_norm != 0.0 or not distributed.is_logging_rank():
         return
     if stats.tokens == 0:
-        log.warning("step %d: the global batch holds no learned token (every loss mask is 0); nothing was learned",
-                    run.iteration)
+        log.warning(
+            "step %d: the global batch holds no learned token (every loss mask is 0); nothing was learned",
+            run.iteration,
+        )
         return
-    log.warning("step %d: the gradient norm is exactly 0 over %d learned tokens: the weights did not change. "
-                "Check that the parameters are trainable and, with train.precision=fp16, the loss scale "
-                "(optimizer.initial_loss_scale, optimizer.min_loss_scale)", run.iteration, stats.tokens)
+    log.warning(
+        "step %d: the gradient norm is exactly 0 over %d learned tokens: the weights did not change. "
+        "Check that the parameters are trainable and, with train.precision=fp16, the loss scale "
+        "(optimizer.initial_loss_scale, optimizer.min_loss_scale)",
+        run.iteration,
+        stats.tokens,
+    )
 
 
 def _log_experts(run: Run) -> None:
@@ -252,8 +312,10 @@ def _log_experts(run: Run) -> None:
         return
     shares = expert_shares(counts, run.data.task_names)
     run.metrics.experts(run.iteration, counts, shares, run.data.task_names)
-    top = " | ".join(f"{task} " + ",".join(str(int(e)) for e in share.argsort(descending=True)[:3])
-                     for task, share in shares.items())
+    top = " | ".join(
+        f"{task} " + ",".join(str(int(e)) for e in share.argsort(descending=True)[:3])
+        for task, share in shares.items()
+    )
     log.info("step %d experts (top 3 per task, all layers): %s", run.iteration, top)
 
 

@@ -42,8 +42,10 @@ def validation_batches(data: MultitaskData, micro_batch_size: int) -> list[dict]
     for task_rows in data.valid.values():
         padded = -(-len(task_rows) // (micro_batch_size * dp_size)) * micro_batch_size * dp_size
         share = padded // dp_size
-        rows += [task_rows.row(r) if r < len(task_rows) else empty
-                 for r in range(dp_rank * share, (dp_rank + 1) * share)]
+        rows += [
+            task_rows.row(r) if r < len(task_rows) else empty
+            for r in range(dp_rank * share, (dp_rank + 1) * share)
+        ]
     # The interleaved schedule wants a multiple of PP micro-batches.
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     rows += [empty] * ((-(len(rows) // micro_batch_size) % pp) * micro_batch_size)
@@ -59,8 +61,10 @@ def mixed_validation_batches(data: MultitaskData, micro_batch_size: int) -> list
     order = np.random.default_rng(data.cfg.seed).permutation(len(rows))
     per_rank = -(-len(rows) // (micro_batch_size * dp_size)) * micro_batch_size
     empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    mine = [rows[order[i]] if i < len(rows) else empty
-            for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
+    mine = [
+        rows[order[i]] if i < len(rows) else empty
+        for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    ]
     return data.batches(mine, micro_batch_size, same_length=pipelined())
 
 
@@ -72,7 +76,9 @@ def validate(run: Run, label: str) -> StepStats | None:
         return None  # data.valid_samples_per_task=0: no validation set
     stats = evaluate(run.state, batches, run.data.task_names)
     if distributed.is_logging_rank():
-        log.info("%s loss %.4f | %s", label, stats.loss, format_task_losses(present_task_losses(stats)))
+        log.info(
+            "%s loss %.4f | %s", label, stats.loss, format_task_losses(present_task_losses(stats))
+        )
         run.metrics.valid(run.iteration, stats)
     return stats
 
@@ -97,7 +103,9 @@ def coba_measurement(run: Run, step: int) -> torch.Tensor:
     # MFTCoder's cursor: sample i of the measurement after step s reads batch (count * s // interval + i).
     first = count * step // loss.coba_update_interval
     batches = [stream[(first + i) % len(stream)] for i in range(count)]
-    return evaluate_task_loss(run.state, batches, len(run.data.task_names), loss.coba_valid_reduction)
+    return evaluate_task_loss(
+        run.state, batches, len(run.data.task_names), loss.coba_valid_reduction
+    )
 
 
 def start_coba(run: Run, valid_before: StepStats | None) -> None:
@@ -105,5 +113,7 @@ def start_coba(run: Run, valid_before: StepStats | None) -> None:
     if run.cfg.loss.mode != "coba":
         return
     if valid_before is None:
-        raise ConfigError("loss.mode=coba needs validation data: set data.valid_samples_per_task > 0")
+        raise ConfigError(
+            "loss.mode=coba needs validation data: set data.valid_samples_per_task > 0"
+        )
     run.balancer.set_normalizer(task_loss_tensor(valid_before))

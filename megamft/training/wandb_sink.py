@@ -36,13 +36,20 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise WandbMissing("train.wandb_project is set but wandb is not installed: pip install "
-                               "'megamft[wandb]' (or unset train.wandb_project)") from None
+            raise WandbMissing(
+                "train.wandb_project is set but wandb is not installed: pip install "
+                "'megamft[wandb]' (or unset train.wandb_project)"
+            ) from None
         folder = cfg.checkpoint.save_dir or cfg.train.tensorboard_dir or "."
         Path(folder).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg.train.wandb_project, name=cfg.train.wandb_name,
-                              id=_run_id(cfg.checkpoint.save_dir), resume="allow", dir=str(folder),
-                              config=to_dict(cfg))
+        self.run = wandb.init(
+            project=cfg.train.wandb_project,
+            name=cfg.train.wandb_name,
+            id=_run_id(cfg.checkpoint.save_dir),
+            resume="allow",
+            dir=str(folder),
+            config=to_dict(cfg),
+        )
 
     def write(self, step: int, scalars: dict) -> None:
         self.run.log(scalars, step=step)
