@@ -21,7 +21,8 @@ setup(
     packages=find_packages(include=["megamft", "megamft.*"]) + ["megamft._csrc"],
     # The CUDA sources ship inside the package for the just-in-time build.
     package_dir={"megamft._csrc": "csrc"},
-    package_data={"megamft._csrc": ["*.cu", "*.cpp"]},
+    # The training index kernels are compiled on each machine from their C source (megamft/data/index_kernels.py)
+    package_data={"megamft._csrc": ["*.cu", "*.cpp"], "megamft.data": ["index_kernels.c"]},
     install_requires=[
         TORCH,
         "megatron-core==0.16.1",

@@ -131,3 +131,36 @@ def test_a_broken_transformer_engine_is_not_taken_as_present(tmp_path):
     assert len(lines) == 1 and "Transformer Engine is installed but does not import" in lines[0], (
         lines
     )
+
+
+def test_the_wheel_holds_every_file_the_package_reads(tmp_path):
+    """A non-editable install (CI's, a cluster's) has only what the wheel holds: every non-Python file
+    under megamft/ (the index kernels' C source, compiled at run time) must be in it, or `megamft train`
+    fails on indexed data once installed."""
+    import zipfile
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = tmp_path.glob("megamft-*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    data_files = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "megamft").rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    }
+    assert data_files and data_files <= held, sorted(data_files - held)
