@@ -1,6 +1,7 @@
 """Preprocessing at scale: throughput at 1 and 2 workers and memory that does not grow with the corpus.
 
-    python benchmarks/preprocess_scale.py [--megabytes 2048] [--work DIR] [--keep]
+    python benchmarks/preprocess_scale.py [--megabytes 2048] [--work DIR] [--workers 1 2]
+                                          [--megatron-lm CHECKOUT [--megatron-lm-path DIRS]]
 
 Makes a synthetic corpus for continued pretraining (JSON lines of {"text": <source file>}: slices of the
 Python standard library's own .py files, lengths log-normal with a median of about 3 KB and a tail past
@@ -12,9 +13,14 @@ Python standard library's own .py files, lengths log-normal with a median of abo
     its workers, sampled every 20 ms) against the whole corpus's, which stays the same when memory is
     constant (chunks are read, encoded and written as they go; nothing grows with the corpus but the
     dedup set of 12-byte digests, one per record).
-The two output folders of the whole corpus are compared byte for byte (the same at any --workers).
-No Megatron-LM runner ships with megamft (its tools/preprocess_data.py is not installed here), so there is
-no baseline of another tool in this run; the ratios are megamft's against itself.
+The output folders of the whole corpus are compared byte for byte (the same at any --workers).
+
+--megatron-lm CHECKOUT: also runs Megatron-LM's own tools/preprocess_data.py from that checkout (a clone at
+the tag matching the installed megatron-core, e.g. core_v0.16.1) on the same corpus with the same tokenizer
+(`--tokenizer-type HuggingFaceTokenizer --json-keys text --append-eod`) at the largest --workers, and prints
+megamft's throughput over it. Its script imports megatron.training, which needs `six` and `triton` (importable
+without a GPU): give their install folder with --megatron-lm-path (e.g. `pip install --target DIR six triton`).
+It does less than megamft's run (no template, no loss masks or task ids, no splitting of long records).
 """
 
 from __future__ import annotations
@@ -175,6 +181,60 @@ def run_preprocess(corpus: Path, tokenizer: Path, out: Path, workers: int) -> di
     }
 
 
+def run_megatron_lm(
+    checkout: Path, extra_path: str, corpus: Path, tokenizer: Path, out: Path, workers: int
+) -> dict:
+    """Megatron-LM's tools/preprocess_data.py on the corpus, as its README runs it for GPT data."""
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        str(checkout / "tools" / "preprocess_data.py"),
+        "--input",
+        str(corpus),
+        "--json-keys",
+        "text",
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(tokenizer.parent),
+        "--append-eod",
+        "--workers",
+        str(workers),
+        "--output-prefix",
+        str(out / "corpus"),
+        "--log-interval",
+        "100000",
+    ]
+    paths = [str(checkout), *filter(None, extra_path.split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    memory = TreeMemory(process.pid)
+    stdout, stderr = process.communicate()
+    seconds = time.perf_counter() - start
+    memory.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"Megatron-LM's preprocess_data.py failed:\n{stderr[-3000:]}")
+    tokens = _megatron_tokens(out / "corpus_text_document")  # by megatron-core's own reader
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "main_mb": memory.main_mb,
+        "tree_mb": memory.tree_mb,
+    }
+
+
+def _megatron_tokens(prefix: Path) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix), mmap=True)
+    return int(dataset.sequence_lengths.sum(dtype=np.int64))  # while the dataset holds its map
+
+
 def _same_output(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir() if p.suffix in (".bin", ".idx"))
     return bool(names) and all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
@@ -186,7 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--megabytes", type=int, default=2048, help="size of the synthetic corpus")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="megamft-preprocess --workers to run"
+    )
+    parser.add_argument("--megatron-lm", type=Path, help="a Megatron-LM checkout to compare with")
+    parser.add_argument(
+        "--megatron-lm-path", default="", help="folders its imports need (six, triton), os.pathsep"
+    )
     args = parser.parse_args(argv)
+    workers = sorted(set(args.workers))
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         work = Path(scratch)
         started = time.perf_counter()
@@ -198,38 +266,62 @@ def main(argv: list[str] | None = None) -> int:
             f"written with its tokenizer in {time.perf_counter() - started:.0f} s"
         )
         runs = {
-            w: run_preprocess(work / "corpus.jsonl", tokenizer, work / f"out{w}", w) for w in (1, 2)
+            w: run_preprocess(work / "corpus.jsonl", tokenizer, work / f"out{w}", w)
+            for w in workers
         }
-        small = run_preprocess(work / "eighth.jsonl", tokenizer, work / "out-eighth", 2)
+        most = workers[-1]
+        small = run_preprocess(work / "eighth.jsonl", tokenizer, work / "out-eighth", most)
+        megatron_lm = args.megatron_lm and run_megatron_lm(
+            args.megatron_lm.resolve(),
+            args.megatron_lm_path,
+            work / "corpus.jsonl",
+            tokenizer,
+            work / "out-megatron-lm",
+            most,
+        )
         size = {
             name: (work / f"{name}.jsonl").stat().st_size / 2**20 for name in ("corpus", "eighth")
         }
+        first = runs[workers[0]]
         print(
-            f"megamft-preprocess --max-seq-length 4097 --overlong split: {runs[1]['documents']:,} documents "
-            f"({runs[1]['split']:,} records split into {runs[1]['pieces']:,} pieces), "
-            f"{runs[1]['tokens'] / 1e6:,.1f}M tokens"
+            f"megamft-preprocess --max-seq-length 4097 --overlong split: {first['documents']:,} documents "
+            f"({first['split']:,} records split into {first['pieces']:,} pieces), "
+            f"{first['tokens'] / 1e6:,.1f}M tokens"
         )
+        rows = [(f"corpus, {w} worker{'s' * (w > 1)}", runs[w], size["corpus"]) for w in workers]
+        rows.append((f"eighth of it, {most} workers", small, size["eighth"]))
+        if megatron_lm:
+            rows.append((f"Megatron-LM, {most} workers", megatron_lm, size["corpus"]))
         print(
-            f"  {'run':<28} {'seconds':>8} {'MB/s':>7} {'Mtokens/s':>10} {'x 1 worker':>10} {'main MiB':>9} "
+            f"  {'run':<28} {'seconds':>8} {'MB/s':>7} {'Mtokens/s':>10} {'x first':>8} {'main MiB':>9} "
             f"{'tree MiB':>9}"
         )
-        for name, run, mb in (
-            ("corpus, 1 worker", runs[1], size["corpus"]),
-            ("corpus, 2 workers", runs[2], size["corpus"]),
-            ("eighth of it, 2 workers", small, size["eighth"]),
-        ):
+        for name, run, mb in rows:
             print(
                 f"  {name:<28} {run['seconds']:8.1f} {mb / run['seconds']:7.2f} "
                 f"{run['tokens'] / run['seconds'] / 1e6:10.3f} "
-                f"{(run['tokens'] / run['seconds']) / (runs[1]['tokens'] / runs[1]['seconds']):10.2f} "
+                f"{first['seconds'] / run['seconds'] * (mb / size['corpus']):8.2f} "
                 f"{run['main_mb']:9.0f} {run['tree_mb']:9.0f}"
             )
         print(
-            f"peak memory, whole corpus over an eighth of it (2 workers): main "
-            f"{runs[2]['main_mb'] / small['main_mb']:.2f}x, tree {runs[2]['tree_mb'] / small['tree_mb']:.2f}x "
-            f"for 8x the input; outputs at 1 and 2 workers byte-identical: "
-            f"{_same_output(work / 'out1', work / 'out2')}"
+            f"peak memory, whole corpus over an eighth of it ({most} workers): main "
+            f"{runs[most]['main_mb'] / small['main_mb']:.2f}x, tree "
+            f"{runs[most]['tree_mb'] / small['tree_mb']:.2f}x for 8x the input"
+            + (
+                f"; outputs at {workers} workers byte-identical: "
+                + str(
+                    all(_same_output(work / f"out{workers[0]}", work / f"out{w}") for w in workers)
+                )
+                if len(workers) > 1
+                else ""
+            )
         )
+        if megatron_lm:
+            print(
+                f"megamft over Megatron-LM's preprocess_data.py at {most} workers, same corpus and "
+                f"tokenizer: {megatron_lm['seconds'] / runs[most]['seconds']:.2f}x the MB/s "
+                f"(its run: --append-eod, no template or masks; {megatron_lm['tokens'] / 1e6:,.1f}M tokens)"
+            )
     return 0
 
 

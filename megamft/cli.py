@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -65,7 +66,7 @@ def _print_summary(result) -> None:
         return
     print("\nvalidation loss per task (before -> after fine-tuning):")
     for task in before.task_loss:
-        print(f"  {task:<20} {before.task_loss[task]:7.3f} -> {after.task_loss[task]:7.3f}")
+        print(f"  {task:<20} {_task_loss(before, task)} -> {_task_loss(after, task)}")
     print(f"  {'all tasks':<20} {before.loss:7.3f} -> {after.loss:7.3f}")
     _print_preference(before, after)
     if result.last_checkpoint:
@@ -79,7 +80,18 @@ def _print_preference(before, after) -> None:
     print("held-out preference accuracy per task (before -> after):")
     accuracy = "rewards/accuracy"
     for task, value in before.preference[accuracy].items():
-        print(f"  {task:<20} {value:7.3f} -> {after.preference[accuracy][task]:7.3f}")
+        print(f"  {task:<20} {_figure(value)} -> {_figure(after.preference[accuracy][task])}")
+
+
+def _task_loss(stats, task: str) -> str:
+    """A task's validation loss, or 'absent' where its rows hold no learned token (a nan there would read
+    like a divergence; a present task's nan is still shown)."""
+    return f"{'absent':>7}" if not stats.task_tokens.get(task) else f"{stats.task_loss[task]:7.3f}"
+
+
+def _figure(value: float) -> str:
+    """A task's preference accuracy, or 'absent' where it held no held-out pair (nan)."""
+    return f"{'absent':>7}" if math.isnan(value) else f"{value:7.3f}"
 
 
 def _print_best(result) -> None:

@@ -143,3 +143,36 @@ def test_every_learned_token_of_the_split_records_is_trained_on(corpus, mode):
     assert ends == len(whole)
     if mode == "concat":  # documents run on across a row: some rows hold the end of one and more
         assert any(len(docs) > 1 for _, docs in rows)
+
+
+def test_a_task_learned_throughout_is_counted_without_reading_its_masks(tmp_path):
+    """The start-up count of cut samples skips the loss masks of a task whose manifest counts every token
+    learned (raw code: the mask reads are the slow part at 10^8 documents), and it counts what reading them
+    counts; a task with prompts still reads them."""
+    from megamft.data.coverage import count_cuts
+    from megamft.data.dataset import IndexedDocuments
+
+    code = [_code(i, 1 + (i * 7) % 9) for i in range(30)]
+    chat = [
+        as_line(
+            [("user", f"question {i} " * (i % 7 + 1)), ("assistant", "answer " * (i + 1))],
+            "messages",
+        )
+        for i in range(30)
+    ]
+    folder, manifest = run_preprocess(tmp_path, {"code": code, "chat": chat}, dedup=False)
+    code_entry, chat_entry = manifest["tasks"]
+    raw = IndexedDocuments(folder, code_entry, manifest["token_dtype"])
+    prompted = IndexedDocuments(folder, chat_entry, manifest["token_dtype"])
+    assert raw.all_learned and not prompted.all_learned
+    docs = np.arange(len(raw.lengths))
+    read = IndexedDocuments(folder, code_entry, manifest["token_dtype"])
+    read.all_learned = False  # the reference: every overlong sample's mask read from the .bin
+    expected = count_cuts(read, docs, 24)
+    assert expected.overlong > 10 and expected.cut_learned > 0
+
+    def no_reads(doc):
+        raise AssertionError(f"read the loss mask of document {doc}")
+
+    raw.loss_mask = no_reads
+    assert count_cuts(raw, docs, 24) == expected

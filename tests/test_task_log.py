@@ -62,3 +62,25 @@ def test_a_present_task_whose_loss_diverged_still_shows_nan():
     interval = TaskLossInterval()
     interval.add(_stats({"a": float("nan"), "b": 1.0}, {"a": 4, "b": 4}))
     assert math.isnan(interval.means()["a"]) and interval.means()["b"] == 1.0
+
+
+def test_the_final_summary_says_absent_for_a_task_without_learned_tokens(capsys):
+    """`megamft train`'s closing table: a task whose validation rows hold no learned token is absent; a
+    present task's nan (a divergence) is still printed as nan."""
+    from megamft.cli import _print_summary
+    from megamft.training.run_state import RunResult
+    from megamft.training.step import StepStats
+
+    def stats(a, b):
+        return StepStats(
+            loss=1.0,
+            tokens=10,
+            task_loss={"a": a, "b": b, "c": math.nan},
+            task_tokens={"a": 6, "b": 4, "c": 0},
+        )
+
+    _print_summary(RunResult(valid_before=stats(2.0, 3.0), valid_after=stats(1.5, math.nan)))
+    table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert table["a"] == ["2.000", "->", "1.500"]
+    assert table["b"] == ["3.000", "->", "nan"]
+    assert table["c"] == ["absent", "->", "absent"]

@@ -41,6 +41,7 @@ class InMemoryDocuments:
     preprocess_cut = preprocess_dropped = 0
     preprocess_split = (0, 0, 0)
     preprocess_max_seq_length = None
+    all_learned = False
 
     def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray], left_out: int = 0):
         self._ids, self._masks = ids, masks
@@ -78,6 +79,8 @@ class IndexedDocuments:
         )  # int32, a view of megatron's map of the .idx: no copy
         self.max_token_id = largest_token_id(folder, entry, token_dtype)
         self.preprocess_cut = int(entry.get("truncated", 0))
+        # every token carries a loss (continued pretraining): the manifest counts them all learned
+        self.all_learned = entry.get("learned_tokens", -1) == entry.get("tokens")
         dropped = entry.get("dropped") or {}
         self.preprocess_dropped = sum(
             int(dropped.get(k, 0)) for k in ("overlong", "no_answer_left_after_truncation")
