@@ -208,3 +208,44 @@ def test_reference_from_another_checkpoint(pairs, uninterrupted, start, from_sta
     np.testing.assert_allclose(_table(tmp_path / "other"), _table(from_start), rtol=1e-6)
     assert np.abs(_table(tmp_path / "other") - _table(uninterrupted)).max() > 1e-3
     assert _losses(tmp_path / "other")[0] != pytest.approx(math.log(2), rel=1e-4)
+
+
+MOE = (
+    "model.num_experts=4",
+    "model.moe_router_topk=2",
+    "model.moe_ffn_hidden_size=32",
+    "model.moe_aux_loss_coeff=0.01",
+    "model.moe_z_loss_coeff=0.001",
+    "optimizer.use_distributed_optimizer=false",
+)
+
+
+@pytest.mark.slow
+def test_expert_parallel_equals_one_process(pairs, tmp_path):
+    """A tiny MoE model from the same weights, DPO at EP=2 (so DP=2) against one process: the reference table,
+    every step's loss and gradient norm (router losses included), the router losses and the per-task expert
+    shares each step logs, and the held-out reward margin."""
+    start = tmp_path / "start"
+    assert _train(pairs, start, *MOE, "train.train_steps=2").returncode == 0
+    runs = {}
+    for name, ranks, layout in (
+        ("one", 1, ()),
+        ("ep2", 2, ("parallel.expert_model_parallel_size=2",)),
+    ):
+        runs[name] = tmp_path / name
+        done = _train(pairs, runs[name], *MOE, f"checkpoint.load_dir={start}", *layout, ranks=ranks)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "experts (top 3 per task, all layers): sort " in done.stderr
+    np.testing.assert_allclose(_table(runs["ep2"]), _table(runs["one"]), rtol=1e-5)
+    one, ep2 = _scalars(runs["one"]), _scalars(runs["ep2"])
+    assert _losses(runs["ep2"]) == pytest.approx(_losses(runs["one"]), rel=1e-5)
+    assert _losses(runs["one"])[-1] < math.log(2)
+    for step in range(1, 5):
+        checked = [k for k in one[step] if k.startswith(("train/router/", "experts/"))]
+        assert {"train/router/load_balancing", "train/router/z_loss"} <= set(checked)
+        assert any(k.startswith("experts/sort/") for k in checked)
+        for key in ["train/grad_norm", *checked]:
+            assert ep2[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
+    assert ep2[4]["valid/rewards/margin/sort"] == pytest.approx(
+        one[4]["valid/rewards/margin/sort"], rel=1e-3
+    )

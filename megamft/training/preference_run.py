@@ -124,11 +124,13 @@ def step_pairs(run) -> list[tuple[int, int]]:
 def train_one_step(run, setup: LossSetup) -> StepStats:
     """One optimizer step of the objective on the next global batch of pairs."""
     micro = _my_micro_batches(run, step_pairs(run))
+    before_forward = run.expert_stats.route_tasks if run.expert_stats is not None else None
     return train_step(
         run.state,
         micro,
         run.data.task_names,
         dataclasses.replace(setup, preference=run.preference.setup),
+        before_forward,
     )
 
 

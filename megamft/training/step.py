@@ -376,12 +376,13 @@ def reduce_stats(
             n: float(s / c) if c else float("nan") for n, s, c in zip(task_names, loss_sums, counts)
         },
         task_tokens={n: int(c) for n, c in zip(task_names, counts)},
-        router_losses={
-            name: v
-            for name, v in zip(router_losses.TRACKED.values(), router_values)
-            if math.isfinite(v)
-        },
+        router_losses=_named_router_losses(router_values),
     )
+
+
+def _named_router_losses(values: list[float]) -> dict[str, float]:
+    """{logged name: value} of router_losses.reduced's values, those the model has (finite)."""
+    return {name: v for name, v in zip(router_losses.TRACKED.values(), values) if math.isfinite(v)}
 
 
 def train_step(
@@ -412,7 +413,7 @@ def train_step(
     if setup.router_loss_coeffs is not None:
         router = router_losses.reduced(get_model_config(state.chunks[0]), len(micro_batches))
     if setup.preference is not None:
-        stats = _preference_stats(outputs, micro_batches, task_names)
+        stats = _preference_stats(outputs, micro_batches, task_names, router)
     else:
         stats = reduce_stats(
             outputs, task_names, router
@@ -437,12 +438,22 @@ def train_step(
 
 
 def _preference_stats(
-    outputs: list[dict], micro_batches: list[dict], task_names: tuple[str, ...]
+    outputs: list[dict],
+    micro_batches: list[dict],
+    task_names: tuple[str, ...],
+    router: torch.Tensor | None = None,
 ) -> StepStats:
+    """The objective and reward metrics; `router`: MoE auxiliary losses (router_losses.reduced)."""
     loss, metrics = preference_step.reduce_preference_stats(outputs, task_names)
     tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)  # this rank's; metrics only
+    router_values = [] if router is None else router.double().tolist()
     return StepStats(
-        loss=loss, tokens=int(tokens), task_loss={}, task_tokens={}, preference=metrics
+        loss=loss,
+        tokens=int(tokens),
+        task_loss={},
+        task_tokens={},
+        preference=metrics,
+        router_losses=_named_router_losses(router_values),
     )
 
 
