@@ -259,7 +259,12 @@ def _compute_reference(run, lora: bool) -> dict[int, np.ndarray]:
 
     def compute():
         return reference_logps.compute(
-            run.state, pairs, pref.pairs_per_task, make, pref.pairs_per_micro_batch
+            run.state,
+            pairs,
+            pref.pairs_per_task,
+            make,
+            pref.pairs_per_micro_batch,
+            run.cfg.loss.fused_cross_entropy,
         )
 
     if not lora:
@@ -315,7 +320,12 @@ def _pair_table(run, pairs: list[tuple[int, int]]) -> torch.Tensor:
     pref = run.preference
     make = lambda cut: pair_micro_batch(cut, run.data.stores, pref.length, run.data.pad_id)  # noqa: E731
     table = reference_logps.compute(
-        run.state, pairs, pref.pairs_per_task, make, pref.pairs_per_micro_batch
+        run.state,
+        pairs,
+        pref.pairs_per_task,
+        make,
+        pref.pairs_per_micro_batch,
+        run.cfg.loss.fused_cross_entropy,
     )
     return torch.stack([torch.from_numpy(table[task][pair]) for task, pair in pairs])
 

@@ -86,8 +86,10 @@ def compute(
     pairs_per_task: list[int],
     make_batch,
     pairs_per_micro_batch: int,
+    fused: bool = False,
 ) -> dict[int, np.ndarray]:
-    """Every pair's log-probabilities under the model as it is, on every rank.
+    """Every pair's log-probabilities under the model as it is, on every rank (`fused`: through the
+    fused cross entropy, loss.fused_cross_entropy).
 
     pairs: every (task, pair) of the data; make_batch(list of pairs) gives their micro-batch.
     Each DP rank computes a strided share; one all-reduce over DP and one broadcast from the
@@ -109,7 +111,7 @@ def compute(
         rounds
     ):  # one micro-batch per schedule; a rank with fewer repeats one, unread
         cut = cuts[index] if index < len(cuts) else (cuts or [pairs[:1]])[-1]
-        for values in reference_logps(state, [make_batch(cut)], len(pairs_per_task)):
+        for values in reference_logps(state, [make_batch(cut)], len(pairs_per_task), fused):
             if index < len(cuts):
                 table[torch.tensor([int(offsets[task]) + pair for task, pair in cut])] = values
     _share(table)

@@ -311,13 +311,14 @@ def _run_schedule(
 
     def make_loss_func(batch):
         if reference:
-            return partial(preference_step.reference_loss_func, batch)
+            return partial(preference_step.reference_loss_func, num_tasks, setup.fused, batch)
         if setup.preference is not None:
             return partial(
                 preference_step.preference_loss_func,
                 setup.preference,
                 total_tokens,
                 num_tasks,
+                setup.fused,
                 batch,
             )
         return partial(_loss_func, setup, divisor, total_tokens, num_tasks, batch)
@@ -458,14 +459,19 @@ def _preference_stats(
 
 
 @torch.no_grad()
-def reference_logps(state, micro_batches: list[dict], num_tasks: int) -> list[torch.Tensor]:
+def reference_logps(
+    state, micro_batches: list[dict], num_tasks: int, fused: bool = False
+) -> list[torch.Tensor]:
     """Forward only: each micro-batch's pairs' log-probabilities, [pairs, 2] float64 on the host.
+
+    `fused`: from the fused cross entropy's per-sample sums, as training computes them with
+    loss.fused_cross_entropy (so that at the first step policy and reference agree bitwise).
 
     Read on the last pipeline stage (the others get empty lists: they never compute a pair's loss).
     """
     for chunk in state.chunks:
         chunk.eval()
-    setup = LossSetup(mode="token", preference=PreferenceSetup("simpo"))
+    setup = LossSetup(mode="token", fused=fused, preference=PreferenceSetup("simpo"))
     outputs = _run_schedule(state.chunks, micro_batches, setup, num_tasks, True, reference=True)
     for chunk in state.chunks:
         chunk.train()
