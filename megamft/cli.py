@@ -19,6 +19,18 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train (under torchrun for several processes)")
     train.add_argument("--config", action="append", help="YAML config file (repeat to layer files)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    reference = commands.add_parser(
+        "reference",
+        help="compute and store a dpo/rpo run's reference log-probabilities, then exit",
+        description="Compute the reference log-probabilities that `megamft train` of the same config "
+        "would compute at its first start (from loss.reference_dir's checkpoint, else the starting "
+        "weights), at the config's parallel layout (under torchrun for several processes), and store "
+        "them in checkpoint.save_dir; that train reads them instead of computing them.",
+    )
+    reference.add_argument(
+        "--config", action="append", help="YAML config file (repeat to layer files)"
+    )
+    reference.add_argument("overrides", nargs="*", help="section.key=value overrides")
     check = commands.add_parser("check", help="validate a config for a world size, run nothing")
     check.add_argument("--config", action="append", help="YAML config file (repeat to layer files)")
     check.add_argument("--world-size", type=int, required=True, help="processes it will run on")
@@ -190,14 +202,9 @@ def _run(argv: list[str]) -> int:
         print(f"{', '.join(args.config or ['default config'])}: valid for world size {world_size}")
         _print_fast_settings(cfg)
         return 0
-    # MEGAMFT_LOG_LEVEL=DEBUG adds per-step detail (e.g. device synchronizations under the emulation).
-    level = os.environ.get("MEGAMFT_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
+    _configure_logging()
+    if args.command == "reference":
+        return _compute_reference(cfg)
     set_device_max_connections(
         cfg
     )  # before any import that may start CUDA; initialize warns if needed
@@ -214,3 +221,27 @@ def _run(argv: list[str]) -> int:
     if is_rank_zero_after_run():
         _print_summary(result)
     return 0
+
+
+def _compute_reference(cfg) -> int:
+    """`megamft reference`: the table stored, its path printed (rank 0)."""
+    from megamft.platform.distributed import is_rank_zero_after_run, set_device_max_connections
+
+    set_device_max_connections(cfg)
+    from megamft.training.loop import compute_reference
+
+    path = compute_reference(cfg)
+    if is_rank_zero_after_run():
+        print(f"reference log-probabilities: {path}")
+    return 0
+
+
+def _configure_logging() -> None:
+    # MEGAMFT_LOG_LEVEL=DEBUG adds per-step detail (e.g. device synchronizations under the emulation).
+    level = os.environ.get("MEGAMFT_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter

@@ -34,8 +34,10 @@ def preference_step(
     objective: str,
     steps: int = 1,
     layout: tuple[str, ...] = (),
+    fused: bool = False,
 ) -> dict:
-    """`steps` training steps of `objective` on the synthetic pairs, the reference computed first at this layout."""
+    """`steps` training steps of `objective` on the synthetic pairs, the reference computed first at this layout;
+    `fused`: the answers' log-probabilities from the fused cross entropy's per-sample sums."""
     import torch
     from megatron.core import parallel_state
 
@@ -66,11 +68,12 @@ def preference_step(
         micro = [pair_micro_batch(cut, stores, 16, 0) for cut in cuts]
         state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
         dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
-        for batch, ref in zip(micro, reference_logps(state, micro, len(TASKS))):
+        for batch, ref in zip(micro, reference_logps(state, micro, len(TASKS), fused)):
             batch["ref_logps"] = ref
         setup = LossSetup(
             "task_token",
             task_weights=torch.tensor([1.0, 3.0]),
+            fused=fused,
             preference=PreferenceSetup(objective, beta=0.5),
         )
         history = []

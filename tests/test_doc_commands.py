@@ -44,6 +44,7 @@ RUN_HERE = {
     "torchrun --nproc-per-node 2 -m megamft train --config examples/quickstart.yaml train.train_steps=160": "train.train_steps=3 train.lr_warmup_steps=1 train.log_interval=1",
     "python examples/data/synthetic_preferences.py runs/pairs.jsonl --pairs 200": "",
     "megamft-preprocess --task sort=runs/pairs.jsonl --out runs/dpo_data --max-seq-length 129 --overlong drop": "",
+    "python -m megamft reference --config examples/dpo.yaml checkpoint.load_dir=runs/quickstart": "",
     "python -m megamft train --config examples/dpo.yaml checkpoint.load_dir=runs/quickstart": SHORT_RUN,
     "megamft-convert megatron-to-hf --checkpoint runs/dpo --out release/dpo-model": "",
     "megamft eval humaneval release/dpo-model --tokenizer byte --prompt-format completion --output he/ --n 1 --temperature 0 --k 1": "--limit 2",

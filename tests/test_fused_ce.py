@@ -124,6 +124,69 @@ def test_tp2_vocab_shards_give_the_full_result():
         torch.testing.assert_close(result["grad"], want_grad[:, a:b], rtol=1e-5, atol=1e-6)
 
 
+def _gathered_logps(logits, labels, mask, sample_index, samples):
+    """Independent reference: each sample's summed log-probability, a log_softmax gather, differentiable."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).squeeze(1)
+    return torch.zeros(samples).index_add(0, sample_index, logp * mask)
+
+
+def _sample_objective_case(seed=0, vocab=300):
+    """A case with every sample's coefficient c_s: the objective total + sum_s c_s x sample_sums_s."""
+    case = _case(vocab=vocab, seed=seed)
+    coefficients = torch.randn(case[-1], generator=torch.Generator().manual_seed(seed + 1))
+    return case, coefficients
+
+
+def _sample_objective_reference(case, coefficients):
+    """(minus each sample's log-probability, the objective's gradient over the full logits), plain torch."""
+    logits, labels, weights, mask, task_ids, sample_index, tasks, samples = case
+    x = logits.float().detach().requires_grad_()
+    sums = -_gathered_logps(x, labels, mask, sample_index, samples)
+    per_token = -torch.log_softmax(x, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    ((per_token * weights).sum() + (sums * coefficients).sum()).backward()
+    return sums.detach(), x.grad
+
+
+def test_per_sample_sums_carry_gradients_equal_to_a_log_softmax_gather():
+    """d/dlogits of total + sum_s c_s sample_sums_s: weight and sample terms in one in-place backward."""
+    case, coefficients = _sample_objective_case()
+    want_sums, want_grad = _sample_objective_reference(case, coefficients)
+    logits = case[0].clone().requires_grad_()
+    out = fused_multitask_cross_entropy(logits * 1, *case[1:])
+    torch.testing.assert_close(out.sample_sums.float(), want_sums, rtol=1e-5, atol=1e-5)
+    (out.total + (out.sample_sums * coefficients.double()).sum()).backward()
+    torch.testing.assert_close(logits.grad, want_grad, rtol=1e-5, atol=1e-6)
+    assert logits.grad[:3].abs().sum() == 0  # mask 0: no gradient from either term
+
+
+def _tp2_sample_sums_rank(case_seed: int):
+    """One TP rank (uniform vocab shards, as training cuts them): total + sum_s c_s sample_sums_s."""
+    torch.distributed.init_process_group("gloo")
+    try:
+        rank = torch.distributed.get_rank()
+        case, coefficients = _sample_objective_case(seed=case_seed, vocab=300)
+        logits, *rest = _cuda(case)
+        shard = logits[:, rank * 150 : (rank + 1) * 150].clone().requires_grad_()
+        out = fused_multitask_cross_entropy(
+            shard * 1, *rest, vocab_start=rank * 150, tp_group=torch.distributed.group.WORLD
+        )
+        (out.total + (out.sample_sums * coefficients.double().to(shard.device)).sum()).backward()
+        return {"sample_sums": out.sample_sums.cpu(), "grad": shard.grad.cpu(), "rank": rank}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tp2_per_sample_sums_and_their_gradients_equal_a_log_softmax_gather():
+    from megamft.testing.distributed import launch
+
+    case, coefficients = _sample_objective_case(seed=7)
+    want_sums, want_grad = _sample_objective_reference(case, coefficients)
+    for result in launch(_tp2_sample_sums_rank, 2, kwargs={"case_seed": 7}, timeout=120):
+        torch.testing.assert_close(result["sample_sums"].float(), want_sums, rtol=1e-5, atol=1e-5)
+        a = result["rank"] * 150
+        torch.testing.assert_close(result["grad"], want_grad[:, a : a + 150], rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_logits_are_read_without_an_fp32_copy_of_the_whole():
     case = _case(dtype=torch.bfloat16)
     want_total, want_tok, *_ = _reference(*case)
@@ -523,6 +586,33 @@ def test_kernels_match_the_torch_reference_on_gpu(dtype, vocab):
     torch.testing.assert_close(out.sample_sums, want_samples, rtol=1e-3, atol=1e-2)
     torch.testing.assert_close(out.total, want_total, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(grad.float(), want_grad, **tol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_sample_sum_gradients_of_the_kernels_match_the_torch_path_on_gpu(dtype):
+    """The preference objectives' gradient (through sample_sums, and the weighted total) on the CUDA
+    kernels against the torch path on the same GPU tensors."""
+    _kernels_or_fail()
+    case = _case(tokens=4096, vocab=32000, tasks=4, dtype=dtype, device="cuda")
+    coefficients = torch.randn(case[-1], device="cuda", dtype=torch.float64)
+    results = []
+    for kernels_on in (True, False):
+        logits = case[0].clone().requires_grad_()
+        saved = fused_ce._kernels, fused_ce._build_failed
+        if not kernels_on:
+            fused_ce.adopt_kernels(None)  # the torch path on the same device
+        try:
+            out = fused_multitask_cross_entropy(logits * 1, *case[1:])
+            (out.total + (out.sample_sums * coefficients).sum()).backward()
+        finally:
+            fused_ce._kernels, fused_ce._build_failed = saved
+        results.append((out.sample_sums, logits.grad.float()))
+    (kernel_sums, kernel_grad), (torch_sums, torch_grad) = results
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kernel_sums, torch_sums, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(kernel_grad, torch_grad, **tol)
+    assert kernel_grad.abs().sum() > 0
 
 
 @needs_gpu

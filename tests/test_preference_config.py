@@ -28,10 +28,6 @@ def _problems(*overrides, world_size=1):
             "loss.label_smoothing applies to dpo, rpo and simpo",
         ),
         (
-            ["loss.objective=dpo", "loss.fused_cross_entropy=true"],
-            "loss.fused_cross_entropy is not wired",
-        ),
-        (
             ["loss.objective=dpo", "loss.label_smoothing=0.5"],
             "loss.label_smoothing must be in [0, 0.5)",
         ),

@@ -33,7 +33,8 @@ def test_a_stored_table_reads_back_under_its_key(tmp_path):
 def test_other_data_or_model_is_refused_naming_what_differs(tmp_path, changed, named):
     save(tmp_path, IDENTITY, TABLE)
     with pytest.raises(
-        ReferenceMismatch, match=f"{tmp_path / FILE}: .* for {named}; a resumed run cannot"
+        ReferenceMismatch,
+        match=f"{tmp_path / FILE}: .* for {named}; use the data and reference model",
     ):
         obtain(
             tmp_path,

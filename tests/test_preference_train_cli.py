@@ -36,7 +36,14 @@ def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
-def _train(data: Path, save_dir: Path, *args: str, ranks: int = 1, env: dict | None = None):
+def _train(
+    data: Path,
+    save_dir: Path,
+    *args: str,
+    ranks: int = 1,
+    env: dict | None = None,
+    command: str = "train",
+):
     launcher = [
         "-m",
         "torch.distributed.run",
@@ -50,7 +57,7 @@ def _train(data: Path, save_dir: Path, *args: str, ranks: int = 1, env: dict | N
         *(launcher if ranks > 1 else []),
         "-m",
         "megamft",
-        "train",
+        command,
         "--config",
         str(ROOT / "examples" / "dpo.yaml"),
         *SMALL,
@@ -208,3 +215,105 @@ def test_reference_from_another_checkpoint(pairs, uninterrupted, start, from_sta
     np.testing.assert_allclose(_table(tmp_path / "other"), _table(from_start), rtol=1e-6)
     assert np.abs(_table(tmp_path / "other") - _table(uninterrupted)).max() > 1e-3
     assert _losses(tmp_path / "other")[0] != pytest.approx(math.log(2), rel=1e-4)
+
+
+MOE = (
+    "model.num_experts=4",
+    "model.moe_router_topk=2",
+    "model.moe_ffn_hidden_size=32",
+    "model.moe_aux_loss_coeff=0.01",
+    "model.moe_z_loss_coeff=0.001",
+    "optimizer.use_distributed_optimizer=false",
+)
+
+
+@pytest.mark.slow
+def test_expert_parallel_equals_one_process(pairs, tmp_path):
+    """A tiny MoE model from the same weights, DPO at EP=2 (so DP=2) against one process: the reference table,
+    every step's loss and gradient norm (router losses included), the router losses and the per-task expert
+    shares each step logs, and the held-out reward margin."""
+    start = tmp_path / "start"
+    assert _train(pairs, start, *MOE, "train.train_steps=2").returncode == 0
+    runs = {}
+    for name, ranks, layout in (
+        ("one", 1, ()),
+        ("ep2", 2, ("parallel.expert_model_parallel_size=2",)),
+    ):
+        runs[name] = tmp_path / name
+        done = _train(pairs, runs[name], *MOE, f"checkpoint.load_dir={start}", *layout, ranks=ranks)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "experts (top 3 per task, all layers): sort " in done.stderr
+    np.testing.assert_allclose(_table(runs["ep2"]), _table(runs["one"]), rtol=1e-5)
+    one, ep2 = _scalars(runs["one"]), _scalars(runs["ep2"])
+    assert _losses(runs["ep2"]) == pytest.approx(_losses(runs["one"]), rel=1e-5)
+    assert _losses(runs["one"])[-1] < math.log(2)
+    for step in range(1, 5):
+        checked = [k for k in one[step] if k.startswith(("train/router/", "experts/"))]
+        assert {"train/router/load_balancing", "train/router/z_loss"} <= set(checked)
+        assert any(k.startswith("experts/sort/") for k in checked)
+        for key in ["train/grad_norm", *checked]:
+            assert ep2[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
+    assert ep2[4]["valid/rewards/margin/sort"] == pytest.approx(
+        one[4]["valid/rewards/margin/sort"], rel=1e-3
+    )
+
+
+@pytest.mark.slow
+def test_reference_command_stores_the_table_the_run_then_reads(
+    pairs, uninterrupted, start, from_start, tmp_path
+):
+    """`megamft reference` at TP=2 with loss.reference_dir = the 2-step run: the table a one-process run
+    starting from those weights computes; the following `megamft train` of the same config reads it (not
+    rewritten, the reference's weights never loaded), and a run whose reference differs refuses it."""
+    save_dir = tmp_path / "run"
+    same = (
+        f"checkpoint.load_dir={uninterrupted}",
+        f"loss.reference_dir={start}",
+        "parallel.tensor_model_parallel_size=2",
+    )
+    done = _train(pairs, save_dir, *same, ranks=2, command="reference")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"reference log-probabilities: {save_dir / 'reference_logps.npz'}" in done.stdout
+    assert not list(save_dir.glob("iter_*")) and not (save_dir / "metrics.jsonl").exists()
+    np.testing.assert_allclose(_table(save_dir), _table(from_start), rtol=1e-5)
+    stored = save_dir / "reference_logps.npz"
+    before = (stored.stat().st_mtime_ns, stored.read_bytes())
+    trained = _train(pairs, save_dir, *same, ranks=2)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"of 40 pairs read from {stored}" in trained.stderr
+    assert "from loss.reference_dir" not in trained.stderr  # its weights were not loaded
+    assert (stored.stat().st_mtime_ns, stored.read_bytes()) == before
+    assert _losses(save_dir)[0] != pytest.approx(math.log(2), rel=1e-4)
+
+    other = tmp_path / "other"  # the table of `start`, then a run with another reference
+    assert _train(pairs, other, *same[:2], command="reference").returncode == 0
+    refused = _train(
+        pairs, other, f"checkpoint.load_dir={uninterrupted}", f"loss.reference_dir={uninterrupted}"
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("megamft: ") and "were computed for other model" in last, last
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (("loss.objective=orpo",), "loss.objective=orpo has no reference log-probabilities"),
+        (
+            ("loss.objective=simpo", "checkpoint.load_dir=x"),
+            "loss.objective=simpo has no reference log-probabilities",
+        ),
+        (("loss.objective=sft",), "set loss.objective to dpo"),
+        (
+            ("checkpoint.load_dir=x", "loss.reference_dir=/no/such/folder"),
+            "loss.reference_dir=/no/such/folder holds no complete checkpoint",
+        ),
+        (("checkpoint.save_dir=null",), "checkpoint.save_dir is not set"),
+    ],
+)
+def test_reference_command_refuses_bad_input_in_one_line(pairs, tmp_path, args, named):
+    done = _train(pairs, tmp_path / "run", *args, command="reference")
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], done.stderr
+    assert not (tmp_path / "run" / "reference_logps.npz").exists()

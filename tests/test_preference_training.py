@@ -11,7 +11,7 @@ import torch
 from megamft.testing.distributed import launch
 
 
-def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=()):
+def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=(), fused=False):
     return launch(
         preference_jobs.preference_step,
         world,
@@ -22,6 +22,7 @@ def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=()):
             objective=objective,
             steps=steps,
             layout=layout,
+            fused=fused,
         ),
     )[0]
 
@@ -51,6 +52,26 @@ def test_dp2_with_one_pair_per_micro_batch_equals_one_process_with_four(initial_
     if objective == "dpo":  # policy == reference at the first step, whatever the task weights
         assert whole["loss"][0] == pytest.approx(math.log(2), rel=1e-6)
         assert cut["metrics"][0]["rewards/margin"] == {"a": 0.0, "b": 0.0}
+
+
+def test_fused_cross_entropy_at_tp2_equals_the_unfused_run(initial_weights):
+    """DPO at TP=2 with the answers' log-probabilities from the fused loss's per-sample sums (torch path,
+    vocab-parallel) against megatron's cross entropy: three steps' losses, metrics and rank 0's gradients."""
+    layout = ("parallel.tensor_model_parallel_size=2",)
+    plain = _run(initial_weights, 2, 2, "dpo", steps=3, layout=layout)
+    fused = _run(initial_weights, 2, 2, "dpo", steps=3, layout=layout, fused=True)
+    assert plain["loss"][2] != pytest.approx(
+        plain["loss"][0], rel=1e-4
+    )  # step 2 moved it (1: lr 0)
+    assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert fused["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(
+        fused["grads"], plain["grads"], rtol=1e-5, atol=1e-6 * plain["grads"].abs().max().item()
+    )
+    # the reference is computed through the fused loss too: at the first step it equals the policy bitwise
+    assert fused["metrics"][0]["rewards/margin"] == {"a": 0.0, "b": 0.0}
+    margins = [r["metrics"][2]["rewards/margin"] for r in (fused, plain)]
+    assert margins[0] == pytest.approx(margins[1], rel=1e-4)
 
 
 def _tables(weights, world, lora=False):

@@ -1,5 +1,6 @@
-"""The tests skipped without CUDA (the fused loss kernels, flash varlen attention) under pytest, read from
-their JUnit XML; on a GPU no CUDA-related test may be skipped."""
+"""The tests skipped without CUDA (the fused loss kernels, among them the gradients of their per-sample sums
+that the preference objectives use, and flash varlen attention) under pytest, read from their JUnit XML; on
+a GPU no CUDA-related test may be skipped."""
 
 from __future__ import annotations
 

@@ -27,11 +27,6 @@ def preference_problems(cfg: MegamftConfig) -> list[str]:
             f"loss.normalization={loss.normalization} does not apply to {name}: pairs are counted over "
             "the global batch; remove it"
         )
-    if loss.fused_cross_entropy:
-        problems.append(
-            f"loss.fused_cross_entropy is not wired to {name} yet (its per-sample sums are not read as "
-            "log-probabilities); set it to false"
-        )
     if loss.objective == "orpo" and loss.label_smoothing:
         problems.append(
             "loss.label_smoothing applies to dpo, rpo and simpo, not to loss.objective=orpo; remove it"

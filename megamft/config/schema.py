@@ -313,7 +313,8 @@ class LossConfig:
     """Focusing exponent of the focal mode."""
     fused_cross_entropy: bool = False
     """Compute the loss with megamft's fused kernels (csrc/) instead of megatron's cross entropy. On CUDA they
-    are built (or loaded from $MEGAMFT_KERNELS_DIR) at start-up, once per node; the torch path runs elsewhere."""
+    are built (or loaded from $MEGAMFT_KERNELS_DIR) at start-up, once per node; the torch path runs elsewhere.
+    Preference objectives read each answer's log-probability from the kernels' per-sample sums."""
     coba_update_interval: Size = 1
     """Steps between CoBa's validation measurements and weight updates (MFTCoder: 1)."""
     coba_history: Size = 200

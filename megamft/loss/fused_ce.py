@@ -10,7 +10,10 @@ logits is this TP rank's [tokens, vocab shard] slice, fp32, bf16 or fp16. On CUD
 the kernels of csrc/fused_ce.cu run (built with ninja, see Build below);
 elsewhere the same scheme runs in torch, vocab chunk by vocab chunk. Either way
 no fp32 copy of the whole [tokens, vocab] logits is made, and the backward pass
-overwrites the logits with their gradient.
+overwrites the logits with their gradient. Gradients flow from the weighted total
+and from the per-sample sums (a sequence's summed log-probability is minus its
+sum: the preference objectives read them); one backward pass serves both, with
+each token's factor grad_total x weight + grad_sample_sums[sample] x mask.
 
 The scheme is megatron's: per shard, each token's max logit, sum of
 exp(logit - max) and target logit (when the label is in the shard); across TP,
@@ -239,6 +242,28 @@ def backward_inplace_torch(
         chunk.copy_(grad)
 
 
+def gradient_factor(
+    weights: torch.Tensor,
+    grad_total: torch.Tensor | None,
+    mask: torch.Tensor,
+    sample_index: torch.Tensor,
+    grad_sample_sums: torch.Tensor | None,
+) -> torch.Tensor:
+    """Each token's factor of (softmax - onehot) in the gradient, float32 [tokens], on the device (no sync).
+
+    d total / d loss_i = w_i and d sample_sums[s] / d loss_i = mask_i for the tokens of sample s, so
+    the factor is grad_total w_i + grad_sample_sums[s_i] mask_i; a token with mask 0, or a sample
+    index out of range (counted in no sum), gets no sample term. None: that output was not used.
+    """
+    factor = weights * grad_total.float() if grad_total is not None else torch.zeros_like(weights)
+    if grad_sample_sums is not None and grad_sample_sums.numel():
+        count = grad_sample_sums.shape[0]
+        inside = (sample_index >= 0) & (sample_index < count) & (mask != 0)
+        picked = grad_sample_sums.float()[sample_index.clamp(0, count - 1)] * mask
+        factor = factor + torch.where(inside, picked, torch.zeros_like(picked))
+    return factor.contiguous()
+
+
 def _use_kernels(logits: torch.Tensor):
     return kernels() if logits.device.type == "cuda" and torch.cuda.is_available() else None
 
@@ -273,15 +298,26 @@ class _FusedCrossEntropy(torch.autograd.Function):
             per_token, task_sums, sample_sums, total = finalize_torch(
                 stats, *args, num_tasks, num_samples
             )
-        ctx.save_for_backward(logits, labels, stats.row_max, stats.row_sumexp, weights.float())
+        ctx.save_for_backward(
+            logits,
+            labels,
+            stats.row_max,
+            stats.row_sumexp,
+            weights.float(),
+            mask.float(),
+            sample_index,
+        )
         ctx.vocab_start = vocab_start
-        ctx.mark_non_differentiable(per_token, task_sums, sample_sums)
+        ctx.mark_non_differentiable(per_token, task_sums)
+        ctx.set_materialize_grads(
+            False
+        )  # an unused output's gradient arrives as None: no work for it
         return total.float(), per_token, task_sums, sample_sums
 
     @staticmethod
-    def backward(ctx, grad_total, *unused):
-        logits, labels, row_max, row_sumexp, weights = ctx.saved_tensors
-        scaled = (weights * grad_total.float()).contiguous()  # on device: no host sync
+    def backward(ctx, grad_total, grad_per_token, grad_task_sums, grad_sample_sums):
+        logits, labels, row_max, row_sumexp, weights, mask, sample_index = ctx.saved_tensors
+        scaled = gradient_factor(weights, grad_total, mask, sample_index, grad_sample_sums)
         impl = _use_kernels(logits)
         if impl is not None:
             impl.backward_inplace(logits, labels, ctx.vocab_start, row_max, row_sumexp, scaled)
@@ -297,7 +333,7 @@ class FusedOutput:
     total: torch.Tensor  # sum_i w_i * loss_i, differentiable
     per_token_loss: torch.Tensor  # [tokens]
     task_sums: torch.Tensor  # [num_tasks] sum of mask * loss
-    sample_sums: torch.Tensor  # [num_samples] sum of mask * loss
+    sample_sums: torch.Tensor  # [num_samples] sum of mask * loss, differentiable (float64)
 
 
 def _is_integer(dtype: torch.dtype) -> bool:

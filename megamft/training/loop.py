@@ -25,7 +25,7 @@ from megamft.platform.device import describe_runtime
 from megamft.platform.folder_lock import FolderLock
 from megamft.platform.output_folder import DestinationError
 from megamft.platform.shared_folder import NotSharedError, confirm_shared
-from megamft.training import data_checks, preference_run, steps
+from megamft.training import data_checks, preference_run, reference_logps, steps
 from megamft.training.code_eval import CodeEvaluator
 from megamft.training.data_report import report_data
 from megamft.training.expert_stats import ExpertStats
@@ -168,7 +168,7 @@ def _claim_save_folder(cfg: MegamftConfig) -> tuple[FolderLock | None, run_folde
     return lock, detail
 
 
-def _build(cfg: MegamftConfig) -> Run:
+def _build(cfg: MegamftConfig, metrics: bool = True) -> Run:
     runtime = distributed.runtime()
     if distributed.is_logging_rank():
         log.info(describe_runtime(runtime))
@@ -255,7 +255,7 @@ def _build(cfg: MegamftConfig) -> Run:
         data,
         make_balancer(cfg.loss, len(data.task_names)),
         weights,
-        MetricsWriter.for_run(cfg, distributed.is_logging_rank(), data.vocab_size),
+        MetricsWriter.for_run(cfg, metrics and distributed.is_logging_rank(), data.vocab_size),
         async_saves=dist_checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None,
         expert_stats=experts,
         selection=selection,
@@ -335,6 +335,38 @@ def run(cfg: MegamftConfig, watch: PreemptionWatch | None = None) -> RunResult:
         if current is not None:
             current.abandon_saves()  # after finish_saves: nothing left (a failure or Ctrl-C: what was in flight)
         watch.close()
+        if lock is not None:
+            lock.release()
+        distributed.shutdown()
+
+
+def compute_reference(cfg: MegamftConfig) -> Path:
+    """`megamft reference`: what `run` does up to its first step, for a fresh dpo or rpo run: compute
+    its reference log-probabilities (loss.reference_dir's, or the starting model's) and store them in
+    checkpoint.save_dir, where the run reads them back; nothing is trained or saved besides."""
+    problems = preference_run.reference_command_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    lock = None
+    try:
+        distributed.initialize(cfg)
+        lock, plan = _claim_save_folder(cfg)
+        if plan.load_optimizer:
+            raise ConfigError(
+                f"checkpoint.save_dir={cfg.checkpoint.save_dir} holds the run's checkpoints (it would "
+                "resume): its reference log-probabilities are stored already; choose another "
+                "checkpoint.save_dir for a new run"
+            )
+        current = _build(cfg, metrics=False)
+        _resume(current, plan)
+        data_checks.wait_for_checksums(current.data)
+        return Path(cfg.checkpoint.save_dir) / reference_logps.FILE
+    except Exception as err:
+        quiet = distributed.claim_report(err)
+        if quiet is None:
+            raise
+        raise quiet from err
+    finally:
         if lock is not None:
             lock.release()
         distributed.shutdown()

@@ -22,6 +22,7 @@ import torch
 from megatron.core import parallel_state
 
 from megamft.checkpoint import dist_checkpoint
+from megamft.checkpoint.layout import LATEST, latest_iteration
 from megamft.config import ConfigError, MegamftConfig
 from megamft.data.dataset import MultitaskData
 from megamft.data.pairs import PairSchedule, pair_micro_batch, split_pairs
@@ -124,11 +125,13 @@ def step_pairs(run) -> list[tuple[int, int]]:
 def train_one_step(run, setup: LossSetup) -> StepStats:
     """One optimizer step of the objective on the next global batch of pairs."""
     micro = _my_micro_batches(run, step_pairs(run))
+    before_forward = run.expert_stats.route_tasks if run.expert_stats is not None else None
     return train_step(
         run.state,
         micro,
         run.data.task_names,
         dataclasses.replace(setup, preference=run.preference.setup),
+        before_forward,
     )
 
 
@@ -150,15 +153,80 @@ def starting_model(cfg: MegamftConfig, load_dir: str | None) -> dict:
     return {"initialized": cfg.train.seed, "model": dataclasses.asdict(cfg.model)}
 
 
+def reference_command_problems(cfg: MegamftConfig) -> list[str]:
+    """Why `megamft reference` cannot compute this config's reference table (one line each, naming the key)."""
+    if cfg.loss.objective not in NEEDS_REFERENCE:
+        return [
+            f"loss.objective={cfg.loss.objective} has no reference log-probabilities (dpo and rpo "
+            "have): megamft reference has nothing to compute; set loss.objective=dpo or rpo"
+        ]
+    problems = []
+    if not cfg.checkpoint.save_dir:
+        problems.append(
+            "checkpoint.save_dir is not set: megamft reference stores the table there, for the "
+            "megamft train of the same config to read"
+        )
+    problem = reference_dir_problem(cfg)
+    return problems + ([problem] if problem else [])
+
+
+def reference_dir_problem(cfg: MegamftConfig) -> str | None:
+    """Why loss.reference_dir cannot give the reference (no complete checkpoint there), or None."""
+    folder = cfg.loss.reference_dir
+    if not folder or latest_iteration(folder) is not None:
+        return None
+    return (
+        f"loss.reference_dir={folder} holds no complete checkpoint (no '{LATEST}' file): give the "
+        "save folder of a run, or a conversion's output"
+    )
+
+
 def reference_from_checkpoint(run, fresh: bool) -> None:
-    """loss.reference_dir on a fresh start: load its weights and compute (or read) the table now."""
+    """loss.reference_dir on a fresh start: the stored table if checkpoint.save_dir holds it for this
+    data and reference (`megamft reference`), else load the reference's weights and compute it now."""
     folder = run.cfg.loss.reference_dir
     if not folder or not fresh or run.preference.setup.objective not in NEEDS_REFERENCE:
         return
+    model = starting_model(run.cfg, None)
+    if _read_stored(run, model):
+        return
+    problem = reference_dir_problem(run.cfg)
+    if problem:
+        raise ConfigError(problem)
     if distributed.is_logging_rank():
         log.info("reference log-probabilities from loss.reference_dir=%s", folder)
     dist_checkpoint.load(run.state, folder, run.cfg, load_optimizer=False)
-    attach_reference(run, starting_model(run.cfg, None), fresh=True)
+    attach_reference(run, model, fresh=True)
+
+
+def _identity(run, model: dict) -> dict:
+    """The stored table's key: the data and the model the reference is."""
+    return {
+        "data": data_checks.checkpoint_data_identity(run.data) or str(run.cfg.data.path),
+        "model": model,
+    }
+
+
+def _read_stored(run, model: dict) -> bool:
+    """Attach checkpoint.save_dir's table if it is there for this data and model (refused if for others)."""
+    folder = run.cfg.checkpoint.save_dir
+    stored = reference_logps.load(folder, _identity(run, model)) if folder else None
+    if stored is None:
+        return False
+    run.preference.reference, run.preference.reference_model = stored, model
+    _log_reference(run, computed=False)
+    return True
+
+
+def _log_reference(run, computed: bool) -> None:
+    if distributed.is_logging_rank():
+        log.info(
+            "reference log-probabilities of %d pairs %s %s/%s",
+            sum(run.preference.pairs_per_task),
+            "computed and stored in" if computed else "read from",
+            run.cfg.checkpoint.save_dir,
+            reference_logps.FILE,
+        )
 
 
 def attach_reference(run, model: dict, fresh: bool) -> None:
@@ -167,10 +235,7 @@ def attach_reference(run, model: dict, fresh: bool) -> None:
     pref.reference_model = model
     if pref.setup.objective not in NEEDS_REFERENCE or pref.reference is not None:
         return
-    identity = {
-        "data": data_checks.checkpoint_data_identity(run.data) or str(run.cfg.data.path),
-        "model": model,
-    }
+    identity = _identity(run, model)
     lora = (
         run.cfg.lora.enabled and not run.cfg.loss.reference_dir
     )  # LoRA: the base is the starting model
@@ -179,13 +244,10 @@ def attach_reference(run, model: dict, fresh: bool) -> None:
     if not folder:
         pref.reference = compute()
         return
-    pref.reference = reference_logps.obtain(folder, identity, compute, may_compute=fresh or lora)
-    if distributed.is_logging_rank():
-        log.info(
-            "reference log-probabilities of %d pairs: %s",
-            sum(pref.pairs_per_task),
-            f"{folder}/{reference_logps.FILE}",
-        )
+    pref.reference, computed = reference_logps.obtain(
+        folder, identity, compute, may_compute=fresh or lora
+    )
+    _log_reference(run, computed)
 
 
 def _compute_reference(run, lora: bool) -> dict[int, np.ndarray]:
@@ -197,7 +259,12 @@ def _compute_reference(run, lora: bool) -> dict[int, np.ndarray]:
 
     def compute():
         return reference_logps.compute(
-            run.state, pairs, pref.pairs_per_task, make, pref.pairs_per_micro_batch
+            run.state,
+            pairs,
+            pref.pairs_per_task,
+            make,
+            pref.pairs_per_micro_batch,
+            run.cfg.loss.fused_cross_entropy,
         )
 
     if not lora:
@@ -253,7 +320,12 @@ def _pair_table(run, pairs: list[tuple[int, int]]) -> torch.Tensor:
     pref = run.preference
     make = lambda cut: pair_micro_batch(cut, run.data.stores, pref.length, run.data.pad_id)  # noqa: E731
     table = reference_logps.compute(
-        run.state, pairs, pref.pairs_per_task, make, pref.pairs_per_micro_batch
+        run.state,
+        pairs,
+        pref.pairs_per_task,
+        make,
+        pref.pairs_per_micro_batch,
+        run.cfg.loss.fused_cross_entropy,
     )
     return torch.stack([torch.from_numpy(table[task][pair]) for task, pair in pairs])
 

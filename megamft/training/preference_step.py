@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
+from megamft.loss.fused_ce import fused_multitask_cross_entropy
 from megamft.loss.preference import (
     PairCounts,
     PairLogps,
@@ -103,30 +104,66 @@ def sequence_logps(per_token_loss: torch.Tensor, batch: dict) -> tuple[torch.Ten
     return logps, sums.index_add(0, index, mask)
 
 
-def pair_logps(per_token_loss: torch.Tensor, batch: dict) -> PairLogps:
-    logps, tokens = sequence_logps(per_token_loss, batch)
+def fused_sequence_logps(
+    logits: torch.Tensor, batch: dict, num_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` from this TP rank's vocab shard of the logits: minus the fused cross entropy's
+    per-sample sums (no [tokens, vocab] log-softmax is made), whose gradient flows into the logits."""
+    mask = batch["loss_mask"].reshape(-1).float()
+    index = batch["sample_index"].reshape(-1)
+    vocab_local = logits.shape[-1]
+    out = fused_multitask_cross_entropy(
+        logits.reshape(-1, vocab_local),
+        batch["labels"].reshape(-1),
+        torch.zeros_like(mask),  # the weighted total is not used: no gradient from it
+        mask,
+        batch["task_ids"].reshape(-1),
+        index,
+        num_tasks,
+        batch["num_samples"],
+        vocab_start=parallel_state.get_tensor_model_parallel_rank() * vocab_local,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        check_ids=False,  # ids were checked on the host
+    )
+    tokens = torch.zeros(batch["num_samples"], dtype=torch.float32, device=mask.device)
+    return -out.sample_sums.float(), tokens.index_add(0, index, mask)
+
+
+def pair_logps(output: torch.Tensor, batch: dict, num_tasks: int | None = None) -> PairLogps:
+    """The pairs' log-probabilities from megatron's per-token losses, or (num_tasks given: fused cross
+    entropy) from the vocab-parallel logits."""
+    if num_tasks is None:
+        logps, tokens = sequence_logps(output, batch)
+    else:
+        logps, tokens = fused_sequence_logps(output, batch, num_tasks)
     c, r = batch["pair_chosen"], batch["pair_rejected"]
     ref = batch["ref_logps"].float()
     return PairLogps(logps[c], logps[r], tokens[c], tokens[r], ref[:, 0], ref[:, 1])
 
 
 def preference_loss_func(
-    setup: PreferenceSetup, total_tokens: float, num_tasks: int, batch: dict, output: torch.Tensor
+    setup: PreferenceSetup,
+    total_tokens: float,
+    num_tasks: int,
+    fused: bool,
+    batch: dict,
+    output: torch.Tensor,
 ):
     """megatron's loss_func for a preference micro-batch (see step._loss_func for the K scaling).
 
+    output: per-token losses, or with `fused` (loss.fused_cross_entropy) the vocab-parallel logits.
     Stats: the objective's share, then metric_sums (chosen and rejected rewards, margin, correct, pairs per task).
     """
-    pairs = pair_logps(output, batch)
+    pairs = pair_logps(output, batch, num_tasks if fused else None)
     share = objective(setup, pairs, batch["pair_weight"], batch["nll_weight"])
     metrics = metric_sums(setup, pairs, batch["pair_tasks"], num_tasks)
     stats = torch.cat([share.detach().double().reshape(1), metrics.reshape(-1)])
     return share * total_tokens, batch["loss_mask"].sum().to(torch.int), {"preference_stats": stats}
 
 
-def reference_loss_func(batch: dict, output: torch.Tensor):
+def reference_loss_func(num_tasks: int, fused: bool, batch: dict, output: torch.Tensor):
     """Forward-only loss_func: the pairs' log-probabilities under the model as it is, [pairs, 2]."""
-    pairs = pair_logps(output, batch)
+    pairs = pair_logps(output, batch, num_tasks if fused else None)
     logps = torch.stack([pairs.chosen, pairs.rejected], dim=1).detach().double()
     return output.new_zeros(()), batch["loss_mask"].sum().to(torch.int), {"pair_logps": logps}
 

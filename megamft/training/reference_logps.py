@@ -50,9 +50,10 @@ def load(folder: str | Path, identity: dict) -> dict[int, np.ndarray] | None:
             )
             raise ReferenceMismatch(
                 f"{path}: the reference log-probabilities were computed for other "
-                f"{', '.join(changed) or 'inputs'}; a resumed run cannot recompute them (its "
-                "starting model is gone): resume with the data and model it started with, or "
-                "start a new run in another checkpoint.save_dir"
+                f"{', '.join(changed) or 'inputs'}; use the data and reference model they were "
+                "computed with (a resumed run cannot recompute them: its starting model is gone), "
+                "or another checkpoint.save_dir; before the run's first checkpoint, delete the "
+                "file to recompute it"
             )
         return {
             int(name.split("_")[1]): stored[name]
@@ -85,8 +86,10 @@ def compute(
     pairs_per_task: list[int],
     make_batch,
     pairs_per_micro_batch: int,
+    fused: bool = False,
 ) -> dict[int, np.ndarray]:
-    """Every pair's log-probabilities under the model as it is, on every rank.
+    """Every pair's log-probabilities under the model as it is, on every rank (`fused`: through the
+    fused cross entropy, loss.fused_cross_entropy).
 
     pairs: every (task, pair) of the data; make_batch(list of pairs) gives their micro-batch.
     Each DP rank computes a strided share; one all-reduce over DP and one broadcast from the
@@ -108,7 +111,7 @@ def compute(
         rounds
     ):  # one micro-batch per schedule; a rank with fewer repeats one, unread
         cut = cuts[index] if index < len(cuts) else (cuts or [pairs[:1]])[-1]
-        for values in reference_logps(state, [make_batch(cut)], len(pairs_per_task)):
+        for values in reference_logps(state, [make_batch(cut)], len(pairs_per_task), fused):
             if index < len(cuts):
                 table[torch.tensor([int(offsets[task]) + pair for task, pair in cut])] = values
     _share(table)
@@ -132,11 +135,12 @@ def _share(table: torch.Tensor) -> None:
 
 def obtain(
     folder: str | Path, identity: dict, compute_all, may_compute: bool
-) -> dict[int, np.ndarray]:
-    """The stored table if its key matches; else computed (fresh runs only) and stored by the first rank."""
+) -> tuple[dict[int, np.ndarray], bool]:
+    """(table, computed): the stored table if its key matches; else computed (fresh runs only) and
+    stored by the first rank."""
     stored = load(folder, identity)
     if stored is not None:
-        return stored
+        return stored, False
     if not may_compute:
         raise ReferenceMismatch(
             f"{Path(folder) / FILE} is missing: a resumed run cannot recompute the reference "
@@ -146,7 +150,7 @@ def obtain(
     if torch.distributed.get_rank() == 0:
         save(folder, identity, logps)
     torch.distributed.barrier()
-    return logps
+    return logps, True
 
 
 @contextlib.contextmanager

@@ -311,13 +311,14 @@ def _run_schedule(
 
     def make_loss_func(batch):
         if reference:
-            return partial(preference_step.reference_loss_func, batch)
+            return partial(preference_step.reference_loss_func, num_tasks, setup.fused, batch)
         if setup.preference is not None:
             return partial(
                 preference_step.preference_loss_func,
                 setup.preference,
                 total_tokens,
                 num_tasks,
+                setup.fused,
                 batch,
             )
         return partial(_loss_func, setup, divisor, total_tokens, num_tasks, batch)
@@ -376,12 +377,13 @@ def reduce_stats(
             n: float(s / c) if c else float("nan") for n, s, c in zip(task_names, loss_sums, counts)
         },
         task_tokens={n: int(c) for n, c in zip(task_names, counts)},
-        router_losses={
-            name: v
-            for name, v in zip(router_losses.TRACKED.values(), router_values)
-            if math.isfinite(v)
-        },
+        router_losses=_named_router_losses(router_values),
     )
+
+
+def _named_router_losses(values: list[float]) -> dict[str, float]:
+    """{logged name: value} of router_losses.reduced's values, those the model has (finite)."""
+    return {name: v for name, v in zip(router_losses.TRACKED.values(), values) if math.isfinite(v)}
 
 
 def train_step(
@@ -412,7 +414,7 @@ def train_step(
     if setup.router_loss_coeffs is not None:
         router = router_losses.reduced(get_model_config(state.chunks[0]), len(micro_batches))
     if setup.preference is not None:
-        stats = _preference_stats(outputs, micro_batches, task_names)
+        stats = _preference_stats(outputs, micro_batches, task_names, router)
     else:
         stats = reduce_stats(
             outputs, task_names, router
@@ -437,24 +439,39 @@ def train_step(
 
 
 def _preference_stats(
-    outputs: list[dict], micro_batches: list[dict], task_names: tuple[str, ...]
+    outputs: list[dict],
+    micro_batches: list[dict],
+    task_names: tuple[str, ...],
+    router: torch.Tensor | None = None,
 ) -> StepStats:
+    """The objective and reward metrics; `router`: MoE auxiliary losses (router_losses.reduced)."""
     loss, metrics = preference_step.reduce_preference_stats(outputs, task_names)
     tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)  # this rank's; metrics only
+    router_values = [] if router is None else router.double().tolist()
     return StepStats(
-        loss=loss, tokens=int(tokens), task_loss={}, task_tokens={}, preference=metrics
+        loss=loss,
+        tokens=int(tokens),
+        task_loss={},
+        task_tokens={},
+        preference=metrics,
+        router_losses=_named_router_losses(router_values),
     )
 
 
 @torch.no_grad()
-def reference_logps(state, micro_batches: list[dict], num_tasks: int) -> list[torch.Tensor]:
+def reference_logps(
+    state, micro_batches: list[dict], num_tasks: int, fused: bool = False
+) -> list[torch.Tensor]:
     """Forward only: each micro-batch's pairs' log-probabilities, [pairs, 2] float64 on the host.
+
+    `fused`: from the fused cross entropy's per-sample sums, as training computes them with
+    loss.fused_cross_entropy (so that at the first step policy and reference agree bitwise).
 
     Read on the last pipeline stage (the others get empty lists: they never compute a pair's loss).
     """
     for chunk in state.chunks:
         chunk.eval()
-    setup = LossSetup(mode="token", preference=PreferenceSetup("simpo"))
+    setup = LossSetup(mode="token", fused=fused, preference=PreferenceSetup("simpo"))
     outputs = _run_schedule(state.chunks, micro_batches, setup, num_tasks, True, reference=True)
     for chunk in state.chunks:
         chunk.train()
