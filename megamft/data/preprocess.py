@@ -31,6 +31,7 @@ import numpy as np
 
 from megamft.data.conversation import BadSample
 from megamft.data.decontaminate import BadBenchmark, describe
+from megamft.data.digest_set import DigestSet
 from megamft.data.encoding import SegmentEncoder
 from megamft.data.indexed import token_dtype
 from megamft.data.manifest import FORMAT, MANIFEST
@@ -664,7 +665,7 @@ def _process_task(
     tokens = folder.writer(name, dtype)
     masks = folder.writer(f"{name}_loss_mask", np.uint8)
     task_ids = folder.writer(f"{name}_task_id", np.uint16)
-    seen: set[bytes] = set()
+    seen = DigestSet()
     dropped: Counter = Counter()
     bar.set_description(name)
     results = _ordered_results(
@@ -736,23 +737,17 @@ def _check_one_kind(name: str, report: TaskReport, result: ChunkResult, document
         )
 
 
-def _kept(result: ChunkResult, seen: set[bytes], dedup: bool) -> list[int]:
+def _kept(result: ChunkResult, seen: DigestSet, dedup: bool) -> list[int]:
     """Indices of the samples to write: first occurrences (of whole pairs, for preference pairs)."""
     if not dedup:
         return list(range(len(result.digests)))
     if not result.paired.any():
-        return _unseen(result.digests, seen)
-    pairs = [result.digests[i] + result.digests[i + 1] for i in range(0, len(result.digests), 2)]
-    return [2 * k + half for k in _unseen(pairs, seen) for half in (0, 1)]
-
-
-def _unseen(digests: list[bytes], seen: set[bytes]) -> list[int]:
-    keep = []
-    for index, digest in enumerate(digests):
-        if digest not in seen:
-            seen.add(digest)
-            keep.append(index)
-    return keep
+        return seen.first_seen(result.digests)
+    pairs = [
+        hashlib.blake2b(result.digests[i] + result.digests[i + 1], digest_size=12).digest()
+        for i in range(0, len(result.digests), 2)
+    ]  # a pair is a duplicate when both its halves are
+    return [2 * k + half for k in seen.first_seen(pairs) for half in (0, 1)]
 
 
 def _select(result: ChunkResult, keep: list[int]):
