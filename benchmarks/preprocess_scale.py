@@ -144,6 +144,21 @@ class TreeMemory:
         self._thread.join()
 
 
+def _timed(command: list[str], what: str, env: dict | None = None) -> tuple[float, TreeMemory]:
+    """Wall time and peak memory of a command run to its end (RuntimeError with its output if it fails)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    memory = TreeMemory(process.pid)
+    stdout, stderr = process.communicate()
+    seconds = time.perf_counter() - start
+    memory.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    return seconds, memory
+
+
 def run_preprocess(corpus: Path, tokenizer: Path, out: Path, workers: int) -> dict:
     command = [
         sys.executable,
@@ -164,14 +179,7 @@ def run_preprocess(corpus: Path, tokenizer: Path, out: Path, workers: int) -> di
         "split",
         "--quiet",
     ]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    memory = TreeMemory(process.pid)
-    stdout, stderr = process.communicate()
-    seconds = time.perf_counter() - start
-    memory.stop()
-    if process.returncode != 0:
-        raise RuntimeError(f"megamft-preprocess failed:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    seconds, memory = _timed(command, "megamft-preprocess")
     task = json.loads((out / "manifest.json").read_text())["tasks"][0]
     return {
         "seconds": seconds,
@@ -212,16 +220,7 @@ def run_megatron_lm(
     ]
     paths = [str(checkout), *filter(None, extra_path.split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    memory = TreeMemory(process.pid)
-    stdout, stderr = process.communicate()
-    seconds = time.perf_counter() - start
-    memory.stop()
-    if process.returncode != 0:
-        raise RuntimeError(f"Megatron-LM's preprocess_data.py failed:\n{stderr[-3000:]}")
+    seconds, memory = _timed(command, "Megatron-LM's preprocess_data.py", env)
     tokens = _megatron_tokens(out / "corpus_text_document")  # by megatron-core's own reader
     return {
         "seconds": seconds,
