@@ -11,7 +11,9 @@ import torch
 from megamft.testing.distributed import launch
 
 
-def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=(), fused=False):
+def _run(
+    weights, world, pairs_per_micro_batch, objective, steps=1, layout=(), fused=False, **packing
+):
     return launch(
         preference_jobs.preference_step,
         world,
@@ -23,6 +25,7 @@ def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=(), f
             steps=steps,
             layout=layout,
             fused=fused,
+            **packing,
         ),
     )[0]
 
@@ -122,3 +125,38 @@ def test_a_tiny_run_learns_a_preference_rule_on_held_out_pairs(initial_weights, 
     )[0]
     assert out["losses"][-1] < out["losses"][0]
     assert out["accuracy"] >= 0.8, out  # chance: 0.5
+
+
+@pytest.mark.parametrize(
+    "objective, world, backend",
+    [("dpo", 1, "local"), ("simpo", 2, "torch")],
+    ids=["dpo-one-process-mask", "simpo-dp2-row-documents"],
+)
+def test_packed_pairs_train_as_the_padded_ones(initial_weights, objective, world, backend):
+    """data.mode=pack for pairs: the documents of each micro-batch packed into fewer rows of 32 (each its own
+    block: the local backend's dense mask, the torch backend's RowDocuments) give the padded run's losses,
+    reward metrics and gradient norms over three steps, and the same first-step gradients, at the same
+    layout (DP=2: one pair per micro-batch and rank, packed rows padded to the step's fullest)."""
+    layout = (f"model.attention_backend={backend}",)
+    attention = {"local": "mask", "torch": "rows"}[backend]
+    pairs = 4 // world
+    padded = _run(initial_weights, world, pairs, objective, steps=3, layout=layout, length=32)
+    packed = _run(
+        initial_weights,
+        world,
+        pairs,
+        objective,
+        steps=3,
+        layout=layout,
+        length=32,
+        packed_attention=attention,
+    )
+    assert max(packed["rows"]) < min(padded["rows"]) == 2 * pairs
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+    assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(
+        packed["grads"], padded["grads"], rtol=1e-5, atol=1e-5 * padded["grads"].abs().max().item()
+    )
+    for got, want in zip(packed["metrics"], padded["metrics"], strict=True):
+        for name, tasks in want.items():
+            assert got[name] == pytest.approx(tasks, rel=1e-4, abs=1e-6), name

@@ -207,6 +207,12 @@ def _build(cfg: MegamftConfig, metrics: bool = True) -> Run:
             "(pip install '.[gpu]' on a CUDA machine)"
         )
     check_backend_honours_window(cfg, backend)
+    if backend == "te" and cfg.data.mode == "pack" and cfg.loss.objective != "sft":
+        raise ConfigError(
+            f"data.mode=pack with loss.objective={cfg.loss.objective} packs a pair micro-batch into "
+            "several rows, which Transformer Engine's 'thd' packing does not take yet: use "
+            "model.attention_backend=torch (or local), or data.mode=pad"
+        )
     if backend == "te" and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
         raise ConfigError(
             "data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "
