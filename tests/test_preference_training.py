@@ -128,30 +128,23 @@ def test_a_tiny_run_learns_a_preference_rule_on_held_out_pairs(initial_weights, 
 
 
 @pytest.mark.parametrize(
-    "objective, world, backend",
-    [("dpo", 1, "local"), ("simpo", 2, "torch")],
+    "objective, world, backend, length",
+    [("dpo", 1, "local", 32), ("simpo", 2, "torch", 24)],
     ids=["dpo-one-process-mask", "simpo-dp2-row-documents"],
 )
-def test_packed_pairs_train_as_the_padded_ones(initial_weights, objective, world, backend):
-    """data.mode=pack for pairs: the documents of each micro-batch packed into fewer rows of 32 (each its own
+def test_packed_pairs_train_as_the_padded_ones(initial_weights, objective, world, backend, length):
+    """data.mode=pack for pairs: each micro-batch's documents packed into fewer rows (each document its own
     block: the local backend's dense mask, the torch backend's RowDocuments) give the padded run's losses,
-    reward metrics and gradient norms over three steps, and the same first-step gradients, at the same
-    layout (DP=2: one pair per micro-batch and rank, packed rows padded to the step's fullest)."""
+    reward metrics over three steps, and the same first-step gradients and gradient norm, at the same
+    layout. DP=2 at 24 positions: rank 1's first micro-batch needs 3 rows, the others 2, so they get an
+    empty row (every micro-batch of the step has the fullest one's rows)."""
     layout = (f"model.attention_backend={backend}",)
     attention = {"local": "mask", "torch": "rows"}[backend]
     pairs = 4 // world
-    padded = _run(initial_weights, world, pairs, objective, steps=3, layout=layout, length=32)
-    packed = _run(
-        initial_weights,
-        world,
-        pairs,
-        objective,
-        steps=3,
-        layout=layout,
-        length=32,
-        packed_attention=attention,
-    )
-    assert max(packed["rows"]) < min(padded["rows"]) == 2 * pairs
+    run = dict(steps=3, layout=layout, length=length)
+    padded = _run(initial_weights, world, pairs, objective, **run)
+    packed = _run(initial_weights, world, pairs, objective, packed_attention=attention, **run)
+    assert len(set(packed["rows"])) == 1 and packed["rows"][0] < padded["rows"][0] == 2 * pairs
     assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
     assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
     torch.testing.assert_close(
