@@ -128,19 +128,26 @@ def test_a_tiny_run_learns_a_preference_rule_on_held_out_pairs(initial_weights, 
 
 
 @pytest.mark.parametrize(
-    "objective, world, backend, length",
-    [("dpo", 1, "local", 32), ("simpo", 2, "torch", 24)],
-    ids=["dpo-one-process-mask", "simpo-dp2-row-documents"],
+    "objective, world, backend, length, parallel",
+    [
+        ("dpo", 1, "local", 32, ()),
+        ("simpo", 2, "torch", 24, ()),
+        ("dpo", 2, "torch", 24, ("parallel.pipeline_model_parallel_size=2",)),
+    ],
+    ids=["dpo-one-process-mask", "simpo-dp2-row-documents", "dpo-pp2-row-documents"],
 )
-def test_packed_pairs_train_as_the_padded_ones(initial_weights, objective, world, backend, length):
+def test_packed_pairs_train_as_the_padded_ones(
+    initial_weights, objective, world, backend, length, parallel
+):
     """data.mode=pack for pairs: each micro-batch's documents packed into fewer rows (each document its own
     block: the local backend's dense mask, the torch backend's RowDocuments) give the padded run's losses,
     reward metrics over three steps, and the same first-step gradients and gradient norm, at the same
     layout. DP=2 at 24 positions: rank 1's first micro-batch needs 3 rows, the others 2, so they get an
-    empty row (every micro-batch of the step has the fullest one's rows)."""
-    layout = (f"model.attention_backend={backend}",)
+    empty row (every micro-batch of the step has the fullest one's rows). PP=2: the stages pass one
+    activation shape for all four micro-batches."""
+    layout = (f"model.attention_backend={backend}", *parallel)
     attention = {"local": "mask", "torch": "rows"}[backend]
-    pairs = 4 // world
+    pairs = 4 // world if not parallel else 2
     run = dict(steps=3, layout=layout, length=length)
     padded = _run(initial_weights, world, pairs, objective, **run)
     packed = _run(initial_weights, world, pairs, objective, packed_attention=attention, **run)
