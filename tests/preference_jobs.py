@@ -35,14 +35,22 @@ def preference_step(
     steps: int = 1,
     layout: tuple[str, ...] = (),
     fused: bool = False,
+    length: int = 16,
+    packed_attention: str | None = None,
 ) -> dict:
     """`steps` training steps of `objective` on the synthetic pairs, the reference computed first at this layout;
-    `fused`: the answers' log-probabilities from the fused cross entropy's per-sample sums."""
+    `fused`: the answers' log-probabilities from the fused cross entropy's per-sample sums; `packed_attention`
+    ('mask' or 'rows', the layout's attention backend's): the pairs packed into rows of `length`."""
     import torch
     from megatron.core import parallel_state
 
     from megamft.checkpoint import dist_checkpoint
-    from megamft.data.pairs import pair_micro_batch, split_pairs
+    from megamft.data.pairs import (
+        packed_pair_micro_batch,
+        pair_micro_batch,
+        split_pairs,
+        step_rows,
+    )
     from megamft.data.tokenizer import ByteTokenizer
     from megamft.loss.preference import PreferenceSetup
     from megamft.platform import distributed
@@ -65,7 +73,15 @@ def preference_step(
             parallel_state.get_data_parallel_world_size(),
             pairs_per_micro_batch,
         )
-        micro = [pair_micro_batch(cut, stores, 16, 0) for cut in cuts]
+        if packed_attention is None:
+            micro = [pair_micro_batch(cut, stores, length, 0) for cut in cuts]
+        else:
+            size = parallel_state.get_data_parallel_world_size()
+            rows = step_rows(pairs, stores, length, size, pairs_per_micro_batch)
+            micro = [
+                packed_pair_micro_batch(cut, stores, length, 0, packed_attention, rows)
+                for cut in cuts
+            ]
         state = build_training_state(cfg, runtime, ByteTokenizer().vocab_size)
         dist_checkpoint.load(state, weights_dir, cfg, load_optimizer=False)
         for batch, ref in zip(micro, reference_logps(state, micro, len(TASKS), fused)):
@@ -88,6 +104,7 @@ def preference_step(
                 )
             history.append(stats)
         return {
+            "rows": [b["tokens"].shape[0] for b in micro],
             "loss": [s.loss for s in history],
             "grad_norm": history[0].grad_norm,
             "grads": grads,

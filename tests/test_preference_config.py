@@ -45,6 +45,10 @@ def _problems(*overrides, world_size=1):
             ["loss.objective=dpo", "train.micro_batch_size=3", "train.global_batch_size=6"],
             "train.micro_batch_size=3 counts sequences, two per preference pair",
         ),
+        (
+            ["loss.objective=dpo", "data.mode=pack", "model.attention_backend=te"],
+            "data.mode=pack with loss.objective=dpo packs a pair micro-batch into several rows",
+        ),
     ],
 )
 def test_meaningless_combinations_name_the_key(overrides, fragment):

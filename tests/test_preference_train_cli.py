@@ -162,6 +162,30 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(pairs, uninterrup
     assert _losses(save_dir) == pytest.approx(_losses(uninterrupted), rel=1e-6)
 
 
+MEANING = ("train/loss", "train/lr", "train/grad_norm", "train/skipped", "train/rewards/", "valid/")
+"""The logged values that must not change with the rows' layout (speed and memory may)."""
+
+
+@pytest.mark.slow
+def test_packed_pairs_train_as_the_padded_ones(pairs, uninterrupted, tmp_path):
+    """data.mode=pack in rows of 128 (padded: 64, which changes nothing for a causal model): the same
+    reference table, and every step's loss, gradient norm, learning rate and
+    train/valid preference metrics as the padded run (the same math on the same tokens, in fewer rows)."""
+    save_dir = tmp_path / "run"
+    done = _train(pairs, save_dir, "data.mode=pack", "data.seq_length=128")  # 2-3 documents a row
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_allclose(_table(save_dir), _table(uninterrupted), rtol=1e-5)
+    packed, padded = _scalars(save_dir), _scalars(uninterrupted)
+    assert sorted(packed) == sorted(padded)
+    compared = 0
+    for step, want in padded.items():
+        for key, value in want.items():
+            if key.startswith(MEANING):
+                assert packed[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+                compared += 1
+    assert compared > 4 * 8
+
+
 @pytest.fixture(scope="module")
 def start(pairs, tmp_path_factory) -> Path:
     """A 2-step run: weights that every layout loads (a fresh initialization depends on the layout)."""

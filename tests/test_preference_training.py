@@ -11,7 +11,9 @@ import torch
 from megamft.testing.distributed import launch
 
 
-def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=(), fused=False):
+def _run(
+    weights, world, pairs_per_micro_batch, objective, steps=1, layout=(), fused=False, **packing
+):
     return launch(
         preference_jobs.preference_step,
         world,
@@ -23,6 +25,7 @@ def _run(weights, world, pairs_per_micro_batch, objective, steps=1, layout=(), f
             steps=steps,
             layout=layout,
             fused=fused,
+            **packing,
         ),
     )[0]
 
@@ -122,3 +125,38 @@ def test_a_tiny_run_learns_a_preference_rule_on_held_out_pairs(initial_weights, 
     )[0]
     assert out["losses"][-1] < out["losses"][0]
     assert out["accuracy"] >= 0.8, out  # chance: 0.5
+
+
+@pytest.mark.parametrize(
+    "objective, world, backend, length, parallel",
+    [
+        ("dpo", 1, "local", 32, ()),
+        ("simpo", 2, "torch", 24, ()),
+        ("dpo", 2, "torch", 24, ("parallel.pipeline_model_parallel_size=2",)),
+    ],
+    ids=["dpo-one-process-mask", "simpo-dp2-row-documents", "dpo-pp2-row-documents"],
+)
+def test_packed_pairs_train_as_the_padded_ones(
+    initial_weights, objective, world, backend, length, parallel
+):
+    """data.mode=pack for pairs: each micro-batch's documents packed into fewer rows (each document its own
+    block: the local backend's dense mask, the torch backend's RowDocuments) give the padded run's losses,
+    reward metrics over three steps, and the same first-step gradients and gradient norm, at the same
+    layout. DP=2 at 24 positions: rank 1's first micro-batch needs 3 rows, the others 2, so they get an
+    empty row (every micro-batch of the step has the fullest one's rows). PP=2: the stages pass one
+    activation shape for all four micro-batches."""
+    layout = (f"model.attention_backend={backend}", *parallel)
+    attention = {"local": "mask", "torch": "rows"}[backend]
+    pairs = 4 // world if not parallel else 2
+    run = dict(steps=3, layout=layout, length=length)
+    padded = _run(initial_weights, world, pairs, objective, **run)
+    packed = _run(initial_weights, world, pairs, objective, packed_attention=attention, **run)
+    assert len(set(packed["rows"])) == 1 and packed["rows"][0] < padded["rows"][0] == 2 * pairs
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+    assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(
+        packed["grads"], padded["grads"], rtol=1e-5, atol=1e-5 * padded["grads"].abs().max().item()
+    )
+    for got, want in zip(packed["metrics"], padded["metrics"], strict=True):
+        for name, tasks in want.items():
+            assert got[name] == pytest.approx(tasks, rel=1e-4, abs=1e-6), name

@@ -10,6 +10,16 @@ from megamft.config.schema import MegamftConfig
 _BALANCERS = ("focal", "coba", "famo")
 
 
+def packed_pairs_on_te(objective: str) -> str:
+    """Why data.mode=pack is refused for pairs with Transformer Engine's attention (validation names the
+    explicit backend; the run, `auto` resolved to te)."""
+    return (
+        f"data.mode=pack with loss.objective={objective} packs a pair micro-batch into several rows, "
+        "which Transformer Engine's 'thd' packing does not take yet: use "
+        "model.attention_backend=torch (or local), or data.mode=pad"
+    )
+
+
 def preference_problems(cfg: MegamftConfig) -> list[str]:
     """One line per setting that has no meaning with the configured objective, naming the key."""
     loss = cfg.loss
@@ -47,6 +57,8 @@ def preference_problems(cfg: MegamftConfig) -> list[str]:
             "loss.reference_dir needs checkpoint.load_dir: the weights training starts from are "
             "loaded after the reference is computed"
         )
+    if cfg.data.mode == "pack" and cfg.model.attention_backend == "te":
+        problems.append(packed_pairs_on_te(loss.objective))
     if cfg.parallel.context_parallel_size > 1:
         problems.append(
             f"{name} needs whole sequences on one rank: parallel.context_parallel_size must be 1 "

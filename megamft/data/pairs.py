@@ -1,9 +1,11 @@
 """Preference pairs as training micro-batches: both halves of a pair always in the same micro-batch.
 
 A preprocessed preference task (manifest `"preference": true`) stores pair k as
-documents 2k (chosen) and 2k+1 (rejected). A micro-batch of P pairs is 2P rows,
-one half each, padded to a common length (pad mode: no packing, so no attention
-crosses a document), with the per-token `pair_ids` and `pair_half` that
+documents 2k (chosen) and 2k+1 (rejected). A micro-batch of P pairs is either 2P
+rows, one half each, padded to a common length (`pair_micro_batch`), or (data.mode
+pack, `packed_pair_micro_batch`) its 2P documents packed best-fit into as few rows
+as hold them, each document its own block (positions restart, attention stays
+inside it). Either way it carries the per-token `pair_ids` and `pair_half` that
 megamft.training.preference_step reads, and `ref_logps` [P, 2].
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megamft.data.sequences import collate
+from megamft.data.attention_boundaries import add_document_boundaries
+from megamft.data.packing import best_fit_groups
+from megamft.data.sequences import collate, positions_of
 
 
 def pair_micro_batch(
@@ -36,6 +40,58 @@ def pair_micro_batch(
     return batch
 
 
+def pair_rows(pairs: list[tuple[int, int]], stores, length: int) -> list[list[int]]:
+    """The packed rows of `pairs`' documents: lists of indices 2p + half (p: the pair's place in `pairs`),
+    best-fit decreasing into rows of `length` positions (deterministic: every rank packs alike)."""
+    sizes = np.array(
+        [
+            positions_of(np.int64(stores[task].lengths[2 * pair + half]), length)
+            for task, pair in pairs
+            for half in (0, 1)
+        ],
+        dtype=np.int64,
+    )
+    return best_fit_groups(sizes, length, max(len(sizes), 1), np.random.default_rng(0))
+
+
+def packed_pair_micro_batch(
+    pairs: list[tuple[int, int]],
+    stores,
+    length: int,
+    pad_id: int,
+    packed_attention: str,
+    rows: int | None = None,
+    ref_logps: torch.Tensor | None = None,
+) -> dict:
+    """The micro-batch of `pairs` with their documents packed (`pair_rows`), padded with empty rows to
+    `rows` (None: as many as the packing needs); boundaries for `packed_attention` (a PACKED_ATTENTION
+    value)."""
+    groups = pair_rows(pairs, stores, length)
+    rows = len(groups) if rows is None else rows
+    if rows < len(groups):
+        raise ValueError(f"{len(pairs)} pairs need {len(groups)} packed rows, more than {rows}")
+    groups += [[] for _ in range(rows - len(groups))]
+    docs = [
+        (
+            np.array([pairs[i // 2][0] for i in g], dtype=np.int64),
+            np.array([2 * pairs[i // 2][1] + i % 2 for i in g], dtype=np.int64),
+        )
+        for g in groups
+    ]
+    batch = collate(docs, stores, "pack", length, pad_id, dense_mask=packed_attention == "mask")
+    # sample_ids number a row's documents in order, its padding len(row): look up pair and half
+    pair_of = [torch.tensor([i // 2 for i in g] + [0]) for g in groups]
+    half_of = [torch.tensor([i % 2 for i in g] + [-1]) for g in groups]
+    ids = batch["sample_ids"]
+    batch["pair_ids"] = torch.stack([pair_of[r][ids[r]] for r in range(rows)])
+    batch["pair_half"] = torch.stack([half_of[r][ids[r]] for r in range(rows)])
+    batch["ref_logps"] = (
+        torch.zeros(len(pairs), 2, dtype=torch.float64) if ref_logps is None else ref_logps
+    )
+    add_document_boundaries(batch, packed_attention)
+    return batch
+
+
 def split_pairs(
     pairs: list[tuple[int, int]], dp_rank: int, dp_size: int, pairs_per_micro_batch: int
 ) -> list[list[tuple[int, int]]]:
@@ -47,6 +103,19 @@ def split_pairs(
     share = len(pairs) // dp_size
     mine = pairs[dp_rank * share : (dp_rank + 1) * share]
     return [mine[i : i + pairs_per_micro_batch] for i in range(0, share, pairs_per_micro_batch)]
+
+
+def step_rows(
+    pairs: list[tuple[int, int]], stores, length: int, dp_size: int, pairs_per_micro_batch: int
+) -> int:
+    """Packed rows of the fullest micro-batch of a global batch of pairs, over all DP ranks: the row count
+    every micro-batch of the step gets (megatron's schedule takes one shape), computed alike on every rank
+    from the documents' lengths alone."""
+    return max(
+        len(pair_rows(cut, stores, length))
+        for rank in range(dp_size)
+        for cut in split_pairs(pairs, rank, dp_size, pairs_per_micro_batch)
+    )
 
 
 class PairSchedule:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from megamft.checkpoint import dist_checkpoint, run_folder
 from megamft.config import ConfigError, MegamftConfig
+from megamft.config.preference_checks import packed_pairs_on_te
 from megamft.config.task_weights import loss_weight_problems
 from megamft.data.attention_boundaries import PACKED_ATTENTION
 from megamft.data.dataset import MultitaskData, load_data
@@ -207,6 +208,8 @@ def _build(cfg: MegamftConfig, metrics: bool = True) -> Run:
             "(pip install '.[gpu]' on a CUDA machine)"
         )
     check_backend_honours_window(cfg, backend)
+    if backend == "te" and cfg.data.mode == "pack" and cfg.loss.objective != "sft":
+        raise ConfigError(packed_pairs_on_te(cfg.loss.objective))
     if backend == "te" and cfg.data.mode == "pack" and cfg.train.micro_batch_size != 1:
         raise ConfigError(
             "data.mode=pack with Transformer Engine needs train.micro_batch_size=1 (packed rows "

@@ -6,7 +6,10 @@ A `PairSchedule` picks each step's global batch of pairs from the step index alo
 data.valid_samples_per_task pairs per task for validation. train.global_batch_size
 and train.micro_batch_size count sequences, two per pair. Reference log-probabilities
 (dpo, rpo) are computed once from the starting weights and stored in the run folder
-(megamft.training.reference_logps); a resumed run reads them back.
+(megamft.training.reference_logps); a resumed run reads them back. With data.mode=pack
+each micro-batch's documents are packed into as few rows as hold them
+(megamft.data.pairs.packed_pair_micro_batch); a step's micro-batches all get the
+row count of its fullest one, on every DP rank, so megatron's schedule sees one shape.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from megamft.checkpoint import dist_checkpoint
 from megamft.checkpoint.layout import LATEST, latest_iteration
 from megamft.config import ConfigError, MegamftConfig
 from megamft.data.dataset import MultitaskData
-from megamft.data.pairs import PairSchedule, pair_micro_batch, split_pairs
+from megamft.data.pairs import (
+    PairSchedule,
+    packed_pair_micro_batch,
+    pair_micro_batch,
+    split_pairs,
+    step_rows,
+)
 from megamft.loss.preference import (
     NEEDS_REFERENCE,
     PairLogps,
@@ -57,6 +66,18 @@ class PreferenceRun:
     reference_model: object = (
         None  # what the reference was computed from (saved with every checkpoint)
     )
+    packed_attention: str | None = None
+    """data.mode=pack: how packed rows reach the attention backend (PACKED_ATTENTION); None: padded rows."""
+
+    def micro_batch(
+        self, stores, pad_id: int, pairs: list[tuple[int, int]], rows=None, ref=None
+    ) -> dict:
+        """The micro-batch of `pairs`: padded rows, or packed into `rows` rows (None: as few as fit)."""
+        if self.packed_attention is None:
+            return pair_micro_batch(pairs, stores, self.length, pad_id, ref)
+        return packed_pair_micro_batch(
+            pairs, stores, self.length, pad_id, self.packed_attention, rows, ref
+        )
 
 
 def build(cfg: MegamftConfig, data: MultitaskData) -> PreferenceRun | None:
@@ -81,8 +102,14 @@ def build(cfg: MegamftConfig, data: MultitaskData) -> PreferenceRun | None:
     setup = PreferenceSetup(
         loss.objective, loss.beta, loss.label_smoothing, loss.rpo_alpha, loss.simpo_gamma
     )
+    packed = data.packed_attention if cfg.data.mode == "pack" else None
     return PreferenceRun(
-        setup, schedule, pairs_per_task, train.micro_batch_size // 2, cfg.data.seq_length
+        setup,
+        schedule,
+        pairs_per_task,
+        train.micro_batch_size // 2,
+        cfg.data.seq_length,
+        packed_attention=packed,
     )
 
 
@@ -98,23 +125,25 @@ def _check_lengths(cfg: MegamftConfig, data: MultitaskData) -> None:
         )
 
 
-def _micro_batch(run, pairs: list[tuple[int, int]]) -> dict:
+def _micro_batch(run, pairs: list[tuple[int, int]], rows: int | None) -> dict:
     pref = run.preference
     ref = None
     if pref.reference is not None:
         ref = torch.from_numpy(np.stack([pref.reference[task][pair] for task, pair in pairs]))
-    return pair_micro_batch(pairs, run.data.stores, pref.length, run.data.pad_id, ref)
+    return pref.micro_batch(run.data.stores, run.data.pad_id, pairs, rows, ref)
 
 
 def _my_micro_batches(run, pairs: list[tuple[int, int]]) -> list[dict]:
-    """This DP rank's whole-pair micro-batches of a global batch of pairs."""
+    """This DP rank's whole-pair micro-batches of a global batch of pairs (packed: all with the rows of
+    the global batch's fullest micro-batch, `step_rows`)."""
+    pref, size = run.preference, parallel_state.get_data_parallel_world_size()
+    rows = None
+    if pref.packed_attention is not None:
+        rows = step_rows(pairs, run.data.stores, pref.length, size, pref.pairs_per_micro_batch)
     cuts = split_pairs(
-        pairs,
-        parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(),
-        run.preference.pairs_per_micro_batch,
+        pairs, parallel_state.get_data_parallel_rank(), size, pref.pairs_per_micro_batch
     )
-    return [_micro_batch(run, cut) for cut in cuts]
+    return [_micro_batch(run, cut, rows) for cut in cuts]
 
 
 def step_pairs(run) -> list[tuple[int, int]]:
@@ -254,8 +283,8 @@ def _compute_reference(run, lora: bool) -> dict[int, np.ndarray]:
     pref = run.preference
     pairs = [(task, k) for task, count in enumerate(pref.pairs_per_task) for k in range(count)]
 
-    def make(cut):
-        return pair_micro_batch(cut, run.data.stores, pref.length, run.data.pad_id)
+    def make(cut):  # one micro-batch per forward pass: packed into as few rows as it needs
+        return pref.micro_batch(run.data.stores, run.data.pad_id, cut)
 
     def compute():
         return reference_logps.compute(
@@ -318,7 +347,7 @@ def _answer_tokens(run, task: int, doc: int) -> int:
 def _pair_table(run, pairs: list[tuple[int, int]]) -> torch.Tensor:
     """[pairs, 2] log-probabilities of the answers under the current weights (every rank)."""
     pref = run.preference
-    make = lambda cut: pair_micro_batch(cut, run.data.stores, pref.length, run.data.pad_id)  # noqa: E731
+    make = lambda cut: pref.micro_batch(run.data.stores, run.data.pad_id, cut)  # noqa: E731
     table = reference_logps.compute(
         run.state,
         pairs,

@@ -432,10 +432,17 @@ def train_step(
     if setup.task_weights is not None:
         stats.task_weights = {n: float(w) for n, w in zip(task_names, setup.task_weights)}
     if succeeded:
-        global_batch = len(micro_batches) * micro_batches[0]["tokens"].shape[0]
+        global_batch = _sequences(micro_batches, setup.preference is not None)
         global_batch *= parallel_state.get_data_parallel_world_size()
         state.scheduler.step(increment=global_batch)
     return stats
+
+
+def _sequences(micro_batches: list[dict], preference: bool) -> int:
+    """This rank's sequences of the step: rows, or two per pair (packed pairs share rows)."""
+    if preference:
+        return sum(2 * b["ref_logps"].shape[0] for b in micro_batches)
+    return len(micro_batches) * micro_batches[0]["tokens"].shape[0]
 
 
 def _preference_stats(
