@@ -283,18 +283,8 @@ def _compute_reference(run, lora: bool) -> dict[int, np.ndarray]:
     pref = run.preference
     pairs = [(task, k) for task, count in enumerate(pref.pairs_per_task) for k in range(count)]
 
-    def make(cut):  # one micro-batch per forward pass: packed into as few rows as it needs
-        return pref.micro_batch(run.data.stores, run.data.pad_id, cut)
-
     def compute():
-        return reference_logps.compute(
-            run.state,
-            pairs,
-            pref.pairs_per_task,
-            make,
-            pref.pairs_per_micro_batch,
-            run.cfg.loss.fused_cross_entropy,
-        )
+        return _answer_logps(run, pairs)
 
     if not lora:
         return compute()
@@ -346,17 +336,22 @@ def _answer_tokens(run, task: int, doc: int) -> int:
 
 def _pair_table(run, pairs: list[tuple[int, int]]) -> torch.Tensor:
     """[pairs, 2] log-probabilities of the answers under the current weights (every rank)."""
+    table = _answer_logps(run, pairs)
+    return torch.stack([torch.from_numpy(table[task][pair]) for task, pair in pairs])
+
+
+def _answer_logps(run, pairs: list[tuple[int, int]]) -> dict[int, np.ndarray]:
+    """Per task, [pairs, 2] log-probabilities of the answers of `pairs` under the current weights, one
+    micro-batch per forward pass (packed into as few rows as it needs where data.mode is pack)."""
     pref = run.preference
-    make = lambda cut: pref.micro_batch(run.data.stores, run.data.pad_id, cut)  # noqa: E731
-    table = reference_logps.compute(
+    return reference_logps.compute(
         run.state,
         pairs,
         pref.pairs_per_task,
-        make,
+        lambda cut: pref.micro_batch(run.data.stores, run.data.pad_id, cut),
         pref.pairs_per_micro_batch,
         run.cfg.loss.fused_cross_entropy,
     )
-    return torch.stack([torch.from_numpy(table[task][pair]) for task, pair in pairs])
 
 
 def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
